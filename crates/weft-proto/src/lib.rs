@@ -1,0 +1,46 @@
+//! The sans-IO core of Weft.
+//!
+//! Everything Weft decides — how frames look on the wire, which sequence number a message gets,
+//! when it counts as acknowledged, what is a duplicate, which of two connections to keep, how long to
+//! wait before redialing — is decided here, by code that does no IO, reads no clock and draws no
+//! randomness. The driver (the `weft` crate) feeds it inputs and carries out its outputs; the
+//! simulation feeds the very same driver simulated sockets and time. quinn-proto is the model.
+//!
+//! # Protocol
+//! A connection between two nodes is one QUIC connection with one bidirectional stream, opened by
+//! the dialer. Both sides write [`frame::Frame`]s on it:
+//! ```text
+//! dialer                          acceptor
+//!   Hello{versions, mesh, id} -->
+//!                             <-- Welcome{versions, mesh, id}   (or Refuse{reason} and close)
+//!   Resume{epoch, next_seq}   -->                                (each side, for its own stream)
+//!                             <-- Resume{epoch, next_seq}
+//!   Data{seq, header, body}*  -->
+//!                             <-- Ack{epoch, up_to}              (cumulative, coalesced)
+//! ```
+//! The TLS handshake already proved both node ids (raw public keys); the hello adds the mesh name
+//! and version range, and a node counts as connected only once it was answered with a welcome.
+//!
+//! # Modules
+//! - [`id`]: node ids (Ed25519 public keys) and message ids (producer, stream, seq).
+//! - [`message`]: the header and body the application sees.
+//! - [`frame`]: encoding and two-phase, bounded decoding of frames.
+//! - [`handshake`]: judging a hello; resolving simultaneous dials.
+//! - [`link`]: per-peer acknowledgement, retransmission and deduplication state.
+//! - [`backoff`]: jittered reconnect backoff and a seedable generator.
+#![warn(missing_docs)]
+
+pub mod backoff;
+pub mod frame;
+pub mod handshake;
+pub mod id;
+pub mod link;
+pub mod message;
+
+#[cfg(test)]
+mod link_tests;
+
+pub use frame::{Frame, FrameDecoder, FrameEncoder, FrameError, Limits};
+pub use id::{MessageId, NodeId, StreamId};
+pub use link::{Link, LinkConfig, LinkError, LinkEvent, OutgoingMessage};
+pub use message::{Header, Kind, Message, Priority};

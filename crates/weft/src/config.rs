@@ -1,0 +1,151 @@
+//! Node configuration and the runtime seams the simulation replaces.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use weft_proto::frame::Limits;
+use weft_proto::LinkConfig;
+
+use crate::addr::NodeAddr;
+
+/// The default UDP port of a Weft node.
+pub const DEFAULT_PORT: u16 = 7450;
+
+/// Everything a node can be configured with. Built through [`crate::NodeBuilder`].
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// Nodes of other meshes are refused at the hello.
+    pub mesh: String,
+    /// Where the node's UDP socket listens (and dials from).
+    pub bind: SocketAddr,
+    /// Peers to connect to at start (id and addresses).
+    pub peers: Vec<NodeAddr>,
+    /// Per-peer windows and queue bounds, frame limits.
+    pub link: LinkConfig,
+    /// Messages buffered per channel before the links delivering to it wait (backpressure).
+    pub inbox_capacity: usize,
+    /// Most channels (received or merely buffered) a node keeps; a peer sending to more is cut off.
+    pub channels_max: usize,
+    /// Most peers a node keeps state for.
+    pub peers_max: usize,
+    /// Sends a peer may queue ahead of its link before `send` waits (on top of the link queue).
+    pub peer_command_capacity: usize,
+    /// QUIC keep-alive: keeps idle connections open and detects dead ones.
+    pub keep_alive: Duration,
+    /// A connection with no traffic for this long is dead.
+    pub idle_timeout: Duration,
+    /// Upper bound for the TLS handshake plus the hello exchange.
+    pub handshake_timeout: Duration,
+    /// First reconnect delay (jittered, doubling per failure).
+    pub reconnect_initial: Duration,
+    /// Longest reconnect delay.
+    pub reconnect_max: Duration,
+    /// Largest UDP payload path MTU discovery may probe for (loopback allows 65 527).
+    pub max_udp_payload: u16,
+    /// Capacity of the peer event broadcast; slower event readers miss events (and are told).
+    pub events_capacity: usize,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            mesh: "default".into(),
+            bind: SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT)),
+            peers: Vec::new(),
+            link: LinkConfig::default(),
+            inbox_capacity: 4_096,
+            channels_max: 4_096,
+            peers_max: 1_024,
+            peer_command_capacity: 1_024,
+            keep_alive: Duration::from_secs(2),
+            idle_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(5),
+            reconnect_initial: Duration::from_millis(50),
+            reconnect_max: Duration::from_secs(5),
+            max_udp_payload: 1_452,
+            events_capacity: 1_024,
+        }
+    }
+}
+
+impl NodeConfig {
+    /// Frame limits in force.
+    pub fn limits(&self) -> Limits {
+        self.link.limits
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), String> {
+        let positive = [
+            ("inbox_capacity", self.inbox_capacity),
+            ("channels_max", self.channels_max),
+            ("peers_max", self.peers_max),
+            ("peer_command_capacity", self.peer_command_capacity),
+            ("events_capacity", self.events_capacity),
+            ("link.window_messages", self.link.window_messages),
+            ("link.window_bytes", self.link.window_bytes),
+            ("link.queue_messages_max", self.link.queue_messages_max),
+            ("link.queue_bytes_max", self.link.queue_bytes_max),
+        ];
+        for (name, value) in positive {
+            if value == 0 {
+                return Err(format!("{name} must be at least 1"));
+            }
+        }
+        if self.keep_alive >= self.idle_timeout {
+            return Err(format!(
+                "keep_alive ({:?}) must be shorter than idle_timeout ({:?})",
+                self.keep_alive, self.idle_timeout
+            ));
+        }
+        if self.max_udp_payload < 1_200 {
+            return Err("max_udp_payload must be at least 1200 (the QUIC minimum)".into());
+        }
+        if self.mesh.is_empty() || self.mesh.len() > 255 {
+            return Err("mesh name must be 1 to 255 bytes".into());
+        }
+        Ok(())
+    }
+}
+
+/// A wall clock in Unix milliseconds.
+pub type WallClock = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+/// Replaceable pieces of the environment. Production leaves every one at its default; the
+/// deterministic simulation swaps in a simulated UDP socket, seeded crypto, seeded QUIC ids and a
+/// simulated wall clock, and so runs this very driver rather than a copy of it.
+#[derive(Clone, Default)]
+pub struct Seams {
+    /// A UDP socket to use instead of binding `bind`.
+    pub udp_socket: Option<Arc<dyn quinn::AsyncUdpSocket>>,
+    /// The rustls provider (default: ring with OS randomness).
+    pub crypto_provider: Option<Arc<rustls::crypto::CryptoProvider>>,
+    /// quinn endpoint settings (seeded rng, reset key, connection id generator).
+    pub endpoint_config: Option<quinn::EndpointConfig>,
+    /// The client's initial destination connection id.
+    pub initial_dst_cid_provider: Option<Arc<dyn Fn() -> quinn::ConnectionId + Send + Sync>>,
+    /// The server's handshake token key.
+    pub token_key: Option<Arc<dyn quinn::crypto::HandshakeTokenKey>>,
+    /// The server's wall clock for tokens.
+    pub time_source: Option<Arc<dyn quinn::TimeSource>>,
+    /// Seed for the driver's own randomness (epochs, backoff jitter). Default: from the OS.
+    pub rng_seed: Option<u64>,
+    /// Wall clock for message timestamps. Default: the system clock.
+    pub wall_clock: Option<WallClock>,
+    /// A deliberate bug for the simulation's canaries.
+    #[cfg(feature = "fault-injection")]
+    pub fault: weft_proto::link::Fault,
+}
+
+impl fmt::Debug for Seams {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Seams")
+            .field("udp_socket", &self.udp_socket.is_some())
+            .field("crypto_provider", &self.crypto_provider.is_some())
+            .field("endpoint_config", &self.endpoint_config.is_some())
+            .field("rng_seed", &self.rng_seed)
+            .field("wall_clock", &self.wall_clock.is_some())
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,248 @@
+//! Establishing a connection: QUIC + TLS (which proves both node ids), then the hello exchange
+//! (mesh, versions). Only after a welcome does a connection reach its peer's link.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tracing::{debug, info, warn};
+use weft_proto::frame::{Frame, FrameDecoder, FrameEncoder, Limits, Refusal, RefuseReason};
+use weft_proto::handshake::{judge_hello, local_hello};
+use weft_proto::NodeId;
+
+use crate::error::ConnectError;
+use crate::node::Shared;
+use crate::tls;
+
+/// QUIC application close codes.
+pub(crate) mod close_code {
+    use quinn::VarInt;
+    /// The node is shutting down.
+    pub const SHUTDOWN: VarInt = VarInt::from_u32(0);
+    /// A newer or preferred connection to the same peer replaced this one.
+    pub const DUPLICATE: VarInt = VarInt::from_u32(1);
+    /// The hello was refused.
+    pub const REFUSED: VarInt = VarInt::from_u32(2);
+    /// The peer broke the protocol.
+    pub const PROTOCOL: VarInt = VarInt::from_u32(3);
+}
+
+/// Hellos are small; a peer announcing a bigger first frame is not speaking our protocol.
+const HELLO_LIMITS: Limits = Limits {
+    max_body_bytes: 0,
+    max_header_bytes: 4_096,
+};
+
+/// A connection whose hello exchange succeeded, ready for its peer's link.
+#[derive(Debug)]
+pub(crate) struct Established {
+    pub connection: quinn::Connection,
+    pub send: quinn::SendStream,
+    pub recv: quinn::RecvStream,
+    /// Bytes read past the hello: the beginning of the peer's link frames.
+    pub leftover: BytesMut,
+    pub dialed_by_local: bool,
+    pub remote: SocketAddr,
+}
+
+async fn write_frame(send: &mut quinn::SendStream, frame: &Frame) -> Result<(), ConnectError> {
+    let mut buf = BytesMut::new();
+    FrameEncoder::new(HELLO_LIMITS)
+        .control(&mut buf, frame)
+        .map_err(|e| ConnectError::Handshake(e.to_string()))?;
+    send.write_all(&buf)
+        .await
+        .map_err(|e| ConnectError::Handshake(format!("write: {e}")))
+}
+
+async fn read_frame(
+    recv: &mut quinn::RecvStream,
+    buf: &mut BytesMut,
+) -> Result<Frame, ConnectError> {
+    let decoder = FrameDecoder::new(HELLO_LIMITS);
+    loop {
+        if let Some(frame) = decoder
+            .decode(buf)
+            .map_err(|e| ConnectError::Handshake(format!("first frame: {e}")))?
+        {
+            return Ok(frame);
+        }
+        match recv.read_chunk(HELLO_LIMITS.max_frame_bytes(), true).await {
+            Ok(Some(chunk)) => buf.extend_from_slice(&chunk.bytes),
+            Ok(None) => return Err(ConnectError::Handshake("stream ended during hello".into())),
+            Err(e) => return Err(ConnectError::Handshake(format!("read: {e}"))),
+        }
+    }
+}
+
+fn client_config(shared: &Shared, expected: NodeId) -> Result<quinn::ClientConfig, ConnectError> {
+    let tls = tls::client_config(&shared.identity, expected, Arc::clone(&shared.provider))
+        .map_err(|e| ConnectError::Handshake(e.to_string()))?;
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| ConnectError::Handshake(e.to_string()))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    config.transport_config(Arc::clone(&shared.transport));
+    if let Some(provider) = &shared.seams.initial_dst_cid_provider {
+        config.initial_dst_cid_provider(Arc::clone(provider));
+    }
+    Ok(config)
+}
+
+/// Dials `peer` at `addr`, pinning its id, and runs the hello exchange.
+pub(crate) async fn dial(
+    shared: Arc<Shared>,
+    peer: NodeId,
+    addr: SocketAddr,
+) -> Result<Established, ConnectError> {
+    let timeout = shared.config.handshake_timeout;
+    let attempt = async {
+        let config = client_config(&shared, peer)?;
+        let connection = shared.endpoint.connect_with(config, addr, "weft")?.await?;
+        let (mut send, mut recv) = connection.open_bi().await?;
+        write_frame(
+            &mut send,
+            &Frame::Hello(local_hello(&shared.config.mesh, shared.id)),
+        )
+        .await?;
+        let mut leftover = BytesMut::new();
+        match read_frame(&mut recv, &mut leftover).await? {
+            Frame::Welcome(hello) => {
+                if let Err(refusal) = judge_hello(&shared.config.mesh, &peer, &hello) {
+                    connection.close(close_code::REFUSED, refusal.detail.as_bytes());
+                    return Err(ConnectError::RefusedPeer(refusal));
+                }
+            }
+            Frame::Refuse(refusal) => return Err(ConnectError::Refused(refusal)),
+            other => {
+                connection.close(close_code::PROTOCOL, b"expected welcome");
+                return Err(ConnectError::Handshake(format!(
+                    "expected welcome, got {other:?}"
+                )));
+            }
+        }
+        Ok(Established {
+            connection,
+            send,
+            recv,
+            leftover,
+            dialed_by_local: true,
+            remote: addr,
+        })
+    };
+    match tokio::time::timeout(timeout, attempt).await {
+        Ok(result) => result,
+        Err(_) => Err(ConnectError::Handshake(format!(
+            "no welcome within {timeout:?}"
+        ))),
+    }
+}
+
+/// Runs the acceptor's side for one incoming connection and hands it to the peer's link.
+pub(crate) async fn accept(shared: Arc<Shared>, incoming: quinn::Incoming) {
+    let remote = incoming.remote_address();
+    let timeout = shared.config.handshake_timeout;
+    let result = tokio::time::timeout(timeout, accept_inner(&shared, incoming)).await;
+    match result {
+        Ok(Ok((peer, established))) => {
+            if let Err(established) = shared.attach(peer, established) {
+                refuse(
+                    established,
+                    Refusal {
+                        reason: RefuseReason::TooManyPeers,
+                        detail: format!("node already tracks {} peers", shared.config.peers_max),
+                    },
+                )
+                .await;
+            }
+        }
+        Ok(Err(e)) => {
+            shared.metrics.dial_failure();
+            match &e {
+                ConnectError::RefusedPeer(refusal) => {
+                    shared.metrics.refusal();
+                    warn!(%remote, %refusal, "refused incoming peer");
+                }
+                _ => info!(%remote, error = %e, "incoming connection failed"),
+            }
+        }
+        Err(_) => info!(%remote, "incoming connection: no hello within {timeout:?}"),
+    }
+}
+
+async fn accept_inner(
+    shared: &Shared,
+    incoming: quinn::Incoming,
+) -> Result<(NodeId, Established), ConnectError> {
+    let connection = incoming.await?;
+    let remote = connection.remote_address();
+    let Some(peer) = tls::peer_node_id(&connection) else {
+        connection.close(close_code::PROTOCOL, b"no node identity");
+        return Err(ConnectError::Handshake(
+            "peer presented no Ed25519 key".into(),
+        ));
+    };
+    let (mut send, mut recv) = connection.accept_bi().await?;
+    let mut leftover = BytesMut::new();
+    let hello = match read_frame(&mut recv, &mut leftover).await {
+        Ok(Frame::Hello(hello)) => hello,
+        Ok(other) => {
+            let refusal = Refusal {
+                reason: RefuseReason::ProtocolViolation,
+                detail: format!("first frame must be a hello, got {other:?}"),
+            };
+            write_refusal(&mut send, &connection, &refusal).await;
+            return Err(ConnectError::RefusedPeer(refusal));
+        }
+        Err(e) => {
+            connection.close(close_code::PROTOCOL, b"bad hello");
+            return Err(e);
+        }
+    };
+    if let Err(refusal) = judge_hello(&shared.config.mesh, &peer, &hello) {
+        write_refusal(&mut send, &connection, &refusal).await;
+        return Err(ConnectError::RefusedPeer(refusal));
+    }
+    if shared.is_shutting_down() {
+        let refusal = Refusal {
+            reason: RefuseReason::ShuttingDown,
+            detail: "node is shutting down".into(),
+        };
+        write_refusal(&mut send, &connection, &refusal).await;
+        return Err(ConnectError::RefusedPeer(refusal));
+    }
+    write_frame(
+        &mut send,
+        &Frame::Welcome(local_hello(&shared.config.mesh, shared.id)),
+    )
+    .await?;
+    debug!(peer = %peer.short(), %remote, "accepted");
+    Ok((
+        peer,
+        Established {
+            connection,
+            send,
+            recv,
+            leftover,
+            dialed_by_local: false,
+            remote,
+        },
+    ))
+}
+
+async fn refuse(mut established: Established, refusal: Refusal) {
+    warn!(remote = %established.remote, %refusal, "refusing peer");
+    write_refusal(&mut established.send, &established.connection, &refusal).await;
+}
+
+async fn write_refusal(
+    send: &mut quinn::SendStream,
+    connection: &quinn::Connection,
+    refusal: &Refusal,
+) {
+    // Best effort: the refusal frame tells the dialer why; the close follows either way.
+    let _ = write_frame(send, &Frame::Refuse(refusal.clone())).await;
+    let _ = send.finish();
+    let _ = tokio::time::timeout(Duration::from_millis(200), send.stopped()).await;
+    connection.close(close_code::REFUSED, refusal.detail.as_bytes());
+}

@@ -1,0 +1,138 @@
+//! Typed errors, one enum per operation.
+
+use std::path::PathBuf;
+
+use weft_proto::frame::{EncodeError, Refusal};
+use weft_proto::NodeId;
+
+pub use crate::identity::IdentityError;
+pub use crate::tls::TlsError;
+
+/// Why a node did not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// Neither `data_dir` nor `identity` was given.
+    #[error(
+        "a node needs an identity: call .data_dir(PATH) or .identity(IDENTITY) on the builder"
+    )]
+    NoIdentity,
+    /// The identity could not be loaded or created.
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    /// The TLS configuration could not be built.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The UDP socket could not be bound.
+    #[error("cannot bind UDP {addr}: {source} (is the port in use?)")]
+    Bind {
+        /// Requested address.
+        addr: std::net::SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A configuration value is out of range.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The data directory could not be used.
+    #[error("cannot use data directory {path}: {source}")]
+    DataDir {
+        /// The directory.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// Why a send was not accepted. Nothing was queued when this is returned.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SendError {
+    /// The message is larger than the limits allow; it can never be sent.
+    #[error(transparent)]
+    TooLarge(#[from] EncodeError),
+    /// Sending to ourselves is not supported; deliver locally instead.
+    #[error("cannot send to this node itself ({0})")]
+    ToSelf(NodeId),
+    /// The node is shutting down.
+    #[error("the node is shut down")]
+    NodeClosed,
+    /// The node tracks as many peers as it may.
+    #[error("too many peers: the node tracks its maximum of {0}")]
+    TooManyPeers(usize),
+}
+
+/// Why a non-blocking send was not accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TrySendError {
+    /// The peer's queue is at its bound: back off or use the async `send`.
+    #[error("the queue for this peer is full (would block)")]
+    WouldBlock,
+    /// Any reason `send` could fail too.
+    #[error(transparent)]
+    Send(#[from] SendError),
+}
+
+/// Why a receipt resolved without a delivery.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DeliveryError {
+    /// The node shut down before the peer acknowledged the message. (Without a spool the
+    /// message is gone with the process; the spool keeps it across restarts.)
+    #[error("the node shut down before the peer acknowledged the message")]
+    NodeClosed,
+}
+
+/// Why `receive` could not open a channel.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReceiveError {
+    /// Another live receiver holds this channel; a channel has one receiver.
+    #[error("channel {0:?} already has a receiver")]
+    AlreadyReceiving(String),
+    /// The node keeps its maximum number of channels.
+    #[error("too many channels: the node keeps at most {0} (raise channels_max)")]
+    TooManyChannels(usize),
+    /// The node is shutting down.
+    #[error("the node is shut down")]
+    NodeClosed,
+}
+
+/// Why a connection attempt failed (reported in logs and peer events).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnectError {
+    /// QUIC or TLS failed: unreachable, timed out, or the peer's key was not the pinned one.
+    #[error("QUIC/TLS: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    /// The dial could not even start (bad address, endpoint closing).
+    #[error("cannot dial: {0}")]
+    Dial(#[from] quinn::ConnectError),
+    /// The peer refused us after the TLS handshake.
+    #[error("refused by the peer: {0}")]
+    Refused(Refusal),
+    /// We refused the peer.
+    #[error("refused the peer: {0}")]
+    RefusedPeer(Refusal),
+    /// The hello exchange broke the protocol or timed out.
+    #[error("hello exchange failed: {0}")]
+    Handshake(String),
+}
+
+/// Why a typed body could not be encoded or decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("body (de)serialization failed: {0}")]
+pub struct BodyError(pub String);
+
+/// Why a typed send failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SendTypedError {
+    /// The value could not be encoded.
+    #[error(transparent)]
+    Body(#[from] BodyError),
+    /// The send failed.
+    #[error(transparent)]
+    Send(#[from] SendError),
+}

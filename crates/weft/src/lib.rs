@@ -1,0 +1,66 @@
+//! Weft: a brokerless messaging mesh. Every service embeds a [`Node`]; nodes talk directly over
+//! QUIC, authenticated by their own Ed25519 keys.
+//!
+//! ```no_run
+//! # async fn demo() -> anyhow::Result<()> {
+//! let node = weft::Node::builder()
+//!     .mesh("shop")
+//!     .data_dir("./var/orders")
+//!     .bind("127.0.0.1:7450".parse()?)
+//!     .start()
+//!     .await?;
+//! let peer: weft::NodeAddr = "aaaa...@127.0.0.1:7451".parse()?;
+//! node.add_peer(peer.clone())?;
+//! let receipt = node.send(peer.id, "points/grant", &b"7 points"[..]).await?;
+//! receipt.await?; // the peer's application queue has it
+//! let mut inbox = node.receive("points/grant")?;
+//! while let Some(message) = inbox.recv().await {
+//!     println!("{} from {}", message.header.channel, message.header.id.producer);
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! # Guarantees (point-to-point)
+//! - A receipt resolves only once the peer handed the message to its application's queue.
+//! - Per (sender, receiver): FIFO, no duplicates, across reconnects (unacknowledged messages are
+//!   retransmitted on the next connection and deduplicated by the receiver).
+//! - Memory is bounded: a full peer queue makes `send` wait (or `try_send` return
+//!   [`TrySendError::WouldBlock`]); a full channel queue stops the link reading.
+//! - Messages live in memory: a process that dies loses what its peers had not acknowledged.
+//!
+//! # Modules
+//! The protocol decisions live in the sans-IO crate [`weft_proto`]; this crate drives it with
+//! tokio, quinn and rustls: [`node`] (API, endpoint, peers), `peer` (one task per peer owning its
+//! link), `connection` (dial/accept and the hello exchange), [`tls`] and [`identity`].
+#![warn(missing_docs)]
+
+pub mod addr;
+pub mod body;
+pub mod config;
+mod connection;
+pub mod error;
+pub mod identity;
+mod inbox;
+mod metrics;
+pub mod node;
+mod peer;
+mod receipt;
+pub mod tls;
+
+pub use addr::NodeAddr;
+pub use body::{decode, encode};
+pub use bytes::Bytes;
+pub use config::{NodeConfig, Seams};
+pub use error::{
+    BodyError, ConnectError, DeliveryError, ReceiveError, SendError, SendTypedError, StartError,
+    TrySendError,
+};
+pub use identity::Identity;
+pub use inbox::Inbox;
+pub use metrics::MetricsSnapshot;
+pub use node::{Node, NodeBuilder, PeerEvent, PeerSender};
+pub use receipt::{Delivered, Receipt};
+pub use weft_proto::{
+    self as proto, Header, Kind, Limits, LinkConfig, Message, MessageId, NodeId, OutgoingMessage,
+    Priority,
+};

@@ -1,0 +1,619 @@
+//! The node: its endpoint, its peers and the application-facing API.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use serde::Serialize;
+use tokio::sync::{broadcast, mpsc, watch};
+use tokio::task::JoinHandle;
+use tracing::{info, info_span, warn, Instrument};
+use weft_proto::backoff::SplitMix64;
+use weft_proto::{LinkConfig, MessageId, NodeId, OutgoingMessage, StreamId};
+
+use crate::addr::NodeAddr;
+use crate::config::{NodeConfig, Seams, WallClock};
+use crate::connection::{self, close_code, Established};
+use crate::error::{ReceiveError, SendError, StartError, TrySendError};
+use crate::identity::Identity;
+use crate::inbox::{Channels, Inbox};
+use crate::metrics::{Metrics, MetricsSnapshot};
+use crate::peer::{Control, PeerTask};
+use crate::receipt::Receipt;
+use crate::tls;
+
+/// A peer came or went.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PeerEvent {
+    /// A connection to the peer is established (hello exchanged).
+    Up {
+        /// The peer.
+        peer: NodeId,
+        /// Its address on this connection.
+        addr: SocketAddr,
+    },
+    /// The connection to the peer is gone; unacknowledged messages wait for the next one.
+    Down {
+        /// The peer.
+        peer: NodeId,
+        /// Why, in one sentence.
+        reason: String,
+    },
+}
+
+/// Per-peer state shared between the API and the peer's task.
+#[derive(Debug)]
+pub(crate) struct PeerHandle {
+    pub id: NodeId,
+    pub stream: StreamId,
+    /// Messages for the link, in sequence order (bounded: `send` waits when full).
+    pub commands: mpsc::Sender<OutgoingMessage>,
+    /// Connections and addresses for the task (rare; bounded by handshakes in flight).
+    pub control: mpsc::UnboundedSender<Control>,
+    /// Next sequence number. Held while a message enters `commands`, so queue order is sequence
+    /// order without the task having to tell the sender which number it assigned.
+    pub next_seq: Mutex<u64>,
+    /// The link's acknowledged watermark, for receipts.
+    pub acked: watch::Receiver<u64>,
+    /// Whether a connection is up.
+    pub connected: watch::Receiver<bool>,
+}
+
+/// State shared by the node's tasks.
+pub(crate) struct Shared {
+    pub id: NodeId,
+    pub identity: Identity,
+    pub config: NodeConfig,
+    pub seams: Seams,
+    pub endpoint: quinn::Endpoint,
+    pub provider: Arc<rustls::crypto::CryptoProvider>,
+    pub transport: Arc<quinn::TransportConfig>,
+    /// This incarnation's stream epoch (new per start: there is no spool to resume from yet).
+    pub epoch: u64,
+    pub rng: Mutex<SplitMix64>,
+    pub wall_clock: WallClock,
+    pub peers: RwLock<BTreeMap<NodeId, Arc<PeerHandle>>>,
+    pub channels: Arc<Channels>,
+    pub events: broadcast::Sender<PeerEvent>,
+    pub shutdown: watch::Sender<bool>,
+    pub tasks: Mutex<Vec<JoinHandle<()>>>,
+    pub metrics: Metrics,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    pub(crate) fn is_shutting_down(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+
+    pub(crate) fn random(&self) -> u64 {
+        self.rng.lock().expect("rng lock poisoned").next_u64()
+    }
+
+    pub(crate) fn link_config(&self) -> LinkConfig {
+        #[allow(unused_mut)]
+        let mut config = self.config.link.clone();
+        #[cfg(feature = "fault-injection")]
+        {
+            config.fault = self.seams.fault;
+        }
+        config
+    }
+
+    fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        let handle = tokio::spawn(task);
+        let mut tasks = self.tasks.lock().expect("tasks lock poisoned");
+        tasks.retain(|t| !t.is_finished());
+        tasks.push(handle);
+    }
+
+    /// The peer's handle, creating it (and its task) on first use.
+    pub(crate) fn peer(self: &Arc<Self>, id: NodeId) -> Result<Arc<PeerHandle>, SendError> {
+        if let Some(handle) = self.peers.read().expect("peers lock poisoned").get(&id) {
+            return Ok(Arc::clone(handle));
+        }
+        if id == self.id {
+            return Err(SendError::ToSelf(id));
+        }
+        if self.is_shutting_down() {
+            return Err(SendError::NodeClosed);
+        }
+        let mut peers = self.peers.write().expect("peers lock poisoned");
+        if let Some(handle) = peers.get(&id) {
+            return Ok(Arc::clone(handle));
+        }
+        if peers.len() >= self.config.peers_max {
+            return Err(SendError::TooManyPeers(self.config.peers_max));
+        }
+        let (task, handle) = PeerTask::new(Arc::clone(self), id);
+        let handle = Arc::new(handle);
+        peers.insert(id, Arc::clone(&handle));
+        drop(peers);
+        let span = info_span!(parent: None, "peer", node = %self.id.short(), peer = %id.short());
+        self.spawn(task.run().instrument(span));
+        Ok(handle)
+    }
+
+    /// Hands an established connection to its peer's link. Gives it back if the node cannot take
+    /// another peer.
+    pub(crate) fn attach(
+        self: &Arc<Self>,
+        peer: NodeId,
+        established: Established,
+    ) -> Result<(), Established> {
+        let handle = match self.peer(peer) {
+            Ok(handle) => handle,
+            Err(_) => return Err(established),
+        };
+        handle
+            .control
+            .send(Control::Connection(established))
+            .map_err(|mpsc::error::SendError(control)| match control {
+                Control::Connection(established) => established,
+                _ => unreachable!("sent a connection"),
+            })
+    }
+
+    pub(crate) fn now_unix_ms(&self) -> u64 {
+        (self.wall_clock)()
+    }
+}
+
+/// Builds and starts a [`Node`].
+#[derive(Debug, Default)]
+#[must_use = "a builder does nothing until .start().await"]
+pub struct NodeBuilder {
+    config: NodeConfig,
+    data_dir: Option<PathBuf>,
+    identity: Option<Identity>,
+    seams: Seams,
+}
+
+impl NodeBuilder {
+    /// The mesh this node belongs to; nodes of other meshes are refused.
+    pub fn mesh(mut self, mesh: impl Into<String>) -> Self {
+        self.config.mesh = mesh.into();
+        self
+    }
+
+    /// The node's directory: its identity key lives here (created on first start).
+    pub fn data_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.data_dir = Some(dir.into());
+        self
+    }
+
+    /// Use this identity instead of one from a data directory.
+    pub fn identity(mut self, identity: Identity) -> Self {
+        self.identity = Some(identity);
+        self
+    }
+
+    /// The UDP address to listen on (default `0.0.0.0:7450`; use port 0 for any free port).
+    pub fn bind(mut self, addr: SocketAddr) -> Self {
+        self.config.bind = addr;
+        self
+    }
+
+    /// A peer to connect to at start (and to keep reconnecting to).
+    pub fn peer(mut self, peer: NodeAddr) -> Self {
+        self.config.peers.push(peer);
+        self
+    }
+
+    /// Replaces the whole configuration (the mesh, bind address and peers included).
+    pub fn config(mut self, config: NodeConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Adjusts the configuration in place.
+    pub fn configure(mut self, f: impl FnOnce(&mut NodeConfig)) -> Self {
+        f(&mut self.config);
+        self
+    }
+
+    /// Replaces parts of the environment (for deterministic simulation).
+    pub fn seams(mut self, seams: Seams) -> Self {
+        self.seams = seams;
+        self
+    }
+
+    /// Starts the node: binds the socket, starts accepting and dials the configured peers.
+    pub async fn start(self) -> Result<Node, StartError> {
+        let NodeBuilder {
+            config,
+            data_dir,
+            identity,
+            seams,
+        } = self;
+        config.validate().map_err(StartError::Config)?;
+        let identity = match (identity, data_dir) {
+            (Some(identity), _) => identity,
+            (None, Some(dir)) => Identity::load_or_create(&dir)?,
+            (None, None) => return Err(StartError::NoIdentity),
+        };
+        let id = identity.node_id();
+        let provider = seams
+            .crypto_provider
+            .clone()
+            .unwrap_or_else(|| Arc::new(rustls::crypto::ring::default_provider()));
+        let transport = Arc::new(transport_config(&config));
+        let server_tls = tls::server_config(&identity, Arc::clone(&provider))?;
+        let server_crypto = quinn::crypto::rustls::QuicServerConfig::try_from(server_tls)
+            .map_err(|e| StartError::Config(format!("TLS: {e}")))?;
+        let mut server_config = match &seams.token_key {
+            Some(key) => quinn::ServerConfig::new(Arc::new(server_crypto), Arc::clone(key)),
+            None => quinn::ServerConfig::with_crypto(Arc::new(server_crypto)),
+        };
+        server_config.transport_config(Arc::clone(&transport));
+        if let Some(time_source) = &seams.time_source {
+            server_config.time_source(Arc::clone(time_source));
+        }
+        let mut endpoint_config = seams.endpoint_config.clone().unwrap_or_default();
+        endpoint_config
+            .max_udp_payload_size(config.max_udp_payload)
+            .map_err(|e| StartError::Config(format!("max_udp_payload: {e}")))?;
+        let runtime = Arc::new(quinn::TokioRuntime);
+        let endpoint = match &seams.udp_socket {
+            Some(socket) => quinn::Endpoint::new_with_abstract_socket(
+                endpoint_config,
+                Some(server_config),
+                Arc::clone(socket),
+                runtime,
+            ),
+            None => std::net::UdpSocket::bind(config.bind).and_then(|socket| {
+                quinn::Endpoint::new(endpoint_config, Some(server_config), socket, runtime)
+            }),
+        }
+        .map_err(|source| StartError::Bind {
+            addr: config.bind,
+            source,
+        })?;
+        let rng_seed = seams.rng_seed.unwrap_or_else(os_random_u64);
+        let mut rng = SplitMix64::new(rng_seed);
+        let epoch = rng.next_u64();
+        let wall_clock: WallClock = seams.wall_clock.clone().unwrap_or_else(|| {
+            Arc::new(|| {
+                SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64)
+            })
+        });
+        let (events, _) = broadcast::channel(config.events_capacity);
+        let (shutdown, _) = watch::channel(false);
+        let channels = Arc::new(Channels::new(config.inbox_capacity, config.channels_max));
+        let peers_at_start = config.peers.clone();
+        let shared = Arc::new(Shared {
+            id,
+            identity,
+            config,
+            seams,
+            endpoint,
+            provider,
+            transport,
+            epoch,
+            rng: Mutex::new(rng),
+            wall_clock,
+            peers: RwLock::new(BTreeMap::new()),
+            channels,
+            events,
+            shutdown,
+            tasks: Mutex::new(Vec::new()),
+            metrics: Metrics::default(),
+        });
+        let local_addr = shared.endpoint.local_addr().ok();
+        info!(node = %id, addr = ?local_addr, mesh = %shared.config.mesh, "node started");
+        let span = info_span!(parent: None, "node", node = %id.short());
+        shared.spawn(accept_loop(Arc::clone(&shared)).instrument(span));
+        let node = Node {
+            inner: Arc::new(NodeInner { shared }),
+        };
+        for peer in peers_at_start {
+            if let Err(e) = node.add_peer(peer.clone()) {
+                warn!(peer = %peer.id.short(), error = %e, "cannot add configured peer");
+            }
+        }
+        Ok(node)
+    }
+}
+
+fn transport_config(config: &NodeConfig) -> quinn::TransportConfig {
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(config.keep_alive));
+    let idle =
+        quinn::IdleTimeout::try_from(config.idle_timeout).unwrap_or(quinn::VarInt::MAX.into());
+    transport.max_idle_timeout(Some(idle));
+    // One bidirectional stream per connection carries everything; a second is refused.
+    transport.max_concurrent_bidi_streams(1u8.into());
+    transport.max_concurrent_uni_streams(0u8.into());
+    // Windows large enough for the link's in-flight bytes on a fast path.
+    let window = (config.link.window_bytes as u64).clamp(1 << 20, 64 << 20);
+    transport.stream_receive_window(quinn::VarInt::from_u64(window).unwrap_or(quinn::VarInt::MAX));
+    transport.receive_window(quinn::VarInt::from_u64(window * 2).unwrap_or(quinn::VarInt::MAX));
+    transport.send_window(window * 2);
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(config.max_udp_payload);
+    transport.mtu_discovery_config(Some(mtu));
+    transport
+}
+
+fn os_random_u64() -> u64 {
+    use ring::rand::SecureRandom;
+    let mut bytes = [0u8; 8];
+    // The OS generator failing is not recoverable in any useful way; fall back to the clock.
+    if ring::rand::SystemRandom::new().fill(&mut bytes).is_err() {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        return nanos ^ u64::from(std::process::id()) << 32;
+    }
+    u64::from_le_bytes(bytes)
+}
+
+async fn accept_loop(shared: Arc<Shared>) {
+    let mut shutdown = shared.shutdown.subscribe();
+    loop {
+        let incoming = tokio::select! {
+            biased;
+            _ = shutdown.wait_for(|stop| *stop) => break,
+            incoming = shared.endpoint.accept() => incoming,
+        };
+        let Some(incoming) = incoming else { break };
+        let remote = incoming.remote_address();
+        let span = info_span!("accept", %remote);
+        shared.spawn(connection::accept(Arc::clone(&shared), incoming).instrument(span));
+    }
+}
+
+struct NodeInner {
+    shared: Arc<Shared>,
+}
+
+impl Drop for NodeInner {
+    fn drop(&mut self) {
+        // The last handle is gone: stop every task. `shutdown()` does this and waits for it.
+        self.shared.shutdown.send_replace(true);
+        self.shared
+            .endpoint
+            .close(close_code::SHUTDOWN, b"node dropped");
+    }
+}
+
+/// A Weft node. Cheap to clone; the node stops when the last clone is dropped or
+/// [`Node::shutdown`] is called.
+#[derive(Clone)]
+pub struct Node {
+    inner: Arc<NodeInner>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node").field("id", &self.id()).finish()
+    }
+}
+
+impl Node {
+    /// Starts building a node.
+    pub fn builder() -> NodeBuilder {
+        NodeBuilder::default()
+    }
+
+    fn shared(&self) -> &Arc<Shared> {
+        &self.inner.shared
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> NodeId {
+        self.shared().id
+    }
+
+    /// The address the node's socket is bound to.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.shared().endpoint.local_addr()
+    }
+
+    /// This node's id and address, as another node would dial it.
+    pub fn addr(&self) -> std::io::Result<NodeAddr> {
+        Ok(NodeAddr::new(self.id(), self.local_addr()?))
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &NodeConfig {
+        &self.shared().config
+    }
+
+    /// Starts connecting to a peer (and keeps reconnecting, with backoff, while it is down).
+    pub fn add_peer(&self, peer: NodeAddr) -> Result<(), SendError> {
+        let handle = self.shared().peer(peer.id)?;
+        let _ = handle.control.send(Control::Addresses(peer.addrs));
+        Ok(())
+    }
+
+    /// Waits until a connection to `peer` is up (starting to track the peer if needed).
+    pub async fn connected(&self, peer: NodeId) -> Result<(), SendError> {
+        let handle = self.shared().peer(peer)?;
+        let mut connected = handle.connected.clone();
+        connected
+            .wait_for(|up| *up)
+            .await
+            .map(|_| ())
+            .map_err(|_| SendError::NodeClosed)
+    }
+
+    /// Peers with a connection up now.
+    pub fn connected_peers(&self) -> Vec<NodeId> {
+        let peers = self.shared().peers.read().expect("peers lock poisoned");
+        peers
+            .values()
+            .filter(|h| *h.connected.borrow())
+            .map(|h| h.id)
+            .collect()
+    }
+
+    /// Peer up/down events from now on.
+    pub fn events(&self) -> broadcast::Receiver<PeerEvent> {
+        self.shared().events.subscribe()
+    }
+
+    /// A message for `channel` with this node's clock and default header fields; adjust the public
+    /// fields (kind, priority, headers, expiry, ...) and pass it to [`Node::send_message`].
+    pub fn new_message(
+        &self,
+        channel: impl Into<String>,
+        body: impl Into<Bytes>,
+    ) -> OutgoingMessage {
+        OutgoingMessage::command(channel, body.into(), self.shared().now_unix_ms())
+    }
+
+    /// Sends `body` to `peer` on `channel`. Waits while the peer's queue is full (backpressure),
+    /// then returns a receipt that resolves when the peer acknowledged the message.
+    pub async fn send(
+        &self,
+        peer: NodeId,
+        channel: &str,
+        body: impl Into<Bytes>,
+    ) -> Result<Receipt, SendError> {
+        self.send_message(peer, self.new_message(channel, body))
+            .await
+    }
+
+    /// Sends a serde value, encoded with postcard.
+    pub async fn send_typed<T: Serialize + ?Sized>(
+        &self,
+        peer: NodeId,
+        channel: &str,
+        value: &T,
+    ) -> Result<Receipt, crate::error::SendTypedError> {
+        let body = crate::body::encode(value)?;
+        Ok(self.send(peer, channel, body).await?)
+    }
+
+    /// Sends a fully specified message (see [`Node::new_message`]).
+    pub async fn send_message(
+        &self,
+        peer: NodeId,
+        message: OutgoingMessage,
+    ) -> Result<Receipt, SendError> {
+        self.sender(peer)?.send_message(message).await
+    }
+
+    /// Like [`Node::send`], but returns [`TrySendError::WouldBlock`] instead of waiting.
+    pub fn try_send(
+        &self,
+        peer: NodeId,
+        channel: &str,
+        body: impl Into<Bytes>,
+    ) -> Result<Receipt, TrySendError> {
+        let message = self.new_message(channel, body);
+        self.sender(peer)?.try_send_message(message)
+    }
+
+    /// A handle for sending to one peer without looking it up per message.
+    pub fn sender(&self, peer: NodeId) -> Result<PeerSender, SendError> {
+        Ok(PeerSender {
+            handle: self.shared().peer(peer)?,
+            shared: Arc::clone(self.shared()),
+        })
+    }
+
+    /// The application's end of `channel`. Messages that arrived before are waiting in it.
+    pub fn receive(&self, channel: &str) -> Result<Inbox, ReceiveError> {
+        self.shared().channels.take_receiver(channel)
+    }
+
+    /// Counters.
+    pub fn metrics(&self) -> MetricsSnapshot {
+        self.shared().metrics.snapshot()
+    }
+
+    /// Stops the node: closes every connection, fails outstanding receipts, and waits for all of
+    /// its tasks (bounded by a few seconds for the endpoint to drain).
+    pub async fn shutdown(&self) {
+        let shared = self.shared();
+        shared.shutdown.send_replace(true);
+        let tasks: Vec<_> = std::mem::take(&mut *shared.tasks.lock().expect("tasks lock poisoned"));
+        for task in tasks {
+            let _ = task.await;
+        }
+        shared.channels.close();
+        shared.endpoint.close(close_code::SHUTDOWN, b"shutdown");
+        let _ = tokio::time::timeout(Duration::from_secs(3), shared.endpoint.wait_idle()).await;
+        info!(node = %shared.id.short(), "node stopped");
+    }
+}
+
+/// Sends to one peer. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct PeerSender {
+    handle: Arc<PeerHandle>,
+    shared: Arc<Shared>,
+}
+
+impl PeerSender {
+    /// The peer.
+    pub fn peer(&self) -> NodeId {
+        self.handle.id
+    }
+
+    /// Sends `body` on `channel`; see [`Node::send`].
+    pub async fn send(&self, channel: &str, body: impl Into<Bytes>) -> Result<Receipt, SendError> {
+        let message = OutgoingMessage::command(channel, body.into(), self.shared.now_unix_ms());
+        self.send_message(message).await
+    }
+
+    /// Sends a fully specified message; waits while the peer's queue is full.
+    pub async fn send_message(&self, message: OutgoingMessage) -> Result<Receipt, SendError> {
+        message.check(&self.shared.config.limits())?;
+        let permit = self
+            .handle
+            .commands
+            .reserve()
+            .await
+            .map_err(|_| SendError::NodeClosed)?;
+        Ok(self.enqueue(permit, message))
+    }
+
+    /// Sends without waiting: [`TrySendError::WouldBlock`] when the peer's queue is full.
+    pub fn try_send_message(&self, message: OutgoingMessage) -> Result<Receipt, TrySendError> {
+        message
+            .check(&self.shared.config.limits())
+            .map_err(SendError::from)?;
+        let permit = self.handle.commands.try_reserve().map_err(|e| match e {
+            mpsc::error::TrySendError::Full(()) => TrySendError::WouldBlock,
+            mpsc::error::TrySendError::Closed(()) => TrySendError::Send(SendError::NodeClosed),
+        })?;
+        Ok(self.enqueue(permit, message))
+    }
+
+    fn enqueue(
+        &self,
+        permit: mpsc::Permit<'_, OutgoingMessage>,
+        message: OutgoingMessage,
+    ) -> Receipt {
+        let mut next_seq = self.handle.next_seq.lock().expect("sequence lock poisoned");
+        let seq = *next_seq;
+        *next_seq += 1;
+        permit.send(message);
+        drop(next_seq);
+        Receipt {
+            id: MessageId {
+                producer: self.shared.id,
+                stream: self.handle.stream,
+                seq,
+            },
+            peer: self.handle.id,
+            acked: self.handle.acked.clone(),
+        }
+    }
+}

@@ -1,0 +1,576 @@
+//! The peer task: one per known peer, owning that peer's [`Link`] for the node's lifetime.
+//!
+//! It is the only code that touches the link, so the link needs no lock. It multiplexes, in
+//! priority order: shutdown, control (connections, addresses), a parked delivery waiting for room
+//! in its channel, the connection's writer having room again, bytes from the connection, and
+//! messages from the application. Each connection gets a writer task, so a peer that is slow to
+//! read can never stop this task from reading (two nodes writing to each other cannot deadlock).
+
+use std::collections::HashMap;
+use std::future::pending;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tracing::{debug, info, warn, Instrument};
+use weft_proto::backoff::Backoff;
+use weft_proto::handshake::{resolve_duplicate, Keep};
+use weft_proto::link::{LinkEvent, LinkStats};
+use weft_proto::{FrameDecoder, Link, Message, NodeId, OutgoingMessage};
+
+use crate::connection::{self, close_code, Established};
+use crate::error::ConnectError;
+use crate::inbox::ChannelError;
+use crate::node::{PeerEvent, PeerHandle, Shared};
+
+/// Bytes gathered into one write: large writes are what make QUIC fast (one write per message
+/// runs at a twentieth of the speed).
+const TRANSMIT_BATCH_BYTES: usize = 64 * 1024;
+/// Writes queued for a connection's writer task; with the batch size this bounds the bytes
+/// between the link and quinn's send buffer.
+const WRITER_QUEUE_BATCHES: usize = 16;
+/// Most bytes taken from the connection per read.
+const READ_CHUNK_BYTES: usize = 256 * 1024;
+/// Most application messages taken per wakeup.
+const COMMAND_BATCH: usize = 512;
+/// Most addresses remembered per peer.
+const ADDRESSES_MAX: usize = 16;
+
+/// Messages to a peer task from elsewhere in the node.
+#[derive(Debug)]
+pub(crate) enum Control {
+    /// A connection passed its hello exchange (dialed or accepted).
+    Connection(Established),
+    /// Our dial failed.
+    DialFailed(ConnectError),
+    /// Addresses to dial the peer at.
+    Addresses(Vec<SocketAddr>),
+    /// A connection's writer could not write.
+    WriterFailed { generation: u64, error: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dial {
+    Idle,
+    At(Instant),
+    InFlight,
+}
+
+struct Conn {
+    generation: u64,
+    connection: quinn::Connection,
+    dialed_by_local: bool,
+    recv: quinn::RecvStream,
+    /// Received bytes not yet decoded into frames.
+    rx: BytesMut,
+    writer: mpsc::Sender<Bytes>,
+}
+
+pub(crate) struct PeerTask {
+    shared: Arc<Shared>,
+    peer: NodeId,
+    link: Link,
+    decoder: FrameDecoder,
+    commands: mpsc::Receiver<OutgoingMessage>,
+    /// Taken from `commands` but not yet in the link (the link was at its byte bound).
+    pending: std::collections::VecDeque<OutgoingMessage>,
+    batch: Vec<OutgoingMessage>,
+    control: mpsc::UnboundedReceiver<Control>,
+    control_tx: mpsc::UnboundedSender<Control>,
+    acked: watch::Sender<u64>,
+    connected: watch::Sender<bool>,
+    addrs: Vec<SocketAddr>,
+    next_addr: usize,
+    backoff: Backoff,
+    dial: Dial,
+    conn: Option<Conn>,
+    generation: u64,
+    channels: HashMap<String, mpsc::Sender<Message>>,
+    /// The channel queue the link's current delivery waits for.
+    parked: Option<mpsc::Sender<Message>>,
+    stats: LinkStats,
+}
+
+impl PeerTask {
+    pub(crate) fn new(shared: Arc<Shared>, peer: NodeId) -> (Self, PeerHandle) {
+        let config = &shared.config;
+        let link = Link::new(shared.id, peer, shared.epoch, shared.link_config());
+        let (commands_tx, commands) = mpsc::channel(config.peer_command_capacity);
+        let (control_tx, control) = mpsc::unbounded_channel();
+        let (acked, acked_rx) = watch::channel(0);
+        let (connected, connected_rx) = watch::channel(false);
+        let handle = PeerHandle {
+            id: peer,
+            stream: link.stream(),
+            commands: commands_tx,
+            control: control_tx.clone(),
+            next_seq: Mutex::new(link.next_seq()),
+            acked: acked_rx,
+            connected: connected_rx,
+        };
+        let task = Self {
+            decoder: FrameDecoder::new(config.limits()),
+            backoff: Backoff::new(
+                config.reconnect_initial.as_millis() as u64,
+                config.reconnect_max.as_millis() as u64,
+            ),
+            shared,
+            peer,
+            link,
+            commands,
+            pending: Default::default(),
+            batch: Vec::with_capacity(COMMAND_BATCH),
+            control,
+            control_tx,
+            acked,
+            connected,
+            addrs: Vec::new(),
+            next_addr: 0,
+            dial: Dial::Idle,
+            conn: None,
+            generation: 0,
+            channels: HashMap::new(),
+            parked: None,
+            stats: LinkStats::default(),
+        };
+        (task, handle)
+    }
+
+    pub(crate) async fn run(mut self) {
+        let mut shutdown = self.shared.shutdown.subscribe();
+        loop {
+            self.flush();
+            self.publish_progress();
+            let room = self.link_room();
+            let parked = self.parked.clone();
+            let writer = self
+                .conn
+                .as_ref()
+                .filter(|c| c.writer.capacity() == 0 && self.link.wants_transmit())
+                .map(|c| c.writer.clone());
+            let reading = self.parked.is_none();
+            let dial_at = match self.dial {
+                Dial::At(at) => Some(at),
+                _ => None,
+            };
+            tokio::select! {
+                biased;
+                _ = shutdown.wait_for(|stop| *stop) => break,
+                Some(control) = self.control.recv() => self.handle_control(control),
+                permit = reserve(parked) => self.deliver_parked(permit),
+                permit = reserve(writer) => {
+                    if let Some(permit) = permit {
+                        self.transmit_into(permit);
+                    }
+                }
+                read = read_chunk(self.conn.as_mut(), reading) => self.handle_read(read),
+                n = self.commands.recv_many(&mut self.batch, room), if room > 0 => {
+                    if n == 0 {
+                        break; // every sender is gone: the node is being dropped
+                    }
+                    self.pending.extend(self.batch.drain(..));
+                    self.absorb();
+                }
+                _ = sleep_until(dial_at) => self.start_dial(),
+            }
+        }
+        self.stop();
+    }
+
+    /// How many more messages to take from the application now.
+    fn link_room(&self) -> usize {
+        if !self.pending.is_empty() {
+            return 0;
+        }
+        let held = self.link.queued_messages();
+        self.shared
+            .config
+            .link
+            .queue_messages_max
+            .saturating_sub(held)
+            .min(COMMAND_BATCH)
+    }
+
+    /// Moves messages from `pending` into the link while it has room.
+    fn absorb(&mut self) {
+        while let Some(front) = self.pending.front() {
+            if !self.link.has_room(front.body.len()) {
+                break;
+            }
+            let message = self.pending.pop_front().expect("front exists");
+            // The API checked the message against the same limits, and room was checked above.
+            if let Err(e) = self.link.push(message) {
+                unreachable!("checked message refused by its link: {e}");
+            }
+        }
+    }
+
+    fn flush(&mut self) {
+        loop {
+            let Some(conn) = &self.conn else { return };
+            if !self.link.wants_transmit() {
+                return;
+            }
+            let Ok(permit) = conn.writer.clone().try_reserve_owned() else {
+                return; // full: the select waits for room; closed: the writer reports why
+            };
+            if !self.transmit_into(permit) {
+                return;
+            }
+        }
+    }
+
+    fn transmit_into(&mut self, permit: mpsc::OwnedPermit<Bytes>) -> bool {
+        let mut buf = BytesMut::with_capacity(TRANSMIT_BATCH_BYTES);
+        self.link.poll_transmit(&mut buf, TRANSMIT_BATCH_BYTES);
+        if buf.is_empty() {
+            return false;
+        }
+        permit.send(buf.freeze());
+        true
+    }
+
+    fn publish_progress(&mut self) {
+        let mut acked = None;
+        while let Some(LinkEvent::Acked { up_to }) = self.link.poll_event() {
+            acked = Some(up_to);
+        }
+        if let Some(up_to) = acked {
+            self.acked.send_replace(up_to);
+            self.absorb();
+        }
+        let stats = self.link.stats();
+        self.shared.metrics.add_link_delta(&self.stats, &stats);
+        self.stats = stats;
+    }
+
+    fn handle_control(&mut self, control: Control) {
+        match control {
+            Control::Connection(established) => self.install(established),
+            Control::DialFailed(error) => {
+                self.dial = Dial::Idle;
+                self.shared.metrics.dial_failure();
+                match &error {
+                    ConnectError::Refused(_) | ConnectError::RefusedPeer(_) => {
+                        self.shared.metrics.refusal();
+                        warn!(%error, "dial refused");
+                    }
+                    _ if self.backoff.attempts() == 0 => info!(%error, "dial failed"),
+                    _ => debug!(%error, attempts = self.backoff.attempts(), "dial failed"),
+                }
+                self.schedule_dial();
+            }
+            Control::Addresses(addrs) => {
+                for addr in addrs {
+                    self.remember(addr);
+                }
+                self.schedule_dial();
+            }
+            Control::WriterFailed { generation, error } => {
+                if self
+                    .conn
+                    .as_ref()
+                    .is_some_and(|c| c.generation == generation)
+                {
+                    self.connection_lost(format!("write failed: {error}"));
+                }
+            }
+        }
+    }
+
+    fn remember(&mut self, addr: SocketAddr) {
+        if !self.addrs.contains(&addr) {
+            if self.addrs.len() >= ADDRESSES_MAX {
+                self.addrs.remove(0);
+            }
+            self.addrs.push(addr);
+        }
+    }
+
+    fn install(&mut self, established: Established) {
+        if established.dialed_by_local {
+            self.dial = Dial::Idle;
+        }
+        if let Some(current) = &self.conn {
+            let keep = resolve_duplicate(
+                &self.shared.id,
+                &self.peer,
+                current.dialed_by_local,
+                established.dialed_by_local,
+            );
+            if keep == Keep::Existing {
+                debug!("closing duplicate connection");
+                established
+                    .connection
+                    .close(close_code::DUPLICATE, b"duplicate connection");
+                return;
+            }
+            current
+                .connection
+                .close(close_code::DUPLICATE, b"replaced by another connection");
+            self.connection_lost("replaced by another connection".into());
+            self.dial = Dial::Idle;
+        }
+        let Established {
+            connection,
+            send,
+            recv,
+            leftover,
+            dialed_by_local,
+            remote,
+        } = established;
+        if !dialed_by_local {
+            // An incoming connection comes from the peer's own socket: a good address to redial.
+            self.remember(remote);
+        }
+        self.backoff.reset();
+        self.generation += 1;
+        let (writer, writer_rx) = mpsc::channel(WRITER_QUEUE_BATCHES);
+        let span = tracing::Span::current();
+        tokio::spawn(
+            write_loop(send, writer_rx, self.control_tx.clone(), self.generation).instrument(span),
+        );
+        self.conn = Some(Conn {
+            generation: self.generation,
+            connection,
+            dialed_by_local,
+            recv,
+            rx: leftover,
+            writer,
+        });
+        self.link.connected();
+        self.connected.send_replace(true);
+        self.shared.metrics.peer_up();
+        info!(%remote, dialed = dialed_by_local, "peer up");
+        let _ = self.shared.events.send(PeerEvent::Up {
+            peer: self.peer,
+            addr: remote,
+        });
+        self.process_rx();
+    }
+
+    fn connection_lost(&mut self, reason: String) {
+        let Some(conn) = self.conn.take() else { return };
+        drop(conn);
+        self.link.disconnected();
+        self.connected.send_replace(false);
+        self.shared.metrics.peer_down();
+        info!(%reason, "peer down");
+        let _ = self.shared.events.send(PeerEvent::Down {
+            peer: self.peer,
+            reason,
+        });
+        self.schedule_dial();
+    }
+
+    fn protocol_error(&mut self, reason: String) {
+        self.shared.metrics.protocol_error();
+        warn!(%reason, "peer broke the protocol; closing the connection");
+        if let Some(conn) = &self.conn {
+            conn.connection
+                .close(close_code::PROTOCOL, reason.as_bytes());
+        }
+        self.connection_lost(format!("protocol error: {reason}"));
+    }
+
+    fn schedule_dial(&mut self) {
+        if self.conn.is_some() || self.addrs.is_empty() || self.dial != Dial::Idle {
+            return;
+        }
+        if self.shared.is_shutting_down() {
+            return;
+        }
+        let delay_ms = if self.backoff.attempts() == 0 && self.generation == 0 {
+            0
+        } else {
+            self.backoff.next_delay_ms(self.shared.random())
+        };
+        self.dial = Dial::At(Instant::now() + Duration::from_millis(delay_ms));
+    }
+
+    fn start_dial(&mut self) {
+        if self.conn.is_some() || self.addrs.is_empty() {
+            self.dial = Dial::Idle;
+            return;
+        }
+        let addr = self.addrs[self.next_addr % self.addrs.len()];
+        self.next_addr = self.next_addr.wrapping_add(1);
+        self.dial = Dial::InFlight;
+        if self.backoff.attempts() == 0 {
+            // Count the attempt now, so a failure right away still backs off.
+            self.backoff.next_delay_ms(0);
+        }
+        debug!(%addr, "dialing");
+        let shared = Arc::clone(&self.shared);
+        let control = self.control_tx.clone();
+        let peer = self.peer;
+        let mut shutdown = shared.shutdown.subscribe();
+        tokio::spawn(
+            async move {
+                let result = tokio::select! {
+                    biased;
+                    _ = shutdown.wait_for(|stop| *stop) => return,
+                    result = connection::dial(Arc::clone(&shared), peer, addr) => result,
+                };
+                let _ = control.send(match result {
+                    Ok(established) => Control::Connection(established),
+                    Err(error) => Control::DialFailed(error),
+                });
+            }
+            .instrument(tracing::Span::current()),
+        );
+    }
+
+    fn handle_read(&mut self, read: Result<Option<quinn::Chunk>, quinn::ReadError>) {
+        match read {
+            Ok(Some(chunk)) => {
+                if let Some(conn) = &mut self.conn {
+                    conn.rx.extend_from_slice(&chunk.bytes);
+                }
+                self.process_rx();
+            }
+            Ok(None) => self.connection_lost("peer closed its stream".into()),
+            Err(quinn::ReadError::ConnectionLost(e)) => self.connection_lost(e.to_string()),
+            Err(e) => self.connection_lost(format!("read failed: {e}")),
+        }
+    }
+
+    /// Decodes and handles frames until the buffer runs dry or a delivery has to wait.
+    fn process_rx(&mut self) {
+        loop {
+            if !self.deliver() {
+                return;
+            }
+            let Some(conn) = &mut self.conn else { return };
+            match self.decoder.decode(&mut conn.rx) {
+                Ok(Some(frame)) => {
+                    if let Err(e) = self.link.handle_frame(frame) {
+                        self.protocol_error(e.to_string());
+                        return;
+                    }
+                }
+                Ok(None) => return,
+                Err(e) => {
+                    self.protocol_error(e.to_string());
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Hands the link's pending delivery to its channel. Returns false if it has to wait.
+    fn deliver(&mut self) -> bool {
+        let Some(message) = self.link.peek_delivery() else {
+            return true;
+        };
+        let channel = &message.header.channel;
+        let sender = match self.channels.get(channel) {
+            Some(sender) => sender.clone(),
+            None => match self.shared.channels.sender(channel) {
+                Ok(sender) => {
+                    self.channels.insert(channel.clone(), sender.clone());
+                    sender
+                }
+                Err(ChannelError::TooMany) => {
+                    let reason = format!(
+                        "peer sends to more channels than this node keeps ({}); raise channels_max",
+                        self.shared.config.channels_max
+                    );
+                    self.protocol_error(reason);
+                    return false;
+                }
+                Err(ChannelError::Closed) => return false,
+            },
+        };
+        match sender.try_reserve_owned() {
+            Ok(permit) => {
+                let message = self.link.pop_delivery().expect("peeked");
+                permit.send(message);
+                self.shared.metrics.delivered(1);
+                true
+            }
+            Err(mpsc::error::TrySendError::Full(sender)) => {
+                self.parked = Some(sender);
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
+    fn deliver_parked(&mut self, permit: Option<mpsc::OwnedPermit<Message>>) {
+        self.parked = None;
+        let Some(permit) = permit else { return };
+        if let Some(message) = self.link.pop_delivery() {
+            permit.send(message);
+            self.shared.metrics.delivered(1);
+        }
+        self.process_rx();
+    }
+
+    fn stop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            conn.connection.close(close_code::SHUTDOWN, b"shutdown");
+            self.link.disconnected();
+            self.connected.send_replace(false);
+            self.shared.metrics.peer_down();
+        }
+        self.publish_progress();
+        let unacked = self.link.queued_messages() + self.pending.len() + self.commands.len();
+        if unacked > 0 {
+            warn!(
+                unacked,
+                "node stopped with messages the peer has not acknowledged"
+            );
+        }
+    }
+}
+
+async fn reserve<T>(sender: Option<mpsc::Sender<T>>) -> Option<mpsc::OwnedPermit<T>> {
+    match sender {
+        Some(sender) => sender.reserve_owned().await.ok(),
+        None => pending().await,
+    }
+}
+
+async fn read_chunk(
+    conn: Option<&mut Conn>,
+    enabled: bool,
+) -> Result<Option<quinn::Chunk>, quinn::ReadError> {
+    match conn {
+        Some(conn) if enabled => conn.recv.read_chunk(READ_CHUNK_BYTES, true).await,
+        _ => pending().await,
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => pending().await,
+    }
+}
+
+async fn write_loop(
+    mut send: quinn::SendStream,
+    mut queue: mpsc::Receiver<Bytes>,
+    control: mpsc::UnboundedSender<Control>,
+    generation: u64,
+) {
+    let mut batch = Vec::with_capacity(WRITER_QUEUE_BATCHES);
+    loop {
+        if queue.recv_many(&mut batch, WRITER_QUEUE_BATCHES).await == 0 {
+            let _ = send.finish();
+            return;
+        }
+        if let Err(e) = send.write_all_chunks(&mut batch).await {
+            let _ = control.send(Control::WriterFailed {
+                generation,
+                error: e.to_string(),
+            });
+            return;
+        }
+        batch.clear();
+    }
+}

@@ -1,0 +1,5 @@
+//! Integration tests over real QUIC on 127.0.0.1. One test binary, one module per area.
+
+mod support;
+
+mod p2p;

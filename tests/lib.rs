@@ -1,0 +1,1 @@
+//! Integration tests of Weft over real QUIC on loopback live in integration/.
