@@ -299,9 +299,7 @@ mod tests {
     use rustls::{
         client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
         crypto::WebPkiSupportedAlgorithms,
-        pki_types::{
-            CertificateDer, PrivatePkcs8KeyDer, ServerName, SubjectPublicKeyInfoDer,
-        },
+        pki_types::{CertificateDer, PrivatePkcs8KeyDer, ServerName, SubjectPublicKeyInfoDer},
         sign::CertifiedKey,
         DigitallySignedStruct, SignatureScheme,
     };
@@ -315,6 +313,7 @@ mod tests {
     type Datagrams = Arc<Mutex<Vec<[u8; 32]>>>;
 
     const SERVER_PORT: u16 = 4433;
+    const CONNECTIONS: usize = 2;
     const MESSAGES: u8 = 4;
     const MESSAGE_LEN: usize = 700;
 
@@ -474,8 +473,9 @@ mod tests {
         config
     }
 
-    /// One simulated run: a client echoes a few messages off a server over one bi stream, then
-    /// closes. Returns the hash of every datagram sent by either side, in sending order.
+    /// One simulated run: twice, a client connects (after a Retry), echoes a few messages off a
+    /// server over one bi stream and closes. Returns the hash of every datagram sent by either
+    /// side, in sending order.
     fn run(seed: u64) -> Vec<[u8; 32]> {
         let datagrams = Datagrams::default();
         let mut node_seeds = SplitMix64::new(seed);
@@ -506,6 +506,12 @@ mod tests {
                     Arc::new(quinn::TokioRuntime),
                 )?;
                 while let Some(incoming) = endpoint.accept().await {
+                    // A Retry round trip puts the token key, the clock and the endpoint rng on the
+                    // wire.
+                    if !incoming.remote_address_validated() {
+                        incoming.retry()?;
+                        continue;
+                    }
                     let connection = incoming.await?;
                     let (mut send, mut recv) = connection.accept_bi().await?;
                     let mut message = [0u8; MESSAGE_LEN];
@@ -537,20 +543,26 @@ mod tests {
                 Arc::new(quinn::TokioRuntime),
             )?;
             let server = SocketAddr::new(turmoil::lookup("server"), SERVER_PORT);
-            let connection = endpoint
-                .connect_with(client_config(client_seed, &seams), server, "server")?
-                .await?;
-            let (mut send, mut recv) = connection.open_bi().await?;
-            for index in 0..MESSAGES {
-                let message = [index; MESSAGE_LEN];
-                send.write_all(&message).await?;
-                let mut echo = [0u8; MESSAGE_LEN];
-                recv.read_exact(&mut echo).await?;
-                assert_eq!(echo, message);
+            // One config for both connections, so the second can resume the first's TLS session,
+            // which puts ticket ages (the rustls clock) on the wire.
+            let config = client_config(client_seed, &seams);
+            for _ in 0..CONNECTIONS {
+                let connection = endpoint
+                    .connect_with(config.clone(), server, "server")?
+                    .await?;
+                let (mut send, mut recv) = connection.open_bi().await?;
+                for index in 0..MESSAGES {
+                    let message = [index; MESSAGE_LEN];
+                    send.write_all(&message).await?;
+                    let mut echo = [0u8; MESSAGE_LEN];
+                    recv.read_exact(&mut echo).await?;
+                    assert_eq!(echo, message);
+                }
+                send.finish()?;
+                assert!(recv.read_to_end(0).await?.is_empty());
+                connection.close(0u32.into(), b"done");
+                connection.closed().await;
             }
-            send.finish()?;
-            assert!(recv.read_to_end(0).await?.is_empty());
-            connection.close(0u32.into(), b"done");
             endpoint.wait_idle().await;
             Ok(())
         });
@@ -566,10 +578,10 @@ mod tests {
         let second = run(7);
         let other = run(8);
 
-        // A handshake, four echoes, acks and the close: far more than a handful of datagrams.
+        // Two handshakes with Retry, eight echoes, acks and closes: far more than a handful.
         assert!(first.len() > 10, "only {} datagrams", first.len());
-        if let Some(index) = (0..first.len().max(second.len()))
-            .find(|&index| first.get(index) != second.get(index))
+        if let Some(index) =
+            (0..first.len().max(second.len())).find(|&index| first.get(index) != second.get(index))
         {
             panic!(
                 "same seed diverged at datagram {index} of {}/{}",

@@ -79,12 +79,16 @@ impl TurmoilUdpSocket {
         } else {
             let unspecified = unspecified_like(addr.ip());
             // Bound before the probe, so that port 0 gets the same ephemeral port as a plain bind.
-            socket = turmoil::net::UdpSocket::bind(SocketAddr::new(unspecified, addr.port())).await?;
+            socket =
+                turmoil::net::UdpSocket::bind(SocketAddr::new(unspecified, addr.port())).await?;
             let host_ip = discover_host_ip(unspecified).await?;
             if !addr.ip().is_unspecified() && addr.ip() != host_ip {
                 return Err(io::Error::new(
                     io::ErrorKind::AddrNotAvailable,
-                    format!("{} is not this turmoil host's address ({host_ip})", addr.ip()),
+                    format!(
+                        "{} is not this turmoil host's address ({host_ip})",
+                        addr.ip()
+                    ),
                 ));
             }
             local_addr = SocketAddr::new(host_ip, socket.local_addr()?.port());
@@ -128,7 +132,10 @@ impl quinn::AsyncUdpSocket for TurmoilUdpSocket {
         bufs: &mut [IoSliceMut<'_>],
         meta: &mut [RecvMeta],
     ) -> Poll<io::Result<usize>> {
-        let mut readable = self.readable.lock().expect("readable future mutex poisoned");
+        let mut readable = self
+            .readable
+            .lock()
+            .expect("readable future mutex poisoned");
         loop {
             if let Some(future) = readable.as_mut() {
                 let ready = match future.as_mut().poll(cx) {
@@ -243,7 +250,10 @@ async fn discover_host_ip(unspecified: IpAddr) -> io::Result<IpAddr> {
         let (len, origin) = tokio::time::timeout(PROBE_TIMEOUT, probe.recv_from(&mut buffer))
             .await
             .map_err(|_| {
-                io::Error::new(io::ErrorKind::TimedOut, "host address probe never came back")
+                io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "host address probe never came back",
+                )
             })??;
         if &buffer[..len] == PROBE_PAYLOAD && origin.port() == port {
             return Ok(origin.ip());

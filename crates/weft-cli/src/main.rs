@@ -1,1 +1,230 @@
-fn main() {}
+//! The `weft` command: identities, a listening node, one-shot sends and benchmarks.
+
+mod bench;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use weft::{Identity, Node, NodeAddr};
+
+#[derive(Parser, Debug)]
+#[command(name = "weft", version, about = "Weft: brokerless messaging over QUIC")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Create (on first use) or show the node identity kept in a data directory.
+    Id {
+        /// The node's data directory.
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
+    /// Run a node and print every message it receives.
+    Listen {
+        /// The node's data directory (identity).
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// UDP address to listen on.
+        #[arg(long, default_value = "127.0.0.1:7450")]
+        bind: SocketAddr,
+        /// Mesh name; nodes of other meshes are refused.
+        #[arg(long, default_value = "default")]
+        mesh: String,
+        /// Peers to connect to, as NODE_ID@IP:PORT.
+        #[arg(long = "peer")]
+        peers: Vec<NodeAddr>,
+        /// Exit after this many messages (default: run until Ctrl-C).
+        #[arg(long)]
+        count: Option<u64>,
+    },
+    /// Send one message to a node and wait for its acknowledgement.
+    Send {
+        /// The node's data directory (identity).
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The receiver, as NODE_ID@IP:PORT.
+        #[arg(long)]
+        to: NodeAddr,
+        /// Channel to send on.
+        #[arg(long)]
+        channel: String,
+        /// Mesh name; must match the receiver's.
+        #[arg(long, default_value = "default")]
+        mesh: String,
+        /// UDP address to send from.
+        #[arg(long, default_value = "0.0.0.0:0")]
+        bind: SocketAddr,
+        /// Give up after this many seconds without an acknowledgement.
+        #[arg(long, default_value_t = 10)]
+        timeout_secs: u64,
+        /// The message text.
+        text: String,
+    },
+    /// Measure throughput and latency between two processes on loopback.
+    Bench {
+        #[command(subcommand)]
+        which: bench::BenchCommand,
+    },
+    /// The receiving process of `weft bench` (started by it; not for direct use).
+    #[command(hide = true)]
+    BenchPeer(bench::PeerArgs),
+}
+
+fn init_tracing(default: tracing::Level) {
+    use tracing_subscriber::filter::{LevelFilter, Targets};
+    use tracing_subscriber::prelude::*;
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|spec| spec.parse::<Targets>().ok())
+        .unwrap_or_else(|| Targets::new().with_default(LevelFilter::from_level(default)));
+    let _ = tracing_subscriber::registry()
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(filter)
+        .try_init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Bench { which } => bench::run(which),
+        Command::BenchPeer(args) => bench::run_peer(args),
+        other => {
+            init_tracing(tracing::Level::INFO);
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")
+                .and_then(|rt| rt.block_on(run(other)))
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Id { data_dir } => {
+            let identity = Identity::load_or_create(&data_dir)?;
+            println!("{}", identity.node_id());
+            Ok(())
+        }
+        Command::Listen {
+            data_dir,
+            bind,
+            mesh,
+            peers,
+            count,
+        } => listen(data_dir, bind, mesh, peers, count).await,
+        Command::Send {
+            data_dir,
+            to,
+            channel,
+            mesh,
+            bind,
+            timeout_secs,
+            text,
+        } => send(data_dir, to, channel, mesh, bind, timeout_secs, text).await,
+        Command::Bench { .. } | Command::BenchPeer(_) => unreachable!("handled before the runtime"),
+    }
+}
+
+async fn listen(
+    data_dir: PathBuf,
+    bind: SocketAddr,
+    mesh: String,
+    peers: Vec<NodeAddr>,
+    count: Option<u64>,
+) -> Result<()> {
+    let mut builder = Node::builder().mesh(mesh).data_dir(&data_dir).bind(bind);
+    for peer in peers {
+        builder = builder.peer(peer);
+    }
+    let node = builder.start().await?;
+    let mut inbox = node.receive_all()?;
+    println!("listening as {}", node.addr()?);
+    let mut received = 0u64;
+    loop {
+        let message = tokio::select! {
+            message = inbox.recv() => message,
+            _ = tokio::signal::ctrl_c() => break,
+        };
+        let Some(message) = message else { break };
+        let header = &message.header;
+        match std::str::from_utf8(&message.body) {
+            Ok(text) => println!(
+                "[{}] {} #{}: {text}",
+                header.channel,
+                header.id.producer.short(),
+                header.id.seq
+            ),
+            Err(_) => println!(
+                "[{}] {} #{}: <{} bytes>",
+                header.channel,
+                header.id.producer.short(),
+                header.id.seq,
+                message.body.len()
+            ),
+        }
+        received += 1;
+        if count.is_some_and(|count| received >= count) {
+            break;
+        }
+    }
+    node.shutdown().await;
+    Ok(())
+}
+
+async fn send(
+    data_dir: PathBuf,
+    to: NodeAddr,
+    channel: String,
+    mesh: String,
+    bind: SocketAddr,
+    timeout_secs: u64,
+    text: String,
+) -> Result<()> {
+    if to.addrs.is_empty() {
+        bail!("--to needs an address: NODE_ID@IP:PORT (e.g. the line `weft listen` printed)");
+    }
+    let node = Node::builder()
+        .mesh(mesh)
+        .data_dir(&data_dir)
+        .bind(bind)
+        .start()
+        .await?;
+    node.add_peer(to.clone())?;
+    let started = Instant::now();
+    let receipt = node.send(to.id, &channel, text.into_bytes()).await?;
+    let timeout = Duration::from_secs(timeout_secs);
+    let outcome = tokio::time::timeout(timeout, receipt).await;
+    node.shutdown().await;
+    match outcome {
+        Ok(Ok(delivered)) => {
+            println!(
+                "delivered {} to {} on {channel:?} in {:.1} ms",
+                delivered.id,
+                delivered.peer.short(),
+                started.elapsed().as_secs_f64() * 1e3
+            );
+            Ok(())
+        }
+        Ok(Err(e)) => Err(e.into()),
+        Err(_) => bail!(
+            "no acknowledgement from {} within {timeout_secs} s: is `weft listen` running there, in the same mesh?",
+            to.id.short()
+        ),
+    }
+}

@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
@@ -22,9 +23,15 @@ struct Slot {
     rx: Option<mpsc::Receiver<Message>>,
 }
 
+/// Name under which the catch-all queue is kept (not a valid channel name on the wire's API).
+const CATCH_ALL: &str = "";
+
 /// The node's channels. `None` once the node shut down.
 pub(crate) struct Channels {
     slots: Mutex<Option<HashMap<String, Slot>>>,
+    /// Bumped whenever which queue a channel maps to may have changed, so that the peer tasks'
+    /// lock-free caches know to look again.
+    generation: AtomicU64,
     capacity: usize,
     max: usize,
 }
@@ -40,6 +47,7 @@ impl Channels {
     pub(crate) fn new(capacity: usize, max: usize) -> Self {
         Self {
             slots: Mutex::new(Some(HashMap::new())),
+            generation: AtomicU64::new(0),
             capacity,
             max,
         }
@@ -62,12 +70,39 @@ impl Channels {
         let slot = slots
             .entry(channel.to_owned())
             .or_insert(Slot { tx, rx: Some(rx) });
+        self.generation.fetch_add(1, Ordering::Release);
         Ok(f(slot))
     }
 
-    /// The sending side of a channel's queue, creating the queue if needed.
+    /// Changes whenever a cached channel-to-queue mapping may be stale.
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// The queue a message for `channel` goes to: the channel's own if it has one, else the
+    /// catch-all queue if someone receives everything, else a new queue for the channel (where
+    /// messages wait for their receiver).
     pub(crate) fn sender(&self, channel: &str) -> Result<mpsc::Sender<Message>, ChannelError> {
+        {
+            let guard = self.slots.lock().expect("channels lock poisoned");
+            let slots = guard.as_ref().ok_or(ChannelError::Closed)?;
+            if let Some(slot) = slots.get(channel) {
+                return Ok(slot.tx.clone());
+            }
+            if let Some(catch_all) = slots.get(CATCH_ALL) {
+                if catch_all.rx.is_none() {
+                    return Ok(catch_all.tx.clone());
+                }
+            }
+        }
         self.with_slot(channel, |slot| slot.tx.clone())
+    }
+
+    /// Receives every message whose channel has no queue of its own.
+    pub(crate) fn take_catch_all(self: &Arc<Self>) -> Result<Inbox, ReceiveError> {
+        let inbox = self.take_receiver(CATCH_ALL)?;
+        self.generation.fetch_add(1, Ordering::Release);
+        Ok(inbox)
     }
 
     pub(crate) fn take_receiver(self: &Arc<Self>, channel: &str) -> Result<Inbox, ReceiveError> {
@@ -90,6 +125,7 @@ impl Channels {
         if let Some(slot) = guard.as_mut().and_then(|slots| slots.get_mut(channel)) {
             slot.rx = Some(rx);
         }
+        self.generation.fetch_add(1, Ordering::Release);
     }
 
     /// Drops every sender held here, so receivers end once the links are gone too.

@@ -43,6 +43,16 @@ pub enum PeerEvent {
         /// Why, in one sentence.
         reason: String,
     },
+    /// A dial to the peer failed (unreachable, another key than the pinned one, refused by the
+    /// peer's admission); the node retries with backoff.
+    ConnectFailed {
+        /// The peer we meant to reach.
+        peer: NodeId,
+        /// Why, in one sentence.
+        reason: String,
+        /// Whether the peer (or we) refused at the hello, as opposed to a network failure.
+        refused: bool,
+    },
 }
 
 /// Per-peer state shared between the API and the peer's task.
@@ -530,6 +540,13 @@ impl Node {
     /// The application's end of `channel`. Messages that arrived before are waiting in it.
     pub fn receive(&self, channel: &str) -> Result<Inbox, ReceiveError> {
         self.shared().channels.take_receiver(channel)
+    }
+
+    /// Receives every message for a channel that has no queue of its own (no `receive` on it and
+    /// nothing buffered for it), e.g. to print all traffic. Channels opened with
+    /// [`Node::receive`] still get their own messages.
+    pub fn receive_all(&self) -> Result<Inbox, ReceiveError> {
+        self.shared().channels.take_catch_all()
     }
 
     /// Counters.

@@ -89,6 +89,8 @@ pub(crate) struct PeerTask {
     conn: Option<Conn>,
     generation: u64,
     channels: HashMap<String, mpsc::Sender<Message>>,
+    /// `Channels::generation` when `channels` was last known to be current.
+    channels_generation: u64,
     /// The channel queue the link's current delivery waits for.
     parked: Option<mpsc::Sender<Message>>,
     stats: LinkStats,
@@ -133,6 +135,7 @@ impl PeerTask {
             conn: None,
             generation: 0,
             channels: HashMap::new(),
+            channels_generation: 0,
             parked: None,
             stats: LinkStats::default(),
         };
@@ -253,14 +256,23 @@ impl PeerTask {
             Control::DialFailed(error) => {
                 self.dial = Dial::Idle;
                 self.shared.metrics.dial_failure();
-                match &error {
-                    ConnectError::Refused(_) | ConnectError::RefusedPeer(_) => {
-                        self.shared.metrics.refusal();
-                        warn!(%error, "dial refused");
-                    }
-                    _ if self.backoff.attempts() == 0 => info!(%error, "dial failed"),
-                    _ => debug!(%error, attempts = self.backoff.attempts(), "dial failed"),
+                let refused = matches!(
+                    error,
+                    ConnectError::Refused(_) | ConnectError::RefusedPeer(_)
+                );
+                if refused {
+                    self.shared.metrics.refusal();
+                    warn!(%error, "dial refused");
+                } else if self.backoff.attempts() <= 1 {
+                    info!(%error, "dial failed");
+                } else {
+                    debug!(%error, attempts = self.backoff.attempts(), "dial failed");
                 }
+                let _ = self.shared.events.send(PeerEvent::ConnectFailed {
+                    peer: self.peer,
+                    reason: error.to_string(),
+                    refused,
+                });
                 self.schedule_dial();
             }
             Control::Addresses(addrs) => {
@@ -466,6 +478,11 @@ impl PeerTask {
         let Some(message) = self.link.peek_delivery() else {
             return true;
         };
+        let generation = self.shared.channels.generation();
+        if generation != self.channels_generation {
+            self.channels.clear();
+            self.channels_generation = generation;
+        }
         let channel = &message.header.channel;
         let sender = match self.channels.get(channel) {
             Some(sender) => sender.clone(),

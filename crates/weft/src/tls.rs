@@ -13,10 +13,11 @@
 //!   welcome is the driver's decision, not TLS's.
 //!
 //! Both sides use the same verifier type and refuse TLS 1.2, X.509 certificates and keys other
-//! than Ed25519. Session resumption is off: a resumed session skips key verification, and since
-//! every node is dialled under the same server name, a ticket from one node could otherwise be
-//! offered to another address; a full Ed25519 handshake is cheap, and Weft connections are
-//! long-lived.
+//! than Ed25519. Session resumption is off on both sides: a client config pins one node and is
+//! built per dial, so its ticket cache would be dropped with it, and the server would spend
+//! memory on a session cache and bytes on tickets that are never used. Weft connections are
+//! long-lived and a full Ed25519 handshake is cheap; no resumption also means every connection's
+//! peer key was checked by this module, never taken from a stored session.
 //!
 //! Caveat for the driver: in TLS 1.3 the client finishes its handshake before the server has
 //! judged the client's key, so a refused client sees its connection succeed and then close (its
@@ -424,8 +425,8 @@ mod tests {
         let server_address = server.local_addr()?;
         let client = quinn::Endpoint::client(LOCALHOST)?;
 
-        // First a good connection, so a resumable session would exist if resumption were on: a
-        // resumed session skips key verification, and the wrong pin below must still fail.
+        // A good connection first: an endpoint that already reached this server must still
+        // enforce the pin on the next dial.
         let accepted = accept_one(server.clone());
         let good = quinn_client_config(client_config(
             &client_identity,
@@ -509,6 +510,44 @@ mod tests {
             .expect_err("the server must refuse the client");
         let message = error.to_string();
         assert!(message.contains("not an Ed25519 public key"), "{message}");
+        server.close(0u32.into(), b"done");
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn server_claiming_a_key_it_cannot_sign_for_is_refused() -> TestResult {
+        // The impostor presents the victim's public key but holds only its own secret key, so
+        // the pin matches and only the handshake signature check can catch it.
+        let victim = Identity::from_seed([1; 32]);
+        let impostor = Identity::from_seed([9; 32]);
+        let client_identity = Identity::from_seed([2; 32]);
+        let provider = provider();
+        let impostor_key = provider
+            .key_provider
+            .load_private_key(impostor.private_key_der())?;
+        let mut crypto = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_client_cert_verifier(Arc::new(NodeKeyVerifier::new(None, &provider)))
+            .with_cert_resolver(Arc::new(AlwaysResolvesServerRawPublicKeys::new(Arc::new(
+                CertifiedKey::new(vec![CertificateDer::from(victim.spki_der())], impostor_key),
+            ))));
+        crypto.alpn_protocols = vec![ALPN.to_vec()];
+        let server = quinn::Endpoint::server(
+            quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(crypto)?)),
+            LOCALHOST,
+        )?;
+        let server_address = server.local_addr()?;
+        let accepted = accept_one(server.clone());
+
+        let client = quinn::Endpoint::client(LOCALHOST)?;
+        let config =
+            quinn_client_config(client_config(&client_identity, victim.node_id(), provider)?)?;
+        let error = within(client.connect_with(config, server_address, SERVER_NAME)?)
+            .await?
+            .expect_err("the client must refuse a server that cannot sign for its key");
+        let message = error.to_string();
+        assert!(message.contains("BadSignature"), "{message}");
+        assert!(within(accepted).await??.is_err());
         server.close(0u32.into(), b"done");
         Ok(())
     }

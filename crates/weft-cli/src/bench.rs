@@ -1,0 +1,327 @@
+//! `weft bench`: two processes on loopback, measured at the receiver.
+//!
+//! The parent starts `weft bench-peer` as a child process, reads the child's address from its
+//! first stdout line, and then either streams messages to it (throughput: the child reports how
+//! long the messages took to arrive, first to last) or exchanges sequential ping/echo messages
+//! (round trip, measured by the parent). Closing the child's stdin ends it.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use bytes::Bytes;
+use clap::{Args, Subcommand, ValueEnum};
+use weft::{Identity, Node, NodeAddr};
+
+/// Upper bound for one benchmark phase; a stuck run fails instead of hanging.
+const PHASE_TIMEOUT: Duration = Duration::from_secs(300);
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Point-to-point messages between two processes.
+    P2p(P2pArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct P2pArgs {
+    /// Body size in bytes.
+    #[arg(long, default_value_t = 64)]
+    size: usize,
+    /// Messages to send (throughput) or round trips to time (--rtt).
+    #[arg(long, default_value_t = 1_000_000)]
+    count: u64,
+    /// Time sequential request-like round trips instead of streaming.
+    #[arg(long)]
+    rtt: bool,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Largest UDP payload path MTU discovery may use (loopback allows 65527; 1452 is the
+    /// internet-safe default).
+    #[arg(long, default_value_t = 1452)]
+    max_udp_payload: u16,
+}
+
+#[derive(Args, Debug)]
+pub struct PeerArgs {
+    #[arg(long, value_enum)]
+    mode: Mode,
+    #[arg(long)]
+    count: u64,
+    #[arg(long)]
+    max_udp_payload: u16,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    /// Count `count` messages and report first-to-last time.
+    Sink,
+    /// Send every message straight back.
+    Echo,
+}
+
+const BENCH_CHANNEL: &str = "bench";
+const ECHO_CHANNEL: &str = "bench/echo";
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+async fn bench_node(max_udp_payload: u16) -> Result<Node> {
+    Ok(Node::builder()
+        .mesh("bench")
+        .identity(Identity::generate()?)
+        .bind("127.0.0.1:0".parse()?)
+        .configure(|c| c.max_udp_payload = max_udp_payload)
+        .start()
+        .await?)
+}
+
+fn read_line(out: &mut BufReader<ChildStdout>, expect: &str) -> Result<String> {
+    let mut line = String::new();
+    out.read_line(&mut line)
+        .context("reading from the bench peer")?;
+    match line.trim_end().strip_prefix(expect) {
+        Some(rest) => Ok(rest.trim().to_owned()),
+        None => bail!("bench peer said {line:?}, expected {expect}"),
+    }
+}
+
+struct PeerProcess {
+    child: Child,
+    stdout: BufReader<ChildStdout>,
+    addr: NodeAddr,
+}
+
+impl PeerProcess {
+    fn start(mode: &str, count: u64, max_udp_payload: u16) -> Result<Self> {
+        let exe = std::env::current_exe().context("locating the weft binary")?;
+        let mut child = Command::new(exe)
+            .args(["bench-peer", "--mode", mode, "--count"])
+            .arg(count.to_string())
+            .arg("--max-udp-payload")
+            .arg(max_udp_payload.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting the bench peer process")?;
+        let mut stdout = BufReader::new(child.stdout.take().context("peer stdout")?);
+        let addr = read_line(&mut stdout, "READY")?
+            .parse()
+            .context("bench peer address")?;
+        Ok(Self {
+            child,
+            stdout,
+            addr,
+        })
+    }
+
+    fn finish(mut self) -> Result<()> {
+        drop(self.child.stdin.take());
+        let status = self.child.wait()?;
+        if !status.success() {
+            bail!("bench peer exited with {status}");
+        }
+        Ok(())
+    }
+}
+
+pub fn run(command: BenchCommand) -> Result<()> {
+    let BenchCommand::P2p(args) = command;
+    if args.count == 0 {
+        bail!("--count must be at least 1");
+    }
+    if args.size < 8 {
+        bail!("--size must be at least 8 bytes (the bench stamps a sequence number)");
+    }
+    if args.rtt {
+        rtt(&args)
+    } else {
+        throughput(&args)
+    }
+}
+
+fn throughput(args: &P2pArgs) -> Result<()> {
+    let mut peer = PeerProcess::start("sink", args.count, args.max_udp_payload)?;
+    let rt = runtime()?;
+    let sent_in = rt.block_on(async {
+        let node = bench_node(args.max_udp_payload).await?;
+        node.add_peer(peer.addr.clone())?;
+        tokio::time::timeout(PHASE_TIMEOUT, node.connected(peer.addr.id))
+            .await
+            .context("bench peer did not connect")??;
+        let sender = node.sender(peer.addr.id)?;
+        let body = vec![0xa5u8; args.size];
+        let started = Instant::now();
+        let mut last = None;
+        for _ in 0..args.count {
+            last = Some(
+                sender
+                    .send(BENCH_CHANNEL, Bytes::copy_from_slice(&body))
+                    .await?,
+            );
+        }
+        if let Some(last) = last {
+            tokio::time::timeout(PHASE_TIMEOUT, last)
+                .await
+                .context("acknowledgements did not arrive")??;
+        }
+        let elapsed = started.elapsed();
+        node.shutdown().await;
+        anyhow::Ok(elapsed)
+    })?;
+    let result = read_line(&mut peer.stdout, "RESULT")?;
+    let (received, nanos) = result.split_once(' ').context("malformed result line")?;
+    let received: u64 = received.parse()?;
+    let nanos: u64 = nanos.parse()?;
+    peer.finish()?;
+    let seconds = (nanos as f64 / 1e9).max(1e-9);
+    let msgs_per_sec = received as f64 / seconds;
+    let mb_per_sec = msgs_per_sec * args.size as f64 / 1e6;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "bench": "p2p",
+                "size": args.size,
+                "count": received,
+                "seconds": seconds,
+                "msgs_per_sec": msgs_per_sec,
+                "mb_per_sec": mb_per_sec,
+                "sender_acked_seconds": sent_in.as_secs_f64(),
+                "max_udp_payload": args.max_udp_payload,
+            })
+        );
+    } else {
+        println!(
+            "p2p {} x {} B: {:.0} msg/s, {:.1} MB/s at the receiver ({:.3} s); all acknowledged after {:.3} s",
+            received,
+            args.size,
+            msgs_per_sec,
+            mb_per_sec,
+            seconds,
+            sent_in.as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
+fn rtt(args: &P2pArgs) -> Result<()> {
+    let peer = PeerProcess::start("echo", args.count, args.max_udp_payload)?;
+    let rt = runtime()?;
+    let mut samples = rt.block_on(async {
+        let node = bench_node(args.max_udp_payload).await?;
+        let mut echoes = node.receive(ECHO_CHANNEL)?;
+        node.add_peer(peer.addr.clone())?;
+        tokio::time::timeout(PHASE_TIMEOUT, node.connected(peer.addr.id))
+            .await
+            .context("bench peer did not connect")??;
+        let sender = node.sender(peer.addr.id)?;
+        let warmup = (args.count / 10).min(1_000);
+        let mut samples = Vec::with_capacity(args.count as usize);
+        let mut body = vec![0u8; args.size];
+        for i in 0..warmup + args.count {
+            body[..8].copy_from_slice(&i.to_le_bytes());
+            let started = Instant::now();
+            let _receipt = sender
+                .send(BENCH_CHANNEL, Bytes::copy_from_slice(&body))
+                .await?;
+            let echo = tokio::time::timeout(PHASE_TIMEOUT, echoes.recv())
+                .await
+                .context("echo did not arrive")?
+                .context("node closed")?;
+            let elapsed = started.elapsed();
+            if echo.body[..8] != body[..8] {
+                bail!("echo out of order");
+            }
+            if i >= warmup {
+                samples.push(elapsed.as_nanos() as u64);
+            }
+        }
+        node.shutdown().await;
+        anyhow::Ok(samples)
+    })?;
+    peer.finish()?;
+    samples.sort_unstable();
+    let pct = |p: f64| {
+        let index = ((samples.len() as f64 * p).ceil() as usize).clamp(1, samples.len()) - 1;
+        samples[index] as f64 / 1e3
+    };
+    let (p50, p99, p999) = (pct(0.50), pct(0.99), pct(0.999));
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "bench": "p2p-rtt",
+                "size": args.size,
+                "count": samples.len(),
+                "p50_us": p50,
+                "p99_us": p99,
+                "p999_us": p999,
+                "max_udp_payload": args.max_udp_payload,
+            })
+        );
+    } else {
+        println!(
+            "p2p round trip, {} x {} B: p50 {p50:.1} µs, p99 {p99:.1} µs, p99.9 {p999:.1} µs",
+            samples.len(),
+            args.size
+        );
+    }
+    Ok(())
+}
+
+pub fn run_peer(args: PeerArgs) -> Result<()> {
+    let rt = runtime()?;
+    rt.block_on(async {
+        let node = bench_node(args.max_udp_payload).await?;
+        let mut inbox = node.receive(BENCH_CHANNEL)?;
+        let mut out = std::io::stdout();
+        writeln!(out, "READY {}", node.addr()?)?;
+        out.flush()?;
+        // Ends when the parent closes our stdin.
+        let mut stdin_closed = tokio::task::spawn_blocking(|| {
+            let mut sink = Vec::new();
+            let _ = std::io::stdin().read_to_end(&mut sink);
+        });
+        match args.mode {
+            Mode::Sink => {
+                let mut received = 0u64;
+                let mut first = None;
+                let mut batch = Vec::with_capacity(1024);
+                while received < args.count {
+                    let n = tokio::select! {
+                        n = inbox.recv_many(&mut batch, 1024) => n,
+                        _ = &mut stdin_closed => bail!("parent went away after {received} messages"),
+                    };
+                    if n == 0 {
+                        bail!("node closed");
+                    }
+                    first.get_or_insert_with(Instant::now);
+                    received += n as u64;
+                    batch.clear();
+                }
+                let nanos = first.map_or(0, |t| t.elapsed().as_nanos());
+                writeln!(out, "RESULT {received} {nanos}")?;
+                out.flush()?;
+                let _ = stdin_closed.await;
+            }
+            Mode::Echo => loop {
+                let message = tokio::select! {
+                    message = inbox.recv() => message,
+                    _ = &mut stdin_closed => break,
+                };
+                let Some(message) = message else { break };
+                let _receipt = node
+                    .send(message.header.id.producer, ECHO_CHANNEL, message.body)
+                    .await?;
+            },
+        }
+        node.shutdown().await;
+        anyhow::Ok(())
+    })
+}
