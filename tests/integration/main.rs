@@ -2,4 +2,8 @@
 
 mod support;
 
+mod admission;
+mod hostile;
 mod p2p;
+mod proxy;
+mod reliability;

@@ -8,10 +8,17 @@ use weft::{Identity, Node, NodeAddr};
 /// Upper bound for anything a test waits for; a hang fails instead of blocking CI.
 pub const WAIT: Duration = Duration::from_secs(30);
 
+/// Logs at WARN, or as `RUST_LOG` says (e.g. `RUST_LOG=weft=debug`).
 pub fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_test_writer()
-        .with_max_level(tracing::Level::WARN)
+    use tracing_subscriber::filter::{LevelFilter, Targets};
+    use tracing_subscriber::prelude::*;
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|spec| spec.parse::<Targets>().ok())
+        .unwrap_or_else(|| Targets::new().with_default(LevelFilter::WARN));
+    let _ = tracing_subscriber::registry()
+        .with(tracing_subscriber::fmt::layer().with_test_writer())
+        .with(filter)
         .try_init();
 }
 
@@ -37,4 +44,17 @@ pub async fn within<T>(what: &str, future: impl IntoFuture<Output = T>) -> T {
         Ok(value) => value,
         Err(_) => panic!("timed out after {WAIT:?} waiting for {what}"),
     }
+}
+
+/// A node on 127.0.0.1 with its configuration adjusted by `configure`.
+pub async fn node_with(mesh: &str, configure: impl FnOnce(&mut weft::NodeConfig)) -> Node {
+    init_tracing();
+    Node::builder()
+        .mesh(mesh)
+        .identity(Identity::generate().expect("identity"))
+        .bind("127.0.0.1:0".parse().unwrap())
+        .configure(configure)
+        .start()
+        .await
+        .expect("node starts")
 }

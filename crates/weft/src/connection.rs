@@ -147,6 +147,7 @@ pub(crate) async fn accept(shared: Arc<Shared>, incoming: quinn::Incoming) {
         Ok(Ok((peer, established))) => {
             if let Err(established) = shared.attach(peer, established) {
                 refuse(
+                    &shared,
                     established,
                     Refusal {
                         reason: RefuseReason::TooManyPeers,
@@ -156,15 +157,11 @@ pub(crate) async fn accept(shared: Arc<Shared>, incoming: quinn::Incoming) {
                 .await;
             }
         }
+        // A refusal was counted and logged before it was sent.
+        Ok(Err(ConnectError::RefusedPeer(_))) => {}
         Ok(Err(e)) => {
             shared.metrics.dial_failure();
-            match &e {
-                ConnectError::RefusedPeer(refusal) => {
-                    shared.metrics.refusal();
-                    warn!(%remote, %refusal, "refused incoming peer");
-                }
-                _ => info!(%remote, error = %e, "incoming connection failed"),
-            }
+            info!(%remote, error = %e, "incoming connection failed");
         }
         Err(_) => info!(%remote, "incoming connection: no hello within {timeout:?}"),
     }
@@ -191,7 +188,7 @@ async fn accept_inner(
                 reason: RefuseReason::ProtocolViolation,
                 detail: format!("first frame must be a hello, got {other:?}"),
             };
-            write_refusal(&mut send, &connection, &refusal).await;
+            write_refusal(shared, &mut send, &connection, &refusal).await;
             return Err(ConnectError::RefusedPeer(refusal));
         }
         Err(e) => {
@@ -200,7 +197,7 @@ async fn accept_inner(
         }
     };
     if let Err(refusal) = judge_hello(&shared.config.mesh, &peer, &hello) {
-        write_refusal(&mut send, &connection, &refusal).await;
+        write_refusal(shared, &mut send, &connection, &refusal).await;
         return Err(ConnectError::RefusedPeer(refusal));
     }
     if shared.is_shutting_down() {
@@ -208,7 +205,7 @@ async fn accept_inner(
             reason: RefuseReason::ShuttingDown,
             detail: "node is shutting down".into(),
         };
-        write_refusal(&mut send, &connection, &refusal).await;
+        write_refusal(shared, &mut send, &connection, &refusal).await;
         return Err(ConnectError::RefusedPeer(refusal));
     }
     write_frame(
@@ -230,16 +227,25 @@ async fn accept_inner(
     ))
 }
 
-async fn refuse(mut established: Established, refusal: Refusal) {
-    warn!(remote = %established.remote, %refusal, "refusing peer");
-    write_refusal(&mut established.send, &established.connection, &refusal).await;
+async fn refuse(shared: &Shared, mut established: Established, refusal: Refusal) {
+    write_refusal(
+        shared,
+        &mut established.send,
+        &established.connection,
+        &refusal,
+    )
+    .await;
 }
 
+/// Counts and logs the refusal, then tells the peer why and closes.
 async fn write_refusal(
+    shared: &Shared,
     send: &mut quinn::SendStream,
     connection: &quinn::Connection,
     refusal: &Refusal,
 ) {
+    shared.metrics.refusal();
+    warn!(remote = %connection.remote_address(), %refusal, "refusing peer");
     // Best effort: the refusal frame tells the dialer why; the close follows either way.
     let _ = write_frame(send, &Frame::Refuse(refusal.clone())).await;
     let _ = send.finish();

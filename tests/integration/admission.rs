@@ -1,0 +1,92 @@
+//! Identity pinning and mesh admission: the wrong node or the wrong mesh never gets a link.
+
+use weft::{NodeAddr, PeerEvent};
+
+use crate::support::{addr, node, within};
+
+async fn next_connect_failure(
+    events: &mut tokio::sync::broadcast::Receiver<PeerEvent>,
+) -> (String, bool) {
+    loop {
+        match events.recv().await.expect("events open") {
+            PeerEvent::ConnectFailed {
+                reason, refused, ..
+            } => return (reason, refused),
+            PeerEvent::Up { peer, .. } => panic!("connected to {peer:?}, which must be refused"),
+            _ => {}
+        }
+    }
+}
+
+/// A dialer that pins node X but reaches a node with another key is refused by TLS, with the
+/// mismatch named; the impostor never shows up as a peer.
+#[tokio::test]
+async fn a_node_presenting_another_key_than_the_pinned_one_is_refused() {
+    let dialer = node("test").await;
+    let impostor = node("test").await;
+    let expected = node("test").await; // the node the dialer means; not at that address
+    let mut events = dialer.events();
+    dialer
+        .add_peer(NodeAddr::new(expected.id(), impostor.local_addr().unwrap()))
+        .unwrap();
+    let (reason, refused) = within("connect failure", next_connect_failure(&mut events)).await;
+    assert!(!refused, "TLS refuses before any hello: {reason}");
+    assert!(
+        reason.contains(&expected.id().to_string()) && reason.contains(&impostor.id().to_string()),
+        "the error names both ids: {reason}"
+    );
+    assert!(dialer.connected_peers().is_empty());
+    assert!(impostor.connected_peers().is_empty());
+    assert!(dialer.metrics().dial_failures >= 1);
+}
+
+/// Nodes of different meshes refuse each other at the hello, with the reason on both sides.
+#[tokio::test]
+async fn a_node_of_another_mesh_is_refused_with_a_reason() {
+    let shop = node("shop").await;
+    let bank = node("bank").await;
+    let mut events = shop.events();
+    shop.add_peer(addr(&bank)).unwrap();
+    let (reason, refused) = within("refusal", next_connect_failure(&mut events)).await;
+    assert!(refused, "refused at the hello: {reason}");
+    assert!(
+        reason.contains("WrongMesh") && reason.contains("shop") && reason.contains("bank"),
+        "{reason}"
+    );
+    assert!(
+        bank.metrics().refusals >= 1,
+        "the acceptor counted its refusal"
+    );
+    assert!(shop.connected_peers().is_empty() && bank.connected_peers().is_empty());
+}
+
+/// Both nodes dial each other at once: they end up with one connection, and messages flow both
+/// ways over it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simultaneous_dials_converge_on_one_connection() {
+    let a = node("test").await;
+    let b = node("test").await;
+    a.add_peer(addr(&b)).unwrap();
+    b.add_peer(addr(&a)).unwrap();
+    let mut inbox_a = a.receive("c").unwrap();
+    let mut inbox_b = b.receive("c").unwrap();
+    for i in 0..200u32 {
+        let r1 = a.send(b.id(), "c", i.to_le_bytes().to_vec()).await.unwrap();
+        let r2 = b.send(a.id(), "c", i.to_le_bytes().to_vec()).await.unwrap();
+        within("a->b", r1).await.unwrap();
+        within("b->a", r2).await.unwrap();
+    }
+    for i in 0..200u32 {
+        assert_eq!(
+            within("at b", inbox_b.recv()).await.unwrap().body[..],
+            i.to_le_bytes()
+        );
+        assert_eq!(
+            within("at a", inbox_a.recv()).await.unwrap().body[..],
+            i.to_le_bytes()
+        );
+    }
+    assert_eq!(a.connected_peers(), vec![b.id()]);
+    assert_eq!(b.connected_peers(), vec![a.id()]);
+    assert_eq!(a.metrics().duplicates + b.metrics().duplicates, 0);
+}

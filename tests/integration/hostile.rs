@@ -1,0 +1,169 @@
+//! Hostile input: a peer that breaks the protocol is cut off, UDP garbage is ignored, and in both
+//! cases the node keeps serving its other peers.
+
+use std::sync::Arc;
+
+use bytes::{BufMut, BytesMut};
+use weft::proto::frame::{Frame, FrameEncoder, Limits, ALPN};
+use weft::proto::handshake::local_hello;
+use weft::{Identity, Node};
+
+use crate::support::{addr, node, within};
+
+/// A raw QUIC client with a real identity that completes the hello, then writes `payload`.
+async fn misbehave(target: &Node, payload: &[u8]) -> quinn::ConnectionError {
+    let identity = Identity::generate().unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = weft::tls::client_config(&identity, target.id(), provider).unwrap();
+    assert_eq!(tls.alpn_protocols, vec![ALPN.to_vec()]);
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+    let connection = endpoint
+        .connect(target.local_addr().unwrap(), "weft")
+        .unwrap()
+        .await
+        .expect("TLS handshake succeeds: the identity is valid");
+    let (mut send, mut recv) = connection.open_bi().await.unwrap();
+    let encoder = FrameEncoder::new(Limits::default());
+    let mut buf = BytesMut::new();
+    encoder
+        .control(
+            &mut buf,
+            &Frame::Hello(local_hello("test", identity.node_id())),
+        )
+        .unwrap();
+    send.write_all(&buf).await.unwrap();
+    let mut reply = [0u8; 5];
+    recv.read_exact(&mut reply)
+        .await
+        .expect("a welcome comes back");
+    send.write_all(payload).await.unwrap();
+    within("the node closes the connection", connection.closed()).await
+}
+
+fn assert_protocol_close(error: quinn::ConnectionError) {
+    match error {
+        quinn::ConnectionError::ApplicationClosed(close) => {
+            assert_eq!(
+                close.error_code,
+                quinn::VarInt::from_u32(3),
+                "PROTOCOL close code: {close:?}"
+            );
+        }
+        other => panic!("expected an application close with the protocol code, got {other:?}"),
+    }
+}
+
+/// Serving another peer still works: a full send/ack round.
+async fn still_serves(node: &Node, other: &Node) {
+    let mut inbox = node.receive("still").unwrap();
+    let receipt = other.send(node.id(), "still", &b"alive"[..]).await.unwrap();
+    within("ack from the node under attack", receipt)
+        .await
+        .unwrap();
+    assert_eq!(
+        &within("delivery", inbox.recv()).await.unwrap().body[..],
+        b"alive"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_frame_disconnects_the_peer_and_the_node_keeps_serving() {
+    let target = node("test").await;
+    let friend = node("test").await;
+    friend.add_peer(addr(&target)).unwrap();
+    within("friend connects", friend.connected(target.id()))
+        .await
+        .unwrap();
+
+    // A frame with an unknown tag.
+    let mut garbage = BytesMut::new();
+    garbage.put_u32_le(3);
+    garbage.put_slice(&[0xee, 1, 2]);
+    assert_protocol_close(misbehave(&target, &garbage).await);
+    // A data frame before any resume, with fields that do not decode.
+    let mut malformed = BytesMut::new();
+    malformed.put_u32_le(4);
+    malformed.put_slice(&[6, 0xff, 0xff, 0xff]);
+    assert_protocol_close(misbehave(&target, &malformed).await);
+
+    assert!(target.metrics().protocol_errors >= 2);
+    still_serves(&target, &friend).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_frame_is_refused_before_it_is_buffered() {
+    let target = node("test").await;
+    let friend = node("test").await;
+    friend.add_peer(addr(&target)).unwrap();
+    within("friend connects", friend.connected(target.id()))
+        .await
+        .unwrap();
+
+    let mut oversized = BytesMut::new();
+    oversized.put_u32_le(u32::MAX); // announces 4 GiB; only the prefix is ever sent
+    oversized.put_slice(&[6; 16]);
+    assert_protocol_close(misbehave(&target, &oversized).await);
+    assert!(target.metrics().protocol_errors >= 1);
+    still_serves(&target, &friend).await;
+}
+
+/// Random datagrams at the node's port (bounded: 5,000 of them, from loopback) while a peer is
+/// exchanging messages with it: every message still arrives and is acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udp_garbage_does_not_disturb_the_node() {
+    let target = node("test").await;
+    let friend = node("test").await;
+    friend.add_peer(addr(&target)).unwrap();
+    within("friend connects", friend.connected(target.id()))
+        .await
+        .unwrap();
+    let mut inbox = target.receive("steady").unwrap();
+
+    let port = target.local_addr().unwrap();
+    let noise = tokio::spawn(async move {
+        let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut datagram = [0u8; 1200];
+        for i in 0..5_000usize {
+            for byte in datagram.iter_mut() {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                *byte = state as u8;
+            }
+            // Some look like QUIC long headers, most are noise; sizes vary.
+            if i % 3 == 0 {
+                datagram[0] = 0xc0 | (datagram[0] & 0x0f);
+            }
+            let len = 1 + (state as usize % datagram.len());
+            socket.send_to(&datagram[..len], port).await.unwrap();
+            if i % 64 == 0 {
+                tokio::task::yield_now().await;
+            }
+        }
+    });
+
+    let mut receipts = Vec::new();
+    for i in 0..2_000u32 {
+        receipts.push(
+            friend
+                .send(target.id(), "steady", i.to_le_bytes().to_vec())
+                .await
+                .unwrap(),
+        );
+    }
+    within("noise sent", noise).await.unwrap();
+    for receipt in receipts {
+        within("ack", receipt).await.unwrap();
+    }
+    for i in 0..2_000u32 {
+        assert_eq!(
+            within("delivery", inbox.recv()).await.unwrap().body[..],
+            i.to_le_bytes()
+        );
+    }
+    assert_eq!(target.metrics().protocol_errors, 0);
+    assert_eq!(friend.connected_peers(), vec![target.id()]);
+}
