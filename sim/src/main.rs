@@ -1,7 +1,457 @@
-//! Weft simulation (being built).
-mod determinism;
-mod net;
+//! `weft-sim`: run one seed of a scenario, or sweep many, and report broken guarantees.
+//!
+//! `run` prints a summary of the run, the first violations, and as its last two lines
+//! `trace-hash: <hex>` and `violations: <count>`; it exits non-zero on any violation. `sweep` runs
+//! a range of seeds (of one scenario or all of them), prints a line per scenario and, for every
+//! failing seed, the exact command that replays it. With `--canary` a deliberate driver bug is
+//! switched on and the sweep reports on how many seeds the checkers caught it.
+//!
+//! Output is quiet unless `RUST_LOG` is set (`RUST_LOG=weft=debug`, `RUST_LOG=info`, ...).
 
-fn main() {
-    let _ = (determinism::quinn_seams, net::TurmoilUdpSocket::bind);
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand, ValueEnum};
+use weft_sim::history::Event;
+use weft_sim::{run, Canary, Outcome, ScenarioKind};
+
+/// How many violations a run prints in full.
+const VIOLATIONS_SHOWN: usize = 10;
+/// How many seeds a canary sweep lists as escaped.
+const ESCAPED_SHOWN: usize = 10;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "weft-sim",
+    about = "Deterministic simulation of Weft nodes under turmoil"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run one seed of one scenario and check it.
+    Run {
+        /// partition, hold, loss or latency.
+        #[arg(long)]
+        scenario: ScenarioKind,
+        /// The run seed: everything in the run derives from it.
+        #[arg(long)]
+        seed: u64,
+        /// Switch on a deliberate driver bug (the checkers must then report violations).
+        #[arg(long)]
+        canary: Option<CanaryArg>,
+        /// Print the whole recorded history.
+        #[arg(long)]
+        trace: bool,
+    },
+    /// Run a range of seeds and summarise.
+    Sweep {
+        /// A scenario, or `all`.
+        #[arg(long)]
+        scenario: String,
+        /// Seeds as `A..B` (B excluded), `A..=B`, or a single seed.
+        #[arg(long)]
+        seeds: String,
+        /// Switch on a deliberate driver bug and report how often it is caught.
+        #[arg(long)]
+        canary: Option<CanaryArg>,
+        /// Run every seed twice and fail if the trace hashes differ.
+        #[arg(long)]
+        twice: bool,
+        /// Runs in parallel (each run is single-threaded).
+        #[arg(long, default_value_t = 1)]
+        jobs: usize,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum CanaryArg {
+    NoDedup,
+    NoRetransmit,
+}
+
+impl From<CanaryArg> for Canary {
+    fn from(arg: CanaryArg) -> Canary {
+        match arg {
+            CanaryArg::NoDedup => Canary::NoDedup,
+            CanaryArg::NoRetransmit => Canary::NoRetransmit,
+        }
+    }
+}
+
+fn init_tracing() {
+    use tracing_subscriber::filter::Targets;
+    use tracing_subscriber::prelude::*;
+    let Some(filter) = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|spec| spec.parse::<Targets>().ok())
+    else {
+        return;
+    };
+    let _ = tracing_subscriber::registry()
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(filter)
+        .try_init();
+}
+
+fn main() -> ExitCode {
+    init_tracing();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run {
+            scenario,
+            seed,
+            canary,
+            trace,
+        } => Ok(run_one(scenario, seed, canary.map(Canary::from), trace)),
+        Command::Sweep {
+            scenario,
+            seeds,
+            canary,
+            twice,
+            jobs,
+        } => sweep(&scenario, &seeds, canary.map(Canary::from), twice, jobs),
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn replay_command(kind: ScenarioKind, seed: u64, canary: Option<Canary>) -> String {
+    let mut command =
+        format!("cargo run --release -p weft-sim -- run --scenario {kind} --seed {seed}");
+    if let Some(canary) = canary {
+        command.push_str(" --canary ");
+        command.push_str(canary.name());
+    }
+    command
+}
+
+/// Counts of what happened in a run, from its history and metrics.
+#[derive(Debug, Default)]
+struct Tally {
+    accepted: usize,
+    delivered: usize,
+    acked: usize,
+    peer_up: usize,
+    peer_down: usize,
+    faults: usize,
+    retransmitted: u64,
+    duplicates_dropped: u64,
+    dial_failures: u64,
+}
+
+fn tally(outcome: &Outcome) -> Tally {
+    let mut tally = Tally::default();
+    for record in &outcome.records {
+        match record.event {
+            Event::Accepted { .. } => tally.accepted += 1,
+            Event::Delivered { .. } => tally.delivered += 1,
+            Event::Acked { .. } => tally.acked += 1,
+            Event::PeerUp { .. } => tally.peer_up += 1,
+            Event::PeerDown { .. } => tally.peer_down += 1,
+            Event::Fault(_) => tally.faults += 1,
+            _ => {}
+        }
+    }
+    for metrics in &outcome.metrics {
+        tally.retransmitted += metrics.retransmitted;
+        tally.duplicates_dropped += metrics.duplicates;
+        tally.dial_failures += metrics.dial_failures;
+    }
+    tally
+}
+
+fn run_one(kind: ScenarioKind, seed: u64, canary: Option<Canary>, trace: bool) -> bool {
+    let outcome = run(kind, seed, canary);
+    let scenario = &outcome.scenario;
+    if trace {
+        for record in &outcome.records {
+            println!("{record}");
+        }
+    }
+    println!(
+        "scenario {kind}, seed {seed}{}: {} nodes, {} messages planned",
+        canary.map_or(String::new(), |c| format!(", canary {}", c.name())),
+        scenario.nodes,
+        scenario.planned_messages()
+    );
+    for fault in &scenario.faults {
+        println!("  {:>7.3}s {}", fault.at.as_secs_f64(), fault.action);
+    }
+    for (node, pauses) in scenario.pauses.iter().enumerate() {
+        for pause in pauses {
+            println!(
+                "  node {node} consumer paused {:.3}s..{:.3}s",
+                pause.from.as_secs_f64(),
+                pause.until.as_secs_f64()
+            );
+        }
+    }
+    let tally = tally(&outcome);
+    println!(
+        "accepted {}, delivered {}, acked {}; connections up {}, down {}",
+        tally.accepted, tally.delivered, tally.acked, tally.peer_up, tally.peer_down
+    );
+    println!(
+        "driver: retransmitted {}, duplicates dropped {}, dial failures {}",
+        tally.retransmitted, tally.duplicates_dropped, tally.dial_failures
+    );
+    println!(
+        "simulated {:.1}s in {:.3}s wall",
+        outcome.simulated.as_secs_f64(),
+        outcome.wall.as_secs_f64()
+    );
+    if !outcome.violations.is_empty() {
+        let mut per_checker: BTreeMap<&str, usize> = BTreeMap::new();
+        for violation in &outcome.violations {
+            *per_checker.entry(violation.checker.name()).or_default() += 1;
+        }
+        let summary: Vec<String> = per_checker
+            .iter()
+            .map(|(name, count)| format!("{name} {count}"))
+            .collect();
+        println!(
+            "VIOLATIONS ({}), first {}:",
+            summary.join(", "),
+            VIOLATIONS_SHOWN.min(outcome.violations.len())
+        );
+        for violation in outcome.violations.iter().take(VIOLATIONS_SHOWN) {
+            println!("  {violation}");
+        }
+        println!("replay: {}", replay_command(kind, seed, canary));
+    }
+    println!("trace-hash: {}", outcome.trace_hash.to_hex());
+    println!("violations: {}", outcome.violations.len());
+    outcome.passed()
+}
+
+fn parse_seeds(text: &str) -> anyhow::Result<Vec<u64>> {
+    let number = |part: &str| {
+        part.trim()
+            .parse::<u64>()
+            .with_context(|| format!("bad seed {part:?} in --seeds {text:?}"))
+    };
+    let seeds: Vec<u64> = if let Some((low, high)) = text.split_once("..=") {
+        (number(low)?..=number(high)?).collect()
+    } else if let Some((low, high)) = text.split_once("..") {
+        (number(low)?..number(high)?).collect()
+    } else {
+        vec![number(text)?]
+    };
+    if seeds.is_empty() {
+        bail!("--seeds {text:?} is empty");
+    }
+    Ok(seeds)
+}
+
+/// What a sweep keeps of one run.
+#[derive(Debug)]
+struct SeedResult {
+    seed: u64,
+    violations: usize,
+    first_violation: Option<String>,
+    checkers: Vec<&'static str>,
+    nondeterministic: Option<(String, String)>,
+    wall: Duration,
+    peer_down: usize,
+    retransmitted: u64,
+    duplicates_dropped: u64,
+}
+
+fn run_seed(kind: ScenarioKind, seed: u64, canary: Option<Canary>, twice: bool) -> SeedResult {
+    let outcome = run(kind, seed, canary);
+    let mut wall = outcome.wall;
+    let nondeterministic = if twice {
+        let again = run(kind, seed, canary);
+        wall += again.wall;
+        (again.trace_hash != outcome.trace_hash).then(|| {
+            (
+                outcome.trace_hash.to_hex().to_string(),
+                again.trace_hash.to_hex().to_string(),
+            )
+        })
+    } else {
+        None
+    };
+    let tally = tally(&outcome);
+    let mut checkers: Vec<&'static str> = outcome
+        .violations
+        .iter()
+        .map(|violation| violation.checker.name())
+        .collect();
+    checkers.dedup();
+    SeedResult {
+        seed,
+        violations: outcome.violations.len(),
+        first_violation: outcome.violations.first().map(ToString::to_string),
+        checkers,
+        nondeterministic,
+        wall,
+        peer_down: tally.peer_down,
+        retransmitted: tally.retransmitted,
+        duplicates_dropped: tally.duplicates_dropped,
+    }
+}
+
+/// Runs every seed of `kind`, `jobs` at a time, in seed order in the result.
+fn run_seeds(
+    kind: ScenarioKind,
+    seeds: &[u64],
+    canary: Option<Canary>,
+    twice: bool,
+    jobs: usize,
+) -> Vec<SeedResult> {
+    let next = AtomicUsize::new(0);
+    let results = Mutex::new(Vec::with_capacity(seeds.len()));
+    std::thread::scope(|scope| {
+        for _ in 0..jobs.max(1) {
+            scope.spawn(|| loop {
+                let position = next.fetch_add(1, Ordering::Relaxed);
+                let Some(&seed) = seeds.get(position) else {
+                    return;
+                };
+                let result = run_seed(kind, seed, canary, twice);
+                results
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .push(result);
+            });
+        }
+    });
+    let mut results = results
+        .into_inner()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    results.sort_by_key(|result| result.seed);
+    results
+}
+
+fn sweep(
+    scenario: &str,
+    seeds: &str,
+    canary: Option<Canary>,
+    twice: bool,
+    jobs: usize,
+) -> anyhow::Result<bool> {
+    let kinds: Vec<ScenarioKind> = if scenario == "all" {
+        ScenarioKind::ALL.to_vec()
+    } else {
+        vec![scenario.parse().map_err(anyhow::Error::msg)?]
+    };
+    let seeds = parse_seeds(seeds)?;
+    let started = Instant::now();
+    let mut all_passed = true;
+    for kind in kinds {
+        let kind_started = Instant::now();
+        let results = run_seeds(kind, &seeds, canary, twice, jobs);
+        let wall = kind_started.elapsed();
+        let runs = results.len() as f64;
+        let slowest = results
+            .iter()
+            .map(|result| result.wall)
+            .max()
+            .unwrap_or_default();
+        let mean = |value: fn(&SeedResult) -> f64| results.iter().map(value).sum::<f64>() / runs;
+        let diverged: Vec<&SeedResult> = results
+            .iter()
+            .filter(|result| result.nondeterministic.is_some())
+            .collect();
+        let stats = format!(
+            "{:.2}s wall ({:.3}s/run, slowest {:.3}s); per run: {:.1} connection losses, {:.1} retransmitted, {:.1} duplicates dropped",
+            wall.as_secs_f64(),
+            mean(|r| r.wall.as_secs_f64()),
+            slowest.as_secs_f64(),
+            mean(|r| r.peer_down as f64),
+            mean(|r| r.retransmitted as f64),
+            mean(|r| r.duplicates_dropped as f64),
+        );
+        match canary {
+            None => {
+                let failed: Vec<&SeedResult> = results
+                    .iter()
+                    .filter(|result| result.violations > 0)
+                    .collect();
+                println!(
+                    "{kind}: {} seeds, {} failed{}, {stats}",
+                    results.len(),
+                    failed.len(),
+                    if twice {
+                        format!(", {} nondeterministic", diverged.len())
+                    } else {
+                        String::new()
+                    }
+                );
+                for result in &failed {
+                    println!(
+                        "  FAIL {kind} seed {}: {} violations ({}); first: {}",
+                        result.seed,
+                        result.violations,
+                        result.checkers.join(", "),
+                        result.first_violation.as_deref().unwrap_or("-")
+                    );
+                    println!("    replay: {}", replay_command(kind, result.seed, None));
+                }
+                all_passed &= failed.is_empty();
+            }
+            Some(canary) => {
+                let caught = results
+                    .iter()
+                    .filter(|result| result.violations > 0)
+                    .count();
+                let mut by_checker: BTreeMap<&str, usize> = BTreeMap::new();
+                for result in &results {
+                    for checker in &result.checkers {
+                        *by_checker.entry(checker).or_default() += 1;
+                    }
+                }
+                let by_checker: Vec<String> = by_checker
+                    .iter()
+                    .map(|(name, count)| format!("{name} {count}"))
+                    .collect();
+                println!(
+                    "{kind}: canary {} caught on {caught}/{} seeds (seeds per checker: {}), {stats}",
+                    canary.name(),
+                    results.len(),
+                    if by_checker.is_empty() {
+                        "none".to_string()
+                    } else {
+                        by_checker.join(", ")
+                    }
+                );
+                let escaped: Vec<String> = results
+                    .iter()
+                    .filter(|result| result.violations == 0)
+                    .take(ESCAPED_SHOWN)
+                    .map(|result| result.seed.to_string())
+                    .collect();
+                if !escaped.is_empty() {
+                    println!("  escaped on seeds {}", escaped.join(", "));
+                }
+            }
+        }
+        for result in &diverged {
+            if let Some((first, again)) = &result.nondeterministic {
+                println!(
+                    "  NONDETERMINISTIC {kind} seed {}: trace {first} then {again}",
+                    result.seed
+                );
+                println!("    replay: {}", replay_command(kind, result.seed, canary));
+            }
+        }
+        all_passed &= diverged.is_empty();
+    }
+    println!("sweep took {:.1}s", started.elapsed().as_secs_f64());
+    Ok(all_passed)
 }

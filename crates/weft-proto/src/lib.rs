@@ -43,4 +43,4 @@ mod link_tests;
 pub use frame::{Frame, FrameDecoder, FrameEncoder, FrameError, Limits};
 pub use id::{MessageId, NodeId, StreamId};
 pub use link::{Link, LinkConfig, LinkError, LinkEvent, OutgoingMessage};
-pub use message::{Header, Kind, Message, Priority};
+pub use message::{Header, Kind, Message, Options, Priority};

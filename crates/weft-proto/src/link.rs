@@ -30,7 +30,7 @@ use bytes::{Bytes, BytesMut};
 
 use crate::frame::{DataFields, DataFrame, EncodeError, Frame, FrameEncoder, Limits};
 use crate::id::{MessageId, NodeId, StreamId};
-use crate::message::{Header, Kind, Message, Priority};
+use crate::message::{Header, Kind, Message, Options, Priority};
 
 /// Bounds of a link. Every queue a link holds is capped by one of these.
 #[derive(Clone, Debug)]
@@ -84,20 +84,12 @@ pub struct OutgoingMessage {
     pub kind: Kind,
     /// Channel or topic.
     pub channel: String,
-    /// Links a reply to its request.
-    pub correlation_id: Option<u64>,
-    /// Where replies go.
-    pub reply_to: Option<NodeId>,
-    /// Shard routing key.
-    pub shard_key: Option<Bytes>,
     /// Priority.
     pub priority: Priority,
     /// Wall-clock creation time, Unix milliseconds.
     pub created_unix_ms: u64,
-    /// Wall-clock expiry, Unix milliseconds.
-    pub expires_unix_ms: Option<u64>,
-    /// Application headers.
-    pub headers: Vec<(String, Bytes)>,
+    /// The rarely used header fields, boxed only when one is set (see [`Options`]).
+    pub options: Option<Box<Options>>,
     /// The body.
     pub body: Bytes,
 }
@@ -108,31 +100,68 @@ impl OutgoingMessage {
         Self {
             kind: Kind::Command,
             channel: channel.into(),
-            correlation_id: None,
-            reply_to: None,
-            shard_key: None,
             priority: Priority::NORMAL,
             created_unix_ms,
-            expires_unix_ms: None,
-            headers: Vec::new(),
+            options: None,
             body,
         }
+    }
+
+    /// The rarely used fields, created on first use.
+    pub fn options_mut(&mut self) -> &mut Options {
+        self.options.get_or_insert_with(Default::default)
+    }
+
+    /// Sets the kind.
+    pub fn with_kind(mut self, kind: Kind) -> Self {
+        self.kind = kind;
+        self
+    }
+
+    /// Sets the priority.
+    pub fn with_priority(mut self, priority: Priority) -> Self {
+        self.priority = priority;
+        self
+    }
+
+    /// Links the message to a request (replies) or names it (requests).
+    pub fn with_correlation_id(mut self, id: u64) -> Self {
+        self.options_mut().correlation_id = Some(id);
+        self
+    }
+
+    /// Where replies should go.
+    pub fn with_reply_to(mut self, node: NodeId) -> Self {
+        self.options_mut().reply_to = Some(node);
+        self
+    }
+
+    /// Routes the message by `key` (sharded channels).
+    pub fn with_shard_key(mut self, key: impl Into<Bytes>) -> Self {
+        self.options_mut().shard_key = Some(key.into());
+        self
+    }
+
+    /// The wall-clock time (Unix milliseconds) after which the message is not worth delivering.
+    pub fn with_expiry(mut self, expires_unix_ms: u64) -> Self {
+        self.options_mut().expires_unix_ms = Some(expires_unix_ms);
+        self
+    }
+
+    /// Adds an application header.
+    pub fn with_header(mut self, key: impl Into<String>, value: impl Into<Bytes>) -> Self {
+        self.options_mut().headers.push((key.into(), value.into()));
+        self
     }
 
     /// An upper bound of the encoded header size (postcard varints never exceed these widths).
     pub fn header_bytes_bound(&self) -> usize {
         const FIXED: usize = 10 + 1 + 10 + 11 + 33 + 1 + 1 + 10 + 11 + 5;
-        let headers: usize = self
-            .headers
-            .iter()
-            .map(|(k, v)| k.len() + v.len() + 10)
-            .sum();
-        FIXED
-            + self.channel.len()
-            + 5
-            + self.shard_key.as_ref().map_or(0, |k| k.len() + 5)
-            + headers
-            + 5
+        let options = self.options.as_ref().map_or(0, |o| {
+            let headers: usize = o.headers.iter().map(|(k, v)| k.len() + v.len() + 10).sum();
+            o.shard_key.as_ref().map_or(0, |k| k.len() + 5) + headers
+        });
+        FIXED + self.channel.len() + 5 + options + 5
     }
 
     /// Checks the message against the frame limits, so that encoding it later cannot fail.
@@ -562,14 +591,10 @@ impl Link {
                 seq: entry.seq,
                 kind: message.kind,
                 channel: &message.channel,
-                correlation_id: message.correlation_id,
-                reply_to: message.reply_to,
-                shard_key: message.shard_key.as_deref(),
                 priority: message.priority,
                 created_unix_ms: message.created_unix_ms,
-                expires_unix_ms: message.expires_unix_ms,
                 attempt: entry.transmissions,
-                headers: &message.headers,
+                options: message.options.as_deref(),
             };
             // `push` checked the message against the limits with an upper bound of its encoded size.
             if let Err(e) = self.encoder.data(buf, &fields, &message.body) {
@@ -616,14 +641,10 @@ fn to_message(producer: NodeId, stream: StreamId, data: DataFrame) -> Message {
             },
             kind: data.kind,
             channel: data.channel,
-            correlation_id: data.correlation_id,
-            reply_to: data.reply_to,
-            shard_key: data.shard_key,
             priority: data.priority,
             created_unix_ms: data.created_unix_ms,
-            expires_unix_ms: data.expires_unix_ms,
             attempt: data.attempt,
-            headers: data.headers,
+            options: data.options,
         },
         body: data.body,
     }

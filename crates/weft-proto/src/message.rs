@@ -40,6 +40,34 @@ impl Default for Priority {
     }
 }
 
+/// The header fields most messages leave empty. Boxed behind an `Option` in [`Header`] and
+/// [`crate::OutgoingMessage`], so the common message stays small: a message is moved several
+/// times between the API, the link queue and the application, and every byte of it counts.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Options {
+    /// Links a reply to its request.
+    pub correlation_id: Option<u64>,
+    /// Where replies go.
+    pub reply_to: Option<NodeId>,
+    /// Routes the message to the one worker that owns this key (sharded channels).
+    pub shard_key: Option<Bytes>,
+    /// After this wall-clock time (Unix milliseconds) the message is no longer worth delivering.
+    pub expires_unix_ms: Option<u64>,
+    /// Application key/value headers, passed through untouched.
+    pub headers: Vec<(String, Bytes)>,
+}
+
+impl Options {
+    /// Whether every field is empty (such options are not boxed at all).
+    pub fn is_empty(&self) -> bool {
+        self.correlation_id.is_none()
+            && self.reply_to.is_none()
+            && self.shard_key.is_none()
+            && self.expires_unix_ms.is_none()
+            && self.headers.is_empty()
+    }
+}
+
 /// Everything about a message except its body.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Header {
@@ -49,22 +77,49 @@ pub struct Header {
     pub kind: Kind,
     /// The channel (point-to-point) or topic (pub/sub) it is addressed to.
     pub channel: String,
-    /// Links a reply to its request.
-    pub correlation_id: Option<u64>,
-    /// Where replies go.
-    pub reply_to: Option<NodeId>,
-    /// Routes the message to the one worker that owns this key (sharded channels).
-    pub shard_key: Option<Bytes>,
     /// Higher goes first where a queue can choose.
     pub priority: Priority,
     /// Wall-clock creation time, milliseconds since the Unix epoch (producer's clock).
     pub created_unix_ms: u64,
-    /// After this wall-clock time the message is no longer worth delivering.
-    pub expires_unix_ms: Option<u64>,
     /// 1 for the first transmission, counting up with every retransmission.
     pub attempt: u32,
-    /// Application key/value headers, passed through untouched.
-    pub headers: Vec<(String, Bytes)>,
+    /// The rarely used fields, if any is set.
+    pub options: Option<Box<Options>>,
+}
+
+impl Header {
+    /// Links a reply to its request.
+    pub fn correlation_id(&self) -> Option<u64> {
+        self.options.as_ref().and_then(|o| o.correlation_id)
+    }
+
+    /// Where replies go.
+    pub fn reply_to(&self) -> Option<NodeId> {
+        self.options.as_ref().and_then(|o| o.reply_to)
+    }
+
+    /// The shard routing key.
+    pub fn shard_key(&self) -> Option<&Bytes> {
+        self.options.as_ref().and_then(|o| o.shard_key.as_ref())
+    }
+
+    /// Wall-clock expiry, Unix milliseconds.
+    pub fn expires_unix_ms(&self) -> Option<u64> {
+        self.options.as_ref().and_then(|o| o.expires_unix_ms)
+    }
+
+    /// Application headers.
+    pub fn headers(&self) -> &[(String, Bytes)] {
+        self.options.as_ref().map_or(&[], |o| &o.headers)
+    }
+
+    /// The value of application header `key`, if present.
+    pub fn header(&self, key: &str) -> Option<&Bytes> {
+        self.headers()
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v)
+    }
 }
 
 /// A message as the application receives it.

@@ -148,7 +148,7 @@ pub(crate) async fn accept(shared: Arc<Shared>, incoming: quinn::Incoming) {
             if let Err(established) = shared.attach(peer, established) {
                 refuse(
                     &shared,
-                    established,
+                    *established,
                     Refusal {
                         reason: RefuseReason::TooManyPeers,
                         detail: format!("node already tracks {} peers", shared.config.peers_max),

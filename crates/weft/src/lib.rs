@@ -2,7 +2,7 @@
 //! QUIC, authenticated by their own Ed25519 keys.
 //!
 //! ```no_run
-//! # async fn demo() -> anyhow::Result<()> {
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! let node = weft::Node::builder()
 //!     .mesh("shop")
 //!     .data_dir("./var/orders")
@@ -61,6 +61,6 @@ pub use metrics::MetricsSnapshot;
 pub use node::{Node, NodeBuilder, PeerEvent, PeerSender};
 pub use receipt::{Delivered, Receipt};
 pub use weft_proto::{
-    self as proto, Header, Kind, Limits, LinkConfig, Message, MessageId, NodeId, OutgoingMessage,
-    Priority,
+    self as proto, Header, Kind, Limits, LinkConfig, Message, MessageId, NodeId, Options,
+    OutgoingMessage, Priority,
 };

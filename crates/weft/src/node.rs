@@ -161,16 +161,16 @@ impl Shared {
         self: &Arc<Self>,
         peer: NodeId,
         established: Established,
-    ) -> Result<(), Established> {
+    ) -> Result<(), Box<Established>> {
         let handle = match self.peer(peer) {
             Ok(handle) => handle,
-            Err(_) => return Err(established),
+            Err(_) => return Err(Box::new(established)),
         };
         handle
             .control
             .send(Control::Connection(established))
             .map_err(|mpsc::error::SendError(control)| match control {
-                Control::Connection(established) => established,
+                Control::Connection(established) => Box::new(established),
                 _ => unreachable!("sent a connection"),
             })
     }

@@ -2,17 +2,20 @@
 //!
 //! It is the only code that touches the link, so the link needs no lock. It multiplexes, in
 //! priority order: shutdown, control (connections, addresses), a parked delivery waiting for room
-//! in its channel, the connection's writer having room again, bytes from the connection, and
-//! messages from the application. Each connection gets a writer task, so a peer that is slow to
-//! read can never stop this task from reading (two nodes writing to each other cannot deadlock).
+//! in its channel, the stream accepting queued bytes, bytes from the connection, and messages from
+//! the application. Writes never block the task: encoded batches wait in a bounded queue and go
+//! out through quinn's cancel-safe `write_chunks`, tried at once and otherwise awaited alongside
+//! reads, so a peer that is slow to read can never stop this task from reading (two nodes writing
+//! to each other cannot deadlock).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::pending;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use futures_util::FutureExt;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::{debug, info, warn, Instrument};
@@ -29,9 +32,9 @@ use crate::node::{PeerEvent, PeerHandle, Shared};
 /// Bytes gathered into one write: large writes are what make QUIC fast (one write per message
 /// runs at a twentieth of the speed).
 const TRANSMIT_BATCH_BYTES: usize = 64 * 1024;
-/// Writes queued for a connection's writer task; with the batch size this bounds the bytes
-/// between the link and quinn's send buffer.
-const WRITER_QUEUE_BATCHES: usize = 16;
+/// Encoded batches waiting for the stream to accept them; with the batch size this bounds the
+/// bytes between the link and quinn's send buffer.
+const WRITE_QUEUE_BATCHES: usize = 16;
 /// Most bytes taken from the connection per read.
 const READ_CHUNK_BYTES: usize = 256 * 1024;
 /// Most application messages taken per wakeup.
@@ -48,8 +51,6 @@ pub(crate) enum Control {
     DialFailed(ConnectError),
     /// Addresses to dial the peer at.
     Addresses(Vec<SocketAddr>),
-    /// A connection's writer could not write.
-    WriterFailed { generation: u64, error: String },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,13 +61,14 @@ enum Dial {
 }
 
 struct Conn {
-    generation: u64,
     connection: quinn::Connection,
     dialed_by_local: bool,
     recv: quinn::RecvStream,
+    send: quinn::SendStream,
     /// Received bytes not yet decoded into frames.
     rx: BytesMut,
-    writer: mpsc::Sender<Bytes>,
+    /// Encoded batches the stream has not accepted yet (at most `WRITE_QUEUE_BATCHES`).
+    tx: VecDeque<Bytes>,
 }
 
 pub(crate) struct PeerTask {
@@ -76,7 +78,7 @@ pub(crate) struct PeerTask {
     decoder: FrameDecoder,
     commands: mpsc::Receiver<OutgoingMessage>,
     /// Taken from `commands` but not yet in the link (the link was at its byte bound).
-    pending: std::collections::VecDeque<OutgoingMessage>,
+    pending: VecDeque<OutgoingMessage>,
     batch: Vec<OutgoingMessage>,
     control: mpsc::UnboundedReceiver<Control>,
     control_tx: mpsc::UnboundedSender<Control>,
@@ -149,12 +151,11 @@ impl PeerTask {
             self.publish_progress();
             let room = self.link_room();
             let parked = self.parked.clone();
-            let writer = self
-                .conn
-                .as_ref()
-                .filter(|c| c.writer.capacity() == 0 && self.link.wants_transmit())
-                .map(|c| c.writer.clone());
             let reading = self.parked.is_none();
+            let (recv, send) = match &mut self.conn {
+                Some(conn) => (Some(&mut conn.recv), Some((&mut conn.send, &mut conn.tx))),
+                None => (None, None),
+            };
             let dial_at = match self.dial {
                 Dial::At(at) => Some(at),
                 _ => None,
@@ -164,18 +165,17 @@ impl PeerTask {
                 _ = shutdown.wait_for(|stop| *stop) => break,
                 Some(control) = self.control.recv() => self.handle_control(control),
                 permit = reserve(parked) => self.deliver_parked(permit),
-                permit = reserve(writer) => {
-                    if let Some(permit) = permit {
-                        self.transmit_into(permit);
+                written = write_queued(send) => {
+                    if let Err(e) = written {
+                        self.connection_lost(format!("write failed: {e}"));
                     }
                 }
-                read = read_chunk(self.conn.as_mut(), reading) => self.handle_read(read),
+                read = read_chunk(recv, reading) => self.handle_read(read),
                 n = self.commands.recv_many(&mut self.batch, room), if room > 0 => {
                     if n == 0 {
                         break; // every sender is gone: the node is being dropped
                     }
-                    self.pending.extend(self.batch.drain(..));
-                    self.absorb();
+                    self.take_batch();
                 }
                 _ = sleep_until(dial_at) => self.start_dial(),
             }
@@ -197,6 +197,21 @@ impl PeerTask {
             .min(COMMAND_BATCH)
     }
 
+    /// Moves a batch from the application into the link (each message is moved as few times as
+    /// possible: they are copied by value at every hop).
+    fn take_batch(&mut self) {
+        for message in self.batch.drain(..) {
+            if self.pending.is_empty() && self.link.has_room(message.body.len()) {
+                // The API checked the message against the same limits, and room was just checked.
+                if let Err(e) = self.link.push(message) {
+                    unreachable!("checked message refused by its link: {e}");
+                }
+            } else {
+                self.pending.push_back(message);
+            }
+        }
+    }
+
     /// Moves messages from `pending` into the link while it has room.
     fn absorb(&mut self) {
         while let Some(front) = self.pending.front() {
@@ -211,29 +226,25 @@ impl PeerTask {
         }
     }
 
+    /// Encodes what the link has to send (up to the write queue's bound) and hands as much as the
+    /// stream takes right now to quinn; the rest waits for the select's write branch.
     fn flush(&mut self) {
-        loop {
-            let Some(conn) = &self.conn else { return };
-            if !self.link.wants_transmit() {
-                return;
+        let Some(conn) = &mut self.conn else { return };
+        while conn.tx.len() < WRITE_QUEUE_BATCHES && self.link.wants_transmit() {
+            let mut buf = BytesMut::with_capacity(TRANSMIT_BATCH_BYTES);
+            self.link.poll_transmit(&mut buf, TRANSMIT_BATCH_BYTES);
+            if buf.is_empty() {
+                break;
             }
-            let Ok(permit) = conn.writer.clone().try_reserve_owned() else {
-                return; // full: the select waits for room; closed: the writer reports why
-            };
-            if !self.transmit_into(permit) {
-                return;
-            }
+            conn.tx.push_back(buf.freeze());
         }
-    }
-
-    fn transmit_into(&mut self, permit: mpsc::OwnedPermit<Bytes>) -> bool {
-        let mut buf = BytesMut::with_capacity(TRANSMIT_BATCH_BYTES);
-        self.link.poll_transmit(&mut buf, TRANSMIT_BATCH_BYTES);
-        if buf.is_empty() {
-            return false;
+        if conn.tx.is_empty() {
+            return;
         }
-        permit.send(buf.freeze());
-        true
+        // `write_chunks` is cancel-safe: if the stream is blocked, nothing was written.
+        if let Some(Err(e)) = write_queued(Some((&mut conn.send, &mut conn.tx))).now_or_never() {
+            self.connection_lost(format!("write failed: {e}"));
+        }
     }
 
     fn publish_progress(&mut self) {
@@ -280,15 +291,6 @@ impl PeerTask {
                     self.remember(addr);
                 }
                 self.schedule_dial();
-            }
-            Control::WriterFailed { generation, error } => {
-                if self
-                    .conn
-                    .as_ref()
-                    .is_some_and(|c| c.generation == generation)
-                {
-                    self.connection_lost(format!("write failed: {error}"));
-                }
             }
         }
     }
@@ -340,18 +342,13 @@ impl PeerTask {
         }
         self.backoff.reset();
         self.generation += 1;
-        let (writer, writer_rx) = mpsc::channel(WRITER_QUEUE_BATCHES);
-        let span = tracing::Span::current();
-        tokio::spawn(
-            write_loop(send, writer_rx, self.control_tx.clone(), self.generation).instrument(span),
-        );
         self.conn = Some(Conn {
-            generation: self.generation,
             connection,
             dialed_by_local,
             recv,
+            send,
             rx: leftover,
-            writer,
+            tx: VecDeque::with_capacity(WRITE_QUEUE_BATCHES),
         });
         self.link.connected();
         self.connected.send_replace(true);
@@ -553,41 +550,34 @@ async fn reserve<T>(sender: Option<mpsc::Sender<T>>) -> Option<mpsc::OwnedPermit
 }
 
 async fn read_chunk(
-    conn: Option<&mut Conn>,
+    recv: Option<&mut quinn::RecvStream>,
     enabled: bool,
 ) -> Result<Option<quinn::Chunk>, quinn::ReadError> {
-    match conn {
-        Some(conn) if enabled => conn.recv.read_chunk(READ_CHUNK_BYTES, true).await,
+    match recv {
+        Some(recv) if enabled => recv.read_chunk(READ_CHUNK_BYTES, true).await,
         _ => pending().await,
     }
+}
+
+/// Writes queued batches until the stream takes at least one byte (cancel-safe: `write_chunks`
+/// writes nothing if it does not complete). Pending forever when there is nothing to write.
+async fn write_queued(
+    stream: Option<(&mut quinn::SendStream, &mut VecDeque<Bytes>)>,
+) -> Result<(), quinn::WriteError> {
+    let Some((send, queue)) = stream.filter(|(_, queue)| !queue.is_empty()) else {
+        return pending().await;
+    };
+    let written = send.write_chunks(queue.make_contiguous()).await?;
+    queue.drain(..written.chunks);
+    while queue.front().is_some_and(|chunk| chunk.is_empty()) {
+        queue.pop_front();
+    }
+    Ok(())
 }
 
 async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => pending().await,
-    }
-}
-
-async fn write_loop(
-    mut send: quinn::SendStream,
-    mut queue: mpsc::Receiver<Bytes>,
-    control: mpsc::UnboundedSender<Control>,
-    generation: u64,
-) {
-    let mut batch = Vec::with_capacity(WRITER_QUEUE_BATCHES);
-    loop {
-        if queue.recv_many(&mut batch, WRITER_QUEUE_BATCHES).await == 0 {
-            let _ = send.finish();
-            return;
-        }
-        if let Err(e) = send.write_all_chunks(&mut batch).await {
-            let _ = control.send(Control::WriterFailed {
-                generation,
-                error: e.to_string(),
-            });
-            return;
-        }
-        batch.clear();
     }
 }

@@ -1,0 +1,643 @@
+//! Scenarios: everything a run will do, drawn up front from its one seed.
+//!
+//! A [`Scenario`] is a plain value — node count, each node's sends (time, destination, body), each
+//! node's consumer pauses, and a script of network faults at fixed simulated times — computed before
+//! the simulation starts. Keeping the plan out of the simulated code means a failing seed can be
+//! printed, read and replayed, and that nothing the nodes do can change what the scenario does next.
+//!
+//! Every scenario has the same shape in time: the nodes start at 0, send during
+//! [`SEND_START`]..[`SEND_END`], the faults happen inside [`FAULT_START`]..[`FAULT_END`], and
+//! after that the network is whole and stays whole until the run ends, so everything accepted must
+//! drain. The kinds differ in their faults:
+//! - `partition`: one to three episodes that split the nodes into two groups; at least one lasts
+//!   longer than the idle timeout, so connections die and links must resume on new ones.
+//! - `hold`: the same with `turmoil::hold`/`release`: datagrams are kept, not dropped, and arrive in
+//!   a burst at the release (after the connection they belonged to may have died).
+//! - `loss`: many short partitions of random pairs (QUIC loss recovery), a few long ones.
+//! - `latency`: latency spikes and heavy jitter (reordering) on random links.
+//!
+//! Consumer pauses make receivers stop reading their inbox around the long partitions and holds.
+//! With the tiny inbox the simulation configures, a paused receiver's links park a delivery they
+//! have received but not handed over, so a reconnect happens while the receiver holds more than it
+//! acknowledged, and the sender's go-back-N retransmits what the receiver already has: that is what
+//! deduplication exists for, and what the `no-dedup` canary must be caught on.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use weft_proto::backoff::SplitMix64;
+
+/// When the first sends are due (the nodes have connected by then).
+pub const SEND_START: Duration = Duration::from_millis(500);
+/// When the last sends are due.
+pub const SEND_END: Duration = Duration::from_secs(26);
+/// Earliest fault.
+pub const FAULT_START: Duration = Duration::from_secs(2);
+/// Every fault is over (network whole, consumers running) by then.
+pub const FAULT_END: Duration = Duration::from_secs(34);
+/// The run ends here at the latest; everything accepted must have been delivered by then.
+pub const DEADLINE: Duration = Duration::from_secs(75);
+
+/// Fewest and most nodes in a run.
+pub const NODES_MIN: usize = 3;
+/// See [`NODES_MIN`].
+pub const NODES_MAX: usize = 8;
+/// Fewest and most messages one node sends in a run.
+pub const MESSAGES_PER_NODE_MIN: usize = 30;
+/// See [`MESSAGES_PER_NODE_MIN`].
+pub const MESSAGES_PER_NODE_MAX: usize = 120;
+/// Largest message body, bytes (small: the suite is about delivery, not throughput).
+pub const BODY_BYTES_MAX: usize = 200;
+
+/// The QUIC idle timeout the nodes run with: faults longer than this kill connections.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The QUIC keep-alive interval the nodes run with.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(1);
+
+/// One-way latency of every link outside the latency scenario: fixed, so QUIC sees no reordering.
+pub const BASE_LATENCY: Duration = Duration::from_millis(5);
+/// The latency scenario's normal jitter range (exponentially distributed inside it).
+pub const LATENCY_SCENARIO_RANGE: (Duration, Duration) =
+    (Duration::from_millis(5), Duration::from_millis(20));
+
+/// Which faults a run injects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ScenarioKind {
+    /// Two-sided partitions, some longer than the idle timeout.
+    Partition,
+    /// Holds (delayed, then released datagrams), shorter and longer than the idle timeout.
+    Hold,
+    /// Repeated short partitions of random pairs.
+    Loss,
+    /// Latency spikes and jitter on random links.
+    Latency,
+}
+
+impl ScenarioKind {
+    /// Every kind, in the order sweeps run them.
+    pub const ALL: [ScenarioKind; 4] = [
+        ScenarioKind::Partition,
+        ScenarioKind::Hold,
+        ScenarioKind::Loss,
+        ScenarioKind::Latency,
+    ];
+
+    /// The name used on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            ScenarioKind::Partition => "partition",
+            ScenarioKind::Hold => "hold",
+            ScenarioKind::Loss => "loss",
+            ScenarioKind::Latency => "latency",
+        }
+    }
+
+    fn tag(self) -> u8 {
+        match self {
+            ScenarioKind::Partition => 1,
+            ScenarioKind::Hold => 2,
+            ScenarioKind::Loss => 3,
+            ScenarioKind::Latency => 4,
+        }
+    }
+}
+
+impl fmt::Display for ScenarioKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for ScenarioKind {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        ScenarioKind::ALL
+            .into_iter()
+            .find(|kind| kind.name() == text)
+            .ok_or_else(|| {
+                let names: Vec<_> = ScenarioKind::ALL.iter().map(|k| k.name()).collect();
+                format!("unknown scenario {text:?}; one of {}", names.join(", "))
+            })
+    }
+}
+
+/// A change to the simulated network, applied between two simulation steps.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FaultAction {
+    /// Drop everything between every node of `a` and every node of `b`.
+    Partition {
+        /// One side (node indexes).
+        a: Vec<usize>,
+        /// The other side.
+        b: Vec<usize>,
+    },
+    /// Undo a [`FaultAction::Partition`].
+    Repair {
+        /// One side.
+        a: Vec<usize>,
+        /// The other side.
+        b: Vec<usize>,
+    },
+    /// Keep (do not deliver) everything between the sides until released.
+    Hold {
+        /// One side.
+        a: Vec<usize>,
+        /// The other side.
+        b: Vec<usize>,
+    },
+    /// Deliver what a [`FaultAction::Hold`] kept, and carry on normally.
+    Release {
+        /// One side.
+        a: Vec<usize>,
+        /// The other side.
+        b: Vec<usize>,
+    },
+    /// Fixed one-way latency on the link between two nodes (a spike).
+    SetLatency {
+        /// One end.
+        a: usize,
+        /// The other end.
+        b: usize,
+        /// The new latency.
+        latency_ms: u64,
+    },
+    /// Raise the jitter ceiling of one link (messages overtake each other).
+    SetMaxLatency {
+        /// One end.
+        a: usize,
+        /// The other end.
+        b: usize,
+        /// The new ceiling.
+        max_latency_ms: u64,
+    },
+    /// Back to the scenario's normal latency range.
+    RestoreLatency {
+        /// One end.
+        a: usize,
+        /// The other end.
+        b: usize,
+    },
+}
+
+impl FaultAction {
+    /// Appends the canonical encoding (part of the trace hash).
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        fn sides(out: &mut Vec<u8>, tag: u8, a: &[usize], b: &[usize]) {
+            out.push(tag);
+            for side in [a, b] {
+                out.push(side.len() as u8);
+                out.extend(side.iter().map(|&node| node as u8));
+            }
+        }
+        fn link(out: &mut Vec<u8>, tag: u8, a: usize, b: usize, value: u64) {
+            out.extend([tag, a as u8, b as u8]);
+            out.extend(value.to_le_bytes());
+        }
+        match self {
+            FaultAction::Partition { a, b } => sides(out, 1, a, b),
+            FaultAction::Repair { a, b } => sides(out, 2, a, b),
+            FaultAction::Hold { a, b } => sides(out, 3, a, b),
+            FaultAction::Release { a, b } => sides(out, 4, a, b),
+            FaultAction::SetLatency { a, b, latency_ms } => link(out, 5, *a, *b, *latency_ms),
+            FaultAction::SetMaxLatency {
+                a,
+                b,
+                max_latency_ms,
+            } => link(out, 6, *a, *b, *max_latency_ms),
+            FaultAction::RestoreLatency { a, b } => link(out, 7, *a, *b, 0),
+        }
+    }
+}
+
+impl fmt::Display for FaultAction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FaultAction::Partition { a, b } => write!(f, "partition {a:?} | {b:?}"),
+            FaultAction::Repair { a, b } => write!(f, "repair {a:?} | {b:?}"),
+            FaultAction::Hold { a, b } => write!(f, "hold {a:?} | {b:?}"),
+            FaultAction::Release { a, b } => write!(f, "release {a:?} | {b:?}"),
+            FaultAction::SetLatency { a, b, latency_ms } => {
+                write!(f, "latency {a}-{b} = {latency_ms} ms")
+            }
+            FaultAction::SetMaxLatency {
+                a,
+                b,
+                max_latency_ms,
+            } => write!(f, "jitter {a}-{b} up to {max_latency_ms} ms"),
+            FaultAction::RestoreLatency { a, b } => write!(f, "latency {a}-{b} restored"),
+        }
+    }
+}
+
+/// A fault at its simulated time.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ScheduledFault {
+    /// When to apply it.
+    pub at: Duration,
+    /// What to do.
+    pub action: FaultAction,
+}
+
+/// One message a node will send.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlannedSend {
+    /// When the application hands it to the node (later if the window of unresolved receipts to
+    /// that destination is full).
+    pub at: Duration,
+    /// Destination node index.
+    pub to: usize,
+    /// The body.
+    pub body: Bytes,
+}
+
+/// A time span during which a node's application does not read its inbox.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pause {
+    /// First moment of the pause.
+    pub from: Duration,
+    /// The consumer resumes here.
+    pub until: Duration,
+}
+
+/// Everything one run does. See the module docs.
+#[derive(Clone, Debug)]
+pub struct Scenario {
+    /// The fault kind.
+    pub kind: ScenarioKind,
+    /// The run seed everything is derived from.
+    pub seed: u64,
+    /// Number of nodes.
+    pub nodes: usize,
+    /// Per node, its sends in time order.
+    pub sends: Vec<Vec<PlannedSend>>,
+    /// Per node, its consumer pauses in time order (non-overlapping).
+    pub pauses: Vec<Vec<Pause>>,
+    /// The fault script, in time order.
+    pub faults: Vec<ScheduledFault>,
+    /// Normal one-way latency range of every link.
+    pub latency: (Duration, Duration),
+}
+
+/// A value derived from the run seed for one purpose (and one node, where it applies): every
+/// consumer of randomness gets its own stream, so adding a draw in one place changes nothing
+/// elsewhere.
+pub fn derive_seed(run_seed: u64, purpose: &str, index: u64) -> u64 {
+    let mut input = [0u8; 16];
+    input[..8].copy_from_slice(&run_seed.to_le_bytes());
+    input[8..].copy_from_slice(&index.to_le_bytes());
+    let key = blake3::derive_key(&format!("weft-sim 2026 {purpose}"), &input);
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&key[..8]);
+    u64::from_le_bytes(first)
+}
+
+/// 32 bytes derived like [`derive_seed`] (for node identities).
+pub fn derive_bytes(run_seed: u64, purpose: &str, index: u64) -> [u8; 32] {
+    let mut input = [0u8; 16];
+    input[..8].copy_from_slice(&run_seed.to_le_bytes());
+    input[8..].copy_from_slice(&index.to_le_bytes());
+    blake3::derive_key(&format!("weft-sim 2026 {purpose}"), &input)
+}
+
+/// Draws on top of [`SplitMix64`].
+#[derive(Debug)]
+pub(crate) struct Draw(SplitMix64);
+
+impl Draw {
+    pub(crate) fn new(seed: u64) -> Self {
+        Self(SplitMix64::new(seed))
+    }
+
+    /// Uniform in `low..=high` (`high >= low`); the tiny modulo bias is irrelevant here.
+    pub(crate) fn range(&mut self, low: u64, high: u64) -> u64 {
+        low + self.0.next_u64() % (high - low + 1)
+    }
+
+    pub(crate) fn index(&mut self, len: usize) -> usize {
+        self.range(0, len as u64 - 1) as usize
+    }
+
+    pub(crate) fn chance(&mut self, percent: u64) -> bool {
+        self.range(0, 99) < percent
+    }
+
+    pub(crate) fn millis(&mut self, low: Duration, high: Duration) -> Duration {
+        Duration::from_millis(self.range(low.as_millis() as u64, high.as_millis() as u64))
+    }
+
+    fn fill(&mut self, out: &mut [u8]) {
+        self.0.fill(out);
+    }
+}
+
+impl Scenario {
+    /// The scenario of `kind` for `seed`.
+    pub fn generate(kind: ScenarioKind, seed: u64) -> Scenario {
+        let mut draw = Draw::new(derive_seed(seed, "scenario", u64::from(kind.tag())));
+        let nodes = draw.range(NODES_MIN as u64, NODES_MAX as u64) as usize;
+        let sends = (0..nodes)
+            .map(|node| plan_sends(seed, node, nodes))
+            .collect();
+        let mut pauses = vec![Vec::new(); nodes];
+        let faults = match kind {
+            ScenarioKind::Partition => two_sided_episodes(&mut draw, nodes, &mut pauses, false),
+            ScenarioKind::Hold => two_sided_episodes(&mut draw, nodes, &mut pauses, true),
+            ScenarioKind::Loss => pair_losses(&mut draw, nodes),
+            ScenarioKind::Latency => latency_episodes(&mut draw, nodes),
+        };
+        let latency = match kind {
+            ScenarioKind::Latency => LATENCY_SCENARIO_RANGE,
+            _ => (BASE_LATENCY, BASE_LATENCY),
+        };
+        Scenario {
+            kind,
+            seed,
+            nodes,
+            sends,
+            pauses,
+            faults,
+            latency,
+        }
+    }
+
+    /// Messages all nodes together will send.
+    pub fn planned_messages(&self) -> usize {
+        self.sends.iter().map(Vec::len).sum()
+    }
+
+    /// When the last consumer pause ends (zero without pauses).
+    pub fn pauses_end(&self) -> Duration {
+        self.pauses
+            .iter()
+            .flatten()
+            .map(|pause| pause.until)
+            .max()
+            .unwrap_or_default()
+    }
+
+    /// When the last fault is applied (zero without faults).
+    pub fn faults_end(&self) -> Duration {
+        self.faults.last().map(|fault| fault.at).unwrap_or_default()
+    }
+}
+
+/// One node's sends: a seed-drawn count, uniform times, random destinations and bodies.
+fn plan_sends(seed: u64, node: usize, nodes: usize) -> Vec<PlannedSend> {
+    let mut draw = Draw::new(derive_seed(seed, "sends", node as u64));
+    let count = draw.range(MESSAGES_PER_NODE_MIN as u64, MESSAGES_PER_NODE_MAX as u64);
+    let mut sends: Vec<PlannedSend> = (0..count)
+        .map(|_| {
+            let at = draw.millis(SEND_START, SEND_END);
+            // Any node but this one.
+            let mut to = draw.index(nodes - 1);
+            if to >= node {
+                to += 1;
+            }
+            let mut body = vec![0u8; draw.range(1, BODY_BYTES_MAX as u64) as usize];
+            draw.fill(&mut body);
+            PlannedSend {
+                at,
+                to,
+                body: Bytes::from(body),
+            }
+        })
+        .collect();
+    // Stable: equal times keep their drawing order.
+    sends.sort_by_key(|send| send.at);
+    sends
+}
+
+/// A random split of the nodes into two non-empty groups.
+fn split(draw: &mut Draw, nodes: usize) -> (Vec<usize>, Vec<usize>) {
+    loop {
+        let (a, b): (Vec<usize>, Vec<usize>) = (0..nodes).partition(|_| draw.chance(50));
+        if !a.is_empty() && !b.is_empty() {
+            return (a, b);
+        }
+    }
+}
+
+/// Partition or hold episodes between two groups, one after the other inside the fault window.
+/// Each is shorter or longer than the idle timeout; at least one is longer, and around the long
+/// ones some receivers pause their consumers (see the module docs).
+fn two_sided_episodes(
+    draw: &mut Draw,
+    nodes: usize,
+    pauses: &mut [Vec<Pause>],
+    hold: bool,
+) -> Vec<ScheduledFault> {
+    let episodes = draw.range(1, 3) as u32;
+    let slot = (FAULT_END - FAULT_START) / episodes;
+    let forced_long = draw.index(episodes as usize) as u32;
+    let mut faults = Vec::new();
+    for episode in 0..episodes {
+        let slot_start = FAULT_START + slot * episode;
+        let long = episode == forced_long || draw.chance(40);
+        // Leave room after the episode inside its slot for the reconnect and pauses to end.
+        let duration = if long {
+            let longest = (slot.saturating_sub(Duration::from_secs(5)))
+                .max(IDLE_TIMEOUT + Duration::from_secs(1));
+            draw.millis(IDLE_TIMEOUT + Duration::from_secs(1), longest)
+        } else {
+            draw.millis(
+                Duration::from_millis(300),
+                IDLE_TIMEOUT - Duration::from_secs(2),
+            )
+        };
+        let latest_start = slot.saturating_sub(duration + Duration::from_secs(4));
+        let start = slot_start
+            + draw.millis(
+                Duration::from_millis(1_500),
+                latest_start.max(Duration::from_millis(1_500)),
+            );
+        let end = start + duration;
+        let (a, b) = split(draw, nodes);
+        let (begin, finish) = if hold {
+            (
+                FaultAction::Hold {
+                    a: a.clone(),
+                    b: b.clone(),
+                },
+                FaultAction::Release { a, b },
+            )
+        } else {
+            (
+                FaultAction::Partition {
+                    a: a.clone(),
+                    b: b.clone(),
+                },
+                FaultAction::Repair { a, b },
+            )
+        };
+        faults.push(ScheduledFault {
+            at: start,
+            action: begin,
+        });
+        faults.push(ScheduledFault {
+            at: end,
+            action: finish,
+        });
+        if long {
+            for node_pauses in pauses.iter_mut() {
+                if draw.chance(50) {
+                    let from = start.saturating_sub(
+                        draw.millis(Duration::from_millis(500), Duration::from_millis(2_500)),
+                    );
+                    let until = end + draw.millis(Duration::from_secs(1), Duration::from_secs(4));
+                    node_pauses.push(Pause { from, until });
+                }
+            }
+        }
+    }
+    for node_pauses in pauses.iter_mut() {
+        merge_overlapping(node_pauses);
+    }
+    faults.sort_by_key(|fault| fault.at);
+    faults
+}
+
+/// Sorts pauses and merges those that touch, so a consumer has one pause at a time.
+fn merge_overlapping(pauses: &mut Vec<Pause>) {
+    pauses.sort_by_key(|pause| pause.from);
+    let mut merged: Vec<Pause> = Vec::with_capacity(pauses.len());
+    for pause in pauses.drain(..) {
+        match merged.last_mut() {
+            Some(last) if pause.from <= last.until => last.until = last.until.max(pause.until),
+            _ => merged.push(pause),
+        }
+    }
+    *pauses = merged;
+}
+
+/// Random pairs cut off for a while, one after the other, sometimes overlapping on other pairs.
+fn pair_losses(draw: &mut Draw, nodes: usize) -> Vec<ScheduledFault> {
+    let mut faults = Vec::new();
+    // Per pair (a < b), when its current outage ends.
+    let mut busy_until = vec![vec![Duration::ZERO; nodes]; nodes];
+    let mut at = FAULT_START;
+    loop {
+        at += draw.millis(Duration::from_millis(200), Duration::from_millis(1_500));
+        let a = draw.index(nodes);
+        let mut b = draw.index(nodes - 1);
+        if b >= a {
+            b += 1;
+        }
+        let (a, b) = (a.min(b), a.max(b));
+        let duration = if draw.chance(10) {
+            draw.millis(IDLE_TIMEOUT + Duration::from_secs(1), IDLE_TIMEOUT * 2)
+        } else {
+            draw.millis(Duration::from_millis(50), Duration::from_millis(2_500))
+        };
+        if at + duration > FAULT_END {
+            break;
+        }
+        if busy_until[a][b] > at {
+            continue;
+        }
+        busy_until[a][b] = at + duration;
+        faults.push(ScheduledFault {
+            at,
+            action: FaultAction::Partition {
+                a: vec![a],
+                b: vec![b],
+            },
+        });
+        faults.push(ScheduledFault {
+            at: at + duration,
+            action: FaultAction::Repair {
+                a: vec![a],
+                b: vec![b],
+            },
+        });
+    }
+    faults.sort_by_key(|fault| fault.at);
+    faults
+}
+
+/// Latency spikes (fixed, high) and jitter (high ceiling: reordering) on random links.
+fn latency_episodes(draw: &mut Draw, nodes: usize) -> Vec<ScheduledFault> {
+    let mut faults = Vec::new();
+    let mut busy_until = vec![vec![Duration::ZERO; nodes]; nodes];
+    let mut at = FAULT_START;
+    loop {
+        at += draw.millis(Duration::from_millis(300), Duration::from_millis(3_000));
+        let a = draw.index(nodes);
+        let mut b = draw.index(nodes - 1);
+        if b >= a {
+            b += 1;
+        }
+        let (a, b) = (a.min(b), a.max(b));
+        let duration = draw.millis(Duration::from_secs(1), Duration::from_secs(8));
+        if at + duration > FAULT_END {
+            break;
+        }
+        if busy_until[a][b] > at {
+            continue;
+        }
+        busy_until[a][b] = at + duration;
+        let action = if draw.chance(50) {
+            FaultAction::SetLatency {
+                a,
+                b,
+                latency_ms: draw.range(50, 2_500),
+            }
+        } else {
+            FaultAction::SetMaxLatency {
+                a,
+                b,
+                max_latency_ms: draw.range(30, 400),
+            }
+        };
+        faults.push(ScheduledFault { at, action });
+        faults.push(ScheduledFault {
+            at: at + duration,
+            action: FaultAction::RestoreLatency { a, b },
+        });
+    }
+    faults.sort_by_key(|fault| fault.at);
+    faults
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn same_seed_same_scenario_and_faults_heal_in_the_window() {
+        for kind in ScenarioKind::ALL {
+            for seed in 0..50 {
+                let first = Scenario::generate(kind, seed);
+                let again = Scenario::generate(kind, seed);
+                assert_eq!(first.sends, again.sends);
+                assert_eq!(first.faults, again.faults);
+                assert!((NODES_MIN..=NODES_MAX).contains(&first.nodes));
+                assert!(first.faults_end() <= FAULT_END, "{kind} {seed}");
+                assert!(first.pauses_end() <= DEADLINE / 2, "{kind} {seed}");
+                for (node, sends) in first.sends.iter().enumerate() {
+                    assert!(sends
+                        .iter()
+                        .all(|send| send.to != node && send.to < first.nodes));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn two_sided_scenarios_have_a_fault_longer_than_the_idle_timeout() {
+        for kind in [ScenarioKind::Partition, ScenarioKind::Hold] {
+            for seed in 0..50 {
+                let scenario = Scenario::generate(kind, seed);
+                let longest = scenario
+                    .faults
+                    .chunks(2)
+                    .map(|pair| pair[1].at - pair[0].at)
+                    .max()
+                    .unwrap_or_default();
+                assert!(longest > IDLE_TIMEOUT, "{kind} {seed}: {longest:?}");
+            }
+        }
+    }
+}
