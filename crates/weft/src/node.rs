@@ -382,7 +382,18 @@ async fn accept_loop(shared: Arc<Shared>) {
         let Some(incoming) = incoming else { break };
         let remote = incoming.remote_address();
         let span = info_span!("accept", %remote);
-        shared.spawn(connection::accept(Arc::clone(&shared), incoming).instrument(span));
+        let mut stop = shared.shutdown.subscribe();
+        let handshake = connection::accept(Arc::clone(&shared), incoming);
+        shared.spawn(
+            async move {
+                tokio::select! {
+                    biased;
+                    _ = stop.wait_for(|stop| *stop) => {}
+                    () = handshake => {}
+                }
+            }
+            .instrument(span),
+        );
     }
 }
 
