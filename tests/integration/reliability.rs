@@ -112,3 +112,34 @@ async fn a_full_peer_queue_gives_backpressure_not_loss() {
     .await;
     assert!(blocked.is_err(), "send waits while the queue is full");
 }
+
+/// A peer that leaves cleanly says goodbye (the shutdown close code): the node it was connected
+/// to stops redialing the address it had only learned from that peer's own connection.
+#[tokio::test]
+async fn a_clean_shutdown_is_a_goodbye_not_a_reason_to_redial() {
+    let stays = node_with("test", short_timeouts).await;
+    let leaves = node_with("test", short_timeouts).await;
+    let mut events = stays.events();
+    leaves.add_peer(crate::support::addr(&stays)).unwrap();
+    within("connect", stays.connected(leaves.id())).await.unwrap();
+    leaves.shutdown().await;
+    within("down", async {
+        loop {
+            if let PeerEvent::Down { .. } = events.recv().await.unwrap() {
+                break;
+            }
+        }
+    })
+    .await;
+    // Reconnect attempts would start within `reconnect_initial` (20 ms); give them 20 times that.
+    let redial = tokio::time::timeout(Duration::from_millis(400), async {
+        loop {
+            if let PeerEvent::ConnectFailed { .. } = events.recv().await.unwrap() {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(redial.is_err(), "no redial after a goodbye");
+    assert_eq!(stays.metrics().dial_failures, 0);
+}

@@ -84,7 +84,11 @@ pub(crate) struct PeerTask {
     control_tx: mpsc::UnboundedSender<Control>,
     acked: watch::Sender<u64>,
     connected: watch::Sender<bool>,
+    /// Addresses the application gave (`add_peer`, configured peers): always redialed.
     addrs: Vec<SocketAddr>,
+    /// Addresses learned from the peer's own incoming connections: redialed until the peer says
+    /// goodbye (closes with the shutdown code).
+    learned: Vec<SocketAddr>,
     next_addr: usize,
     backoff: Backoff,
     dial: Dial,
@@ -132,6 +136,7 @@ impl PeerTask {
             acked,
             connected,
             addrs: Vec::new(),
+            learned: Vec::new(),
             next_addr: 0,
             dial: Dial::Idle,
             conn: None,
@@ -288,21 +293,13 @@ impl PeerTask {
             }
             Control::Addresses(addrs) => {
                 for addr in addrs {
-                    self.remember(addr);
+                    remember(&mut self.addrs, addr);
                 }
                 self.schedule_dial();
             }
         }
     }
 
-    fn remember(&mut self, addr: SocketAddr) {
-        if !self.addrs.contains(&addr) {
-            if self.addrs.len() >= ADDRESSES_MAX {
-                self.addrs.remove(0);
-            }
-            self.addrs.push(addr);
-        }
-    }
 
     fn install(&mut self, established: Established) {
         if established.dialed_by_local {
@@ -338,7 +335,9 @@ impl PeerTask {
         } = established;
         if !dialed_by_local {
             // An incoming connection comes from the peer's own socket: a good address to redial.
-            self.remember(remote);
+            if !self.addrs.contains(&remote) {
+                remember(&mut self.learned, remote);
+            }
         }
         self.backoff.reset();
         self.generation += 1;
@@ -385,8 +384,13 @@ impl PeerTask {
         self.connection_lost(format!("protocol error: {reason}"));
     }
 
+    /// How many addresses there are to dial.
+    fn dial_targets(&self) -> usize {
+        self.addrs.len() + self.learned.len()
+    }
+
     fn schedule_dial(&mut self) {
-        if self.conn.is_some() || self.addrs.is_empty() || self.dial != Dial::Idle {
+        if self.conn.is_some() || self.dial_targets() == 0 || self.dial != Dial::Idle {
             return;
         }
         if self.shared.is_shutting_down() {
@@ -401,11 +405,16 @@ impl PeerTask {
     }
 
     fn start_dial(&mut self) {
-        if self.conn.is_some() || self.addrs.is_empty() {
+        let targets = self.dial_targets();
+        if self.conn.is_some() || targets == 0 {
             self.dial = Dial::Idle;
             return;
         }
-        let addr = self.addrs[self.next_addr % self.addrs.len()];
+        let index = self.next_addr % targets;
+        let addr = match self.addrs.get(index) {
+            Some(addr) => *addr,
+            None => self.learned[index - self.addrs.len()],
+        };
         self.next_addr = self.next_addr.wrapping_add(1);
         self.dial = Dial::InFlight;
         if self.backoff.attempts() == 0 {
@@ -442,7 +451,15 @@ impl PeerTask {
                 self.process_rx();
             }
             Ok(None) => self.connection_lost("peer closed its stream".into()),
-            Err(quinn::ReadError::ConnectionLost(e)) => self.connection_lost(e.to_string()),
+            Err(quinn::ReadError::ConnectionLost(e)) => {
+                if let quinn::ConnectionError::ApplicationClosed(close) = &e {
+                    if close.error_code == close_code::SHUTDOWN {
+                        // A goodbye: the peer left on purpose. Redial only what we were told to.
+                        self.learned.clear();
+                    }
+                }
+                self.connection_lost(e.to_string());
+            }
             Err(e) => self.connection_lost(format!("read failed: {e}")),
         }
     }
@@ -579,5 +596,15 @@ async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => pending().await,
+    }
+}
+
+/// Adds `addr` to a bounded address list (the oldest goes when it is full).
+fn remember(list: &mut Vec<SocketAddr>, addr: SocketAddr) {
+    if !list.contains(&addr) {
+        if list.len() >= ADDRESSES_MAX {
+            list.remove(0);
+        }
+        list.push(addr);
     }
 }
