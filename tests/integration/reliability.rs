@@ -121,7 +121,9 @@ async fn a_clean_shutdown_is_a_goodbye_not_a_reason_to_redial() {
     let leaves = node_with("test", short_timeouts).await;
     let mut events = stays.events();
     leaves.add_peer(crate::support::addr(&stays)).unwrap();
-    within("connect", stays.connected(leaves.id())).await.unwrap();
+    within("connect", stays.connected(leaves.id()))
+        .await
+        .unwrap();
     leaves.shutdown().await;
     within("down", async {
         loop {

@@ -624,6 +624,23 @@ impl FrameDecoder {
     }
 }
 
+impl FrameDecoder {
+    /// Like [`FrameDecoder::decode`], but takes the frame off the front of a received chunk
+    /// without copying it: the frame (and the body sliced from it) shares the chunk's buffer.
+    /// Returns `None`, leaving `buf` untouched, if the chunk does not hold the whole frame.
+    pub fn decode_bytes(&self, buf: &mut Bytes) -> Result<Option<Frame>, FrameError> {
+        let Some(total) = self.frame_len(buf)? else {
+            return Ok(None);
+        };
+        if buf.len() < total {
+            return Ok(None);
+        }
+        let mut frame = buf.split_to(total);
+        frame.advance(LENGTH_PREFIX_BYTES);
+        decode_payload(frame).map(Some)
+    }
+}
+
 fn exact<'a, T: Deserialize<'a>>(bytes: &'a [u8], name: &'static str) -> Result<T, FrameError> {
     let (value, rest) = postcard::take_from_bytes(bytes).map_err(|e| FrameError::Malformed {
         frame: name,

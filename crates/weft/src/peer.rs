@@ -20,9 +20,10 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::{debug, info, warn, Instrument};
 use weft_proto::backoff::Backoff;
+use weft_proto::frame::LENGTH_PREFIX_BYTES;
 use weft_proto::handshake::{resolve_duplicate, Keep};
 use weft_proto::link::{LinkEvent, LinkStats};
-use weft_proto::{FrameDecoder, Link, Message, NodeId, OutgoingMessage};
+use weft_proto::{Frame, FrameDecoder, FrameError, Link, Message, NodeId, OutgoingMessage};
 
 use crate::connection::{self, close_code, Established};
 use crate::error::ConnectError;
@@ -37,6 +38,8 @@ const TRANSMIT_BATCH_BYTES: usize = 64 * 1024;
 const WRITE_QUEUE_BATCHES: usize = 16;
 /// Most bytes taken from the connection per read.
 const READ_CHUNK_BYTES: usize = 256 * 1024;
+/// Capacity reserved at once for encoding batches (several batches are split off one buffer).
+const TX_BUFFER_BYTES: usize = 4 * TRANSMIT_BATCH_BYTES;
 /// Most application messages taken per wakeup.
 const COMMAND_BATCH: usize = 512;
 /// Most addresses remembered per peer.
@@ -65,8 +68,13 @@ struct Conn {
     dialed_by_local: bool,
     recv: quinn::RecvStream,
     send: quinn::SendStream,
-    /// Received bytes not yet decoded into frames.
+    /// The rest of the last chunk read, not yet decoded: whole frames are taken from it without
+    /// copying.
+    rx_chunk: Bytes,
+    /// A frame that straddles chunks, being reassembled (empty most of the time).
     rx: BytesMut,
+    /// Where batches are encoded; each batch is split off, so one allocation serves several.
+    tx_buf: BytesMut,
     /// Encoded batches the stream has not accepted yet (at most `WRITE_QUEUE_BATCHES`).
     tx: VecDeque<Bytes>,
 }
@@ -236,12 +244,15 @@ impl PeerTask {
     fn flush(&mut self) {
         let Some(conn) = &mut self.conn else { return };
         while conn.tx.len() < WRITE_QUEUE_BATCHES && self.link.wants_transmit() {
-            let mut buf = BytesMut::with_capacity(TRANSMIT_BATCH_BYTES);
-            self.link.poll_transmit(&mut buf, TRANSMIT_BATCH_BYTES);
-            if buf.is_empty() {
+            if conn.tx_buf.capacity() < TRANSMIT_BATCH_BYTES {
+                conn.tx_buf.reserve(TX_BUFFER_BYTES);
+            }
+            self.link
+                .poll_transmit(&mut conn.tx_buf, TRANSMIT_BATCH_BYTES);
+            if conn.tx_buf.is_empty() {
                 break;
             }
-            conn.tx.push_back(buf.freeze());
+            conn.tx.push_back(conn.tx_buf.split().freeze());
         }
         if conn.tx.is_empty() {
             return;
@@ -300,7 +311,6 @@ impl PeerTask {
         }
     }
 
-
     fn install(&mut self, established: Established) {
         if established.dialed_by_local {
             self.dial = Dial::Idle;
@@ -346,7 +356,9 @@ impl PeerTask {
             dialed_by_local,
             recv,
             send,
+            rx_chunk: Bytes::new(),
             rx: leftover,
+            tx_buf: BytesMut::new(),
             tx: VecDeque::with_capacity(WRITE_QUEUE_BATCHES),
         });
         self.link.connected();
@@ -446,7 +458,11 @@ impl PeerTask {
         match read {
             Ok(Some(chunk)) => {
                 if let Some(conn) = &mut self.conn {
-                    conn.rx.extend_from_slice(&chunk.bytes);
+                    debug_assert!(
+                        conn.rx_chunk.is_empty(),
+                        "reads wait until a chunk is consumed"
+                    );
+                    conn.rx_chunk = chunk.bytes;
                 }
                 self.process_rx();
             }
@@ -471,7 +487,7 @@ impl PeerTask {
                 return;
             }
             let Some(conn) = &mut self.conn else { return };
-            match self.decoder.decode(&mut conn.rx) {
+            match next_frame(&self.decoder, conn) {
                 Ok(Some(frame)) => {
                     if let Err(e) = self.link.handle_frame(frame) {
                         self.protocol_error(e.to_string());
@@ -574,6 +590,36 @@ async fn read_chunk(
         Some(recv) if enabled => recv.read_chunk(READ_CHUNK_BYTES, true).await,
         _ => pending().await,
     }
+}
+
+/// The next whole frame from what the connection delivered: first a frame straddling chunks
+/// (topped up from the current chunk just enough to complete it), then frames taken from the
+/// chunk without copying. An incomplete frame at the end of the chunk moves to the reassembly
+/// buffer, so the chunk is always consumed when this returns `None`.
+fn next_frame(decoder: &FrameDecoder, conn: &mut Conn) -> Result<Option<Frame>, FrameError> {
+    if !conn.rx.is_empty() {
+        if conn.rx.len() < LENGTH_PREFIX_BYTES {
+            let take = (LENGTH_PREFIX_BYTES - conn.rx.len()).min(conn.rx_chunk.len());
+            conn.rx.extend_from_slice(&conn.rx_chunk.split_to(take));
+        }
+        if let Some(total) = decoder.frame_len(&conn.rx)? {
+            let take = total.saturating_sub(conn.rx.len()).min(conn.rx_chunk.len());
+            conn.rx.extend_from_slice(&conn.rx_chunk.split_to(take));
+        }
+        let frame = decoder.decode(&mut conn.rx)?;
+        if frame.is_none() {
+            debug_assert!(conn.rx_chunk.is_empty());
+        }
+        return Ok(frame);
+    }
+    // (`decode_bytes` checks the length prefix first: an oversized frame is refused here, before
+    // anything is buffered for it.)
+    if let Some(frame) = decoder.decode_bytes(&mut conn.rx_chunk)? {
+        return Ok(Some(frame));
+    }
+    conn.rx.extend_from_slice(&conn.rx_chunk);
+    conn.rx_chunk.clear();
+    Ok(None)
 }
 
 /// Writes queued batches until the stream takes at least one byte (cancel-safe: `write_chunks`
