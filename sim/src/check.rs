@@ -12,7 +12,9 @@
 //! | `fifo`       | per (sender, receiver) delivered seqs are 1, 2, 3, ... (in order, no gaps)  |
 //! | `ack`        | a receipt resolves only for a message the receiver's inbox already yielded  |
 //! | `integrity`  | the delivered body is the accepted body; no message from nowhere           |
-//! | `api`        | sends and receipts never fail while the node runs                           |
+//! | `api`        | sends and receipts never fail while the node runs; no protocol errors       |
+//!
+//! (The harness adds `simulation` violations when a host fails or a task panics.)
 //!
 //! The `ack` checker knows about consumer pauses: the driver acknowledges a message once it is in
 //! the application's queue, and a paused application takes it from there only when it resumes.
@@ -42,6 +44,8 @@ pub enum Checker {
     Integrity,
     /// A send or receipt failed, or the driver reported a protocol error.
     Api,
+    /// The simulation itself failed: a host returned an error or a task panicked.
+    Simulation,
 }
 
 impl Checker {
@@ -54,6 +58,7 @@ impl Checker {
             Checker::Ack => "ack",
             Checker::Integrity => "integrity",
             Checker::Api => "api",
+            Checker::Simulation => "simulation",
         }
     }
 }
@@ -91,13 +96,16 @@ struct Accepted {
 /// A delivery as the receiver saw it: (receiver, producer, stream, seq).
 type DeliveryKey = (NodeIndex, NodeIndex, u64, u64);
 
+/// One delivery in a (receiver, producer) order: (time, stream, seq).
+type Ordered = (Duration, u64, u64);
+
 /// Runs every checker over `records` (a whole run that ended at `end`).
 pub fn check(records: &[Record], end: Duration) -> Vec<Violation> {
     let mut violations = Vec::new();
     let mut accepted: BTreeMap<(NodeIndex, NodeIndex, u64), Accepted> = BTreeMap::new();
     let mut deliveries: BTreeMap<DeliveryKey, Vec<(Duration, u64)>> = BTreeMap::new();
     // Per (receiver, producer): (time, stream, seq) in delivery order.
-    let mut orders: BTreeMap<(NodeIndex, NodeIndex), Vec<(Duration, u64, u64)>> = BTreeMap::new();
+    let mut orders: BTreeMap<(NodeIndex, NodeIndex), Vec<Ordered>> = BTreeMap::new();
     let mut acks = Vec::new();
     // Per node: (paused at, resumed at) in time order.
     let mut pauses: BTreeMap<NodeIndex, Vec<(Duration, Option<Duration>)>> = BTreeMap::new();

@@ -96,6 +96,9 @@ pub struct Outcome {
     pub trace_hash: blake3::Hash,
     /// Simulated time the run lasted.
     pub simulated: Duration,
+    /// When every planned send had returned and every receipt resolved, if that happened before
+    /// the deadline (only counted once the faults and pauses were over).
+    pub settled_at: Option<Duration>,
     /// Real time it took.
     pub wall: Duration,
 }
@@ -117,12 +120,16 @@ pub fn run(kind: ScenarioKind, seed: u64, canary: Option<Canary>) -> Outcome {
     let started = Instant::now();
     let scenario = Scenario::generate(kind, seed);
     let history = History::new(scenario.nodes);
-    let (simulated, failure) = simulate(&scenario, canary, &history);
+    let Simulated {
+        end: simulated,
+        settled_at,
+        failure,
+    } = simulate(&scenario, canary, &history);
     let (records, metrics) = history.snapshot();
     let mut violations = match failure {
         // A broken run's history is cut short; checking it would only add noise.
         Some(failure) => vec![Violation {
-            checker: Checker::Api,
+            checker: Checker::Simulation,
             at: simulated,
             detail: format!("simulation failed: {failure}"),
         }],
@@ -148,6 +155,7 @@ pub fn run(kind: ScenarioKind, seed: u64, canary: Option<Canary>) -> Outcome {
         metrics,
         violations,
         simulated,
+        settled_at,
         wall: started.elapsed(),
     }
 }
@@ -165,13 +173,19 @@ struct NodeContext {
     history: History,
 }
 
-/// Builds the simulation, steps it to the end and returns how long it ran (simulated) and why it
-/// failed, if it did.
-fn simulate(
-    scenario: &Scenario,
-    canary: Option<Canary>,
-    history: &History,
-) -> (Duration, Option<String>) {
+/// How a simulation ended.
+#[derive(Debug)]
+struct Simulated {
+    /// Simulated time at the end.
+    end: Duration,
+    /// See [`Outcome::settled_at`].
+    settled_at: Option<Duration>,
+    /// Why the simulation itself failed (a host returned an error, a task panicked).
+    failure: Option<String>,
+}
+
+/// Builds the simulation and steps it to the end.
+fn simulate(scenario: &Scenario, canary: Option<Canary>, history: &History) -> Simulated {
     capture_panics();
     take_panics();
     let seed = scenario.seed;
@@ -180,6 +194,8 @@ fn simulate(
         .collect();
     let ids = Arc::new(identities.iter().map(Identity::node_id).collect::<Vec<_>>());
 
+    // The harness steps the simulation itself and stops at DEADLINE; turmoil's own duration
+    // limit is only a backstop.
     let mut sim = turmoil::Builder::new()
         .rng_seed(derive_seed(seed, "turmoil", 0))
         .simulation_duration(DEADLINE + Duration::from_secs(5))
@@ -209,7 +225,7 @@ fn simulate(
         .collect();
 
     let planned = scenario.planned_messages();
-    let quiet_after = scenario.faults_end().max(scenario.pauses_end());
+    let quiet_after = scenario.quiet_from();
     let mut faults = scenario.faults.iter().peekable();
     let mut settled_at = None;
     loop {
@@ -219,7 +235,11 @@ fn simulate(
             history.record(now, Event::Fault(fault.action.clone()));
         }
         if now >= DEADLINE {
-            return (now, None);
+            return Simulated {
+                end: now,
+                settled_at,
+                failure: None,
+            };
         }
         if settled_at.is_none() && now >= quiet_after {
             let progress = history.progress();
@@ -228,14 +248,25 @@ fn simulate(
             }
         }
         if settled_at.is_some_and(|settled| now >= settled + SETTLE_TAIL) {
-            return (now, None);
+            return Simulated {
+                end: now,
+                settled_at,
+                failure: None,
+            };
         }
-        if let Err(error) = sim.step() {
-            return (sim.elapsed(), Some(format!("a host failed: {error}")));
-        }
-        let panics = take_panics();
-        if !panics.is_empty() {
-            return (sim.elapsed(), Some(format!("panic: {}", panics.join("; "))));
+        let failure = match sim.step() {
+            Err(error) => Some(format!("a host failed: {error}")),
+            Ok(_) => {
+                let panics = take_panics();
+                (!panics.is_empty()).then(|| format!("panic: {}", panics.join("; ")))
+            }
+        };
+        if failure.is_some() {
+            return Simulated {
+                end: sim.elapsed(),
+                settled_at,
+                failure,
+            };
         }
     }
 }
@@ -541,4 +572,32 @@ fn capture_panics() {
 
 fn take_panics() -> Vec<String> {
     PANICS.with(|panics| std::mem::take(&mut *panics.borrow_mut()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// tokio swallows a spawned task's panic; the harness must still see it.
+    #[test]
+    fn a_panic_in_a_spawned_task_is_noticed() {
+        capture_panics();
+        take_panics();
+        let mut sim = turmoil::Builder::new().build();
+        sim.host("host", || async {
+            tokio::spawn(async { panic!("deliberate panic in a task") });
+            std::future::pending::<()>().await;
+            Ok(())
+        });
+        for _ in 0..3 {
+            sim.step().expect("the host itself does not fail");
+        }
+        let panics = take_panics();
+        assert!(
+            panics
+                .iter()
+                .any(|panic| panic.contains("deliberate panic in a task")),
+            "{panics:?}"
+        );
+    }
 }

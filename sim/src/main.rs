@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand, ValueEnum};
+use weft_sim::check::Checker;
 use weft_sim::history::Event;
 use weft_sim::{run, Canary, Outcome, ScenarioKind};
 
@@ -68,6 +69,10 @@ enum Command {
         /// Runs in parallel (each run is single-threaded).
         #[arg(long, default_value_t = 1)]
         jobs: usize,
+        /// Print `<scenario> <seed> <trace-hash>` for every run (diff two sweeps to check
+        /// determinism across processes or machines).
+        #[arg(long)]
+        hashes: bool,
     },
 }
 
@@ -86,17 +91,40 @@ impl From<CanaryArg> for Canary {
     }
 }
 
+/// Log timestamps in simulated time, which is what the history and the violations report.
+#[derive(Debug)]
+struct SimulatedTime;
+
+impl tracing_subscriber::fmt::time::FormatTime for SimulatedTime {
+    fn format_time(&self, w: &mut tracing_subscriber::fmt::format::Writer<'_>) -> std::fmt::Result {
+        match turmoil::sim_elapsed() {
+            Some(elapsed) => write!(w, "{:>9.3}s", elapsed.as_secs_f64()),
+            None => write!(w, "{:>10}", "-"),
+        }
+    }
+}
+
+/// Logs to stderr only when `RUST_LOG` is set (as `tracing_subscriber::filter::Targets`, e.g.
+/// `RUST_LOG=weft=debug,weft_sim=info`): a sweep is quiet by default.
 fn init_tracing() {
     use tracing_subscriber::filter::Targets;
     use tracing_subscriber::prelude::*;
-    let Some(filter) = std::env::var("RUST_LOG")
-        .ok()
-        .and_then(|spec| spec.parse::<Targets>().ok())
-    else {
+    let Ok(spec) = std::env::var("RUST_LOG") else {
         return;
     };
+    let filter = match spec.parse::<Targets>() {
+        Ok(filter) => filter,
+        Err(error) => {
+            eprintln!("ignoring RUST_LOG={spec:?}: {error}");
+            return;
+        }
+    };
     let _ = tracing_subscriber::registry()
-        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_timer(SimulatedTime),
+        )
         .with(filter)
         .try_init();
 }
@@ -117,7 +145,17 @@ fn main() -> ExitCode {
             canary,
             twice,
             jobs,
-        } => sweep(&scenario, &seeds, canary.map(Canary::from), twice, jobs),
+            hashes,
+        } => sweep(
+            &scenario,
+            &seeds,
+            SweepOptions {
+                canary: canary.map(Canary::from),
+                twice,
+                jobs,
+                hashes,
+            },
+        ),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
@@ -174,6 +212,14 @@ fn tally(outcome: &Outcome) -> Tally {
     tally
 }
 
+/// How long after its last fault, pause and planned send the run settled (`None`: it never did).
+fn drain_time(outcome: &Outcome) -> Option<Duration> {
+    let quiet = outcome.scenario.quiet_from();
+    outcome
+        .settled_at
+        .map(|settled| settled.saturating_sub(quiet))
+}
+
 fn run_one(kind: ScenarioKind, seed: u64, canary: Option<Canary>, trace: bool) -> bool {
     let outcome = run(kind, seed, canary);
     let scenario = &outcome.scenario;
@@ -210,9 +256,16 @@ fn run_one(kind: ScenarioKind, seed: u64, canary: Option<Canary>, trace: bool) -
         tally.retransmitted, tally.duplicates_dropped, tally.dial_failures
     );
     println!(
-        "simulated {:.1}s in {:.3}s wall",
+        "simulated {:.1}s in {:.3}s wall; {}",
         outcome.simulated.as_secs_f64(),
-        outcome.wall.as_secs_f64()
+        outcome.wall.as_secs_f64(),
+        match drain_time(&outcome) {
+            Some(drain) => format!(
+                "settled {:.3}s after the last fault, pause and planned send",
+                drain.as_secs_f64()
+            ),
+            None => "never settled (receipts unresolved at the end)".to_string(),
+        }
     );
     if !outcome.violations.is_empty() {
         let mut per_checker: BTreeMap<&str, usize> = BTreeMap::new();
@@ -265,10 +318,13 @@ struct SeedResult {
     first_violation: Option<String>,
     checkers: Vec<&'static str>,
     nondeterministic: Option<(String, String)>,
+    trace_hash: String,
+    simulation_failed: bool,
     wall: Duration,
     peer_down: usize,
     retransmitted: u64,
     duplicates_dropped: u64,
+    drain: Option<Duration>,
 }
 
 fn run_seed(kind: ScenarioKind, seed: u64, canary: Option<Canary>, twice: bool) -> SeedResult {
@@ -297,12 +353,18 @@ fn run_seed(kind: ScenarioKind, seed: u64, canary: Option<Canary>, twice: bool) 
         seed,
         violations: outcome.violations.len(),
         first_violation: outcome.violations.first().map(ToString::to_string),
+        simulation_failed: outcome
+            .violations
+            .iter()
+            .any(|violation| violation.checker == Checker::Simulation),
         checkers,
         nondeterministic,
+        trace_hash: outcome.trace_hash.to_hex().to_string(),
         wall,
         peer_down: tally.peer_down,
         retransmitted: tally.retransmitted,
         duplicates_dropped: tally.duplicates_dropped,
+        drain: drain_time(&outcome),
     }
 }
 
@@ -338,13 +400,22 @@ fn run_seeds(
     results
 }
 
-fn sweep(
-    scenario: &str,
-    seeds: &str,
+/// How a sweep runs and what it prints.
+#[derive(Debug, Clone, Copy)]
+struct SweepOptions {
     canary: Option<Canary>,
     twice: bool,
     jobs: usize,
-) -> anyhow::Result<bool> {
+    hashes: bool,
+}
+
+fn sweep(scenario: &str, seeds: &str, options: SweepOptions) -> anyhow::Result<bool> {
+    let SweepOptions {
+        canary,
+        twice,
+        jobs,
+        hashes,
+    } = options;
     let kinds: Vec<ScenarioKind> = if scenario == "all" {
         ScenarioKind::ALL.to_vec()
     } else {
@@ -353,10 +424,16 @@ fn sweep(
     let seeds = parse_seeds(seeds)?;
     let started = Instant::now();
     let mut all_passed = true;
+    let mut canary_caught = 0;
     for kind in kinds {
         let kind_started = Instant::now();
         let results = run_seeds(kind, &seeds, canary, twice, jobs);
         let wall = kind_started.elapsed();
+        if hashes {
+            for result in &results {
+                println!("{kind} {} {}", result.seed, result.trace_hash);
+            }
+        }
         let runs = results.len() as f64;
         let slowest = results
             .iter()
@@ -368,14 +445,26 @@ fn sweep(
             .iter()
             .filter(|result| result.nondeterministic.is_some())
             .collect();
+        let slowest_drain = results
+            .iter()
+            .filter_map(|result| result.drain.map(|drain| (drain, result.seed)))
+            .max();
+        let unsettled = results
+            .iter()
+            .filter(|result| result.drain.is_none())
+            .count();
         let stats = format!(
-            "{:.2}s wall ({:.3}s/run, slowest {:.3}s); per run: {:.1} connection losses, {:.1} retransmitted, {:.1} duplicates dropped",
+            "{:.2}s wall ({:.3}s/run, slowest {:.3}s); per run: {:.1} connection losses, {:.1} retransmitted, {:.1} duplicates dropped; slowest drain {}; {unsettled} never settled",
             wall.as_secs_f64(),
             mean(|r| r.wall.as_secs_f64()),
             slowest.as_secs_f64(),
             mean(|r| r.peer_down as f64),
             mean(|r| r.retransmitted as f64),
             mean(|r| r.duplicates_dropped as f64),
+            slowest_drain.map_or("-".to_string(), |(drain, seed)| format!(
+                "{:.3}s (seed {seed})",
+                drain.as_secs_f64()
+            )),
         );
         match canary {
             None => {
@@ -406,10 +495,16 @@ fn sweep(
                 all_passed &= failed.is_empty();
             }
             Some(canary) => {
+                // A failed simulation is not the canary being caught: it is a failure.
+                let broken: Vec<&SeedResult> = results
+                    .iter()
+                    .filter(|result| result.simulation_failed)
+                    .collect();
                 let caught = results
                     .iter()
-                    .filter(|result| result.violations > 0)
+                    .filter(|result| result.violations > 0 && !result.simulation_failed)
                     .count();
+                canary_caught += caught;
                 let mut by_checker: BTreeMap<&str, usize> = BTreeMap::new();
                 for result in &results {
                     for checker in &result.checkers {
@@ -439,6 +534,18 @@ fn sweep(
                 if !escaped.is_empty() {
                     println!("  escaped on seeds {}", escaped.join(", "));
                 }
+                for result in &broken {
+                    println!(
+                        "  FAIL {kind} seed {}: {}",
+                        result.seed,
+                        result.first_violation.as_deref().unwrap_or("-")
+                    );
+                    println!(
+                        "    replay: {}",
+                        replay_command(kind, result.seed, Some(canary))
+                    );
+                }
+                all_passed &= broken.is_empty();
             }
         }
         for result in &diverged {
@@ -451,6 +558,15 @@ fn sweep(
             }
         }
         all_passed &= diverged.is_empty();
+    }
+    if let Some(canary) = canary {
+        if canary_caught == 0 {
+            println!(
+                "canary {} was never caught: the checkers prove nothing here",
+                canary.name()
+            );
+            all_passed = false;
+        }
     }
     println!("sweep took {:.1}s", started.elapsed().as_secs_f64());
     Ok(all_passed)
