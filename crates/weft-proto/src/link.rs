@@ -375,6 +375,12 @@ impl Link {
         self.connected
     }
 
+    /// Whether the peer's resume arrived on the current connection: the connection works both
+    /// ways (a driver resets its reconnect backoff only then).
+    pub fn peer_resumed(&self) -> bool {
+        self.connected && self.peer_resumed
+    }
+
     /// Whether `push` would accept a message of `body_bytes`.
     pub fn has_room(&self, body_bytes: usize) -> bool {
         self.queue.len() < self.config.queue_messages_max
@@ -427,10 +433,13 @@ impl Link {
     }
 
     /// Processes one frame from the peer.
+    ///
+    /// Acknowledgements concern this node's own stream, not the data ahead of them, so a driver
+    /// may hand them in while a delivery is still pending (and ahead of data it holds back).
     pub fn handle_frame(&mut self, frame: Frame) -> Result<(), LinkError> {
         debug_assert!(
-            self.deliveries.is_empty(),
-            "drain deliveries before the next frame"
+            self.deliveries.is_empty() || matches!(frame, Frame::Ack { .. }),
+            "drain deliveries before the next data frame"
         );
         match frame {
             Frame::Data(data) => self.handle_data(data),

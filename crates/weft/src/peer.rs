@@ -38,6 +38,10 @@ const TRANSMIT_BATCH_BYTES: usize = 64 * 1024;
 const WRITE_QUEUE_BATCHES: usize = 16;
 /// Most bytes taken from the connection per read.
 const READ_CHUNK_BYTES: usize = 256 * 1024;
+/// Frames read ahead while a delivery waits for room in its channel (body bytes, roughly): acks
+/// among them are handled at once, so the node's own receipts keep resolving while its
+/// application is slow; beyond this the task stops reading and QUIC flow control pushes back.
+const HELD_BYTES_MAX: usize = 1024 * 1024;
 /// Capacity reserved at once for encoding batches (several batches are split off one buffer).
 const TX_BUFFER_BYTES: usize = 4 * TRANSMIT_BATCH_BYTES;
 /// Most application messages taken per wakeup.
@@ -75,6 +79,10 @@ struct Conn {
     rx: BytesMut,
     /// Where batches are encoded; each batch is split off, so one allocation serves several.
     tx_buf: BytesMut,
+    /// Frames read while a delivery was parked, waiting in order behind it.
+    held: VecDeque<Frame>,
+    /// Rough size of `held`, bounded by `HELD_BYTES_MAX`.
+    held_bytes: usize,
     /// Encoded batches the stream has not accepted yet (at most `WRITE_QUEUE_BATCHES`).
     tx: VecDeque<Bytes>,
 }
@@ -101,7 +109,10 @@ pub(crate) struct PeerTask {
     backoff: Backoff,
     dial: Dial,
     conn: Option<Conn>,
+    /// Connections installed so far.
     generation: u64,
+    /// Whether the current connection has proved itself (see `install`).
+    proven: bool,
     channels: HashMap<String, mpsc::Sender<Message>>,
     /// `Channels::generation` when `channels` was last known to be current.
     channels_generation: u64,
@@ -149,6 +160,7 @@ impl PeerTask {
             dial: Dial::Idle,
             conn: None,
             generation: 0,
+            proven: false,
             channels: HashMap::new(),
             channels_generation: 0,
             parked: None,
@@ -164,7 +176,16 @@ impl PeerTask {
             self.publish_progress();
             let room = self.link_room();
             let parked = self.parked.clone();
-            let reading = self.parked.is_none();
+            let reading = self
+                .conn
+                .as_ref()
+                .is_some_and(|c| c.held_bytes < HELD_BYTES_MAX);
+            // Not reading means not noticing the connection die; watch for that directly.
+            let closing = self
+                .conn
+                .as_ref()
+                .filter(|_| !reading)
+                .map(|c| c.connection.clone());
             let (recv, send) = match &mut self.conn {
                 Some(conn) => (Some(&mut conn.recv), Some((&mut conn.send, &mut conn.tx))),
                 None => (None, None),
@@ -184,6 +205,7 @@ impl PeerTask {
                     }
                 }
                 read = read_chunk(recv, reading) => self.handle_read(read),
+                error = closed(closing) => self.connection_lost(error.to_string()),
                 n = self.commands.recv_many(&mut self.batch, room), if room > 0 => {
                     if n == 0 {
                         break; // every sender is gone: the node is being dropped
@@ -264,6 +286,10 @@ impl PeerTask {
     }
 
     fn publish_progress(&mut self) {
+        if !self.proven && self.link.peer_resumed() {
+            self.proven = true;
+            self.backoff.reset();
+        }
         let mut acked = None;
         while let Some(LinkEvent::Acked { up_to }) = self.link.poll_event() {
             acked = Some(up_to);
@@ -315,6 +341,15 @@ impl PeerTask {
         if established.dialed_by_local {
             self.dial = Dial::Idle;
         }
+        if self
+            .conn
+            .as_ref()
+            .is_some_and(|c| c.connection.close_reason().is_some())
+        {
+            // The current connection is already dead (we just had not read far enough to see it):
+            // never prefer it over a live one.
+            self.connection_lost("connection closed".into());
+        }
         if let Some(current) = &self.conn {
             let keep = resolve_duplicate(
                 &self.shared.id,
@@ -349,7 +384,10 @@ impl PeerTask {
                 remember(&mut self.learned, remote);
             }
         }
-        self.backoff.reset();
+        // The backoff is reset only once this connection proves itself (the peer's resume
+        // arrives), so a peer that accepts and at once drops connections is not redialed in a
+        // tight loop.
+        self.proven = false;
         self.generation += 1;
         self.conn = Some(Conn {
             connection,
@@ -359,6 +397,8 @@ impl PeerTask {
             rx_chunk: Bytes::new(),
             rx: leftover,
             tx_buf: BytesMut::new(),
+            held: VecDeque::new(),
+            held_bytes: 0,
             tx: VecDeque::with_capacity(WRITE_QUEUE_BATCHES),
         });
         self.link.connected();
@@ -480,19 +520,54 @@ impl PeerTask {
         }
     }
 
-    /// Decodes and handles frames until the buffer runs dry or a delivery has to wait.
+    /// Decodes and handles frames until the buffer runs dry or a delivery has to wait; then reads
+    /// ahead (see [`PeerTask::read_ahead`]).
     fn process_rx(&mut self) {
         loop {
             if !self.deliver() {
+                self.read_ahead();
                 return;
             }
             let Some(conn) = &mut self.conn else { return };
+            let frame = match conn.held.pop_front() {
+                Some(frame) => {
+                    conn.held_bytes -= held_size(&frame);
+                    frame
+                }
+                None => match next_frame(&self.decoder, conn) {
+                    Ok(Some(frame)) => frame,
+                    Ok(None) => return,
+                    Err(e) => {
+                        self.protocol_error(e.to_string());
+                        return;
+                    }
+                },
+            };
+            if let Err(e) = self.link.handle_frame(frame) {
+                self.protocol_error(e.to_string());
+                return;
+            }
+        }
+    }
+
+    /// While a delivery waits for room: decode what has arrived, handle acknowledgements at once
+    /// (they concern our own stream), and hold everything else, in order, up to `HELD_BYTES_MAX`.
+    fn read_ahead(&mut self) {
+        loop {
+            let Some(conn) = &mut self.conn else { return };
+            if conn.held_bytes >= HELD_BYTES_MAX {
+                return;
+            }
             match next_frame(&self.decoder, conn) {
-                Ok(Some(frame)) => {
+                Ok(Some(frame @ Frame::Ack { .. })) => {
                     if let Err(e) = self.link.handle_frame(frame) {
                         self.protocol_error(e.to_string());
                         return;
                     }
+                }
+                Ok(Some(frame)) => {
+                    conn.held_bytes += held_size(&frame);
+                    conn.held.push_back(frame);
                 }
                 Ok(None) => return,
                 Err(e) => {
@@ -636,6 +711,21 @@ async fn write_queued(
         queue.pop_front();
     }
     Ok(())
+}
+
+async fn closed(connection: Option<quinn::Connection>) -> quinn::ConnectionError {
+    match connection {
+        Some(connection) => connection.closed().await,
+        None => pending().await,
+    }
+}
+
+/// What a held frame counts against `HELD_BYTES_MAX`.
+fn held_size(frame: &Frame) -> usize {
+    match frame {
+        Frame::Data(data) => 64 + data.channel.len() + data.body.len(),
+        _ => 64,
+    }
 }
 
 async fn sleep_until(at: Option<Instant>) {
