@@ -145,3 +145,53 @@ async fn a_clean_shutdown_is_a_goodbye_not_a_reason_to_redial() {
     assert!(redial.is_err(), "no redial after a goodbye");
     assert_eq!(stays.metrics().dial_failures, 0);
 }
+
+/// B's application stops reading one channel, so B's link parks a delivery and stops accepting
+/// A's data. B's own messages to A must still be acknowledged (B keeps reading acks), and once B
+/// reads again, A's messages arrive, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_channel_does_not_stall_the_nodes_own_receipts() {
+    let a = node_with("test", |_| {}).await;
+    let b = node_with("test", |c| c.inbox_capacity = 2).await;
+    a.add_peer(crate::support::addr(&b)).unwrap();
+    within("connect", a.connected(b.id())).await.unwrap();
+    let mut slow = b.receive("slow").unwrap(); // opened, but not read for now
+    let mut fast = a.receive("fast").unwrap();
+
+    let mut stuck = Vec::new();
+    for i in 0..10u8 {
+        stuck.push(a.send(b.id(), "slow", vec![i]).await.unwrap());
+    }
+    // The third message cannot be delivered: B's channel holds two.
+    within("B's queue fills", async {
+        while slow.len() < 2 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    assert!(!stuck.last().unwrap().is_delivered());
+
+    for i in 0..100u32 {
+        let receipt = b
+            .send(a.id(), "fast", i.to_le_bytes().to_vec())
+            .await
+            .unwrap();
+        within("B's receipt while its slow channel is full", receipt)
+            .await
+            .unwrap();
+        assert_eq!(
+            within("A gets it", fast.recv()).await.unwrap().body[..],
+            i.to_le_bytes()
+        );
+    }
+
+    for i in 0..10u8 {
+        assert_eq!(
+            within("slow delivery", slow.recv()).await.unwrap().body[..],
+            [i]
+        );
+    }
+    for receipt in stuck {
+        within("A's receipts once B reads", receipt).await.unwrap();
+    }
+}
