@@ -178,9 +178,9 @@ impl Record<'_> {
         match self {
             Record::SegmentHeader(_) => SEGMENT_HEADER_BODY_BYTES,
             Record::Append { payload, .. } => 1 + 8 + payload.len(),
-            Record::Retire { .. } | Record::RetireUpTo { .. } | Record::DeadLetterRemoved { .. } => {
-                1 + 8
-            }
+            Record::Retire { .. }
+            | Record::RetireUpTo { .. }
+            | Record::DeadLetterRemoved { .. } => 1 + 8,
             Record::DeadLetter {
                 reason, payload, ..
             } => 1 + 8 + 2 + reason.len() + payload.len(),
@@ -532,7 +532,10 @@ mod tests {
         for bit in 0..out.len() * 8 {
             let mut flipped = out.clone();
             flipped[bit / 8] ^= 1 << (bit % 8);
-            assert!(decode(&flipped, 3).is_err(), "flip of bit {bit} went unnoticed");
+            assert!(
+                decode(&flipped, 3).is_err(),
+                "flip of bit {bit} went unnoticed"
+            );
         }
     }
 

@@ -10,7 +10,7 @@
 //! replays byte for byte. The handle is cheap to clone and all clones share one state, so a test
 //! keeps a clone to crash the "disk" under a spool it handed the other one to.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -109,7 +109,9 @@ impl SimStorage {
 
     fn state(&self) -> MutexGuard<'_, SimState> {
         // A panic while holding the lock leaves plain data behind; keep using it.
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Simulates power loss: what was not durable is lost (see [`CrashMode`]). Afterwards
@@ -119,8 +121,7 @@ impl SimStorage {
         let state = &mut *state;
         state.stats.crashes += 1;
         state.names = state.durable_names.clone();
-        let live: Vec<u64> = state.names.values().copied().collect();
-        state.inodes.retain(|inode, _| live.contains(inode));
+        state.collect_garbage();
         for file in state.inodes.values_mut() {
             let pending = file.data.len() - file.durable_len;
             let keep = match mode {
@@ -206,11 +207,18 @@ impl SimState {
 
     /// Drops inodes that no listing (current or durable) refers to any more.
     fn collect_garbage(&mut self) {
-        let names = &self.names;
-        let durable = &self.durable_names;
-        self.inodes.retain(|inode, _| {
-            names.values().any(|i| i == inode) || durable.values().any(|i| i == inode)
-        });
+        // Every inode is referenced by a listing, and each listing references distinct inodes: if
+        // there are no more inodes than the longer listing has names, none is garbage.
+        if self.inodes.len() <= self.names.len().max(self.durable_names.len()) {
+            return;
+        }
+        let referenced: BTreeSet<u64> = self
+            .names
+            .values()
+            .chain(self.durable_names.values())
+            .copied()
+            .collect();
+        self.inodes.retain(|inode, _| referenced.contains(inode));
     }
 
     fn take_sync_failure(&mut self) -> io::Result<()> {
@@ -270,7 +278,9 @@ impl Storage for SimStorage {
         let state = &mut *state;
         state.stats.appends += 1;
         let fits = match state.space_budget {
-            Some(budget) => data.len().min(usize::try_from(budget).unwrap_or(usize::MAX)),
+            Some(budget) => data
+                .len()
+                .min(usize::try_from(budget).unwrap_or(usize::MAX)),
             None => data.len(),
         };
         let file = state.file_mut(name)?;
@@ -398,7 +408,10 @@ mod tests {
             sim.append("a", b"456789").unwrap();
             sim.crash(CrashMode::TornTail);
             let data = sim.read("a", 100).unwrap();
-            assert!(b"0123456789".starts_with(&data) && data.len() >= 4, "{data:?}");
+            assert!(
+                b"0123456789".starts_with(&data) && data.len() >= 4,
+                "{data:?}"
+            );
         }
     }
 

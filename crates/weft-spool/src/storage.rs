@@ -122,10 +122,13 @@ impl<S: Storage + ?Sized> Storage for Box<S> {
 
 /// Refuses names that are not a single plain path component.
 pub(crate) fn check_name(name: &str) -> io::Result<()> {
+    let bytes = name.as_bytes();
     let plain = !name.is_empty()
         && name != "."
         && name != ".."
-        && !name.contains(['/', '\\', '\0']);
+        && !bytes.contains(&b'/')
+        && !bytes.contains(&b'\\')
+        && !bytes.contains(&0);
     if plain {
         Ok(())
     } else {
@@ -229,7 +232,10 @@ impl Storage for FsStorage {
 
     fn create(&mut self, name: &str) -> io::Result<()> {
         let path = self.path(name)?;
-        let file = OpenOptions::new().append(true).create_new(true).open(path)?;
+        let file = OpenOptions::new()
+            .append(true)
+            .create_new(true)
+            .open(path)?;
         if self.open.len() >= OPEN_FILES_MAX {
             self.open.pop_first();
         }
