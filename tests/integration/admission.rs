@@ -90,3 +90,38 @@ async fn simultaneous_dials_converge_on_one_connection() {
     assert_eq!(b.connected_peers(), vec![a.id()]);
     assert_eq!(a.metrics().duplicates + b.metrics().duplicates, 0);
 }
+
+/// A body over the limit is refused at the API with a typed error; nothing is queued, and a
+/// message at the limit goes through.
+#[tokio::test]
+async fn an_oversized_body_is_refused_at_the_api() {
+    let limit = 1024;
+    let small = |c: &mut weft::NodeConfig| c.link.limits.max_body_bytes = limit;
+    let a = crate::support::node_with("test", small).await;
+    let b = crate::support::node_with("test", small).await;
+    a.add_peer(addr(&b)).unwrap();
+    let mut inbox = b.receive("c").unwrap();
+    let error = a.send(b.id(), "c", vec![0u8; limit + 1]).await.unwrap_err();
+    assert!(
+        matches!(
+            error,
+            weft::SendError::TooLarge(weft::proto::frame::EncodeError::BodyTooLarge { len, max })
+                if len == limit + 1 && max == limit
+        ),
+        "{error:?}"
+    );
+    assert!(matches!(
+        a.try_send(b.id(), "c", vec![0u8; limit + 1]),
+        Err(weft::TrySendError::Send(weft::SendError::TooLarge(_)))
+    ));
+    let receipt = a.send(b.id(), "c", vec![7u8; limit]).await.unwrap();
+    let delivered = within("ack", receipt).await.unwrap();
+    assert_eq!(
+        delivered.id.seq, 1,
+        "the refused ones took no sequence number"
+    );
+    assert_eq!(
+        within("delivery", inbox.recv()).await.unwrap().body.len(),
+        limit
+    );
+}
