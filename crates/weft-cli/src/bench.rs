@@ -21,6 +21,37 @@ const PHASE_TIMEOUT: Duration = Duration::from_secs(300);
 pub enum BenchCommand {
     /// Point-to-point messages between two processes.
     P2p(P2pArgs),
+    /// The on-disk spool alone: durable appends with group commit (or one fsync per message).
+    Spool(SpoolArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct SpoolArgs {
+    /// Record payload size in bytes.
+    #[arg(long, default_value_t = 64)]
+    size: usize,
+    /// Records to append.
+    #[arg(long, default_value_t = 1_000_000)]
+    count: u64,
+    /// `always`: every batch is fsynced before it counts as accepted; `never`: written, not
+    /// fsynced (not durable: a machine crash loses it).
+    #[arg(long, value_enum, default_value_t = Fsync::Always)]
+    fsync: Fsync,
+    /// Records per group commit (concurrent sends sharing one fsync); 1 = fsync per message.
+    #[arg(long, default_value_t = 1024)]
+    batch: u64,
+    /// Directory for the spool (default: a fresh one under the system temp dir, removed after).
+    #[arg(long)]
+    dir: Option<std::path::PathBuf>,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Fsync {
+    Always,
+    Never,
 }
 
 #[derive(Args, Debug)]
@@ -131,7 +162,10 @@ impl PeerProcess {
 }
 
 pub fn run(command: BenchCommand) -> Result<()> {
-    let BenchCommand::P2p(args) = command;
+    let args = match command {
+        BenchCommand::P2p(args) => args,
+        BenchCommand::Spool(args) => return spool(&args),
+    };
     if args.count == 0 {
         bail!("--count must be at least 1");
     }
@@ -324,4 +358,76 @@ pub fn run_peer(args: PeerArgs) -> Result<()> {
         node.shutdown().await;
         anyhow::Ok(())
     })
+}
+
+/// Appends `count` records in batches, each batch synced (group commit) before it counts as
+/// accepted, retiring each batch after it (as acknowledgements would), so the spool stays within
+/// its caps however many records are measured.
+fn spool(args: &SpoolArgs) -> Result<()> {
+    use weft_spool::{FsStorage, FsyncPolicy, Spool, SpoolConfig};
+    if args.count == 0 || args.batch == 0 {
+        bail!("--count and --batch must be at least 1");
+    }
+    let (dir, temporary) = match &args.dir {
+        Some(dir) => (dir.clone(), false),
+        None => (
+            std::env::temp_dir().join(format!("weft-bench-spool-{}", std::process::id())),
+            true,
+        ),
+    };
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let config = SpoolConfig {
+        fsync: match args.fsync {
+            Fsync::Always => FsyncPolicy::Always,
+            Fsync::Never => FsyncPolicy::Never,
+        },
+        ..SpoolConfig::default()
+    };
+    let storage = FsStorage::open(&dir).with_context(|| format!("opening {}", dir.display()))?;
+    let (mut spool, _recovery) = Spool::open(storage, config)?;
+    let payload = vec![0x5au8; args.size];
+    let started = Instant::now();
+    let mut accepted = 0u64;
+    while accepted < args.count {
+        let batch = args.batch.min(args.count - accepted);
+        let mut last = 0;
+        for _ in 0..batch {
+            last = spool.append(&payload)?;
+        }
+        spool.sync()?;
+        accepted += batch;
+        spool.retire_up_to(last)?;
+    }
+    let seconds = started.elapsed().as_secs_f64().max(1e-9);
+    spool.close()?;
+    if temporary {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    let msgs_per_sec = accepted as f64 / seconds;
+    let mb_per_sec = msgs_per_sec * args.size as f64 / 1e6;
+    let fsync = match args.fsync {
+        Fsync::Always => "always",
+        Fsync::Never => "never",
+    };
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "bench": "spool",
+                "size": args.size,
+                "count": accepted,
+                "batch": args.batch,
+                "fsync": fsync,
+                "seconds": seconds,
+                "msgs_per_sec": msgs_per_sec,
+                "mb_per_sec": mb_per_sec,
+            })
+        );
+    } else {
+        println!(
+            "spool {accepted} x {} B, fsync {fsync}, {} per commit: {msgs_per_sec:.0} accepted/s, {mb_per_sec:.1} MB/s ({seconds:.3} s)",
+            args.size, args.batch
+        );
+    }
+    Ok(())
 }
