@@ -2,7 +2,9 @@
 
 mod support;
 
+mod admin;
 mod admission;
+mod discovery;
 mod hostile;
 mod p2p;
 mod proxy;

@@ -67,6 +67,37 @@ enum Command {
         /// The message text.
         text: String,
     },
+    /// Run a node: connect to peers, consume whatever arrives, show live rates, and serve
+    /// Prometheus metrics and a JSON status.
+    Node {
+        /// The node's data directory (identity).
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// UDP address to listen on.
+        #[arg(long, default_value = "0.0.0.0:7450")]
+        bind: SocketAddr,
+        /// Mesh name; nodes of other meshes are refused.
+        #[arg(long, default_value = "default")]
+        mesh: String,
+        /// Peers to connect to, as NODE_ID@IP:PORT.
+        #[arg(long = "peer")]
+        peers: Vec<NodeAddr>,
+        /// Serve `/metrics` (Prometheus) and `/status` (JSON) over HTTP on this address.
+        #[arg(long)]
+        metrics: Option<SocketAddr>,
+        /// Stop after this many seconds (default: run until Ctrl-C).
+        #[arg(long)]
+        run_secs: Option<u64>,
+    },
+    /// Show a running node's status (peers and counters), read from its `--metrics` endpoint.
+    Status {
+        /// The node's metrics address, as given to `weft node --metrics`.
+        #[arg(long)]
+        metrics: SocketAddr,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Measure throughput and latency between two processes on loopback.
     Bench {
         #[command(subcommand)]
@@ -137,6 +168,15 @@ async fn run(command: Command) -> Result<()> {
             timeout_secs,
             text,
         } => send(data_dir, to, channel, mesh, bind, timeout_secs, text).await,
+        Command::Node {
+            data_dir,
+            bind,
+            mesh,
+            peers,
+            metrics,
+            run_secs,
+        } => run_node(data_dir, bind, mesh, peers, metrics, run_secs).await,
+        Command::Status { metrics, json } => status(metrics, json).await,
         Command::Bench { .. } | Command::BenchPeer(_) => unreachable!("handled before the runtime"),
     }
 }
@@ -228,4 +268,115 @@ async fn send(
             to.id.short()
         ),
     }
+}
+
+async fn run_node(
+    data_dir: PathBuf,
+    bind: SocketAddr,
+    mesh: String,
+    peers: Vec<NodeAddr>,
+    metrics: Option<SocketAddr>,
+    run_secs: Option<u64>,
+) -> Result<()> {
+    let mut builder = Node::builder().mesh(mesh).data_dir(&data_dir).bind(bind);
+    for peer in peers {
+        builder = builder.peer(peer);
+    }
+    let node = builder.start().await?;
+    println!("node {}", node.addr()?);
+    let admin = match metrics {
+        Some(addr) => {
+            let server = weft::admin::serve(node.clone(), addr)
+                .await
+                .with_context(|| format!("cannot serve metrics on {addr} (is the port in use?)"))?;
+            println!(
+                "metrics on http://{}/metrics, status on /status",
+                server.local_addr()
+            );
+            Some(server)
+        }
+        None => None,
+    };
+    // Consume what arrives (a node that never reads would stop its links).
+    let mut inbox = node.receive_all()?;
+    let deadline = run_secs.map(|s| tokio::time::Instant::now() + Duration::from_secs(s));
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut last = node.metrics();
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = sleep_until(deadline) => break,
+            message = inbox.recv() => if message.is_none() { break },
+            _ = tick.tick() => {
+                let now = node.metrics();
+                eprintln!(
+                    "peers {} | sent {}/s acked {}/s delivered {}/s | retransmitted {} duplicates {}",
+                    now.peers_connected,
+                    now.sent - last.sent,
+                    now.acked - last.acked,
+                    now.delivered - last.delivered,
+                    now.retransmitted,
+                    now.duplicates,
+                );
+                last = now;
+            }
+        }
+    }
+    if let Some(admin) = admin {
+        admin.shutdown().await;
+    }
+    node.shutdown().await;
+    Ok(())
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn status(metrics: SocketAddr, json: bool) -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fetch = async {
+        let mut stream = tokio::net::TcpStream::connect(metrics).await?;
+        stream
+            .write_all(b"GET /status HTTP/1.1\r\nhost: weft\r\n\r\n")
+            .await?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await?;
+        std::io::Result::Ok(response)
+    };
+    let response = tokio::time::timeout(Duration::from_secs(5), fetch)
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer from {metrics} within 5 s"))?
+        .with_context(|| {
+            format!("cannot reach {metrics}: is `weft node --metrics {metrics}` running?")
+        })?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body)
+        .context("malformed HTTP response")?;
+    if json {
+        println!("{body}");
+        return Ok(());
+    }
+    let status: serde_json::Value = serde_json::from_str(body).context("malformed status JSON")?;
+    println!("node   {}", status["node_id"].as_str().unwrap_or("?"));
+    println!("mesh   {}", status["mesh"].as_str().unwrap_or("?"));
+    println!("addr   {}", status["addr"].as_str().unwrap_or("?"));
+    let peers = status["peers_connected"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    println!("peers  {} connected", peers.len());
+    for peer in peers {
+        println!("       {}", peer.as_str().unwrap_or("?"));
+    }
+    if let Some(counters) = status["metrics"].as_object() {
+        for (name, value) in counters {
+            println!("{name:>16}  {value}");
+        }
+    }
+    Ok(())
 }

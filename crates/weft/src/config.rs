@@ -9,6 +9,7 @@ use weft_proto::frame::Limits;
 use weft_proto::LinkConfig;
 
 use crate::addr::NodeAddr;
+use crate::discovery::MdnsConfig;
 
 /// The default UDP port of a Weft node.
 pub const DEFAULT_PORT: u16 = 7450;
@@ -46,6 +47,8 @@ pub struct NodeConfig {
     pub max_udp_payload: u16,
     /// Capacity of the peer event broadcast; slower event readers miss events (and are told).
     pub events_capacity: usize,
+    /// Find peers of the same mesh with mDNS (and announce this node); `None` (the default): off.
+    pub mdns: Option<MdnsConfig>,
 }
 
 impl Default for NodeConfig {
@@ -66,6 +69,7 @@ impl Default for NodeConfig {
             reconnect_max: Duration::from_secs(5),
             max_udp_payload: 1_452,
             events_capacity: 1_024,
+            mdns: None,
         }
     }
 }

@@ -31,13 +31,16 @@
 //! # Modules
 //! The protocol decisions live in the sans-IO crate [`weft_proto`]; this crate drives it with
 //! tokio, quinn and rustls: [`node`] (API, endpoint, peers), `peer` (one task per peer owning its
-//! link), `connection` (dial/accept and the hello exchange), [`tls`] and [`identity`].
+//! link), `connection` (dial/accept and the hello exchange), [`discovery`] (mDNS), [`tls`] and
+//! [`identity`].
 #![warn(missing_docs)]
 
 pub mod addr;
+pub mod admin;
 pub mod body;
 pub mod config;
 mod connection;
+pub mod discovery;
 pub mod error;
 pub mod identity;
 mod inbox;
@@ -51,6 +54,7 @@ pub use addr::NodeAddr;
 pub use body::{decode, encode};
 pub use bytes::Bytes;
 pub use config::{NodeConfig, Seams};
+pub use discovery::{Interfaces, MdnsConfig};
 pub use error::{
     BodyError, ConnectError, DeliveryError, ReceiveError, SendError, SendTypedError, StartError,
     TrySendError,

@@ -103,3 +103,145 @@ impl Metrics {
         }
     }
 }
+
+/// One counter or gauge: its name, kind, help text and value in a snapshot.
+struct Series {
+    name: &'static str,
+    kind: &'static str,
+    help: &'static str,
+    value: u64,
+}
+
+impl MetricsSnapshot {
+    fn series(&self) -> [Series; 10] {
+        let counter = |name, help, value| Series {
+            name,
+            kind: "counter",
+            help,
+            value,
+        };
+        [
+            counter(
+                "weft_messages_sent_total",
+                "Messages transmitted for the first time.",
+                self.sent,
+            ),
+            counter(
+                "weft_messages_retransmitted_total",
+                "Messages transmitted again after a reconnect.",
+                self.retransmitted,
+            ),
+            counter(
+                "weft_messages_acked_total",
+                "Messages acknowledged by their peers.",
+                self.acked,
+            ),
+            counter(
+                "weft_messages_received_total",
+                "Messages accepted from peers.",
+                self.received,
+            ),
+            counter(
+                "weft_messages_deduplicated_total",
+                "Duplicate messages received and dropped.",
+                self.duplicates,
+            ),
+            counter(
+                "weft_messages_delivered_total",
+                "Messages handed to the application's channel queues.",
+                self.delivered,
+            ),
+            Series {
+                name: "weft_peers_connected",
+                kind: "gauge",
+                help: "Peers with an established connection.",
+                value: self.peers_connected,
+            },
+            counter(
+                "weft_protocol_errors_total",
+                "Connections closed because the peer broke the protocol.",
+                self.protocol_errors,
+            ),
+            counter(
+                "weft_dial_failures_total",
+                "Connection attempts that failed.",
+                self.dial_failures,
+            ),
+            counter(
+                "weft_refusals_total",
+                "Peers refused at the hello, or that refused this node.",
+                self.refusals,
+            ),
+        ]
+    }
+
+    /// The counters in the Prometheus text exposition format, each with the given labels
+    /// (values are escaped as the format requires).
+    pub fn to_prometheus(&self, labels: &[(&str, &str)]) -> String {
+        use std::fmt::Write;
+        let labels = if labels.is_empty() {
+            String::new()
+        } else {
+            let pairs: Vec<String> = labels
+                .iter()
+                .map(|(k, v)| {
+                    let escaped = v
+                        .replace('\\', "\\\\")
+                        .replace('"', "\\\"")
+                        .replace('\n', "\\n");
+                    format!("{k}=\"{escaped}\"")
+                })
+                .collect();
+            format!("{{{}}}", pairs.join(","))
+        };
+        let mut out = String::new();
+        for series in self.series() {
+            let _ = writeln!(out, "# HELP {} {}", series.name, series.help);
+            let _ = writeln!(out, "# TYPE {} {}", series.name, series.kind);
+            let _ = writeln!(out, "{}{labels} {}", series.name, series.value);
+        }
+        out
+    }
+
+    /// The counters as a JSON object (`{"sent": 1, ...}`), names as in the struct.
+    pub fn to_json(&self) -> String {
+        format!(
+            "{{\"sent\":{},\"retransmitted\":{},\"acked\":{},\"received\":{},\"duplicates\":{},\"delivered\":{},\"peers_connected\":{},\"protocol_errors\":{},\"dial_failures\":{},\"refusals\":{}}}",
+            self.sent,
+            self.retransmitted,
+            self.acked,
+            self.received,
+            self.duplicates,
+            self.delivered,
+            self.peers_connected,
+            self.protocol_errors,
+            self.dial_failures,
+            self.refusals
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prometheus_text_has_help_type_and_escaped_labels() {
+        let snapshot = MetricsSnapshot {
+            sent: 3,
+            peers_connected: 2,
+            ..Default::default()
+        };
+        // A label value with a backslash and a quote: both must be escaped.
+        let text = snapshot.to_prometheus(&[("node", r#"ab\"c"#), ("mesh", "shop")]);
+        assert!(text.contains("# TYPE weft_messages_sent_total counter\n"));
+        let labels = r#"{node="ab\\\"c",mesh="shop"}"#;
+        assert!(
+            text.contains(&format!("weft_messages_sent_total{labels} 3\n")),
+            "{text}"
+        );
+        assert!(text.contains("# TYPE weft_peers_connected gauge\n"));
+        assert!(text.contains(&format!("weft_peers_connected{labels} 2\n")));
+        assert_eq!(text.lines().count(), 30);
+    }
+}

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -17,6 +17,7 @@ use weft_proto::{LinkConfig, MessageId, NodeId, OutgoingMessage, StreamId};
 use crate::addr::NodeAddr;
 use crate::config::{NodeConfig, Seams, WallClock};
 use crate::connection::{self, close_code, Established};
+use crate::discovery::{Announcement, Discovery, DiscoveryCallback, DiscoveryEvent, MdnsConfig};
 use crate::error::{ReceiveError, SendError, StartError, TrySendError};
 use crate::identity::Identity;
 use crate::inbox::{Channels, Inbox};
@@ -52,6 +53,19 @@ pub enum PeerEvent {
         reason: String,
         /// Whether the peer (or we) refused at the hello, as opposed to a network failure.
         refused: bool,
+    },
+    /// mDNS discovery found a node of our mesh (a hint: the handshake proves the id). The node
+    /// adds these addresses to the peer's and connects.
+    Discovered {
+        /// The announced node.
+        peer: NodeId,
+        /// Its announced addresses.
+        addrs: Vec<SocketAddr>,
+    },
+    /// A node's mDNS announcement is gone (goodbye or expiry). Links are not affected.
+    Vanished {
+        /// The node.
+        peer: NodeId,
     },
 }
 
@@ -221,6 +235,13 @@ impl NodeBuilder {
         self
     }
 
+    /// Finds peers of the same mesh with mDNS, and announces this node (see [`crate::discovery`]).
+    /// Demos and tests use [`crate::Interfaces::LoopbackOnly`].
+    pub fn discovery_mdns(mut self, config: MdnsConfig) -> Self {
+        self.config.mdns = Some(config);
+        self
+    }
+
     /// Replaces the whole configuration (the mesh, bind address and peers included).
     pub fn config(mut self, config: NodeConfig) -> Self {
         self.config = config;
@@ -325,17 +346,63 @@ impl NodeBuilder {
         let local_addr = shared.endpoint.local_addr().ok();
         info!(node = %id, addr = ?local_addr, mesh = %shared.config.mesh, "node started");
         let span = info_span!(parent: None, "node", node = %id.short());
-        shared.spawn(accept_loop(Arc::clone(&shared)).instrument(span));
+        shared.spawn(accept_loop(Arc::clone(&shared)).instrument(span.clone()));
         let node = Node {
-            inner: Arc::new(NodeInner { shared }),
+            inner: Arc::new(NodeInner {
+                shared,
+                discovery: Mutex::new(None),
+            }),
         };
         for peer in peers_at_start {
             if let Err(e) = node.add_peer(peer.clone()) {
                 warn!(peer = %peer.id.short(), error = %e, "cannot add configured peer");
             }
         }
+        if let Some(mdns) = &node.config().mdns {
+            let discovery = span.in_scope(|| start_discovery(&node, mdns))?;
+            *node
+                .inner
+                .discovery
+                .lock()
+                .expect("discovery lock poisoned") = Some(discovery);
+        }
         Ok(node)
     }
+}
+
+/// Announces `node` and connects to the nodes of its mesh that discovery finds.
+fn start_discovery(node: &Node, config: &MdnsConfig) -> Result<Discovery, StartError> {
+    let shared = node.shared();
+    let local = Announcement {
+        id: shared.id,
+        mesh: shared.config.mesh.clone(),
+        addr: node
+            .local_addr()
+            .map_err(|e| StartError::Config(format!("mDNS discovery: no local address: {e}")))?,
+    };
+    // Weak: discovery lives inside the node and must not keep it alive.
+    let weak: Weak<NodeInner> = Arc::downgrade(&node.inner);
+    let on_event: DiscoveryCallback = Arc::new(move |event| {
+        let Some(inner) = weak.upgrade() else { return };
+        let node = Node { inner };
+        match event {
+            DiscoveryEvent::Discovered(peer) => {
+                let _ = node.shared().events.send(PeerEvent::Discovered {
+                    peer: peer.id,
+                    addrs: peer.addrs.clone(),
+                });
+                let id = peer.id;
+                if let Err(e) = node.add_peer(peer) {
+                    warn!(peer = %id.short(), error = %e, "cannot add discovered peer");
+                }
+            }
+            DiscoveryEvent::Vanished(peer) => {
+                let _ = node.shared().events.send(PeerEvent::Vanished { peer });
+            }
+        }
+    });
+    Discovery::start(config, local, on_event)
+        .map_err(|e| StartError::Config(format!("mDNS discovery: {e}")))
 }
 
 fn transport_config(config: &NodeConfig) -> quinn::TransportConfig {
@@ -399,10 +466,14 @@ async fn accept_loop(shared: Arc<Shared>) {
 
 struct NodeInner {
     shared: Arc<Shared>,
+    /// mDNS discovery, if configured; taken (and stopped) by `shutdown` or drop.
+    discovery: Mutex<Option<Discovery>>,
 }
 
 impl Drop for NodeInner {
     fn drop(&mut self) {
+        // Dropping discovery sends the goodbye and stops its daemon.
+        drop(self.discovery.lock().map(|mut d| d.take()));
         // The last handle is gone: stop every task. `shutdown()` does this and waits for it.
         self.shared.shutdown.send_replace(true);
         self.shared
@@ -569,6 +640,16 @@ impl Node {
     /// its tasks (bounded by a few seconds for the endpoint to drain).
     pub async fn shutdown(&self) {
         let shared = self.shared();
+        let discovery = self
+            .inner
+            .discovery
+            .lock()
+            .expect("discovery lock poisoned")
+            .take();
+        if let Some(discovery) = discovery {
+            // Goodbye first, so peers stop dialing a node that is leaving.
+            discovery.shutdown().await;
+        }
         shared.shutdown.send_replace(true);
         let tasks: Vec<_> = std::mem::take(&mut *shared.tasks.lock().expect("tasks lock poisoned"));
         for task in tasks {

@@ -1,0 +1,503 @@
+//! Finding peers on the local network with multicast DNS (DNS-SD over mDNS, RFC 6762/6763).
+//!
+//! A node announces one service instance of type [`SERVICE_TYPE_DEFAULT`], named by its full node
+//! id, on its bound UDP port, with three TXT records:
+//!
+//! | key    | value                                   |
+//! |--------|-----------------------------------------|
+//! | `id`   | the full node id (52 base32 characters) |
+//! | `mesh` | the mesh name                           |
+//! | `v`    | the protocol versions spoken, `MIN-MAX` |
+//!
+//! It browses for the same type at the same time. A resolved instance of another node of the same
+//! mesh whose version range overlaps ours becomes [`DiscoveryEvent::Discovered`]; an instance that
+//! leaves (goodbye packet on a clean shutdown, or its records expiring) becomes
+//! [`DiscoveryEvent::Vanished`]. Everything else (our own instance, other meshes, incompatible
+//! versions, malformed records) is ignored with a debug log line.
+//!
+//! An announcement is only a **hint**: anyone on the link can announce any id. The QUIC handshake
+//! pins the id that is dialed, so a spoofed record costs a failed dial, never a connection to an
+//! impostor; and addresses from records are added to a peer's known addresses, never replacing
+//! them.
+//!
+//! # Interfaces
+//! mdns-sd announces and queries on every interface by default ([`Interfaces::All`], the
+//! production default). Demos and tests use [`Interfaces::LoopbackOnly`]. Note that mdns-sd 0.21
+//! joins the mDNS multicast group on every interface when its daemon starts, before the interface
+//! selection is applied (no mDNS packet is sent or processed there, but the kernel reports the
+//! group membership); tests that must not touch a real interface at all run inside a network
+//! namespace they create.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mdns_sd::{IfKind, ServiceDaemon, ServiceEvent, ServiceInfo};
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn, Instrument};
+use weft_proto::frame::{PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN};
+use weft_proto::NodeId;
+
+use crate::addr::NodeAddr;
+
+/// The DNS-SD service type Weft nodes announce and browse by default.
+pub const SERVICE_TYPE_DEFAULT: &str = "_weft._udp.local.";
+
+/// Most announced instances remembered at once, to tell which node a removal concerns. Instances
+/// beyond it are still reported as discovered, but their removal is not.
+pub const INSTANCES_MAX: usize = 4_096;
+
+/// How long [`Discovery::shutdown`] waits for the goodbye packets and for the daemon to stop.
+pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Which network interfaces discovery announces and browses on.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Interfaces {
+    /// Every interface, IPv4 and IPv6, loopback included (the production default).
+    #[default]
+    All,
+    /// IPv4 loopback only (127.0.0.0/8): for demos and tests, which must not announce on the
+    /// machine's real network.
+    LoopbackOnly,
+    /// Only the interfaces with these names (e.g. `eth0`).
+    Named(Vec<String>),
+}
+
+/// mDNS discovery settings (see the [module docs](self)).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MdnsConfig {
+    /// Where to announce and browse. Default: [`Interfaces::All`]; demos and tests use
+    /// [`Interfaces::LoopbackOnly`].
+    pub interfaces: Interfaces,
+    /// The DNS-SD service type, ending in `._udp.local.` (default [`SERVICE_TYPE_DEFAULT`]).
+    /// Nodes only find nodes announcing the same type; tests use a fresh one per run so parallel
+    /// runs and stale announcements do not meet.
+    pub service_type: String,
+}
+
+impl Default for MdnsConfig {
+    fn default() -> Self {
+        Self {
+            interfaces: Interfaces::All,
+            service_type: SERVICE_TYPE_DEFAULT.into(),
+        }
+    }
+}
+
+/// What this node announces.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Announcement {
+    /// The node's id (the instance name and the `id` TXT record).
+    pub id: NodeId,
+    /// The mesh name (`mesh` TXT record); nodes of other meshes ignore the announcement.
+    pub mesh: String,
+    /// The node's bound UDP address. An unspecified IP (`0.0.0.0`) announces the addresses of the
+    /// selected interfaces instead, following their changes.
+    pub addr: SocketAddr,
+}
+
+/// Something discovery learned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DiscoveryEvent {
+    /// A node of our mesh announced itself at these addresses (a hint, see the module docs).
+    Discovered(NodeAddr),
+    /// A node's announcement is gone (goodbye or expiry). Its links are not affected.
+    Vanished(NodeId),
+}
+
+/// Why discovery could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DiscoveryError {
+    /// The service type is not `_name._udp.local.` (name of 1 to 15 bytes).
+    #[error("invalid mDNS service type {0:?}: expected `_name._udp.local.` with a name of 1 to 15 bytes")]
+    ServiceType(String),
+    /// The mDNS daemon refused a request (e.g. it could not start).
+    #[error("mDNS: {0}")]
+    Daemon(String),
+}
+
+impl From<mdns_sd::Error> for DiscoveryError {
+    fn from(error: mdns_sd::Error) -> Self {
+        Self::Daemon(error.to_string())
+    }
+}
+
+/// Called for every [`DiscoveryEvent`], on a tokio task; must not block.
+pub type DiscoveryCallback = Arc<dyn Fn(DiscoveryEvent) + Send + Sync>;
+
+/// Running discovery: the mDNS daemon with our announcement and a browse.
+///
+/// [`Discovery::shutdown`] (or dropping it) unregisters the announcement (goodbye packets) and stops
+/// the daemon and the task that reads its events.
+#[must_use = "discovery stops when dropped"]
+pub struct Discovery {
+    daemon: ServiceDaemon,
+    /// Our instance's full name, for the goodbye.
+    fullname: String,
+    /// Reads browse events; ends when the daemon drops its event sender.
+    browse_task: Option<JoinHandle<()>>,
+    stopped: bool,
+}
+
+impl fmt::Debug for Discovery {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Discovery")
+            .field("fullname", &self.fullname)
+            .field("stopped", &self.stopped)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Discovery {
+    /// Starts the daemon on the configured interfaces, announces `local` and browses for other
+    /// nodes, calling `on_event` for each one found or gone. Must be called within a tokio runtime.
+    pub fn start(
+        config: &MdnsConfig,
+        local: Announcement,
+        on_event: DiscoveryCallback,
+    ) -> Result<Self, DiscoveryError> {
+        check_service_type(&config.service_type)?;
+        let daemon = ServiceDaemon::new()?;
+        // Commands run in order on the daemon's thread: the interface selection is in force
+        // before anything is announced or queried.
+        let selected = match &config.interfaces {
+            Interfaces::All => Ok(()),
+            Interfaces::LoopbackOnly => daemon
+                .disable_interface(IfKind::All)
+                .and_then(|()| daemon.enable_interface(IfKind::LoopbackV4)),
+            Interfaces::Named(names) => daemon.disable_interface(IfKind::All).and_then(|()| {
+                daemon.enable_interface(names.iter().map(IfKind::from).collect::<Vec<_>>())
+            }),
+        };
+        if let Err(e) = selected {
+            let _ = daemon.shutdown();
+            return Err(e.into());
+        }
+        let mut discovery = Self {
+            daemon,
+            fullname: String::new(),
+            browse_task: None,
+            stopped: false,
+        };
+        // On error, dropping `discovery` stops the daemon.
+        let info = service_info(config, &local)?;
+        discovery.fullname = info.get_fullname().to_owned();
+        discovery.daemon.register(info)?;
+        let events = discovery.daemon.browse(&config.service_type)?;
+        discovery.browse_task = Some(tokio::spawn(
+            browse(events, local, on_event).in_current_span(),
+        ));
+        info!(instance = %discovery.fullname, interfaces = ?config.interfaces, "mDNS discovery started");
+        Ok(discovery)
+    }
+
+    /// Unregisters the announcement (sending goodbye packets), stops the daemon and waits (at most
+    /// [`SHUTDOWN_TIMEOUT`] for each step) until it and the browse task have ended.
+    pub async fn shutdown(mut self) {
+        self.stopped = true;
+        if let Ok(status) = self.daemon.unregister(&self.fullname) {
+            let _ = tokio::time::timeout(SHUTDOWN_TIMEOUT, status.recv_async()).await;
+        }
+        if let Ok(status) = self.daemon.shutdown() {
+            let _ = tokio::time::timeout(SHUTDOWN_TIMEOUT, status.recv_async()).await;
+        }
+        if let Some(task) = self.browse_task.take() {
+            // The daemon dropped the browse channel on exit, which ends the task.
+            let abort = task.abort_handle();
+            if tokio::time::timeout(SHUTDOWN_TIMEOUT, task).await.is_err() {
+                abort.abort();
+            }
+        }
+        debug!(instance = %self.fullname, "mDNS discovery stopped");
+    }
+}
+
+impl Drop for Discovery {
+    fn drop(&mut self) {
+        if let Some(task) = self.browse_task.take() {
+            task.abort();
+        }
+        if !self.stopped {
+            // Queued in order on the daemon's thread: the goodbye goes out before it exits.
+            if !self.fullname.is_empty() {
+                let _ = self.daemon.unregister(&self.fullname);
+            }
+            let _ = self.daemon.shutdown();
+        }
+    }
+}
+
+fn check_service_type(service_type: &str) -> Result<(), DiscoveryError> {
+    let name = service_type
+        .strip_suffix("._udp.local.")
+        .and_then(|rest| rest.strip_prefix('_'));
+    match name {
+        Some(name) if (1..=15).contains(&name.len()) && !name.contains('.') => Ok(()),
+        _ => Err(DiscoveryError::ServiceType(service_type.to_owned())),
+    }
+}
+
+fn service_info(config: &MdnsConfig, local: &Announcement) -> Result<ServiceInfo, DiscoveryError> {
+    let id = local.id.to_string();
+    // A node id is 52 characters: within DNS's 63-byte label limit, as instance and host name.
+    let host = format!("{id}.local.");
+    let versions = format!("{PROTOCOL_VERSION_MIN}-{PROTOCOL_VERSION_MAX}");
+    let properties = [
+        ("id", id.as_str()),
+        ("mesh", local.mesh.as_str()),
+        ("v", versions.as_str()),
+    ];
+    let ip = local.addr.ip();
+    if ip.is_unspecified() {
+        let info = ServiceInfo::new(
+            &config.service_type,
+            &id,
+            &host,
+            "",
+            local.addr.port(),
+            &properties[..],
+        )?;
+        Ok(info.enable_addr_auto())
+    } else {
+        Ok(ServiceInfo::new(
+            &config.service_type,
+            &id,
+            &host,
+            ip,
+            local.addr.port(),
+            &properties[..],
+        )?)
+    }
+}
+
+/// Reads the daemon's browse events until it stops, turning them into [`DiscoveryEvent`]s.
+async fn browse(
+    events: mdns_sd::Receiver<ServiceEvent>,
+    local: Announcement,
+    on_event: DiscoveryCallback,
+) {
+    // Instance full name → node id, to name the node of a removal.
+    let mut instances: BTreeMap<String, NodeId> = BTreeMap::new();
+    while let Ok(event) = events.recv_async().await {
+        match event {
+            ServiceEvent::ServiceResolved(service) => {
+                let record = Record {
+                    id: service.get_property_val_str("id"),
+                    mesh: service.get_property_val_str("mesh"),
+                    versions: service.get_property_val_str("v"),
+                    port: service.get_port(),
+                    ips: service.get_addresses().iter().map(|ip| ip.to_ip_addr()),
+                };
+                match judge(record, &local) {
+                    Ok(peer) => {
+                        if instances.len() < INSTANCES_MAX
+                            || instances.contains_key(&service.fullname)
+                        {
+                            instances.insert(service.fullname.clone(), peer.id);
+                        } else {
+                            warn!(
+                                limit = INSTANCES_MAX,
+                                "mDNS: too many instances to track removals"
+                            );
+                        }
+                        debug!(peer = %peer, "mDNS: discovered");
+                        on_event(DiscoveryEvent::Discovered(peer));
+                    }
+                    Err(Ignored::Own) => {}
+                    Err(reason) => {
+                        debug!(instance = %service.fullname, %reason, "mDNS: ignored announcement");
+                    }
+                }
+            }
+            ServiceEvent::ServiceRemoved(_, fullname) => {
+                if let Some(id) = instances.remove(&fullname) {
+                    debug!(peer = %id.short(), "mDNS: vanished");
+                    on_event(DiscoveryEvent::Vanished(id));
+                }
+            }
+            ServiceEvent::SearchStopped(_) => break,
+            _ => {}
+        }
+    }
+}
+
+/// The parts of a resolved instance that matter.
+struct Record<'a, I> {
+    id: Option<&'a str>,
+    mesh: Option<&'a str>,
+    versions: Option<&'a str>,
+    port: u16,
+    ips: I,
+}
+
+/// Why an announcement was ignored.
+#[derive(Debug, PartialEq, Eq)]
+enum Ignored {
+    Own,
+    Malformed(&'static str),
+    OtherMesh(String),
+    Incompatible(String),
+}
+
+impl fmt::Display for Ignored {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Own => f.write_str("our own announcement"),
+            Self::Malformed(what) => write!(f, "malformed record: {what}"),
+            Self::OtherMesh(mesh) => write!(f, "another mesh ({mesh:?})"),
+            Self::Incompatible(versions) => write!(
+                f,
+                "protocol versions {versions} do not overlap ours ({PROTOCOL_VERSION_MIN}-{PROTOCOL_VERSION_MAX})"
+            ),
+        }
+    }
+}
+
+/// Decides whether a resolved instance is a peer worth dialing.
+fn judge<I: Iterator<Item = IpAddr>>(
+    record: Record<'_, I>,
+    local: &Announcement,
+) -> Result<NodeAddr, Ignored> {
+    let id = record.id.ok_or(Ignored::Malformed("no id"))?;
+    let id = NodeId::from_str(id).map_err(|_| Ignored::Malformed("bad id"))?;
+    if id == local.id {
+        return Err(Ignored::Own);
+    }
+    let mesh = record.mesh.ok_or(Ignored::Malformed("no mesh"))?;
+    if mesh != local.mesh {
+        return Err(Ignored::OtherMesh(mesh.to_owned()));
+    }
+    let versions = record.versions.ok_or(Ignored::Malformed("no version"))?;
+    let (min, max) = versions
+        .split_once('-')
+        .and_then(|(min, max)| Some((min.parse::<u16>().ok()?, max.parse::<u16>().ok()?)))
+        .filter(|(min, max)| min <= max)
+        .ok_or(Ignored::Malformed("bad version range"))?;
+    if min > PROTOCOL_VERSION_MAX || max < PROTOCOL_VERSION_MIN {
+        return Err(Ignored::Incompatible(versions.to_owned()));
+    }
+    if record.port == 0 {
+        return Err(Ignored::Malformed("port 0"));
+    }
+    let mut addrs: Vec<SocketAddr> = record
+        .ips
+        .filter(|ip| !ip.is_unspecified() && !ip.is_multicast())
+        .map(|ip| SocketAddr::new(ip, record.port))
+        .collect();
+    // Deterministic order (the daemon hands a hash set).
+    addrs.sort();
+    addrs.dedup();
+    if addrs.is_empty() {
+        return Err(Ignored::Malformed("no usable address"));
+    }
+    Ok(NodeAddr { id, addrs })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(byte: u8) -> NodeId {
+        NodeId::from_bytes([byte; 32])
+    }
+
+    fn local() -> Announcement {
+        Announcement {
+            id: id(1),
+            mesh: "shop".into(),
+            addr: "127.0.0.1:7450".parse().unwrap(),
+        }
+    }
+
+    fn record<'a>(
+        id: Option<&'a str>,
+        mesh: Option<&'a str>,
+        versions: Option<&'a str>,
+    ) -> Record<'a, std::vec::IntoIter<IpAddr>> {
+        Record {
+            id,
+            mesh,
+            versions,
+            port: 7451,
+            ips: vec!["127.0.0.1".parse().unwrap(), "::1".parse().unwrap()].into_iter(),
+        }
+    }
+
+    #[test]
+    fn a_valid_record_yields_every_address_with_the_port() {
+        let other = id(2).to_string();
+        let peer = judge(record(Some(&other), Some("shop"), Some("1-1")), &local()).unwrap();
+        assert_eq!(peer.id, id(2));
+        assert_eq!(
+            peer.addrs,
+            vec![
+                "127.0.0.1:7451".parse::<SocketAddr>().unwrap(),
+                "[::1]:7451".parse().unwrap()
+            ]
+        );
+    }
+
+    #[test]
+    fn own_other_mesh_incompatible_and_malformed_records_are_ignored() {
+        let own = id(1).to_string();
+        let other = id(2).to_string();
+        let l = local();
+        assert_eq!(
+            judge(record(Some(&own), Some("shop"), Some("1-1")), &l),
+            Err(Ignored::Own)
+        );
+        assert!(matches!(
+            judge(record(Some(&other), Some("bank"), Some("1-1")), &l),
+            Err(Ignored::OtherMesh(_))
+        ));
+        assert!(matches!(
+            judge(record(Some(&other), Some("shop"), Some("7-9")), &l),
+            Err(Ignored::Incompatible(_))
+        ));
+        for bad in [
+            record(None, Some("shop"), Some("1-1")),
+            record(Some("nonsense"), Some("shop"), Some("1-1")),
+            record(Some(&other), None, Some("1-1")),
+            record(Some(&other), Some("shop"), None),
+            record(Some(&other), Some("shop"), Some("1")),
+            record(Some(&other), Some("shop"), Some("2-1")),
+            record(Some(&other), Some("shop"), Some("a-b")),
+        ] {
+            assert!(matches!(judge(bad, &l), Err(Ignored::Malformed(_))));
+        }
+        let mut no_port = record(Some(&other), Some("shop"), Some("1-1"));
+        no_port.port = 0;
+        assert!(matches!(judge(no_port, &l), Err(Ignored::Malformed(_))));
+        let mut no_addr = record(Some(&other), Some("shop"), Some("1-1"));
+        no_addr.ips = vec!["0.0.0.0".parse().unwrap()].into_iter();
+        assert!(matches!(judge(no_addr, &l), Err(Ignored::Malformed(_))));
+    }
+
+    #[test]
+    fn overlapping_version_ranges_are_compatible() {
+        let other = id(2).to_string();
+        let wide = format!("0-{}", PROTOCOL_VERSION_MAX + 5);
+        assert!(judge(record(Some(&other), Some("shop"), Some(&wide)), &local()).is_ok());
+    }
+
+    #[test]
+    fn service_types_are_checked() {
+        assert!(check_service_type(SERVICE_TYPE_DEFAULT).is_ok());
+        assert!(check_service_type("_weft-t12345678._udp.local.").is_ok());
+        for bad in [
+            "_weft._tcp.local.",
+            "weft._udp.local.",
+            "_._udp.local.",
+            "_this-is-far-too-long._udp.local.",
+            "_weft._udp.local",
+        ] {
+            assert!(check_service_type(bad).is_err(), "{bad}");
+        }
+    }
+}
