@@ -85,6 +85,12 @@ enum Command {
         /// Serve `/metrics` (Prometheus) and `/status` (JSON) over HTTP on this address.
         #[arg(long)]
         metrics: Option<SocketAddr>,
+        /// Find and announce nodes with mDNS (on every interface unless --mdns-interface).
+        #[arg(long)]
+        mdns: bool,
+        /// Restrict mDNS to this interface (repeatable; `lo` for loopback only). Implies --mdns.
+        #[arg(long = "mdns-interface")]
+        mdns_interfaces: Vec<String>,
         /// Stop after this many seconds (default: run until Ctrl-C).
         #[arg(long)]
         run_secs: Option<u64>,
@@ -174,8 +180,20 @@ async fn run(command: Command) -> Result<()> {
             mesh,
             peers,
             metrics,
+            mdns,
+            mdns_interfaces,
             run_secs,
-        } => run_node(data_dir, bind, mesh, peers, metrics, run_secs).await,
+        } => {
+            let mdns = (mdns || !mdns_interfaces.is_empty()).then(|| weft::MdnsConfig {
+                interfaces: match mdns_interfaces.as_slice() {
+                    [] => weft::discovery::Interfaces::All,
+                    [only] if only == "lo" => weft::discovery::Interfaces::LoopbackOnly,
+                    names => weft::discovery::Interfaces::Named(names.to_vec()),
+                },
+                ..Default::default()
+            });
+            run_node(data_dir, bind, mesh, peers, metrics, mdns, run_secs).await
+        }
         Command::Status { metrics, json } => status(metrics, json).await,
         Command::Bench { .. } | Command::BenchPeer(_) => unreachable!("handled before the runtime"),
     }
@@ -276,11 +294,15 @@ async fn run_node(
     mesh: String,
     peers: Vec<NodeAddr>,
     metrics: Option<SocketAddr>,
+    mdns: Option<weft::MdnsConfig>,
     run_secs: Option<u64>,
 ) -> Result<()> {
     let mut builder = Node::builder().mesh(mesh).data_dir(&data_dir).bind(bind);
     for peer in peers {
         builder = builder.peer(peer);
+    }
+    if let Some(mdns) = mdns {
+        builder = builder.discovery_mdns(mdns);
     }
     let node = builder.start().await?;
     println!("node {}", node.addr()?);
