@@ -125,3 +125,79 @@ async fn an_oversized_body_is_refused_at_the_api() {
         limit
     );
 }
+
+async fn node_admitting(
+    mesh: &str,
+    configure: impl FnOnce(weft::NodeBuilder) -> weft::NodeBuilder,
+) -> weft::Node {
+    crate::support::init_tracing();
+    let builder = weft::Node::builder()
+        .mesh(mesh)
+        .identity(weft::Identity::generate().unwrap())
+        .bind("127.0.0.1:0".parse().unwrap());
+    configure(builder).start().await.unwrap()
+}
+
+/// Nodes sharing the mesh secret connect and exchange messages.
+#[tokio::test]
+async fn nodes_with_the_same_mesh_secret_are_admitted() {
+    let a = node_admitting("shop", |b| b.mesh_secret("s3cret")).await;
+    let b = node_admitting("shop", |b| b.mesh_secret("s3cret")).await;
+    a.add_peer(addr(&b)).unwrap();
+    let mut inbox = b.receive("c").unwrap();
+    within("ack", a.send(b.id(), "c", &b"in"[..]).await.unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        &within("delivery", inbox.recv()).await.unwrap().body[..],
+        b"in"
+    );
+}
+
+/// A wrong secret, or none, is refused with the reason on both sides, and never connects.
+#[tokio::test]
+async fn a_node_with_the_wrong_mesh_secret_or_none_is_refused() {
+    let guarded = node_admitting("shop", |b| b.mesh_secret("s3cret")).await;
+    for (intruder, expected) in [
+        (
+            node_admitting("shop", |b| b.mesh_secret("guess")).await,
+            "wrong mesh secret",
+        ),
+        (node_admitting("shop", |b| b).await, "proved none"),
+    ] {
+        let refusals_before = guarded.metrics().refusals;
+        let mut events = intruder.events();
+        intruder.add_peer(addr(&guarded)).unwrap();
+        let (reason, refused) = within("refusal", next_connect_failure(&mut events)).await;
+        assert!(refused, "{reason}");
+        assert!(
+            reason.contains("NotAdmitted") && reason.contains(expected),
+            "{reason}"
+        );
+        assert!(
+            guarded.metrics().refusals > refusals_before,
+            "the guarded node counted it"
+        );
+        assert!(guarded.connected_peers().is_empty());
+        intruder.shutdown().await;
+    }
+}
+
+/// With an allow-list, a node not on it is refused even with the right mesh.
+#[tokio::test]
+async fn a_node_not_on_the_allow_list_is_refused() {
+    let friend = weft::Identity::generate().unwrap();
+    let friend_id = friend.node_id();
+    let guarded = node_admitting("shop", |b| b.allow_only([friend_id])).await;
+    let stranger = node_admitting("shop", |b| b).await;
+    let mut events = stranger.events();
+    stranger.add_peer(addr(&guarded)).unwrap();
+    let (reason, refused) = within("refusal", next_connect_failure(&mut events)).await;
+    assert!(refused && reason.contains("allow-list"), "{reason}");
+
+    let friend = node_admitting("shop", |b| b.identity(friend)).await;
+    friend.add_peer(addr(&guarded)).unwrap();
+    within("the listed node connects", friend.connected(guarded.id()))
+        .await
+        .unwrap();
+}

@@ -85,6 +85,9 @@ enum Command {
         /// Serve `/metrics` (Prometheus) and `/status` (JSON) over HTTP on this address.
         #[arg(long)]
         metrics: Option<SocketAddr>,
+        /// File holding the mesh secret: peers must prove they know it (it is never sent).
+        #[arg(long)]
+        secret_file: Option<PathBuf>,
         /// Find and announce nodes with mDNS (on every interface unless --mdns-interface).
         #[arg(long)]
         mdns: bool,
@@ -180,10 +183,18 @@ async fn run(command: Command) -> Result<()> {
             mesh,
             peers,
             metrics,
+            secret_file,
             mdns,
             mdns_interfaces,
             run_secs,
         } => {
+            let secret =
+                match secret_file {
+                    Some(path) => Some(std::fs::read(&path).with_context(|| {
+                        format!("cannot read the secret file {}", path.display())
+                    })?),
+                    None => None,
+                };
             let mdns = (mdns || !mdns_interfaces.is_empty()).then(|| weft::MdnsConfig {
                 interfaces: match mdns_interfaces.as_slice() {
                     [] => weft::discovery::Interfaces::All,
@@ -192,7 +203,13 @@ async fn run(command: Command) -> Result<()> {
                 },
                 ..Default::default()
             });
-            run_node(data_dir, bind, mesh, peers, metrics, mdns, run_secs).await
+            let options = NodeOptions {
+                metrics,
+                mdns,
+                secret,
+                run_secs,
+            };
+            run_node(data_dir, bind, mesh, peers, options).await
         }
         Command::Status { metrics, json } => status(metrics, json).await,
         Command::Bench { .. } | Command::BenchPeer(_) => unreachable!("handled before the runtime"),
@@ -288,21 +305,41 @@ async fn send(
     }
 }
 
+/// The optional parts of `weft node`.
+struct NodeOptions {
+    metrics: Option<SocketAddr>,
+    mdns: Option<weft::MdnsConfig>,
+    secret: Option<Vec<u8>>,
+    run_secs: Option<u64>,
+}
+
 async fn run_node(
     data_dir: PathBuf,
     bind: SocketAddr,
     mesh: String,
     peers: Vec<NodeAddr>,
-    metrics: Option<SocketAddr>,
-    mdns: Option<weft::MdnsConfig>,
-    run_secs: Option<u64>,
+    options: NodeOptions,
 ) -> Result<()> {
+    let NodeOptions {
+        metrics,
+        mdns,
+        secret,
+        run_secs,
+    } = options;
     let mut builder = Node::builder().mesh(mesh).data_dir(&data_dir).bind(bind);
     for peer in peers {
         builder = builder.peer(peer);
     }
     if let Some(mdns) = mdns {
         builder = builder.discovery_mdns(mdns);
+    }
+    if let Some(secret) = secret {
+        // A trailing newline from `echo secret > file` is not part of the secret.
+        let trimmed = secret.trim_ascii_end();
+        if trimmed.is_empty() {
+            bail!("the secret file is empty");
+        }
+        builder = builder.mesh_secret(trimmed);
     }
     let node = builder.start().await?;
     println!("node {}", node.addr()?);

@@ -60,6 +60,9 @@ pub struct Hello {
     pub mesh: String,
     /// The sender's node id; must equal the key the TLS handshake proved.
     pub node_id: NodeId,
+    /// Proof that the sender knows the mesh secret, bound to this TLS session (see
+    /// [`crate::handshake::mesh_proof`]); `None` when the sender has no secret configured.
+    pub proof: Option<[u8; 32]>,
 }
 
 /// Why a peer was refused. Sent to the peer in a [`Frame::Refuse`] and logged on both sides.
@@ -78,6 +81,8 @@ pub enum RefuseReason {
     ShuttingDown,
     /// The first frame was not a hello.
     ProtocolViolation,
+    /// The peer is not admitted: not on the allow-list, or it did not prove the mesh secret.
+    NotAdmitted,
 }
 
 /// A refusal with a human-readable explanation.
@@ -703,6 +708,7 @@ mod tests {
             version_max: 3,
             mesh: "shop".into(),
             node_id: NodeId::from_bytes([5; 32]),
+            proof: Some([9; 32]),
         };
         let frames = vec![
             Frame::Hello(hello.clone()),

@@ -19,6 +19,8 @@ pub const DEFAULT_PORT: u16 = 7450;
 pub struct NodeConfig {
     /// Nodes of other meshes are refused at the hello.
     pub mesh: String,
+    /// Mesh secret and allow-list: who is admitted beyond a valid identity and the mesh name.
+    pub admission: weft_proto::handshake::Admission,
     /// Where the node's UDP socket listens (and dials from).
     pub bind: SocketAddr,
     /// Peers to connect to at start (id and addresses).
@@ -55,6 +57,7 @@ impl Default for NodeConfig {
     fn default() -> Self {
         Self {
             mesh: "default".into(),
+            admission: Default::default(),
             bind: SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT)),
             peers: Vec::new(),
             link: LinkConfig::default(),

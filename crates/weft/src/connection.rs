@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use tracing::{debug, info, warn};
 use weft_proto::frame::{Frame, FrameDecoder, FrameEncoder, Limits, Refusal, RefuseReason};
-use weft_proto::handshake::{judge_hello, local_hello};
+use weft_proto::handshake::{judge_hello, local_hello, ADMISSION_EXPORTER_LABEL};
 use weft_proto::NodeId;
 
 use crate::error::ConnectError;
@@ -76,6 +76,22 @@ async fn read_frame(
     }
 }
 
+/// 32 bytes both ends of this TLS session derive alike (RFC 8446 §7.5), to bind the mesh-secret
+/// proof to this connection.
+fn session_bytes(connection: &quinn::Connection) -> Result<[u8; 32], ConnectError> {
+    let mut out = [0u8; 32];
+    connection
+        .export_keying_material(&mut out, ADMISSION_EXPORTER_LABEL, b"")
+        .map_err(|_| ConnectError::Handshake("TLS keying-material exporter unavailable".into()))?;
+    Ok(out)
+}
+
+/// This node's hello for a connection.
+fn our_hello(shared: &Shared, session: &[u8; 32]) -> Frame {
+    let proof = shared.config.admission.proof(session, &shared.id);
+    Frame::Hello(local_hello(&shared.config.mesh, shared.id, proof))
+}
+
 fn client_config(shared: &Shared, expected: NodeId) -> Result<quinn::ClientConfig, ConnectError> {
     let tls = tls::client_config(&shared.identity, expected, Arc::clone(&shared.provider))
         .map_err(|e| ConnectError::Handshake(e.to_string()))?;
@@ -99,16 +115,16 @@ pub(crate) async fn dial(
     let attempt = async {
         let config = client_config(&shared, peer)?;
         let connection = shared.endpoint.connect_with(config, addr, "weft")?.await?;
+        let session = session_bytes(&connection)?;
         let (mut send, mut recv) = connection.open_bi().await?;
-        write_frame(
-            &mut send,
-            &Frame::Hello(local_hello(&shared.config.mesh, shared.id)),
-        )
-        .await?;
+        write_frame(&mut send, &our_hello(&shared, &session)).await?;
         let mut leftover = BytesMut::new();
         match read_frame(&mut recv, &mut leftover).await? {
             Frame::Welcome(hello) => {
-                if let Err(refusal) = judge_hello(&shared.config.mesh, &peer, &hello) {
+                let admission = &shared.config.admission;
+                let judged = judge_hello(&shared.config.mesh, admission, &session, &peer, &hello);
+                // (Counted and logged by the peer task, which gets the refusal as a dial failure.)
+                if let Err(refusal) = judged {
                     connection.close(close_code::REFUSED, refusal.detail.as_bytes());
                     return Err(ConnectError::RefusedPeer(refusal));
                 }
@@ -179,6 +195,7 @@ async fn accept_inner(
             "peer presented no Ed25519 key".into(),
         ));
     };
+    let session = session_bytes(&connection)?;
     let (mut send, mut recv) = connection.accept_bi().await?;
     let mut leftover = BytesMut::new();
     let hello = match read_frame(&mut recv, &mut leftover).await {
@@ -196,7 +213,8 @@ async fn accept_inner(
             return Err(e);
         }
     };
-    if let Err(refusal) = judge_hello(&shared.config.mesh, &peer, &hello) {
+    let admission = &shared.config.admission;
+    if let Err(refusal) = judge_hello(&shared.config.mesh, admission, &session, &peer, &hello) {
         write_refusal(shared, &mut send, &connection, &refusal).await;
         return Err(ConnectError::RefusedPeer(refusal));
     }
@@ -210,7 +228,11 @@ async fn accept_inner(
     }
     write_frame(
         &mut send,
-        &Frame::Welcome(local_hello(&shared.config.mesh, shared.id)),
+        &Frame::Welcome(local_hello(
+            &shared.config.mesh,
+            shared.id,
+            admission.proof(&session, &shared.id),
+        )),
     )
     .await?;
     debug!(peer = %peer.short(), %remote, "accepted");

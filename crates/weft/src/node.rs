@@ -211,6 +211,18 @@ impl NodeBuilder {
         self
     }
 
+    /// Requires every peer to prove it knows `secret` (proven per connection, never sent).
+    pub fn mesh_secret(mut self, secret: impl AsRef<[u8]>) -> Self {
+        self.config.admission = self.config.admission.with_secret(secret.as_ref());
+        self
+    }
+
+    /// Admits only these nodes (in addition to the mesh name and secret checks).
+    pub fn allow_only(mut self, nodes: impl IntoIterator<Item = NodeId>) -> Self {
+        self.config.admission = self.config.admission.with_allow_list(nodes);
+        self
+    }
+
     /// The node's directory: its identity key lives here (created on first start).
     pub fn data_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.data_dir = Some(dir.into());
