@@ -201,3 +201,38 @@ async fn a_node_not_on_the_allow_list_is_refused() {
         .await
         .unwrap();
 }
+
+/// Static seeds: a node knows only addresses, not ids. It connects to whichever nodes of its mesh
+/// answer there, and `wait_for_peers` returns once they are up; a seed of another mesh is refused.
+#[tokio::test]
+async fn seeds_by_address_alone_connect_and_readiness_waits_for_them() {
+    let b = node_admitting("shop", |b| b).await;
+    let c = node_admitting("shop", |b| b).await;
+    let other = node_admitting("bank", |b| b).await;
+    let a = node_admitting("shop", |builder| {
+        builder
+            .seed(b.local_addr().unwrap())
+            .seed(c.local_addr().unwrap())
+            .seed(other.local_addr().unwrap())
+    })
+    .await;
+    within("two peers ready", a.wait_for_peers(2))
+        .await
+        .unwrap();
+    let mut peers = a.connected_peers();
+    peers.sort();
+    let mut expected = vec![b.id(), c.id()];
+    expected.sort();
+    assert_eq!(
+        peers, expected,
+        "the bank node is refused, the shop nodes connect"
+    );
+    let mut inbox = c.receive("c").unwrap();
+    within("ack", a.send(c.id(), "c", &b"via seed"[..]).await.unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        &within("delivery", inbox.recv()).await.unwrap().body[..],
+        b"via seed"
+    );
+}

@@ -82,6 +82,9 @@ enum Command {
         /// Peers to connect to, as NODE_ID@IP:PORT.
         #[arg(long = "peer")]
         peers: Vec<NodeAddr>,
+        /// Addresses of nodes whose ids you do not know (networks without multicast).
+        #[arg(long = "seed")]
+        seeds: Vec<SocketAddr>,
         /// Serve `/metrics` (Prometheus) and `/status` (JSON) over HTTP on this address.
         #[arg(long)]
         metrics: Option<SocketAddr>,
@@ -182,6 +185,7 @@ async fn run(command: Command) -> Result<()> {
             bind,
             mesh,
             peers,
+            seeds,
             metrics,
             secret_file,
             mdns,
@@ -204,6 +208,7 @@ async fn run(command: Command) -> Result<()> {
                 ..Default::default()
             });
             let options = NodeOptions {
+                seeds,
                 metrics,
                 mdns,
                 secret,
@@ -307,6 +312,7 @@ async fn send(
 
 /// The optional parts of `weft node`.
 struct NodeOptions {
+    seeds: Vec<SocketAddr>,
     metrics: Option<SocketAddr>,
     mdns: Option<weft::MdnsConfig>,
     secret: Option<Vec<u8>>,
@@ -321,6 +327,7 @@ async fn run_node(
     options: NodeOptions,
 ) -> Result<()> {
     let NodeOptions {
+        seeds,
         metrics,
         mdns,
         secret,
@@ -329,6 +336,9 @@ async fn run_node(
     let mut builder = Node::builder().mesh(mesh).data_dir(&data_dir).bind(bind);
     for peer in peers {
         builder = builder.peer(peer);
+    }
+    for seed in seeds {
+        builder = builder.seed(seed);
     }
     if let Some(mdns) = mdns {
         builder = builder.discovery_mdns(mdns);

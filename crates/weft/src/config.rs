@@ -25,6 +25,10 @@ pub struct NodeConfig {
     pub bind: SocketAddr,
     /// Peers to connect to at start (id and addresses).
     pub peers: Vec<NodeAddr>,
+    /// Addresses of nodes whose ids are not known in advance (networks without multicast): each
+    /// is dialed, with backoff, until a node of the mesh answers; from then on it is that node's
+    /// address.
+    pub seeds: Vec<SocketAddr>,
     /// Per-peer windows and queue bounds, frame limits.
     pub link: LinkConfig,
     /// Messages buffered per channel before the links delivering to it wait (backpressure).
@@ -60,6 +64,7 @@ impl Default for NodeConfig {
             admission: Default::default(),
             bind: SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT)),
             peers: Vec::new(),
+            seeds: Vec::new(),
             link: LinkConfig::default(),
             inbox_capacity: 4_096,
             channels_max: 4_096,

@@ -92,9 +92,16 @@ fn our_hello(shared: &Shared, session: &[u8; 32]) -> Frame {
     Frame::Hello(local_hello(&shared.config.mesh, shared.id, proof))
 }
 
-fn client_config(shared: &Shared, expected: NodeId) -> Result<quinn::ClientConfig, ConnectError> {
-    let tls = tls::client_config(&shared.identity, expected, Arc::clone(&shared.provider))
-        .map_err(|e| ConnectError::Handshake(e.to_string()))?;
+fn client_config(
+    shared: &Shared,
+    expected: Option<NodeId>,
+) -> Result<quinn::ClientConfig, ConnectError> {
+    let provider = Arc::clone(&shared.provider);
+    let tls = match expected {
+        Some(expected) => tls::client_config(&shared.identity, expected, provider),
+        None => tls::client_config_unpinned(&shared.identity, provider),
+    }
+    .map_err(|e| ConnectError::Handshake(e.to_string()))?;
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| ConnectError::Handshake(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
@@ -111,10 +118,28 @@ pub(crate) async fn dial(
     peer: NodeId,
     addr: SocketAddr,
 ) -> Result<Established, ConnectError> {
+    dial_to(shared, Some(peer), addr)
+        .await
+        .map(|(_, established)| established)
+}
+
+/// Dials `addr`, pinning `expected` if given (else accepting whichever node answers, as for a
+/// seed address), and runs the hello exchange. Returns the node the handshake proved.
+pub(crate) async fn dial_to(
+    shared: Arc<Shared>,
+    expected: Option<NodeId>,
+    addr: SocketAddr,
+) -> Result<(NodeId, Established), ConnectError> {
     let timeout = shared.config.handshake_timeout;
     let attempt = async {
-        let config = client_config(&shared, peer)?;
+        let config = client_config(&shared, expected)?;
         let connection = shared.endpoint.connect_with(config, addr, "weft")?.await?;
+        let Some(peer) = tls::peer_node_id(&connection) else {
+            connection.close(close_code::PROTOCOL, b"no node identity");
+            return Err(ConnectError::Handshake(
+                "peer presented no Ed25519 key".into(),
+            ));
+        };
         let session = session_bytes(&connection)?;
         let (mut send, mut recv) = connection.open_bi().await?;
         write_frame(&mut send, &our_hello(&shared, &session)).await?;
@@ -137,14 +162,17 @@ pub(crate) async fn dial(
                 )));
             }
         }
-        Ok(Established {
-            connection,
-            send,
-            recv,
-            leftover,
-            dialed_by_local: true,
-            remote: addr,
-        })
+        Ok((
+            peer,
+            Established {
+                connection,
+                send,
+                recv,
+                leftover,
+                dialed_by_local: true,
+                remote: addr,
+            },
+        ))
     };
     match tokio::time::timeout(timeout, attempt).await {
         Ok(result) => result,

@@ -247,6 +247,13 @@ impl NodeBuilder {
         self
     }
 
+    /// A seed: an address where some node of the mesh listens, its id unknown (see
+    /// [`NodeConfig::seeds`]).
+    pub fn seed(mut self, addr: SocketAddr) -> Self {
+        self.config.seeds.push(addr);
+        self
+    }
+
     /// Finds peers of the same mesh with mDNS, and announces this node (see [`crate::discovery`]).
     /// Demos and tests use [`crate::Interfaces::LoopbackOnly`].
     pub fn discovery_mdns(mut self, config: MdnsConfig) -> Self {
@@ -337,6 +344,7 @@ impl NodeBuilder {
         let (shutdown, _) = watch::channel(false);
         let channels = Arc::new(Channels::new(config.inbox_capacity, config.channels_max));
         let peers_at_start = config.peers.clone();
+        let seeds_at_start = config.seeds.clone();
         let shared = Arc::new(Shared {
             id,
             identity,
@@ -369,6 +377,9 @@ impl NodeBuilder {
             if let Err(e) = node.add_peer(peer.clone()) {
                 warn!(peer = %peer.id.short(), error = %e, "cannot add configured peer");
             }
+        }
+        for seed in seeds_at_start {
+            node.add_seed(seed);
         }
         if let Some(mdns) = &node.config().mdns {
             let discovery = span.in_scope(|| start_discovery(&node, mdns))?;
@@ -448,6 +459,53 @@ fn os_random_u64() -> u64 {
         return nanos ^ u64::from(std::process::id()) << 32;
     }
     u64::from_le_bytes(bytes)
+}
+
+/// Dials a seed address until some node answers, then hands the connection to that node's link
+/// and gives the link the address, so the link redials it from then on.
+async fn seed_task(shared: Arc<Shared>, addr: SocketAddr) {
+    let mut shutdown = shared.shutdown.subscribe();
+    let mut backoff = weft_proto::backoff::Backoff::new(
+        shared.config.reconnect_initial.as_millis() as u64,
+        shared.config.reconnect_max.as_millis() as u64,
+    );
+    loop {
+        let result = tokio::select! {
+            biased;
+            _ = shutdown.wait_for(|stop| *stop) => return,
+            result = connection::dial_to(Arc::clone(&shared), None, addr) => result,
+        };
+        match result {
+            Ok((peer, _)) if peer == shared.id => {
+                warn!("the seed is this node itself; ignoring it");
+                return;
+            }
+            Ok((peer, established)) => {
+                info!(peer = %peer.short(), "seed answered");
+                match shared.attach(peer, established) {
+                    Ok(()) => {
+                        if let Ok(handle) = shared.peer(peer) {
+                            let _ = handle.control.send(Control::Addresses(vec![addr]));
+                        }
+                    }
+                    Err(_) => {
+                        warn!(peer = %peer.short(), "seed answered but the node tracks its maximum of peers")
+                    }
+                }
+                return;
+            }
+            Err(error) => {
+                shared.metrics.dial_failure();
+                let delay = backoff.next_delay_ms(shared.random());
+                info!(%error, retry_in_ms = delay, "seed not reachable");
+                tokio::select! {
+                    biased;
+                    _ = shutdown.wait_for(|stop| *stop) => return,
+                    () = tokio::time::sleep(Duration::from_millis(delay)) => {}
+                }
+            }
+        }
+    }
 }
 
 async fn accept_loop(shared: Arc<Shared>) {
@@ -542,6 +600,28 @@ impl Node {
         let handle = self.shared().peer(peer.id)?;
         let _ = handle.control.send(Control::Addresses(peer.addrs));
         Ok(())
+    }
+
+    /// Dials `addr` (a node whose id is not known), with backoff, until a node of the mesh answers;
+    /// that node then becomes a peer with this address. Stops when the node shuts down.
+    pub fn add_seed(&self, addr: SocketAddr) {
+        let shared = Arc::clone(self.shared());
+        let span = info_span!(parent: None, "seed", node = %shared.id.short(), %addr);
+        shared.spawn(seed_task(Arc::clone(&shared), addr).instrument(span));
+    }
+
+    /// Waits until connections to at least `count` peers are up. Wrap it in a timeout.
+    pub async fn wait_for_peers(&self, count: usize) -> Result<(), SendError> {
+        let mut events = self.events();
+        loop {
+            if self.connected_peers().len() >= count {
+                return Ok(());
+            }
+            match events.recv().await {
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(broadcast::error::RecvError::Closed) => return Err(SendError::NodeClosed),
+            }
+        }
     }
 
     /// Waits until a connection to `peer` is up (starting to track the peer if needed).

@@ -106,6 +106,29 @@ pub fn client_config(
     Ok(config)
 }
 
+/// A client config for dialing an address whose node id is not known yet (a static seed): the
+/// server must still present a raw Ed25519 key and prove it with its handshake signature, but any
+/// key is accepted; read the id afterwards with [`peer_node_id`].
+pub fn client_config_unpinned(
+    identity: &Identity,
+    provider: Arc<CryptoProvider>,
+) -> Result<rustls::ClientConfig, TlsError> {
+    let certified_key = certified_key(identity, &provider)?;
+    let verifier = Arc::new(NodeKeyVerifier::new(None, &provider));
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(TlsError::Tls13Unsupported)?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_cert_resolver(Arc::new(AlwaysResolvesClientRawPublicKeys::new(
+            certified_key,
+        )));
+    config.alpn_protocols = vec![ALPN.to_vec()];
+    config.resumption = Resumption::disabled();
+    config.enable_sni = false;
+    Ok(config)
+}
+
 /// The node at the other end of an established connection, proven by its TLS handshake.
 ///
 /// `None` if the handshake has not finished, or if the connection was not made with this
