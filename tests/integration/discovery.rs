@@ -267,3 +267,62 @@ fn a_late_joiner_is_found_and_a_leaver_vanishes() {
         b.shutdown().await;
     });
 }
+
+/// A scan (announcing nothing) lists the nodes of every mesh with their ids, meshes, versions
+/// and addresses, and sees a node's goodbye.
+#[test]
+fn a_scan_lists_nodes_of_every_mesh_and_sees_goodbyes() {
+    in_private_network(|| async {
+        use std::sync::{Arc, Mutex};
+        use weft::discovery::{Discovery, ScanEvent};
+
+        let service_type = fresh_service_type();
+        let shop = discovering_node("shop", &service_type).await;
+        let bank = discovering_node("bank", &service_type).await;
+        let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
+        let seen_tx = Arc::new(Mutex::new(seen_tx));
+        let scanner = Discovery::scan(
+            &MdnsConfig {
+                interfaces: Interfaces::LoopbackOnly,
+                service_type: service_type.clone(),
+            },
+            Arc::new(move |event| {
+                let _ = seen_tx.lock().unwrap().send(event);
+            }),
+        )
+        .expect("scan starts");
+
+        let mut found = std::collections::BTreeMap::new();
+        while found.len() < 2 {
+            match within_discovery("both nodes seen", seen.recv())
+                .await
+                .unwrap()
+            {
+                ScanEvent::Seen(sighting) => {
+                    found.insert(sighting.id, sighting);
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        for (node, mesh) in [(&shop, "shop"), (&bank, "bank")] {
+            let sighting = &found[&node.id()];
+            assert_eq!(sighting.mesh, mesh);
+            assert_eq!(sighting.addrs, vec![node.local_addr().unwrap()]);
+            assert!(sighting.version_min <= sighting.version_max);
+        }
+
+        bank.shutdown().await;
+        loop {
+            match within_discovery("the goodbye", seen.recv()).await.unwrap() {
+                ScanEvent::Gone(id) => {
+                    assert_eq!(id, bank.id());
+                    break;
+                }
+                ScanEvent::Seen(_) => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        scanner.shutdown().await;
+        shop.shutdown().await;
+    });
+}

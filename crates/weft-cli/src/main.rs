@@ -101,6 +101,25 @@ enum Command {
         #[arg(long)]
         run_secs: Option<u64>,
     },
+    /// List the Weft nodes announcing themselves with mDNS (any mesh), live or once.
+    Discover {
+        /// Only nodes of this mesh.
+        #[arg(long)]
+        mesh: Option<String>,
+        /// Listen for `--window-secs`, print once and exit (for scripts).
+        #[arg(long)]
+        once: bool,
+        /// How long `--once` listens.
+        #[arg(long, default_value_t = 3)]
+        window_secs: u64,
+        /// Print JSON: an array of objects with `node_id`, `mesh`, `addrs`, `versions`,
+        /// `last_seen_ms_ago`.
+        #[arg(long)]
+        json: bool,
+        /// Restrict mDNS to this interface (repeatable; `lo` for loopback only).
+        #[arg(long = "mdns-interface")]
+        mdns_interfaces: Vec<String>,
+    },
     /// Show a running node's status (peers and counters), read from its `--metrics` endpoint.
     Status {
         /// The node's metrics address, as given to `weft node --metrics`.
@@ -200,11 +219,7 @@ async fn run(command: Command) -> Result<()> {
                     None => None,
                 };
             let mdns = (mdns || !mdns_interfaces.is_empty()).then(|| weft::MdnsConfig {
-                interfaces: match mdns_interfaces.as_slice() {
-                    [] => weft::discovery::Interfaces::All,
-                    [only] if only == "lo" => weft::discovery::Interfaces::LoopbackOnly,
-                    names => weft::discovery::Interfaces::Named(names.to_vec()),
-                },
+                interfaces: mdns_interfaces_from(&mdns_interfaces),
                 ..Default::default()
             });
             let options = NodeOptions {
@@ -217,6 +232,20 @@ async fn run(command: Command) -> Result<()> {
             run_node(data_dir, bind, mesh, peers, options).await
         }
         Command::Status { metrics, json } => status(metrics, json).await,
+        Command::Discover {
+            mesh,
+            once,
+            window_secs,
+            json,
+            mdns_interfaces,
+        } => {
+            let config = weft::MdnsConfig {
+                interfaces: mdns_interfaces_from(&mdns_interfaces),
+                ..Default::default()
+            };
+            let window = once.then(|| Duration::from_secs(window_secs));
+            discover(config, mesh, window, json).await
+        }
         Command::Bench { .. } | Command::BenchPeer(_) => unreachable!("handled before the runtime"),
     }
 }
@@ -448,4 +477,103 @@ async fn status(metrics: SocketAddr, json: bool) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `--mdns-interface` values: none = every interface, `lo` alone = IPv4 loopback, else by name.
+fn mdns_interfaces_from(names: &[String]) -> weft::discovery::Interfaces {
+    use weft::discovery::Interfaces;
+    match names {
+        [] => Interfaces::All,
+        [only] if only == "lo" => Interfaces::LoopbackOnly,
+        names => Interfaces::Named(names.to_vec()),
+    }
+}
+
+async fn discover(
+    config: weft::MdnsConfig,
+    mesh: Option<String>,
+    window: Option<Duration>,
+    json: bool,
+) -> Result<()> {
+    use std::collections::BTreeMap;
+    use weft::discovery::{Discovery, ScanEvent, Sighting};
+
+    let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+    let scanner = Discovery::scan(
+        &config,
+        std::sync::Arc::new(move |event| {
+            let _ = events_tx.send(event);
+        }),
+    )
+    .context("cannot start mDNS")?;
+    let mut nodes: BTreeMap<weft::NodeId, (Sighting, Instant)> = BTreeMap::new();
+    let deadline = window.map(|w| tokio::time::Instant::now() + w);
+    loop {
+        let event = tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = sleep_until(deadline) => break,
+            event = events.recv() => match event {
+                Some(event) => event,
+                None => break,
+            },
+        };
+        let changed = match event {
+            ScanEvent::Seen(seen) => {
+                if mesh.as_ref().is_some_and(|m| *m != seen.mesh) {
+                    false
+                } else {
+                    nodes.insert(seen.id, (seen, Instant::now()));
+                    true
+                }
+            }
+            ScanEvent::Gone(id) => nodes.remove(&id).is_some(),
+            _ => false,
+        };
+        if changed && window.is_none() {
+            print_nodes(&nodes, json);
+        }
+    }
+    scanner.shutdown().await;
+    if window.is_some() {
+        print_nodes(&nodes, json);
+    }
+    Ok(())
+}
+
+fn print_nodes(
+    nodes: &std::collections::BTreeMap<weft::NodeId, (weft::discovery::Sighting, Instant)>,
+    json: bool,
+) {
+    if json {
+        let list: Vec<_> = nodes
+            .values()
+            .map(|(seen, at)| {
+                serde_json::json!({
+                    "node_id": seen.id.to_string(),
+                    "mesh": seen.mesh,
+                    "addrs": seen.addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+                    "versions": format!("{}-{}", seen.version_min, seen.version_max),
+                    "last_seen_ms_ago": at.elapsed().as_millis() as u64,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::Value::Array(list));
+        return;
+    }
+    println!(
+        "{:<54} {:<16} {:<9} {:>10}  addresses",
+        "node", "mesh", "versions", "seen (s)"
+    );
+    for (seen, at) in nodes.values() {
+        let addrs: Vec<String> = seen.addrs.iter().map(|a| a.to_string()).collect();
+        println!(
+            "{:<54} {:<16} {:<9} {:>10.1}  {}",
+            seen.id.to_string(),
+            seen.mesh,
+            format!("{}-{}", seen.version_min, seen.version_max),
+            at.elapsed().as_secs_f64(),
+            addrs.join(", ")
+        );
+    }
+    println!("({} nodes)", nodes.len());
 }

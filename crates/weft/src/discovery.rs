@@ -162,23 +162,7 @@ impl Discovery {
         local: Announcement,
         on_event: DiscoveryCallback,
     ) -> Result<Self, DiscoveryError> {
-        check_service_type(&config.service_type)?;
-        let daemon = ServiceDaemon::new()?;
-        // Commands run in order on the daemon's thread: the interface selection is in force
-        // before anything is announced or queried.
-        let selected = match &config.interfaces {
-            Interfaces::All => Ok(()),
-            Interfaces::LoopbackOnly => daemon
-                .disable_interface(IfKind::All)
-                .and_then(|()| daemon.enable_interface(IfKind::LoopbackV4)),
-            Interfaces::Named(names) => daemon.disable_interface(IfKind::All).and_then(|()| {
-                daemon.enable_interface(names.iter().map(IfKind::from).collect::<Vec<_>>())
-            }),
-        };
-        if let Err(e) = selected {
-            let _ = daemon.shutdown();
-            return Err(e.into());
-        }
+        let daemon = start_daemon(config)?;
         let mut discovery = Self {
             daemon,
             fullname: String::new(),
@@ -201,7 +185,11 @@ impl Discovery {
     /// [`SHUTDOWN_TIMEOUT`] for each step) until it and the browse task have ended.
     pub async fn shutdown(mut self) {
         self.stopped = true;
-        if let Ok(status) = self.daemon.unregister(&self.fullname) {
+        let announced = !self.fullname.is_empty();
+        if let Some(status) = announced
+            .then(|| self.daemon.unregister(&self.fullname).ok())
+            .flatten()
+        {
             let _ = tokio::time::timeout(SHUTDOWN_TIMEOUT, status.recv_async()).await;
         }
         if let Ok(status) = self.daemon.shutdown() {
@@ -273,6 +261,96 @@ fn service_info(config: &MdnsConfig, local: &Announcement) -> Result<ServiceInfo
             local.addr.port(),
             &properties[..],
         )?)
+    }
+}
+
+/// Starts an mdns-sd daemon restricted to the configured interfaces. Commands run in order on the
+/// daemon's thread, so the selection is in force before anything is announced or queried.
+fn start_daemon(config: &MdnsConfig) -> Result<ServiceDaemon, DiscoveryError> {
+    check_service_type(&config.service_type)?;
+    let daemon = ServiceDaemon::new()?;
+    let selected = match &config.interfaces {
+        Interfaces::All => Ok(()),
+        Interfaces::LoopbackOnly => daemon
+            .disable_interface(IfKind::All)
+            .and_then(|()| daemon.enable_interface(IfKind::LoopbackV4)),
+        Interfaces::Named(names) => daemon.disable_interface(IfKind::All).and_then(|()| {
+            daemon.enable_interface(names.iter().map(IfKind::from).collect::<Vec<_>>())
+        }),
+    };
+    if let Err(e) = selected {
+        let _ = daemon.shutdown();
+        return Err(e.into());
+    }
+    Ok(daemon)
+}
+
+/// Something a scan saw.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ScanEvent {
+    /// A node announced itself (any mesh).
+    Seen(Sighting),
+    /// A node's announcement is gone (goodbye or expiry).
+    Gone(NodeId),
+}
+
+/// Called for every [`ScanEvent`], on a tokio task; must not block.
+pub type ScanCallback = Arc<dyn Fn(ScanEvent) + Send + Sync>;
+
+impl Discovery {
+    /// Browses without announcing anything, reporting the nodes of every mesh (for operators:
+    /// `weft discover`). Must be called within a tokio runtime.
+    pub fn scan(config: &MdnsConfig, on_event: ScanCallback) -> Result<Self, DiscoveryError> {
+        let daemon = start_daemon(config)?;
+        let mut discovery = Self {
+            daemon,
+            fullname: String::new(),
+            browse_task: None,
+            stopped: false,
+        };
+        let events = discovery.daemon.browse(&config.service_type)?;
+        discovery.browse_task = Some(tokio::spawn(scan(events, on_event).in_current_span()));
+        info!(interfaces = ?config.interfaces, "mDNS scan started");
+        Ok(discovery)
+    }
+}
+
+/// Reads browse events for [`Discovery::scan`].
+async fn scan(events: mdns_sd::Receiver<ServiceEvent>, on_event: ScanCallback) {
+    let mut instances: BTreeMap<String, NodeId> = BTreeMap::new();
+    while let Ok(event) = events.recv_async().await {
+        match event {
+            ServiceEvent::ServiceResolved(service) => {
+                let record = Record {
+                    id: service.get_property_val_str("id"),
+                    mesh: service.get_property_val_str("mesh"),
+                    versions: service.get_property_val_str("v"),
+                    port: service.get_port(),
+                    ips: service.get_addresses().iter().map(|ip| ip.to_ip_addr()),
+                };
+                match parse(record) {
+                    Ok(seen) => {
+                        if instances.len() < INSTANCES_MAX
+                            || instances.contains_key(&service.fullname)
+                        {
+                            instances.insert(service.fullname.clone(), seen.id);
+                        }
+                        on_event(ScanEvent::Seen(seen));
+                    }
+                    Err(reason) => {
+                        debug!(instance = %service.fullname, %reason, "mDNS: unreadable announcement");
+                    }
+                }
+            }
+            ServiceEvent::ServiceRemoved(_, fullname) => {
+                if let Some(id) = instances.remove(&fullname) {
+                    on_event(ScanEvent::Gone(id));
+                }
+            }
+            ServiceEvent::SearchStopped(_) => break,
+            _ => {}
+        }
     }
 }
 
@@ -359,29 +437,32 @@ impl fmt::Display for Ignored {
     }
 }
 
-/// Decides whether a resolved instance is a peer worth dialing.
-fn judge<I: Iterator<Item = IpAddr>>(
-    record: Record<'_, I>,
-    local: &Announcement,
-) -> Result<NodeAddr, Ignored> {
+/// A node seen on the network, whatever its mesh (what `weft discover` lists).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Sighting {
+    /// The announced node id (a claim until a handshake proves it).
+    pub id: NodeId,
+    /// The announced mesh.
+    pub mesh: String,
+    /// Lowest protocol version it speaks.
+    pub version_min: u16,
+    /// Highest protocol version it speaks.
+    pub version_max: u16,
+    /// Every advertised address with the port, sorted.
+    pub addrs: Vec<SocketAddr>,
+}
+
+/// Reads a resolved instance's records, whatever its mesh and versions.
+fn parse<I: Iterator<Item = IpAddr>>(record: Record<'_, I>) -> Result<Sighting, Ignored> {
     let id = record.id.ok_or(Ignored::Malformed("no id"))?;
     let id = NodeId::from_str(id).map_err(|_| Ignored::Malformed("bad id"))?;
-    if id == local.id {
-        return Err(Ignored::Own);
-    }
-    let mesh = record.mesh.ok_or(Ignored::Malformed("no mesh"))?;
-    if mesh != local.mesh {
-        return Err(Ignored::OtherMesh(mesh.to_owned()));
-    }
+    let mesh = record.mesh.ok_or(Ignored::Malformed("no mesh"))?.to_owned();
     let versions = record.versions.ok_or(Ignored::Malformed("no version"))?;
-    let (min, max) = versions
+    let (version_min, version_max) = versions
         .split_once('-')
         .and_then(|(min, max)| Some((min.parse::<u16>().ok()?, max.parse::<u16>().ok()?)))
         .filter(|(min, max)| min <= max)
         .ok_or(Ignored::Malformed("bad version range"))?;
-    if min > PROTOCOL_VERSION_MAX || max < PROTOCOL_VERSION_MIN {
-        return Err(Ignored::Incompatible(versions.to_owned()));
-    }
     if record.port == 0 {
         return Err(Ignored::Malformed("port 0"));
     }
@@ -396,7 +477,37 @@ fn judge<I: Iterator<Item = IpAddr>>(
     if addrs.is_empty() {
         return Err(Ignored::Malformed("no usable address"));
     }
-    Ok(NodeAddr { id, addrs })
+    Ok(Sighting {
+        id,
+        mesh,
+        version_min,
+        version_max,
+        addrs,
+    })
+}
+
+/// Decides whether a resolved instance is a peer worth dialing.
+fn judge<I: Iterator<Item = IpAddr>>(
+    record: Record<'_, I>,
+    local: &Announcement,
+) -> Result<NodeAddr, Ignored> {
+    let seen = parse(record)?;
+    if seen.id == local.id {
+        return Err(Ignored::Own);
+    }
+    if seen.mesh != local.mesh {
+        return Err(Ignored::OtherMesh(seen.mesh));
+    }
+    if seen.version_min > PROTOCOL_VERSION_MAX || seen.version_max < PROTOCOL_VERSION_MIN {
+        return Err(Ignored::Incompatible(format!(
+            "{}-{}",
+            seen.version_min, seen.version_max
+        )));
+    }
+    Ok(NodeAddr {
+        id: seen.id,
+        addrs: seen.addrs,
+    })
 }
 
 #[cfg(test)]
