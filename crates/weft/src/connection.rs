@@ -76,6 +76,14 @@ async fn read_frame(
     }
 }
 
+/// The node the TLS handshake proved; a connection without one is closed.
+fn proven_peer(connection: &quinn::Connection) -> Result<NodeId, ConnectError> {
+    tls::peer_node_id(connection).ok_or_else(|| {
+        connection.close(close_code::PROTOCOL, b"no node identity");
+        ConnectError::Handshake("peer presented no Ed25519 key".into())
+    })
+}
+
 /// 32 bytes both ends of this TLS session derive alike (RFC 8446 §7.5), to bind the mesh-secret
 /// proof to this connection.
 fn session_bytes(connection: &quinn::Connection) -> Result<[u8; 32], ConnectError> {
@@ -134,12 +142,7 @@ pub(crate) async fn dial_to(
     let attempt = async {
         let config = client_config(&shared, expected)?;
         let connection = shared.endpoint.connect_with(config, addr, "weft")?.await?;
-        let Some(peer) = tls::peer_node_id(&connection) else {
-            connection.close(close_code::PROTOCOL, b"no node identity");
-            return Err(ConnectError::Handshake(
-                "peer presented no Ed25519 key".into(),
-            ));
-        };
+        let peer = proven_peer(&connection)?;
         let session = session_bytes(&connection)?;
         let (mut send, mut recv) = connection.open_bi().await?;
         write_frame(&mut send, &our_hello(&shared, &session)).await?;
@@ -217,12 +220,7 @@ async fn accept_inner(
 ) -> Result<(NodeId, Established), ConnectError> {
     let connection = incoming.await?;
     let remote = connection.remote_address();
-    let Some(peer) = tls::peer_node_id(&connection) else {
-        connection.close(close_code::PROTOCOL, b"no node identity");
-        return Err(ConnectError::Handshake(
-            "peer presented no Ed25519 key".into(),
-        ));
-    };
+    let peer = proven_peer(&connection)?;
     let session = session_bytes(&connection)?;
     let (mut send, mut recv) = connection.accept_bi().await?;
     let mut leftover = BytesMut::new();

@@ -321,28 +321,18 @@ async fn scan(events: mdns_sd::Receiver<ServiceEvent>, on_event: ScanCallback) {
     let mut instances: BTreeMap<String, NodeId> = BTreeMap::new();
     while let Ok(event) = events.recv_async().await {
         match event {
-            ServiceEvent::ServiceResolved(service) => {
-                let record = Record {
-                    id: service.get_property_val_str("id"),
-                    mesh: service.get_property_val_str("mesh"),
-                    versions: service.get_property_val_str("v"),
-                    port: service.get_port(),
-                    ips: service.get_addresses().iter().map(|ip| ip.to_ip_addr()),
-                };
-                match parse(record) {
-                    Ok(seen) => {
-                        if instances.len() < INSTANCES_MAX
-                            || instances.contains_key(&service.fullname)
-                        {
-                            instances.insert(service.fullname.clone(), seen.id);
-                        }
-                        on_event(ScanEvent::Seen(seen));
+            ServiceEvent::ServiceResolved(service) => match read_service(&service) {
+                Ok(seen) => {
+                    if instances.len() < INSTANCES_MAX || instances.contains_key(&service.fullname)
+                    {
+                        instances.insert(service.fullname.clone(), seen.id);
                     }
-                    Err(reason) => {
-                        debug!(instance = %service.fullname, %reason, "mDNS: unreadable announcement");
-                    }
+                    on_event(ScanEvent::Seen(seen));
                 }
-            }
+                Err(reason) => {
+                    debug!(instance = %service.fullname, %reason, "mDNS: unreadable announcement");
+                }
+            },
             ServiceEvent::ServiceRemoved(_, fullname) => {
                 if let Some(id) = instances.remove(&fullname) {
                     on_event(ScanEvent::Gone(id));
@@ -365,14 +355,7 @@ async fn browse(
     while let Ok(event) = events.recv_async().await {
         match event {
             ServiceEvent::ServiceResolved(service) => {
-                let record = Record {
-                    id: service.get_property_val_str("id"),
-                    mesh: service.get_property_val_str("mesh"),
-                    versions: service.get_property_val_str("v"),
-                    port: service.get_port(),
-                    ips: service.get_addresses().iter().map(|ip| ip.to_ip_addr()),
-                };
-                match judge(record, &local) {
+                match read_service(&service).and_then(|seen| admit(seen, &local)) {
                     Ok(peer) => {
                         if instances.len() < INSTANCES_MAX
                             || instances.contains_key(&service.fullname)
@@ -486,12 +469,28 @@ fn parse<I: Iterator<Item = IpAddr>>(record: Record<'_, I>) -> Result<Sighting, 
     })
 }
 
+/// Reads a resolved instance from the daemon.
+fn read_service(service: &mdns_sd::ResolvedService) -> Result<Sighting, Ignored> {
+    parse(Record {
+        id: service.get_property_val_str("id"),
+        mesh: service.get_property_val_str("mesh"),
+        versions: service.get_property_val_str("v"),
+        port: service.get_port(),
+        ips: service.get_addresses().iter().map(|ip| ip.to_ip_addr()),
+    })
+}
+
 /// Decides whether a resolved instance is a peer worth dialing.
+#[cfg(test)]
 fn judge<I: Iterator<Item = IpAddr>>(
     record: Record<'_, I>,
     local: &Announcement,
 ) -> Result<NodeAddr, Ignored> {
-    let seen = parse(record)?;
+    admit(parse(record)?, local)
+}
+
+/// Whether a sighting is a peer of ours worth dialing.
+fn admit(seen: Sighting, local: &Announcement) -> Result<NodeAddr, Ignored> {
     if seen.id == local.id {
         return Err(Ignored::Own);
     }

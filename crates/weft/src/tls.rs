@@ -89,8 +89,26 @@ pub fn client_config(
     expected: NodeId,
     provider: Arc<CryptoProvider>,
 ) -> Result<rustls::ClientConfig, TlsError> {
+    client_config_for(identity, Some(expected), provider)
+}
+
+/// A client config for dialing an address whose node id is not known yet (a static seed): the
+/// server must still present a raw Ed25519 key and prove it with its handshake signature, but any
+/// key is accepted; read the id afterwards with [`peer_node_id`].
+pub fn client_config_unpinned(
+    identity: &Identity,
+    provider: Arc<CryptoProvider>,
+) -> Result<rustls::ClientConfig, TlsError> {
+    client_config_for(identity, None, provider)
+}
+
+fn client_config_for(
+    identity: &Identity,
+    expected: Option<NodeId>,
+    provider: Arc<CryptoProvider>,
+) -> Result<rustls::ClientConfig, TlsError> {
     let certified_key = certified_key(identity, &provider)?;
-    let verifier = Arc::new(NodeKeyVerifier::new(Some(expected), &provider));
+    let verifier = Arc::new(NodeKeyVerifier::new(expected, &provider));
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(TlsError::Tls13Unsupported)?
@@ -101,29 +119,6 @@ pub fn client_config(
         )));
     config.alpn_protocols = vec![ALPN.to_vec()];
     // No resumption (see the module doc), and no SNI: the server name carries no meaning here.
-    config.resumption = Resumption::disabled();
-    config.enable_sni = false;
-    Ok(config)
-}
-
-/// A client config for dialing an address whose node id is not known yet (a static seed): the
-/// server must still present a raw Ed25519 key and prove it with its handshake signature, but any
-/// key is accepted; read the id afterwards with [`peer_node_id`].
-pub fn client_config_unpinned(
-    identity: &Identity,
-    provider: Arc<CryptoProvider>,
-) -> Result<rustls::ClientConfig, TlsError> {
-    let certified_key = certified_key(identity, &provider)?;
-    let verifier = Arc::new(NodeKeyVerifier::new(None, &provider));
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(TlsError::Tls13Unsupported)?
-        .dangerous()
-        .with_custom_certificate_verifier(verifier)
-        .with_client_cert_resolver(Arc::new(AlwaysResolvesClientRawPublicKeys::new(
-            certified_key,
-        )));
-    config.alpn_protocols = vec![ALPN.to_vec()];
     config.resumption = Resumption::disabled();
     config.enable_sni = false;
     Ok(config)
