@@ -55,6 +55,17 @@ fn assert_protocol_close(error: quinn::ConnectionError) {
     }
 }
 
+/// The node under attack, and a well-behaved peer already connected to it.
+async fn target_and_friend() -> (Node, Node) {
+    let target = node("test").await;
+    let friend = node("test").await;
+    friend.add_peer(addr(&target)).unwrap();
+    within("friend connects", friend.connected(target.id()))
+        .await
+        .unwrap();
+    (target, friend)
+}
+
 /// Serving another peer still works: a full send/ack round.
 async fn still_serves(node: &Node, other: &Node) {
     let mut inbox = node.receive("still").unwrap();
@@ -70,12 +81,7 @@ async fn still_serves(node: &Node, other: &Node) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_frame_disconnects_the_peer_and_the_node_keeps_serving() {
-    let target = node("test").await;
-    let friend = node("test").await;
-    friend.add_peer(addr(&target)).unwrap();
-    within("friend connects", friend.connected(target.id()))
-        .await
-        .unwrap();
+    let (target, friend) = target_and_friend().await;
 
     // A frame with an unknown tag.
     let mut garbage = BytesMut::new();
@@ -94,12 +100,7 @@ async fn a_malformed_frame_disconnects_the_peer_and_the_node_keeps_serving() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversized_frame_is_refused_before_it_is_buffered() {
-    let target = node("test").await;
-    let friend = node("test").await;
-    friend.add_peer(addr(&target)).unwrap();
-    within("friend connects", friend.connected(target.id()))
-        .await
-        .unwrap();
+    let (target, friend) = target_and_friend().await;
 
     let mut oversized = BytesMut::new();
     oversized.put_u32_le(u32::MAX); // announces 4 GiB; only the prefix is ever sent
@@ -113,12 +114,7 @@ async fn an_oversized_frame_is_refused_before_it_is_buffered() {
 /// exchanging messages with it: every message still arrives and is acknowledged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn udp_garbage_does_not_disturb_the_node() {
-    let target = node("test").await;
-    let friend = node("test").await;
-    friend.add_peer(addr(&target)).unwrap();
-    within("friend connects", friend.connected(target.id()))
-        .await
-        .unwrap();
+    let (target, friend) = target_and_friend().await;
     let mut inbox = target.receive("steady").unwrap();
 
     let port = target.local_addr().unwrap();

@@ -162,13 +162,7 @@ impl Discovery {
         local: Announcement,
         on_event: DiscoveryCallback,
     ) -> Result<Self, DiscoveryError> {
-        let daemon = start_daemon(config)?;
-        let mut discovery = Self {
-            daemon,
-            fullname: String::new(),
-            browse_task: None,
-            stopped: false,
-        };
+        let mut discovery = Self::idle(start_daemon(config)?);
         // On error, dropping `discovery` stops the daemon.
         let info = service_info(config, &local)?;
         discovery.fullname = info.get_fullname().to_owned();
@@ -299,16 +293,20 @@ pub enum ScanEvent {
 pub type ScanCallback = Arc<dyn Fn(ScanEvent) + Send + Sync>;
 
 impl Discovery {
-    /// Browses without announcing anything, reporting the nodes of every mesh (for operators:
-    /// `weft discover`). Must be called within a tokio runtime.
-    pub fn scan(config: &MdnsConfig, on_event: ScanCallback) -> Result<Self, DiscoveryError> {
-        let daemon = start_daemon(config)?;
-        let mut discovery = Self {
+    /// A daemon that announces and browses nothing yet.
+    fn idle(daemon: ServiceDaemon) -> Self {
+        Self {
             daemon,
             fullname: String::new(),
             browse_task: None,
             stopped: false,
-        };
+        }
+    }
+
+    /// Browses without announcing anything, reporting the nodes of every mesh (for operators:
+    /// `weft discover`). Must be called within a tokio runtime.
+    pub fn scan(config: &MdnsConfig, on_event: ScanCallback) -> Result<Self, DiscoveryError> {
+        let mut discovery = Self::idle(start_daemon(config)?);
         let events = discovery.daemon.browse(&config.service_type)?;
         discovery.browse_task = Some(tokio::spawn(scan(events, on_event).in_current_span()));
         info!(interfaces = ?config.interfaces, "mDNS scan started");
