@@ -27,6 +27,7 @@
 //! - [`frame`]: encoding and two-phase, bounded decoding of frames.
 //! - [`handshake`]: judging a hello; resolving simultaneous dials.
 //! - [`link`]: per-peer acknowledgement, retransmission and deduplication state.
+//! - [`spooled`]: the payloads a node keeps in its spool (outgoing messages, inbound watermarks).
 //! - [`backoff`]: jittered reconnect backoff and a seedable generator.
 #![warn(missing_docs)]
 
@@ -36,6 +37,7 @@ pub mod handshake;
 pub mod id;
 pub mod link;
 pub mod message;
+pub mod spooled;
 
 #[cfg(test)]
 mod link_tests;

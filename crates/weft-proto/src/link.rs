@@ -45,6 +45,12 @@ pub struct LinkConfig {
     pub queue_bytes_max: usize,
     /// Frame size limits.
     pub limits: Limits,
+    /// When outbound messages give up (see [`Link::expire`]).
+    pub retry: RetryPolicy,
+    /// Acknowledge a message as soon as [`Link::pop_delivery`] hands it over. Off, the driver
+    /// decides with [`Link::acknowledge`] (after the application took the message and the
+    /// watermark is durable) and learns of skipped and new inbound streams from [`LinkEvent`]s.
+    pub ack_on_delivery: bool,
     /// A deliberate bug, switched on by the simulation to prove its checkers can fail.
     #[cfg(feature = "fault-injection")]
     pub fault: Fault,
@@ -58,10 +64,66 @@ impl Default for LinkConfig {
             queue_messages_max: 65_536,
             queue_bytes_max: 64 * 1024 * 1024,
             limits: Limits::default(),
+            retry: RetryPolicy::default(),
+            ack_on_delivery: true,
             #[cfg(feature = "fault-injection")]
             fault: Fault::None,
         }
     }
+}
+
+/// How long an outbound message is retried before it goes to the dead-letter log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Most connections a message is transmitted on without being acknowledged (a message that
+    /// every connection dies on, e.g. one that crashes its receiver, stops here).
+    pub max_attempts: u32,
+    /// Most wall-clock milliseconds from a message's creation to its acknowledgement, whether or
+    /// not the peer was reachable meanwhile.
+    pub max_age_ms: u64,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_attempts: 16,
+            max_age_ms: 24 * 60 * 60 * 1000,
+        }
+    }
+}
+
+/// Why an outbound message was given up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GiveUp {
+    /// Its own expiry passed.
+    Expired,
+    /// It was transmitted on this many connections without an acknowledgement.
+    Attempts(u32),
+    /// It is older than [`RetryPolicy::max_age_ms`].
+    TooOld,
+}
+
+impl std::fmt::Display for GiveUp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Expired => f.write_str("expired"),
+            Self::Attempts(n) => write!(f, "retry budget exhausted after {n} attempts"),
+            Self::TooOld => f.write_str("retry period exhausted"),
+        }
+    }
+}
+
+/// A message [`Link::expire`] took out of the queue.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GivenUp {
+    /// Its sequence number.
+    pub seq: u64,
+    /// The driver's tag given to [`Link::push_at`].
+    pub tag: u64,
+    /// Why.
+    pub reason: GiveUp,
+    /// The message.
+    pub message: OutgoingMessage,
 }
 
 /// Deliberate bugs for proving the simulation's checkers.
@@ -198,6 +260,14 @@ pub enum PushError {
     /// The message can never be encoded.
     #[error(transparent)]
     Encode(#[from] EncodeError),
+    /// The sequence number is below the next free one.
+    #[error("sequence number {seq} was already used (next is {next})")]
+    Reused {
+        /// The number given.
+        seq: u64,
+        /// The lowest acceptable.
+        next: u64,
+    },
 }
 
 /// A peer broke the protocol; the connection must be closed.
@@ -236,6 +306,22 @@ pub enum LinkEvent {
         /// Highest acknowledged sequence number.
         up_to: u64,
     },
+    /// The peer started (or restarted after losing its spool) an inbound stream: nothing below
+    /// `base + 1` will arrive on it. Replaces any earlier inbound stream.
+    InboundStream {
+        /// The stream's epoch.
+        epoch: u64,
+        /// Everything up to here is settled.
+        base: u64,
+    },
+    /// The peer skipped inbound sequence numbers (it gave them up): everything up to `up_to`
+    /// that had not arrived never will.
+    Skipped {
+        /// The stream's epoch.
+        epoch: u64,
+        /// Highest skipped sequence number.
+        up_to: u64,
+    },
 }
 
 /// Counters of a link, for metrics.
@@ -256,6 +342,7 @@ pub struct LinkStats {
 #[derive(Debug)]
 struct Queued {
     seq: u64,
+    tag: u64,
     message: OutgoingMessage,
     transmissions: u32,
 }
@@ -264,10 +351,10 @@ struct Queued {
 struct Inbound {
     epoch: u64,
     stream: StreamId,
-    /// Highest sequence number accepted (the dedup watermark).
+    /// Highest sequence number accepted or skipped (the dedup watermark).
     received: u64,
-    /// Highest sequence number handed to the application: what acks report.
-    delivered: u64,
+    /// What acks report: the highest sequence number delivered (or acknowledged by the driver).
+    acked: u64,
 }
 
 /// One node's state about one peer. See the module docs.
@@ -288,6 +375,11 @@ pub struct Link {
     /// Index in `queue` of the next message to transmit on the current connection.
     cursor: usize,
     inflight_bytes: usize,
+    /// The sequence number the peer expects next on the current connection; a queued message
+    /// above it (its predecessors were given up) is preceded by a resume that skips the gap.
+    peer_expects: u64,
+    /// Tags of acknowledged messages, for the driver (see [`Link::take_retired`]).
+    retired: Vec<u64>,
     connected: bool,
     resume_due: bool,
     /// The peer's resume arrived on this connection: its ack (sent right behind the resume) tells
@@ -319,6 +411,8 @@ impl Link {
             queued_bytes: 0,
             cursor: 0,
             inflight_bytes: 0,
+            peer_expects: 1,
+            retired: Vec::new(),
             connected: false,
             resume_due: false,
             peer_resumed: false,
@@ -388,8 +482,24 @@ impl Link {
                 || self.queued_bytes + body_bytes <= self.config.queue_bytes_max)
     }
 
-    /// Queues a message; returns its sequence number.
+    /// Queues a message under the next sequence number; returns it.
     pub fn push(&mut self, message: OutgoingMessage) -> Result<u64, PushError> {
+        let seq = self.next_seq;
+        self.push_at(seq, 0, message)?;
+        Ok(seq)
+    }
+
+    /// Queues a message under `seq`, which must be at least [`Link::next_seq`]: a driver that
+    /// assigns sequence numbers itself (they are in its spool before they reach the link) passes
+    /// them here; numbers it skipped (given up before they were queued) are skipped on the wire.
+    /// `tag` is the driver's (its spool record), returned by [`Link::take_retired`] and
+    /// [`Link::expire`]; 0 means none.
+    pub fn push_at(
+        &mut self,
+        seq: u64,
+        tag: u64,
+        message: OutgoingMessage,
+    ) -> Result<(), PushError> {
         message.check(&self.config.limits)?;
         if !self.has_room(message.body.len()) {
             return Err(PushError::QueueFull {
@@ -397,15 +507,107 @@ impl Link {
                 bytes: self.queued_bytes,
             });
         }
-        let seq = self.next_seq;
-        self.next_seq += 1;
+        if seq < self.next_seq {
+            return Err(PushError::Reused {
+                seq,
+                next: self.next_seq,
+            });
+        }
+        self.next_seq = seq + 1;
         self.queued_bytes += message.body.len();
         self.queue.push_back(Queued {
             seq,
+            tag,
             message,
             transmissions: 0,
         });
-        Ok(seq)
+        Ok(())
+    }
+
+    /// Continues an outbound stream of an earlier incarnation (restored from a spool): `epoch`
+    /// as before, everything up to `acked_up_to` settled. Only on a link that queued nothing yet.
+    pub fn restore_outbound(&mut self, epoch: u64, acked_up_to: u64) {
+        debug_assert!(self.queue.is_empty() && self.next_seq == 1);
+        self.epoch = epoch;
+        self.stream = StreamId::direct(&self.local, &self.peer, epoch);
+        self.acked_up_to = acked_up_to;
+        self.next_seq = acked_up_to + 1;
+    }
+
+    /// Continues an inbound stream whose watermark was persisted: messages up to `up_to` of the
+    /// peer's stream `epoch` are duplicates from now on.
+    pub fn restore_inbound(&mut self, epoch: u64, up_to: u64) {
+        self.inbound = Some(Inbound {
+            epoch,
+            stream: StreamId::direct(&self.peer, &self.local, epoch),
+            received: up_to,
+            acked: up_to,
+        });
+    }
+
+    /// The inbound stream: (epoch, highest received or skipped, highest acknowledged).
+    pub fn inbound(&self) -> Option<(u64, u64, u64)> {
+        self.inbound
+            .as_ref()
+            .map(|i| (i.epoch, i.received, i.acked))
+    }
+
+    /// Acknowledges the peer's messages up to `up_to` of stream `epoch` (with
+    /// [`LinkConfig::ack_on_delivery`] off). Ignored for another epoch; capped at what arrived.
+    pub fn acknowledge(&mut self, epoch: u64, up_to: u64) {
+        if let Some(inbound) = &mut self.inbound {
+            let up_to = up_to.min(inbound.received);
+            if inbound.epoch == epoch && up_to > inbound.acked {
+                inbound.acked = up_to;
+                self.ack_due = true;
+            }
+        }
+    }
+
+    /// Moves the driver's tags of messages acknowledged since the last call into `out`.
+    pub fn take_retired(&mut self, out: &mut Vec<u64>) {
+        out.append(&mut self.retired);
+    }
+
+    /// Gives up queued messages that are past their expiry or the [`RetryPolicy`], except those
+    /// in flight on the current connection (their acknowledgement may be on its way). The peer is
+    /// told to skip their sequence numbers. `now_unix_ms` is the wall clock.
+    pub fn expire(&mut self, now_unix_ms: u64) -> Vec<GivenUp> {
+        let policy = self.config.retry;
+        let first = if self.connected { self.cursor } else { 0 };
+        let verdict = |q: &Queued| {
+            let expires = q.message.options.as_ref().and_then(|o| o.expires_unix_ms);
+            if expires.is_some_and(|at| now_unix_ms >= at) {
+                Some(GiveUp::Expired)
+            } else if q.transmissions >= policy.max_attempts {
+                Some(GiveUp::Attempts(q.transmissions))
+            } else if now_unix_ms.saturating_sub(q.message.created_unix_ms) > policy.max_age_ms {
+                Some(GiveUp::TooOld)
+            } else {
+                None
+            }
+        };
+        if !self.queue.iter().skip(first).any(|q| verdict(q).is_some()) {
+            return Vec::new();
+        }
+        let mut given_up = Vec::new();
+        let mut kept = VecDeque::with_capacity(self.queue.len());
+        for (index, queued) in self.queue.drain(..).enumerate() {
+            match verdict(&queued).filter(|_| index >= first) {
+                Some(reason) => {
+                    self.queued_bytes -= queued.message.body.len();
+                    given_up.push(GivenUp {
+                        seq: queued.seq,
+                        tag: queued.tag,
+                        reason,
+                        message: queued.message,
+                    });
+                }
+                None => kept.push_back(queued),
+            }
+        }
+        self.queue = kept;
+        given_up
     }
 
     /// A (new) connection to the peer is established and its hello exchange is done.
@@ -459,18 +661,28 @@ impl Link {
         let base = next_seq.saturating_sub(1);
         match &mut self.inbound {
             Some(inbound) if inbound.epoch == epoch => {
-                // The peer says everything below `next_seq` was acknowledged by us. Normally we
-                // already know; if not, we lost state, and the peer is the authority.
-                inbound.received = inbound.received.max(base);
-                inbound.delivered = inbound.delivered.max(base);
+                // Everything below `next_seq` is settled on the peer's side: acknowledged by us
+                // (normally we know; if not, we lost state and the peer is the authority), or
+                // given up by the peer.
+                if base > inbound.received {
+                    inbound.received = base;
+                    if self.config.ack_on_delivery {
+                        inbound.acked = base;
+                    } else {
+                        self.events
+                            .push_back(LinkEvent::Skipped { epoch, up_to: base });
+                    }
+                }
             }
             _ => {
                 self.inbound = Some(Inbound {
                     epoch,
                     stream: StreamId::direct(&self.peer, &self.local, epoch),
                     received: base,
-                    delivered: base,
+                    acked: base,
                 });
+                self.events
+                    .push_back(LinkEvent::InboundStream { epoch, base });
             }
         }
         self.ack_due = true;
@@ -525,6 +737,9 @@ impl Link {
             }
             let done = self.queue.pop_front().expect("front exists");
             self.queued_bytes -= done.message.body.len();
+            if done.tag != 0 {
+                self.retired.push(done.tag);
+            }
             if self.cursor > 0 {
                 self.cursor -= 1;
                 self.inflight_bytes = self.inflight_bytes.saturating_sub(done.message.body.len());
@@ -544,10 +759,12 @@ impl Link {
     /// Takes the delivered message: the application now has it, so it becomes acknowledgeable.
     pub fn pop_delivery(&mut self) -> Option<Message> {
         let (epoch, message) = self.deliveries.pop_front()?;
-        if let Some(inbound) = &mut self.inbound {
-            if inbound.epoch == epoch && message.header.id.seq > inbound.delivered {
-                inbound.delivered = message.header.id.seq;
-                self.ack_due = true;
+        if self.config.ack_on_delivery {
+            if let Some(inbound) = &mut self.inbound {
+                if inbound.epoch == epoch && message.header.id.seq > inbound.acked {
+                    inbound.acked = message.header.id.seq;
+                    self.ack_due = true;
+                }
             }
         }
         Some(message)
@@ -574,6 +791,7 @@ impl Link {
         if self.resume_due {
             self.resume_due = false;
             let next_seq = self.resume_point();
+            self.peer_expects = next_seq;
             self.control(
                 buf,
                 &Frame::Resume {
@@ -587,12 +805,24 @@ impl Link {
             if let Some(inbound) = &self.inbound {
                 let frame = Frame::Ack {
                     epoch: inbound.epoch,
-                    up_to: inbound.delivered,
+                    up_to: inbound.acked,
                 };
                 self.control(buf, &frame);
             }
         }
         while buf.len() < max_bytes && self.window_open() {
+            let seq = self.queue[self.cursor].seq;
+            if seq != self.peer_expects {
+                // Its predecessors were given up: tell the peer not to wait for them.
+                self.control(
+                    buf,
+                    &Frame::Resume {
+                        epoch: self.epoch,
+                        next_seq: seq,
+                    },
+                );
+            }
+            self.peer_expects = seq + 1;
             let entry = &mut self.queue[self.cursor];
             entry.transmissions += 1;
             let message = &entry.message;
@@ -624,7 +854,9 @@ impl Link {
         if self.config.fault == Fault::NoRetransmit {
             return self.queue.get(self.cursor).map_or(self.next_seq, |q| q.seq);
         }
-        self.acked_up_to + 1
+        // The first message still queued; with nothing queued, the next number (a peer that
+        // has not seen messages that were given up must not wait for them either).
+        self.queue.front().map_or(self.next_seq, |q| q.seq)
     }
 
     fn control(&self, buf: &mut BytesMut, frame: &Frame) {

@@ -19,17 +19,22 @@ struct Side {
     delivered: Vec<Bytes>,
     acked_up_to: u64,
     pushed: u64,
+    acks_on_delivery: bool,
+    /// With `ack_on_delivery` off: (epoch, highest delivered or skipped) for `acknowledge`.
+    settled: (u64, u64),
 }
 
 impl Side {
     fn new(local: NodeId, peer: NodeId, config: LinkConfig) -> Self {
         Self {
             decoder: FrameDecoder::new(Limits::default()),
-            link: Link::new(local, peer, 77, config),
+            link: Link::new(local, peer, 77, config.clone()),
             rx: BytesMut::new(),
             delivered: Vec::new(),
             acked_up_to: 0,
             pushed: 0,
+            acks_on_delivery: config.ack_on_delivery,
+            settled: (0, 0),
         }
     }
 
@@ -38,21 +43,49 @@ impl Side {
         while let Some(frame) = self.decoder.decode(&mut self.rx).expect("valid frames") {
             self.link.handle_frame(frame).expect("no protocol error");
             while let Some(message) = self.link.pop_delivery() {
+                let seq = message.header.id.seq;
+                assert!(seq > self.settled.1, "delivered in order, never twice");
+                self.settled.1 = seq;
                 self.delivered.push(message.body);
             }
-        }
-        while let Some(LinkEvent::Acked { up_to }) = self.link.poll_event() {
-            assert!(up_to > self.acked_up_to, "acks only move forward");
-            self.acked_up_to = up_to;
+            while let Some(event) = self.link.poll_event() {
+                match event {
+                    LinkEvent::Acked { up_to } => {
+                        assert!(up_to > self.acked_up_to, "acks only move forward");
+                        self.acked_up_to = up_to;
+                    }
+                    LinkEvent::InboundStream { epoch, base } => self.settled = (epoch, base),
+                    LinkEvent::Skipped { epoch, up_to } => {
+                        assert_eq!(epoch, self.settled.0);
+                        assert!(up_to > self.settled.1, "skips only move forward");
+                        self.settled.1 = up_to;
+                    }
+                }
+            }
         }
     }
 
+    /// The driver's part with `ack_on_delivery` off: acknowledge what was delivered.
+    fn acknowledge(&mut self) {
+        let (epoch, up_to) = self.settled;
+        self.link.acknowledge(epoch, up_to);
+    }
+
     fn transmit(&mut self, wire: &mut VecDeque<Bytes>, max_bytes: usize) {
+        if !self.link_acks_on_delivery() {
+            self.acknowledge();
+        }
         let mut buf = BytesMut::new();
         self.link.poll_transmit(&mut buf, max_bytes);
         if !buf.is_empty() {
             wire.push_back(buf.freeze());
         }
+    }
+}
+
+impl Side {
+    fn link_acks_on_delivery(&self) -> bool {
+        self.acks_on_delivery
     }
 }
 
@@ -267,4 +300,128 @@ fn a_gap_is_a_protocol_error() {
             got: 2
         }
     );
+}
+
+/// Messages that expire or exhaust their attempts are given up, anywhere in the queue, with the
+/// connection dropping at random: the receiver still sees a gap-free, duplicate-free stream (the
+/// sender skips what it gave up), every message is delivered or given up, and a message given up
+/// was never delivered unless a dead connection carried it.
+fn run_giving_up(seed: u64, ack_on_delivery: bool) {
+    let mut rng = SplitMix64::new(seed);
+    let config = LinkConfig {
+        retry: crate::link::RetryPolicy {
+            max_attempts: 3,
+            max_age_ms: 10_000,
+        },
+        ack_on_delivery,
+        ..LinkConfig::default()
+    };
+    let mut pair = Pair::new(config);
+    let mut now = 0u64;
+    let mut given_up = Vec::new();
+    for _ in 0..600 {
+        now += 1;
+        match rng.next_u64() % 12 {
+            0..=2 => {
+                let n = pair.a.pushed + 1;
+                let body = Bytes::from(format!("m{n}:{now}"));
+                let mut message = OutgoingMessage::command("c", body, now);
+                if rng.next_u64() % 3 == 0 {
+                    message = message.with_expiry(now + rng.next_u64() % 60);
+                }
+                if pair.a.link.has_room(message.body.len()) {
+                    pair.a
+                        .link
+                        .push_at(n, n, message)
+                        .expect("room was checked");
+                    pair.a.pushed = n;
+                }
+            }
+            3 => given_up.extend(pair.a.link.expire(now)),
+            _ => pair.step(&mut rng),
+        }
+    }
+    given_up.extend(pair.a.link.expire(now + 1_000_000));
+    pair.settle();
+    let delivered: Vec<u64> = pair
+        .b
+        .delivered
+        .iter()
+        .map(|body| {
+            let text = std::str::from_utf8(body).unwrap();
+            text[1..text.find(':').unwrap()].parse().unwrap()
+        })
+        .collect();
+    assert!(
+        delivered.windows(2).all(|w| w[0] < w[1]),
+        "seed {seed}: in order, once"
+    );
+    for n in 1..=pair.a.pushed {
+        let gave_up = given_up.iter().any(|g| g.seq == n);
+        assert!(
+            gave_up || delivered.contains(&n),
+            "seed {seed}: message {n} neither delivered nor given up"
+        );
+    }
+    assert_eq!(pair.a.link.queued_messages(), 0, "seed {seed}");
+    assert_eq!(pair.a.link.queued_bytes(), 0, "seed {seed}");
+    let mut retired = Vec::new();
+    pair.a.link.take_retired(&mut retired);
+    for tag in &retired {
+        assert!(
+            delivered.contains(tag),
+            "seed {seed}: retired {tag} was delivered"
+        );
+    }
+}
+
+#[test]
+fn given_up_messages_are_skipped_without_gaps_or_duplicates() {
+    for seed in 0..300 {
+        run_giving_up(seed, true);
+        run_giving_up(seed, false);
+    }
+}
+
+#[test]
+fn restored_streams_continue_where_they_left_off() {
+    let a = NodeId::from_bytes([1; 32]);
+    let b = NodeId::from_bytes([2; 32]);
+    // b persisted that it delivered a's stream 5 up to 3; a restarts with 3..=6 still spooled.
+    let mut sender = Link::new(a, b, 1, LinkConfig::default());
+    sender.restore_outbound(5, 2);
+    for seq in 3..=6 {
+        let body = Bytes::from(format!("m{seq}:0"));
+        sender
+            .push_at(seq, seq, OutgoingMessage::command("c", body, 0))
+            .unwrap();
+    }
+    let mut receiver = Link::new(b, a, 1, LinkConfig::default());
+    receiver.restore_inbound(5, 3);
+    sender.connected();
+    receiver.connected();
+    let decoder = FrameDecoder::new(Limits::default());
+    let mut delivered = Vec::new();
+    for _ in 0..4 {
+        let mut buf = BytesMut::new();
+        sender.poll_transmit(&mut buf, usize::MAX);
+        while let Some(frame) = decoder.decode(&mut buf).unwrap() {
+            receiver.handle_frame(frame).unwrap();
+            while let Some(message) = receiver.pop_delivery() {
+                delivered.push(message.header.id.seq);
+            }
+        }
+        let mut back = BytesMut::new();
+        receiver.poll_transmit(&mut back, usize::MAX);
+        while let Some(frame) = decoder.decode(&mut back).unwrap() {
+            sender.handle_frame(frame).unwrap();
+        }
+    }
+    assert_eq!(delivered, vec![4, 5, 6], "3 was a duplicate");
+    let mut retired = Vec::new();
+    sender.take_retired(&mut retired);
+    assert_eq!(retired, vec![3, 4, 5, 6]);
+    assert!(sender
+        .push_at(6, 0, OutgoingMessage::command("c", Bytes::new(), 0))
+        .is_err());
 }
