@@ -1,6 +1,7 @@
 //! The `weft` command: identities, a listening node, one-shot sends and benchmarks.
 
 mod bench;
+mod config_file;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -68,39 +69,8 @@ enum Command {
         text: String,
     },
     /// Run a node: connect to peers, consume whatever arrives, show live rates, and serve
-    /// Prometheus metrics and a JSON status.
-    Node {
-        /// The node's data directory (identity).
-        #[arg(long)]
-        data_dir: PathBuf,
-        /// UDP address to listen on.
-        #[arg(long, default_value = "0.0.0.0:7450")]
-        bind: SocketAddr,
-        /// Mesh name; nodes of other meshes are refused.
-        #[arg(long, default_value = "default")]
-        mesh: String,
-        /// Peers to connect to, as NODE_ID@IP:PORT.
-        #[arg(long = "peer")]
-        peers: Vec<NodeAddr>,
-        /// Addresses of nodes whose ids you do not know (networks without multicast).
-        #[arg(long = "seed")]
-        seeds: Vec<SocketAddr>,
-        /// Serve `/metrics` (Prometheus) and `/status` (JSON) over HTTP on this address.
-        #[arg(long)]
-        metrics: Option<SocketAddr>,
-        /// File holding the mesh secret: peers must prove they know it (it is never sent).
-        #[arg(long)]
-        secret_file: Option<PathBuf>,
-        /// Find and announce nodes with mDNS (on every interface unless --mdns-interface).
-        #[arg(long)]
-        mdns: bool,
-        /// Restrict mDNS to this interface (repeatable; `lo` for loopback only). Implies --mdns.
-        #[arg(long = "mdns-interface")]
-        mdns_interfaces: Vec<String>,
-        /// Stop after this many seconds (default: run until Ctrl-C).
-        #[arg(long)]
-        run_secs: Option<u64>,
-    },
+    /// Prometheus metrics and a JSON status. Settings come from flags and/or `--config FILE`.
+    Node(config_file::NodeArgs),
     /// List the Weft nodes announcing themselves with mDNS (any mesh), live or once.
     Discover {
         /// Only nodes of this mesh.
@@ -199,38 +169,7 @@ async fn run(command: Command) -> Result<()> {
             timeout_secs,
             text,
         } => send(data_dir, to, channel, mesh, bind, timeout_secs, text).await,
-        Command::Node {
-            data_dir,
-            bind,
-            mesh,
-            peers,
-            seeds,
-            metrics,
-            secret_file,
-            mdns,
-            mdns_interfaces,
-            run_secs,
-        } => {
-            let secret =
-                match secret_file {
-                    Some(path) => Some(std::fs::read(&path).with_context(|| {
-                        format!("cannot read the secret file {}", path.display())
-                    })?),
-                    None => None,
-                };
-            let mdns = (mdns || !mdns_interfaces.is_empty()).then(|| weft::MdnsConfig {
-                interfaces: mdns_interfaces_from(&mdns_interfaces),
-                ..Default::default()
-            });
-            let options = NodeOptions {
-                seeds,
-                metrics,
-                mdns,
-                secret,
-                run_secs,
-            };
-            run_node(data_dir, bind, mesh, peers, options).await
-        }
+        Command::Node(args) => run_node(args.resolve()?).await,
         Command::Status { metrics, json } => status(metrics, json).await,
         Command::Discover {
             mesh,
@@ -339,29 +278,18 @@ async fn send(
     }
 }
 
-/// The optional parts of `weft node`.
-struct NodeOptions {
-    seeds: Vec<SocketAddr>,
-    metrics: Option<SocketAddr>,
-    mdns: Option<weft::MdnsConfig>,
-    secret: Option<Vec<u8>>,
-    run_secs: Option<u64>,
-}
-
-async fn run_node(
-    data_dir: PathBuf,
-    bind: SocketAddr,
-    mesh: String,
-    peers: Vec<NodeAddr>,
-    options: NodeOptions,
-) -> Result<()> {
-    let NodeOptions {
+async fn run_node(settings: config_file::NodeSettings) -> Result<()> {
+    let config_file::NodeSettings {
+        data_dir,
+        bind,
+        mesh,
+        peers,
         seeds,
         metrics,
+        secret_file,
         mdns,
-        secret,
         run_secs,
-    } = options;
+    } = settings;
     let mut builder = Node::builder().mesh(mesh).data_dir(&data_dir).bind(bind);
     for peer in peers {
         builder = builder.peer(peer);
@@ -372,11 +300,16 @@ async fn run_node(
     if let Some(mdns) = mdns {
         builder = builder.discovery_mdns(mdns);
     }
-    if let Some(secret) = secret {
+    if let Some(path) = secret_file {
+        let secret = std::fs::read(&path)
+            .with_context(|| format!("cannot read the secret file {}", path.display()))?;
         // A trailing newline from `echo secret > file` is not part of the secret.
         let trimmed = secret.trim_ascii_end();
         if trimmed.is_empty() {
-            bail!("the secret file is empty");
+            bail!(
+                "the secret file {} is empty: write the mesh secret into it",
+                path.display()
+            );
         }
         builder = builder.mesh_secret(trimmed);
     }
