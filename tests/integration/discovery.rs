@@ -4,9 +4,13 @@
 //! namespace it creates (only a loopback interface inside) AND restricts mdns-sd to IPv4 loopback.
 //! The namespace matters because mdns-sd joins the multicast group on every interface when its
 //! daemon starts, before the loopback-only selection applies. Creating a namespace needs root
-//! (CAP_SYS_ADMIN), as in CI; without it the tests fail rather than fall back to the real network.
+//! (CAP_SYS_ADMIN), as in CI. Without it a test never falls back to the real network: it is
+//! skipped with a message on stderr, except in CI (`CI` set), where that is a failure, so the
+//! coverage cannot vanish silently. (See [`in_private_network`]; the interop test with avahi and
+//! the hostile-announcement tests live in `discovery_interop.rs` and `discovery_admission.rs`.)
 
 use std::future::{Future, IntoFuture};
+use std::io::Write;
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -16,39 +20,66 @@ use weft::{Identity, Interfaces, MdnsConfig, Node, NodeId, PeerEvent};
 use crate::support::init_tracing;
 
 /// Bound on discovering and connecting (RFC 6762 probing alone takes about 1 s).
-const DISCOVERY_WAIT: Duration = Duration::from_secs(20);
+pub const DISCOVERY_WAIT: Duration = Duration::from_secs(20);
+
+/// Skips the calling test with `why` (printed past the test harness's output capture), or fails
+/// it in CI, where every discovery test must run.
+pub fn skip_unless_ci(why: &str) {
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("a discovery test")
+        .to_owned();
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{test}: {why} (CI must run every discovery test)"
+    );
+    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {why}");
+}
 
 /// Runs `test` on a thread of its own inside a fresh network namespace with only loopback up, on
 /// a current-thread runtime: every socket and thread the test creates (QUIC endpoints, the mDNS
-/// daemon's thread) is created from that thread and so lives in the namespace.
-fn in_private_network<F, Fut>(test: F)
+/// daemon's thread) is created from that thread and so lives in the namespace. So does every
+/// process it starts (a child inherits the namespace of the thread that starts it).
+///
+/// Without the privilege to create a namespace the test is skipped (failed in CI), never run
+/// on the real network.
+pub fn in_private_network<F, Fut>(test: F)
 where
     F: FnOnce() -> Fut + Send + 'static,
     Fut: Future<Output = ()>,
 {
-    let thread = std::thread::spawn(move || {
-        let outside = network_namespace("thread-self");
-        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect(
-            "mDNS tests create a network namespace (needs root / CAP_SYS_ADMIN); \
-             they never run on the real network",
-        );
-        let inside = network_namespace("thread-self");
-        assert_ne!(
-            inside, outside,
-            "the test thread is in a new network namespace"
-        );
-        // A child process inherits the namespace of the thread that starts it.
-        let status = std::process::Command::new("ip")
-            .args(["link", "set", "lo", "up"])
-            .status()
-            .expect("run `ip link set lo up` (iproute2)");
-        assert!(status.success(), "bring loopback up in the test namespace");
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        runtime.block_on(test());
-    });
+    let name = std::thread::current().name().map(str::to_owned);
+    let mut thread = std::thread::Builder::new();
+    if let Some(name) = name {
+        thread = thread.name(name);
+    }
+    let thread = thread
+        .spawn(move || {
+            let outside = network_namespace("thread-self");
+            if let Err(errno) = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET) {
+                skip_unless_ci(&format!(
+                    "cannot create a network namespace ({errno}): mDNS tests need root \
+                     (CAP_SYS_ADMIN) and never run on the real network"
+                ));
+                return;
+            }
+            let inside = network_namespace("thread-self");
+            assert_ne!(
+                inside, outside,
+                "the test thread is in a new network namespace"
+            );
+            let status = std::process::Command::new("ip")
+                .args(["link", "set", "lo", "up"])
+                .status()
+                .expect("run `ip link set lo up` (iproute2)");
+            assert!(status.success(), "bring loopback up in the test namespace");
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(test());
+        })
+        .expect("spawn the test thread");
     if let Err(panic) = thread.join() {
         std::panic::resume_unwind(panic);
     }
@@ -60,7 +91,7 @@ fn network_namespace(task: &str) -> PathBuf {
 
 /// Regression guard for the safety rule: no mDNS daemon thread of this process shares the network
 /// namespace of the process's main thread (the machine's real network).
-fn assert_no_mdns_daemon_on_the_real_network() {
+pub fn assert_no_mdns_daemon_on_the_real_network() {
     let real = network_namespace("self");
     for task in std::fs::read_dir("/proc/self/task").expect("list threads") {
         let path = task.expect("thread entry").path();
@@ -78,7 +109,7 @@ fn assert_no_mdns_daemon_on_the_real_network() {
 
 /// A fresh DNS-SD service type (name ≤ 15 bytes), so parallel runs and stale announcements of
 /// earlier runs never meet.
-fn fresh_service_type() -> String {
+pub fn fresh_service_type() -> String {
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.subsec_nanos());
@@ -94,22 +125,29 @@ fn rand_u32() -> u32 {
 }
 
 /// A node on 127.0.0.1 that finds its peers with mDNS on loopback only.
-async fn discovering_node(mesh: &str, service_type: &str) -> Node {
+pub async fn discovering_node(mesh: &str, service_type: &str) -> Node {
+    discovering_node_with(mesh, service_type, |builder| builder).await
+}
+
+/// [`discovering_node`], with the builder adjusted by `configure` (identity, secret, config).
+pub async fn discovering_node_with(
+    mesh: &str,
+    service_type: &str,
+    configure: impl FnOnce(weft::NodeBuilder) -> weft::NodeBuilder,
+) -> Node {
     init_tracing();
-    Node::builder()
+    let builder = Node::builder()
         .mesh(mesh)
         .identity(Identity::generate().expect("identity"))
         .bind("127.0.0.1:0".parse().unwrap())
         .discovery_mdns(MdnsConfig {
             interfaces: Interfaces::LoopbackOnly,
             service_type: service_type.to_owned(),
-        })
-        .start()
-        .await
-        .expect("node starts")
+        });
+    configure(builder).start().await.expect("node starts")
 }
 
-async fn within_discovery<T>(what: &str, future: impl IntoFuture<Output = T>) -> T {
+pub async fn within_discovery<T>(what: &str, future: impl IntoFuture<Output = T>) -> T {
     match tokio::time::timeout(DISCOVERY_WAIT, future.into_future()).await {
         Ok(value) => value,
         Err(_) => panic!("timed out after {DISCOVERY_WAIT:?} waiting for {what}"),
@@ -117,7 +155,7 @@ async fn within_discovery<T>(what: &str, future: impl IntoFuture<Output = T>) ->
 }
 
 /// Waits for the first event `matches` accepts.
-async fn next_event(
+pub async fn next_event(
     events: &mut broadcast::Receiver<PeerEvent>,
     what: &str,
     matches: impl Fn(&PeerEvent) -> bool,
@@ -135,7 +173,7 @@ async fn next_event(
 }
 
 /// Every event received so far (without waiting).
-fn drain(events: &mut broadcast::Receiver<PeerEvent>) -> Vec<PeerEvent> {
+pub fn drain(events: &mut broadcast::Receiver<PeerEvent>) -> Vec<PeerEvent> {
     let mut seen = Vec::new();
     while let Ok(event) = events.try_recv() {
         seen.push(event);
@@ -143,11 +181,11 @@ fn drain(events: &mut broadcast::Receiver<PeerEvent>) -> Vec<PeerEvent> {
     seen
 }
 
-fn discovered(event: &PeerEvent, who: NodeId) -> bool {
+pub fn discovered(event: &PeerEvent, who: NodeId) -> bool {
     matches!(event, PeerEvent::Discovered { peer, .. } if *peer == who)
 }
 
-async fn exchange_acknowledged_message(from: &Node, to: &Node) {
+pub async fn exchange_acknowledged_message(from: &Node, to: &Node) {
     let mut inbox = to.receive("hello").unwrap();
     let receipt = from
         .send(to.id(), "hello", &b"found you"[..])

@@ -5,6 +5,8 @@ mod support;
 mod admin;
 mod admission;
 mod discovery;
+mod discovery_admission;
+mod discovery_interop;
 mod hostile;
 mod p2p;
 mod proxy;
