@@ -1,16 +1,17 @@
-//! Interop with a third-party mDNS stack: Debian's avahi-daemon, browsed with avahi-browse,
-//! resolves a node's announcement with the right instance, host, address, port and TXT records.
+//! Interop with a third-party mDNS stack, Debian's avahi-daemon, both ways: avahi-browse
+//! resolves a node's announcement with the right instance, host, address, port and TXT records
+//! (and sees its goodbye); and a node finds and connects to a node that avahi-publish announces.
 //!
 //! Everything runs inside the test's private network namespace (see `discovery.rs`): a private
-//! D-Bus daemon (avahi-daemon and avahi-browse talk over D-Bus) listening on a socket in a
-//! temporary directory, and avahi-daemon restricted to `lo`, IPv4 only, publishing nothing, in a
-//! mount namespace of its own whose `/run` is a fresh tmpfs (its pid file and runtime directory
-//! never meet a system avahi). Every process is killed and reaped by its pid at the end, and on a
-//! failure when its handle drops.
+//! D-Bus daemon (avahi-daemon and its clients talk over D-Bus) listening on a socket in a
+//! temporary directory, and avahi-daemon restricted to `lo`, IPv4 only, publishing nothing about
+//! the host, in a mount namespace of its own whose `/run` is a fresh tmpfs (its pid file and
+//! runtime directory never meet a system avahi). Every process is killed and reaped by its pid at
+//! the end, and on a failure when its handle drops.
 //!
-//! Needs `dbus-daemon`, `avahi-daemon`, `avahi-browse` (packages dbus, avahi-daemon, avahi-utils;
-//! `.ci/run` installs them) and `unshare` (util-linux). Without them the test is skipped with a
-//! message, except in CI, where it fails.
+//! Needs `dbus-daemon`, `avahi-daemon`, `avahi-browse`, `avahi-publish` (packages dbus-daemon,
+//! avahi-daemon, avahi-utils; `.ci/run` installs them) and `unshare` (util-linux). Without them
+//! the tests are skipped with a message, except in CI, where they fail.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -20,10 +21,11 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use weft::discovery::SERVICE_TYPE_DEFAULT;
 use weft::proto::frame::{PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN};
-use weft::{Identity, Interfaces, MdnsConfig, Node};
+use weft::{Identity, Interfaces, MdnsConfig, Node, PeerEvent};
 
 use crate::discovery::{
-    assert_no_mdns_daemon_on_the_real_network, in_private_network, skip_unless_ci, DISCOVERY_WAIT,
+    assert_no_mdns_daemon_on_the_real_network, discovered, exchange_acknowledged_message,
+    in_private_network, next_event, skip_unless_ci, within_discovery, DISCOVERY_WAIT,
 };
 
 /// How long the D-Bus and avahi daemons may take to be ready.
@@ -34,6 +36,7 @@ struct Programs {
     dbus_daemon: PathBuf,
     avahi_daemon: PathBuf,
     avahi_browse: PathBuf,
+    avahi_publish: PathBuf,
     unshare: PathBuf,
 }
 
@@ -50,8 +53,8 @@ impl Programs {
         let find = |name: &str| {
             find_program(name).ok_or_else(|| {
                 format!(
-                    "`{name}` is not installed (apt-get install -y dbus avahi-daemon avahi-utils \
-                     util-linux, as .ci/run does)"
+                    "`{name}` is not installed (apt-get install -y --no-install-recommends \
+                     dbus-daemon avahi-daemon avahi-utils util-linux, as .ci/run does)"
                 )
             })
         };
@@ -59,6 +62,7 @@ impl Programs {
             dbus_daemon: find("dbus-daemon")?,
             avahi_daemon: find("avahi-daemon")?,
             avahi_browse: find("avahi-browse")?,
+            avahi_publish: find("avahi-publish")?,
             unshare: find("unshare")?,
         })
     }
@@ -186,7 +190,7 @@ fn bus_config(socket: &Path) -> String {
     )
 }
 
-/// avahi-daemon on `lo` only, IPv4 only, browsing and resolving but publishing nothing.
+/// avahi-daemon on `lo` only, IPv4 only, without wide-area DNS-SD; `[publish]` follows.
 const AVAHI_CONFIG: &str = "\
 [server]
 use-ipv4=yes
@@ -196,8 +200,105 @@ enable-dbus=yes
 [wide-area]
 enable-wide-area=no
 [publish]
-disable-publishing=yes
 ";
+
+/// Browsing and resolving only.
+const PUBLISH_NOTHING: &str = "disable-publishing=yes\n";
+
+/// Publishing what clients ask for (avahi-publish), but nothing about this host.
+const PUBLISH_ON_REQUEST: &str = "\
+publish-addresses=no
+publish-hinfo=no
+publish-workstation=no
+";
+
+/// A private D-Bus daemon and an avahi-daemon on it, inside the test's network namespace.
+struct Avahi {
+    dir: TempDir,
+    bus_address: String,
+    bus: Process,
+    daemon: Process,
+    /// avahi-daemon's log (stderr), for diagnostics.
+    log: Lines,
+}
+
+impl Avahi {
+    /// Starts both daemons and waits until avahi is ready. `publish` is the `[publish]` section.
+    async fn start(programs: &Programs, publish: &str) -> Self {
+        let dir = TempDir::new();
+        let socket = dir.0.join("bus");
+        let bus_address = format!("unix:path={}", socket.display());
+        std::fs::write(dir.0.join("bus.conf"), bus_config(&socket)).unwrap();
+        let avahi_config = dir.0.join("avahi-daemon.conf");
+        std::fs::write(&avahi_config, format!("{AVAHI_CONFIG}{publish}")).unwrap();
+
+        let mut bus = Process::spawn(
+            "dbus-daemon",
+            tokio::process::Command::new(&programs.dbus_daemon)
+                .arg(format!(
+                    "--config-file={}",
+                    dir.0.join("bus.conf").display()
+                ))
+                .args(["--nofork", "--print-address=1"])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped()),
+        );
+        let bus_out = bus.take_stdout();
+        let bus_log = bus.take_stderr();
+        // It prints its address once it listens.
+        bus_out
+            .wait_for("the D-Bus daemon", DAEMON_START_WAIT, &bus_log, |l| {
+                l.starts_with("unix:")
+            })
+            .await;
+
+        // A mount namespace of its own with a fresh /run: avahi keeps its pid file there.
+        let mut daemon = Process::spawn(
+            "avahi-daemon",
+            tokio::process::Command::new(&programs.unshare)
+                .args(["--mount", "--propagation", "private", "sh", "-c"])
+                .arg(r#"mount -t tmpfs weft-test /run && exec "$0" --no-drop-root --no-chroot --no-rlimits -f "$1""#)
+                .arg(&programs.avahi_daemon)
+                .arg(&avahi_config)
+                .env("DBUS_SYSTEM_BUS_ADDRESS", &bus_address)
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped()),
+        );
+        let log = daemon.take_stderr();
+        log.wait_for("avahi-daemon's startup", DAEMON_START_WAIT, &bus_log, |l| {
+            l.contains("Server startup complete")
+        })
+        .await;
+        Self {
+            dir,
+            bus_address,
+            bus,
+            daemon,
+            log,
+        }
+    }
+
+    /// A client of this avahi (avahi-browse, avahi-publish), with its stdout and stderr.
+    fn client(&self, name: &'static str, program: &Path, args: &[&str]) -> (Process, Lines, Lines) {
+        let mut client = Process::spawn(
+            name,
+            tokio::process::Command::new(program)
+                .args(args)
+                .env("DBUS_SYSTEM_BUS_ADDRESS", &self.bus_address)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped()),
+        );
+        let out = client.take_stdout();
+        let errors = client.take_stderr();
+        (client, out, errors)
+    }
+
+    async fn stop(self) {
+        self.daemon.stop().await;
+        self.bus.stop().await;
+        drop(self.dir);
+    }
+}
 
 /// One resolved service line of `avahi-browse --parsable --resolve`:
 /// `=;IFACE;PROTO;NAME;TYPE;DOMAIN;HOST;ADDRESS;PORT;"TXT" "TXT"...`.
@@ -258,55 +359,7 @@ fn avahi_resolves_a_nodes_announcement_with_its_port_and_txt_records() {
     };
     in_private_network(move || async move {
         crate::support::init_tracing();
-        let dir = TempDir::new();
-        let socket = dir.0.join("bus");
-        let bus_address = format!("unix:path={}", socket.display());
-        std::fs::write(dir.0.join("bus.conf"), bus_config(&socket)).unwrap();
-        let avahi_config = dir.0.join("avahi-daemon.conf");
-        std::fs::write(&avahi_config, AVAHI_CONFIG).unwrap();
-
-        let mut bus = Process::spawn(
-            "dbus-daemon",
-            tokio::process::Command::new(&programs.dbus_daemon)
-                .arg(format!(
-                    "--config-file={}",
-                    dir.0.join("bus.conf").display()
-                ))
-                .args(["--nofork", "--print-address=1"])
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped()),
-        );
-        let bus_out = bus.take_stdout();
-        let bus_log = bus.take_stderr();
-        // It prints its address once it listens.
-        bus_out
-            .wait_for("the D-Bus daemon", DAEMON_START_WAIT, &bus_log, |l| {
-                l.starts_with("unix:")
-            })
-            .await;
-
-        // A mount namespace of its own with a fresh /run: avahi keeps its pid file there.
-        let mut avahi = Process::spawn(
-            "avahi-daemon",
-            tokio::process::Command::new(&programs.unshare)
-                .args(["--mount", "--propagation", "private", "sh", "-c"])
-                .arg(r#"mount -t tmpfs weft-test /run && exec "$0" --no-drop-root --no-chroot --no-rlimits -f "$1""#)
-                .arg(&programs.avahi_daemon)
-                .arg(&avahi_config)
-                .env("DBUS_SYSTEM_BUS_ADDRESS", &bus_address)
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped()),
-        );
-        let avahi_out = avahi.take_stdout();
-        let avahi_log = avahi.take_stderr();
-        avahi_log
-            .wait_for(
-                "avahi-daemon's startup",
-                DAEMON_START_WAIT,
-                &avahi_out,
-                |l| l.contains("Server startup complete"),
-            )
-            .await;
+        let avahi = Avahi::start(&programs, PUBLISH_NOTHING).await;
 
         let started = Instant::now();
         let node = Node::builder()
@@ -324,21 +377,16 @@ fn avahi_resolves_a_nodes_announcement_with_its_port_and_txt_records() {
         let id = node.id().to_string();
         let port = node.local_addr().unwrap().port();
 
-        let mut browse = Process::spawn(
+        let (browse, browsed, _) = avahi.client(
             "avahi-browse",
-            tokio::process::Command::new(&programs.avahi_browse)
-                .args(["--resolve", "--parsable", "--no-db-lookup", "_weft._udp"])
-                .env("DBUS_SYSTEM_BUS_ADDRESS", &bus_address)
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped()),
+            &programs.avahi_browse,
+            &["--resolve", "--parsable", "--no-db-lookup", "_weft._udp"],
         );
-        let browsed = browse.take_stdout();
-        let browse_log = browse.take_stderr();
         let line = browsed
             .wait_for(
                 "avahi resolving the node",
                 DISCOVERY_WAIT,
-                &avahi_log,
+                &avahi.log,
                 |l| Resolved::parse(l).is_some_and(|r| r.name == id),
             )
             .await;
@@ -369,14 +417,106 @@ fn avahi_resolves_a_nodes_announcement_with_its_port_and_txt_records() {
             .wait_for(
                 "avahi seeing the goodbye",
                 DISCOVERY_WAIT,
-                &browse_log,
+                &avahi.log,
                 |l| l == removed,
             )
             .await;
 
         browse.stop().await;
         avahi.stop().await;
-        bus.stop().await;
-        drop(dir);
+    });
+}
+
+/// The other way round: a node announced by avahi (avahi-publish: an address record and a
+/// `_weft._udp` service with the TXT records) is found by our browser, which connects to it.
+#[test]
+fn a_node_connects_to_a_node_announced_by_avahi() {
+    let programs = match Programs::find() {
+        Ok(programs) => programs,
+        Err(why) => return skip_unless_ci(&why),
+    };
+    in_private_network(move || async move {
+        crate::support::init_tracing();
+        let avahi = Avahi::start(&programs, PUBLISH_ON_REQUEST).await;
+        // The announced node has no mDNS of its own: avahi speaks for it.
+        let announced = crate::support::node("shop").await;
+        let id = announced.id().to_string();
+        let port = announced.local_addr().unwrap().port().to_string();
+        let host = "weft-announced.local";
+        let (address, _, address_said) = avahi.client(
+            "avahi-publish (address)",
+            &programs.avahi_publish,
+            &["--address", "--no-reverse", host, "127.0.0.1"],
+        );
+        let txt_id = format!("id={id}");
+        let txt_versions = format!("v={PROTOCOL_VERSION_MIN}-{PROTOCOL_VERSION_MAX}");
+        let (service, _, service_said) = avahi.client(
+            "avahi-publish (service)",
+            &programs.avahi_publish,
+            &[
+                "--service",
+                "--host",
+                host,
+                &id,
+                "_weft._udp",
+                &port,
+                &txt_id,
+                "mesh=shop",
+                &txt_versions,
+            ],
+        );
+        // avahi-publish reports on stderr once avahi has probed and announced the record.
+        for (what, out) in [
+            ("the address", &address_said),
+            ("the service", &service_said),
+        ] {
+            out.wait_for(what, DISCOVERY_WAIT, &avahi.log, |l| {
+                l.starts_with("Established under name")
+            })
+            .await;
+        }
+
+        let started = Instant::now();
+        let node = Node::builder()
+            .mesh("shop")
+            .identity(Identity::generate().expect("identity"))
+            .bind("127.0.0.1:0".parse().unwrap())
+            .discovery_mdns(MdnsConfig {
+                interfaces: Interfaces::LoopbackOnly,
+                service_type: SERVICE_TYPE_DEFAULT.into(),
+            })
+            .start()
+            .await
+            .expect("node starts");
+        let mut events = node.events();
+        assert_no_mdns_daemon_on_the_real_network();
+        within_discovery(
+            "connected to the node avahi announced",
+            node.connected(announced.id()),
+        )
+        .await
+        .unwrap();
+        eprintln!(
+            "interop: node start → connected to the node avahi announced in {:?}",
+            started.elapsed()
+        );
+        let found = next_event(&mut events, "the announcement", |e| {
+            discovered(e, announced.id())
+        })
+        .await;
+        assert_eq!(
+            found,
+            PeerEvent::Discovered {
+                peer: announced.id(),
+                addrs: vec![announced.local_addr().unwrap()],
+            }
+        );
+        exchange_acknowledged_message(&node, &announced).await;
+
+        node.shutdown().await;
+        announced.shutdown().await;
+        service.stop().await;
+        address.stop().await;
+        avahi.stop().await;
     });
 }
