@@ -348,6 +348,8 @@ async fn node_software(context: Arc<NodeContext>) -> Result<(), Box<dyn Error>> 
         wall_clock: Some(Arc::new(|| {
             SimulatedClock.since_unix_epoch().as_millis() as u64
         })),
+        spool_storage: None,
+        spool_sync_latency: None,
         fault: context.fault,
     };
     let node = Node::builder()

@@ -21,10 +21,8 @@ async fn metrics_and_status_describe_the_running_node() {
     let b = node("shop").await;
     a.add_peer(addr(&b)).unwrap();
     let mut inbox = b.receive("c").unwrap();
-    within("ack", a.send(b.id(), "c", &b"x"[..]).await.unwrap())
-        .await
-        .unwrap();
-    within("delivery", inbox.recv()).await.unwrap();
+    let receipt = a.send(b.id(), "c", &b"x"[..]).await.unwrap();
+    crate::support::take_and_ack(&mut inbox, receipt).await;
 
     let server = weft::admin::serve(a.clone(), "127.0.0.1:0".parse().unwrap())
         .await

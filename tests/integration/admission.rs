@@ -2,7 +2,7 @@
 
 use weft::{NodeAddr, PeerEvent};
 
-use crate::support::{addr, node, within};
+use crate::support::{addr, node, take_and_ack, within};
 
 async fn next_connect_failure(
     events: &mut tokio::sync::broadcast::Receiver<PeerEvent>,
@@ -73,22 +73,16 @@ async fn simultaneous_dials_converge_on_one_connection() {
     for i in 0..200u32 {
         let r1 = a.send(b.id(), "c", i.to_le_bytes().to_vec()).await.unwrap();
         let r2 = b.send(a.id(), "c", i.to_le_bytes().to_vec()).await.unwrap();
-        within("a->b", r1).await.unwrap();
-        within("b->a", r2).await.unwrap();
-    }
-    for i in 0..200u32 {
-        assert_eq!(
-            within("at b", inbox_b.recv()).await.unwrap().body[..],
-            i.to_le_bytes()
-        );
-        assert_eq!(
-            within("at a", inbox_a.recv()).await.unwrap().body[..],
-            i.to_le_bytes()
-        );
+        let at_b = take_and_ack(&mut inbox_b, r1).await;
+        let at_a = take_and_ack(&mut inbox_a, r2).await;
+        assert_eq!(at_b.body[..], i.to_le_bytes());
+        assert_eq!(at_a.body[..], i.to_le_bytes());
     }
     assert_eq!(a.connected_peers(), vec![b.id()]);
     assert_eq!(b.connected_peers(), vec![a.id()]);
-    assert_eq!(a.metrics().duplicates + b.metrics().duplicates, 0);
+    // A message in flight on the losing connection may be retransmitted on the winner (and
+    // dropped there as a duplicate); the application saw each exactly once, in order, above.
+    assert_eq!(a.metrics().delivered + b.metrics().delivered, 400);
 }
 
 /// A body over the limit is refused at the API with a typed error; nothing is queued, and a
@@ -115,15 +109,12 @@ async fn an_oversized_body_is_refused_at_the_api() {
         Err(weft::TrySendError::Send(weft::SendError::TooLarge(_)))
     ));
     let receipt = a.send(b.id(), "c", vec![7u8; limit]).await.unwrap();
-    let delivered = within("ack", receipt).await.unwrap();
+    let message = take_and_ack(&mut inbox, receipt).await;
     assert_eq!(
-        delivered.id.seq, 1,
+        message.header.id.seq, 1,
         "the refused ones took no sequence number"
     );
-    assert_eq!(
-        within("delivery", inbox.recv()).await.unwrap().body.len(),
-        limit
-    );
+    assert_eq!(message.body.len(), limit);
 }
 
 async fn node_admitting(
@@ -145,13 +136,8 @@ async fn nodes_with_the_same_mesh_secret_are_admitted() {
     let b = node_admitting("shop", |b| b.mesh_secret("s3cret")).await;
     a.add_peer(addr(&b)).unwrap();
     let mut inbox = b.receive("c").unwrap();
-    within("ack", a.send(b.id(), "c", &b"in"[..]).await.unwrap())
-        .await
-        .unwrap();
-    assert_eq!(
-        &within("delivery", inbox.recv()).await.unwrap().body[..],
-        b"in"
-    );
+    let receipt = a.send(b.id(), "c", &b"in"[..]).await.unwrap();
+    assert_eq!(&take_and_ack(&mut inbox, receipt).await.body[..], b"in");
 }
 
 /// A wrong secret, or none, is refused with the reason on both sides, and never connects.
@@ -228,11 +214,9 @@ async fn seeds_by_address_alone_connect_and_readiness_waits_for_them() {
         "the bank node is refused, the shop nodes connect"
     );
     let mut inbox = c.receive("c").unwrap();
-    within("ack", a.send(c.id(), "c", &b"via seed"[..]).await.unwrap())
-        .await
-        .unwrap();
+    let receipt = a.send(c.id(), "c", &b"via seed"[..]).await.unwrap();
     assert_eq!(
-        &within("delivery", inbox.recv()).await.unwrap().body[..],
+        &take_and_ack(&mut inbox, receipt).await.body[..],
         b"via seed"
     );
 }

@@ -191,9 +191,10 @@ pub async fn exchange_acknowledged_message(from: &Node, to: &Node) {
         .send(to.id(), "hello", &b"found you"[..])
         .await
         .unwrap();
+    let message = within_discovery("message", inbox.recv()).await.unwrap();
+    inbox.settle();
     let delivered = within_discovery("receipt", receipt).await.unwrap();
     assert_eq!(delivered.peer, to.id());
-    let message = within_discovery("message", inbox.recv()).await.unwrap();
     assert_eq!(&message.body[..], b"found you");
     assert_eq!(message.header.id.producer, from.id());
 }

@@ -7,6 +7,7 @@ mod admission;
 mod discovery;
 mod discovery_admission;
 mod discovery_interop;
+mod durability;
 mod hostile;
 mod p2p;
 mod proxy;

@@ -13,6 +13,7 @@ pub struct Relay {
     /// Dial this instead of the target.
     pub front: SocketAddr,
     cut: Arc<AtomicBool>,
+    cut_backward: Arc<AtomicBool>,
     dropped: Arc<AtomicU64>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -23,6 +24,7 @@ impl Relay {
         let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
         let back = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
         let cut = Arc::new(AtomicBool::new(false));
+        let cut_backward = Arc::new(AtomicBool::new(false));
         let dropped = Arc::new(AtomicU64::new(0));
         let client: Arc<tokio::sync::Mutex<Option<SocketAddr>>> = Default::default();
         let forward = {
@@ -46,17 +48,18 @@ impl Relay {
             })
         };
         let backward = {
-            let (front, back, cut, dropped, client) = (
+            let (front, back, cut, cut_backward, dropped, client) = (
                 front.clone(),
                 back.clone(),
                 cut.clone(),
+                cut_backward.clone(),
                 dropped.clone(),
                 client.clone(),
             );
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 65_536];
                 while let Ok((n, _)) = back.recv_from(&mut buf).await {
-                    if cut.load(Ordering::Relaxed) {
+                    if cut.load(Ordering::Relaxed) || cut_backward.load(Ordering::Relaxed) {
                         dropped.fetch_add(1, Ordering::Relaxed);
                         continue;
                     }
@@ -69,6 +72,7 @@ impl Relay {
         Self {
             front: front.local_addr().unwrap(),
             cut,
+            cut_backward,
             dropped,
             tasks: vec![forward, backward],
         }
@@ -76,6 +80,11 @@ impl Relay {
 
     pub fn cut(&self, cut: bool) {
         self.cut.store(cut, Ordering::Relaxed);
+    }
+
+    /// Drops only what the target sends back (its acknowledgements, say).
+    pub fn cut_backward(&self, cut: bool) {
+        self.cut_backward.store(cut, Ordering::Relaxed);
     }
 
     pub fn dropped(&self) -> u64 {

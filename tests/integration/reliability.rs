@@ -37,6 +37,7 @@ async fn unacknowledged_messages_are_retransmitted_after_the_connection_dies() {
             let message = within("delivery", inbox.recv()).await.unwrap();
             assert_eq!(message.body[..], i.to_le_bytes(), "in order, once");
         }
+        inbox.settle();
         inbox
     });
 
@@ -176,13 +177,12 @@ async fn a_stalled_channel_does_not_stall_the_nodes_own_receipts() {
             .send(a.id(), "fast", i.to_le_bytes().to_vec())
             .await
             .unwrap();
+        let message = within("A gets it", fast.recv()).await.unwrap();
+        assert_eq!(message.body[..], i.to_le_bytes());
+        fast.settle();
         within("B's receipt while its slow channel is full", receipt)
             .await
             .unwrap();
-        assert_eq!(
-            within("A gets it", fast.recv()).await.unwrap().body[..],
-            i.to_le_bytes()
-        );
     }
 
     for i in 0..10u8 {
@@ -191,6 +191,7 @@ async fn a_stalled_channel_does_not_stall_the_nodes_own_receipts() {
             [i]
         );
     }
+    slow.settle();
     for receipt in stuck {
         within("A's receipts once B reads", receipt).await.unwrap();
     }

@@ -46,6 +46,15 @@ pub async fn within<T>(what: &str, future: impl IntoFuture<Output = T>) -> T {
     }
 }
 
+/// Takes the next message from `inbox`, settles it (the application is done with it) and waits
+/// for `receipt`, which resolves only then. Returns the message.
+pub async fn take_and_ack(inbox: &mut weft::Inbox, receipt: weft::Receipt) -> weft::Message {
+    let message = within("delivery", inbox.recv()).await.expect("a message");
+    inbox.settle();
+    within("ack", receipt).await.expect("acknowledged");
+    message
+}
+
 /// A node on 127.0.0.1 with its configuration adjusted by `configure`.
 pub async fn node_with(mesh: &str, configure: impl FnOnce(&mut weft::NodeConfig)) -> Node {
     init_tracing();

@@ -779,7 +779,7 @@ mod tests {
             Kind::Reply,
         ];
         for round in 0..2_000u64 {
-            let big = |v: u64, round: u64| if round % 3 == 0 { v } else { v % 300 };
+            let big = |v: u64, round: u64| if round.is_multiple_of(3) { v } else { v % 300 };
             let twin = Twin {
                 seq: big(next(), round),
                 kind: kinds[(next() % 5) as usize],

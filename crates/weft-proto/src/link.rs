@@ -137,6 +137,10 @@ pub enum Fault {
     NoDedup,
     /// After a reconnect, skip what the old connection had in flight (and tell the peer to skip it).
     NoRetransmit,
+    /// (Driver) report sends accepted before the spool's fsync.
+    AckBeforeFsync,
+    /// (Driver) acknowledge inbound messages before their watermark is durable.
+    WatermarkAfterAck,
 }
 
 /// A message the application handed over, before it has a sequence number.
@@ -319,6 +323,8 @@ pub enum LinkEvent {
     Skipped {
         /// The stream's epoch.
         epoch: u64,
+        /// Lowest skipped sequence number (everything below it arrived).
+        from: u64,
         /// Highest skipped sequence number.
         up_to: u64,
     },
@@ -665,12 +671,16 @@ impl Link {
                 // (normally we know; if not, we lost state and the peer is the authority), or
                 // given up by the peer.
                 if base > inbound.received {
+                    let from = inbound.received + 1;
                     inbound.received = base;
                     if self.config.ack_on_delivery {
                         inbound.acked = base;
                     } else {
-                        self.events
-                            .push_back(LinkEvent::Skipped { epoch, up_to: base });
+                        self.events.push_back(LinkEvent::Skipped {
+                            epoch,
+                            from,
+                            up_to: base,
+                        });
                     }
                 }
             }

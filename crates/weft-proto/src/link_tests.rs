@@ -55,8 +55,9 @@ impl Side {
                         self.acked_up_to = up_to;
                     }
                     LinkEvent::InboundStream { epoch, base } => self.settled = (epoch, base),
-                    LinkEvent::Skipped { epoch, up_to } => {
+                    LinkEvent::Skipped { epoch, from, up_to } => {
                         assert_eq!(epoch, self.settled.0);
+                        assert_eq!(from, self.settled.1 + 1, "only what did not arrive");
                         assert!(up_to > self.settled.1, "skips only move forward");
                         self.settled.1 = up_to;
                     }
@@ -158,7 +159,7 @@ impl Pair {
                 }
             }
             _ => {
-                if rng.next_u64() % 8 == 0 {
+                if rng.next_u64().is_multiple_of(8) {
                     self.reconnect();
                 }
             }
@@ -326,7 +327,7 @@ fn run_giving_up(seed: u64, ack_on_delivery: bool) {
                 let n = pair.a.pushed + 1;
                 let body = Bytes::from(format!("m{n}:{now}"));
                 let mut message = OutgoingMessage::command("c", body, now);
-                if rng.next_u64() % 3 == 0 {
+                if rng.next_u64().is_multiple_of(3) {
                     message = message.with_expiry(now + rng.next_u64() % 60);
                 }
                 if pair.a.link.has_room(message.body.len()) {

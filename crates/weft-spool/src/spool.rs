@@ -542,6 +542,16 @@ impl<S: Storage> Spool<S> {
         Ok(self.synced_up_to)
     }
 
+    /// Hands everything buffered to the storage without an fsync: it survives the process being
+    /// killed, not the machine losing power. (For [`FsyncPolicy::Interval`], between syncs.)
+    pub fn flush(&mut self) -> Result<(), SpoolError> {
+        self.check()?;
+        if let Err(failure) = self.main.flush(&mut self.storage) {
+            return Err(self.poison(failure));
+        }
+        Ok(())
+    }
+
     /// Syncs and gives the storage back. Dropping a spool without this loses whatever was
     /// appended since the last sync, exactly like a crash (the spool never writes in `Drop`).
     pub fn close(mut self) -> Result<S, SpoolError> {

@@ -37,7 +37,8 @@ pub struct NodeConfig {
     pub channels_max: usize,
     /// Most peers a node keeps state for.
     pub peers_max: usize,
-    /// Sends a peer may queue ahead of its link before `send` waits (on top of the link queue).
+    /// Sends a peer may queue ahead of its link before `send` waits (on top of the link queue);
+    /// with a spool, also the most sends to one peer in one group commit.
     pub peer_command_capacity: usize,
     /// QUIC keep-alive: keeps idle connections open and detects dead ones.
     pub keep_alive: Duration,
@@ -55,6 +56,9 @@ pub struct NodeConfig {
     pub events_capacity: usize,
     /// Find peers of the same mesh with mDNS (and announce this node); `None` (the default): off.
     pub mdns: Option<MdnsConfig>,
+    /// The on-disk retry spool in `<data_dir>/spool` (fsync policy, caps). Used when the node
+    /// has a data directory; `None` keeps messages in memory only (lost if the process dies).
+    pub spool: Option<weft_spool::SpoolConfig>,
 }
 
 impl Default for NodeConfig {
@@ -69,7 +73,7 @@ impl Default for NodeConfig {
             inbox_capacity: 4_096,
             channels_max: 4_096,
             peers_max: 1_024,
-            peer_command_capacity: 1_024,
+            peer_command_capacity: 16_384,
             keep_alive: Duration::from_secs(2),
             idle_timeout: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(5),
@@ -78,6 +82,7 @@ impl Default for NodeConfig {
             max_udp_payload: 1_452,
             events_capacity: 1_024,
             mdns: None,
+            spool: Some(weft_spool::SpoolConfig::default()),
         }
     }
 }
@@ -121,6 +126,9 @@ impl NodeConfig {
     }
 }
 
+/// Makes the spool's storage (see [`Seams::spool_storage`]).
+pub type SpoolStorageFactory = Arc<dyn Fn() -> Box<dyn weft_spool::Storage + Send> + Send + Sync>;
+
 /// A wall clock in Unix milliseconds.
 pub type WallClock = Arc<dyn Fn() -> u64 + Send + Sync>;
 
@@ -145,6 +153,11 @@ pub struct Seams {
     pub rng_seed: Option<u64>,
     /// Wall clock for message timestamps. Default: the system clock.
     pub wall_clock: Option<WallClock>,
+    /// The spool's storage (the simulation's `SimStorage`), made anew at each start; the
+    /// writer then runs as a task on the node's runtime instead of a thread of its own.
+    pub spool_storage: Option<SpoolStorageFactory>,
+    /// Simulated fsync time of that storage.
+    pub spool_sync_latency: Option<Duration>,
     /// A deliberate bug for the simulation's canaries.
     #[cfg(feature = "fault-injection")]
     pub fault: weft_proto::link::Fault,

@@ -34,6 +34,12 @@ pub enum StartError {
     /// A configuration value is out of range.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// Another node (or a `weft spool` command) uses this data directory.
+    #[error("data directory is in use ({0} is locked): stop the other node or command, or use another --data-dir")]
+    Locked(PathBuf),
+    /// The spool could not be opened or recovered.
+    #[error("{0}")]
+    Spool(String),
     /// The data directory could not be used.
     #[error("cannot use data directory {path}: {source}")]
     DataDir {
@@ -60,6 +66,24 @@ pub enum SendError {
     /// The node tracks as many peers as it may.
     #[error("too many peers: the node tracks its maximum of {0}")]
     TooManyPeers(usize),
+    /// The spool is at its byte cap: wait for acknowledgements (or raise `spool.bytes_max`).
+    #[error("the spool is full: {0}")]
+    SpoolFull(String),
+    /// The spool could not make the message durable (a storage error; the node's spool stops
+    /// accepting until the node restarts and recovery reads what is really on disk).
+    #[error("the spool failed: {0}")]
+    Spool(String),
+}
+
+impl From<DeliveryError> for SendError {
+    fn from(error: DeliveryError) -> Self {
+        match error {
+            DeliveryError::NodeClosed => Self::NodeClosed,
+            DeliveryError::NotAccepted(reason) => Self::Spool(reason),
+            DeliveryError::SpoolFull(reason) => Self::SpoolFull(reason),
+            DeliveryError::DeadLettered { reason } => Self::Spool(reason),
+        }
+    }
 }
 
 /// Why a non-blocking send was not accepted.
@@ -69,6 +93,9 @@ pub enum TrySendError {
     /// The peer's queue is at its bound: back off or use the async `send`.
     #[error("the queue for this peer is full (would block)")]
     WouldBlock,
+    /// The spool holds its maximum of pending messages: back off or use the async `send`.
+    #[error("the spool is full (would block)")]
+    SpoolFull,
     /// Any reason `send` could fail too.
     #[error(transparent)]
     Send(#[from] SendError),
@@ -82,6 +109,19 @@ pub enum DeliveryError {
     /// message is gone with the process; the spool keeps it across restarts.)
     #[error("the node shut down before the peer acknowledged the message")]
     NodeClosed,
+    /// The spool could not make the message durable; it was not sent.
+    #[error("the spool did not accept the message: {0}")]
+    NotAccepted(String),
+    /// The spool is at its byte cap; the message was not sent.
+    #[error("the spool is full: {0}")]
+    SpoolFull(String),
+    /// The message was given up (its expiry or retry budget passed) and moved to the dead-letter
+    /// log (`weft spool dead` lists it; `weft spool replay` sends it again).
+    #[error("dead-lettered: {reason}")]
+    DeadLettered {
+        /// Why it was given up.
+        reason: String,
+    },
 }
 
 /// Why `receive` could not open a channel.

@@ -8,14 +8,15 @@
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll};
 
 use futures_util::Stream;
 use tokio::sync::mpsc;
-use weft_proto::Message;
+use weft_proto::{Message, MessageId, NodeId};
 
 use crate::error::ReceiveError;
+use crate::settle::Settlement;
 
 struct Slot {
     tx: mpsc::Sender<Message>,
@@ -34,6 +35,8 @@ pub(crate) struct Channels {
     generation: AtomicU64,
     capacity: usize,
     max: usize,
+    /// Per producer: what the application took of its stream (see [`Settlement`]).
+    settlements: RwLock<HashMap<NodeId, Arc<Settlement>>>,
 }
 
 /// Why a channel's queue could not be found or made.
@@ -50,6 +53,37 @@ impl Channels {
             generation: AtomicU64::new(0),
             capacity,
             max,
+            settlements: RwLock::new(HashMap::new()),
+        }
+    }
+
+    /// Records where `producer`'s messages are settled (its peer task calls this once).
+    pub(crate) fn register(&self, producer: NodeId, settlement: Arc<Settlement>) {
+        self.settlements
+            .write()
+            .expect("settlements lock poisoned")
+            .insert(producer, settlement);
+    }
+
+    /// The application is done with these messages: they may be acknowledged.
+    fn settle(&self, taken: &mut Vec<MessageId>) {
+        if taken.is_empty() {
+            return;
+        }
+        let settlements = self.settlements.read().expect("settlements lock poisoned");
+        let mut current: Option<(NodeId, &Arc<Settlement>)> = None;
+        for id in taken.drain(..) {
+            let settlement = match current {
+                Some((producer, settlement)) if producer == id.producer => settlement,
+                _ => match settlements.get(&id.producer) {
+                    Some(settlement) => {
+                        current = Some((id.producer, settlement));
+                        settlement
+                    }
+                    None => continue,
+                },
+            };
+            settlement.settle(id.stream, id.seq);
         }
     }
 
@@ -117,6 +151,7 @@ impl Channels {
             channel: channel.to_owned(),
             rx: Some(rx),
             channels: Arc::clone(self),
+            taken: Vec::new(),
         })
     }
 
@@ -135,10 +170,20 @@ impl Channels {
 }
 
 /// The application's end of one channel: a stream of messages, in order per sending node.
+///
+/// # Acknowledgement
+/// A message is acknowledged to its sender once the application is done with it, which the
+/// inbox takes to be when the application asks for the next message (any `recv*` call or the
+/// next poll of the stream) or drops the inbox — never while it merely waits in the queue. So a
+/// crash loses nothing: what was not acknowledged is sent again. A message is *not* redelivered
+/// once its acknowledgement's watermark is durable; one taken and not yet settled when the node
+/// dies is (same [`MessageId`]: an application whose effects are not idempotent keys them by it).
 pub struct Inbox {
     channel: String,
     rx: Option<mpsc::Receiver<Message>>,
     channels: Arc<Channels>,
+    /// Returned to the application, settled at its next call.
+    taken: Vec<MessageId>,
 }
 
 impl std::fmt::Debug for Inbox {
@@ -155,22 +200,39 @@ impl Inbox {
         &self.channel
     }
 
-    /// The next message; `None` once the node shut down and the queue is empty.
+    /// The next message; `None` once the node shut down and the queue is empty. Settles the
+    /// messages returned before (see [Acknowledgement](Inbox#acknowledgement)).
     pub async fn recv(&mut self) -> Option<Message> {
-        self.rx.as_mut()?.recv().await
+        self.settle();
+        let message = self.rx.as_mut()?.recv().await?;
+        self.taken.push(message.header.id);
+        Some(message)
     }
 
-    /// Up to `limit` messages at once (at least one unless the node shut down).
+    /// Up to `limit` messages at once (at least one unless the node shut down), appended to
+    /// `buffer`. Settles the messages returned before.
     pub async fn recv_many(&mut self, buffer: &mut Vec<Message>, limit: usize) -> usize {
-        match self.rx.as_mut() {
-            Some(rx) => rx.recv_many(buffer, limit).await,
-            None => 0,
-        }
+        self.settle();
+        let Some(rx) = self.rx.as_mut() else { return 0 };
+        let start = buffer.len();
+        let n = rx.recv_many(buffer, limit).await;
+        self.taken
+            .extend(buffer[start..].iter().map(|m| m.header.id));
+        n
     }
 
-    /// A message if one is waiting.
+    /// A message if one is waiting. Settles the messages returned before.
     pub fn try_recv(&mut self) -> Option<Message> {
-        self.rx.as_mut()?.try_recv().ok()
+        self.settle();
+        let message = self.rx.as_mut()?.try_recv().ok()?;
+        self.taken.push(message.header.id);
+        Some(message)
+    }
+
+    /// Settles the messages returned so far now, without asking for more (for an application
+    /// that is done with them but will not call `recv` again soon).
+    pub fn settle(&mut self) {
+        self.channels.settle(&mut self.taken);
     }
 
     /// Messages waiting in the queue now.
@@ -188,15 +250,22 @@ impl Stream for Inbox {
     type Item = Message;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Message>> {
-        match self.rx.as_mut() {
+        self.settle();
+        let polled = match self.rx.as_mut() {
             Some(rx) => rx.poll_recv(cx),
             None => Poll::Ready(None),
+        };
+        if let Poll::Ready(Some(message)) = &polled {
+            let id = message.header.id;
+            self.taken.push(id);
         }
+        polled
     }
 }
 
 impl Drop for Inbox {
     fn drop(&mut self) {
+        self.settle();
         if let Some(rx) = self.rx.take() {
             self.channels.give_back(&self.channel, rx);
         }

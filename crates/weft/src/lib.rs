@@ -41,6 +41,7 @@ pub mod body;
 pub mod config;
 mod connection;
 pub mod discovery;
+mod durable;
 pub mod error;
 pub mod identity;
 mod inbox;
@@ -48,6 +49,7 @@ mod metrics;
 pub mod node;
 mod peer;
 mod receipt;
+mod settle;
 pub mod tls;
 
 pub use addr::NodeAddr;
@@ -68,3 +70,4 @@ pub use weft_proto::{
     self as proto, Header, Kind, Limits, LinkConfig, Message, MessageId, NodeId, Options,
     OutgoingMessage, Priority,
 };
+pub use weft_spool::{FsyncPolicy, SpoolConfig};

@@ -17,6 +17,11 @@ pub(crate) struct Metrics {
     protocol_errors: AtomicU64,
     dial_failures: AtomicU64,
     refusals: AtomicU64,
+    accepted: AtomicU64,
+    dead_lettered: AtomicU64,
+    spool_pending: AtomicU64,
+    spool_errors: AtomicU64,
+    watermarks_persisted: AtomicU64,
 }
 
 /// A snapshot of a node's counters.
@@ -43,6 +48,16 @@ pub struct MetricsSnapshot {
     pub dial_failures: u64,
     /// Peers refused at the hello, or that refused us.
     pub refusals: u64,
+    /// Sends made durable in the spool.
+    pub accepted: u64,
+    /// Messages given up (expiry, retry budget) and moved to the dead-letter log.
+    pub dead_lettered: u64,
+    /// Outgoing messages in the spool, not yet acknowledged.
+    pub spool_pending: u64,
+    /// Spool operations that failed (storage errors, full dead-letter log).
+    pub spool_errors: u64,
+    /// Inbound dedup watermarks made durable.
+    pub watermarks_persisted: u64,
 }
 
 impl Metrics {
@@ -87,6 +102,31 @@ impl Metrics {
         self.refusals.fetch_add(1, Ordering::Relaxed);
     }
 
+    pub(crate) fn accepted(&self, n: u64) {
+        self.accepted.fetch_add(n, Ordering::Relaxed);
+        self.spool_pending.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub(crate) fn spool_retired(&self, n: u64) {
+        self.spool_pending.fetch_sub(n, Ordering::Relaxed);
+    }
+
+    pub(crate) fn recovered(&self, n: u64) {
+        self.spool_pending.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub(crate) fn dead_lettered(&self) {
+        self.dead_lettered.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn spool_error(&self) {
+        self.spool_errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn watermark_persisted(&self) {
+        self.watermarks_persisted.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub(crate) fn snapshot(&self) -> MetricsSnapshot {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         MetricsSnapshot {
@@ -100,6 +140,11 @@ impl Metrics {
             protocol_errors: get(&self.protocol_errors),
             dial_failures: get(&self.dial_failures),
             refusals: get(&self.refusals),
+            accepted: get(&self.accepted),
+            dead_lettered: get(&self.dead_lettered),
+            spool_pending: get(&self.spool_pending),
+            spool_errors: get(&self.spool_errors),
+            watermarks_persisted: get(&self.watermarks_persisted),
         }
     }
 }
@@ -113,7 +158,7 @@ struct Series {
 }
 
 impl MetricsSnapshot {
-    fn series(&self) -> [Series; 10] {
+    fn series(&self) -> [Series; 15] {
         let counter = |name, help, value| Series {
             name,
             kind: "counter",
@@ -172,6 +217,32 @@ impl MetricsSnapshot {
                 "Peers refused at the hello, or that refused this node.",
                 self.refusals,
             ),
+            counter(
+                "weft_messages_accepted_total",
+                "Sends made durable in the spool.",
+                self.accepted,
+            ),
+            counter(
+                "weft_messages_dead_lettered_total",
+                "Messages given up (expiry, retry budget) and moved to the dead-letter log.",
+                self.dead_lettered,
+            ),
+            Series {
+                name: "weft_spool_pending_messages",
+                kind: "gauge",
+                help: "Outgoing messages in the spool, not yet acknowledged.",
+                value: self.spool_pending,
+            },
+            counter(
+                "weft_spool_errors_total",
+                "Spool operations that failed (storage errors, full dead-letter log).",
+                self.spool_errors,
+            ),
+            counter(
+                "weft_watermarks_persisted_total",
+                "Inbound dedup watermarks made durable.",
+                self.watermarks_persisted,
+            ),
         ]
     }
 
@@ -205,19 +276,27 @@ impl MetricsSnapshot {
 
     /// The counters as a JSON object (`{"sent": 1, ...}`), names as in the struct.
     pub fn to_json(&self) -> String {
-        format!(
-            "{{\"sent\":{},\"retransmitted\":{},\"acked\":{},\"received\":{},\"duplicates\":{},\"delivered\":{},\"peers_connected\":{},\"protocol_errors\":{},\"dial_failures\":{},\"refusals\":{}}}",
-            self.sent,
-            self.retransmitted,
-            self.acked,
-            self.received,
-            self.duplicates,
-            self.delivered,
-            self.peers_connected,
-            self.protocol_errors,
-            self.dial_failures,
-            self.refusals
-        )
+        let fields: Vec<String> = [
+            ("sent", self.sent),
+            ("retransmitted", self.retransmitted),
+            ("acked", self.acked),
+            ("received", self.received),
+            ("duplicates", self.duplicates),
+            ("delivered", self.delivered),
+            ("peers_connected", self.peers_connected),
+            ("protocol_errors", self.protocol_errors),
+            ("dial_failures", self.dial_failures),
+            ("refusals", self.refusals),
+            ("accepted", self.accepted),
+            ("dead_lettered", self.dead_lettered),
+            ("spool_pending", self.spool_pending),
+            ("spool_errors", self.spool_errors),
+            ("watermarks_persisted", self.watermarks_persisted),
+        ]
+        .iter()
+        .map(|(name, value)| format!("\"{name}\":{value}"))
+        .collect();
+        format!("{{{}}}", fields.join(","))
     }
 }
 
@@ -242,6 +321,6 @@ mod tests {
         );
         assert!(text.contains("# TYPE weft_peers_connected gauge\n"));
         assert!(text.contains(&format!("weft_peers_connected{labels} 2\n")));
-        assert_eq!(text.lines().count(), 30);
+        assert_eq!(text.lines().count(), 45);
     }
 }

@@ -18,12 +18,13 @@ use crate::addr::NodeAddr;
 use crate::config::{NodeConfig, Seams, WallClock};
 use crate::connection::{self, close_code, Established};
 use crate::discovery::{Announcement, Discovery, DiscoveryCallback, DiscoveryEvent, MdnsConfig};
+use crate::durable::{Durable, Outgoing, Restored, SpoolSetup};
 use crate::error::{ReceiveError, SendError, StartError, TrySendError};
 use crate::identity::Identity;
 use crate::inbox::{Channels, Inbox};
 use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::peer::{Control, PeerTask};
-use crate::receipt::Receipt;
+use crate::receipt::{Fates, Receipt};
 use crate::tls;
 
 /// A peer came or went.
@@ -67,15 +68,28 @@ pub enum PeerEvent {
         /// The node.
         peer: NodeId,
     },
+    /// A message to `peer` was given up (its expiry or retry budget passed) and moved to the
+    /// dead-letter log (`weft spool dead` lists it, `weft spool replay` sends it again).
+    DeadLettered {
+        /// The destination.
+        peer: NodeId,
+        /// The message.
+        id: MessageId,
+        /// Why, in one sentence.
+        reason: String,
+    },
 }
 
 /// Per-peer state shared between the API and the peer's task.
 #[derive(Debug)]
 pub(crate) struct PeerHandle {
     pub id: NodeId,
+    /// Epoch and id of our stream to the peer (restored from the spool, or new).
+    pub epoch: u64,
     pub stream: StreamId,
-    /// Messages for the link, in sequence order (bounded: `send` waits when full).
-    pub commands: mpsc::Sender<OutgoingMessage>,
+    /// Messages for the link, in sequence order (bounded: `send` waits when full). With a spool,
+    /// a send reserves its slot first and the spool writer fills it once the message is durable.
+    pub commands: mpsc::Sender<Outgoing>,
     /// Connections and addresses for the task (rare; bounded by handshakes in flight).
     pub control: mpsc::UnboundedSender<Control>,
     /// Next sequence number. Held while a message enters `commands`, so queue order is sequence
@@ -83,6 +97,10 @@ pub(crate) struct PeerHandle {
     pub next_seq: Mutex<u64>,
     /// The link's acknowledged watermark, for receipts.
     pub acked: watch::Receiver<u64>,
+    /// The highest seq whose fate at the spool is known (accepted or refused), for `send`.
+    pub accepted: watch::Sender<u64>,
+    /// Messages that will never be delivered, for receipts.
+    pub fates: Arc<Fates>,
     /// Whether a connection is up.
     pub connected: watch::Receiver<bool>,
 }
@@ -96,8 +114,14 @@ pub(crate) struct Shared {
     pub endpoint: quinn::Endpoint,
     pub provider: Arc<rustls::crypto::CryptoProvider>,
     pub transport: Arc<quinn::TransportConfig>,
-    /// This incarnation's stream epoch (new per start: there is no spool to resume from yet).
+    /// This incarnation's stream epoch for peers without a stream restored from the spool.
     pub epoch: u64,
+    /// The spool writer (`None`: a node without a data directory keeps messages in memory only).
+    pub durable: Option<Durable>,
+    /// Streams recovered from the spool, taken by each peer's task when it starts.
+    pub restored: Mutex<Restored>,
+    /// The data directory's lock, held for the node's lifetime.
+    pub _lock: Option<std::fs::File>,
     pub rng: Mutex<SplitMix64>,
     pub wall_clock: WallClock,
     pub peers: RwLock<BTreeMap<NodeId, Arc<PeerHandle>>>,
@@ -105,7 +129,7 @@ pub(crate) struct Shared {
     pub events: broadcast::Sender<PeerEvent>,
     pub shutdown: watch::Sender<bool>,
     pub tasks: Mutex<Vec<JoinHandle<()>>>,
-    pub metrics: Metrics,
+    pub metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -288,11 +312,12 @@ impl NodeBuilder {
             seams,
         } = self;
         config.validate().map_err(StartError::Config)?;
-        let identity = match (identity, data_dir) {
+        let identity = match (identity, &data_dir) {
             (Some(identity), _) => identity,
-            (None, Some(dir)) => Identity::load_or_create(&dir)?,
+            (None, Some(dir)) => Identity::load_or_create(dir)?,
             (None, None) => return Err(StartError::NoIdentity),
         };
+        let lock = data_dir.as_deref().map(lock_data_dir).transpose()?;
         let id = identity.node_id();
         let provider = seams
             .crypto_provider
@@ -341,6 +366,22 @@ impl NodeBuilder {
             })
         });
         let (events, _) = broadcast::channel(config.events_capacity);
+        let metrics = Arc::new(Metrics::default());
+        let (durable, restored) = match spool_setup(&config, &seams, data_dir.as_deref())? {
+            Some(setup) => {
+                let (durable, restored) = Durable::start(
+                    setup,
+                    config.limits(),
+                    config.peers_max,
+                    events.clone(),
+                    Arc::clone(&metrics),
+                )
+                .map_err(StartError::Spool)?;
+                (Some(durable), restored)
+            }
+            None => (None, Restored::default()),
+        };
+        let restored_peers: Vec<NodeId> = restored.outbound.keys().copied().collect();
         let (shutdown, _) = watch::channel(false);
         let channels = Arc::new(Channels::new(config.inbox_capacity, config.channels_max));
         let peers_at_start = config.peers.clone();
@@ -354,6 +395,9 @@ impl NodeBuilder {
             provider,
             transport,
             epoch,
+            durable,
+            restored: Mutex::new(restored),
+            _lock: lock,
             rng: Mutex::new(rng),
             wall_clock,
             peers: RwLock::new(BTreeMap::new()),
@@ -361,7 +405,7 @@ impl NodeBuilder {
             events,
             shutdown,
             tasks: Mutex::new(Vec::new()),
-            metrics: Metrics::default(),
+            metrics,
         });
         let local_addr = shared.endpoint.local_addr().ok();
         info!(node = %id, addr = ?local_addr, mesh = %shared.config.mesh, "node started");
@@ -373,6 +417,13 @@ impl NodeBuilder {
                 discovery: Mutex::new(None),
             }),
         };
+        for peer in restored_peers {
+            // Their messages wait in their links for a connection (dialed if an address is
+            // configured or discovered, or accepted when the peer dials us).
+            if let Err(e) = node.shared().peer(peer) {
+                warn!(peer = %peer.short(), error = %e, "cannot restore the stream to a peer");
+            }
+        }
         for peer in peers_at_start {
             if let Err(e) = node.add_peer(peer.clone()) {
                 warn!(peer = %peer.id.short(), error = %e, "cannot add configured peer");
@@ -426,6 +477,67 @@ fn start_discovery(node: &Node, config: &MdnsConfig) -> Result<Discovery, StartE
     });
     Discovery::start(config, local, on_event)
         .map_err(|e| StartError::Config(format!("mDNS discovery: {e}")))
+}
+
+/// Takes the data directory's lock: one node (or `weft spool` command) per directory.
+fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File, StartError> {
+    let data_dir_error = |source| StartError::DataDir {
+        path: dir.to_owned(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(data_dir_error)?;
+    let path = dir.join("lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(data_dir_error)?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StartError::Locked(path)),
+        Err(std::fs::TryLockError::Error(e)) => Err(data_dir_error(e)),
+    }
+}
+
+/// Where the spool lives: the simulation's storage, else `<data_dir>/spool`; none without a
+/// data directory (or with `config.spool` off).
+fn spool_setup(
+    config: &NodeConfig,
+    seams: &Seams,
+    data_dir: Option<&std::path::Path>,
+) -> Result<Option<SpoolSetup>, StartError> {
+    let Some(spool_config) = &config.spool else {
+        return Ok(None);
+    };
+    #[cfg(feature = "fault-injection")]
+    let ack_before_fsync = seams.fault == weft_proto::link::Fault::AckBeforeFsync;
+    #[cfg(not(feature = "fault-injection"))]
+    let ack_before_fsync = false;
+    if let Some(storage) = &seams.spool_storage {
+        return Ok(Some(SpoolSetup {
+            storage: storage(),
+            config: spool_config.clone(),
+            inline: true,
+            sync_latency: seams.spool_sync_latency,
+            ack_before_fsync,
+        }));
+    }
+    let Some(dir) = data_dir else { return Ok(None) };
+    let dir = dir.join("spool");
+    let storage = std::fs::create_dir_all(&dir)
+        .and_then(|()| weft_spool::FsStorage::open(&dir))
+        .map_err(|source| StartError::DataDir {
+            path: dir.clone(),
+            source,
+        })?;
+    Ok(Some(SpoolSetup {
+        storage: Box::new(storage),
+        config: spool_config.clone(),
+        inline: false,
+        sync_latency: None,
+        ack_before_fsync,
+    }))
 }
 
 fn transport_config(config: &NodeConfig) -> quinn::TransportConfig {
@@ -747,6 +859,9 @@ impl Node {
         for task in tasks {
             let _ = task.await;
         }
+        if let Some(durable) = &shared.durable {
+            durable.close().await;
+        }
         shared.channels.close();
         shared.endpoint.close(close_code::SHUTDOWN, b"shutdown");
         let _ = tokio::time::timeout(Duration::from_secs(3), shared.endpoint.wait_idle()).await;
@@ -773,40 +888,107 @@ impl PeerSender {
         self.send_message(message).await
     }
 
-    /// Sends a fully specified message; waits while the peer's queue is full.
+    /// Sends a fully specified message. Waits while the peer's queue (or the spool) is full;
+    /// with a spool, returns once the message is durable ("accepted"): after a crash of this
+    /// node it is sent again, and it is delivered or dead-lettered, never lost.
     pub async fn send_message(&self, message: OutgoingMessage) -> Result<Receipt, SendError> {
         message.check(&self.shared.config.limits())?;
+        let Some(durable) = &self.shared.durable else {
+            let permit = self
+                .handle
+                .commands
+                .reserve()
+                .await
+                .map_err(|_| SendError::NodeClosed)?;
+            return Ok(self.enqueue(permit, message));
+        };
         let permit = self
             .handle
             .commands
-            .reserve()
+            .clone()
+            .reserve_owned()
             .await
             .map_err(|_| SendError::NodeClosed)?;
-        Ok(self.enqueue(permit, message))
+        durable
+            .room
+            .acquire()
+            .await
+            .map_err(|_| SendError::NodeClosed)?
+            .forget();
+        let receipt = self.spool(durable, permit, message)?;
+        receipt.accepted().await?;
+        Ok(receipt)
     }
 
-    /// Sends without waiting: [`TrySendError::WouldBlock`] when the peer's queue is full.
+    /// Sends without waiting: [`TrySendError::WouldBlock`] when the peer's queue is full,
+    /// [`TrySendError::SpoolFull`] when the spool is. With a spool, the message is not durable
+    /// yet when this returns: [`Receipt::accepted`] tells when it is (or that it was refused).
     pub fn try_send_message(&self, message: OutgoingMessage) -> Result<Receipt, TrySendError> {
         message
             .check(&self.shared.config.limits())
             .map_err(SendError::from)?;
-        let permit = self.handle.commands.try_reserve().map_err(|e| match e {
-            mpsc::error::TrySendError::Full(()) => TrySendError::WouldBlock,
-            mpsc::error::TrySendError::Closed(()) => TrySendError::Send(SendError::NodeClosed),
-        })?;
-        Ok(self.enqueue(permit, message))
+        let Some(durable) = &self.shared.durable else {
+            let permit = self.handle.commands.try_reserve().map_err(would_block)?;
+            return Ok(self.enqueue(permit, message));
+        };
+        let permit = self
+            .handle
+            .commands
+            .clone()
+            .try_reserve_owned()
+            .map_err(would_block)?;
+        match durable.room.try_acquire() {
+            Ok(room) => room.forget(),
+            Err(tokio::sync::TryAcquireError::NoPermits) => return Err(TrySendError::SpoolFull),
+            Err(tokio::sync::TryAcquireError::Closed) => {
+                return Err(TrySendError::Send(SendError::NodeClosed))
+            }
+        }
+        Ok(self.spool(durable, permit, message)?)
     }
 
-    fn enqueue(
-        &self,
-        permit: mpsc::Permit<'_, OutgoingMessage>,
-        message: OutgoingMessage,
-    ) -> Receipt {
+    /// Without a spool: straight into the peer's queue.
+    fn enqueue(&self, permit: mpsc::Permit<'_, Outgoing>, message: OutgoingMessage) -> Receipt {
         let mut next_seq = self.handle.next_seq.lock().expect("sequence lock poisoned");
         let seq = *next_seq;
         *next_seq += 1;
-        permit.send(message);
+        permit.send(Outgoing {
+            seq,
+            tag: 0,
+            message,
+        });
         drop(next_seq);
+        self.receipt(seq)
+    }
+
+    /// With a spool: to the writer, which hands it to the peer's queue once it is durable. The
+    /// sequence lock is held while the command enters the writer's queue, so the writer sees
+    /// each peer's messages in sequence order.
+    fn spool(
+        &self,
+        durable: &Durable,
+        permit: mpsc::OwnedPermit<Outgoing>,
+        message: OutgoingMessage,
+    ) -> Result<Receipt, SendError> {
+        let mut next_seq = self.handle.next_seq.lock().expect("sequence lock poisoned");
+        let seq = *next_seq;
+        *next_seq += 1;
+        let command = crate::durable::Command::Append {
+            peer: Arc::clone(&self.handle),
+            seq,
+            message,
+            permit,
+        };
+        let sent = durable.tx.send(command);
+        drop(next_seq);
+        if sent.is_err() {
+            durable.room.add_permits(1);
+            return Err(SendError::NodeClosed);
+        }
+        Ok(self.receipt(seq))
+    }
+
+    fn receipt(&self, seq: u64) -> Receipt {
         Receipt {
             id: MessageId {
                 producer: self.shared.id,
@@ -815,6 +997,19 @@ impl PeerSender {
             },
             peer: self.handle.id,
             acked: self.handle.acked.clone(),
+            accepted: self
+                .shared
+                .durable
+                .as_ref()
+                .map(|_| self.handle.accepted.subscribe()),
+            fates: Arc::clone(&self.handle.fates),
         }
+    }
+}
+
+fn would_block<T>(error: mpsc::error::TrySendError<T>) -> TrySendError {
+    match error {
+        mpsc::error::TrySendError::Full(_) => TrySendError::WouldBlock,
+        mpsc::error::TrySendError::Closed(_) => TrySendError::Send(SendError::NodeClosed),
     }
 }

@@ -23,12 +23,16 @@ use weft_proto::backoff::Backoff;
 use weft_proto::frame::LENGTH_PREFIX_BYTES;
 use weft_proto::handshake::{resolve_duplicate, Keep};
 use weft_proto::link::{LinkEvent, LinkStats};
-use weft_proto::{Frame, FrameDecoder, FrameError, Link, Message, NodeId, OutgoingMessage};
+use weft_proto::spooled::Watermark;
+use weft_proto::{Frame, FrameDecoder, FrameError, Link, Message, MessageId, NodeId, StreamId};
 
 use crate::connection::{self, close_code, Established};
-use crate::error::ConnectError;
+use crate::durable::{Command, Outgoing};
+use crate::error::{ConnectError, DeliveryError};
 use crate::inbox::ChannelError;
 use crate::node::{PeerEvent, PeerHandle, Shared};
+use crate::receipt::Fates;
+use crate::settle::Settlement;
 
 /// Bytes gathered into one write: large writes are what make QUIC fast (one write per message
 /// runs at a twentieth of the speed).
@@ -48,6 +52,8 @@ const TX_BUFFER_BYTES: usize = 4 * TRANSMIT_BATCH_BYTES;
 const COMMAND_BATCH: usize = 512;
 /// Most addresses remembered per peer.
 const ADDRESSES_MAX: usize = 16;
+/// How often queued messages are checked against their expiry and the retry policy.
+const EXPIRY_CHECK: Duration = Duration::from_secs(1);
 
 /// Messages to a peer task from elsewhere in the node.
 #[derive(Debug)]
@@ -58,6 +64,8 @@ pub(crate) enum Control {
     DialFailed(ConnectError),
     /// Addresses to dial the peer at.
     Addresses(Vec<SocketAddr>),
+    /// The spool made this inbound watermark durable: acknowledge up to it.
+    WatermarkDurable { epoch: u64, up_to: u64 },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,10 +100,10 @@ pub(crate) struct PeerTask {
     peer: NodeId,
     link: Link,
     decoder: FrameDecoder,
-    commands: mpsc::Receiver<OutgoingMessage>,
-    /// Taken from `commands` but not yet in the link (the link was at its byte bound).
-    pending: VecDeque<OutgoingMessage>,
-    batch: Vec<OutgoingMessage>,
+    commands: mpsc::Receiver<Outgoing>,
+    /// Taken from `commands` (or restored) but not yet in the link (it was at its bound).
+    pending: VecDeque<Outgoing>,
+    batch: Vec<Outgoing>,
     control: mpsc::UnboundedReceiver<Control>,
     control_tx: mpsc::UnboundedSender<Control>,
     acked: watch::Sender<u64>,
@@ -119,26 +127,67 @@ pub(crate) struct PeerTask {
     /// The channel queue the link's current delivery waits for.
     parked: Option<mpsc::Sender<Message>>,
     stats: LinkStats,
+    /// What the application took of the peer's stream (see [`Settlement`]).
+    settlement: Arc<Settlement>,
+    /// The inbound watermark the spool is persisting now (one request at a time).
+    watermark_in_flight: Option<(u64, u64)>,
+    /// The last inbound watermark made durable (or restored).
+    watermark_durable: (u64, u64),
+    /// When queued messages are next checked for expiry.
+    expiry_at: Option<Instant>,
+    fates: Arc<Fates>,
+    retired: Vec<u64>,
+    /// The newest acknowledgement the link reported, not yet published.
+    acked_pending: Option<u64>,
 }
 
 impl PeerTask {
     pub(crate) fn new(shared: Arc<Shared>, peer: NodeId) -> (Self, PeerHandle) {
         let config = &shared.config;
-        let link = Link::new(shared.id, peer, shared.epoch, shared.link_config());
+        let mut link_config = shared.link_config();
+        // Acknowledgements wait for the application to take a message (and, with a spool, for
+        // its watermark to be durable): the driver acknowledges, not the link.
+        link_config.ack_on_delivery = false;
+        let mut link = Link::new(shared.id, peer, shared.epoch, link_config);
+        let (outbound, inbound) = {
+            let mut restored = shared.restored.lock().expect("restored lock poisoned");
+            (
+                restored.outbound.remove(&peer),
+                restored.inbound.remove(&peer),
+            )
+        };
+        let mut pending = VecDeque::new();
+        if let Some(stream) = outbound {
+            link.restore_outbound(stream.epoch, stream.acked_up_to);
+            pending.extend(stream.messages);
+        }
+        let next_seq = pending.back().map_or(link.next_seq(), |o| o.seq + 1);
+        let settlement = Arc::new(Settlement::default());
+        let mut watermark_durable = (0, 0);
+        if let Some((epoch, up_to)) = inbound {
+            link.restore_inbound(epoch, up_to);
+            settlement.reset(StreamId::direct(&peer, &shared.id, epoch), epoch, up_to);
+            watermark_durable = (epoch, up_to);
+        }
+        shared.channels.register(peer, Arc::clone(&settlement));
         let (commands_tx, commands) = mpsc::channel(config.peer_command_capacity);
         let (control_tx, control) = mpsc::unbounded_channel();
-        let (acked, acked_rx) = watch::channel(0);
+        let (acked, acked_rx) = watch::channel(link.acked_up_to());
         let (connected, connected_rx) = watch::channel(false);
+        let fates = Arc::new(Fates::default());
         let handle = PeerHandle {
             id: peer,
+            epoch: link.epoch(),
             stream: link.stream(),
             commands: commands_tx,
             control: control_tx.clone(),
-            next_seq: Mutex::new(link.next_seq()),
+            next_seq: Mutex::new(next_seq),
             acked: acked_rx,
+            accepted: watch::channel(next_seq - 1).0,
+            fates: Arc::clone(&fates),
             connected: connected_rx,
         };
-        let task = Self {
+        let mut task = Self {
             decoder: FrameDecoder::new(config.limits()),
             backoff: Backoff::new(
                 config.reconnect_initial.as_millis() as u64,
@@ -148,7 +197,7 @@ impl PeerTask {
             peer,
             link,
             commands,
-            pending: Default::default(),
+            pending,
             batch: Vec::with_capacity(COMMAND_BATCH),
             control,
             control_tx,
@@ -165,7 +214,15 @@ impl PeerTask {
             channels_generation: 0,
             parked: None,
             stats: LinkStats::default(),
+            settlement,
+            watermark_in_flight: None,
+            watermark_durable,
+            expiry_at: None,
+            fates,
+            retired: Vec::new(),
+            acked_pending: None,
         };
+        task.absorb();
         (task, handle)
     }
 
@@ -194,6 +251,11 @@ impl PeerTask {
                 Dial::At(at) => Some(at),
                 _ => None,
             };
+            if self.expiry_at.is_none() && self.link.queued_messages() > 0 {
+                self.expiry_at = Some(Instant::now() + EXPIRY_CHECK);
+            }
+            let expiry_at = self.expiry_at;
+            let settlement = Arc::clone(&self.settlement);
             tokio::select! {
                 biased;
                 _ = shutdown.wait_for(|stop| *stop) => break,
@@ -212,7 +274,9 @@ impl PeerTask {
                     }
                     self.take_batch();
                 }
+                () = settlement.moved.notified() => self.settled(),
                 _ = sleep_until(dial_at) => self.start_dial(),
+                _ = sleep_until(expiry_at) => self.expire(),
             }
         }
         self.stop();
@@ -235,14 +299,11 @@ impl PeerTask {
     /// Moves a batch from the application into the link (each message is moved as few times as
     /// possible: they are copied by value at every hop).
     fn take_batch(&mut self) {
-        for message in self.batch.drain(..) {
-            if self.pending.is_empty() && self.link.has_room(message.body.len()) {
-                // The API checked the message against the same limits, and room was just checked.
-                if let Err(e) = self.link.push(message) {
-                    unreachable!("checked message refused by its link: {e}");
-                }
+        for outgoing in self.batch.drain(..) {
+            if self.pending.is_empty() && self.link.has_room(outgoing.message.body.len()) {
+                push(&mut self.link, outgoing);
             } else {
-                self.pending.push_back(message);
+                self.pending.push_back(outgoing);
             }
         }
     }
@@ -250,14 +311,11 @@ impl PeerTask {
     /// Moves messages from `pending` into the link while it has room.
     fn absorb(&mut self) {
         while let Some(front) = self.pending.front() {
-            if !self.link.has_room(front.body.len()) {
+            if !self.link.has_room(front.message.body.len()) {
                 break;
             }
-            let message = self.pending.pop_front().expect("front exists");
-            // The API checked the message against the same limits, and room was checked above.
-            if let Err(e) = self.link.push(message) {
-                unreachable!("checked message refused by its link: {e}");
-            }
+            let outgoing = self.pending.pop_front().expect("front exists");
+            push(&mut self.link, outgoing);
         }
     }
 
@@ -290,17 +348,41 @@ impl PeerTask {
             self.proven = true;
             self.backoff.reset();
         }
-        let mut acked = None;
-        while let Some(LinkEvent::Acked { up_to }) = self.link.poll_event() {
-            acked = Some(up_to);
-        }
+        self.link_events();
+        let acked = self.acked_pending.take();
         if let Some(up_to) = acked {
             self.acked.send_replace(up_to);
             self.absorb();
+            self.link.take_retired(&mut self.retired);
+            if !self.retired.is_empty() {
+                if let Some(durable) = &self.shared.durable {
+                    let _ = durable
+                        .tx
+                        .send(Command::Retire(std::mem::take(&mut self.retired)));
+                }
+                self.retired.clear();
+            }
         }
         let stats = self.link.stats();
         self.shared.metrics.add_link_delta(&self.stats, &stats);
         self.stats = stats;
+    }
+
+    /// Handles the link's events. Called right after every frame, so that a new or skipping
+    /// inbound stream reaches the settlement before any of its messages reach the application.
+    fn link_events(&mut self) {
+        while let Some(event) = self.link.poll_event() {
+            match event {
+                LinkEvent::Acked { up_to } => self.acked_pending = Some(up_to),
+                LinkEvent::InboundStream { epoch, base } => {
+                    let stream = StreamId::direct(&self.peer, &self.shared.id, epoch);
+                    self.settlement.reset(stream, epoch, base);
+                }
+                LinkEvent::Skipped { epoch, from, up_to } => {
+                    self.settlement.skip(epoch, from, up_to)
+                }
+            }
+        }
     }
 
     fn handle_control(&mut self, control: Control) {
@@ -334,7 +416,94 @@ impl PeerTask {
                 }
                 self.schedule_dial();
             }
+            Control::WatermarkDurable { epoch, up_to } => {
+                self.watermark_in_flight = None;
+                self.watermark_durable = (epoch, up_to);
+                self.link.acknowledge(epoch, up_to);
+                self.settled();
+            }
         }
+    }
+
+    fn settled(&mut self) {
+        self.persist_settled(false);
+    }
+
+    /// The application settled more of the peer's stream: acknowledge it — with a spool, once
+    /// the watermark is durable (one persist in flight at a time, so they coalesce meanwhile;
+    /// `last`: the task is stopping, persist the newest regardless).
+    fn persist_settled(&mut self, last: bool) {
+        let (epoch, up_to) = self.settlement.watermark();
+        let Some(durable) = &self.shared.durable else {
+            self.link.acknowledge(epoch, up_to);
+            return;
+        };
+        #[cfg(feature = "fault-injection")]
+        if self.shared.seams.fault == weft_proto::link::Fault::WatermarkAfterAck {
+            // The canary's bug: acknowledge before the watermark is durable.
+            self.link.acknowledge(epoch, up_to);
+        }
+        let newer = |(e, u): (u64, u64)| e != epoch || up_to > u;
+        if !newer(self.watermark_durable) {
+            return;
+        }
+        match self.watermark_in_flight {
+            Some(in_flight) if !last || !newer(in_flight) => return,
+            _ => {}
+        }
+        let watermark = Watermark {
+            peer: self.peer,
+            epoch,
+            up_to,
+        };
+        let command = Command::Watermark {
+            watermark,
+            reply: self.control_tx.clone(),
+        };
+        if durable.tx.send(command).is_ok() {
+            self.watermark_in_flight = Some((epoch, up_to));
+        }
+    }
+
+    /// Gives up queued messages past their expiry or retry budget: each goes to the dead-letter
+    /// log (with a spool), its receipt fails, and the application gets an event.
+    fn expire(&mut self) {
+        self.expiry_at = None;
+        let now = self.shared.now_unix_ms();
+        for given_up in self.link.expire(now) {
+            let id = MessageId {
+                producer: self.shared.id,
+                stream: self.link.stream(),
+                seq: given_up.seq,
+            };
+            let reason = given_up.reason.to_string();
+            self.fates.fail(
+                given_up.seq,
+                DeliveryError::DeadLettered {
+                    reason: reason.clone(),
+                },
+            );
+            match &self.shared.durable {
+                Some(durable) if given_up.tag != 0 => {
+                    let _ = durable.tx.send(Command::DeadLetter {
+                        peer: self.peer,
+                        id,
+                        tag: given_up.tag,
+                        reason,
+                    });
+                }
+                _ => {
+                    self.shared.metrics.dead_lettered();
+                    warn!(%id, %reason, "message given up (no spool: not kept)");
+                    let _ = self.shared.events.send(PeerEvent::DeadLettered {
+                        peer: self.peer,
+                        id,
+                        reason,
+                    });
+                }
+            }
+        }
+        self.absorb();
     }
 
     fn install(&mut self, established: Established) {
@@ -547,6 +716,7 @@ impl PeerTask {
                 self.protocol_error(e.to_string());
                 return;
             }
+            self.link_events();
         }
     }
 
@@ -633,6 +803,8 @@ impl PeerTask {
     }
 
     fn stop(&mut self) {
+        // Persist what the application settled last (the spool writer closes after this task).
+        self.persist_settled(true);
         if let Some(conn) = self.conn.take() {
             conn.connection.close(close_code::SHUTDOWN, b"shutdown");
             self.link.disconnected();
@@ -641,10 +813,15 @@ impl PeerTask {
         }
         self.publish_progress();
         let unacked = self.link.queued_messages() + self.pending.len() + self.commands.len();
-        if unacked > 0 {
+        if unacked > 0 && self.shared.durable.is_some() {
+            info!(
+                unacked,
+                "stopping with messages the peer has not acknowledged; they stay in the spool"
+            );
+        } else if unacked > 0 {
             warn!(
                 unacked,
-                "node stopped with messages the peer has not acknowledged"
+                "node stopped with messages the peer has not acknowledged (no spool: they are lost)"
             );
         }
     }
@@ -717,6 +894,15 @@ async fn closed(connection: Option<quinn::Connection>) -> quinn::ConnectionError
     match connection {
         Some(connection) => connection.closed().await,
         None => pending().await,
+    }
+}
+
+/// Queues a message in its link. The API checked it against the same limits and its sequence
+/// number is above every earlier one; the caller checked room.
+fn push(link: &mut Link, outgoing: Outgoing) {
+    let Outgoing { seq, tag, message } = outgoing;
+    if let Err(e) = link.push_at(seq, tag, message) {
+        unreachable!("checked message refused by its link: {e}");
     }
 }
 

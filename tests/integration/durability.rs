@@ -1,0 +1,237 @@
+//! Durability over real QUIC and a real data directory: sends survive the sender's restart and
+//! the receiver being away, a restarted receiver does not deliver again what it delivered before,
+//! given-up messages are dead-lettered (and the application told), and a full spool pushes back.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use weft::{DeliveryError, Node, NodeAddr, PeerEvent, TrySendError};
+
+use crate::proxy::Relay;
+use crate::support::{init_tracing, within};
+
+fn short_timeouts(config: &mut weft::NodeConfig) {
+    config.keep_alive = Duration::from_millis(100);
+    config.idle_timeout = Duration::from_millis(600);
+    config.reconnect_initial = Duration::from_millis(20);
+    config.reconnect_max = Duration::from_millis(200);
+}
+
+async fn durable_node(dir: &Path, bind: SocketAddr) -> Node {
+    init_tracing();
+    Node::builder()
+        .mesh("durable")
+        .data_dir(dir)
+        .bind(bind)
+        .configure(short_timeouts)
+        .start()
+        .await
+        .expect("node starts")
+}
+
+fn loopback() -> SocketAddr {
+    "127.0.0.1:0".parse().unwrap()
+}
+
+/// A sends to B while B has never been up; A restarts; B comes up: everything A accepted arrives,
+/// once, in order — after a restart of the sender, under the same message ids.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accepted_sends_survive_a_sender_restart_and_flow_when_the_peer_appears() {
+    const COUNT: u32 = 500;
+    let a_dir = tempdir("a");
+    let b_dir = tempdir("b");
+    // B's identity exists before B runs, so A can address it.
+    let b_id = weft::Identity::load_or_create(&b_dir).unwrap().node_id();
+    let a = durable_node(&a_dir, loopback()).await;
+    let mut ids = Vec::new();
+    for i in 0..COUNT {
+        let receipt = a
+            .send(b_id, "orders", i.to_le_bytes().to_vec())
+            .await
+            .unwrap();
+        ids.push(receipt.id());
+    }
+    assert_eq!(a.metrics().accepted, u64::from(COUNT));
+    a.shutdown().await;
+    drop(a);
+
+    let a = durable_node(&a_dir, loopback()).await;
+    assert_eq!(a.metrics().spool_pending, u64::from(COUNT), "recovered");
+    let b = durable_node(&b_dir, loopback()).await;
+    let mut inbox = b.receive("orders").unwrap();
+    a.add_peer(b.addr().unwrap()).unwrap();
+    for (i, id) in ids.iter().enumerate() {
+        let message = within("a restored message", inbox.recv()).await.unwrap();
+        assert_eq!(message.body[..], (i as u32).to_le_bytes(), "in order, once");
+        assert_eq!(message.header.id, *id, "the id assigned before the restart");
+    }
+    // A new send continues the same stream; its acknowledgement covers the restored ones.
+    let receipt = a.send(b.id(), "orders", b"after".to_vec()).await.unwrap();
+    assert_eq!(receipt.id().seq, u64::from(COUNT) + 1);
+    let next = within("the new message", inbox.recv()).await.unwrap();
+    assert_eq!(&next.body[..], b"after");
+    inbox.settle();
+    within("receipt", receipt).await.unwrap();
+    a.shutdown().await;
+    b.shutdown().await;
+    drop(a);
+    // Everything acknowledged was retired: nothing to send after the next restart.
+    let a = durable_node(&a_dir, loopback()).await;
+    assert_eq!(a.metrics().spool_pending, 0);
+    a.shutdown().await;
+}
+
+/// B delivers A's messages but its acknowledgements never reach A; B restarts. A sends them
+/// again on the new connection, and B — whose watermark was durable before it acknowledged —
+/// drops every one as a duplicate: the application sees each message once across the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_receiver_does_not_deliver_again_what_it_delivered() {
+    const COUNT: u32 = 50;
+    let a_dir = tempdir("a");
+    let b_dir = tempdir("b");
+    let b = durable_node(&b_dir, loopback()).await;
+    let b_addr = b.local_addr().unwrap();
+    let relay = Relay::start(b_addr).await;
+    let a = durable_node(&a_dir, loopback()).await;
+    a.add_peer(NodeAddr::new(b.id(), relay.front)).unwrap();
+    let mut inbox = b.receive("ledger").unwrap();
+    // One full round trip first: both streams are resumed.
+    let first = a.send(b.id(), "ledger", b"first".to_vec()).await.unwrap();
+    assert_eq!(
+        &within("first", inbox.recv()).await.unwrap().body[..],
+        b"first"
+    );
+    inbox.settle();
+    within("first receipt", first).await.unwrap();
+
+    relay.cut_backward(true);
+    let mut receipts = Vec::new();
+    for i in 0..COUNT {
+        receipts.push(
+            a.send(b.id(), "ledger", i.to_le_bytes().to_vec())
+                .await
+                .unwrap(),
+        );
+    }
+    for i in 0..COUNT {
+        let message = within("delivery", inbox.recv()).await.unwrap();
+        assert_eq!(message.body[..], i.to_le_bytes());
+    }
+    drop(inbox); // settles the last one
+    b.shutdown().await;
+    drop(b);
+    assert!(
+        !receipts[0].is_delivered(),
+        "no acknowledgement got through"
+    );
+    relay.cut_backward(false);
+
+    let b = durable_node(&b_dir, b_addr).await;
+    let mut inbox = b.receive("ledger").unwrap();
+    let marker = a.send(b.id(), "ledger", b"after".to_vec()).await.unwrap();
+    let next = within("the next message", inbox.recv()).await.unwrap();
+    assert_eq!(&next.body[..], b"after", "nothing delivered twice");
+    inbox.settle();
+    for receipt in receipts {
+        within("receipts after the restart", receipt).await.unwrap();
+    }
+    within("marker", marker).await.unwrap();
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// A message whose expiry passes before its peer ever appears is dead-lettered: its receipt
+/// says so, the application gets an event, the metric counts it, and the dead-letter log keeps
+/// it across a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_messages_are_dead_lettered_and_reported() {
+    let a_dir = tempdir("a");
+    let absent = weft::Identity::generate().unwrap().node_id();
+    let a = durable_node(&a_dir, loopback()).await;
+    let mut events = a.events();
+    let message = a.new_message("alerts", b"too late".to_vec());
+    let expires = message.created_unix_ms + 100;
+    let receipt = a
+        .send_message(absent, message.with_expiry(expires))
+        .await
+        .unwrap();
+    let id = receipt.id();
+    match within("dead letter", receipt).await {
+        Err(DeliveryError::DeadLettered { reason }) => assert_eq!(reason, "expired"),
+        other => panic!("expected a dead letter, got {other:?}"),
+    }
+    within("dead-letter event", async {
+        loop {
+            if let Ok(PeerEvent::DeadLettered { id: got, .. }) = events.recv().await {
+                assert_eq!(got, id);
+                return;
+            }
+        }
+    })
+    .await;
+    assert_eq!(a.metrics().dead_lettered, 1);
+    assert_eq!(a.metrics().spool_pending, 0);
+    a.shutdown().await;
+    drop(a);
+
+    let (spool, recovery) = weft_spool::Spool::open(
+        weft_spool::FsStorage::open(a_dir.join("spool")).unwrap(),
+        weft_spool::SpoolConfig::default(),
+    )
+    .unwrap();
+    assert!(recovery.pending.is_empty());
+    let letters: Vec<_> = spool.dead_letters().map(|l| l.reason.to_owned()).collect();
+    assert_eq!(letters, vec!["expired".to_owned()]);
+}
+
+/// At the spool's record cap `try_send` says `SpoolFull` and `send` waits; nothing is dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_spool_pushes_back() {
+    let a_dir = tempdir("a");
+    let absent = weft::Identity::generate().unwrap().node_id();
+    init_tracing();
+    let a = Node::builder()
+        .mesh("durable")
+        .data_dir(&a_dir)
+        .bind(loopback())
+        .configure(|config| {
+            // Room for 8 messages: the writer keeps one record per peer for watermarks.
+            config.spool = Some(weft::SpoolConfig {
+                records_max: 8 + config.peers_max as u64 + 1,
+                ..Default::default()
+            });
+        })
+        .start()
+        .await
+        .unwrap();
+    for i in 0..8u32 {
+        let _pending = a
+            .send(absent, "work", i.to_le_bytes().to_vec())
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        a.try_send(absent, "work", b"one more".to_vec())
+            .unwrap_err(),
+        TrySendError::SpoolFull
+    );
+    let waiting = tokio::time::timeout(
+        Duration::from_millis(200),
+        a.send(absent, "work", b"one more".to_vec()),
+    )
+    .await;
+    assert!(waiting.is_err(), "send waits for room");
+    a.shutdown().await;
+}
+
+/// A directory under the target dir, removed at the start (tests run repeatedly).
+fn tempdir(name: &str) -> std::path::PathBuf {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir =
+        std::env::temp_dir().join(format!("weft-durability-{}-{n}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
