@@ -119,6 +119,7 @@ impl Durable {
         setup: SpoolSetup,
         limits: Limits,
         peers_max: usize,
+        epoch: u64,
         events: broadcast::Sender<PeerEvent>,
         metrics: Arc<Metrics>,
     ) -> Result<(Self, Restored), String> {
@@ -136,7 +137,7 @@ impl Durable {
                 info!(?tail, "spool: torn tail from a crash truncated");
             }
         }
-        let (restored, watermarks, pending) = restore(&mut spool, recovery.pending, limits)?;
+        let (restored, watermarks, pending) = restore(&mut spool, recovery.pending, limits, epoch)?;
         metrics.recovered(pending as u64);
         if pending > 0 || !restored.inbound.is_empty() {
             info!(
@@ -213,12 +214,17 @@ impl Durable {
 type Recovered = (Restored, HashMap<NodeId, u64>, usize);
 
 /// Sorts recovered records into restored streams and watermarks. Whatever cannot be restored
-/// goes to the dead-letter log with the reason — nothing is skipped silently.
+/// goes to the dead-letter log with the reason — nothing is skipped silently. Unnumbered
+/// messages (sequence number 0: replayed dead letters, written by `weft spool replay`) join the
+/// end of their destination's stream (or a new one in `epoch`); they are rewritten with their
+/// number before anything is sent, so a later restart sends them under the same id.
 fn restore<S: Storage>(
     spool: &mut Spool<S>,
     pending: Vec<weft_spool::PendingRecord>,
     limits: Limits,
+    epoch: u64,
 ) -> Result<Recovered, String> {
+    let new_epoch = epoch;
     let mut restored = Restored::default();
     let mut watermarks: HashMap<NodeId, (u64, Watermark)> = HashMap::new();
     let mut by_dest: HashMap<NodeId, Vec<(u64, SpooledMessage)>> = HashMap::new();
@@ -244,11 +250,71 @@ fn restore<S: Storage>(
         }
     }
     let mut pending_messages = 0;
-    for (dest, mut records) in by_dest {
+    for (dest, records) in by_dest {
+        let (unnumbered, mut records): (Vec<_>, Vec<_>) =
+            records.into_iter().partition(|(_, m)| m.seq == 0);
         records.sort_by_key(|(tag, _)| *tag);
+        if records.is_empty() {
+            restored.outbound.insert(
+                dest,
+                RestoredStream {
+                    epoch: new_epoch,
+                    acked_up_to: 0,
+                    messages: Vec::new(),
+                },
+            );
+        }
+        let stream = restore_stream(&mut records, &mut dead);
+        if let Some(stream) = stream {
+            restored.outbound.insert(dest, stream);
+        }
+        let stream = restored.outbound.get_mut(&dest).expect("inserted above");
+        for (tag, message) in unnumbered {
+            let seq = stream.messages.last().map_or(stream.acked_up_to, |m| m.seq) + 1;
+            let mut buf = BytesMut::new();
+            let renumbered = spooled::encode_message(
+                &dest,
+                stream.epoch,
+                seq,
+                &message.message,
+                limits,
+                &mut buf,
+            )
+            .map_err(|e| e.to_string())
+            .and_then(|()| spool.append(&buf).map_err(|e| e.to_string()));
+            match renumbered {
+                Ok(new_tag) => {
+                    let _ = spool.retire(tag);
+                    stream.messages.push(Outgoing {
+                        seq,
+                        tag: new_tag,
+                        message: message.message,
+                    });
+                }
+                Err(e) => {
+                    error!(tag, error = %e, "cannot number a replayed message; it stays in the spool")
+                }
+            }
+        }
+        pending_messages += stream.messages.len();
+    }
+    restored
+        .outbound
+        .retain(|_, stream| !stream.messages.is_empty());
+    finish_restore(spool, restored, watermarks, dead, stale, pending_messages)
+}
+
+/// One destination's numbered records, in spool order, as a stream to continue.
+fn restore_stream(
+    records: &mut Vec<(u64, SpooledMessage)>,
+    dead: &mut Vec<(u64, String)>,
+) -> Option<RestoredStream> {
+    let records = std::mem::take(records);
+    let first = records.first()?;
+    {
         // Every record of a destination continues one stream; a second epoch can only come from
         // damage or a foreign spool, and its numbers would collide: dead-letter it (replayable).
-        let epoch = records[0].1.epoch;
+        let epoch = first.1.epoch;
         let (current, other): (Vec<_>, Vec<_>) =
             records.into_iter().partition(|(_, m)| m.epoch == epoch);
         for (tag, _) in other {
@@ -260,24 +326,30 @@ fn restore<S: Storage>(
         let mut current = current;
         current.sort_by_key(|(_, m)| m.seq);
         current.dedup_by_key(|(_, m)| m.seq);
-        pending_messages += current.len();
         let acked_up_to = current[0].1.seq - 1;
-        restored.outbound.insert(
-            dest,
-            RestoredStream {
-                epoch,
-                acked_up_to,
-                messages: current
-                    .into_iter()
-                    .map(|(tag, m)| Outgoing {
-                        seq: m.seq,
-                        tag,
-                        message: m.message,
-                    })
-                    .collect(),
-            },
-        );
+        Some(RestoredStream {
+            epoch,
+            acked_up_to,
+            messages: current
+                .into_iter()
+                .map(|(tag, m)| Outgoing {
+                    seq: m.seq,
+                    tag,
+                    message: m.message,
+                })
+                .collect(),
+        })
     }
+}
+
+fn finish_restore<S: Storage>(
+    spool: &mut Spool<S>,
+    mut restored: Restored,
+    watermarks: HashMap<NodeId, (u64, Watermark)>,
+    dead: Vec<(u64, String)>,
+    stale: Vec<u64>,
+    pending_messages: usize,
+) -> Result<Recovered, String> {
     for (seq, reason) in dead {
         if let Err(e) = spool.dead_letter(seq, &reason) {
             error!(seq, error = %e, "cannot dead-letter an unrestorable record; it stays in the spool");

@@ -373,6 +373,7 @@ impl NodeBuilder {
                     setup,
                     config.limits(),
                     config.peers_max,
+                    epoch,
                     events.clone(),
                     Arc::clone(&metrics),
                 )
