@@ -1,7 +1,9 @@
-//! The `weft` command: identities, a listening node, one-shot sends and benchmarks.
+//! The `weft` command: identities, a listening node, one-shot sends, spool inspection and
+//! benchmarks.
 
 mod bench;
 mod config_file;
+mod spool_cmd;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -104,6 +106,11 @@ enum Command {
         #[command(subcommand)]
         which: bench::BenchCommand,
     },
+    /// Inspect a stopped node's spool: pending messages, dead letters; replay or purge them.
+    Spool {
+        #[command(subcommand)]
+        which: spool_cmd::SpoolCommand,
+    },
     /// The receiving process of `weft bench` (started by it; not for direct use).
     #[command(hide = true)]
     BenchPeer(bench::PeerArgs),
@@ -127,6 +134,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Bench { which } => bench::run(which),
         Command::BenchPeer(args) => bench::run_peer(args),
+        Command::Spool { which } => spool_cmd::run(which),
         other => {
             init_tracing(tracing::Level::INFO);
             tokio::runtime::Builder::new_multi_thread()
@@ -185,7 +193,9 @@ async fn run(command: Command) -> Result<()> {
             let window = once.then(|| Duration::from_secs(window_secs));
             discover(config, mesh, window, json).await
         }
-        Command::Bench { .. } | Command::BenchPeer(_) => unreachable!("handled before the runtime"),
+        Command::Bench { .. } | Command::BenchPeer(_) | Command::Spool { .. } => {
+            unreachable!("handled before the runtime")
+        }
     }
 }
 
