@@ -770,19 +770,17 @@ struct DeadJson {
 fn dead(target: &Target) -> Result<()> {
     let mut opened = open(&target.data_dir)?;
     let now = now_unix_ms();
-    let seqs: Vec<u64> = opened.spool.dead_letters().map(|l| l.seq).collect();
-    let mut letters = Vec::with_capacity(seqs.len());
-    for seq in seqs {
-        let info = opened
-            .spool
-            .dead_letters()
-            .find(|l| l.seq == seq)
-            .map(|l| (l.reason.to_owned(), u64::from(l.payload_bytes)))
-            .unwrap_or_default();
+    let infos: Vec<(u64, String, u64)> = opened
+        .spool
+        .dead_letters()
+        .map(|l| (l.seq, l.reason.to_owned(), u64::from(l.payload_bytes)))
+        .collect();
+    let mut letters = Vec::with_capacity(infos.len());
+    for (seq, reason, payload_bytes) in infos {
         let mut letter = DeadJson {
             seq,
-            reason: info.0,
-            payload_bytes: info.1,
+            reason,
+            payload_bytes,
             entry: "undecodable",
             destination: None,
             destination_short: None,
