@@ -4,6 +4,7 @@ mod support;
 
 mod admin;
 mod admission;
+mod crash;
 mod discovery;
 mod discovery_admission;
 mod discovery_interop;
