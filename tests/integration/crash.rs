@@ -73,7 +73,7 @@ async fn sigkilled_sender_and_receiver_lose_and_duplicate_nothing() {
             sender_done = true;
             break;
         }
-        if rng.next_u64() % 2 == 0 {
+        if rng.next_u64().is_multiple_of(2) {
             sender.kill().unwrap(); // SIGKILL
             sender.wait().unwrap();
             sender_kills += 1;

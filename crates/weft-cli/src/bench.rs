@@ -72,6 +72,13 @@ pub struct P2pArgs {
     /// internet-safe default).
     #[arg(long, default_value_t = 1452)]
     max_udp_payload: u16,
+    /// Send through the on-disk spool (fsync with group commit; a fresh temporary data dir):
+    /// every send returns once durable. Sends run `--window` at a time so they can share fsyncs.
+    #[arg(long)]
+    durable: bool,
+    /// Concurrent sends with --durable.
+    #[arg(long, default_value_t = 8192)]
+    window: usize,
 }
 
 #[derive(Args, Debug)]
@@ -182,8 +189,24 @@ pub fn run(command: BenchCommand) -> Result<()> {
 fn throughput(args: &P2pArgs) -> Result<()> {
     let mut peer = PeerProcess::start("sink", args.count, args.max_udp_payload)?;
     let rt = runtime()?;
+    let data_dir = std::env::temp_dir().join(format!("weft-bench-{}", std::process::id()));
+    let mut accepted_in = None;
     let sent_in = rt.block_on(async {
-        let node = bench_node(args.max_udp_payload).await?;
+        let node = if args.durable {
+            let _ = std::fs::remove_dir_all(&data_dir);
+            Node::builder()
+                .mesh("bench")
+                .data_dir(&data_dir)
+                .bind("127.0.0.1:0".parse()?)
+                .configure(|c| {
+                    c.max_udp_payload = args.max_udp_payload;
+                    c.peer_command_capacity = args.window.max(1);
+                })
+                .start()
+                .await?
+        } else {
+            bench_node(args.max_udp_payload).await?
+        };
         node.add_peer(peer.addr.clone())?;
         tokio::time::timeout(PHASE_TIMEOUT, node.connected(peer.addr.id))
             .await
@@ -192,12 +215,23 @@ fn throughput(args: &P2pArgs) -> Result<()> {
         let body = vec![0xa5u8; args.size];
         let started = Instant::now();
         let mut last = None;
-        for _ in 0..args.count {
-            last = Some(
-                sender
-                    .send(BENCH_CHANNEL, Bytes::copy_from_slice(&body))
-                    .await?,
-            );
+        if args.durable {
+            use futures_util::StreamExt;
+            let mut sends = futures_util::stream::iter(0..args.count)
+                .map(|_| sender.send(BENCH_CHANNEL, Bytes::copy_from_slice(&body)))
+                .buffered(args.window.max(1));
+            while let Some(receipt) = sends.next().await {
+                last = Some(receipt?);
+            }
+            accepted_in = Some(started.elapsed());
+        } else {
+            for _ in 0..args.count {
+                last = Some(
+                    sender
+                        .send(BENCH_CHANNEL, Bytes::copy_from_slice(&body))
+                        .await?,
+                );
+            }
         }
         if let Some(last) = last {
             tokio::time::timeout(PHASE_TIMEOUT, last)
@@ -206,6 +240,9 @@ fn throughput(args: &P2pArgs) -> Result<()> {
         }
         let elapsed = started.elapsed();
         node.shutdown().await;
+        if args.durable {
+            let _ = std::fs::remove_dir_all(&data_dir);
+        }
         anyhow::Ok(elapsed)
     })?;
     let result = read_line(&mut peer.stdout, "RESULT")?;
@@ -227,6 +264,8 @@ fn throughput(args: &P2pArgs) -> Result<()> {
                 "msgs_per_sec": msgs_per_sec,
                 "mb_per_sec": mb_per_sec,
                 "sender_acked_seconds": sent_in.as_secs_f64(),
+                "durable": args.durable,
+                "accepted_per_sec": accepted_in.map(|t| received as f64 / t.as_secs_f64().max(1e-9)),
                 "max_udp_payload": args.max_udp_payload,
             })
         );
@@ -340,6 +379,8 @@ pub fn run_peer(args: PeerArgs) -> Result<()> {
                     batch.clear();
                 }
                 let nanos = first.map_or(0, |t| t.elapsed().as_nanos());
+                // Done with the last batch: let it be acknowledged.
+                inbox.settle();
                 writeln!(out, "RESULT {received} {nanos}")?;
                 out.flush()?;
                 let _ = stdin_closed.await;
