@@ -30,6 +30,28 @@ async fn durable_node(dir: &Path, bind: SocketAddr) -> Node {
         .expect("node starts")
 }
 
+/// Starts a node on the address a node that just shut down used. The old endpoint's socket is
+/// released when its last driver task ends, which nothing observable signals: retry briefly.
+async fn restart_on(dir: &Path, addr: SocketAddr) -> Node {
+    for _ in 0..100 {
+        let started = Node::builder()
+            .mesh("durable")
+            .data_dir(dir)
+            .bind(addr)
+            .configure(short_timeouts)
+            .start()
+            .await;
+        match started {
+            Ok(node) => return node,
+            Err(weft::StartError::Bind { .. }) | Err(weft::StartError::Locked(_)) => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            Err(e) => panic!("node does not start: {e}"),
+        }
+    }
+    panic!("{addr} stayed in use");
+}
+
 fn loopback() -> SocketAddr {
     "127.0.0.1:0".parse().unwrap()
 }
@@ -127,7 +149,7 @@ async fn a_restarted_receiver_does_not_deliver_again_what_it_delivered() {
     );
     relay.cut_backward(false);
 
-    let b = durable_node(&b_dir, b_addr).await;
+    let b = restart_on(&b_dir, b_addr).await;
     let mut inbox = b.receive("ledger").unwrap();
     let marker = a.send(b.id(), "ledger", b"after".to_vec()).await.unwrap();
     let next = within("the next message", inbox.recv()).await.unwrap();

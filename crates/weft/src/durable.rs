@@ -57,6 +57,8 @@ pub(crate) enum Command {
         seq: u64,
         message: OutgoingMessage,
         permit: mpsc::OwnedPermit<Outgoing>,
+        /// Told the outcome (an awaiting `send`: one wake per send, not a broadcast).
+        done: Option<oneshot::Sender<Result<(), DeliveryError>>>,
     },
     /// Persist an inbound watermark, then confirm it to the peer task.
     Watermark {
@@ -377,6 +379,7 @@ struct Appended {
     tag: u64,
     message: OutgoingMessage,
     permit: mpsc::OwnedPermit<Outgoing>,
+    done: Option<oneshot::Sender<Result<(), DeliveryError>>>,
 }
 
 #[derive(Default)]
@@ -433,6 +436,11 @@ async fn run(
             writer.complete(&mut batch);
         }
         if let Some(latency) = latency {
+            // A simulated fsync that takes time. Like a real one it comes after the write: the
+            // batch waits in the storage meanwhile (where a killed process leaves it and a power
+            // loss drops or tears it), not in this process. A failed write poisons the spool,
+            // and the sync in `commit` then refuses the batch.
+            let _ = writer.spool.flush();
             tokio::time::sleep(latency).await;
         }
         writer.commit(&mut batch);
@@ -457,7 +465,8 @@ impl Writer {
                     seq,
                     message,
                     permit,
-                } => self.append(&mut batch, peer, seq, message, permit),
+                    done,
+                } => self.append(&mut batch, peer, seq, message, permit, done),
                 Command::Watermark { watermark, reply } => {
                     self.buf.clear();
                     spooled::encode_watermark(&watermark, &mut self.buf);
@@ -521,6 +530,7 @@ impl Writer {
         seq: u64,
         message: OutgoingMessage,
         permit: mpsc::OwnedPermit<Outgoing>,
+        done: Option<oneshot::Sender<Result<(), DeliveryError>>>,
     ) {
         self.buf.clear();
         // The API checked the message against the same limits, so encoding cannot fail; if it
@@ -546,6 +556,7 @@ impl Writer {
                 tag,
                 message,
                 permit,
+                done,
             }),
             Err(error) => {
                 self.room.add_permits(1);
@@ -553,8 +564,11 @@ impl Writer {
                     self.metrics.spool_error();
                 }
                 debug!(%error, "send refused by the spool");
-                peer.fates.fail(seq, error);
+                peer.fates.fail(seq, error.clone());
                 settle(&peer, seq);
+                if let Some(done) = done {
+                    let _ = done.send(Err(error));
+                }
             }
         }
     }
@@ -587,11 +601,12 @@ impl Writer {
                 error!(error = %e, "spool write failed: the sends of this batch are refused and the spool accepts nothing more until the node restarts");
                 for appended in batch.appended.drain(..) {
                     self.room.add_permits(1);
-                    appended
-                        .peer
-                        .fates
-                        .fail(appended.seq, DeliveryError::NotAccepted(e.to_string()));
+                    let error = DeliveryError::NotAccepted(e.to_string());
+                    appended.peer.fates.fail(appended.seq, error.clone());
                     settle(&appended.peer, appended.seq);
+                    if let Some(done) = appended.done {
+                        let _ = done.send(Err(error));
+                    }
                 }
                 batch.watermarks.clear();
             }
@@ -600,6 +615,8 @@ impl Writer {
 
     fn complete(&mut self, batch: &mut Batch) {
         self.metrics.accepted(batch.appended.len() as u64);
+        // One watermark move per peer and batch: each move wakes every send waiting on it.
+        let mut moved: Vec<(Arc<PeerHandle>, u64)> = Vec::new();
         for appended in batch.appended.drain(..) {
             let Appended {
                 peer,
@@ -607,8 +624,18 @@ impl Writer {
                 tag,
                 message,
                 permit,
+                done,
             } = appended;
             permit.send(Outgoing { seq, tag, message });
+            if let Some(done) = done {
+                let _ = done.send(Ok(()));
+            }
+            match moved.iter_mut().find(|(p, _)| Arc::ptr_eq(p, &peer)) {
+                Some((_, max)) => *max = (*max).max(seq),
+                None => moved.push((peer, seq)),
+            }
+        }
+        for (peer, seq) in moved {
             settle(&peer, seq);
         }
         for (watermark, reply) in batch.watermarks.drain(..) {

@@ -916,9 +916,13 @@ impl PeerSender {
             .await
             .map_err(|_| SendError::NodeClosed)?
             .forget();
-        let receipt = self.spool(durable, permit, message)?;
-        receipt.accepted().await?;
-        Ok(receipt)
+        let (done, accepted) = tokio::sync::oneshot::channel();
+        let receipt = self.spool(durable, permit, message, Some(done))?;
+        match accepted.await {
+            Ok(Ok(())) => Ok(receipt),
+            Ok(Err(error)) => Err(error.into()),
+            Err(_) => Err(SendError::NodeClosed),
+        }
     }
 
     /// Sends without waiting: [`TrySendError::WouldBlock`] when the peer's queue is full,
@@ -945,7 +949,7 @@ impl PeerSender {
                 return Err(TrySendError::Send(SendError::NodeClosed))
             }
         }
-        Ok(self.spool(durable, permit, message)?)
+        Ok(self.spool(durable, permit, message, None)?)
     }
 
     /// Without a spool: straight into the peer's queue.
@@ -970,6 +974,7 @@ impl PeerSender {
         durable: &Durable,
         permit: mpsc::OwnedPermit<Outgoing>,
         message: OutgoingMessage,
+        done: Option<tokio::sync::oneshot::Sender<Result<(), crate::error::DeliveryError>>>,
     ) -> Result<Receipt, SendError> {
         let mut next_seq = self.handle.next_seq.lock().expect("sequence lock poisoned");
         let seq = *next_seq;
@@ -979,6 +984,7 @@ impl PeerSender {
             seq,
             message,
             permit,
+            done,
         };
         let sent = durable.tx.send(command);
         drop(next_seq);
