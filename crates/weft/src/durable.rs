@@ -413,12 +413,15 @@ async fn run(
     let mut commands = Vec::new();
     loop {
         let first = match writer.interval_due() {
+            // Biased (deterministic under simulation), the due sync first: a steady stream of
+            // commands must not keep it waiting.
             Some(at) => tokio::select! {
-                command = rx.recv() => command,
+                biased;
                 () = tokio::time::sleep_until(at) => {
                     writer.sync_now();
                     continue;
                 }
+                command = rx.recv() => command,
             },
             None => rx.recv().await,
         };
