@@ -4,33 +4,48 @@
 //! application around it: a consumer that reads the inbox (pausing when the scenario says so), a
 //! sender per destination that sends the planned messages with a bounded window of unresolved
 //! receipts, and a recorder of peer events. The harness steps the simulation itself, one tick at a
-//! time, so it can apply the fault script between two ticks (per-link latency is only reachable
-//! through the `Sim` handle), stop as soon as the run has settled, and notice panics in tasks that
-//! tokio would otherwise swallow.
+//! time, so it can apply the fault script between two ticks (per-link latency, crashes and restarts
+//! are only reachable through the `Sim` handle), stop as soon as the run has settled, and notice
+//! panics in tasks that tokio would otherwise swallow.
 //!
-//! A run has settled when every planned send returned, every receipt resolved, and the fault script
-//! and consumer pauses are over; it then continues for [`SETTLE_TAIL`] so that late duplicates
-//! still show, and ends at [`DEADLINE`] at the latest. Hosts never return on their own: a host
-//! that fails (returns `Err`) or a task that panics fails the run.
+//! Every node has a spool on a [`SimStorage`] that lives here, in the node's [`NodeContext`],
+//! not on the host: a crash (turmoil `crash`) drops the node's tasks and, for a power loss, what
+//! the storage had not made durable; a restart (turmoil `bounce`) starts the node again on what
+//! is left, with the same identity and fresh seeds for everything random (a restarted process
+//! draws new randomness). The application's progress (which planned sends it made) is kept here
+//! too, so that after a restart it carries on where it stopped. A start that fails on the spool
+//! (a full disk, a failed fsync) is retried by a supervisor loop.
+//!
+//! A run has settled when every planned send returned (or was interrupted by a crash), every
+//! receipt of a running node resolved, every node's spool is empty (all it holds was acknowledged:
+//! the spools drained), and the fault script and consumer pauses are over; it then continues for
+//! [`SETTLE_TAIL`] so that late duplicates still show, and ends at [`DEADLINE`] at the latest —
+//! unsettled, which is a `liveness` violation. Hosts never return on their own: a host that fails
+//! (returns `Err`) or a task that panics fails the run.
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::error::Error;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::{Arc, Once};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Once};
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
-use weft::{Identity, Node, NodeAddr, NodeId, PeerEvent, PeerSender, Receipt, Seams};
+use weft::{
+    DeliveryError, Identity, Node, NodeAddr, NodeId, PeerEvent, PeerSender, Receipt, Seams,
+    SendError, StartError,
+};
 use weft_proto::link::Fault;
+use weft_spool::{SimStorage, SpoolConfig};
 
 use crate::check::{check, Checker, Violation};
 use crate::determinism::{crypto_provider, quinn_seams, SimulatedClock};
 use crate::history::{trace_hash, Event, History, NodeIndex, Record};
 use crate::net::TurmoilUdpSocket;
 use crate::scenario::{
-    derive_bytes, derive_seed, FaultAction, Pause, PlannedSend, Scenario, ScenarioKind, DEADLINE,
-    IDLE_TIMEOUT, KEEP_ALIVE,
+    derive_bytes, derive_seed, DiskFault, FaultAction, NodeSpool, Pause, PlannedSend, Scenario,
+    ScenarioKind, DEADLINE, IDLE_TIMEOUT, KEEP_ALIVE, SEGMENT_BYTES,
 };
 
 /// The port every node listens on.
@@ -52,6 +67,8 @@ const INBOX_CAPACITY: usize = 2;
 const METRICS_INTERVAL: Duration = Duration::from_millis(250);
 /// Simulated time a settled run keeps going, so that late duplicates are seen.
 pub const SETTLE_TAIL: Duration = Duration::from_secs(1);
+/// How long the supervisor waits before it starts a node again whose start failed.
+const START_RETRY_DELAY: Duration = Duration::from_secs(1);
 
 /// A deliberate driver bug, to prove the checkers catch it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -60,6 +77,10 @@ pub enum Canary {
     NoDedup,
     /// Messages in flight on a dead connection are skipped.
     NoRetransmit,
+    /// Sends are reported accepted before the spool's fsync.
+    AckBeforeFsync,
+    /// Receivers acknowledge before their dedup watermark is durable.
+    WatermarkAfterAck,
 }
 
 impl Canary {
@@ -68,6 +89,8 @@ impl Canary {
         match self {
             Canary::NoDedup => "no-dedup",
             Canary::NoRetransmit => "no-retransmit",
+            Canary::AckBeforeFsync => "ack-before-fsync",
+            Canary::WatermarkAfterAck => "watermark-after-ack",
         }
     }
 
@@ -75,6 +98,8 @@ impl Canary {
         match self {
             Canary::NoDedup => Fault::NoDedup,
             Canary::NoRetransmit => Fault::NoRetransmit,
+            Canary::AckBeforeFsync => Fault::AckBeforeFsync,
+            Canary::WatermarkAfterAck => Fault::WatermarkAfterAck,
         }
     }
 }
@@ -90,6 +115,8 @@ pub struct Outcome {
     pub records: Vec<Record>,
     /// Each node's last reported counters.
     pub metrics: Vec<weft::MetricsSnapshot>,
+    /// Each node's spool at the end: (files, bytes) on its disk, and bytes ever written.
+    pub spool_disk: Vec<(usize, u64, u64)>,
     /// Every broken guarantee (including a failed simulation).
     pub violations: Vec<Violation>,
     /// blake3 of the history.
@@ -124,6 +151,8 @@ pub fn run(kind: ScenarioKind, seed: u64, canary: Option<Canary>) -> Outcome {
         end: simulated,
         settled_at,
         failure,
+        unsettled,
+        spool_disk,
     } = simulate(&scenario, canary, &history);
     let (records, metrics) = history.snapshot();
     let mut violations = match failure {
@@ -135,6 +164,18 @@ pub fn run(kind: ScenarioKind, seed: u64, canary: Option<Canary>) -> Outcome {
         }],
         None => check(&records, simulated),
     };
+    if let Some(unsettled) = unsettled {
+        violations.push(Violation {
+            checker: Checker::Liveness,
+            at: simulated,
+            detail: format!(
+                "not settled {:.1}s after the faults ended: {unsettled}",
+                simulated
+                    .saturating_sub(scenario.quiet_from())
+                    .as_secs_f64()
+            ),
+        });
+    }
     for (node, node_metrics) in metrics.iter().enumerate() {
         if node_metrics.protocol_errors > 0 {
             violations.push(Violation {
@@ -153,6 +194,7 @@ pub fn run(kind: ScenarioKind, seed: u64, canary: Option<Canary>) -> Outcome {
         canary,
         records,
         metrics,
+        spool_disk,
         violations,
         simulated,
         settled_at,
@@ -160,17 +202,43 @@ pub fn run(kind: ScenarioKind, seed: u64, canary: Option<Canary>) -> Outcome {
     }
 }
 
-/// Everything one host needs; shared by the host factory (turmoil may call it again on a bounce).
+/// Everything one host needs, and what of it outlives the host's crashes; shared by the host
+/// factory (turmoil calls it again on a bounce).
 #[derive(Debug)]
 struct NodeContext {
     index: NodeIndex,
     run_seed: u64,
     ids: Arc<Vec<NodeId>>,
     identity: Identity,
-    sends: Vec<PlannedSend>,
+    /// The planned sends, per destination in order.
+    sends: BTreeMap<NodeIndex, Vec<PlannedSend>>,
     pauses: Vec<Pause>,
     fault: Fault,
     history: History,
+    spool: NodeSpool,
+    /// The node's disk.
+    storage: SimStorage,
+    /// How many times the node's software started (each start draws fresh seeds).
+    starts: AtomicU64,
+    /// The application's progress, kept across crashes.
+    app: Mutex<AppState>,
+}
+
+impl NodeContext {
+    fn app(&self) -> MutexGuard<'_, AppState> {
+        self.app
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// What the simulated application did so far (it would keep this in its own database).
+#[derive(Debug, Default)]
+struct AppState {
+    /// Per destination: the position, in its planned sends, of the next one to make.
+    next: BTreeMap<NodeIndex, usize>,
+    /// Per destination: the body digest of the send that has not returned yet.
+    in_flight: BTreeMap<NodeIndex, u64>,
 }
 
 /// How a simulation ended.
@@ -182,6 +250,10 @@ struct Simulated {
     settled_at: Option<Duration>,
     /// Why the simulation itself failed (a host returned an error, a task panicked).
     failure: Option<String>,
+    /// What was still outstanding at the deadline, if the run never settled.
+    unsettled: Option<String>,
+    /// See [`Outcome::spool_disk`].
+    spool_disk: Vec<(usize, u64, u64)>,
 }
 
 /// Builds the simulation and steps it to the end.
@@ -204,17 +276,37 @@ fn simulate(scenario: &Scenario, canary: Option<Canary>, history: &History) -> S
         .max_message_latency(scenario.latency.1)
         .udp_capacity(UDP_CAPACITY)
         .build();
+    let mut contexts = Vec::with_capacity(scenario.nodes);
     for (index, identity) in identities.into_iter().enumerate() {
+        let mut sends: BTreeMap<NodeIndex, Vec<PlannedSend>> = BTreeMap::new();
+        for send in &scenario.sends[index] {
+            sends.entry(send.to).or_default().push(send.clone());
+        }
+        let spool = scenario.spools[index];
+        if let Some(bytes_max) = spool.bytes_max {
+            history.record(
+                Duration::ZERO,
+                Event::SpoolCapped {
+                    node: index,
+                    bytes_max,
+                },
+            );
+        }
         let context = Arc::new(NodeContext {
             index,
             run_seed: seed,
             ids: Arc::clone(&ids),
             identity,
-            sends: scenario.sends[index].clone(),
+            sends,
             pauses: scenario.pauses[index].clone(),
             fault: canary.map_or(Fault::None, Canary::fault),
             history: history.clone(),
+            spool,
+            storage: SimStorage::new(derive_seed(seed, "storage", index as u64)),
+            starts: AtomicU64::new(0),
+            app: Mutex::new(AppState::default()),
         });
+        contexts.push(Arc::clone(&context));
         sim.host(host_name(index), move || {
             let context = Arc::clone(&context);
             async move { node_software(context).await }
@@ -231,19 +323,38 @@ fn simulate(scenario: &Scenario, canary: Option<Canary>, history: &History) -> S
     loop {
         let now = sim.elapsed();
         while let Some(fault) = faults.next_if(|fault| fault.at <= now) {
-            apply(&sim, &addrs, scenario, &fault.action);
             history.record(now, Event::Fault(fault.action.clone()));
+            apply(&mut sim, &addrs, scenario, &contexts, now, &fault.action);
         }
         if now >= DEADLINE {
+            let progress = history.progress();
+            let unsettled = settled_at.is_none().then(|| {
+                format!(
+                    "{}/{planned} sends returned, {} receipts unresolved, unacknowledged messages in the spools per node: {}",
+                    progress.sends_done,
+                    progress.open_receipts,
+                    progress
+                        .spool_pending
+                        .iter()
+                        .map(|pending| pending.map_or("?".to_string(), |p| p.to_string()))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                )
+            });
             return Simulated {
                 end: now,
                 settled_at,
                 failure: None,
+                unsettled,
+                spool_disk: spool_disk(&contexts),
             };
         }
         if settled_at.is_none() && now >= quiet_after {
             let progress = history.progress();
-            if progress.sends_done == planned && progress.receipts_done == planned {
+            if progress.sends_done == planned
+                && progress.open_receipts == 0
+                && progress.spools_drained
+            {
                 settled_at = Some(now);
             }
         }
@@ -252,6 +363,8 @@ fn simulate(scenario: &Scenario, canary: Option<Canary>, history: &History) -> S
                 end: now,
                 settled_at,
                 failure: None,
+                unsettled: None,
+                spool_disk: spool_disk(&contexts),
             };
         }
         let failure = match sim.step() {
@@ -266,13 +379,22 @@ fn simulate(scenario: &Scenario, canary: Option<Canary>, history: &History) -> S
                 end: sim.elapsed(),
                 settled_at,
                 failure,
+                unsettled: None,
+                spool_disk: spool_disk(&contexts),
             };
         }
     }
 }
 
-/// Applies one scripted change to the network.
-fn apply(sim: &turmoil::Sim<'_>, addrs: &[IpAddr], scenario: &Scenario, action: &FaultAction) {
+/// Applies one scripted change to the network, the nodes or their disks.
+fn apply(
+    sim: &mut turmoil::Sim<'_>,
+    addrs: &[IpAddr],
+    scenario: &Scenario,
+    contexts: &[Arc<NodeContext>],
+    now: Duration,
+    action: &FaultAction,
+) {
     let pairs = |a: &[usize], b: &[usize]| -> Vec<(IpAddr, IpAddr)> {
         a.iter()
             .flat_map(|&a| b.iter().map(move |&b| (addrs[a], addrs[b])))
@@ -317,7 +439,123 @@ fn apply(sim: &turmoil::Sim<'_>, addrs: &[IpAddr], scenario: &Scenario, action: 
             sim.set_link_latency(addrs[*a], addrs[*b], scenario.latency.0);
             sim.set_link_max_message_latency(addrs[*a], addrs[*b], scenario.latency.1);
         }
+        FaultAction::Crash { nodes, mode } => {
+            for &node in nodes {
+                sim.crash(host_name(node));
+                let context = &contexts[node];
+                context.history.crashed(node);
+                let interrupted = {
+                    let mut app = context.app();
+                    let interrupted = std::mem::take(&mut app.in_flight);
+                    for to in interrupted.keys() {
+                        *app.next.entry(*to).or_default() += 1;
+                    }
+                    interrupted
+                };
+                for (to, body_digest) in interrupted {
+                    context.history.record(
+                        now,
+                        Event::SendInterrupted {
+                            from: node,
+                            to,
+                            body_digest,
+                        },
+                    );
+                }
+                if let Some(storage_crash) = mode.storage_crash() {
+                    let unsynced: u64 = context
+                        .storage
+                        .files()
+                        .iter()
+                        .map(|file| file.len - file.durable_len)
+                        .sum();
+                    if unsynced > 0 {
+                        let lost = Event::UnsyncedLost {
+                            node,
+                            bytes: unsynced,
+                        };
+                        context.history.record(now, lost);
+                    }
+                    context.storage.crash(storage_crash);
+                }
+            }
+        }
+        FaultAction::Restart { nodes } => {
+            for &node in nodes {
+                sim.bounce(host_name(node));
+            }
+        }
+        FaultAction::Disk { node, fault } => {
+            let storage = &contexts[*node].storage;
+            match fault {
+                DiskFault::FlipBits { count } => {
+                    for _ in 0..*count {
+                        if let Some((file, offset)) = flip_bit_in_old_segment(storage) {
+                            let flipped = Event::BitFlipped {
+                                node: *node,
+                                file,
+                                offset,
+                            };
+                            contexts[*node].history.record(now, flipped);
+                        }
+                    }
+                }
+                DiskFault::Full { bytes } => storage.set_space_budget(Some(*bytes)),
+                DiskFault::Freed => storage.set_space_budget(None),
+                DiskFault::FailNextSync => storage.fail_next_sync(),
+            }
+        }
     }
+}
+
+/// Flips a random bit of a random spool file that is not the newest segment of its log (the
+/// tail, where damage looks like a torn write). Returns the file and offset, or `None` if there
+/// is no such file.
+fn flip_bit_in_old_segment(storage: &SimStorage) -> Option<(String, u64)> {
+    let files = storage.files();
+    let segments = |prefix: &'static str| {
+        files
+            .iter()
+            .filter(move |file| file.name.starts_with(prefix) && file.name.ends_with(".log"))
+    };
+    let mut old = Vec::new();
+    for prefix in ["spool-", "dead-"] {
+        // Names carry the segment id in fixed-width hex: the greatest is the newest.
+        let newest = segments(prefix).map(|file| &file.name).max();
+        old.extend(segments(prefix).filter(|file| Some(&file.name) != newest && file.len > 0));
+    }
+    if old.is_empty() {
+        return None;
+    }
+    let file = old[storage.random_below(old.len() as u64) as usize];
+    let offset = storage.random_below(file.len);
+    let bit = storage.random_below(8) as u8;
+    storage.flip_bit(&file.name, offset, bit).ok()?;
+    Some((file.name.clone(), offset))
+}
+
+/// Each node's spool files and bytes on disk, and bytes ever written.
+fn spool_disk(contexts: &[Arc<NodeContext>]) -> Vec<(usize, u64, u64)> {
+    contexts
+        .iter()
+        .map(|context| {
+            let files = context.storage.files();
+            (
+                files.len(),
+                files.iter().map(|file| file.len).sum(),
+                context.storage.stats().bytes_appended,
+            )
+        })
+        .collect()
+}
+
+/// Spool segments renamed aside by recoveries so far.
+fn quarantined_segments(storage: &SimStorage) -> usize {
+    storage
+        .files()
+        .iter()
+        .filter(|file| file.name.ends_with(".quarantined"))
+        .count()
 }
 
 /// The simulated time of the running host.
@@ -333,41 +571,34 @@ async fn sleep_until(at: Duration) {
 /// What runs on host `node{index}`: a real node and the simulated application around it.
 async fn node_software(context: Arc<NodeContext>) -> Result<(), Box<dyn Error>> {
     let index = context.index;
-    let node_seed = derive_seed(context.run_seed, "node", index as u64);
-    let socket =
-        TurmoilUdpSocket::bind(SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), PORT)).await?;
-    let quinn = quinn_seams(node_seed);
-    let seams = Seams {
-        udp_socket: Some(socket),
-        crypto_provider: Some(crypto_provider(node_seed)),
-        endpoint_config: Some(quinn.endpoint_config),
-        initial_dst_cid_provider: Some(quinn.initial_dst_cid_provider),
-        token_key: Some(quinn.token_key),
-        time_source: Some(quinn.time_source),
-        rng_seed: Some(derive_seed(context.run_seed, "driver rng", index as u64)),
-        wall_clock: Some(Arc::new(|| {
-            SimulatedClock.since_unix_epoch().as_millis() as u64
-        })),
-        spool_storage: None,
-        spool_sync_latency: None,
-        fault: context.fault,
-    };
-    let node = Node::builder()
-        .mesh(MESH)
-        .identity(context.identity.clone())
-        .configure(|config| {
-            config.bind = SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), PORT);
-            config.keep_alive = KEEP_ALIVE;
-            config.idle_timeout = IDLE_TIMEOUT;
-            config.handshake_timeout = Duration::from_secs(3);
-            config.reconnect_max = Duration::from_secs(2);
-            config.inbox_capacity = INBOX_CAPACITY;
-        })
-        .seams(seams)
-        .start()
-        .await?;
-
     let history = context.history.clone();
+    // A restarted process draws fresh randomness (QUIC ids and keys, stream epochs); only the
+    // identity and the disk are the same. The first start keeps the seeds of a run without
+    // crashes.
+    let start = context.starts.fetch_add(1, Ordering::Relaxed);
+    let incarnation = index as u64 | start << 16;
+    let quarantined_before = quarantined_segments(&context.storage);
+    let node = loop {
+        match start_node(&context, incarnation).await? {
+            Ok(node) => break node,
+            Err(error) => {
+                // The supervisor's answer to a node that cannot open its spool: try again later.
+                history.record_now(Event::StartFailed {
+                    node: index,
+                    error: error.to_string(),
+                });
+                tokio::time::sleep(START_RETRY_DELAY).await;
+            }
+        }
+    };
+    let quarantined = quarantined_segments(&context.storage).saturating_sub(quarantined_before);
+    if quarantined > 0 {
+        history.record_now(Event::Quarantined {
+            node: index,
+            segments: quarantined,
+        });
+    }
+
     let ids = Arc::clone(&context.ids);
     tokio::spawn(record_peer_events(
         node.events(),
@@ -388,31 +619,75 @@ async fn node_software(context: Arc<NodeContext>) -> Result<(), Box<dyn Error>> 
             node.add_peer(NodeAddr::new(*id, addr))?;
         }
     }
-
-    let mut by_destination: BTreeMap<NodeIndex, Vec<PlannedSend>> = BTreeMap::new();
-    for send in &context.sends {
-        by_destination
-            .entry(send.to)
-            .or_default()
-            .push(send.clone());
-    }
-    for (to, sends) in by_destination {
+    for &to in context.sends.keys() {
         let (receipts, pending) = mpsc::channel(RECEIPT_WINDOW);
         tokio::spawn(send_all(
             node.sender(ids[to])?,
-            index,
+            Arc::clone(&context),
             to,
-            sends,
             receipts,
-            history.clone(),
         ));
         tokio::spawn(await_receipts(pending, index, to, history.clone()));
     }
 
-    // The node lives as long as this host: until the harness stops stepping.
+    // The node lives as long as this host: until the harness stops stepping or crashes it.
     loop {
         history.set_metrics(index, node.metrics());
         tokio::time::sleep(METRICS_INTERVAL).await;
+    }
+}
+
+/// Starts the node once. The outer error fails the host; the inner one is a start the
+/// supervisor retries (the spool could not be opened: a full disk, a failed fsync).
+async fn start_node(
+    context: &NodeContext,
+    incarnation: u64,
+) -> Result<Result<Node, StartError>, Box<dyn Error>> {
+    let node_seed = derive_seed(context.run_seed, "node", incarnation);
+    let socket =
+        TurmoilUdpSocket::bind(SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), PORT)).await?;
+    let quinn = quinn_seams(node_seed);
+    let storage = context.storage.clone();
+    let seams = Seams {
+        udp_socket: Some(socket),
+        crypto_provider: Some(crypto_provider(node_seed)),
+        endpoint_config: Some(quinn.endpoint_config),
+        initial_dst_cid_provider: Some(quinn.initial_dst_cid_provider),
+        token_key: Some(quinn.token_key),
+        time_source: Some(quinn.time_source),
+        rng_seed: Some(derive_seed(context.run_seed, "driver rng", incarnation)),
+        wall_clock: Some(Arc::new(|| {
+            SimulatedClock.since_unix_epoch().as_millis() as u64
+        })),
+        spool_storage: Some(Arc::new(move || Box::new(storage.clone()))),
+        spool_sync_latency: Some(context.spool.sync_latency),
+        fault: context.fault,
+    };
+    let defaults = SpoolConfig::default();
+    let spool = SpoolConfig {
+        segment_bytes_target: SEGMENT_BYTES,
+        bytes_max: context.spool.bytes_max.unwrap_or(defaults.bytes_max),
+        ..defaults
+    };
+    let started = Node::builder()
+        .mesh(MESH)
+        .identity(context.identity.clone())
+        .configure(|config| {
+            config.bind = SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), PORT);
+            config.keep_alive = KEEP_ALIVE;
+            config.idle_timeout = IDLE_TIMEOUT;
+            config.handshake_timeout = Duration::from_secs(3);
+            config.reconnect_max = Duration::from_secs(2);
+            config.inbox_capacity = INBOX_CAPACITY;
+            config.spool = Some(spool);
+        })
+        .seams(seams)
+        .start()
+        .await;
+    match started {
+        Ok(node) => Ok(Ok(node)),
+        Err(error @ StartError::Spool(_)) => Ok(Err(error)),
+        Err(error) => Err(error.into()),
     }
 }
 
@@ -428,22 +703,38 @@ fn index_of(ids: &[NodeId], id: &NodeId) -> Option<NodeIndex> {
     ids.iter().position(|candidate| candidate == id)
 }
 
-/// Sends the planned messages to one destination in order, keeping at most [`RECEIPT_WINDOW`]
-/// receipts unresolved (the channel to [`await_receipts`] is the window).
+/// Sends the planned messages to one destination in order, from where the application stopped
+/// before a crash, keeping at most [`RECEIPT_WINDOW`] receipts unresolved (the channel to
+/// [`await_receipts`] is the window).
 async fn send_all(
     sender: PeerSender,
-    from: NodeIndex,
+    context: Arc<NodeContext>,
     to: NodeIndex,
-    sends: Vec<PlannedSend>,
     receipts: mpsc::Sender<Receipt>,
-    history: History,
 ) {
-    for send in sends {
+    let from = context.index;
+    let history = context.history.clone();
+    let Some(sends) = context.sends.get(&to) else {
+        return;
+    };
+    loop {
+        let position = *context.app().next.entry(to).or_default();
+        let Some(send) = sends.get(position) else {
+            return;
+        };
         sleep_until(send.at).await;
         let Ok(slot) = receipts.reserve().await else {
             return; // the receipt task is gone: the host is shutting down
         };
-        match sender.send(CHANNEL, send.body.clone()).await {
+        let digest = body_digest(&send.body);
+        context.app().in_flight.insert(to, digest);
+        let sent = sender.send(CHANNEL, send.body.clone()).await;
+        {
+            let mut app = context.app();
+            app.in_flight.remove(&to);
+            *app.next.entry(to).or_default() += 1;
+        }
+        match sent {
             Ok(receipt) => {
                 let id = receipt.id();
                 history.record_now(Event::Accepted {
@@ -451,13 +742,15 @@ async fn send_all(
                     to,
                     stream: id.stream.0,
                     seq: id.seq,
-                    body_digest: body_digest(&send.body),
+                    body_digest: digest,
                 });
                 slot.send(receipt);
             }
             Err(error) => history.record_now(Event::SendFailed {
                 from,
                 to,
+                body_digest: digest,
+                spool: matches!(error, SendError::SpoolFull(_) | SendError::Spool(_)),
                 error: error.to_string(),
             }),
         }
@@ -472,10 +765,23 @@ async fn await_receipts(
     history: History,
 ) {
     while let Some(receipt) = pending.recv().await {
-        let seq = receipt.id().seq;
+        let id = receipt.id();
+        let (stream, seq) = (id.stream.0, id.seq);
         match receipt.await {
-            Ok(_) => history.record_now(Event::Acked { from, to, seq }),
-            Err(_) => history.record_now(Event::ReceiptFailed { from, to, seq }),
+            Ok(_) => history.record_now(Event::Acked {
+                from,
+                to,
+                stream,
+                seq,
+            }),
+            Err(error) => history.record_now(Event::ReceiptFailed {
+                from,
+                to,
+                stream,
+                seq,
+                dead_lettered: matches!(error, DeliveryError::DeadLettered { .. }),
+                error: error.to_string(),
+            }),
         }
     }
 }
@@ -488,7 +794,12 @@ async fn consume(
     ids: Arc<Vec<NodeId>>,
     history: History,
 ) {
-    let mut pauses = pauses.into_iter().peekable();
+    // After a restart, the pauses that are over are history.
+    let now = sim_now();
+    let mut pauses = pauses
+        .into_iter()
+        .filter(|pause| pause.until > now)
+        .peekable();
     loop {
         let next_pause = pauses.peek().copied();
         tokio::select! {
@@ -523,7 +834,7 @@ async fn pause_start(pause: Option<Pause>) {
     }
 }
 
-/// Records connection changes (for the trace and for debugging a failing seed).
+/// Records connection changes (for the trace and for debugging a failing seed) and dead letters.
 async fn record_peer_events(
     mut events: tokio::sync::broadcast::Receiver<PeerEvent>,
     index: NodeIndex,
@@ -541,6 +852,17 @@ async fn record_peer_events(
             Ok(PeerEvent::Down { peer, .. }) => {
                 if let Some(peer) = index_of(&ids, &peer) {
                     history.record_now(Event::PeerDown { node: index, peer });
+                }
+            }
+            Ok(PeerEvent::DeadLettered { peer, id, reason }) => {
+                if let Some(to) = index_of(&ids, &peer) {
+                    history.record_now(Event::DeadLettered {
+                        from: index,
+                        to,
+                        stream: id.stream.0,
+                        seq: id.seq,
+                        reason,
+                    });
                 }
             }
             Ok(_) | Err(RecvError::Lagged(_)) => {}

@@ -5,6 +5,10 @@
 //! the fault script. The checkers read only this record, so they judge the driver by what a user of
 //! the public API could observe, not by the driver's own bookkeeping.
 //!
+//! A node that crashes loses its tasks mid-flight: a send that had not returned is recorded as
+//! interrupted (its outcome unknown to the application), its unresolved receipts are forgotten,
+//! and after the restart the application carries on with the sends it had not made yet.
+//!
 //! turmoil runs every host on one thread, so one mutex-protected vector gives a total order of
 //! events that is itself deterministic; each event carries the simulated time it happened at. The
 //! trace hash is a blake3 over the canonical encoding of the whole record (times included): two
@@ -35,14 +39,28 @@ pub enum Event {
         /// First 8 bytes of the body's blake3, to check what arrives.
         body_digest: u64,
     },
-    /// `send` returned an error (never expected in the simulation).
+    /// `send` returned an error: the message was not accepted.
     SendFailed {
         /// Sender.
         from: NodeIndex,
         /// Destination.
         to: NodeIndex,
+        /// First 8 bytes of the body's blake3.
+        body_digest: u64,
+        /// Whether the spool refused it (full, or failed): the only failure a healthy run may
+        /// see, and only from a node whose disk is faulty or capped.
+        spool: bool,
         /// The error.
         error: String,
+    },
+    /// The sender crashed while `send` had not returned: accepted or not, nobody knows.
+    SendInterrupted {
+        /// Sender.
+        from: NodeIndex,
+        /// Destination.
+        to: NodeIndex,
+        /// First 8 bytes of the body's blake3.
+        body_digest: u64,
     },
     /// The receiver's inbox yielded the message.
     Delivered {
@@ -63,17 +81,77 @@ pub enum Event {
         from: NodeIndex,
         /// Destination.
         to: NodeIndex,
+        /// The sender's stream.
+        stream: u64,
         /// Sequence number.
         seq: u64,
     },
-    /// A receipt failed (the node shut down first; never expected in the simulation).
+    /// A receipt failed: the message was dead-lettered (a report), or something that never
+    /// should happen while the node runs.
     ReceiptFailed {
         /// Sender.
         from: NodeIndex,
         /// Destination.
         to: NodeIndex,
+        /// The sender's stream.
+        stream: u64,
         /// Sequence number.
         seq: u64,
+        /// Whether the error is `DeliveryError::DeadLettered`.
+        dead_lettered: bool,
+        /// The error.
+        error: String,
+    },
+    /// The sender's node reported a message dead-lettered (`PeerEvent::DeadLettered`).
+    DeadLettered {
+        /// Sender.
+        from: NodeIndex,
+        /// Destination.
+        to: NodeIndex,
+        /// The sender's stream.
+        stream: u64,
+        /// Sequence number.
+        seq: u64,
+        /// Why.
+        reason: String,
+    },
+    /// A node's spool has a small byte cap (recorded at the start).
+    SpoolCapped {
+        /// The node.
+        node: NodeIndex,
+        /// The cap.
+        bytes_max: u64,
+    },
+    /// The harness flipped a bit of a node's spool file.
+    BitFlipped {
+        /// The node.
+        node: NodeIndex,
+        /// The file.
+        file: String,
+        /// Byte offset.
+        offset: u64,
+    },
+    /// A node's restart found damaged spool segments and quarantined them (the operator's alarm:
+    /// what they held may be lost).
+    Quarantined {
+        /// The node.
+        node: NodeIndex,
+        /// Segments quarantined by this start.
+        segments: usize,
+    },
+    /// A power loss met bytes its node had written but not fsynced: they are dropped, or torn.
+    UnsyncedLost {
+        /// The node.
+        node: NodeIndex,
+        /// How many.
+        bytes: u64,
+    },
+    /// A node did not start (its supervisor tries again).
+    StartFailed {
+        /// The node.
+        node: NodeIndex,
+        /// Why.
+        error: String,
     },
     /// A connection to `peer` came up at `node`.
     PeerUp {
@@ -112,6 +190,10 @@ impl Event {
         fn number(out: &mut Vec<u8>, value: u64) {
             out.extend(value.to_le_bytes());
         }
+        fn text(out: &mut Vec<u8>, text: &str) {
+            number(out, text.len() as u64);
+            out.extend(text.as_bytes());
+        }
         match self {
             Event::Accepted {
                 from,
@@ -127,12 +209,29 @@ impl Event {
                 number(out, *seq);
                 number(out, *body_digest);
             }
-            Event::SendFailed { from, to, error } => {
+            Event::SendFailed {
+                from,
+                to,
+                body_digest,
+                spool,
+                error,
+            } => {
                 out.push(2);
                 node(out, *from);
                 node(out, *to);
-                number(out, error.len() as u64);
-                out.extend(error.as_bytes());
+                number(out, *body_digest);
+                out.push(u8::from(*spool));
+                text(out, error);
+            }
+            Event::SendInterrupted {
+                from,
+                to,
+                body_digest,
+            } => {
+                out.push(11);
+                node(out, *from);
+                node(out, *to);
+                number(out, *body_digest);
             }
             Event::Delivered {
                 at,
@@ -148,17 +247,77 @@ impl Event {
                 number(out, *seq);
                 number(out, *body_digest);
             }
-            Event::Acked { from, to, seq } => {
+            Event::Acked {
+                from,
+                to,
+                stream,
+                seq,
+            } => {
                 out.push(4);
                 node(out, *from);
                 node(out, *to);
+                number(out, *stream);
                 number(out, *seq);
             }
-            Event::ReceiptFailed { from, to, seq } => {
+            Event::ReceiptFailed {
+                from,
+                to,
+                stream,
+                seq,
+                dead_lettered,
+                error,
+            } => {
                 out.push(5);
                 node(out, *from);
                 node(out, *to);
+                number(out, *stream);
                 number(out, *seq);
+                out.push(u8::from(*dead_lettered));
+                text(out, error);
+            }
+            Event::DeadLettered {
+                from,
+                to,
+                stream,
+                seq,
+                reason,
+            } => {
+                out.push(12);
+                node(out, *from);
+                node(out, *to);
+                number(out, *stream);
+                number(out, *seq);
+                text(out, reason);
+            }
+            Event::SpoolCapped { node: n, bytes_max } => {
+                out.push(13);
+                node(out, *n);
+                number(out, *bytes_max);
+            }
+            Event::BitFlipped {
+                node: n,
+                file,
+                offset,
+            } => {
+                out.push(14);
+                node(out, *n);
+                text(out, file);
+                number(out, *offset);
+            }
+            Event::Quarantined { node: n, segments } => {
+                out.push(15);
+                node(out, *n);
+                number(out, *segments as u64);
+            }
+            Event::UnsyncedLost { node: n, bytes } => {
+                out.push(17);
+                node(out, *n);
+                number(out, *bytes);
+            }
+            Event::StartFailed { node: n, error } => {
+                out.push(16);
+                node(out, *n);
+                text(out, error);
             }
             Event::PeerUp { node: n, peer } => {
                 out.push(6);
@@ -196,15 +355,50 @@ impl fmt::Display for Event {
                 stream,
                 ..
             } => write!(f, "accepted {from}->{to} seq {seq} (stream {stream:016x})"),
-            Event::SendFailed { from, to, error } => write!(f, "send {from}->{to} failed: {error}"),
-            Event::Delivered { at, from, seq, .. } => match from {
-                Some(from) => write!(f, "delivered {from}->{at} seq {seq}"),
+            Event::SendFailed {
+                from, to, error, ..
+            } => write!(f, "send {from}->{to} failed: {error}"),
+            Event::SendInterrupted { from, to, .. } => {
+                write!(f, "send {from}->{to} interrupted by a crash")
+            }
+            Event::Delivered {
+                at,
+                from,
+                seq,
+                stream,
+                ..
+            } => match from {
+                Some(from) => write!(f, "delivered {from}->{at} seq {seq} (stream {stream:016x})"),
                 None => write!(f, "delivered ?->{at} seq {seq} from an unknown producer"),
             },
-            Event::Acked { from, to, seq } => write!(f, "acked {from}->{to} seq {seq}"),
-            Event::ReceiptFailed { from, to, seq } => {
-                write!(f, "receipt {from}->{to} seq {seq} failed")
+            Event::Acked { from, to, seq, .. } => write!(f, "acked {from}->{to} seq {seq}"),
+            Event::ReceiptFailed {
+                from,
+                to,
+                seq,
+                error,
+                ..
+            } => write!(f, "receipt {from}->{to} seq {seq} failed: {error}"),
+            Event::DeadLettered {
+                from,
+                to,
+                seq,
+                reason,
+                ..
+            } => write!(f, "dead-lettered {from}->{to} seq {seq}: {reason}"),
+            Event::SpoolCapped { node, bytes_max } => {
+                write!(f, "node {node}: spool capped at {bytes_max} bytes")
             }
+            Event::BitFlipped { node, file, offset } => {
+                write!(f, "node {node}: bit flipped in {file} at {offset}")
+            }
+            Event::Quarantined { node, segments } => {
+                write!(f, "node {node}: {segments} spool segment(s) quarantined")
+            }
+            Event::UnsyncedLost { node, bytes } => {
+                write!(f, "node {node}: {bytes} unsynced bytes at the power loss")
+            }
+            Event::StartFailed { node, error } => write!(f, "node {node}: start failed: {error}"),
             Event::PeerUp { node, peer } => write!(f, "node {node}: peer {peer} up"),
             Event::PeerDown { node, peer } => write!(f, "node {node}: peer {peer} down"),
             Event::ConsumerPaused { node } => write!(f, "node {node}: consumer paused"),
@@ -244,19 +438,30 @@ pub fn trace_hash(records: &[Record]) -> blake3::Hash {
 }
 
 /// Counters the harness polls to decide that a run has settled (not part of the trace).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Progress {
-    /// Sends that returned, `Ok` or not.
+    /// Sends that returned (`Ok` or not) or were interrupted by a crash.
     pub sends_done: usize,
-    /// Receipts that resolved, `Ok` or not.
-    pub receipts_done: usize,
+    /// Receipts of running nodes not resolved yet (a crash forgets its node's).
+    pub open_receipts: usize,
+    /// Whether every node reported its metrics since its last start and its spool holds no
+    /// unacknowledged message.
+    pub spools_drained: bool,
+    /// Per node: messages in its spool not yet acknowledged, as last reported (`None`: nothing
+    /// reported since the node's last start).
+    pub spool_pending: Vec<Option<u64>>,
 }
 
 #[derive(Debug, Default)]
 struct Inner {
     records: Vec<Record>,
-    progress: Progress,
-    metrics: Vec<weft::MetricsSnapshot>,
+    sends_done: usize,
+    /// Per node: its unresolved receipts.
+    open_receipts: Vec<usize>,
+    /// Per node: the metrics of its current incarnation (`None`: none reported yet).
+    metrics: Vec<Option<weft::MetricsSnapshot>>,
+    /// Per node: the counters of its earlier incarnations, summed.
+    carried: Vec<weft::MetricsSnapshot>,
 }
 
 /// The shared recorder; clones record into the same history.
@@ -269,7 +474,12 @@ impl History {
     /// An empty history for `nodes` nodes.
     pub fn new(nodes: usize) -> Self {
         let history = History::default();
-        history.lock().metrics = vec![weft::MetricsSnapshot::default(); nodes];
+        {
+            let mut inner = history.lock();
+            inner.open_receipts = vec![0; nodes];
+            inner.metrics = vec![None; nodes];
+            inner.carried = vec![weft::MetricsSnapshot::default(); nodes];
+        }
         history
     }
 
@@ -291,28 +501,83 @@ impl History {
     pub fn record(&self, at: Duration, event: Event) {
         let mut inner = self.lock();
         match &event {
-            Event::Accepted { .. } | Event::SendFailed { .. } => inner.progress.sends_done += 1,
-            Event::Acked { .. } | Event::ReceiptFailed { .. } => inner.progress.receipts_done += 1,
+            Event::Accepted { from, .. } => {
+                inner.sends_done += 1;
+                inner.open_receipts[*from] += 1;
+            }
+            Event::SendFailed { .. } | Event::SendInterrupted { .. } => inner.sends_done += 1,
+            Event::Acked { from, .. } | Event::ReceiptFailed { from, .. } => {
+                let open = &mut inner.open_receipts[*from];
+                *open = open.saturating_sub(1);
+            }
             _ => {}
         }
         inner.records.push(Record { at, event });
     }
 
-    /// The latest metrics a node reported (for the run summary; not part of the trace).
+    /// A node crashed: its receipts are gone, and its counters so far are kept aside.
+    pub fn crashed(&self, node: NodeIndex) {
+        let mut inner = self.lock();
+        inner.open_receipts[node] = 0;
+        if let Some(metrics) = inner.metrics[node].take() {
+            add_counters(&mut inner.carried[node], &metrics);
+        }
+    }
+
+    /// The latest metrics a node reported (for the run summary and for the drain condition; not
+    /// part of the trace).
     pub fn set_metrics(&self, node: NodeIndex, metrics: weft::MetricsSnapshot) {
         if let Some(slot) = self.lock().metrics.get_mut(node) {
-            *slot = metrics;
+            *slot = Some(metrics);
         }
     }
 
     /// Progress counters.
     pub fn progress(&self) -> Progress {
-        self.lock().progress
+        let inner = self.lock();
+        let spool_pending: Vec<Option<u64>> = inner
+            .metrics
+            .iter()
+            .map(|metrics| metrics.map(|m| m.spool_pending))
+            .collect();
+        Progress {
+            sends_done: inner.sends_done,
+            open_receipts: inner.open_receipts.iter().sum(),
+            spools_drained: spool_pending.iter().all(|pending| *pending == Some(0)),
+            spool_pending,
+        }
     }
 
-    /// The records so far and the last metrics of every node.
+    /// The records so far and every node's metrics (its earlier incarnations' counters added).
     pub fn snapshot(&self) -> (Vec<Record>, Vec<weft::MetricsSnapshot>) {
         let inner = self.lock();
-        (inner.records.clone(), inner.metrics.clone())
+        let metrics = inner
+            .carried
+            .iter()
+            .zip(&inner.metrics)
+            .map(|(carried, current)| {
+                let mut total = current.unwrap_or_default();
+                add_counters(&mut total, carried);
+                total
+            })
+            .collect();
+        (inner.records.clone(), metrics)
     }
+}
+
+/// Adds the counters (not the gauges) of `more` to `total`.
+fn add_counters(total: &mut weft::MetricsSnapshot, more: &weft::MetricsSnapshot) {
+    total.sent += more.sent;
+    total.retransmitted += more.retransmitted;
+    total.acked += more.acked;
+    total.received += more.received;
+    total.duplicates += more.duplicates;
+    total.delivered += more.delivered;
+    total.protocol_errors += more.protocol_errors;
+    total.dial_failures += more.dial_failures;
+    total.refusals += more.refusals;
+    total.accepted += more.accepted;
+    total.dead_lettered += more.dead_lettered;
+    total.spool_errors += more.spool_errors;
+    total.watermarks_persisted += more.watermarks_persisted;
 }

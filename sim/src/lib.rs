@@ -4,10 +4,12 @@
 //! [turmoil](https://docs.rs/turmoil) hosts: quinn over turmoil's simulated UDP ([`net`]), every
 //! source of randomness and wall-clock time seeded from one run seed ([`determinism`]). A
 //! [`scenario`] drawn from the seed makes the nodes send to each other while the network is
-//! partitioned, held, lossy or slow; the [`harness`] steps the simulation, applies the fault script
-//! and records what the applications observe into a [`history`] outside the nodes; the [`check`]ers
-//! then judge the history against Weft's guarantees (no loss once healed, no duplicates, FIFO per
-//! pair, acked ⇒ delivered) and a blake3 trace hash makes "same seed, same run" checkable.
+//! partitioned, held, lossy or slow, while nodes crash and restart, and while their spools' disks
+//! fail; the [`harness`] steps the simulation, applies the fault script and records what the
+//! applications observe into a [`history`] outside the nodes; the [`check`]ers then judge the
+//! history against Weft's guarantees (nothing accepted is lost, no duplicates but across a
+//! receiver's crash, nothing again once acknowledged, FIFO per pair, acked ⇒ delivered, the spools
+//! drain) and a blake3 trace hash makes "same seed, same run" checkable.
 //!
 //! Canaries switch on deliberate bugs in the core (`weft_proto::link::Fault`) to prove that the
 //! checkers can fail: a suite that never fails proves nothing.

@@ -18,6 +18,7 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand, ValueEnum};
 use weft_sim::check::Checker;
 use weft_sim::history::Event;
+use weft_sim::scenario::FaultAction;
 use weft_sim::{run, Canary, Outcome, ScenarioKind};
 
 /// How many violations a run prints in full.
@@ -39,7 +40,7 @@ struct Cli {
 enum Command {
     /// Run one seed of one scenario and check it.
     Run {
-        /// partition, hold, loss or latency.
+        /// partition, hold, loss, latency, crash, disk, bitrot or spool-full.
         #[arg(long)]
         scenario: ScenarioKind,
         /// The run seed: everything in the run derives from it.
@@ -54,7 +55,8 @@ enum Command {
     },
     /// Run a range of seeds and summarise.
     Sweep {
-        /// A scenario, or `all`.
+        /// A scenario, or `all` (every scenario but bitrot and spool-full, which fail on known
+        /// bugs).
         #[arg(long)]
         scenario: String,
         /// Seeds as `A..B` (B excluded), `A..=B`, or a single seed.
@@ -80,6 +82,8 @@ enum Command {
 enum CanaryArg {
     NoDedup,
     NoRetransmit,
+    AckBeforeFsync,
+    WatermarkAfterAck,
 }
 
 impl From<CanaryArg> for Canary {
@@ -87,6 +91,8 @@ impl From<CanaryArg> for Canary {
         match arg {
             CanaryArg::NoDedup => Canary::NoDedup,
             CanaryArg::NoRetransmit => Canary::NoRetransmit,
+            CanaryArg::AckBeforeFsync => Canary::AckBeforeFsync,
+            CanaryArg::WatermarkAfterAck => Canary::WatermarkAfterAck,
         }
     }
 }
@@ -186,6 +192,9 @@ struct Tally {
     peer_up: usize,
     peer_down: usize,
     faults: usize,
+    not_accepted: usize,
+    dead_lettered: usize,
+    crashes: usize,
     retransmitted: u64,
     duplicates_dropped: u64,
     dial_failures: u64,
@@ -200,6 +209,12 @@ fn tally(outcome: &Outcome) -> Tally {
             Event::Acked { .. } => tally.acked += 1,
             Event::PeerUp { .. } => tally.peer_up += 1,
             Event::PeerDown { .. } => tally.peer_down += 1,
+            Event::SendFailed { .. } | Event::SendInterrupted { .. } => tally.not_accepted += 1,
+            Event::DeadLettered { .. } => tally.dead_lettered += 1,
+            Event::Fault(FaultAction::Crash { ref nodes, .. }) => {
+                tally.faults += 1;
+                tally.crashes += nodes.len();
+            }
             Event::Fault(_) => tally.faults += 1,
             _ => {}
         }
@@ -248,13 +263,32 @@ fn run_one(kind: ScenarioKind, seed: u64, canary: Option<Canary>, trace: bool) -
     }
     let tally = tally(&outcome);
     println!(
-        "accepted {}, delivered {}, acked {}; connections up {}, down {}",
-        tally.accepted, tally.delivered, tally.acked, tally.peer_up, tally.peer_down
+        "accepted {}, not accepted {}, delivered {}, acked {}, dead-lettered {}; node crashes {}; connections up {}, down {}",
+        tally.accepted,
+        tally.not_accepted,
+        tally.delivered,
+        tally.acked,
+        tally.dead_lettered,
+        tally.crashes,
+        tally.peer_up,
+        tally.peer_down
     );
     println!(
         "driver: retransmitted {}, duplicates dropped {}, dial failures {}",
         tally.retransmitted, tally.duplicates_dropped, tally.dial_failures
     );
+    let spools: Vec<String> = outcome
+        .spool_disk
+        .iter()
+        .map(|(files, bytes, written)| {
+            format!(
+                "{files} files {:.1} KiB (of {:.1} KiB written)",
+                *bytes as f64 / 1024.0,
+                *written as f64 / 1024.0
+            )
+        })
+        .collect();
+    println!("spools at the end: {}", spools.join(", "));
     println!(
         "simulated {:.1}s in {:.3}s wall; {}",
         outcome.simulated.as_secs_f64(),
@@ -285,6 +319,9 @@ fn run_one(kind: ScenarioKind, seed: u64, canary: Option<Canary>, trace: bool) -
             println!("  {violation}");
         }
         println!("replay: {}", replay_command(kind, seed, canary));
+        if let Some(bug) = kind.known_bug() {
+            println!("known bug of the node this scenario fails on: {bug}");
+        }
     }
     println!("trace-hash: {}", outcome.trace_hash.to_hex());
     println!("violations: {}", outcome.violations.len());
@@ -417,7 +454,7 @@ fn sweep(scenario: &str, seeds: &str, options: SweepOptions) -> anyhow::Result<b
         hashes,
     } = options;
     let kinds: Vec<ScenarioKind> = if scenario == "all" {
-        ScenarioKind::ALL.to_vec()
+        ScenarioKind::SWEPT.to_vec()
     } else {
         vec![scenario.parse().map_err(anyhow::Error::msg)?]
     };
@@ -491,6 +528,9 @@ fn sweep(scenario: &str, seeds: &str, options: SweepOptions) -> anyhow::Result<b
                         result.first_violation.as_deref().unwrap_or("-")
                     );
                     println!("    replay: {}", replay_command(kind, result.seed, None));
+                }
+                if let (Some(bug), false) = (kind.known_bug(), failed.is_empty()) {
+                    println!("  known bug of the node {kind} fails on: {bug}");
                 }
                 all_passed &= failed.is_empty();
             }

@@ -15,6 +15,29 @@
 //!   a burst at the release (after the connection they belonged to may have died).
 //! - `loss`: many short partitions of random pairs (QUIC loss recovery), a few long ones.
 //! - `latency`: latency spikes and heavy jitter (reordering) on random links.
+//! - `crash`: nodes die (turmoil crash) and restart (bounce) while traffic flows: one node or
+//!   several at once (a power cut of a rack), mostly a sender and its receiver during a burst
+//!   between them. A crash is a killed process (what was written survives, what the process
+//!   buffered does not), a power loss (what was not fsynced is lost) or a power loss with torn
+//!   writes (each file keeps a random prefix of its unsynced bytes).
+//! - `disk`: the spool's storage fails: the disk fills up (`ENOSPC`) or an fsync fails (`EIO`);
+//!   either way the spool refuses everything until an operator restarts the node (after freeing
+//!   space).
+//! - `bitrot`: bits flip in spool segments other than the active one of a crashed node, which
+//!   its restart finds and quarantines.
+//! - `spool-full`: some nodes get a small spool cap and lose a peer for a while, so their spool
+//!   fills up (`SpoolFull`); then the network heals and the spools must drain.
+//!
+//! `bitrot` and `spool-full` fail on known bugs of the node (see [`ScenarioKind::known_bug`]);
+//! a sweep of `all` leaves them out until those are fixed.
+//!
+//! `partition`, `hold` and `loss` also crash and restart one node on about half of the seeds.
+//!
+//! Every node has a simulated spool that survives its crashes. Its fsync takes time
+//! ([`NodeSpool::sync_latency`]); in the crash and disk kinds the disks are slow (up to
+//! [`SLOW_SYNC_LATENCY_MAX`]), so that the windows in which something is written but not durable
+//! are wider than a network hop and crashes land in them. In those kinds the applications send
+//! in bursts (many messages to one destination at once), and crashes are aimed at them.
 //!
 //! Consumer pauses make receivers stop reading their inbox around the long partitions and holds.
 //! With the tiny inbox the simulation configures, a paused receiver's links park a delivery they
@@ -51,6 +74,19 @@ pub const MESSAGES_PER_NODE_MAX: usize = 120;
 /// Largest message body, bytes (small: the suite is about delivery, not throughput).
 pub const BODY_BYTES_MAX: usize = 200;
 
+/// Simulated fsync time of the nodes' spools outside `crash` and `disk`.
+pub const SYNC_LATENCY_RANGE: (Duration, Duration) =
+    (Duration::from_millis(1), Duration::from_millis(3));
+/// Slowest simulated fsync in `crash` and `disk` (the fastest is [`SYNC_LATENCY_RANGE`]'s).
+pub const SLOW_SYNC_LATENCY_MAX: Duration = Duration::from_millis(20);
+/// Spool segment size in the simulation: small, so that segments roll over, get deleted and can
+/// be damaged while others stay intact.
+pub const SEGMENT_BYTES: u64 = 4096;
+/// Range of the small spool caps some nodes get in `disk` (bytes).
+pub const SMALL_SPOOL_BYTES: (u64, u64) = (12 * 1024, 32 * 1024);
+/// Longest time a crashed node stays down.
+pub const DOWNTIME_MAX: Duration = Duration::from_secs(3);
+
 /// The QUIC idle timeout the nodes run with: faults longer than this kill connections.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 /// The QUIC keep-alive interval the nodes run with.
@@ -73,16 +109,54 @@ pub enum ScenarioKind {
     Loss,
     /// Latency spikes and jitter on random links.
     Latency,
+    /// Nodes crash and restart, with and without losing what they did not fsync.
+    Crash,
+    /// The spool's storage fails: a full disk, a failed fsync; restarts recover.
+    Disk,
+    /// Bits rot in old spool segments; restarts find and quarantine them.
+    Bitrot,
+    /// Small spool caps, filled while a peer is cut off.
+    SpoolFull,
 }
 
 impl ScenarioKind {
-    /// Every kind, in the order sweeps run them.
-    pub const ALL: [ScenarioKind; 4] = [
+    /// Every kind.
+    pub const ALL: [ScenarioKind; 8] = [
         ScenarioKind::Partition,
         ScenarioKind::Hold,
         ScenarioKind::Loss,
         ScenarioKind::Latency,
+        ScenarioKind::Crash,
+        ScenarioKind::Disk,
+        ScenarioKind::Bitrot,
+        ScenarioKind::SpoolFull,
     ];
+
+    /// The kinds a sweep of `all` runs, in this order: every kind but those that fail on bugs
+    /// of the node that are known and not fixed yet (see [`ScenarioKind::known_bug`]).
+    pub const SWEPT: [ScenarioKind; 6] = [
+        ScenarioKind::Partition,
+        ScenarioKind::Hold,
+        ScenarioKind::Loss,
+        ScenarioKind::Latency,
+        ScenarioKind::Crash,
+        ScenarioKind::Disk,
+    ];
+
+    /// Why this kind is not in [`ScenarioKind::SWEPT`]: the open bug it fails on.
+    pub fn known_bug(self) -> Option<&'static str> {
+        match self {
+            ScenarioKind::Bitrot => Some(
+                "after a quarantine the node continues (or resurrects) a stream whose highest \
+                 sequence number it lost: new messages reuse ids the receiver already has",
+            ),
+            ScenarioKind::SpoolFull => Some(
+                "one old live spool record pins every later segment, so a capped spool fills \
+                 for good; a watermark the full spool refused stalls that peer's acks",
+            ),
+            _ => None,
+        }
+    }
 
     /// The name used on the command line.
     pub fn name(self) -> &'static str {
@@ -91,7 +165,22 @@ impl ScenarioKind {
             ScenarioKind::Hold => "hold",
             ScenarioKind::Loss => "loss",
             ScenarioKind::Latency => "latency",
+            ScenarioKind::Crash => "crash",
+            ScenarioKind::Disk => "disk",
+            ScenarioKind::Bitrot => "bitrot",
+            ScenarioKind::SpoolFull => "spool-full",
         }
+    }
+
+    /// Whether the kind is about crashes and disks (bursty sends, slow fsyncs, no extra crash).
+    fn kills_nodes(self) -> bool {
+        matches!(
+            self,
+            ScenarioKind::Crash
+                | ScenarioKind::Disk
+                | ScenarioKind::Bitrot
+                | ScenarioKind::SpoolFull
+        )
     }
 
     fn tag(self) -> u8 {
@@ -100,6 +189,10 @@ impl ScenarioKind {
             ScenarioKind::Hold => 2,
             ScenarioKind::Loss => 3,
             ScenarioKind::Latency => 4,
+            ScenarioKind::Crash => 5,
+            ScenarioKind::Disk => 6,
+            ScenarioKind::Bitrot => 7,
+            ScenarioKind::SpoolFull => 8,
         }
     }
 }
@@ -121,6 +214,98 @@ impl FromStr for ScenarioKind {
                 let names: Vec<_> = ScenarioKind::ALL.iter().map(|k| k.name()).collect();
                 format!("unknown scenario {text:?}; one of {}", names.join(", "))
             })
+    }
+}
+
+/// What a crash does to what the node wrote but did not fsync.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CrashMode {
+    /// The process is killed: what it handed to the storage survives (the page cache), what it
+    /// held in its own buffers does not.
+    Process,
+    /// Power loss: everything not fsynced is lost (`CrashMode::DropUnsynced` of the storage).
+    PowerLoss,
+    /// Power loss with torn writes: each file keeps a random prefix of its unsynced bytes.
+    TornWrite,
+}
+
+impl CrashMode {
+    const ALL: [CrashMode; 3] = [
+        CrashMode::Process,
+        CrashMode::PowerLoss,
+        CrashMode::TornWrite,
+    ];
+
+    fn tag(self) -> u8 {
+        match self {
+            CrashMode::Process => 1,
+            CrashMode::PowerLoss => 2,
+            CrashMode::TornWrite => 3,
+        }
+    }
+
+    /// What happens to the node's storage, if anything (a killed process leaves it alone).
+    pub fn storage_crash(self) -> Option<weft_spool::CrashMode> {
+        match self {
+            CrashMode::Process => None,
+            CrashMode::PowerLoss => Some(weft_spool::CrashMode::DropUnsynced),
+            CrashMode::TornWrite => Some(weft_spool::CrashMode::TornTail),
+        }
+    }
+}
+
+impl fmt::Display for CrashMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            CrashMode::Process => "process killed",
+            CrashMode::PowerLoss => "power loss",
+            CrashMode::TornWrite => "power loss, torn writes",
+        })
+    }
+}
+
+/// A fault of a node's spool storage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DiskFault {
+    /// Flip this many bits, each in a random segment other than the newest of its log (the next
+    /// recovery finds the damage and quarantines the segment).
+    FlipBits {
+        /// How many.
+        count: u8,
+    },
+    /// The disk fills up: `bytes` more can be written, then writes fail with `ENOSPC`.
+    Full {
+        /// Bytes left.
+        bytes: u64,
+    },
+    /// The operator freed space: no more `ENOSPC`.
+    Freed,
+    /// The next fsync fails with `EIO` (the spool then refuses everything until a restart).
+    FailNextSync,
+}
+
+impl DiskFault {
+    fn encode(&self, out: &mut Vec<u8>) {
+        match self {
+            DiskFault::FlipBits { count } => out.extend([1, *count]),
+            DiskFault::Full { bytes } => {
+                out.push(2);
+                out.extend(bytes.to_le_bytes());
+            }
+            DiskFault::Freed => out.push(3),
+            DiskFault::FailNextSync => out.push(4),
+        }
+    }
+}
+
+impl fmt::Display for DiskFault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DiskFault::FlipBits { count } => write!(f, "{count} bit flip(s) in old segments"),
+            DiskFault::Full { bytes } => write!(f, "disk full after {bytes} more bytes"),
+            DiskFault::Freed => f.write_str("space freed"),
+            DiskFault::FailNextSync => f.write_str("next fsync fails"),
+        }
     }
 }
 
@@ -180,6 +365,25 @@ pub enum FaultAction {
         /// The other end.
         b: usize,
     },
+    /// The nodes' software dies at once (turmoil crash); their storage survives as `mode` says.
+    Crash {
+        /// The nodes.
+        nodes: Vec<usize>,
+        /// What the storage keeps.
+        mode: CrashMode,
+    },
+    /// The nodes' software starts again (turmoil bounce), on the storage it left behind.
+    Restart {
+        /// The nodes.
+        nodes: Vec<usize>,
+    },
+    /// A fault of one node's storage.
+    Disk {
+        /// The node.
+        node: usize,
+        /// What goes wrong.
+        fault: DiskFault,
+    },
 }
 
 impl FaultAction {
@@ -208,6 +412,15 @@ impl FaultAction {
                 max_latency_ms,
             } => link(out, 6, *a, *b, *max_latency_ms),
             FaultAction::RestoreLatency { a, b } => link(out, 7, *a, *b, 0),
+            FaultAction::Crash { nodes, mode } => {
+                sides(out, 8, nodes, &[]);
+                out.push(mode.tag());
+            }
+            FaultAction::Restart { nodes } => sides(out, 9, nodes, &[]),
+            FaultAction::Disk { node, fault } => {
+                out.extend([10, *node as u8]);
+                fault.encode(out);
+            }
         }
     }
 }
@@ -228,6 +441,9 @@ impl fmt::Display for FaultAction {
                 max_latency_ms,
             } => write!(f, "jitter {a}-{b} up to {max_latency_ms} ms"),
             FaultAction::RestoreLatency { a, b } => write!(f, "latency {a}-{b} restored"),
+            FaultAction::Crash { nodes, mode } => write!(f, "crash {nodes:?} ({mode})"),
+            FaultAction::Restart { nodes } => write!(f, "restart {nodes:?}"),
+            FaultAction::Disk { node, fault } => write!(f, "disk of node {node}: {fault}"),
         }
     }
 }
@@ -262,6 +478,15 @@ pub struct Pause {
     pub until: Duration,
 }
 
+/// A node's simulated spool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NodeSpool {
+    /// How long an fsync takes.
+    pub sync_latency: Duration,
+    /// A small cap on the spool's disk bytes (`SpoolConfig::bytes_max`), or the default.
+    pub bytes_max: Option<u64>,
+}
+
 /// Everything one run does. See the module docs.
 #[derive(Clone, Debug)]
 pub struct Scenario {
@@ -279,6 +504,8 @@ pub struct Scenario {
     pub faults: Vec<ScheduledFault>,
     /// Normal one-way latency range of every link.
     pub latency: (Duration, Duration),
+    /// Per node, its spool.
+    pub spools: Vec<NodeSpool>,
 }
 
 /// A value derived from the run seed for one purpose (and one node, where it applies): every
@@ -338,16 +565,33 @@ impl Scenario {
     pub fn generate(kind: ScenarioKind, seed: u64) -> Scenario {
         let mut draw = Draw::new(derive_seed(seed, "scenario", u64::from(kind.tag())));
         let nodes = draw.range(NODES_MIN as u64, NODES_MAX as u64) as usize;
-        let sends = (0..nodes)
-            .map(|node| plan_sends(seed, node, nodes))
+        let bursty = kind.kills_nodes();
+        let sends: Vec<Vec<PlannedSend>> = (0..nodes)
+            .map(|node| plan_sends(seed, node, nodes, bursty))
             .collect();
         let mut pauses = vec![Vec::new(); nodes];
-        let faults = match kind {
+        let mut spools = plan_spools(seed, kind, nodes);
+        let mut faults = match kind {
             ScenarioKind::Partition => two_sided_episodes(&mut draw, nodes, &mut pauses, false),
             ScenarioKind::Hold => two_sided_episodes(&mut draw, nodes, &mut pauses, true),
             ScenarioKind::Loss => pair_losses(&mut draw, nodes, &mut pauses),
             ScenarioKind::Latency => latency_episodes(&mut draw, nodes),
+            ScenarioKind::Crash => crash_episodes(&mut draw, nodes, &sends),
+            ScenarioKind::Disk => disk_episodes(&mut draw, nodes, false),
+            ScenarioKind::Bitrot => disk_episodes(&mut draw, nodes, true),
+            ScenarioKind::SpoolFull => spool_full_episodes(&mut draw, nodes, &mut spools),
         };
+        // One crash on half of the seeds of the network kinds, on its own stream of draws (the
+        // network faults stay what they were). Not in `latency`: after a latency spike QUIC's
+        // idle timeout stretches to 3 PTO (tens of seconds), and a peer keeps preferring its
+        // stale connection to the crashed node over the restarted node's new ones that long.
+        if !bursty && kind != ScenarioKind::Latency {
+            let mut draw = Draw::new(derive_seed(seed, "mixed crash", u64::from(kind.tag())));
+            if draw.chance(50) {
+                faults.extend(one_crash(&mut draw, nodes));
+                faults.sort_by_key(|fault| fault.at);
+            }
+        }
         let latency = match kind {
             ScenarioKind::Latency => LATENCY_SCENARIO_RANGE,
             _ => (BASE_LATENCY, BASE_LATENCY),
@@ -360,6 +604,7 @@ impl Scenario {
             pauses,
             faults,
             latency,
+            spools,
         }
     }
 
@@ -402,17 +647,31 @@ impl Scenario {
     }
 }
 
-/// One node's sends: a seed-drawn count, uniform times, random destinations and bodies.
-fn plan_sends(seed: u64, node: usize, nodes: usize) -> Vec<PlannedSend> {
+/// Fewest and most messages of one burst (`bursty` sends).
+const BURST_MESSAGES: (u64, u64) = (5, 25);
+
+/// One node's sends: a seed-drawn count, uniform times, random destinations and bodies. With
+/// `bursty`, they come in bursts: runs of messages to one destination, all due at one time.
+fn plan_sends(seed: u64, node: usize, nodes: usize, bursty: bool) -> Vec<PlannedSend> {
     let mut draw = Draw::new(derive_seed(seed, "sends", node as u64));
     let count = draw.range(MESSAGES_PER_NODE_MIN as u64, MESSAGES_PER_NODE_MAX as u64);
+    let mut burst_left = 0;
+    let mut burst = (Duration::ZERO, 0);
     let mut sends: Vec<PlannedSend> = (0..count)
         .map(|_| {
-            let at = draw.millis(SEND_START, SEND_END);
+            let mut at = draw.millis(SEND_START, SEND_END);
             // Any node but this one.
             let mut to = draw.index(nodes - 1);
             if to >= node {
                 to += 1;
+            }
+            if bursty {
+                if burst_left == 0 {
+                    burst_left = draw.range(BURST_MESSAGES.0, BURST_MESSAGES.1);
+                    burst = (at, to);
+                }
+                burst_left -= 1;
+                (at, to) = burst;
             }
             let mut body = vec![0u8; draw.range(1, BODY_BYTES_MAX as u64) as usize];
             draw.fill(&mut body);
@@ -426,6 +685,227 @@ fn plan_sends(seed: u64, node: usize, nodes: usize) -> Vec<PlannedSend> {
     // Stable: equal times keep their drawing order.
     sends.sort_by_key(|send| send.at);
     sends
+}
+
+/// Each node's spool: fast fsyncs, except in the crash and disk kinds (slow disks, see the
+/// module docs); in `spool-full` some nodes get a small cap.
+fn plan_spools(seed: u64, kind: ScenarioKind, nodes: usize) -> Vec<NodeSpool> {
+    (0..nodes)
+        .map(|node| {
+            let mut draw = Draw::new(derive_seed(seed, "spool", node as u64));
+            let slowest = if kind.kills_nodes() {
+                SLOW_SYNC_LATENCY_MAX
+            } else {
+                SYNC_LATENCY_RANGE.1
+            };
+            let sync_latency = draw.millis(SYNC_LATENCY_RANGE.0, slowest);
+            let bytes_max = (kind == ScenarioKind::SpoolFull && draw.chance(50))
+                .then(|| draw.range(SMALL_SPOOL_BYTES.0, SMALL_SPOOL_BYTES.1));
+            NodeSpool {
+                sync_latency,
+                bytes_max,
+            }
+        })
+        .collect()
+}
+
+/// Slack after a crash episode inside its slot (the restart, reconnects).
+const CRASH_RECOVERY: Duration = Duration::from_millis(500);
+/// How long after the start of a burst a crash aimed at it may come.
+const BURST_AIM: (Duration, Duration) = (Duration::from_millis(10), Duration::from_millis(400));
+
+/// A random non-empty subset of the nodes (each in it with `percent` chance).
+fn subset(draw: &mut Draw, nodes: usize, percent: u64) -> Vec<usize> {
+    loop {
+        let chosen: Vec<usize> = (0..nodes).filter(|_| draw.chance(percent)).collect();
+        if !chosen.is_empty() {
+            return chosen;
+        }
+    }
+}
+
+/// A crash of `nodes` at `at` and their restart after `downtime`.
+fn crash_and_restart(
+    at: Duration,
+    downtime: Duration,
+    nodes: Vec<usize>,
+    mode: CrashMode,
+) -> [ScheduledFault; 2] {
+    [
+        ScheduledFault {
+            at,
+            action: FaultAction::Crash {
+                nodes: nodes.clone(),
+                mode,
+            },
+        },
+        ScheduledFault {
+            at: at + downtime,
+            action: FaultAction::Restart { nodes },
+        },
+    ]
+}
+
+/// Crash episodes one after the other inside the fault window. Most are aimed at a burst: its
+/// sender and receiver die together (or one of them) shortly after it started, while messages,
+/// acknowledgements, watermarks and retirements are on their way to the disks.
+fn crash_episodes(
+    draw: &mut Draw,
+    nodes: usize,
+    sends: &[Vec<PlannedSend>],
+) -> Vec<ScheduledFault> {
+    // Every burst: (start, sender, destination).
+    let mut bursts: Vec<(Duration, usize, usize)> = sends
+        .iter()
+        .enumerate()
+        .flat_map(|(node, sends)| sends.iter().map(move |send| (send.at, node, send.to)))
+        .collect();
+    bursts.sort();
+    bursts.dedup();
+    let episodes = draw.range(3, 6) as u32;
+    let slot = (FAULT_END - FAULT_START) / episodes;
+    let mut faults = Vec::new();
+    for episode in 0..episodes {
+        let slot_start = FAULT_START + slot * episode;
+        let downtime = draw.millis(Duration::from_millis(100), DOWNTIME_MAX);
+        let latest = slot_start + slot - downtime - CRASH_RECOVERY;
+        let aimable: Vec<&(Duration, usize, usize)> = bursts
+            .iter()
+            .filter(|(at, ..)| *at >= slot_start && *at + BURST_AIM.1 <= latest)
+            .collect();
+        let (at, crashed) = if !aimable.is_empty() && draw.chance(85) {
+            let &(start, sender, receiver) = aimable[draw.index(aimable.len())];
+            let at = start + draw.millis(BURST_AIM.0, BURST_AIM.1);
+            let crashed = match draw.range(0, 9) {
+                0..=6 => vec![sender.min(receiver), sender.max(receiver)],
+                7 => vec![sender],
+                _ => vec![receiver],
+            };
+            (at, crashed)
+        } else {
+            (draw.millis(slot_start, latest), subset(draw, nodes, 30))
+        };
+        // Mostly power losses: a killed process leaves what it wrote, so only they lose what
+        // was written and not yet durable.
+        let mode = match draw.range(0, 9) {
+            0 | 1 => CrashMode::Process,
+            2..=5 => CrashMode::PowerLoss,
+            _ => CrashMode::TornWrite,
+        };
+        faults.extend(crash_and_restart(at, downtime, crashed, mode));
+    }
+    faults.sort_by_key(|fault| fault.at);
+    faults
+}
+
+/// One node crashes once, at a random time in the fault window (mixed into the network
+/// scenarios).
+fn one_crash(draw: &mut Draw, nodes: usize) -> [ScheduledFault; 2] {
+    let downtime = draw.millis(Duration::from_millis(100), DOWNTIME_MAX);
+    let at = draw.millis(FAULT_START, FAULT_END - downtime);
+    let mode = CrashMode::ALL[draw.index(CrashMode::ALL.len())];
+    crash_and_restart(at, downtime, vec![draw.index(nodes)], mode)
+}
+
+/// Storage fault episodes one after the other inside the fault window, each on a random node
+/// and ending with an operator's restart of it: a full disk (space freed before the restart) or
+/// a failed fsync; with `bitrot`, bits flip in old segments of a crashed node instead, after the
+/// node was cut off from a peer for a while (so that old segments hold unacknowledged messages).
+fn disk_episodes(draw: &mut Draw, nodes: usize, bitrot: bool) -> Vec<ScheduledFault> {
+    let episodes = draw.range(2, 4) as u32;
+    let slot = (FAULT_END - FAULT_START) / episodes;
+    let mut faults = Vec::new();
+    for episode in 0..episodes {
+        let slot_start = FAULT_START + slot * episode;
+        let node = draw.index(nodes);
+        let downtime = draw.millis(Duration::from_millis(100), Duration::from_secs(1));
+        let mode = CrashMode::ALL[draw.index(CrashMode::ALL.len())];
+        let fault_for = draw.millis(Duration::from_secs(1), Duration::from_secs(4));
+        let latest = slot_start + slot - fault_for - downtime - CRASH_RECOVERY;
+        let at = draw.millis(slot_start, latest);
+        let disk = |at, fault| ScheduledFault {
+            at,
+            action: FaultAction::Disk { node, fault },
+        };
+        let [crash, restart] = crash_and_restart(at + fault_for, downtime, vec![node], mode);
+        if bitrot {
+            let (a, b) = (vec![node], vec![other_node(draw, nodes, node)]);
+            faults.push(ScheduledFault {
+                at,
+                action: FaultAction::Partition {
+                    a: a.clone(),
+                    b: b.clone(),
+                },
+            });
+            let count = draw.range(1, 3) as u8;
+            // Listed after the crash, so applied after it at the same time.
+            faults.push(crash.clone());
+            faults.push(disk(crash.at, DiskFault::FlipBits { count }));
+            faults.push(ScheduledFault {
+                at: restart.at,
+                action: FaultAction::Repair { a, b },
+            });
+            faults.push(restart);
+        } else if draw.chance(50) {
+            let bytes = draw.range(0, 16 * 1024);
+            faults.push(disk(at, DiskFault::Full { bytes }));
+            faults.push(crash);
+            faults.push(disk(restart.at, DiskFault::Freed));
+            faults.push(restart);
+        } else {
+            faults.push(disk(at, DiskFault::FailNextSync));
+            faults.push(crash);
+            faults.push(restart);
+        }
+    }
+    // Stable: faults at one time keep their order (crash, then damage, then restart).
+    faults.sort_by_key(|fault| fault.at);
+    faults
+}
+
+/// Any node but `node`.
+fn other_node(draw: &mut Draw, nodes: usize, node: usize) -> usize {
+    let other = draw.index(nodes - 1);
+    if other >= node {
+        other + 1
+    } else {
+        other
+    }
+}
+
+/// For every node with a small spool cap (at least one), a partition from one peer long
+/// enough to fill it; then the network heals and the spools must drain.
+fn spool_full_episodes(
+    draw: &mut Draw,
+    nodes: usize,
+    spools: &mut [NodeSpool],
+) -> Vec<ScheduledFault> {
+    if spools.iter().all(|spool| spool.bytes_max.is_none()) {
+        let node = draw.index(nodes);
+        spools[node].bytes_max = Some(draw.range(SMALL_SPOOL_BYTES.0, SMALL_SPOOL_BYTES.1));
+    }
+    let mut faults = Vec::new();
+    for (node, spool) in spools.iter().enumerate() {
+        if spool.bytes_max.is_none() {
+            continue;
+        }
+        let duration = draw.millis(Duration::from_secs(4), Duration::from_secs(10));
+        let at = draw.millis(FAULT_START, FAULT_END - duration);
+        let (a, b) = (vec![node], vec![other_node(draw, nodes, node)]);
+        faults.push(ScheduledFault {
+            at,
+            action: FaultAction::Partition {
+                a: a.clone(),
+                b: b.clone(),
+            },
+        });
+        faults.push(ScheduledFault {
+            at: at + duration,
+            action: FaultAction::Repair { a, b },
+        });
+    }
+    faults.sort_by_key(|fault| fault.at);
+    faults
 }
 
 /// Longest two-sided fault: long faults cost simulated time (and the reconnect attempts during
@@ -665,13 +1145,52 @@ mod tests {
         }
     }
 
+    /// Every crash is followed by the restart of exactly the crashed nodes, before the next crash
+    /// of any of them and inside the fault window.
+    #[test]
+    fn crashed_nodes_restart_before_they_crash_again() {
+        for kind in ScenarioKind::ALL {
+            for seed in 0..50 {
+                let scenario = Scenario::generate(kind, seed);
+                let mut down = vec![false; scenario.nodes];
+                for fault in &scenario.faults {
+                    match &fault.action {
+                        FaultAction::Crash { nodes, .. } => {
+                            for &node in nodes {
+                                assert!(!down[node], "{kind} {seed}: node {node} crashed twice");
+                                down[node] = true;
+                            }
+                        }
+                        FaultAction::Restart { nodes } => {
+                            for &node in nodes {
+                                assert!(down[node], "{kind} {seed}: node {node} was up");
+                                down[node] = false;
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                assert!(down.iter().all(|down| !down), "{kind} {seed}");
+            }
+        }
+    }
+
     #[test]
     fn two_sided_scenarios_have_a_fault_longer_than_the_idle_timeout() {
         for kind in [ScenarioKind::Partition, ScenarioKind::Hold] {
             for seed in 0..50 {
                 let scenario = Scenario::generate(kind, seed);
-                let longest = scenario
+                let network: Vec<&ScheduledFault> = scenario
                     .faults
+                    .iter()
+                    .filter(|fault| {
+                        !matches!(
+                            fault.action,
+                            FaultAction::Crash { .. } | FaultAction::Restart { .. }
+                        )
+                    })
+                    .collect();
+                let longest = network
                     .chunks(2)
                     .map(|pair| pair[1].at - pair[0].at)
                     .max()

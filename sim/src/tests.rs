@@ -1,5 +1,5 @@
-//! Regression tests: a few seeds of every scenario pass, the canaries are caught, and a seed
-//! replays to the same trace. Kept to a handful of runs: they run in debug builds, where a
+//! Regression tests: a few seeds of every scenario `all` sweeps pass, the canaries are caught,
+//! and a seed replays to the same trace. Kept to a handful of runs: they run in debug builds, where a
 //! simulated run is several times slower than in release.
 
 use crate::check::Checker;
@@ -59,6 +59,16 @@ fn latency_seeds_pass() {
 }
 
 #[test]
+fn crash_seeds_pass() {
+    assert_seeds_pass(ScenarioKind::Crash);
+}
+
+#[test]
+fn disk_seeds_pass() {
+    assert_seeds_pass(ScenarioKind::Disk);
+}
+
+#[test]
 fn no_dedup_canary_is_caught() {
     assert_caught(
         ScenarioKind::Partition,
@@ -80,6 +90,29 @@ fn no_retransmit_canary_is_caught() {
     assert_caught(ScenarioKind::Hold, 1, Canary::NoRetransmit, Checker::Ack);
 }
 
+/// Reported accepted before the fsync: a power loss loses what the sender acknowledged.
+#[test]
+fn ack_before_fsync_canary_is_caught() {
+    assert_caught(
+        ScenarioKind::Crash,
+        1,
+        Canary::AckBeforeFsync,
+        Checker::Loss,
+    );
+}
+
+/// Acknowledged before the watermark is durable: a receiver and its sender lose power together,
+/// the sender resends what the receiver acknowledged, and the receiver no longer knows it.
+#[test]
+fn watermark_after_ack_canary_is_caught() {
+    assert_caught(
+        ScenarioKind::Crash,
+        1,
+        Canary::WatermarkAfterAck,
+        Checker::Redelivered,
+    );
+}
+
 #[test]
 fn a_seed_replays_to_the_same_trace() {
     let first = run(ScenarioKind::Loss, 2, None);
@@ -88,4 +121,8 @@ fn a_seed_replays_to_the_same_trace() {
     assert_eq!(first.trace_hash, again.trace_hash);
     let other = run(ScenarioKind::Loss, 3, None);
     assert_ne!(first.trace_hash, other.trace_hash);
+    // With crashes and disk faults too.
+    let first = run(ScenarioKind::Crash, 2, None);
+    let again = run(ScenarioKind::Crash, 2, None);
+    assert_eq!(first.trace_hash, again.trace_hash);
 }
