@@ -547,6 +547,16 @@ impl Draw {
         self.range(0, len as u64 - 1) as usize
     }
 
+    /// Two distinct node indices, the smaller first.
+    pub(crate) fn pair(&mut self, nodes: usize) -> (usize, usize) {
+        let a = self.index(nodes);
+        let mut b = self.index(nodes - 1);
+        if b >= a {
+            b += 1;
+        }
+        (a.min(b), a.max(b))
+    }
+
     pub(crate) fn chance(&mut self, percent: u64) -> bool {
         self.range(0, 99) < percent
     }
@@ -1022,12 +1032,7 @@ fn pair_losses(draw: &mut Draw, nodes: usize, pauses: &mut [Vec<Pause>]) -> Vec<
     let mut at = FAULT_START;
     loop {
         at += draw.millis(Duration::from_millis(200), Duration::from_millis(1_500));
-        let a = draw.index(nodes);
-        let mut b = draw.index(nodes - 1);
-        if b >= a {
-            b += 1;
-        }
-        let (a, b) = (a.min(b), a.max(b));
+        let (a, b) = draw.pair(nodes);
         let long = draw.chance(10);
         let duration = if long {
             draw.millis(IDLE_TIMEOUT + Duration::from_secs(1), IDLE_TIMEOUT * 2)
@@ -1074,12 +1079,7 @@ fn latency_episodes(draw: &mut Draw, nodes: usize) -> Vec<ScheduledFault> {
     let mut at = FAULT_START;
     loop {
         at += draw.millis(Duration::from_millis(300), Duration::from_millis(3_000));
-        let a = draw.index(nodes);
-        let mut b = draw.index(nodes - 1);
-        if b >= a {
-            b += 1;
-        }
-        let (a, b) = (a.min(b), a.max(b));
+        let (a, b) = draw.pair(nodes);
         let duration = draw.millis(Duration::from_secs(1), Duration::from_secs(8));
         if at + duration > FAULT_END {
             break;

@@ -224,9 +224,8 @@ fn restore<S: Storage>(
     spool: &mut Spool<S>,
     pending: Vec<weft_spool::PendingRecord>,
     limits: Limits,
-    epoch: u64,
+    new_epoch: u64,
 ) -> Result<Recovered, String> {
-    let new_epoch = epoch;
     let mut restored = Restored::default();
     let mut watermarks: HashMap<NodeId, (u64, Watermark)> = HashMap::new();
     let mut by_dest: HashMap<NodeId, Vec<(u64, SpooledMessage)>> = HashMap::new();
