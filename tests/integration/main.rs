@@ -11,5 +11,6 @@ mod discovery_interop;
 mod durability;
 mod hostile;
 mod p2p;
+mod patterns;
 mod proxy;
 mod reliability;

@@ -28,16 +28,22 @@
 //! - [`handshake`]: judging a hello; resolving simultaneous dials.
 //! - [`link`]: per-peer acknowledgement, retransmission and deduplication state.
 //! - [`spooled`]: the payloads a node keeps in its spool (outgoing messages, inbound watermarks).
+//! - [`topic`]: topics and wildcard patterns.
+//! - [`interest`]: who subscribes to what and answers which service (announcements, the table).
+//! - [`envelope`]: bodies of the mesh's own channels (events, requests, replies), reply cache.
 //! - [`backoff`]: jittered reconnect backoff and a seedable generator.
 #![warn(missing_docs)]
 
 pub mod backoff;
+pub mod envelope;
 pub mod frame;
 pub mod handshake;
 pub mod id;
+pub mod interest;
 pub mod link;
 pub mod message;
 pub mod spooled;
+pub mod topic;
 
 #[cfg(test)]
 mod link_tests;
@@ -46,3 +52,4 @@ pub use frame::{Frame, FrameDecoder, FrameEncoder, FrameError, Limits};
 pub use id::{MessageId, NodeId, StreamId};
 pub use link::{Link, LinkConfig, LinkError, LinkEvent, OutgoingMessage};
 pub use message::{Header, Kind, Message, Options, Priority};
+pub use topic::{Topic, TopicError, TopicPattern};

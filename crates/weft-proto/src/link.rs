@@ -47,6 +47,8 @@ pub struct LinkConfig {
     pub limits: Limits,
     /// When outbound messages give up (see [`Link::expire`]).
     pub retry: RetryPolicy,
+    /// Most volatile messages (see [`Link::push_volatile`]) waiting for the connection.
+    pub volatile_messages_max: usize,
     /// Acknowledge a message as soon as [`Link::pop_delivery`] hands it over. Off, the driver
     /// decides with [`Link::acknowledge`] (after the application took the message and the
     /// watermark is durable) and learns of skipped and new inbound streams from [`LinkEvent`]s.
@@ -65,6 +67,7 @@ impl Default for LinkConfig {
             queue_bytes_max: 64 * 1024 * 1024,
             limits: Limits::default(),
             retry: RetryPolicy::default(),
+            volatile_messages_max: 4096,
             ack_on_delivery: true,
             #[cfg(feature = "fault-injection")]
             fault: Fault::None,
@@ -264,6 +267,12 @@ pub enum PushError {
     /// The message can never be encoded.
     #[error(transparent)]
     Encode(#[from] EncodeError),
+    /// No connection is up: a volatile message has nothing to wait on.
+    #[error("not connected")]
+    NotConnected,
+    /// The volatile queue holds its maximum; wait for the connection to take some.
+    #[error("volatile queue is full ({0} messages)")]
+    VolatileFull(usize),
     /// The sequence number is below the next free one.
     #[error("sequence number {seq} was already used (next is {next})")]
     Reused {
@@ -343,6 +352,12 @@ pub struct LinkStats {
     pub received: u64,
     /// Duplicates from the peer, dropped.
     pub duplicates: u64,
+    /// Volatile messages transmitted.
+    pub volatile_sent: u64,
+    /// Volatile messages dropped because the connection went away before they were written.
+    pub volatile_dropped: u64,
+    /// Volatile messages accepted from the peer.
+    pub volatile_received: u64,
 }
 
 #[derive(Debug)]
@@ -378,6 +393,8 @@ pub struct Link {
     /// Unacknowledged messages, by ascending seq; the front is `acked_up_to + 1`.
     queue: VecDeque<Queued>,
     queued_bytes: usize,
+    /// Volatile messages waiting for the current connection (never retransmitted).
+    volatile: VecDeque<OutgoingMessage>,
     /// Index in `queue` of the next message to transmit on the current connection.
     cursor: usize,
     inflight_bytes: usize,
@@ -415,6 +432,7 @@ impl Link {
             acked_up_to: 0,
             queue: VecDeque::new(),
             queued_bytes: 0,
+            volatile: VecDeque::new(),
             cursor: 0,
             inflight_bytes: 0,
             peer_expects: 1,
@@ -486,6 +504,29 @@ impl Link {
         self.queue.len() < self.config.queue_messages_max
             && (self.queue.is_empty()
                 || self.queued_bytes + body_bytes <= self.config.queue_bytes_max)
+    }
+
+    /// Whether [`Link::push_volatile`] would accept a message now.
+    pub fn has_volatile_room(&self) -> bool {
+        self.volatile.len() < self.config.volatile_messages_max
+    }
+
+    /// Queues a volatile message: sent on the current connection ahead of sequenced data, with
+    /// sequence number 0, never acknowledged, never retransmitted; if the connection goes away
+    /// before it is written, it is dropped (and counted). For traffic whose loss the layer above
+    /// handles itself (requests and replies with timeouts, interest announcements that are sent
+    /// again on every connection, best-effort events).
+    pub fn push_volatile(&mut self, message: OutgoingMessage) -> Result<(), PushError> {
+        message.check(&self.config.limits)?;
+        if !self.connected {
+            self.stats.volatile_dropped += 1;
+            return Err(PushError::NotConnected);
+        }
+        if !self.has_volatile_room() {
+            return Err(PushError::VolatileFull(self.volatile.len()));
+        }
+        self.volatile.push_back(message);
+        Ok(())
     }
 
     /// Queues a message under the next sequence number; returns it.
@@ -638,6 +679,8 @@ impl Link {
     pub fn disconnected(&mut self) {
         self.connected = false;
         self.resume_due = false;
+        self.stats.volatile_dropped += self.volatile.len() as u64;
+        self.volatile.clear();
     }
 
     /// Processes one frame from the peer.
@@ -702,6 +745,14 @@ impl Link {
         let Some(inbound) = &mut self.inbound else {
             return Err(LinkError::DataBeforeResume);
         };
+        if data.seq == 0 {
+            // Volatile: outside the sequence, neither deduplicated nor acknowledged.
+            self.stats.volatile_received += 1;
+            let epoch = inbound.epoch;
+            let message = to_message(self.peer, inbound.stream, data);
+            self.deliveries.push_back((epoch, message));
+            return Ok(());
+        }
         let expected = inbound.received + 1;
         if data.seq < expected {
             self.stats.duplicates += 1;
@@ -789,7 +840,8 @@ impl Link {
 
     /// Whether `poll_transmit` has anything to write.
     pub fn wants_transmit(&self) -> bool {
-        self.connected && (self.resume_due || self.ack_due || self.window_open())
+        self.connected
+            && (self.resume_due || self.ack_due || !self.volatile.is_empty() || self.window_open())
     }
 
     /// Appends frames to `buf` until it holds `max_bytes` or nothing is left to send: first the
@@ -819,6 +871,24 @@ impl Link {
                 };
                 self.control(buf, &frame);
             }
+        }
+        while buf.len() < max_bytes {
+            let Some(message) = self.volatile.pop_front() else {
+                break;
+            };
+            let fields = DataFields {
+                seq: 0,
+                kind: message.kind,
+                channel: &message.channel,
+                priority: message.priority,
+                created_unix_ms: message.created_unix_ms,
+                attempt: 1,
+                options: message.options.as_deref(),
+            };
+            if let Err(e) = self.encoder.data(buf, &fields, &message.body) {
+                unreachable!("message passed its limit check but failed to encode: {e}");
+            }
+            self.stats.volatile_sent += 1;
         }
         while buf.len() < max_bytes && self.window_open() {
             let seq = self.queue[self.cursor].seq;

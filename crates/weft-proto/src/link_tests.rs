@@ -426,3 +426,91 @@ fn restored_streams_continue_where_they_left_off() {
         .push_at(6, 0, OutgoingMessage::command("c", Bytes::new(), 0))
         .is_err());
 }
+
+/// Moves everything `from` has to send into `to`, returning what `to` delivered (seq, body).
+fn pump(from: &mut Link, to: &mut Link) -> Vec<(u64, Bytes)> {
+    let decoder = FrameDecoder::new(Limits::default());
+    let mut buf = BytesMut::new();
+    from.poll_transmit(&mut buf, usize::MAX);
+    let mut delivered = Vec::new();
+    while let Some(frame) = decoder.decode(&mut buf).unwrap() {
+        to.handle_frame(frame).unwrap();
+        while let Some(message) = to.pop_delivery() {
+            delivered.push((message.header.id.seq, message.body));
+        }
+    }
+    delivered
+}
+
+#[test]
+fn volatile_messages_go_ahead_of_data_unsequenced_and_die_with_the_connection() {
+    let a = NodeId::from_bytes([1; 32]);
+    let b = NodeId::from_bytes([2; 32]);
+    let mut sender = Link::new(a, b, 1, LinkConfig::default());
+    let mut receiver = Link::new(b, a, 1, LinkConfig::default());
+    let message = |body: &'static str| OutgoingMessage::command("c", Bytes::from(body), 0);
+    assert_eq!(
+        sender.push_volatile(message("early")),
+        Err(super::link::PushError::NotConnected),
+        "nothing to wait on without a connection"
+    );
+    sender.push(message("d1")).unwrap();
+    sender.connected();
+    receiver.connected();
+    // The peer's resume must arrive before data is sent.
+    pump(&mut receiver, &mut sender);
+    sender.push_volatile(message("v1")).unwrap();
+    sender.push(message("d2")).unwrap();
+    let delivered = pump(&mut sender, &mut receiver);
+    let order: Vec<_> = delivered
+        .iter()
+        .map(|(seq, body)| (*seq, body.clone()))
+        .collect();
+    assert_eq!(
+        order,
+        vec![
+            (0, Bytes::from("v1")),
+            (1, Bytes::from("d1")),
+            (2, Bytes::from("d2"))
+        ]
+    );
+    pump(&mut receiver, &mut sender);
+    assert_eq!(
+        sender.acked_up_to(),
+        2,
+        "volatile messages are not in the acked sequence"
+    );
+    assert_eq!(sender.stats().volatile_sent, 1);
+    assert_eq!(receiver.stats().volatile_received, 1);
+    // A volatile message queued when the connection dies is dropped and counted, not resent.
+    sender.push_volatile(message("v2")).unwrap();
+    sender.disconnected();
+    receiver.disconnected();
+    assert_eq!(sender.stats().volatile_dropped, 2);
+    sender.connected();
+    receiver.connected();
+    pump(&mut receiver, &mut sender);
+    assert!(pump(&mut sender, &mut receiver).is_empty());
+}
+
+#[test]
+fn the_volatile_queue_is_bounded() {
+    let a = NodeId::from_bytes([1; 32]);
+    let b = NodeId::from_bytes([2; 32]);
+    let config = LinkConfig {
+        volatile_messages_max: 2,
+        ..LinkConfig::default()
+    };
+    let mut sender = Link::new(a, b, 1, config);
+    sender.connected();
+    for _ in 0..2 {
+        sender
+            .push_volatile(OutgoingMessage::command("c", Bytes::new(), 0))
+            .unwrap();
+    }
+    assert!(!sender.has_volatile_room());
+    assert_eq!(
+        sender.push_volatile(OutgoingMessage::command("c", Bytes::new(), 0)),
+        Err(super::link::PushError::VolatileFull(2))
+    );
+}

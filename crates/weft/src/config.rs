@@ -56,6 +56,8 @@ pub struct NodeConfig {
     pub events_capacity: usize,
     /// Find peers of the same mesh with mDNS (and announce this node); `None` (the default): off.
     pub mdns: Option<MdnsConfig>,
+    /// Bounds and timeouts of pub/sub and request/response.
+    pub patterns: PatternConfig,
     /// The on-disk retry spool in `<data_dir>/spool` (fsync policy, caps). Used when the node
     /// has a data directory; `None` keeps messages in memory only (lost if the process dies).
     pub spool: Option<weft_spool::SpoolConfig>,
@@ -82,7 +84,50 @@ impl Default for NodeConfig {
             max_udp_payload: 1_452,
             events_capacity: 1_024,
             mdns: None,
+            patterns: PatternConfig::default(),
             spool: Some(weft_spool::SpoolConfig::default()),
+        }
+    }
+}
+
+/// Bounds and timeouts of the messaging patterns (pub/sub, request/response, scatter-gather).
+#[derive(Clone, Debug)]
+pub struct PatternConfig {
+    /// How long a subscriber or server whose connection went down keeps receiving events in its
+    /// link (and spool), so a short partition loses nothing; after it the peer is forgotten
+    /// until it announces again.
+    pub interest_lease: Duration,
+    /// Longest wait for every connected peer to confirm a new subscription or service (then
+    /// `subscribe`/`serve` fail with the peers that did not answer).
+    pub subscribe_timeout: Duration,
+    /// A request's timeout unless the call sets one.
+    pub request_timeout: Duration,
+    /// Events buffered per subscription (reliable: a full one makes the publishers wait;
+    /// best-effort: a full one drops, counted).
+    pub subscription_capacity: usize,
+    /// Requests buffered per served service before requests wait.
+    pub service_capacity: usize,
+    /// Answered requests a server remembers, so a repeated request id is answered again
+    /// without running the handler twice.
+    pub reply_cache_max: usize,
+    /// How long a server remembers an answered request.
+    pub reply_cache_age: Duration,
+    /// Requests one node may have outstanding at once (each holds a slot until answered or
+    /// timed out).
+    pub requests_max: usize,
+}
+
+impl Default for PatternConfig {
+    fn default() -> Self {
+        Self {
+            interest_lease: Duration::from_secs(30),
+            subscribe_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(5),
+            subscription_capacity: 4_096,
+            service_capacity: 1_024,
+            reply_cache_max: 16_384,
+            reply_cache_age: Duration::from_secs(120),
+            requests_max: 65_536,
         }
     }
 }
@@ -98,6 +143,12 @@ impl NodeConfig {
             ("inbox_capacity", self.inbox_capacity),
             ("channels_max", self.channels_max),
             ("peers_max", self.peers_max),
+            (
+                "patterns.subscription_capacity",
+                self.patterns.subscription_capacity,
+            ),
+            ("patterns.service_capacity", self.patterns.service_capacity),
+            ("patterns.requests_max", self.patterns.requests_max),
             ("peer_command_capacity", self.peer_command_capacity),
             ("events_capacity", self.events_capacity),
             ("link.window_messages", self.link.window_messages),

@@ -73,6 +73,9 @@ pub enum SendError {
     /// accepting until the node restarts and recovery reads what is really on disk).
     #[error("the spool failed: {0}")]
     Spool(String),
+    /// A volatile message needs a connection to the peer, and none is up.
+    #[error("no connection to {0} is up (volatile messages are not queued)")]
+    NotConnected(NodeId),
 }
 
 impl From<DeliveryError> for SendError {

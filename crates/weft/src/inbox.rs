@@ -73,6 +73,9 @@ impl Channels {
         let settlements = self.settlements.read().expect("settlements lock poisoned");
         let mut current: Option<(NodeId, &Arc<Settlement>)> = None;
         for id in taken.drain(..) {
+            if id.seq == 0 {
+                continue; // volatile: never acknowledged
+            }
             let settlement = match current {
                 Some((producer, settlement)) if producer == id.producer => settlement,
                 _ => match settlements.get(&id.producer) {

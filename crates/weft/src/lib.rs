@@ -47,6 +47,7 @@ pub mod identity;
 mod inbox;
 mod metrics;
 pub mod node;
+mod patterns;
 mod peer;
 mod receipt;
 mod settle;
@@ -55,7 +56,7 @@ pub mod tls;
 pub use addr::NodeAddr;
 pub use body::{decode, encode};
 pub use bytes::Bytes;
-pub use config::{NodeConfig, Seams};
+pub use config::{NodeConfig, PatternConfig, Seams};
 pub use discovery::{Interfaces, MdnsConfig};
 pub use error::{
     BodyError, ConnectError, DeliveryError, ReceiveError, SendError, SendTypedError, StartError,
@@ -65,9 +66,13 @@ pub use identity::Identity;
 pub use inbox::Inbox;
 pub use metrics::MetricsSnapshot;
 pub use node::{Node, NodeBuilder, PeerEvent, PeerSender};
+pub use patterns::{
+    Gathered, PublishError, Published, Request, RequestBuilder, RequestError, ScatterBuilder,
+    Service, SubscribeError, SubscribeOptions, Subscription,
+};
 pub use receipt::{Delivered, Receipt};
 pub use weft_proto::{
     self as proto, Header, Kind, Limits, LinkConfig, Message, MessageId, NodeId, Options,
-    OutgoingMessage, Priority,
+    OutgoingMessage, Priority, Topic, TopicError, TopicPattern,
 };
 pub use weft_spool::{FsyncPolicy, SpoolConfig};

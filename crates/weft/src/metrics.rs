@@ -22,6 +22,9 @@ pub(crate) struct Metrics {
     spool_pending: AtomicU64,
     spool_errors: AtomicU64,
     watermarks_persisted: AtomicU64,
+    pub(crate) events_delivered: AtomicU64,
+    pub(crate) events_dropped: AtomicU64,
+    pub(crate) volatile_dropped: AtomicU64,
 }
 
 /// A snapshot of a node's counters.
@@ -58,6 +61,13 @@ pub struct MetricsSnapshot {
     pub spool_errors: u64,
     /// Inbound dedup watermarks made durable.
     pub watermarks_persisted: u64,
+    /// Events handed to local subscriptions.
+    pub events_delivered: u64,
+    /// Best-effort events dropped at a full queue (a subscription's, or a peer's).
+    pub events_dropped: u64,
+    /// Volatile messages (requests, replies, announcements, best-effort events) dropped
+    /// because their connection went away before they were written.
+    pub volatile_dropped: u64,
 }
 
 impl Metrics {
@@ -76,6 +86,11 @@ impl Metrics {
         add(&self.acked, before.acked, after.acked);
         add(&self.received, before.received, after.received);
         add(&self.duplicates, before.duplicates, after.duplicates);
+        add(
+            &self.volatile_dropped,
+            before.volatile_dropped,
+            after.volatile_dropped,
+        );
     }
 
     pub(crate) fn delivered(&self, n: u64) {
@@ -145,6 +160,9 @@ impl Metrics {
             spool_pending: get(&self.spool_pending),
             spool_errors: get(&self.spool_errors),
             watermarks_persisted: get(&self.watermarks_persisted),
+            events_delivered: get(&self.events_delivered),
+            events_dropped: get(&self.events_dropped),
+            volatile_dropped: get(&self.volatile_dropped),
         }
     }
 }
@@ -158,7 +176,7 @@ struct Series {
 }
 
 impl MetricsSnapshot {
-    fn series(&self) -> [Series; 15] {
+    fn series(&self) -> [Series; 18] {
         let counter = |name, help, value| Series {
             name,
             kind: "counter",
@@ -234,6 +252,21 @@ impl MetricsSnapshot {
                 value: self.spool_pending,
             },
             counter(
+                "weft_events_delivered_total",
+                "Events handed to local subscriptions.",
+                self.events_delivered,
+            ),
+            counter(
+                "weft_events_dropped_total",
+                "Best-effort events dropped at a full queue.",
+                self.events_dropped,
+            ),
+            counter(
+                "weft_volatile_dropped_total",
+                "Volatile messages dropped because their connection went away first.",
+                self.volatile_dropped,
+            ),
+            counter(
                 "weft_spool_errors_total",
                 "Spool operations that failed (storage errors, full dead-letter log).",
                 self.spool_errors,
@@ -292,6 +325,9 @@ impl MetricsSnapshot {
             ("spool_pending", self.spool_pending),
             ("spool_errors", self.spool_errors),
             ("watermarks_persisted", self.watermarks_persisted),
+            ("events_delivered", self.events_delivered),
+            ("events_dropped", self.events_dropped),
+            ("volatile_dropped", self.volatile_dropped),
         ]
         .iter()
         .map(|(name, value)| format!("\"{name}\":{value}"))

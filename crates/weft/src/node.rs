@@ -130,6 +130,8 @@ pub(crate) struct Shared {
     pub shutdown: watch::Sender<bool>,
     pub tasks: Mutex<Vec<JoinHandle<()>>>,
     pub metrics: Arc<Metrics>,
+    /// Pub/sub and request/response state.
+    pub patterns: crate::patterns::Patterns,
 }
 
 impl std::fmt::Debug for Shared {
@@ -159,11 +161,19 @@ impl Shared {
         config
     }
 
-    fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+    pub(crate) fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
         let handle = tokio::spawn(task);
         let mut tasks = self.tasks.lock().expect("tasks lock poisoned");
         tasks.retain(|t| !t.is_finished());
         tasks.push(handle);
+    }
+
+    /// A sender to `peer`, tracking it (and starting its task) on first use.
+    pub(crate) fn sender(self: &Arc<Self>, peer: NodeId) -> Result<PeerSender, SendError> {
+        Ok(PeerSender {
+            handle: self.peer(peer)?,
+            shared: Arc::clone(self),
+        })
     }
 
     /// The peer's handle, creating it (and its task) on first use.
@@ -387,6 +397,7 @@ impl NodeBuilder {
         let channels = Arc::new(Channels::new(config.inbox_capacity, config.channels_max));
         let peers_at_start = config.peers.clone();
         let seeds_at_start = config.seeds.clone();
+        let patterns = crate::patterns::Patterns::new(epoch, &config.patterns);
         let shared = Arc::new(Shared {
             id,
             identity,
@@ -407,10 +418,13 @@ impl NodeBuilder {
             shutdown,
             tasks: Mutex::new(Vec::new()),
             metrics,
+            patterns,
         });
         let local_addr = shared.endpoint.local_addr().ok();
         info!(node = %id, addr = ?local_addr, mesh = %shared.config.mesh, "node started");
         let span = info_span!(parent: None, "node", node = %id.short());
+        crate::patterns::start(&shared)
+            .map_err(|e| StartError::Config(format!("pattern channels: {e}")))?;
         shared.spawn(accept_loop(Arc::clone(&shared)).instrument(span.clone()));
         let node = Node {
             inner: Arc::new(NodeInner {
@@ -684,7 +698,7 @@ impl Node {
         NodeBuilder::default()
     }
 
-    fn shared(&self) -> &Arc<Shared> {
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
         &self.inner.shared
     }
 
@@ -952,6 +966,39 @@ impl PeerSender {
         Ok(self.spool(durable, permit, message, None)?)
     }
 
+    /// Sends a volatile message: on the current connection, ahead of the queued sequenced
+    /// messages, without acknowledgement, spool or retransmission; if the connection goes away
+    /// before it is written it is dropped (and counted). For requests, replies and telemetry
+    /// whose loss the caller handles (a timeout, a newer value). Waits while the peer's queue is
+    /// full; [`SendError::NotConnected`] when no connection is up.
+    pub async fn send_volatile(&self, message: OutgoingMessage) -> Result<(), SendError> {
+        message.check(&self.shared.config.limits())?;
+        if !*self.handle.connected.borrow() {
+            return Err(SendError::NotConnected(self.handle.id));
+        }
+        let permit = self
+            .handle
+            .commands
+            .reserve()
+            .await
+            .map_err(|_| SendError::NodeClosed)?;
+        permit.send(volatile(message));
+        Ok(())
+    }
+
+    /// Like [`PeerSender::send_volatile`], but [`TrySendError::WouldBlock`] instead of waiting.
+    pub fn try_send_volatile(&self, message: OutgoingMessage) -> Result<(), TrySendError> {
+        message
+            .check(&self.shared.config.limits())
+            .map_err(SendError::from)?;
+        if !*self.handle.connected.borrow() {
+            return Err(SendError::NotConnected(self.handle.id).into());
+        }
+        let permit = self.handle.commands.try_reserve().map_err(would_block)?;
+        permit.send(volatile(message));
+        Ok(())
+    }
+
     /// Without a spool: straight into the peer's queue.
     fn enqueue(&self, permit: mpsc::Permit<'_, Outgoing>, message: OutgoingMessage) -> Receipt {
         let mut next_seq = self.handle.next_seq.lock().expect("sequence lock poisoned");
@@ -1011,6 +1058,15 @@ impl PeerSender {
                 .map(|_| self.handle.accepted.subscribe()),
             fates: Arc::clone(&self.handle.fates),
         }
+    }
+}
+
+/// A volatile message for the peer's queue: sequence number 0 is outside every stream.
+fn volatile(message: OutgoingMessage) -> Outgoing {
+    Outgoing {
+        seq: 0,
+        tag: 0,
+        message,
     }
 }
 

@@ -300,7 +300,7 @@ impl PeerTask {
     /// possible: they are copied by value at every hop).
     fn take_batch(&mut self) {
         for outgoing in self.batch.drain(..) {
-            if self.pending.is_empty() && self.link.has_room(outgoing.message.body.len()) {
+            if self.pending.is_empty() && fits(&self.link, &outgoing) {
                 push(&mut self.link, outgoing);
             } else {
                 self.pending.push_back(outgoing);
@@ -311,7 +311,7 @@ impl PeerTask {
     /// Moves messages from `pending` into the link while it has room.
     fn absorb(&mut self) {
         while let Some(front) = self.pending.front() {
-            if !self.link.has_room(front.message.body.len()) {
+            if !fits(&self.link, front) {
                 break;
             }
             let outgoing = self.pending.pop_front().expect("front exists");
@@ -901,8 +901,24 @@ async fn closed(connection: Option<quinn::Connection>) -> quinn::ConnectionError
 /// number is above every earlier one; the caller checked room.
 fn push(link: &mut Link, outgoing: Outgoing) {
     let Outgoing { seq, tag, message } = outgoing;
+    if seq == 0 {
+        // Volatile: without a connection it is dropped (and counted by the link).
+        if let Err(e) = link.push_volatile(message) {
+            debug!(error = %e, "volatile message dropped");
+        }
+        return;
+    }
     if let Err(e) = link.push_at(seq, tag, message) {
         unreachable!("checked message refused by its link: {e}");
+    }
+}
+
+/// Whether the link has room for `outgoing` now (volatile messages have a queue of their own).
+fn fits(link: &Link, outgoing: &Outgoing) -> bool {
+    if outgoing.seq == 0 {
+        link.has_volatile_room()
+    } else {
+        link.has_room(outgoing.message.body.len())
     }
 }
 

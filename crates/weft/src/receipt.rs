@@ -92,6 +92,11 @@ impl Receipt {
         self.id
     }
 
+    /// The node the message was sent to.
+    pub fn peer(&self) -> NodeId {
+        self.peer
+    }
+
     /// Whether the peer has acknowledged it already.
     pub fn is_delivered(&self) -> bool {
         *self.acked.borrow() >= self.id.seq && self.fates.get(self.id.seq).is_none()

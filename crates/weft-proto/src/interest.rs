@@ -1,0 +1,521 @@
+//! Who listens to what: the interest table behind pub/sub and request routing.
+//!
+//! Every node announces its *interest* — the topic patterns it subscribes to and the service
+//! names it answers — to each peer it is connected to, and keeps the latest announcement of each
+//! peer. A publisher sends an event only to peers whose patterns match its topic; a requester
+//! picks among the connected peers that serve the service.
+//!
+//! Announcements carry the whole interest (bounded by [`PATTERNS_MAX`] and [`SERVICES_MAX`]) with
+//! a version that grows with every local change, and the announcing node's *incarnation* (a
+//! number new at every start), so a restarted node's first announcement replaces what its earlier
+//! incarnation said even though its version starts again at 1. They travel as volatile messages:
+//! a node announces again on every new connection, so an announcement lost with a connection is
+//! replaced by the next one. A peer answers each announcement with an [`InterestMessage::Ack`];
+//! a subscription is *in effect* once every connected peer acknowledged a version that has it
+//! ([`InterestTable::acknowledged_by_all`]): from then on every publisher connected at that time
+//! sends matching events.
+//!
+//! The interest of a peer whose connection went down is kept for a lease
+//! ([`InterestTable::expire`]): events published meanwhile wait in its link (and spool) and
+//! arrive when it comes back, which repairs a short partition; after the lease the peer is
+//! forgotten until it announces again.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::id::NodeId;
+use crate::topic::{Topic, TopicError, TopicPattern};
+
+/// Most topic patterns one node may announce.
+pub const PATTERNS_MAX: usize = 1024;
+/// Most service names one node may announce.
+pub const SERVICES_MAX: usize = 256;
+
+/// One node's whole interest, as sent to its peers.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Announcement {
+    /// New at every start of the announcing node.
+    pub incarnation: u64,
+    /// Grows with every change within an incarnation.
+    pub version: u64,
+    /// Topic patterns subscribed to.
+    pub subscriptions: Vec<String>,
+    /// Service names answered.
+    pub services: Vec<String>,
+}
+
+/// What travels on the interest channel.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum InterestMessage {
+    /// The sender's interest.
+    Announce(Announcement),
+    /// The sender has processed our announcement `version` of `incarnation`.
+    Ack {
+        /// Our incarnation, as the announcement said.
+        incarnation: u64,
+        /// The version processed.
+        version: u64,
+    },
+}
+
+impl InterestMessage {
+    /// Encodes the message (postcard).
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_allocvec(self).expect("interest messages always encode")
+    }
+
+    /// Decodes a message from a peer.
+    pub fn decode(bytes: &[u8]) -> Result<Self, InterestError> {
+        postcard::from_bytes(bytes).map_err(|e| InterestError::Malformed(e.to_string()))
+    }
+}
+
+/// Why a peer's interest message was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum InterestError {
+    /// Not a valid encoding.
+    #[error("malformed interest message: {0}")]
+    Malformed(String),
+    /// More patterns or services than a node may announce.
+    #[error("announcement has {patterns} patterns and {services} services; the most are {PATTERNS_MAX} and {SERVICES_MAX}")]
+    TooMany {
+        /// Patterns announced.
+        patterns: usize,
+        /// Services announced.
+        services: usize,
+    },
+    /// A pattern or service name is not valid.
+    #[error("announcement names an invalid topic: {0}")]
+    Topic(#[from] TopicError),
+    /// A local subscription or service beyond the bound.
+    #[error("this node already has {0} distinct subscriptions or services; the most is {max}", max = PATTERNS_MAX)]
+    LocalFull(usize),
+}
+
+/// What one peer announced, and how far it acknowledged ours.
+#[derive(Clone, Debug, Default)]
+struct PeerInterest {
+    incarnation: u64,
+    version: u64,
+    subscriptions: Vec<TopicPattern>,
+    services: BTreeSet<String>,
+    /// The highest version of our current incarnation the peer acknowledged on its current
+    /// connection.
+    acked: u64,
+    connected: bool,
+    /// When the connection went down (wall-clock milliseconds), while it is down.
+    down_since_ms: Option<u64>,
+}
+
+/// The local interest and every peer's. See the module docs.
+#[derive(Debug)]
+pub struct InterestTable {
+    incarnation: u64,
+    version: u64,
+    subscriptions: BTreeMap<TopicPattern, usize>,
+    services: BTreeMap<String, usize>,
+    peers: BTreeMap<NodeId, PeerInterest>,
+    /// How long a disconnected peer's interest is kept, in milliseconds.
+    lease_ms: u64,
+}
+
+impl InterestTable {
+    /// An empty table for a node whose current start is `incarnation`; the interest of a peer
+    /// stays `lease_ms` after its connection went down.
+    pub fn new(incarnation: u64, lease_ms: u64) -> Self {
+        Self {
+            incarnation,
+            version: 0,
+            subscriptions: BTreeMap::new(),
+            services: BTreeMap::new(),
+            peers: BTreeMap::new(),
+            lease_ms,
+        }
+    }
+
+    /// The version of the local interest (grows with every change).
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    fn local_entries(&self) -> usize {
+        self.subscriptions.len() + self.services.len()
+    }
+
+    /// Adds a local subscription (counted: the same pattern twice needs two `unsubscribe`s).
+    /// Returns the version that has it.
+    pub fn subscribe(&mut self, pattern: &TopicPattern) -> Result<u64, InterestError> {
+        if let Some(count) = self.subscriptions.get_mut(pattern) {
+            *count += 1;
+            return Ok(self.version);
+        }
+        if self.subscriptions.len() >= PATTERNS_MAX {
+            return Err(InterestError::LocalFull(self.local_entries()));
+        }
+        self.subscriptions.insert(pattern.clone(), 1);
+        self.version += 1;
+        Ok(self.version)
+    }
+
+    /// Removes one local subscription of `pattern`. Returns whether the announced interest changed.
+    pub fn unsubscribe(&mut self, pattern: &TopicPattern) -> bool {
+        remove_counted(&mut self.subscriptions, pattern) && {
+            self.version += 1;
+            true
+        }
+    }
+
+    /// Starts answering `service` here. Returns the version that has it.
+    pub fn serve(&mut self, service: &Topic) -> Result<u64, InterestError> {
+        if let Some(count) = self.services.get_mut(service.as_str()) {
+            *count += 1;
+            return Ok(self.version);
+        }
+        if self.services.len() >= SERVICES_MAX {
+            return Err(InterestError::LocalFull(self.local_entries()));
+        }
+        self.services.insert(service.as_str().to_owned(), 1);
+        self.version += 1;
+        Ok(self.version)
+    }
+
+    /// Stops answering `service` here (counted). Returns whether the announced interest changed.
+    pub fn unserve(&mut self, service: &Topic) -> bool {
+        remove_counted(&mut self.services, service.as_str()) && {
+            self.version += 1;
+            true
+        }
+    }
+
+    /// Whether a local subscription matches `topic`.
+    pub fn subscribed_here(&self, topic: &Topic) -> bool {
+        self.subscriptions.keys().any(|p| p.matches(topic))
+    }
+
+    /// Whether this node answers `service`.
+    pub fn served_here(&self, service: &Topic) -> bool {
+        self.services.contains_key(service.as_str())
+    }
+
+    /// The local interest, to send to peers.
+    pub fn announcement(&self) -> Announcement {
+        Announcement {
+            incarnation: self.incarnation,
+            version: self.version,
+            subscriptions: self
+                .subscriptions
+                .keys()
+                .map(|p| p.as_str().to_owned())
+                .collect(),
+            services: self.services.keys().cloned().collect(),
+        }
+    }
+
+    /// A connection to `peer` is up: it needs our announcement again (and acknowledges anew).
+    pub fn peer_connected(&mut self, peer: NodeId) {
+        let entry = self.peers.entry(peer).or_default();
+        entry.connected = true;
+        entry.down_since_ms = None;
+        entry.acked = 0;
+    }
+
+    /// The connection to `peer` went down at `now_ms`.
+    pub fn peer_disconnected(&mut self, peer: NodeId, now_ms: u64) {
+        if let Some(entry) = self.peers.get_mut(&peer) {
+            entry.connected = false;
+            entry.acked = 0;
+            entry.down_since_ms.get_or_insert(now_ms);
+        }
+    }
+
+    /// Forgets peers that have been down for longer than the lease. Returns them.
+    pub fn expire(&mut self, now_ms: u64) -> Vec<NodeId> {
+        let lease_ms = self.lease_ms;
+        let expired: Vec<NodeId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| {
+                p.down_since_ms
+                    .is_some_and(|since| now_ms.saturating_sub(since) >= lease_ms)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &expired {
+            self.peers.remove(id);
+        }
+        expired
+    }
+
+    /// Takes `peer`'s announcement. Returns whether its interest changed; an older announcement
+    /// of the same incarnation is ignored (announcements are not ordered across connections).
+    pub fn handle_announcement(
+        &mut self,
+        peer: NodeId,
+        announcement: Announcement,
+    ) -> Result<bool, InterestError> {
+        if announcement.subscriptions.len() > PATTERNS_MAX
+            || announcement.services.len() > SERVICES_MAX
+        {
+            return Err(InterestError::TooMany {
+                patterns: announcement.subscriptions.len(),
+                services: announcement.services.len(),
+            });
+        }
+        let subscriptions = announcement
+            .subscriptions
+            .into_iter()
+            .map(TopicPattern::new)
+            .collect::<Result<Vec<_>, _>>()?;
+        let services = announcement
+            .services
+            .into_iter()
+            .map(|s| Topic::new(s).map(|t| t.as_str().to_owned()))
+            .collect::<Result<BTreeSet<_>, _>>()?;
+        let entry = self.peers.entry(peer).or_default();
+        if entry.incarnation == announcement.incarnation && announcement.version <= entry.version {
+            return Ok(false);
+        }
+        entry.incarnation = announcement.incarnation;
+        entry.version = announcement.version;
+        let changed = entry.subscriptions != subscriptions || entry.services != services;
+        entry.subscriptions = subscriptions;
+        entry.services = services;
+        Ok(changed)
+    }
+
+    /// `peer` acknowledged our announcement `version` of `incarnation`.
+    pub fn handle_ack(&mut self, peer: NodeId, incarnation: u64, version: u64) {
+        if incarnation != self.incarnation {
+            return; // about an earlier start of this node
+        }
+        if let Some(entry) = self.peers.get_mut(&peer) {
+            if entry.connected {
+                entry.acked = entry.acked.max(version);
+            }
+        }
+    }
+
+    /// Whether every connected peer acknowledged `version` (or a later one) of our interest.
+    pub fn acknowledged_by_all(&self, version: u64) -> bool {
+        self.peers
+            .values()
+            .filter(|p| p.connected)
+            .all(|p| p.acked >= version)
+    }
+
+    /// Connected peers that have not acknowledged `version` yet.
+    pub fn waiting_for(&self, version: u64) -> Vec<NodeId> {
+        self.peers
+            .iter()
+            .filter(|(_, p)| p.connected && p.acked < version)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Peers with a subscription matching `topic` (connected, or down for less than the lease),
+    /// in node id order.
+    pub fn subscribers(&self, topic: &Topic) -> Vec<NodeId> {
+        self.peers
+            .iter()
+            .filter(|(_, p)| p.subscriptions.iter().any(|s| s.matches(topic)))
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Connected peers with a subscription matching `topic`.
+    pub fn connected_subscribers(&self, topic: &Topic) -> usize {
+        self.peers
+            .values()
+            .filter(|p| p.connected && p.subscriptions.iter().any(|s| s.matches(topic)))
+            .count()
+    }
+
+    /// Connected peers that answer `service`, in node id order.
+    pub fn servers(&self, service: &Topic) -> Vec<NodeId> {
+        self.peers
+            .iter()
+            .filter(|(_, p)| p.connected && p.services.contains(service.as_str()))
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Whether `peer` answers `service` (as far as its last announcement says).
+    pub fn serves(&self, peer: &NodeId, service: &Topic) -> bool {
+        self.peers
+            .get(peer)
+            .is_some_and(|p| p.services.contains(service.as_str()))
+    }
+}
+
+fn remove_counted<K, Q>(map: &mut BTreeMap<K, usize>, key: &Q) -> bool
+where
+    K: Ord + std::borrow::Borrow<Q>,
+    Q: Ord + ?Sized,
+{
+    let Some(count) = map.get_mut(key) else {
+        return false;
+    };
+    *count -= 1;
+    if *count == 0 {
+        map.remove(key);
+        true
+    } else {
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(n: u8) -> NodeId {
+        NodeId::from_bytes([n; 32])
+    }
+
+    fn pattern(s: &str) -> TopicPattern {
+        TopicPattern::new(s).unwrap()
+    }
+
+    fn topic(s: &str) -> Topic {
+        Topic::new(s).unwrap()
+    }
+
+    fn announce(table: &mut InterestTable, peer: NodeId, from: &InterestTable) -> bool {
+        let bytes = InterestMessage::Announce(from.announcement()).encode();
+        let InterestMessage::Announce(a) = InterestMessage::decode(&bytes).unwrap() else {
+            panic!("an announcement");
+        };
+        table.handle_announcement(peer, a).unwrap()
+    }
+
+    #[test]
+    fn events_go_to_matching_peers_only() {
+        let mut publisher = InterestTable::new(1, 1000);
+        let mut sub_a = InterestTable::new(2, 1000);
+        let mut sub_b = InterestTable::new(3, 1000);
+        sub_a.subscribe(&pattern("orders/*")).unwrap();
+        sub_b.subscribe(&pattern("orders/created/**")).unwrap();
+        sub_b.serve(&topic("pricing")).unwrap();
+        publisher.peer_connected(node(2));
+        publisher.peer_connected(node(3));
+        assert!(announce(&mut publisher, node(2), &sub_a));
+        assert!(announce(&mut publisher, node(3), &sub_b));
+        assert_eq!(
+            publisher.subscribers(&topic("orders/created")),
+            vec![node(2), node(3)]
+        );
+        assert_eq!(
+            publisher.subscribers(&topic("orders/deleted")),
+            vec![node(2)]
+        );
+        assert!(publisher.subscribers(&topic("payments/x")).is_empty());
+        assert_eq!(publisher.servers(&topic("pricing")), vec![node(3)]);
+        assert!(publisher.servers(&topic("stock")).is_empty());
+    }
+
+    #[test]
+    fn stale_announcements_are_ignored_but_a_new_incarnation_replaces() {
+        let mut table = InterestTable::new(1, 1000);
+        let mut peer = InterestTable::new(7, 1000);
+        peer.subscribe(&pattern("a")).unwrap();
+        let old = peer.announcement();
+        peer.subscribe(&pattern("b")).unwrap();
+        let new = peer.announcement();
+        assert!(table.handle_announcement(node(2), new).unwrap());
+        assert!(
+            !table.handle_announcement(node(2), old).unwrap(),
+            "older version"
+        );
+        assert_eq!(table.subscribers(&topic("b")), vec![node(2)]);
+        // The peer restarts with only "a": version 1 again, but a new incarnation.
+        let mut restarted = InterestTable::new(8, 1000);
+        restarted.subscribe(&pattern("a")).unwrap();
+        assert!(table
+            .handle_announcement(node(2), restarted.announcement())
+            .unwrap());
+        assert!(table.subscribers(&topic("b")).is_empty());
+    }
+
+    #[test]
+    fn a_subscription_is_in_effect_once_every_connected_peer_acknowledged_it() {
+        let mut table = InterestTable::new(1, 1000);
+        table.peer_connected(node(2));
+        table.peer_connected(node(3));
+        let version = table.subscribe(&pattern("x/*")).unwrap();
+        assert!(!table.acknowledged_by_all(version));
+        table.handle_ack(node(2), 1, version);
+        assert_eq!(table.waiting_for(version), vec![node(3)]);
+        table.handle_ack(node(3), 99, version); // another incarnation of ours: ignored
+        assert!(!table.acknowledged_by_all(version));
+        table.peer_disconnected(node(3), 0);
+        assert!(
+            table.acknowledged_by_all(version),
+            "a peer that is gone is not waited for"
+        );
+        table.peer_connected(node(3));
+        assert!(
+            !table.acknowledged_by_all(version),
+            "a new connection acknowledges anew"
+        );
+    }
+
+    #[test]
+    fn a_disconnected_subscriber_is_kept_for_the_lease() {
+        let mut table = InterestTable::new(1, 1000);
+        let mut peer = InterestTable::new(2, 1000);
+        peer.subscribe(&pattern("a")).unwrap();
+        peer.serve(&topic("s")).unwrap();
+        table.peer_connected(node(2));
+        announce(&mut table, node(2), &peer);
+        table.peer_disconnected(node(2), 5_000);
+        assert_eq!(table.subscribers(&topic("a")), vec![node(2)]);
+        assert!(
+            table.servers(&topic("s")).is_empty(),
+            "requests need a live server"
+        );
+        assert!(table.expire(5_999).is_empty());
+        assert_eq!(table.expire(6_000), vec![node(2)]);
+        assert!(table.subscribers(&topic("a")).is_empty());
+    }
+
+    #[test]
+    fn counted_subscriptions_change_the_version_only_at_the_edges() {
+        let mut table = InterestTable::new(1, 1000);
+        let v1 = table.subscribe(&pattern("a")).unwrap();
+        assert_eq!(table.subscribe(&pattern("a")).unwrap(), v1);
+        assert!(!table.unsubscribe(&pattern("a")));
+        assert!(table.subscribed_here(&topic("a")));
+        assert!(table.unsubscribe(&pattern("a")));
+        assert!(!table.subscribed_here(&topic("a")));
+        assert!(table.version() > v1);
+        assert!(!table.unsubscribe(&pattern("never")));
+    }
+
+    #[test]
+    fn bad_announcements_are_refused() {
+        let mut table = InterestTable::new(1, 1000);
+        let bad = Announcement {
+            incarnation: 1,
+            version: 1,
+            subscriptions: vec!["a//b".into()],
+            services: vec![],
+        };
+        assert!(matches!(
+            table.handle_announcement(node(2), bad),
+            Err(InterestError::Topic(_))
+        ));
+        let many = Announcement {
+            incarnation: 1,
+            version: 1,
+            subscriptions: (0..=PATTERNS_MAX).map(|i| format!("t{i}")).collect(),
+            services: vec![],
+        };
+        assert!(matches!(
+            table.handle_announcement(node(2), many),
+            Err(InterestError::TooMany { .. })
+        ));
+        assert!(InterestMessage::decode(&[0xff, 0xff, 0xff]).is_err());
+    }
+}

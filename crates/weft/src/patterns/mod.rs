@@ -1,0 +1,517 @@
+//! The messaging patterns on top of the links: publish/subscribe and request/response
+//! (with scatter-gather). The decisions — who is interested in what, whether a request was
+//! answered before — are the sans-IO core's ([`weft_proto::interest`], [`weft_proto::envelope`]);
+//! this module carries them out with the node's own channels and tasks.
+//!
+//! ```text
+//! $weft/interest  volatile   announcements of subscriptions and services, and their acks
+//! $weft/ev        sequenced  events: [topic][payload], to each peer whose pattern matches
+//!                            (acknowledged, spooled with a data directory, retried)
+//! $weft/req       volatile   requests: [service][payload], correlation id, reply address
+//! $weft/rep       volatile   replies: [status][payload], correlation id
+//! ```
+//! Four tasks serve these channels, so that a full subscription queue (which makes the event
+//! task wait: backpressure to the publishers) never delays interest or replies.
+
+mod pubsub;
+mod reqrep;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tracing::{debug, warn, Instrument};
+use weft_proto::envelope::{ReplyCache, ReplyStatus};
+use weft_proto::interest::{InterestMessage, InterestTable};
+use weft_proto::{Kind, Message, NodeId, OutgoingMessage, TopicPattern};
+
+use crate::inbox::Inbox;
+use crate::node::{PeerEvent, Shared};
+
+pub use pubsub::{PublishError, Published, SubscribeError, SubscribeOptions, Subscription};
+use reqrep::Answer;
+pub use reqrep::{Gathered, Request, RequestBuilder, RequestError, ScatterBuilder, Service};
+
+/// Channel of interest announcements.
+pub(crate) const INTEREST_CHANNEL: &str = "$weft/interest";
+/// Channel of events.
+pub(crate) const EVENT_CHANNEL: &str = "$weft/ev";
+/// Channel of requests.
+pub(crate) const REQUEST_CHANNEL: &str = "$weft/req";
+/// Channel of replies.
+pub(crate) const REPLY_CHANNEL: &str = "$weft/rep";
+
+/// How often announcements and acks that found a full peer queue are retried, and leases of
+/// disconnected peers are checked.
+const TICK: Duration = Duration::from_millis(100);
+
+/// A local subscription.
+struct LocalSubscription {
+    id: u64,
+    pattern: TopicPattern,
+    tx: mpsc::Sender<Message>,
+    best_effort: bool,
+    dropped: Arc<AtomicU64>,
+}
+
+/// Where a reply goes.
+enum Waiting {
+    /// One request: the first reply.
+    One(oneshot::Sender<Answer>),
+    /// Scatter-gather: every reply until the gatherer stops.
+    Many(mpsc::UnboundedSender<Answer>),
+}
+
+pub(crate) struct State {
+    table: InterestTable,
+    subscriptions: Vec<LocalSubscription>,
+    services: BTreeMap<String, mpsc::Sender<Request>>,
+    waiting: HashMap<u64, Waiting>,
+    replies: ReplyCache,
+    next_subscription: u64,
+    /// Peers owed our announcement (their queue was full when we tried).
+    announce_due: BTreeSet<NodeId>,
+    /// Acks owed to peers (their queue was full when we tried): (incarnation, version).
+    acks_due: BTreeMap<NodeId, (u64, u64)>,
+    /// Round-robin position for choosing a server.
+    next_server: usize,
+}
+
+/// The node's pattern state, shared by its API and its pattern tasks.
+pub(crate) struct Patterns {
+    state: Mutex<State>,
+    /// Bumped whenever the interest table changes (peers' interest, acks, connections).
+    changed: watch::Sender<u64>,
+    /// Tells the control task to announce the local interest to every connected peer.
+    announce: mpsc::UnboundedSender<()>,
+    announce_rx: Mutex<Option<mpsc::UnboundedReceiver<()>>>,
+    /// Sequence of events published to local subscriptions (their message ids).
+    local_events: AtomicU64,
+}
+
+impl Patterns {
+    pub(crate) fn new(incarnation: u64, config: &crate::config::PatternConfig) -> Self {
+        let (announce, announce_rx) = mpsc::unbounded_channel();
+        Self {
+            state: Mutex::new(State {
+                table: InterestTable::new(incarnation, config.interest_lease.as_millis() as u64),
+                subscriptions: Vec::new(),
+                services: BTreeMap::new(),
+                waiting: HashMap::new(),
+                replies: ReplyCache::new(
+                    config.reply_cache_max,
+                    config.reply_cache_age.as_millis() as u64,
+                ),
+                next_subscription: 1,
+                announce_due: BTreeSet::new(),
+                acks_due: BTreeMap::new(),
+                next_server: 0,
+            }),
+            changed: watch::channel(0).0,
+            announce,
+            announce_rx: Mutex::new(Some(announce_rx)),
+            local_events: AtomicU64::new(0),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().expect("patterns lock poisoned")
+    }
+
+    fn bump(&self) {
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    /// Waits until every connected peer acknowledged `version` of the local interest.
+    async fn in_effect(&self, version: u64, timeout: Duration) -> Result<(), Vec<NodeId>> {
+        let mut changed = self.changed.subscribe();
+        let wait = async {
+            loop {
+                if self.lock().table.acknowledged_by_all(version) {
+                    return;
+                }
+                if changed.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        match tokio::time::timeout(timeout, wait).await {
+            Ok(()) => Ok(()),
+            Err(_) => Err(self.lock().table.waiting_for(version)),
+        }
+    }
+}
+
+/// Takes the node's pattern channels and starts the tasks serving them.
+pub(crate) fn start(shared: &Arc<Shared>) -> Result<(), crate::error::ReceiveError> {
+    let interest = shared.channels.take_receiver(INTEREST_CHANNEL)?;
+    let events = shared.channels.take_receiver(EVENT_CHANNEL)?;
+    let requests = shared.channels.take_receiver(REQUEST_CHANNEL)?;
+    let replies = shared.channels.take_receiver(REPLY_CHANNEL)?;
+    let announce = shared
+        .patterns
+        .announce_rx
+        .lock()
+        .expect("patterns lock poisoned")
+        .take()
+        .expect("pattern tasks start once");
+    let span = tracing::info_span!(parent: None, "patterns", node = %shared.id.short());
+    shared.spawn(control_task(Arc::clone(shared), interest, announce).instrument(span.clone()));
+    shared.spawn(pubsub::event_task(Arc::clone(shared), events).instrument(span.clone()));
+    shared.spawn(reqrep::request_task(Arc::clone(shared), requests).instrument(span.clone()));
+    shared.spawn(reqrep::reply_task(Arc::clone(shared), replies).instrument(span));
+    Ok(())
+}
+
+/// A volatile message on one of the pattern channels.
+fn control_message(shared: &Shared, channel: &str, kind: Kind, body: Bytes) -> OutgoingMessage {
+    OutgoingMessage::command(channel, body, shared.now_unix_ms()).with_kind(kind)
+}
+
+/// Sends a volatile message without waiting; false if the peer's queue is full (try later).
+/// A peer that is not connected needs nothing: it gets everything again on its next connection.
+fn try_volatile(shared: &Arc<Shared>, peer: NodeId, message: OutgoingMessage) -> bool {
+    use crate::error::{SendError, TrySendError};
+    let sender = match shared.sender(peer) {
+        Ok(sender) => sender,
+        Err(_) => return true,
+    };
+    match sender.try_send_volatile(message) {
+        Ok(()) | Err(TrySendError::Send(SendError::NotConnected(_))) => true,
+        Err(TrySendError::WouldBlock) => false,
+        Err(e) => {
+            debug!(peer = %peer.short(), error = %e, "volatile message not sent");
+            true
+        }
+    }
+}
+
+fn announce_to(shared: &Arc<Shared>, peers: impl IntoIterator<Item = NodeId>) {
+    let announcement = shared.patterns.lock().table.announcement();
+    let body = Bytes::from(InterestMessage::Announce(announcement).encode());
+    for peer in peers {
+        let message = control_message(shared, INTEREST_CHANNEL, Kind::Document, body.clone());
+        if !try_volatile(shared, peer, message) {
+            shared.patterns.lock().announce_due.insert(peer);
+        }
+    }
+}
+
+fn ack_to(shared: &Arc<Shared>, peer: NodeId, incarnation: u64, version: u64) {
+    let body = Bytes::from(
+        InterestMessage::Ack {
+            incarnation,
+            version,
+        }
+        .encode(),
+    );
+    let message = control_message(shared, INTEREST_CHANNEL, Kind::Reply, body);
+    if !try_volatile(shared, peer, message) {
+        shared
+            .patterns
+            .lock()
+            .acks_due
+            .insert(peer, (incarnation, version));
+    }
+}
+
+/// Interest: announcements in and out, acks, peers coming and going, leases.
+async fn control_task(
+    shared: Arc<Shared>,
+    mut interest: Inbox,
+    mut announce: mpsc::UnboundedReceiver<()>,
+) {
+    let patterns = &shared.patterns;
+    let mut peer_events = shared.events.subscribe();
+    let mut shutdown = shared.shutdown.subscribe();
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Peers connected before this task subscribed to events.
+    let connected = connected_peers(&shared);
+    {
+        let mut state = patterns.lock();
+        for peer in &connected {
+            state.table.peer_connected(*peer);
+        }
+    }
+    announce_to(&shared, connected);
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.wait_for(|stop| *stop) => break,
+            event = peer_events.recv() => match event {
+                Ok(PeerEvent::Up { peer, .. }) => {
+                    patterns.lock().table.peer_connected(peer);
+                    patterns.bump();
+                    announce_to(&shared, [peer]);
+                }
+                Ok(PeerEvent::Down { peer, .. }) => {
+                    let now = shared.now_unix_ms();
+                    patterns.lock().table.peer_disconnected(peer, now);
+                    patterns.bump();
+                }
+                Ok(_) => {}
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    // Missed ups and downs: take the connections as they are now.
+                    warn!(missed, "peer events lagged; re-announcing to every connected peer");
+                    let connected = connected_peers(&shared);
+                    resync(&shared, &connected);
+                    announce_to(&shared, connected);
+                }
+                Err(broadcast::error::RecvError::Closed) => break,
+            },
+            Some(()) = announce.recv() => {
+                while announce.try_recv().is_ok() {}
+                announce_to(&shared, connected_peers(&shared));
+            }
+            message = interest.recv() => {
+                let Some(message) = message else { break };
+                handle_interest(&shared, message);
+            }
+            _ = tick.tick() => {
+                let (announce_due, acks_due) = {
+                    let mut state = patterns.lock();
+                    let expired = state.table.expire(shared.now_unix_ms());
+                    if !expired.is_empty() {
+                        debug!(peers = expired.len(), "interest of peers down past the lease forgotten");
+                    }
+                    (
+                        std::mem::take(&mut state.announce_due),
+                        std::mem::take(&mut state.acks_due),
+                    )
+                };
+                if !announce_due.is_empty() {
+                    announce_to(&shared, announce_due);
+                }
+                for (peer, (incarnation, version)) in acks_due {
+                    ack_to(&shared, peer, incarnation, version);
+                }
+            }
+        }
+    }
+}
+
+fn connected_peers(shared: &Shared) -> Vec<NodeId> {
+    let peers = shared.peers.read().expect("peers lock poisoned");
+    peers
+        .values()
+        .filter(|h| *h.connected.borrow())
+        .map(|h| h.id)
+        .collect()
+}
+
+/// Brings the table's view of connections in line with `connected` (after missed events).
+fn resync(shared: &Shared, connected: &[NodeId]) {
+    let now = shared.now_unix_ms();
+    let peers: Vec<(NodeId, bool)> = {
+        let handles = shared.peers.read().expect("peers lock poisoned");
+        handles
+            .values()
+            .map(|h| (h.id, connected.contains(&h.id)))
+            .collect()
+    };
+    let mut state = shared.patterns.lock();
+    for (peer, up) in peers {
+        if up {
+            state.table.peer_connected(peer);
+        } else {
+            state.table.peer_disconnected(peer, now);
+        }
+    }
+    drop(state);
+    shared.patterns.bump();
+}
+
+fn handle_interest(shared: &Arc<Shared>, message: Message) {
+    let peer = message.header.id.producer;
+    let decoded = InterestMessage::decode(&message.body);
+    let patterns = &shared.patterns;
+    match decoded {
+        Ok(InterestMessage::Announce(announcement)) => {
+            let (incarnation, version) = (announcement.incarnation, announcement.version);
+            let result = patterns
+                .lock()
+                .table
+                .handle_announcement(peer, announcement);
+            match result {
+                Ok(changed) => {
+                    if changed {
+                        debug!(peer = %peer.short(), version, "peer interest changed");
+                    }
+                    patterns.bump();
+                    ack_to(shared, peer, incarnation, version);
+                }
+                Err(e) => {
+                    shared.metrics.protocol_error();
+                    warn!(peer = %peer.short(), error = %e, "interest announcement refused");
+                }
+            }
+        }
+        Ok(InterestMessage::Ack {
+            incarnation,
+            version,
+        }) => {
+            patterns.lock().table.handle_ack(peer, incarnation, version);
+            patterns.bump();
+        }
+        Err(e) => {
+            shared.metrics.protocol_error();
+            warn!(peer = %peer.short(), error = %e, "interest message refused");
+        }
+    }
+}
+
+/// A reply as the requester sees it.
+pub(crate) fn reply_status_error(status: ReplyStatus, payload: &Bytes) -> Option<RequestError> {
+    match status {
+        ReplyStatus::Ok => None,
+        ReplyStatus::NoService => Some(RequestError::NoResponders),
+        ReplyStatus::Dropped => Some(RequestError::Dropped),
+        ReplyStatus::Failed => Some(RequestError::Failed(
+            String::from_utf8_lossy(payload).into_owned(),
+        )),
+    }
+}
+
+impl crate::Node {
+    /// Subscribes to the events whose topic matches `pattern` (`*` one segment, `**` the rest).
+    /// Returns once every connected peer confirmed the subscription: from then on, every event
+    /// they publish on a matching topic reaches it (no slow-joiner loss). Reliable: a full
+    /// subscription makes the publishers wait.
+    pub async fn subscribe(&self, pattern: &str) -> Result<Subscription, SubscribeError> {
+        pubsub::subscribe(self.shared(), pattern, SubscribeOptions::default()).await
+    }
+
+    /// [`Node::subscribe`] with options (e.g. best effort for telemetry).
+    pub async fn subscribe_with(
+        &self,
+        pattern: &str,
+        options: SubscribeOptions,
+    ) -> Result<Subscription, SubscribeError> {
+        pubsub::subscribe(self.shared(), pattern, options).await
+    }
+
+    /// Publishes an event: to every peer subscribed to a matching pattern (acknowledged per
+    /// link, spooled with a data directory, FIFO per publisher) and to this node's own matching
+    /// subscriptions. Returns once every send was accepted (with a spool: durable); the
+    /// receipts resolve when each subscriber has it.
+    pub async fn publish(
+        &self,
+        topic: &str,
+        body: impl Into<Bytes>,
+    ) -> Result<Published, PublishError> {
+        pubsub::publish(self.shared(), topic, body.into()).await
+    }
+
+    /// Publishes a serde value (postcard).
+    pub async fn publish_typed<T: serde::Serialize + ?Sized>(
+        &self,
+        topic: &str,
+        value: &T,
+    ) -> Result<Published, PublishError> {
+        let body = crate::body::encode(value).map_err(|e| PublishError::Body(e.to_string()))?;
+        self.publish(topic, body).await
+    }
+
+    /// Publishes an event best effort (telemetry): volatile, to connected subscribers whose
+    /// queues have room; every drop is counted (metric `events_dropped`). Never waits. Returns
+    /// how many subscribers got it.
+    pub fn publish_best_effort(
+        &self,
+        topic: &str,
+        body: impl Into<Bytes>,
+    ) -> Result<usize, PublishError> {
+        pubsub::publish_best_effort(self.shared(), topic, body.into())
+    }
+
+    /// Waits until at least `count` connected peers subscribe to a pattern matching `topic`.
+    /// Wrap it in a timeout.
+    pub async fn wait_for_subscribers(
+        &self,
+        topic: &str,
+        count: usize,
+    ) -> Result<(), PublishError> {
+        let topic = weft_proto::Topic::new(topic)?;
+        let patterns = &self.shared().patterns;
+        let mut changed = patterns.changed.subscribe();
+        loop {
+            if patterns.lock().table.connected_subscribers(&topic) >= count {
+                return Ok(());
+            }
+            if changed.changed().await.is_err() {
+                return Err(PublishError::Send(crate::error::SendError::NodeClosed));
+            }
+        }
+    }
+
+    /// Starts answering requests for `service`. Returns once every connected peer confirmed it.
+    pub async fn serve(&self, service: &str) -> Result<Service, SubscribeError> {
+        reqrep::serve(self.shared(), service).await
+    }
+
+    /// Waits until at least `count` nodes (connected peers, or this one) answer `service`.
+    /// Wrap it in a timeout.
+    pub async fn wait_for_service(&self, service: &str, count: usize) -> Result<(), RequestError> {
+        let service = weft_proto::Topic::new(service)?;
+        let shared = self.shared();
+        let patterns = &shared.patterns;
+        let mut changed = patterns.changed.subscribe();
+        loop {
+            {
+                let state = patterns.lock();
+                let local = usize::from(state.services.contains_key(service.as_str()));
+                if state.table.servers(&service).len() + local >= count {
+                    return Ok(());
+                }
+            }
+            if changed.changed().await.is_err() {
+                return Err(RequestError::NodeClosed);
+            }
+        }
+    }
+
+    /// A request to any node that answers `service` (load-balanced round robin), or with
+    /// [`RequestBuilder::to`] to one node. Await it: the reply, or a typed error — at once
+    /// [`RequestError::NoResponders`] when no connected node answers the service.
+    pub fn request(&self, service: &str, body: impl Into<Bytes>) -> RequestBuilder {
+        RequestBuilder {
+            shared: Arc::clone(self.shared()),
+            service: service.to_owned(),
+            payload: Ok(body.into()),
+            timeout: None,
+            to: None,
+            id: None,
+        }
+    }
+
+    /// A request with a serde body (postcard); see [`Node::request`].
+    pub fn request_typed<T: serde::Serialize + ?Sized>(
+        &self,
+        service: &str,
+        value: &T,
+    ) -> RequestBuilder {
+        RequestBuilder {
+            shared: Arc::clone(self.shared()),
+            service: service.to_owned(),
+            payload: crate::body::encode(value).map_err(|e| e.to_string()),
+            timeout: None,
+            to: None,
+            id: None,
+        }
+    }
+
+    /// Scatter-gather: asks every node that answers `service` and collects the replies until
+    /// a count, a deadline, or every node answered; reports who answered and who did not.
+    pub fn scatter(&self, service: &str, body: impl Into<Bytes>) -> ScatterBuilder {
+        ScatterBuilder {
+            shared: Arc::clone(self.shared()),
+            service: service.to_owned(),
+            payload: Ok(body.into()),
+            count: None,
+            timeout: None,
+        }
+    }
+}

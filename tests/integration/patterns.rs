@@ -1,0 +1,344 @@
+//! Publish/subscribe, request/response and scatter-gather between real nodes over QUIC.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use weft::{Node, RequestError, SubscribeOptions};
+
+use crate::support::{addr, node, node_with, within};
+
+/// `count` nodes, every one connected to every other.
+async fn mesh(name: &str, count: usize) -> Vec<Node> {
+    let mut nodes = Vec::new();
+    for _ in 0..count {
+        nodes.push(node(name).await);
+    }
+    for (i, a) in nodes.iter().enumerate() {
+        for b in &nodes[i + 1..] {
+            a.add_peer(addr(b)).unwrap();
+        }
+    }
+    for n in &nodes {
+        within("full mesh", n.wait_for_peers(count - 1))
+            .await
+            .unwrap();
+    }
+    nodes
+}
+
+fn number(n: u64) -> Bytes {
+    Bytes::copy_from_slice(&n.to_le_bytes())
+}
+
+fn read_number(body: &[u8]) -> u64 {
+    u64::from_le_bytes(body[..8].try_into().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_gets_every_matching_event_once_in_order_per_publisher() {
+    const EVENTS: u64 = 2_000;
+    let nodes = mesh("pubsub", 3).await;
+    let (subscriber, publishers) = (&nodes[0], &nodes[1..]);
+    // No waiting after subscribe: it returns once the publishers know (no slow-joiner loss).
+    let mut orders = within("subscribe", subscriber.subscribe("orders/*"))
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    for publisher in publishers {
+        let publisher = publisher.clone();
+        tasks.push(tokio::spawn(async move {
+            for n in 0..EVENTS {
+                let topic = if n.is_multiple_of(2) {
+                    "orders/created"
+                } else {
+                    "orders/paid"
+                };
+                let published = publisher.publish(topic, number(n)).await.unwrap();
+                assert_eq!(published.receipts.len(), 1, "one subscriber");
+                // Not matching: must not arrive.
+                let other = publisher
+                    .publish("payments/settled", number(n))
+                    .await
+                    .unwrap();
+                assert!(other.receipts.is_empty());
+            }
+        }));
+    }
+    let mut next: BTreeMap<weft::NodeId, u64> = BTreeMap::new();
+    for _ in 0..EVENTS * publishers.len() as u64 {
+        let event = within("event", orders.recv())
+            .await
+            .expect("subscription open");
+        let n = read_number(&event.body);
+        let expected = next.entry(event.header.id.producer).or_insert(0);
+        assert_eq!(n, *expected, "FIFO per publisher, no gaps, no duplicates");
+        *expected += 1;
+        let topic = if n.is_multiple_of(2) {
+            "orders/created"
+        } else {
+            "orders/paid"
+        };
+        assert_eq!(event.header.channel, topic);
+        assert_eq!(event.header.kind, weft::Kind::Event);
+    }
+    for task in tasks {
+        within("publishers", task).await.unwrap();
+    }
+    assert_eq!(next.len(), 2);
+    assert!(
+        orders.try_recv().is_none(),
+        "nothing beyond the matching events"
+    );
+    assert_eq!(subscriber.metrics().events_delivered, EVENTS * 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn published_receipts_resolve_and_unsubscribing_stops_the_events() {
+    let nodes = mesh("unsubscribe", 2).await;
+    let (publisher, subscriber) = (&nodes[0], &nodes[1]);
+    let mut all = within("subscribe", subscriber.subscribe("sensors/**"))
+        .await
+        .unwrap();
+    let mut local = within("local subscribe", publisher.subscribe("sensors/7/temp"))
+        .await
+        .unwrap();
+    let published = publisher.publish("sensors/7/temp", "21.5").await.unwrap();
+    assert_eq!(published.subscribers(), vec![subscriber.id()]);
+    assert_eq!(published.local, 1);
+    assert_eq!(within("delivered", published.delivered()).await.unwrap(), 2);
+    assert_eq!(
+        &within("event", all.recv()).await.unwrap().body[..],
+        b"21.5"
+    );
+    assert_eq!(
+        &within("local", local.recv()).await.unwrap().body[..],
+        b"21.5"
+    );
+    drop(all);
+    // The publisher learns of the unsubscription; then nothing is sent to the subscriber.
+    within("unsubscribed", async {
+        loop {
+            let published = publisher.publish("sensors/7/temp", "22").await.unwrap();
+            if published.receipts.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_best_effort_subscription_drops_and_counts_instead_of_blocking() {
+    const EVENTS: u64 = 5_000;
+    let publisher = node("telemetry").await;
+    let subscriber = node_with("telemetry", |c| c.patterns.subscription_capacity = 16).await;
+    publisher.add_peer(addr(&subscriber)).unwrap();
+    within("connected", publisher.connected(subscriber.id()))
+        .await
+        .unwrap();
+    let mut slow = within(
+        "subscribe",
+        subscriber.subscribe_with("cpu", SubscribeOptions { best_effort: true }),
+    )
+    .await
+    .unwrap();
+    let mut sent = 0;
+    for n in 0..EVENTS {
+        sent += publisher.publish_best_effort("cpu", number(n)).unwrap() as u64;
+    }
+    // A marker published reliably behind them on the same link: once a reliable subscription
+    // has it, every best-effort event before it was delivered or dropped.
+    let mut marker = within("marker subscribe", subscriber.subscribe("cpu-done"))
+        .await
+        .unwrap();
+    let published = publisher.publish("cpu-done", "done").await.unwrap();
+    assert_eq!(published.receipts.len(), 1);
+    within("marker", marker.recv()).await.unwrap();
+    let mut received = 0;
+    while slow.try_recv().is_some() {
+        received += 1;
+    }
+    let publisher_dropped = publisher.metrics().events_dropped;
+    assert!(
+        slow.dropped() > 0,
+        "a queue of 16 cannot hold {EVENTS} events"
+    );
+    assert_eq!(
+        sent + publisher_dropped,
+        EVENTS,
+        "every event sent or counted"
+    );
+    assert_eq!(
+        received + slow.dropped(),
+        sent,
+        "every event sent was received or counted as dropped"
+    );
+    assert_eq!(subscriber.metrics().events_dropped, slow.dropped());
+}
+
+/// Serves `service` on `node`: answers each request with "<label>:<body>", counting runs.
+async fn serve(node: &Node, service: &str, label: &'static str) -> Arc<AtomicU64> {
+    let runs = Arc::new(AtomicU64::new(0));
+    let mut requests = within("serve", node.serve(service)).await.unwrap();
+    let counter = Arc::clone(&runs);
+    tokio::spawn(async move {
+        while let Some(request) = requests.recv().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            let body = format!("{label}:{}", String::from_utf8_lossy(request.body()));
+            let _ = request.reply(body).await;
+        }
+    });
+    runs
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_are_answered_and_balanced_across_servers() {
+    let nodes = mesh("reqrep", 3).await;
+    let client = &nodes[0];
+    let a = serve(&nodes[1], "pricing", "a").await;
+    let b = serve(&nodes[2], "pricing", "b").await;
+    within("servers known", client.wait_for_service("pricing", 2))
+        .await
+        .unwrap();
+    for n in 0..40 {
+        let reply = within("reply", client.request("pricing", format!("sku{n}")))
+            .await
+            .unwrap();
+        let text = String::from_utf8(reply.body.to_vec()).unwrap();
+        let server = reply.header.id.producer;
+        let label = if server == nodes[1].id() { "a" } else { "b" };
+        assert_eq!(text, format!("{label}:sku{n}"));
+    }
+    assert_eq!(a.load(Ordering::SeqCst) + b.load(Ordering::SeqCst), 40);
+    assert_eq!(a.load(Ordering::SeqCst), 20, "round robin");
+    // DEALER/ROUTER style: to one chosen node.
+    for _ in 0..5 {
+        let reply = within("reply", client.request("pricing", "x").to(nodes[2].id()))
+            .await
+            .unwrap();
+        assert_eq!(&reply.body[..], b"b:x");
+    }
+    // A node that serves a service answers its own requests too.
+    let local = serve(client, "local", "self").await;
+    let reply = within("local reply", client.request("local", "q"))
+        .await
+        .unwrap();
+    assert_eq!(&reply.body[..], b"self:q");
+    assert_eq!(local.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_errors_are_typed() {
+    let nodes = mesh("reqerr", 2).await;
+    let (client, server) = (&nodes[0], &nodes[1]);
+    // Nobody serves it: at once, not after the (long) timeout.
+    let error = within(
+        "no responders",
+        client
+            .request("nobody", "q")
+            .timeout(Duration::from_secs(3600)),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(error, RequestError::NoResponders);
+    assert!(matches!(
+        client.request("bad//name", "q").await,
+        Err(RequestError::Service(_))
+    ));
+    // A handler that keeps requests without answering: the requester times out.
+    let mut silent = within("serve", server.serve("silent")).await.unwrap();
+    within("known", client.wait_for_service("silent", 1))
+        .await
+        .unwrap();
+    let timeout = Duration::from_millis(200);
+    let pending = client.request("silent", "q").timeout(timeout);
+    let (result, held) = tokio::join!(pending.send(), silent.recv());
+    assert_eq!(result.unwrap_err(), RequestError::Timeout(timeout));
+    drop(held);
+    // A handler that drops the request: the requester learns it at once.
+    let server_task = tokio::spawn(async move {
+        let request = silent.recv().await.unwrap();
+        drop(request);
+        let request = silent.recv().await.unwrap();
+        request.fail("out of stock").await.unwrap();
+        silent
+    });
+    let error = within(
+        "dropped",
+        client
+            .request("silent", "q")
+            .timeout(Duration::from_secs(3600)),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(error, RequestError::Dropped);
+    let error = within("failed", client.request("silent", "q"))
+        .await
+        .unwrap_err();
+    assert_eq!(error, RequestError::Failed("out of stock".into()));
+    within("server", server_task).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_request_id_is_answered_without_running_the_handler_again() {
+    let nodes = mesh("idempotent", 2).await;
+    let (client, server) = (&nodes[0], &nodes[1]);
+    let runs = serve(server, "charge", "charged").await;
+    within("known", client.wait_for_service("charge", 1))
+        .await
+        .unwrap();
+    let first = within("first", client.request("charge", "order-7").id(42))
+        .await
+        .unwrap();
+    let again = within("again", client.request("charge", "order-7").id(42))
+        .await
+        .unwrap();
+    assert_eq!(first.body, again.body);
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "the handler ran once");
+    within("other", client.request("charge", "order-8").id(43))
+        .await
+        .unwrap();
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scatter_gather_collects_until_the_deadline_and_reports_who_answered() {
+    let nodes = mesh("scatter", 4).await;
+    let client = &nodes[0];
+    serve(&nodes[1], "inventory", "n1").await;
+    serve(&nodes[2], "inventory", "n2").await;
+    let mut silent = within("serve", nodes[3].serve("inventory")).await.unwrap();
+    within("known", client.wait_for_service("inventory", 3))
+        .await
+        .unwrap();
+    let gather = client
+        .scatter("inventory", "sku9")
+        .timeout(Duration::from_millis(500));
+    let (gathered, held) = tokio::join!(gather.gather(), silent.recv());
+    let gathered = gathered.unwrap();
+    assert_eq!(gathered.asked.len(), 3);
+    let mut bodies: Vec<_> = gathered
+        .replies
+        .iter()
+        .map(|r| String::from_utf8(r.body.to_vec()).unwrap())
+        .collect();
+    bodies.sort();
+    assert_eq!(bodies, vec!["n1:sku9", "n2:sku9"]);
+    assert_eq!(gathered.missing(), vec![nodes[3].id()]);
+    drop(held);
+    // With a count, it stops early.
+    let first = within(
+        "count",
+        client
+            .scatter("inventory", "q")
+            .count(1)
+            .timeout(Duration::from_secs(3600)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(first.replies.len(), 1);
+}
