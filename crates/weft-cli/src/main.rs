@@ -1,8 +1,9 @@
-//! The `weft` command: identities, a listening node, one-shot sends, spool inspection and
-//! benchmarks.
+//! The `weft` command: identities, a listening node, one-shot sends, pub/sub and
+//! request/response from a shell, spool inspection and benchmarks.
 
 mod bench;
 mod config_file;
+mod patterns_cmd;
 mod spool_cmd;
 
 use std::net::SocketAddr;
@@ -111,6 +112,59 @@ enum Command {
         #[command(subcommand)]
         which: spool_cmd::SpoolCommand,
     },
+    /// Subscribe to a topic pattern (`*` one segment, `**` the rest) and print each event.
+    Sub {
+        #[command(flatten)]
+        mesh: patterns_cmd::MeshArgs,
+        /// Topic pattern, e.g. `orders/*`.
+        pattern: String,
+        /// Exit after this many events (default: run until Ctrl-C).
+        #[arg(long)]
+        count: Option<u64>,
+    },
+    /// Publish an event and wait until every subscriber has it.
+    Pub {
+        #[command(flatten)]
+        mesh: patterns_cmd::MeshArgs,
+        /// Wait for at least this many subscribers before publishing.
+        #[arg(long, default_value_t = 0)]
+        subscribers: usize,
+        /// Publish the event this many times.
+        #[arg(long, default_value_t = 1)]
+        repeat: u64,
+        /// Topic, e.g. `orders/created`.
+        topic: String,
+        /// The event text.
+        text: String,
+    },
+    /// Answer requests for a service (with `--reply TEXT`, or echo them).
+    Rep {
+        #[command(flatten)]
+        mesh: patterns_cmd::MeshArgs,
+        /// Answer every request with this text (default: echo the request).
+        #[arg(long)]
+        reply: Option<String>,
+        /// Exit after this many requests (default: run until Ctrl-C).
+        #[arg(long)]
+        count: Option<u64>,
+        /// Service name.
+        service: String,
+    },
+    /// Send a request to a service and print the reply.
+    Req {
+        #[command(flatten)]
+        mesh: patterns_cmd::MeshArgs,
+        /// Ask this node (its id) instead of any server of the service.
+        #[arg(long)]
+        to: Option<weft::NodeId>,
+        /// Give up after this many milliseconds without a reply.
+        #[arg(long, default_value_t = 5000)]
+        timeout_ms: u64,
+        /// Service name.
+        service: String,
+        /// The request text.
+        text: String,
+    },
     /// The receiving process of `weft bench` (started by it; not for direct use).
     #[command(hide = true)]
     BenchPeer(bench::PeerArgs),
@@ -193,6 +247,31 @@ async fn run(command: Command) -> Result<()> {
             let window = once.then(|| Duration::from_secs(window_secs));
             discover(config, mesh, window, json).await
         }
+        Command::Sub {
+            mesh,
+            pattern,
+            count,
+        } => patterns_cmd::sub(mesh, pattern, count).await,
+        Command::Pub {
+            mesh,
+            subscribers,
+            repeat,
+            topic,
+            text,
+        } => patterns_cmd::publish(mesh, topic, text, subscribers, repeat).await,
+        Command::Rep {
+            mesh,
+            reply,
+            count,
+            service,
+        } => patterns_cmd::rep(mesh, service, reply, count).await,
+        Command::Req {
+            mesh,
+            to,
+            timeout_ms,
+            service,
+            text,
+        } => patterns_cmd::req(mesh, service, text, to, timeout_ms).await,
         Command::Bench { .. } | Command::BenchPeer(_) | Command::Spool { .. } => {
             unreachable!("handled before the runtime")
         }

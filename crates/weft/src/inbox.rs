@@ -238,6 +238,12 @@ impl Inbox {
         self.channels.settle(&mut self.taken);
     }
 
+    /// The last message returned is not done with after all: it is not settled by the next call
+    /// or the drop (a node stopping before it handled the message; the producer sends it again).
+    pub(crate) fn unsettle_last(&mut self) {
+        self.taken.pop();
+    }
+
     /// Messages waiting in the queue now.
     pub fn len(&self) -> usize {
         self.rx.as_ref().map_or(0, |rx| rx.len())

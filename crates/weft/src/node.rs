@@ -869,6 +869,7 @@ impl Node {
             // Goodbye first, so peers stop dialing a node that is leaving.
             discovery.shutdown().await;
         }
+        shared.patterns.stop().await;
         shared.shutdown.send_replace(true);
         let tasks: Vec<_> = std::mem::take(&mut *shared.tasks.lock().expect("tasks lock poisoned"));
         for task in tasks {

@@ -53,6 +53,8 @@ const COMMAND_BATCH: usize = 512;
 /// Most addresses remembered per peer.
 const ADDRESSES_MAX: usize = 16;
 /// How often queued messages are checked against their expiry and the retry policy.
+/// Longest a clean shutdown waits for what is queued for a peer to be written and read.
+const SHUTDOWN_DRAIN: Duration = Duration::from_millis(500);
 const EXPIRY_CHECK: Duration = Duration::from_secs(1);
 
 /// Messages to a peer task from elsewhere in the node.
@@ -279,7 +281,44 @@ impl PeerTask {
                 _ = sleep_until(expiry_at) => self.expire(),
             }
         }
+        self.drain().await;
         self.stop();
+    }
+
+    /// On a clean shutdown: writes what is queued for the peer (replies, acks, messages the
+    /// application sent last) and finishes the stream, waiting at most [`SHUTDOWN_DRAIN`] for
+    /// the peer to read it, so that closing the connection does not discard it.
+    async fn drain(&mut self) {
+        let deadline = Instant::now() + SHUTDOWN_DRAIN;
+        if self.conn.is_none() {
+            return;
+        }
+        // What the application settled last (the pattern tasks settle theirs before the peers
+        // stop): without a spool its acknowledgement goes out with the rest.
+        self.settled();
+        while let Ok(outgoing) = self.commands.try_recv() {
+            self.batch.push(outgoing);
+        }
+        self.take_batch();
+        loop {
+            self.flush();
+            let Some(conn) = &mut self.conn else { return };
+            if conn.tx.is_empty() && !self.link.wants_transmit() {
+                break;
+            }
+            let written = tokio::time::timeout_at(
+                deadline,
+                write_queued(Some((&mut conn.send, &mut conn.tx))),
+            )
+            .await;
+            if !matches!(written, Ok(Ok(()))) {
+                return;
+            }
+        }
+        let Some(conn) = &mut self.conn else { return };
+        if conn.send.finish().is_ok() {
+            let _ = tokio::time::timeout_at(deadline, conn.send.stopped()).await;
+        }
     }
 
     /// How many more messages to take from the application now.
@@ -675,7 +714,11 @@ impl PeerTask {
                 }
                 self.process_rx();
             }
-            Ok(None) => self.connection_lost("peer closed its stream".into()),
+            Ok(None) => {
+                // Only a clean shutdown finishes the stream (see `drain`): a goodbye.
+                self.learned.clear();
+                self.connection_lost("the peer finished its stream (shutting down)".into());
+            }
             Err(quinn::ReadError::ConnectionLost(e)) => {
                 if let quinn::ConnectionError::ApplicationClosed(close) = &e {
                     if close.error_code == close_code::SHUTDOWN {
@@ -780,8 +823,8 @@ impl PeerTask {
         match sender.try_reserve_owned() {
             Ok(permit) => {
                 let message = self.link.pop_delivery().expect("peeked");
+                count_delivery(&self.shared, &message);
                 permit.send(message);
-                self.shared.metrics.delivered(1);
                 true
             }
             Err(mpsc::error::TrySendError::Full(sender)) => {
@@ -796,8 +839,8 @@ impl PeerTask {
         self.parked = None;
         let Some(permit) = permit else { return };
         if let Some(message) = self.link.pop_delivery() {
+            count_delivery(&self.shared, &message);
             permit.send(message);
-            self.shared.metrics.delivered(1);
         }
         self.process_rx();
     }
@@ -910,6 +953,14 @@ fn push(link: &mut Link, outgoing: Outgoing) {
     }
     if let Err(e) = link.push_at(seq, tag, message) {
         unreachable!("checked message refused by its link: {e}");
+    }
+}
+
+/// Counts a message handed to the application (the mesh's own channels, `$weft/...`, are
+/// counted by what they carry: events delivered, requests served).
+fn count_delivery(shared: &Shared, message: &Message) {
+    if !message.header.channel.starts_with('$') {
+        shared.metrics.delivered(1);
     }
 }
 

@@ -88,6 +88,9 @@ pub(crate) struct Patterns {
     /// Tells the control task to announce the local interest to every connected peer.
     announce: mpsc::UnboundedSender<()>,
     announce_rx: Mutex<Option<mpsc::UnboundedReceiver<()>>>,
+    /// Stops the pattern tasks ahead of the peers (see [`Patterns::stop`]).
+    stop: watch::Sender<bool>,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// Sequence of events published to local subscriptions (their message ids).
     local_events: AtomicU64,
 }
@@ -113,6 +116,8 @@ impl Patterns {
             changed: watch::channel(0).0,
             announce,
             announce_rx: Mutex::new(Some(announce_rx)),
+            stop: watch::channel(false).0,
+            tasks: Mutex::new(Vec::new()),
             local_events: AtomicU64::new(0),
         }
     }
@@ -123,6 +128,27 @@ impl Patterns {
 
     fn bump(&self) {
         self.changed.send_modify(|v| *v += 1);
+    }
+
+    /// Stops the pattern tasks and waits for them. A clean shutdown does this before it stops
+    /// the peers, so that the events and requests the tasks took are settled (and acknowledged
+    /// by the peers' last writes) instead of being sent again to a node that handled them.
+    pub(crate) async fn stop(&self) {
+        self.stop.send_replace(true);
+        let tasks = std::mem::take(&mut *self.tasks.lock().expect("patterns lock poisoned"));
+        for task in tasks {
+            let _ = task.await;
+        }
+    }
+
+    /// Resolves once the pattern tasks are to stop (the node's shutdown, or [`Patterns::stop`]).
+    pub(crate) async fn stopping(shared: &Shared) {
+        let mut node = shared.shutdown.subscribe();
+        let mut patterns = shared.patterns.stop.subscribe();
+        tokio::select! {
+            _ = node.wait_for(|stop| *stop) => {}
+            _ = patterns.wait_for(|stop| *stop) => {}
+        }
     }
 
     /// Waits until every connected peer acknowledged `version` of the local interest.
@@ -159,10 +185,18 @@ pub(crate) fn start(shared: &Arc<Shared>) -> Result<(), crate::error::ReceiveErr
         .take()
         .expect("pattern tasks start once");
     let span = tracing::info_span!(parent: None, "patterns", node = %shared.id.short());
-    shared.spawn(control_task(Arc::clone(shared), interest, announce).instrument(span.clone()));
-    shared.spawn(pubsub::event_task(Arc::clone(shared), events).instrument(span.clone()));
-    shared.spawn(reqrep::request_task(Arc::clone(shared), requests).instrument(span.clone()));
-    shared.spawn(reqrep::reply_task(Arc::clone(shared), replies).instrument(span));
+    let tasks = [
+        tokio::spawn(control_task(Arc::clone(shared), interest, announce).instrument(span.clone())),
+        tokio::spawn(pubsub::event_task(Arc::clone(shared), events).instrument(span.clone())),
+        tokio::spawn(reqrep::request_task(Arc::clone(shared), requests).instrument(span.clone())),
+        tokio::spawn(reqrep::reply_task(Arc::clone(shared), replies).instrument(span)),
+    ];
+    shared
+        .patterns
+        .tasks
+        .lock()
+        .expect("patterns lock poisoned")
+        .extend(tasks);
     Ok(())
 }
 
@@ -226,7 +260,6 @@ async fn control_task(
 ) {
     let patterns = &shared.patterns;
     let mut peer_events = shared.events.subscribe();
-    let mut shutdown = shared.shutdown.subscribe();
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Peers connected before this task subscribed to events.
@@ -241,7 +274,7 @@ async fn control_task(
     loop {
         tokio::select! {
             biased;
-            _ = shutdown.wait_for(|stop| *stop) => break,
+            () = Patterns::stopping(&shared) => break,
             event = peer_events.recv() => match event {
                 Ok(PeerEvent::Up { peer, .. }) => {
                     patterns.lock().table.peer_connected(peer);

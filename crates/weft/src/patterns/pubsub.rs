@@ -274,11 +274,10 @@ async fn deliver_locally(shared: &Shared, topic: &Topic, message: Message) -> us
 /// (which settles this one: the publisher's receipt resolves once every local subscription
 /// has the event).
 pub(crate) async fn event_task(shared: Arc<Shared>, mut events: Inbox) {
-    let mut shutdown = shared.shutdown.subscribe();
     loop {
         let message = tokio::select! {
             biased;
-            _ = shutdown.wait_for(|stop| *stop) => break,
+            () = super::Patterns::stopping(&shared) => break,
             message = events.recv() => match message {
                 Some(message) => message,
                 None => break,
@@ -295,7 +294,11 @@ pub(crate) async fn event_task(shared: Arc<Shared>, mut events: Inbox) {
         let event = event_message(&message, &topic, payload);
         tokio::select! {
             biased;
-            _ = shutdown.wait_for(|stop| *stop) => break,
+            () = super::Patterns::stopping(&shared) => {
+                // Not every subscription has it: not settled, so the publisher keeps it.
+                events.unsettle_last();
+                break;
+            }
             _ = deliver_locally(&shared, &topic, event) => {}
         }
     }

@@ -706,11 +706,10 @@ pub(crate) async fn handle_request(shared: &Arc<Shared>, message: Message) {
 
 /// Requests from peers.
 pub(crate) async fn request_task(shared: Arc<Shared>, mut requests: Inbox) {
-    let mut shutdown = shared.shutdown.subscribe();
     loop {
         let message = tokio::select! {
             biased;
-            _ = shutdown.wait_for(|stop| *stop) => break,
+            () = super::Patterns::stopping(&shared) => break,
             message = requests.recv() => match message {
                 Some(message) => message,
                 None => break,
@@ -718,7 +717,7 @@ pub(crate) async fn request_task(shared: Arc<Shared>, mut requests: Inbox) {
         };
         tokio::select! {
             biased;
-            _ = shutdown.wait_for(|stop| *stop) => break,
+            () = super::Patterns::stopping(&shared) => break,
             _ = handle_request(&shared, message) => {}
         }
     }
@@ -726,11 +725,10 @@ pub(crate) async fn request_task(shared: Arc<Shared>, mut requests: Inbox) {
 
 /// Replies from peers.
 pub(crate) async fn reply_task(shared: Arc<Shared>, mut replies: Inbox) {
-    let mut shutdown = shared.shutdown.subscribe();
     loop {
         let message = tokio::select! {
             biased;
-            _ = shutdown.wait_for(|stop| *stop) => break,
+            () = super::Patterns::stopping(&shared) => break,
             message = replies.recv() => match message {
                 Some(message) => message,
                 None => break,

@@ -1,0 +1,166 @@
+//! `weft sub`/`weft pub` and `weft rep`/`weft req` as separate processes on 127.0.0.1.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// Bound on every wait: a broken build fails instead of hanging.
+const WAIT: Duration = Duration::from_secs(30);
+
+/// A `weft` process whose stdout lines arrive on a channel.
+struct Running {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Running {
+    fn start(args: &[&str]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_weft"))
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("weft starts");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self { child, lines }
+    }
+
+    fn line(&self, what: &str) -> String {
+        self.lines
+            .recv_timeout(WAIT)
+            .unwrap_or_else(|_| panic!("no line from weft within {WAIT:?}: waiting for {what}"))
+    }
+
+    /// The `node ID@ADDR` line every long-running pattern command prints first.
+    fn node_addr(&self) -> String {
+        let line = self.line("the node line");
+        line.strip_prefix("node ")
+            .unwrap_or_else(|| panic!("expected `node ID@ADDR`, got {line:?}"))
+            .to_owned()
+    }
+
+    fn wait_success(mut self) {
+        for _ in 0..300 {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                assert!(status.success(), "weft exited with {status}");
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        panic!("weft did not exit within 30 s");
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn run(args: &[&str]) -> String {
+    let output = Command::new(env!("CARGO_BIN_EXE_weft"))
+        .args(args)
+        .output()
+        .expect("weft runs");
+    assert!(
+        output.status.success(),
+        "weft {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+#[test]
+fn sub_prints_what_pub_publishes() {
+    let sub = Running::start(&["sub", "--mesh", "cli-pubsub", "--count", "2", "orders/*"]);
+    let addr = sub.node_addr();
+    assert_eq!(sub.line("subscribed"), "subscribed to orders/*");
+    let out = run(&[
+        "pub",
+        "--mesh",
+        "cli-pubsub",
+        "--peer",
+        &addr,
+        "--subscribers",
+        "1",
+        "--repeat",
+        "2",
+        "orders/created",
+        "order 7",
+    ]);
+    assert_eq!(
+        out.trim(),
+        "published 2 event(s) on orders/created to 1 subscriber(s)"
+    );
+    for _ in 0..2 {
+        let line = sub.line("an event");
+        assert!(
+            line.starts_with("orders/created ") && line.ends_with(" order 7"),
+            "{line:?}"
+        );
+    }
+    sub.wait_success();
+}
+
+#[test]
+fn req_prints_what_rep_answers() {
+    let rep = Running::start(&[
+        "rep",
+        "--mesh",
+        "cli-reqrep",
+        "--reply",
+        "42.50",
+        "--count",
+        "1",
+        "pricing",
+    ]);
+    let addr = rep.node_addr();
+    assert_eq!(rep.line("serving"), "serving pricing");
+    let out = run(&[
+        "req",
+        "--mesh",
+        "cli-reqrep",
+        "--peer",
+        &addr,
+        "pricing",
+        "sku-9",
+    ]);
+    assert_eq!(out.trim(), "42.50");
+    let line = rep.line("the request");
+    assert!(
+        line.starts_with("pricing ") && line.ends_with(" sku-9"),
+        "{line:?}"
+    );
+    rep.wait_success();
+}
+
+#[test]
+fn req_without_a_server_fails_with_a_clear_sentence() {
+    let output = Command::new(env!("CARGO_BIN_EXE_weft"))
+        .args([
+            "req",
+            "--mesh",
+            "cli-none",
+            "--wait-secs",
+            "0",
+            "nobody",
+            "q",
+        ])
+        .output()
+        .expect("weft runs");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("no node answers \"nobody\""), "{stderr}");
+}
