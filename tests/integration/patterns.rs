@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use weft::{Node, RequestError, SubscribeOptions};
+use weft::{Node, PullOptions, RequestError, SubscribeOptions};
 
 use crate::support::{addr, node, node_with, within};
 
@@ -342,4 +342,125 @@ async fn scatter_gather_collects_until_the_deadline_and_reports_who_answered() {
     .await
     .unwrap();
     assert_eq!(first.replies.len(), 1);
+}
+
+/// Takes work from `puller` until `stop`, sending each item's number to `taken`.
+fn work(
+    mut puller: weft::Puller,
+    taken: tokio::sync::mpsc::UnboundedSender<(usize, u64)>,
+    worker: usize,
+) -> tokio::task::JoinHandle<weft::Puller> {
+    tokio::spawn(async move {
+        while let Some(item) = puller.recv().await {
+            assert_eq!(item.header.channel, "thumbnails");
+            if taken.send((worker, read_number(&item.body))).is_err() {
+                break;
+            }
+        }
+        puller
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_work_item_goes_to_one_worker_and_a_slow_worker_holds_at_most_its_credit() {
+    const ITEMS: u64 = 3_000;
+    const CREDIT: u32 = 4;
+    let credit = PullOptions {
+        credit: Some(CREDIT),
+    };
+    let nodes = mesh("work", 4).await;
+    let producer = &nodes[0];
+    // The slow worker takes nothing while the work is pushed.
+    let mut slow = within("pull", nodes[1].pull_with("thumbnails", credit))
+        .await
+        .unwrap();
+    let (taken, mut done) = tokio::sync::mpsc::unbounded_channel();
+    let mut workers = Vec::new();
+    for (i, node) in nodes[2..].iter().enumerate() {
+        let puller = within("pull", node.pull_with("thumbnails", credit))
+            .await
+            .unwrap();
+        workers.push(work(puller, taken.clone(), i));
+    }
+    for n in 0..ITEMS {
+        within("push", producer.push("thumbnails", number(n)))
+            .await
+            .unwrap();
+    }
+    // Every item is assigned now; the slow worker holds what it got, at most its credit.
+    let mut seen = std::collections::BTreeSet::new();
+    let mut per_worker = [0u64; 2];
+    let mut slow_items = 0;
+    while (seen.len() as u64) < ITEMS {
+        tokio::select! {
+            Some((worker, n)) = done.recv() => {
+                assert!(seen.insert(n), "item {n} twice");
+                per_worker[worker] += 1;
+            }
+            item = slow.recv() => {
+                let n = read_number(&item.expect("puller open").body);
+                assert!(seen.insert(n), "item {n} twice");
+                slow_items += 1;
+            }
+        }
+    }
+    for worker in workers {
+        worker.abort();
+    }
+    assert!(
+        per_worker.iter().all(|n| *n > 0),
+        "both fast workers got work: {per_worker:?}"
+    );
+    assert_eq!(
+        slow_items, CREDIT,
+        "the slow worker got its credit and no more"
+    );
+    assert!(slow.try_recv().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_work_of_a_worker_that_dies_goes_to_another() {
+    const HELD: u64 = 8;
+    let fast_reassign = |c: &mut weft::NodeConfig| {
+        c.patterns.work_reassign_after = Duration::from_millis(200);
+    };
+    let producer = node_with("work-death", fast_reassign).await;
+    let doomed = node("work-death").await;
+    let survivor = node("work-death").await;
+    for worker in [&doomed, &survivor] {
+        producer.add_peer(addr(worker)).unwrap();
+        within("connected", producer.connected(worker.id()))
+            .await
+            .unwrap();
+    }
+    let credit = PullOptions {
+        credit: Some(HELD as u32),
+    };
+    // Only the doomed worker pulls at first: it gets (and holds, unacknowledged) the first items.
+    let held = within("pull", doomed.pull_with("thumbnails", credit))
+        .await
+        .unwrap();
+    for n in 0..HELD {
+        within("push", producer.push("thumbnails", number(n)))
+            .await
+            .unwrap();
+    }
+    let puller = within("pull", survivor.pull("thumbnails")).await.unwrap();
+    let (taken, mut done) = tokio::sync::mpsc::unbounded_channel();
+    let task = work(puller, taken, 0);
+    // The doomed worker dies without having taken its items.
+    drop(held);
+    doomed.shutdown().await;
+    for n in HELD..2 * HELD {
+        within("push", producer.push("thumbnails", number(n)))
+            .await
+            .unwrap();
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    while (seen.len() as u64) < 2 * HELD {
+        let (_, n) = within("reassigned work", done.recv()).await.unwrap();
+        assert!(seen.insert(n), "item {n} twice");
+    }
+    assert_eq!(seen, (0..2 * HELD).collect());
+    task.abort();
 }

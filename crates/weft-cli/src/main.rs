@@ -165,6 +165,31 @@ enum Command {
         /// The request text.
         text: String,
     },
+    /// Take items from a work queue as one of its competing workers, printing each.
+    Pull {
+        #[command(flatten)]
+        mesh: patterns_cmd::MeshArgs,
+        /// Most items a producer may have sent this worker unacknowledged.
+        #[arg(long)]
+        credit: Option<u32>,
+        /// Exit after this many items (default: run until Ctrl-C).
+        #[arg(long)]
+        count: Option<u64>,
+        /// Queue name.
+        queue: String,
+    },
+    /// Push an item to a work queue: exactly one worker gets it.
+    Push {
+        #[command(flatten)]
+        mesh: patterns_cmd::MeshArgs,
+        /// Push the item this many times.
+        #[arg(long, default_value_t = 1)]
+        repeat: u64,
+        /// Queue name.
+        queue: String,
+        /// The item text.
+        text: String,
+    },
     /// The receiving process of `weft bench` (started by it; not for direct use).
     #[command(hide = true)]
     BenchPeer(bench::PeerArgs),
@@ -272,6 +297,18 @@ async fn run(command: Command) -> Result<()> {
             service,
             text,
         } => patterns_cmd::req(mesh, service, text, to, timeout_ms).await,
+        Command::Pull {
+            mesh,
+            credit,
+            count,
+            queue,
+        } => patterns_cmd::pull(mesh, queue, credit, count).await,
+        Command::Push {
+            mesh,
+            repeat,
+            queue,
+            text,
+        } => patterns_cmd::push(mesh, queue, text, repeat).await,
         Command::Bench { .. } | Command::BenchPeer(_) | Command::Spool { .. } => {
             unreachable!("handled before the runtime")
         }

@@ -1,4 +1,5 @@
-//! `weft pub`, `weft sub`, `weft req`, `weft rep`: the messaging patterns from a shell.
+//! `weft pub`, `weft sub`, `weft req`, `weft rep`, `weft push`, `weft pull`: the messaging
+//! patterns from a shell.
 //!
 //! Each command runs a short-lived node (an ephemeral identity, memory only, unless
 //! `--data-dir` names one), connects to the given peers or seeds, and does one thing. Output is
@@ -225,4 +226,58 @@ pub async fn req(
         }
         Err(e) => bail!("request to {service:?} failed: {e}"),
     }
+}
+
+/// `weft pull QUEUE`: takes work items one by one, printing `QUEUE PRODUCER BODY`.
+pub async fn pull(
+    mesh: MeshArgs,
+    queue: String,
+    credit: Option<u32>,
+    count: Option<u64>,
+) -> Result<()> {
+    let node = mesh.start().await?;
+    println!("node {}", node.addr()?);
+    mesh.connected(&node).await?;
+    let mut puller = node
+        .pull_with(&queue, weft::PullOptions { credit })
+        .await
+        .with_context(|| format!("cannot pull from {queue:?}"))?;
+    println!("pulling from {queue}");
+    let mut taken = 0;
+    while count.is_none_or(|count| taken < count) {
+        let Some(Some(item)) = ctrl_c_or(puller.recv()).await else {
+            break;
+        };
+        println!(
+            "{} {} {}",
+            item.header.channel,
+            item.header.id.producer.short(),
+            body_text(&item)
+        );
+        taken += 1;
+    }
+    // Done with the last one: acknowledge it before leaving.
+    puller.settle();
+    drop(puller);
+    node.shutdown().await;
+    Ok(())
+}
+
+/// `weft push QUEUE TEXT`: hands the item to one worker (waiting for one with credit).
+pub async fn push(mesh: MeshArgs, queue: String, text: String, repeat: u64) -> Result<()> {
+    let node = mesh.start().await?;
+    mesh.connected(&node).await?;
+    for _ in 0..repeat {
+        tokio::time::timeout(mesh.wait(), node.push(&queue, text.clone().into_bytes()))
+            .await
+            .with_context(|| {
+                format!(
+                    "no worker of {queue:?} took the item within {} s: start `weft pull {queue}` and pass it as --peer",
+                    mesh.wait_secs
+                )
+            })??;
+    }
+    println!("pushed {repeat} item(s) to {queue}");
+    node.shutdown().await;
+    Ok(())
 }

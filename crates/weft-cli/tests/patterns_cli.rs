@@ -1,4 +1,5 @@
-//! `weft sub`/`weft pub` and `weft rep`/`weft req` as separate processes on 127.0.0.1.
+//! `weft sub`/`weft pub`, `weft rep`/`weft req` and `weft pull`/`weft push` as separate
+//! processes on 127.0.0.1.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -163,4 +164,31 @@ fn req_without_a_server_fails_with_a_clear_sentence() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("no node answers \"nobody\""), "{stderr}");
+}
+
+#[test]
+fn pull_prints_what_push_pushes() {
+    let pull = Running::start(&["pull", "--mesh", "cli-work", "--count", "3", "thumbnails"]);
+    let addr = pull.node_addr();
+    assert_eq!(pull.line("pulling"), "pulling from thumbnails");
+    let out = run(&[
+        "push",
+        "--mesh",
+        "cli-work",
+        "--peer",
+        &addr,
+        "--repeat",
+        "3",
+        "thumbnails",
+        "img-1",
+    ]);
+    assert_eq!(out.trim(), "pushed 3 item(s) to thumbnails");
+    for _ in 0..3 {
+        let line = pull.line("an item");
+        assert!(
+            line.starts_with("thumbnails ") && line.ends_with(" img-1"),
+            "{line:?}"
+        );
+    }
+    pull.wait_success();
 }

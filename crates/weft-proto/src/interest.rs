@@ -43,6 +43,9 @@ pub struct Announcement {
     pub subscriptions: Vec<String>,
     /// Service names answered.
     pub services: Vec<String>,
+    /// Work queues pulled from, each with the credit this node grants every producer (most
+    /// messages of the queue it may have sent and not yet seen acknowledged).
+    pub queues: Vec<(String, u32)>,
 }
 
 /// What travels on the interest channel.
@@ -101,6 +104,7 @@ struct PeerInterest {
     version: u64,
     subscriptions: Vec<TopicPattern>,
     services: BTreeSet<String>,
+    queues: BTreeMap<String, u32>,
     /// The highest version of our current incarnation the peer acknowledged on its current
     /// connection.
     acked: u64,
@@ -116,6 +120,7 @@ pub struct InterestTable {
     version: u64,
     subscriptions: BTreeMap<TopicPattern, usize>,
     services: BTreeMap<String, usize>,
+    queues: BTreeMap<String, u32>,
     peers: BTreeMap<NodeId, PeerInterest>,
     /// How long a disconnected peer's interest is kept, in milliseconds.
     lease_ms: u64,
@@ -130,6 +135,7 @@ impl InterestTable {
             version: 0,
             subscriptions: BTreeMap::new(),
             services: BTreeMap::new(),
+            queues: BTreeMap::new(),
             peers: BTreeMap::new(),
             lease_ms,
         }
@@ -141,7 +147,7 @@ impl InterestTable {
     }
 
     fn local_entries(&self) -> usize {
-        self.subscriptions.len() + self.services.len()
+        self.subscriptions.len() + self.services.len() + self.queues.len()
     }
 
     /// Adds a local subscription (counted: the same pattern twice needs two `unsubscribe`s).
@@ -189,6 +195,49 @@ impl InterestTable {
         }
     }
 
+    /// Starts pulling from work queue `queue` here with `credit` per producer. Returns the
+    /// version that has it; `None` if this node pulls from it already.
+    pub fn pull(&mut self, queue: &Topic, credit: u32) -> Result<Option<u64>, InterestError> {
+        if self.queues.contains_key(queue.as_str()) {
+            return Ok(None);
+        }
+        if self.queues.len() >= SERVICES_MAX {
+            return Err(InterestError::LocalFull(self.local_entries()));
+        }
+        self.queues.insert(queue.as_str().to_owned(), credit.max(1));
+        self.version += 1;
+        Ok(Some(self.version))
+    }
+
+    /// Stops pulling from `queue` here. Returns whether the announced interest changed.
+    pub fn unpull(&mut self, queue: &Topic) -> bool {
+        self.queues.remove(queue.as_str()).is_some() && {
+            self.version += 1;
+            true
+        }
+    }
+
+    /// Connected peers that pull from `queue`, with the credit each grants, in node id order.
+    pub fn workers(&self, queue: &Topic) -> Vec<(NodeId, u32)> {
+        self.peers
+            .iter()
+            .filter(|(_, p)| p.connected)
+            .filter_map(|(id, p)| p.queues.get(queue.as_str()).map(|c| (*id, *c)))
+            .collect()
+    }
+
+    /// Peers down since before `since_ms` (wall clock) that still count as pulling from some
+    /// queue: their unacknowledged work should go to other workers.
+    pub fn workers_down_since(&self, since_ms: u64) -> Vec<NodeId> {
+        self.peers
+            .iter()
+            .filter(|(_, p)| {
+                !p.queues.is_empty() && p.down_since_ms.is_some_and(|down| down <= since_ms)
+            })
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
     /// Whether a local subscription matches `topic`.
     pub fn subscribed_here(&self, topic: &Topic) -> bool {
         self.subscriptions.keys().any(|p| p.matches(topic))
@@ -210,6 +259,11 @@ impl InterestTable {
                 .map(|p| p.as_str().to_owned())
                 .collect(),
             services: self.services.keys().cloned().collect(),
+            queues: self
+                .queues
+                .iter()
+                .map(|(name, credit)| (name.clone(), *credit))
+                .collect(),
         }
     }
 
@@ -257,6 +311,7 @@ impl InterestTable {
     ) -> Result<bool, InterestError> {
         if announcement.subscriptions.len() > PATTERNS_MAX
             || announcement.services.len() > SERVICES_MAX
+            || announcement.queues.len() > SERVICES_MAX
         {
             return Err(InterestError::TooMany {
                 patterns: announcement.subscriptions.len(),
@@ -273,15 +328,23 @@ impl InterestTable {
             .into_iter()
             .map(|s| Topic::new(s).map(|t| t.as_str().to_owned()))
             .collect::<Result<BTreeSet<_>, _>>()?;
+        let queues = announcement
+            .queues
+            .into_iter()
+            .map(|(name, credit)| Topic::new(name).map(|t| (t.as_str().to_owned(), credit.max(1))))
+            .collect::<Result<BTreeMap<_, _>, _>>()?;
         let entry = self.peers.entry(peer).or_default();
         if entry.incarnation == announcement.incarnation && announcement.version <= entry.version {
             return Ok(false);
         }
         entry.incarnation = announcement.incarnation;
         entry.version = announcement.version;
-        let changed = entry.subscriptions != subscriptions || entry.services != services;
+        let changed = entry.subscriptions != subscriptions
+            || entry.services != services
+            || entry.queues != queues;
         entry.subscriptions = subscriptions;
         entry.services = services;
+        entry.queues = queues;
         Ok(changed)
     }
 
@@ -303,6 +366,15 @@ impl InterestTable {
             .values()
             .filter(|p| p.connected)
             .all(|p| p.acked >= version)
+    }
+
+    /// The highest version of our interest `peer` acknowledged on its current connection
+    /// (0: none, or the table does not know the connection yet).
+    pub fn acknowledged_by(&self, peer: &NodeId) -> u64 {
+        self.peers
+            .get(peer)
+            .filter(|p| p.connected)
+            .map_or(0, |p| p.acked)
     }
 
     /// Connected peers that have not acknowledged `version` yet.
@@ -494,6 +566,28 @@ mod tests {
     }
 
     #[test]
+    fn work_goes_to_connected_workers_and_is_taken_back_from_silent_ones() {
+        let mut producer = InterestTable::new(1, 60_000);
+        let mut worker = InterestTable::new(2, 1000);
+        assert!(worker.pull(&topic("thumbs"), 8).unwrap().is_some());
+        assert_eq!(
+            worker.pull(&topic("thumbs"), 8).unwrap(),
+            None,
+            "once per node"
+        );
+        producer.peer_connected(node(2));
+        announce(&mut producer, node(2), &worker);
+        assert_eq!(producer.workers(&topic("thumbs")), vec![(node(2), 8)]);
+        assert!(producer.workers(&topic("other")).is_empty());
+        producer.peer_disconnected(node(2), 10_000);
+        assert!(producer.workers(&topic("thumbs")).is_empty());
+        assert!(producer.workers_down_since(9_999).is_empty());
+        assert_eq!(producer.workers_down_since(10_000), vec![node(2)]);
+        assert!(worker.unpull(&topic("thumbs")));
+        assert!(!worker.unpull(&topic("thumbs")));
+    }
+
+    #[test]
     fn bad_announcements_are_refused() {
         let mut table = InterestTable::new(1, 1000);
         let bad = Announcement {
@@ -501,6 +595,7 @@ mod tests {
             version: 1,
             subscriptions: vec!["a//b".into()],
             services: vec![],
+            queues: vec![],
         };
         assert!(matches!(
             table.handle_announcement(node(2), bad),
@@ -511,6 +606,7 @@ mod tests {
             version: 1,
             subscriptions: (0..=PATTERNS_MAX).map(|i| format!("t{i}")).collect(),
             services: vec![],
+            queues: vec![],
         };
         assert!(matches!(
             table.handle_announcement(node(2), many),

@@ -657,6 +657,29 @@ impl Link {
         given_up
     }
 
+    /// Takes back the queued messages that `select` picks, except those in flight on a live
+    /// connection (a driver withdraws work from a peer that went silent, to give it to another).
+    /// The peer is told to skip their numbers, as for given-up messages. Returns them in
+    /// sequence order.
+    pub fn withdraw(
+        &mut self,
+        select: impl Fn(&OutgoingMessage) -> bool,
+    ) -> Vec<(u64, u64, OutgoingMessage)> {
+        let first = if self.connected { self.cursor } else { 0 };
+        let mut withdrawn = Vec::new();
+        let mut kept = VecDeque::with_capacity(self.queue.len());
+        for (index, queued) in self.queue.drain(..).enumerate() {
+            if index >= first && select(&queued.message) {
+                self.queued_bytes -= queued.message.body.len();
+                withdrawn.push((queued.seq, queued.tag, queued.message));
+            } else {
+                kept.push_back(queued);
+            }
+        }
+        self.queue = kept;
+        withdrawn
+    }
+
     /// A (new) connection to the peer is established and its hello exchange is done.
     pub fn connected(&mut self) {
         self.connected = true;

@@ -514,3 +514,42 @@ fn the_volatile_queue_is_bounded() {
         Err(super::link::PushError::VolatileFull(2))
     );
 }
+
+#[test]
+fn withdrawn_messages_are_skipped_by_the_peer() {
+    let a = NodeId::from_bytes([1; 32]);
+    let b = NodeId::from_bytes([2; 32]);
+    let mut sender = Link::new(a, b, 1, LinkConfig::default());
+    let mut receiver = Link::new(b, a, 1, LinkConfig::default());
+    for (channel, body) in [
+        ("work", "w1"),
+        ("keep", "k2"),
+        ("work", "w3"),
+        ("keep", "k4"),
+    ] {
+        sender
+            .push(OutgoingMessage::command(channel, Bytes::from(body), 0))
+            .unwrap();
+    }
+    let withdrawn = sender.withdraw(|m| m.channel == "work");
+    let seqs: Vec<u64> = withdrawn.iter().map(|(seq, _, _)| *seq).collect();
+    assert_eq!(seqs, vec![1, 3]);
+    assert_eq!(sender.queued_messages(), 2);
+    sender.connected();
+    receiver.connected();
+    pump(&mut receiver, &mut sender);
+    let delivered = pump(&mut sender, &mut receiver);
+    assert_eq!(
+        delivered,
+        vec![(2, Bytes::from("k2")), (4, Bytes::from("k4"))],
+        "the gaps are skipped, not waited for"
+    );
+    pump(&mut receiver, &mut sender);
+    assert_eq!(sender.queued_messages(), 0);
+    // Nothing in flight on a live connection is taken back.
+    sender
+        .push(OutgoingMessage::command("work", Bytes::from("w5"), 0))
+        .unwrap();
+    pump(&mut sender, &mut receiver);
+    assert!(sender.withdraw(|_| true).is_empty());
+}

@@ -115,6 +115,12 @@ pub struct PatternConfig {
     /// Requests one node may have outstanding at once (each holds a slot until answered or
     /// timed out).
     pub requests_max: usize,
+    /// Credit a worker grants each producer unless it says otherwise: the most messages of
+    /// its queue the producer may have sent it without an acknowledgement.
+    pub pull_credit: u32,
+    /// How long a worker's connection may be down before its unacknowledged work is taken back
+    /// and given to other workers (shorter than `interest_lease`).
+    pub work_reassign_after: Duration,
 }
 
 impl Default for PatternConfig {
@@ -128,6 +134,8 @@ impl Default for PatternConfig {
             reply_cache_max: 16_384,
             reply_cache_age: Duration::from_secs(120),
             requests_max: 65_536,
+            pull_credit: 64,
+            work_reassign_after: Duration::from_secs(5),
         }
     }
 }

@@ -67,8 +67,8 @@ pub use inbox::Inbox;
 pub use metrics::MetricsSnapshot;
 pub use node::{Node, NodeBuilder, PeerEvent, PeerSender};
 pub use patterns::{
-    Gathered, PublishError, Published, Request, RequestBuilder, RequestError, ScatterBuilder,
-    Service, SubscribeError, SubscribeOptions, Subscription,
+    Gathered, PublishError, Published, PullOptions, Puller, Request, RequestBuilder, RequestError,
+    ScatterBuilder, Service, SubscribeError, SubscribeOptions, Subscription, WorkError,
 };
 pub use receipt::{Delivered, Receipt};
 pub use weft_proto::{

@@ -24,7 +24,9 @@ use weft_proto::frame::LENGTH_PREFIX_BYTES;
 use weft_proto::handshake::{resolve_duplicate, Keep};
 use weft_proto::link::{LinkEvent, LinkStats};
 use weft_proto::spooled::Watermark;
-use weft_proto::{Frame, FrameDecoder, FrameError, Link, Message, MessageId, NodeId, StreamId};
+use weft_proto::{
+    Frame, FrameDecoder, FrameError, Link, Message, MessageId, NodeId, OutgoingMessage, StreamId,
+};
 
 use crate::connection::{self, close_code, Established};
 use crate::durable::{Command, Outgoing};
@@ -68,6 +70,12 @@ pub(crate) enum Control {
     Addresses(Vec<SocketAddr>),
     /// The spool made this inbound watermark durable: acknowledge up to it.
     WatermarkDurable { epoch: u64, up_to: u64 },
+    /// Take back the messages not yet in flight whose channel starts with `channel_prefix`
+    /// (work for a worker that went silent): (seq, spool tag, message), in sequence order.
+    Withdraw {
+        channel_prefix: String,
+        reply: tokio::sync::oneshot::Sender<Vec<(u64, u64, OutgoingMessage)>>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -427,6 +435,26 @@ impl PeerTask {
     fn handle_control(&mut self, control: Control) {
         match control {
             Control::Connection(established) => self.install(established),
+            Control::Withdraw {
+                channel_prefix,
+                reply,
+            } => {
+                let mut withdrawn = self
+                    .link
+                    .withdraw(|m| m.channel.starts_with(&channel_prefix));
+                let before = self.pending.len();
+                let mut kept = VecDeque::with_capacity(before);
+                for outgoing in self.pending.drain(..) {
+                    if outgoing.message.channel.starts_with(&channel_prefix) {
+                        withdrawn.push((outgoing.seq, outgoing.tag, outgoing.message));
+                    } else {
+                        kept.push_back(outgoing);
+                    }
+                }
+                self.pending = kept;
+                let _ = reply.send(withdrawn);
+                self.absorb();
+            }
             Control::DialFailed(error) => {
                 self.dial = Dial::Idle;
                 self.shared.metrics.dial_failure();
@@ -956,10 +984,11 @@ fn push(link: &mut Link, outgoing: Outgoing) {
     }
 }
 
-/// Counts a message handed to the application (the mesh's own channels, `$weft/...`, are
-/// counted by what they carry: events delivered, requests served).
+/// Counts a message handed to the application (work items included; the mesh's other channels,
+/// `$weft/...`, are counted by what they carry: events delivered).
 fn count_delivery(shared: &Shared, message: &Message) {
-    if !message.header.channel.starts_with('$') {
+    let channel = &message.header.channel;
+    if !channel.starts_with('$') || channel.starts_with(crate::patterns::WORK_PREFIX) {
         shared.metrics.delivered(1);
     }
 }

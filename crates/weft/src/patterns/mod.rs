@@ -9,12 +9,14 @@
 //!                            (acknowledged, spooled with a data directory, retried)
 //! $weft/req       volatile   requests: [service][payload], correlation id, reply address
 //! $weft/rep       volatile   replies: [status][payload], correlation id
+//! $weft/work/Q    sequenced  work items of queue Q, to one worker with credit (see `work`)
 //! ```
 //! Four tasks serve these channels, so that a full subscription queue (which makes the event
 //! task wait: backpressure to the publishers) never delays interest or replies.
 
 mod pubsub;
 mod reqrep;
+mod work;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::AtomicU64;
@@ -34,6 +36,8 @@ use crate::node::{PeerEvent, Shared};
 pub use pubsub::{PublishError, Published, SubscribeError, SubscribeOptions, Subscription};
 use reqrep::Answer;
 pub use reqrep::{Gathered, Request, RequestBuilder, RequestError, ScatterBuilder, Service};
+pub(crate) use work::WORK_PREFIX;
+pub use work::{PullOptions, Puller, WorkError};
 
 /// Channel of interest announcements.
 pub(crate) const INTEREST_CHANNEL: &str = "$weft/interest";
@@ -76,8 +80,11 @@ pub(crate) struct State {
     announce_due: BTreeSet<NodeId>,
     /// Acks owed to peers (their queue was full when we tried): (incarnation, version).
     acks_due: BTreeMap<NodeId, (u64, u64)>,
-    /// Round-robin position for choosing a server.
+    /// Round-robin position for choosing a server or worker.
     next_server: usize,
+    /// Per (work queue, worker): sequence numbers sent and not yet acknowledged (the credit
+    /// used), oldest first.
+    outstanding: BTreeMap<(String, NodeId), std::collections::VecDeque<u64>>,
 }
 
 /// The node's pattern state, shared by its API and its pattern tasks.
@@ -112,6 +119,7 @@ impl Patterns {
                 announce_due: BTreeSet::new(),
                 acks_due: BTreeMap::new(),
                 next_server: 0,
+                outstanding: BTreeMap::new(),
             }),
             changed: watch::channel(0).0,
             announce,
@@ -151,12 +159,27 @@ impl Patterns {
         }
     }
 
-    /// Waits until every connected peer acknowledged `version` of the local interest.
-    async fn in_effect(&self, version: u64, timeout: Duration) -> Result<(), Vec<NodeId>> {
+    /// Waits until every connected peer acknowledged `version` of the local interest. The
+    /// connections are the node's own view (not the table's, which learns of new connections
+    /// a moment later), so a peer that just connected is waited for too.
+    async fn in_effect(
+        &self,
+        shared: &Shared,
+        version: u64,
+        timeout: Duration,
+    ) -> Result<(), Vec<NodeId>> {
         let mut changed = self.changed.subscribe();
+        let waiting = || {
+            let connected = connected_peers(shared);
+            let state = self.lock();
+            connected
+                .into_iter()
+                .filter(|peer| state.table.acknowledged_by(peer) < version)
+                .collect::<Vec<_>>()
+        };
         let wait = async {
             loop {
-                if self.lock().table.acknowledged_by_all(version) {
+                if waiting().is_empty() {
                     return;
                 }
                 if changed.changed().await.is_err() {
@@ -166,7 +189,7 @@ impl Patterns {
         };
         match tokio::time::timeout(timeout, wait).await {
             Ok(()) => Ok(()),
-            Err(_) => Err(self.lock().table.waiting_for(version)),
+            Err(_) => Err(waiting()),
         }
     }
 }
@@ -319,6 +342,7 @@ async fn control_task(
                 if !announce_due.is_empty() {
                     announce_to(&shared, announce_due);
                 }
+                work::reassign_silent(&shared);
                 for (peer, (incarnation, version)) in acks_due {
                     ack_to(&shared, peer, incarnation, version);
                 }
@@ -534,6 +558,29 @@ impl crate::Node {
             to: None,
             id: None,
         }
+    }
+
+    /// Pushes a message to work queue `queue` (PUSH/PULL): to exactly one connected worker,
+    /// the one with the most free credit; waits while every worker's credit is used up or no
+    /// worker is there (wrap it in a timeout). Returns once the message is accepted (with a
+    /// spool: durable). A worker that goes silent has its unacknowledged messages given to the
+    /// others.
+    pub async fn push(&self, queue: &str, body: impl Into<Bytes>) -> Result<(), WorkError> {
+        work::push(self.shared(), queue, body.into()).await
+    }
+
+    /// Pulls from work queue `queue` as one of its competing workers (default credit).
+    pub async fn pull(&self, queue: &str) -> Result<Puller, SubscribeError> {
+        work::pull(self.shared(), queue, PullOptions { credit: None }).await
+    }
+
+    /// [`Node::pull`] with options (the credit).
+    pub async fn pull_with(
+        &self,
+        queue: &str,
+        options: PullOptions,
+    ) -> Result<Puller, SubscribeError> {
+        work::pull(self.shared(), queue, options).await
     }
 
     /// Scatter-gather: asks every node that answers `service` and collects the replies until

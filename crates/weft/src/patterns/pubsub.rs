@@ -204,7 +204,10 @@ pub(crate) async fn subscribe(
         dropped,
     };
     let _ = patterns.announce.send(());
-    match patterns.in_effect(version, config.subscribe_timeout).await {
+    match patterns
+        .in_effect(shared, version, config.subscribe_timeout)
+        .await
+    {
         Ok(()) => Ok(subscription),
         Err(waiting) => Err(SubscribeError::NotConfirmed(waiting)), // dropping withdraws it
     }

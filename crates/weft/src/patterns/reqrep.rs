@@ -562,7 +562,7 @@ pub(crate) async fn serve(
     let _ = shared.patterns.announce.send(());
     match shared
         .patterns
-        .in_effect(version, shared.config.patterns.subscribe_timeout)
+        .in_effect(shared, version, shared.config.patterns.subscribe_timeout)
         .await
     {
         Ok(()) => Ok(service),

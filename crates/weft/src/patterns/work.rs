@@ -1,0 +1,318 @@
+//! Competing consumers (PUSH/PULL): a named work queue, each message to exactly one worker.
+//!
+//! A worker pulls from queue `q` by receiving on the channel `$weft/work/q` and announcing the
+//! queue with a *credit*: the most messages of the queue one producer may have sent it without
+//! an acknowledgement. Acknowledgements come when the worker's application takes the next
+//! message (the link's settle-then-ack), so a slow worker holds at most its credit per producer
+//! and is never flooded. A producer sends each message to the connected worker with the most
+//! free credit (round robin among equals) and waits while every worker's credit is used up.
+//!
+//! A worker that goes silent (its connection down for `PatternConfig::work_reassign_after`)
+//! gets its unacknowledged messages taken back from its link ([`weft_proto::Link::withdraw`];
+//! the worker is told to skip them if it returns) and pushed to the other workers, so a worker
+//! that dies does not take its work with it. Exactly one worker handles a message while workers
+//! stay connected; a message reassigned from a worker that had taken it but whose
+//! acknowledgement was lost is handled twice (at-least-once across a worker's loss).
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::future::select_all;
+use tokio::sync::oneshot;
+use tracing::{debug, info, warn};
+use weft_proto::{Kind, Message, NodeId, OutgoingMessage, Topic, TopicError};
+
+use super::SubscribeError;
+use crate::error::SendError;
+use crate::inbox::Inbox;
+use crate::node::Shared;
+use crate::peer::Control;
+
+/// Channel prefix of work queues.
+pub(crate) const WORK_PREFIX: &str = "$weft/work/";
+
+/// Why a push failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum WorkError {
+    /// Not a valid queue name.
+    #[error(transparent)]
+    Queue(#[from] TopicError),
+    /// The message cannot be sent (too large, node closed, spool failure).
+    #[error(transparent)]
+    Send(#[from] SendError),
+}
+
+/// Options of a worker.
+#[derive(Clone, Copy, Debug)]
+pub struct PullOptions {
+    /// Most messages one producer may have sent this worker unacknowledged (default: the
+    /// node's `PatternConfig::pull_credit`).
+    pub credit: Option<u32>,
+}
+
+/// One worker's end of a work queue. Take messages with [`Puller::recv`]: each is acknowledged
+/// when the next is asked for (or on [`Puller::settle`]), which returns its credit to the
+/// producer. Dropping it stops pulling.
+pub struct Puller {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) queue: Topic,
+    pub(crate) inbox: Inbox,
+}
+
+impl std::fmt::Debug for Puller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Puller")
+            .field("queue", &self.queue)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Puller {
+    /// The queue.
+    pub fn queue(&self) -> &str {
+        self.queue.as_str()
+    }
+
+    /// The next message (`header.channel` is the queue name); settles the one before.
+    pub async fn recv(&mut self) -> Option<Message> {
+        let mut message = self.inbox.recv().await?;
+        message.header.channel = self.queue.as_str().to_owned();
+        Some(message)
+    }
+
+    /// A message if one is waiting; settles the one before.
+    pub fn try_recv(&mut self) -> Option<Message> {
+        let mut message = self.inbox.try_recv()?;
+        message.header.channel = self.queue.as_str().to_owned();
+        Some(message)
+    }
+
+    /// Settles the messages taken so far (done with them) without asking for more.
+    pub fn settle(&mut self) {
+        self.inbox.settle();
+    }
+}
+
+impl Drop for Puller {
+    fn drop(&mut self) {
+        let patterns = &self.shared.patterns;
+        if patterns.lock().table.unpull(&self.queue) {
+            let _ = patterns.announce.send(());
+        }
+    }
+}
+
+pub(crate) async fn pull(
+    shared: &Arc<Shared>,
+    queue: &str,
+    options: PullOptions,
+) -> Result<Puller, SubscribeError> {
+    if shared.is_shutting_down() {
+        return Err(SubscribeError::NodeClosed);
+    }
+    let queue = Topic::new(queue)?;
+    let credit = options
+        .credit
+        .unwrap_or(shared.config.patterns.pull_credit)
+        .max(1);
+    let inbox = shared
+        .channels
+        .take_receiver(&format!("{WORK_PREFIX}{queue}"))
+        .map_err(|_| SubscribeError::AlreadyServed(queue.as_str().to_owned()))?;
+    let version = {
+        let mut state = shared.patterns.lock();
+        match state.table.pull(&queue, credit) {
+            Ok(Some(version)) => version,
+            Ok(None) => return Err(SubscribeError::AlreadyServed(queue.as_str().to_owned())),
+            Err(e) => return Err(SubscribeError::TooMany(e.to_string())),
+        }
+    };
+    let puller = Puller {
+        shared: Arc::clone(shared),
+        queue,
+        inbox,
+    };
+    let _ = shared.patterns.announce.send(());
+    match shared
+        .patterns
+        .in_effect(shared, version, shared.config.patterns.subscribe_timeout)
+        .await
+    {
+        Ok(()) => Ok(puller),
+        Err(waiting) => Err(SubscribeError::NotConfirmed(waiting)),
+    }
+}
+
+/// The worker with the most free credit for `queue`, pruning what each acknowledged.
+fn choose(shared: &Shared, queue: &Topic) -> (Option<NodeId>, Vec<NodeId>) {
+    let mut state = shared.patterns.lock();
+    let workers = state.table.workers(queue);
+    let peers = shared.peers.read().expect("peers lock poisoned");
+    let mut best: Option<(NodeId, u32)> = None;
+    let start = state.next_server;
+    for i in 0..workers.len() {
+        let (worker, credit) = workers[(start + i) % workers.len()];
+        let acked = peers.get(&worker).map_or(0, |h| *h.acked.borrow());
+        let outstanding = state
+            .outstanding
+            .entry((queue.as_str().to_owned(), worker))
+            .or_default();
+        while outstanding.front().is_some_and(|seq| *seq <= acked) {
+            outstanding.pop_front();
+        }
+        let free = credit.saturating_sub(outstanding.len() as u32);
+        if free > 0 && best.is_none_or(|(_, f)| free > f) {
+            best = Some((worker, free));
+        }
+    }
+    state.next_server = state.next_server.wrapping_add(1);
+    (
+        best.map(|(w, _)| w),
+        workers.into_iter().map(|(w, _)| w).collect(),
+    )
+}
+
+/// Sends `message` (already on the queue's channel) to a worker with credit, waiting for one.
+async fn push_message(
+    shared: &Arc<Shared>,
+    queue: &Topic,
+    message: OutgoingMessage,
+) -> Result<NodeId, WorkError> {
+    let mut changed = shared.patterns.changed.subscribe();
+    let mut shutdown = shared.shutdown.subscribe();
+    loop {
+        if shared.is_shutting_down() {
+            return Err(SendError::NodeClosed.into());
+        }
+        let (chosen, workers) = choose(shared, queue);
+        if let Some(worker) = chosen {
+            let receipt = shared.sender(worker)?.send_message(message).await?;
+            shared
+                .patterns
+                .lock()
+                .outstanding
+                .entry((queue.as_str().to_owned(), worker))
+                .or_default()
+                .push_back(receipt.id().seq);
+            return Ok(worker);
+        }
+        // Wait for an acknowledgement from a worker, or for workers to come or go.
+        let mut acks: Vec<_> = workers
+            .iter()
+            .filter_map(|w| shared.peers.read().ok()?.get(w).map(|h| h.acked.clone()))
+            .collect();
+        let acked = async {
+            if acks.is_empty() {
+                std::future::pending::<()>().await;
+            }
+            let _ = select_all(acks.iter_mut().map(|rx| Box::pin(rx.changed()))).await;
+        };
+        tokio::select! {
+            _ = shutdown.wait_for(|stop| *stop) => return Err(SendError::NodeClosed.into()),
+            _ = acked => {}
+            result = changed.changed() => {
+                if result.is_err() {
+                    return Err(SendError::NodeClosed.into());
+                }
+            }
+        }
+    }
+}
+
+pub(crate) async fn push(
+    shared: &Arc<Shared>,
+    queue: &str,
+    payload: Bytes,
+) -> Result<(), WorkError> {
+    let queue = Topic::new(queue)?;
+    let message = OutgoingMessage::command(
+        format!("{WORK_PREFIX}{queue}"),
+        payload,
+        shared.now_unix_ms(),
+    )
+    .with_kind(Kind::Command);
+    message
+        .check(&shared.config.limits())
+        .map_err(SendError::from)?;
+    push_message(shared, &queue, message).await?;
+    Ok(())
+}
+
+/// Takes back the unacknowledged work of workers silent for longer than the reassignment delay
+/// and pushes it to the others (called from the control task's tick).
+pub(crate) fn reassign_silent(shared: &Arc<Shared>) {
+    let delay = shared.config.patterns.work_reassign_after.as_millis() as u64;
+    let since = shared.now_unix_ms().saturating_sub(delay);
+    let silent: Vec<NodeId> = {
+        let mut state = shared.patterns.lock();
+        let silent = state.table.workers_down_since(since);
+        let with_work: Vec<NodeId> = silent
+            .into_iter()
+            .filter(|w| {
+                state
+                    .outstanding
+                    .iter()
+                    .any(|((_, worker), seqs)| worker == w && !seqs.is_empty())
+            })
+            .collect();
+        // Cleared now, so the next tick does not take the same work back twice.
+        state
+            .outstanding
+            .retain(|(_, worker), _| !with_work.contains(worker));
+        with_work
+    };
+    for worker in silent {
+        let Ok(handle) = shared.peer(worker) else {
+            continue;
+        };
+        let (reply, withdrawn) = oneshot::channel();
+        let asked = handle.control.send(Control::Withdraw {
+            channel_prefix: WORK_PREFIX.to_owned(),
+            reply,
+        });
+        if asked.is_err() {
+            continue;
+        }
+        let shared = Arc::clone(shared);
+        tokio::spawn(async move {
+            let Ok(withdrawn) = withdrawn.await else {
+                return;
+            };
+            if withdrawn.is_empty() {
+                return;
+            }
+            info!(
+                worker = %worker.short(),
+                messages = withdrawn.len(),
+                "worker silent: its unacknowledged work goes to other workers"
+            );
+            let mut retired = Vec::new();
+            for (_, tag, message) in withdrawn {
+                let Some(queue) = message
+                    .channel
+                    .strip_prefix(WORK_PREFIX)
+                    .and_then(|q| Topic::new(q).ok())
+                else {
+                    continue;
+                };
+                match push_message(&shared, &queue, message).await {
+                    Ok(to) => {
+                        debug!(queue = %queue, to = %to.short(), "work reassigned");
+                        if tag != 0 {
+                            retired.push(tag);
+                        }
+                    }
+                    Err(e) => {
+                        warn!(queue = %queue, error = %e, "reassigned work could not be pushed; it stays in the spool");
+                        break;
+                    }
+                }
+            }
+            // The old spool records go only once their messages are durable again elsewhere.
+            if let (Some(durable), false) = (&shared.durable, retired.is_empty()) {
+                let _ = durable.tx.send(crate::durable::Command::Retire(retired));
+            }
+        });
+    }
+}
