@@ -352,7 +352,7 @@ fn work(
 ) -> tokio::task::JoinHandle<weft::Puller> {
     tokio::spawn(async move {
         while let Some(item) = puller.recv().await {
-            assert_eq!(item.header.channel, "thumbnails");
+            assert!(item.header.channel == "thumbnails" || item.header.channel == "ledger");
             if taken.send((worker, read_number(&item.body))).is_err() {
                 break;
             }
@@ -463,4 +463,79 @@ async fn the_work_of_a_worker_that_dies_goes_to_another() {
     }
     assert_eq!(seen, (0..2 * HELD).collect());
     task.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sharded_keys_keep_their_order_when_workers_join_and_die() {
+    const KEYS: u64 = 16;
+    const PER_KEY: u64 = 10;
+    let fast_reassign = |c: &mut weft::NodeConfig| {
+        c.patterns.work_reassign_after = Duration::from_millis(200);
+    };
+    let producer = node_with("ledger", fast_reassign).await;
+    let steady = node("ledger").await;
+    let doomed = node("ledger").await;
+    let joiner = node("ledger").await;
+    for worker in [&steady, &doomed, &joiner] {
+        producer.add_peer(addr(worker)).unwrap();
+        within("connected", producer.connected(worker.id()))
+            .await
+            .unwrap();
+    }
+    let (taken, mut done) = tokio::sync::mpsc::unbounded_channel();
+    let steady_task = work(
+        within("pull", steady.pull("ledger")).await.unwrap(),
+        taken.clone(),
+        0,
+    );
+    // The doomed worker takes nothing: its keys' messages wait, unacknowledged, until it dies.
+    let held = within(
+        "pull",
+        doomed.pull_with(
+            "ledger",
+            PullOptions {
+                credit: Some(1_000),
+            },
+        ),
+    )
+    .await
+    .unwrap();
+    let push = |producer: Node, from: u64, to: u64| async move {
+        for n in from..to {
+            for key in 0..KEYS {
+                producer
+                    .push_keyed("ledger", format!("acct-{key}"), number(key * 1_000 + n))
+                    .await
+                    .unwrap();
+            }
+        }
+    };
+    within("first half", push(producer.clone(), 0, PER_KEY / 2)).await;
+    // A worker joins (keys move to it) and the doomed one dies (its keys move, after its
+    // unacknowledged messages were taken back) while the second half is pushed.
+    let joiner_task = work(
+        within("pull", joiner.pull("ledger")).await.unwrap(),
+        taken,
+        1,
+    );
+    let second_half = tokio::spawn(push(producer.clone(), PER_KEY / 2, PER_KEY));
+    drop(held);
+    doomed.shutdown().await;
+    within("second half", second_half).await.unwrap();
+    let mut next = vec![0u64; KEYS as usize];
+    let mut per_worker = [0u64; 2];
+    for _ in 0..KEYS * PER_KEY {
+        let (worker, value) = within("ledger entry", done.recv()).await.unwrap();
+        let (key, n) = ((value / 1_000) as usize, value % 1_000);
+        assert_eq!(n, next[key], "key {key}: in order, no gaps, no duplicates");
+        next[key] += 1;
+        per_worker[worker] += 1;
+    }
+    assert!(next.iter().all(|n| *n == PER_KEY));
+    assert!(
+        per_worker.iter().all(|n| *n > 0),
+        "keys moved to the joiner: {per_worker:?}"
+    );
+    steady_task.abort();
+    joiner_task.abort();
 }

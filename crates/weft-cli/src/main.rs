@@ -185,6 +185,9 @@ enum Command {
         /// Push the item this many times.
         #[arg(long, default_value_t = 1)]
         repeat: u64,
+        /// Shard key: items with the same key go to one worker, in order.
+        #[arg(long)]
+        key: Option<String>,
         /// Queue name.
         queue: String,
         /// The item text.
@@ -306,9 +309,10 @@ async fn run(command: Command) -> Result<()> {
         Command::Push {
             mesh,
             repeat,
+            key,
             queue,
             text,
-        } => patterns_cmd::push(mesh, queue, text, repeat).await,
+        } => patterns_cmd::push(mesh, queue, key, text, repeat).await,
         Command::Bench { .. } | Command::BenchPeer(_) | Command::Spool { .. } => {
             unreachable!("handled before the runtime")
         }

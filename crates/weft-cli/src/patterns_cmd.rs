@@ -263,12 +263,29 @@ pub async fn pull(
     Ok(())
 }
 
-/// `weft push QUEUE TEXT`: hands the item to one worker (waiting for one with credit).
-pub async fn push(mesh: MeshArgs, queue: String, text: String, repeat: u64) -> Result<()> {
+/// `weft push QUEUE TEXT`: hands the item to one worker (waiting for one with credit); with
+/// `--key`, to the key's owner, in order.
+pub async fn push(
+    mesh: MeshArgs,
+    queue: String,
+    key: Option<String>,
+    text: String,
+    repeat: u64,
+) -> Result<()> {
     let node = mesh.start().await?;
     mesh.connected(&node).await?;
     for _ in 0..repeat {
-        tokio::time::timeout(mesh.wait(), node.push(&queue, text.clone().into_bytes()))
+        let body = text.clone().into_bytes();
+        let pushed = async {
+            match &key {
+                Some(key) => {
+                    node.push_keyed(&queue, key.clone().into_bytes(), body)
+                        .await
+                }
+                None => node.push(&queue, body).await,
+            }
+        };
+        tokio::time::timeout(mesh.wait(), pushed)
             .await
             .with_context(|| {
                 format!(

@@ -30,6 +30,7 @@
 //! - [`spooled`]: the payloads a node keeps in its spool (outgoing messages, inbound watermarks).
 //! - [`topic`]: topics and wildcard patterns.
 //! - [`interest`]: who subscribes to what and answers which service (announcements, the table).
+//! - [`shard`]: which worker owns a shard key (rendezvous hashing).
 //! - [`envelope`]: bodies of the mesh's own channels (events, requests, replies), reply cache.
 //! - [`backoff`]: jittered reconnect backoff and a seedable generator.
 #![warn(missing_docs)]
@@ -42,6 +43,7 @@ pub mod id;
 pub mod interest;
 pub mod link;
 pub mod message;
+pub mod shard;
 pub mod spooled;
 pub mod topic;
 

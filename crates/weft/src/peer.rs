@@ -293,9 +293,10 @@ impl PeerTask {
         self.stop();
     }
 
-    /// On a clean shutdown: writes what is queued for the peer (replies, acks, messages the
-    /// application sent last) and finishes the stream, waiting at most [`SHUTDOWN_DRAIN`] for
-    /// the peer to read it, so that closing the connection does not discard it.
+    /// On a clean shutdown: until everything queued for the peer is acknowledged (or at most
+    /// [`SHUTDOWN_DRAIN`]), keeps reading (the peer's resume and acks) and writing (messages the
+    /// application sent last, replies, acks of what it settled); then finishes the stream, so
+    /// that closing the connection discards nothing the peer could still take.
     async fn drain(&mut self) {
         let deadline = Instant::now() + SHUTDOWN_DRAIN;
         if self.conn.is_none() {
@@ -310,17 +311,22 @@ impl PeerTask {
         self.take_batch();
         loop {
             self.flush();
+            self.publish_progress();
             let Some(conn) = &mut self.conn else { return };
-            if conn.tx.is_empty() && !self.link.wants_transmit() {
+            let unsent = !conn.tx.is_empty() || self.link.wants_transmit();
+            if !unsent && self.link.queued_messages() == 0 && self.pending.is_empty() {
                 break;
             }
-            let written = tokio::time::timeout_at(
-                deadline,
-                write_queued(Some((&mut conn.send, &mut conn.tx))),
-            )
-            .await;
-            if !matches!(written, Ok(Ok(()))) {
-                return;
+            let reading = conn.held_bytes < HELD_BYTES_MAX;
+            let send = Some((&mut conn.send, &mut conn.tx));
+            tokio::select! {
+                written = write_queued(send) => {
+                    if let Err(e) = written {
+                        self.connection_lost(format!("write failed: {e}"));
+                    }
+                }
+                read = read_chunk(Some(&mut conn.recv), reading) => self.handle_read(read),
+                () = tokio::time::sleep_until(deadline) => break,
             }
         }
         let Some(conn) = &mut self.conn else { return };

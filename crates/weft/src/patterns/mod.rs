@@ -85,6 +85,9 @@ pub(crate) struct State {
     /// Per (work queue, worker): sequence numbers sent and not yet acknowledged (the credit
     /// used), oldest first.
     outstanding: BTreeMap<(String, NodeId), std::collections::VecDeque<u64>>,
+    /// Per (work queue, shard key digest): where its last message went (bounded by
+    /// `work::KEYS_MAX`).
+    keys: BTreeMap<(String, [u8; 32]), work::KeyState>,
 }
 
 /// The node's pattern state, shared by its API and its pattern tasks.
@@ -120,6 +123,7 @@ impl Patterns {
                 acks_due: BTreeMap::new(),
                 next_server: 0,
                 outstanding: BTreeMap::new(),
+                keys: BTreeMap::new(),
             }),
             changed: watch::channel(0).0,
             announce,
@@ -566,7 +570,21 @@ impl crate::Node {
     /// spool: durable). A worker that goes silent has its unacknowledged messages given to the
     /// others.
     pub async fn push(&self, queue: &str, body: impl Into<Bytes>) -> Result<(), WorkError> {
-        work::push(self.shared(), queue, body.into()).await
+        work::push(self.shared(), queue, None, body.into()).await
+    }
+
+    /// Pushes to a sharded work queue: every message with the same `key` goes to the key's
+    /// owner among the connected workers (rendezvous hashing), in order; when workers join or
+    /// leave, a key moves to its new owner only after its old owner acknowledged everything it
+    /// got for the key (a silent owner's unacknowledged messages are taken back and pushed to
+    /// the new owner first). Order holds per (producer, key).
+    pub async fn push_keyed(
+        &self,
+        queue: &str,
+        key: impl Into<Bytes>,
+        body: impl Into<Bytes>,
+    ) -> Result<(), WorkError> {
+        work::push(self.shared(), queue, Some(key.into()), body.into()).await
     }
 
     /// Pulls from work queue `queue` as one of its competing workers (default credit).

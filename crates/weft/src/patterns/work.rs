@@ -144,16 +144,23 @@ pub(crate) async fn pull(
     }
 }
 
-/// The worker with the most free credit for `queue`, pruning what each acknowledged.
-fn choose(shared: &Shared, queue: &Topic) -> (Option<NodeId>, Vec<NodeId>) {
+/// The worker with the most free credit for `queue`, pruning what each acknowledged. With a
+/// shard `key`: its owner among the connected workers (rendezvous hashing), and only once the
+/// key's previous owner acknowledged everything sent to it for the key (per-key order across a
+/// rebalance). `reassigning`: this is a withdrawn message being pushed again, which may pass the
+/// key's reassignment barrier. Returns the choice (or `None`: wait) and the workers to watch.
+fn choose(
+    shared: &Shared,
+    queue: &Topic,
+    key: Option<&[u8]>,
+    reassigning: bool,
+) -> (Option<NodeId>, Vec<NodeId>) {
     let mut state = shared.patterns.lock();
     let workers = state.table.workers(queue);
     let peers = shared.peers.read().expect("peers lock poisoned");
-    let mut best: Option<(NodeId, u32)> = None;
-    let start = state.next_server;
-    for i in 0..workers.len() {
-        let (worker, credit) = workers[(start + i) % workers.len()];
-        let acked = peers.get(&worker).map_or(0, |h| *h.acked.borrow());
+    let acked_of = |worker: &NodeId| peers.get(worker).map_or(0, |h| *h.acked.borrow());
+    let free_credit = |state: &mut super::State, worker: NodeId, credit: u32| {
+        let acked = acked_of(&worker);
         let outstanding = state
             .outstanding
             .entry((queue.as_str().to_owned(), worker))
@@ -161,16 +168,80 @@ fn choose(shared: &Shared, queue: &Topic) -> (Option<NodeId>, Vec<NodeId>) {
         while outstanding.front().is_some_and(|seq| *seq <= acked) {
             outstanding.pop_front();
         }
-        let free = credit.saturating_sub(outstanding.len() as u32);
-        if free > 0 && best.is_none_or(|(_, f)| free > f) {
-            best = Some((worker, free));
+        credit.saturating_sub(outstanding.len() as u32)
+    };
+    let mut watch: Vec<NodeId> = workers.iter().map(|(w, _)| *w).collect();
+    let chosen = match key {
+        Some(key) => {
+            let owner = weft_proto::shard::owner(key, workers.iter().map(|(w, _)| w));
+            let digest = (
+                queue.as_str().to_owned(),
+                weft_proto::shard::key_digest(key),
+            );
+            let previous = state.keys.get(&digest).copied();
+            if let Some(previous) = previous {
+                watch.push(previous.owner);
+            }
+            let moved_unsettled =
+                |p: &KeyState| Some(p.owner) != owner && acked_of(&p.owner) < p.last_seq;
+            let barrier = previous.is_some_and(|p| {
+                if reassigning {
+                    // The silent owner's messages are being taken back: only a live owner that
+                    // got some of them already must settle them first.
+                    workers.iter().any(|(w, _)| *w == p.owner) && moved_unsettled(&p)
+                } else {
+                    p.reassigning || moved_unsettled(&p)
+                }
+            });
+            let full = previous.is_none() && state.keys.len() >= KEYS_MAX && {
+                // Forget keys whose messages were all acknowledged, then look again.
+                state
+                    .keys
+                    .retain(|_, k| k.reassigning || acked_of(&k.owner) < k.last_seq);
+                state.keys.len() >= KEYS_MAX
+            };
+            match owner {
+                Some(owner) if !barrier && !full => {
+                    let credit = workers
+                        .iter()
+                        .find(|(w, _)| *w == owner)
+                        .map_or(0, |(_, c)| *c);
+                    (free_credit(&mut state, owner, credit) > 0).then_some(owner)
+                }
+                _ => None,
+            }
         }
-    }
-    state.next_server = state.next_server.wrapping_add(1);
-    (
-        best.map(|(w, _)| w),
-        workers.into_iter().map(|(w, _)| w).collect(),
-    )
+        None => {
+            let mut best: Option<(NodeId, u32)> = None;
+            let start = state.next_server;
+            for i in 0..workers.len() {
+                let (worker, credit) = workers[(start + i) % workers.len()];
+                let free = free_credit(&mut state, worker, credit);
+                if free > 0 && best.is_none_or(|(_, f)| free > f) {
+                    best = Some((worker, free));
+                }
+            }
+            state.next_server = state.next_server.wrapping_add(1);
+            best.map(|(w, _)| w)
+        }
+    };
+    (chosen, watch)
+}
+
+/// Most shard keys a producer tracks per node (their owner and last message): past it, keys
+/// whose messages were all acknowledged are forgotten, and a new key waits until one can be.
+pub(crate) const KEYS_MAX: usize = 65_536;
+
+/// What a producer remembers of a shard key.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct KeyState {
+    /// The worker its last message went to.
+    owner: NodeId,
+    /// That message's sequence number on the link to `owner`.
+    last_seq: u64,
+    /// Its messages are being taken back from a silent owner and pushed again: new messages
+    /// for the key wait until that is done.
+    reassigning: bool,
 }
 
 /// Sends `message` (already on the queue's channel) to a worker with credit, waiting for one.
@@ -178,23 +249,41 @@ async fn push_message(
     shared: &Arc<Shared>,
     queue: &Topic,
     message: OutgoingMessage,
+    reassigning: bool,
 ) -> Result<NodeId, WorkError> {
+    let key = message.options.as_ref().and_then(|o| o.shard_key.clone());
     let mut changed = shared.patterns.changed.subscribe();
     let mut shutdown = shared.shutdown.subscribe();
     loop {
         if shared.is_shutting_down() {
             return Err(SendError::NodeClosed.into());
         }
-        let (chosen, workers) = choose(shared, queue);
+        let (chosen, workers) = choose(shared, queue, key.as_deref(), reassigning);
         if let Some(worker) = chosen {
             let receipt = shared.sender(worker)?.send_message(message).await?;
-            shared
-                .patterns
-                .lock()
+            let seq = receipt.id().seq;
+            let mut state = shared.patterns.lock();
+            state
                 .outstanding
                 .entry((queue.as_str().to_owned(), worker))
                 .or_default()
-                .push_back(receipt.id().seq);
+                .push_back(seq);
+            if let Some(key) = &key {
+                let digest = (
+                    queue.as_str().to_owned(),
+                    weft_proto::shard::key_digest(key),
+                );
+                let reassigning =
+                    reassigning && state.keys.get(&digest).is_some_and(|k| k.reassigning);
+                state.keys.insert(
+                    digest,
+                    KeyState {
+                        owner: worker,
+                        last_seq: seq,
+                        reassigning,
+                    },
+                );
+            }
             return Ok(worker);
         }
         // Wait for an acknowledgement from a worker, or for workers to come or go.
@@ -223,19 +312,23 @@ async fn push_message(
 pub(crate) async fn push(
     shared: &Arc<Shared>,
     queue: &str,
+    key: Option<Bytes>,
     payload: Bytes,
 ) -> Result<(), WorkError> {
     let queue = Topic::new(queue)?;
-    let message = OutgoingMessage::command(
+    let mut message = OutgoingMessage::command(
         format!("{WORK_PREFIX}{queue}"),
         payload,
         shared.now_unix_ms(),
     )
     .with_kind(Kind::Command);
+    if let Some(key) = key {
+        message = message.with_shard_key(key);
+    }
     message
         .check(&shared.config.limits())
         .map_err(SendError::from)?;
-    push_message(shared, &queue, message).await?;
+    push_message(shared, &queue, message, false).await?;
     Ok(())
 }
 
@@ -244,7 +337,7 @@ pub(crate) async fn push(
 pub(crate) fn reassign_silent(shared: &Arc<Shared>) {
     let delay = shared.config.patterns.work_reassign_after.as_millis() as u64;
     let since = shared.now_unix_ms().saturating_sub(delay);
-    let silent: Vec<NodeId> = {
+    let silent = {
         let mut state = shared.patterns.lock();
         let silent = state.table.workers_down_since(since);
         let with_work: Vec<NodeId> = silent
@@ -260,9 +353,26 @@ pub(crate) fn reassign_silent(shared: &Arc<Shared>) {
         state
             .outstanding
             .retain(|(_, worker), _| !with_work.contains(worker));
+        // Their keys wait until the withdrawn messages are pushed again, in order.
         with_work
+            .into_iter()
+            .map(|worker| {
+                let mut keys = Vec::new();
+                for (digest, key) in state.keys.iter_mut() {
+                    if key.owner == worker {
+                        key.reassigning = true;
+                        keys.push(digest.clone());
+                    }
+                }
+                (worker, keys)
+            })
+            .collect::<Vec<_>>()
     };
-    for worker in silent {
+    for (worker, keys) in silent {
+        let release = ReleaseKeys {
+            shared: Arc::clone(shared),
+            keys,
+        };
         let Ok(handle) = shared.peer(worker) else {
             continue;
         };
@@ -276,9 +386,9 @@ pub(crate) fn reassign_silent(shared: &Arc<Shared>) {
         }
         let shared = Arc::clone(shared);
         tokio::spawn(async move {
-            let Ok(withdrawn) = withdrawn.await else {
-                return;
-            };
+            // Whatever happens below, the keys of this worker do not wait any longer after it.
+            let _release = release;
+            let withdrawn = withdrawn.await.unwrap_or_default();
             if withdrawn.is_empty() {
                 return;
             }
@@ -296,7 +406,7 @@ pub(crate) fn reassign_silent(shared: &Arc<Shared>) {
                 else {
                     continue;
                 };
-                match push_message(&shared, &queue, message).await {
+                match push_message(&shared, &queue, message, true).await {
                     Ok(to) => {
                         debug!(queue = %queue, to = %to.short(), "work reassigned");
                         if tag != 0 {
@@ -314,5 +424,24 @@ pub(crate) fn reassign_silent(shared: &Arc<Shared>) {
                 let _ = durable.tx.send(crate::durable::Command::Retire(retired));
             }
         });
+    }
+}
+
+/// Ends the reassignment barrier of the keys a silent worker owned.
+struct ReleaseKeys {
+    shared: Arc<Shared>,
+    keys: Vec<(String, [u8; 32])>,
+}
+
+impl Drop for ReleaseKeys {
+    fn drop(&mut self) {
+        let mut state = self.shared.patterns.lock();
+        for digest in &self.keys {
+            if let Some(key) = state.keys.get_mut(digest) {
+                key.reassigning = false;
+            }
+        }
+        drop(state);
+        self.shared.patterns.bump();
     }
 }
