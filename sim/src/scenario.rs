@@ -152,7 +152,7 @@ impl ScenarioKind {
             ),
             ScenarioKind::SpoolFull => Some(
                 "one old live spool record pins every later segment, so a capped spool fills \
-                 for good; a watermark the full spool refused stalls that peer's acks",
+                 for good (and then refuses the watermarks that acknowledgements wait for)",
             ),
             _ => None,
         }

@@ -247,6 +247,114 @@ async fn a_full_spool_pushes_back() {
     a.shutdown().await;
 }
 
+/// B's spool is full when its application takes A's message, so the spool refuses the
+/// watermark that would let B acknowledge it: B must not acknowledge (nothing past what is
+/// durable) — and once the spool has room again (B's own messages to X were acknowledged and
+/// retired), B's acknowledgements must resume by themselves: A sends nothing more and B's
+/// application settles nothing more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledgements_resume_once_a_full_spool_takes_the_watermark() {
+    init_tracing();
+    let b_dir = tempdir("b");
+    let x_identity = weft::Identity::generate().unwrap();
+    let x_id = x_identity.node_id();
+    let a = durable_node(&tempdir("a"), loopback()).await;
+    let b = Node::builder()
+        .mesh("durable")
+        .data_dir(&b_dir)
+        .bind(loopback())
+        .configure(|config| {
+            short_timeouts(config);
+            config.spool = Some(weft::SpoolConfig {
+                bytes_max: 16 * 1024,
+                segment_bytes_target: 1024,
+                ..Default::default()
+            });
+        })
+        .start()
+        .await
+        .unwrap();
+    // Fill B's spool with messages to X, which is not up yet, until it refuses one.
+    let mut filler = Vec::new();
+    loop {
+        match b.send(x_id, "filler", vec![7u8; 512]).await {
+            Ok(receipt) => filler.push(receipt),
+            Err(weft::SendError::SpoolFull(_)) => break,
+            Err(e) => panic!("unexpected refusal: {e}"),
+        }
+        assert!(filler.len() < 1_000, "the spool never filled up");
+    }
+
+    // A's messages, one at a time: B takes each, and each watermark takes spool room, until
+    // the spool refuses one.
+    assert_eq!(
+        b.metrics().spool_errors,
+        0,
+        "a full spool is no error for a send"
+    );
+    a.add_peer(b.addr().unwrap()).unwrap();
+    let mut inbox = b.receive("work").unwrap();
+    let mut stalled = None;
+    for i in 0..1_000u32 {
+        let receipt = a
+            .send(b.id(), "work", i.to_le_bytes().to_vec())
+            .await
+            .unwrap();
+        let message = within("delivery", inbox.recv()).await.unwrap();
+        assert_eq!(message.body[..], i.to_le_bytes());
+        inbox.settle();
+        // (No event tells of a refused watermark; its metric does.)
+        let refused = within("the receipt, or the spool refusing B's watermark", async {
+            loop {
+                if b.metrics().spool_errors > 0 {
+                    return true;
+                }
+                if receipt.is_delivered() {
+                    return false;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        if refused {
+            stalled = Some(receipt);
+            break;
+        }
+    }
+    let stalled = stalled.expect("the spool never refused a watermark");
+    assert!(
+        !stalled.is_delivered(),
+        "acknowledged although its watermark is not durable"
+    );
+
+    // X comes up and takes B's messages: B retires them, and its spool has room again.
+    let x = Node::builder()
+        .mesh("durable")
+        .identity(x_identity)
+        .bind(loopback())
+        .configure(short_timeouts)
+        .start()
+        .await
+        .unwrap();
+    let mut fill_inbox = x.receive("filler").unwrap();
+    b.add_peer(x.addr().unwrap()).unwrap();
+    for _ in 0..filler.len() {
+        within("B's messages to X", fill_inbox.recv())
+            .await
+            .unwrap();
+    }
+    fill_inbox.settle();
+    for receipt in filler {
+        within("B's receipts from X", receipt).await.unwrap();
+    }
+    within("A's receipt once B's spool has room", stalled)
+        .await
+        .unwrap();
+    a.shutdown().await;
+    b.shutdown().await;
+    x.shutdown().await;
+}
+
 /// A directory under the target dir, removed at the start (tests run repeatedly).
 fn tempdir(name: &str) -> std::path::PathBuf {
     static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);

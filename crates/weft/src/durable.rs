@@ -12,7 +12,10 @@
 //! next batch, so the batch grows with the load and one fsync serves all of it. A send is
 //! *accepted* (its `send` returns) only after the sync that covers it returned `Ok`; only then
 //! does the message reach its link, so nothing a peer ever saw can be missing from the spool.
-//! A peer's watermark is confirmed to its task (which only then acknowledges) the same way.
+//! A peer's watermark is confirmed to its task (which only then acknowledges) the same way, and
+//! every watermark request is answered: `WatermarkDurable` after its sync, or `WatermarkFailed`
+//! if the spool refused it (full: the task retries later) or a write or sync failed (the spool
+//! is poisoned: the task stops acknowledging until the node restarts).
 //!
 //! Production runs the writer on a dedicated thread (fsync blocks); the simulation runs it as a
 //! task on the simulated host, over a `SimStorage`, with an optional simulated fsync latency.
@@ -60,7 +63,8 @@ pub(crate) enum Command {
         /// Told the outcome (an awaiting `send`: one wake per send, not a broadcast).
         done: Option<oneshot::Sender<Result<(), DeliveryError>>>,
     },
-    /// Persist an inbound watermark, then confirm it to the peer task.
+    /// Persist an inbound watermark, then confirm it to the peer task (`WatermarkDurable`), or
+    /// tell it that it did not (`WatermarkFailed`): every request gets exactly one answer.
     Watermark {
         watermark: Watermark,
         reply: mpsc::UnboundedSender<Control>,
@@ -480,8 +484,22 @@ impl Writer {
                             batch.watermarks.push((watermark, reply));
                         }
                         Err(e) => {
-                            self.metrics.spool_error();
-                            error!(error = %e, "cannot persist a watermark; acknowledgements to that peer wait");
+                            match &e {
+                                // Reported (logged, counted) when the spool stopped.
+                                SpoolError::Poisoned { .. } => {}
+                                // Backpressure: the peer task retries and warns once.
+                                SpoolError::Full { .. } => self.metrics.spool_error(),
+                                _ => {
+                                    self.metrics.spool_error();
+                                    error!(error = %e, "cannot persist a watermark: the spool accepts nothing more until the node restarts");
+                                }
+                            }
+                            let _ = reply.send(Control::WatermarkFailed {
+                                epoch: watermark.epoch,
+                                up_to: watermark.up_to,
+                                stopped: self.spool.is_poisoned(),
+                                error: e.to_string(),
+                            });
                         }
                     }
                 }
@@ -610,7 +628,15 @@ impl Writer {
                         let _ = done.send(Err(error));
                     }
                 }
-                batch.watermarks.clear();
+                // Not durable, and never will be: the failure poisoned the spool.
+                for (watermark, reply) in batch.watermarks.drain(..) {
+                    let _ = reply.send(Control::WatermarkFailed {
+                        epoch: watermark.epoch,
+                        up_to: watermark.up_to,
+                        stopped: self.spool.is_poisoned(),
+                        error: e.to_string(),
+                    });
+                }
             }
         }
     }

@@ -58,6 +58,10 @@ const ADDRESSES_MAX: usize = 16;
 /// Longest a clean shutdown waits for what is queued for a peer to be written and read.
 const SHUTDOWN_DRAIN: Duration = Duration::from_millis(500);
 const EXPIRY_CHECK: Duration = Duration::from_secs(1);
+/// How long after the spool refused an inbound watermark (it was full) the newest one is tried
+/// again. Room comes back as peers acknowledge what this node sent; meanwhile settlements do not
+/// retry, so a full spool costs one refused append per peer and period, not one per message.
+const WATERMARK_RETRY: Duration = Duration::from_millis(500);
 
 /// Messages to a peer task from elsewhere in the node.
 #[derive(Debug)]
@@ -70,6 +74,15 @@ pub(crate) enum Control {
     Addresses(Vec<SocketAddr>),
     /// The spool made this inbound watermark durable: acknowledge up to it.
     WatermarkDurable { epoch: u64, up_to: u64 },
+    /// The spool did not make this inbound watermark durable: acknowledge nothing past the last
+    /// durable one. `stopped`: the spool refuses everything until the node restarts (a storage
+    /// failure poisoned it), so retrying is pointless; otherwise it was full, and a retry may pass.
+    WatermarkFailed {
+        epoch: u64,
+        up_to: u64,
+        stopped: bool,
+        error: String,
+    },
     /// Take back the messages not yet in flight whose channel starts with `channel_prefix`
     /// (work for a worker that went silent): (seq, spool tag, message), in sequence order.
     Withdraw {
@@ -141,6 +154,13 @@ pub(crate) struct PeerTask {
     settlement: Arc<Settlement>,
     /// The inbound watermark the spool is persisting now (one request at a time).
     watermark_in_flight: Option<(u64, u64)>,
+    /// When to try again after the spool refused a watermark (see [`WATERMARK_RETRY`]).
+    watermark_retry_at: Option<Instant>,
+    /// Why the spool refused this peer's last watermark, while it does (logged once per episode).
+    watermark_refused: Option<String>,
+    /// The spool stopped after a storage failure: no watermark can become durable, so nothing
+    /// more is acknowledged to this peer until the node restarts (its sends fail typed meanwhile).
+    watermark_stopped: bool,
     /// The last inbound watermark made durable (or restored).
     watermark_durable: (u64, u64),
     /// When queued messages are next checked for expiry.
@@ -226,6 +246,9 @@ impl PeerTask {
             stats: LinkStats::default(),
             settlement,
             watermark_in_flight: None,
+            watermark_retry_at: None,
+            watermark_refused: None,
+            watermark_stopped: false,
             watermark_durable,
             expiry_at: None,
             fates,
@@ -265,6 +288,7 @@ impl PeerTask {
                 self.expiry_at = Some(Instant::now() + EXPIRY_CHECK);
             }
             let expiry_at = self.expiry_at;
+            let watermark_retry_at = self.watermark_retry_at;
             let settlement = Arc::clone(&self.settlement);
             tokio::select! {
                 biased;
@@ -287,6 +311,10 @@ impl PeerTask {
                 () = settlement.moved.notified() => self.settled(),
                 _ = sleep_until(dial_at) => self.start_dial(),
                 _ = sleep_until(expiry_at) => self.expire(),
+                _ = sleep_until(watermark_retry_at) => {
+                    self.watermark_retry_at = None;
+                    self.persist_settled(false);
+                }
             }
         }
         self.drain().await;
@@ -492,10 +520,41 @@ impl PeerTask {
             Control::WatermarkDurable { epoch, up_to } => {
                 self.watermark_in_flight = None;
                 self.watermark_durable = (epoch, up_to);
+                if self.watermark_refused.take().is_some() {
+                    info!("the spool took this peer's watermark again; acknowledgements resume");
+                }
                 self.link.acknowledge(epoch, up_to);
                 self.settled();
             }
+            Control::WatermarkFailed {
+                epoch,
+                up_to,
+                stopped,
+                error,
+            } => self.watermark_failed((epoch, up_to), stopped, error),
         }
+    }
+
+    /// The spool did not persist a watermark. Nothing past the last durable one is acknowledged
+    /// (the peer keeps those messages and resends them after a restart, which drops them as
+    /// duplicates only up to the durable watermark). A full spool is retried after
+    /// [`WATERMARK_RETRY`]; a stopped one never (the writer logged and counted the failure).
+    fn watermark_failed(&mut self, watermark: (u64, u64), stopped: bool, error: String) {
+        if self.watermark_in_flight == Some(watermark) {
+            self.watermark_in_flight = None;
+        }
+        if stopped {
+            if !self.watermark_stopped {
+                self.watermark_stopped = true;
+                warn!(%error, "the spool stopped: acknowledgements to this peer wait for a restart");
+            }
+            return;
+        }
+        if self.watermark_refused.is_none() {
+            warn!(%error, "the spool refused this peer's watermark: acknowledgements to it wait for room");
+        }
+        self.watermark_refused = Some(error);
+        self.watermark_retry_at = Some(Instant::now() + WATERMARK_RETRY);
     }
 
     fn settled(&mut self) {
@@ -504,7 +563,8 @@ impl PeerTask {
 
     /// The application settled more of the peer's stream: acknowledge it — with a spool, once
     /// the watermark is durable (one persist in flight at a time, so they coalesce meanwhile;
-    /// `last`: the task is stopping, persist the newest regardless).
+    /// after a refusal the retry timer sends the next; `last`: the task is stopping, persist the
+    /// newest regardless).
     fn persist_settled(&mut self, last: bool) {
         let (epoch, up_to) = self.settlement.watermark();
         let Some(durable) = &self.shared.durable else {
@@ -517,7 +577,10 @@ impl PeerTask {
             self.link.acknowledge(epoch, up_to);
         }
         let newer = |(e, u): (u64, u64)| e != epoch || up_to > u;
-        if !newer(self.watermark_durable) {
+        if !newer(self.watermark_durable) || self.watermark_stopped {
+            return;
+        }
+        if self.watermark_retry_at.is_some() && !last {
             return;
         }
         match self.watermark_in_flight {
