@@ -4,7 +4,7 @@
 
 use crate::check::Checker;
 use crate::harness::{run, Canary};
-use crate::scenario::ScenarioKind;
+use crate::scenario::{ScenarioKind, IDLE_TIMEOUT};
 
 fn assert_seeds_pass(kind: ScenarioKind) {
     for seed in 1..=3 {
@@ -56,6 +56,23 @@ fn loss_seeds_pass() {
 #[test]
 fn latency_seeds_pass() {
     assert_seeds_pass(ScenarioKind::Latency);
+}
+
+/// Node 0 crashes during latency spikes and restarts 0.8 s later. Its peers' connections to its
+/// previous run stay open for tens of seconds (QUIC's idle timeout stretches to 3 PTO after the
+/// spikes); the restarted node's new connections must replace them at once. When peers kept
+/// their dead connection and closed the new ones as duplicates, this seed settled 36 s after
+/// its last fault (near the deadline; later crashes never settled).
+#[test]
+fn a_restarted_node_reconnects_at_once_after_latency_spikes() {
+    let outcome = run(ScenarioKind::Latency, 64, None);
+    assert!(outcome.passed(), "{:?}", outcome.violations.first());
+    let settled = outcome.settled_at.expect("the run settled");
+    let drain = settled.saturating_sub(outcome.scenario.quiet_from());
+    assert!(
+        drain < IDLE_TIMEOUT,
+        "settled {drain:?} after the last fault: something waited for a dead connection"
+    );
 }
 
 #[test]

@@ -355,6 +355,119 @@ async fn acknowledgements_resume_once_a_full_spool_takes_the_watermark() {
     x.shutdown().await;
 }
 
+/// B restarts from its data directory while A still holds the connection to B's previous run:
+/// B left without its close reaching A (the relay between them was cut first, as if B's process
+/// had been killed), and the idle timeout is far longer than this test waits. B's new run dials
+/// A; its connection must replace the dead one at once (it comes from a newer incarnation of B),
+/// and messages flow both ways, including those A sent into the dead connection.
+///
+/// A's id is the smaller one, so between connections of one incarnation A's own dial wins: a
+/// node that did not tell incarnations apart would keep its dead connection to B's previous run
+/// and close every connection B's new run dials ("closing duplicate connection").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_peer_replaces_the_connection_its_previous_run_left_behind() {
+    fn long_idle(config: &mut weft::NodeConfig) {
+        config.keep_alive = Duration::from_secs(1);
+        config.idle_timeout = Duration::from_secs(300);
+        config.reconnect_initial = Duration::from_millis(20);
+        config.reconnect_max = Duration::from_millis(200);
+    }
+    init_tracing();
+    let b_dir = tempdir("b");
+    let (a_identity, b_identity) = ordered_identities();
+    let a = Node::builder()
+        .mesh("durable")
+        .identity(a_identity)
+        .bind(loopback())
+        .configure(long_idle)
+        .start()
+        .await
+        .unwrap();
+    let start_b = || {
+        Node::builder()
+            .mesh("durable")
+            .identity(b_identity.clone())
+            .data_dir(&b_dir)
+            .bind(loopback())
+            .configure(long_idle)
+            .start()
+    };
+    let b = start_b().await.unwrap();
+    let b_id = b.id();
+    let relay = Relay::start(b.local_addr().unwrap()).await;
+    let mut inbox = a.receive("replies").unwrap();
+    a.add_peer(NodeAddr::new(b_id, relay.front)).unwrap();
+    within("A dials B through the relay", a.connected(b_id))
+        .await
+        .unwrap();
+
+    // B goes away; its close never reaches A.
+    relay.cut(true);
+    b.shutdown().await;
+    drop(b);
+    assert_eq!(
+        a.connected_peers(),
+        vec![b_id],
+        "A still holds the old connection"
+    );
+    let mut events = a.events();
+    let during = a.send(b_id, "requests", b"sent into the dead connection".to_vec());
+    let during = within("send while B is away", during).await.unwrap();
+
+    // B's new run, from the same data directory, dials A directly.
+    let mut b = None;
+    for _ in 0..100 {
+        match start_b().await {
+            Ok(node) => {
+                b = Some(node);
+                break;
+            }
+            // The previous run's tasks release the directory lock as they end.
+            Err(weft::StartError::Locked(_)) => tokio::time::sleep(Duration::from_millis(20)).await,
+            Err(e) => panic!("B does not restart: {e}"),
+        }
+    }
+    let b = b.expect("B's data directory stayed locked");
+    let mut requests = b.receive("requests").unwrap();
+    b.add_peer(a.addr().unwrap()).unwrap();
+    within("A takes B's new connection", async {
+        loop {
+            match events.recv().await.unwrap() {
+                PeerEvent::Up { peer, .. } if peer == b_id => break,
+                _ => {}
+            }
+        }
+    })
+    .await;
+
+    let message = within("what A sent while B was away", requests.recv())
+        .await
+        .unwrap();
+    assert_eq!(&message.body[..], b"sent into the dead connection");
+    requests.settle();
+    within("its receipt", during).await.unwrap();
+    let reply = b.send(a.id(), "replies", b"back".to_vec()).await.unwrap();
+    assert_eq!(
+        &within("B's reply", inbox.recv()).await.unwrap().body[..],
+        b"back"
+    );
+    inbox.settle();
+    within("the reply's receipt", reply).await.unwrap();
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// Two fresh identities, the one with the smaller node id first.
+fn ordered_identities() -> (weft::Identity, weft::Identity) {
+    let one = weft::Identity::generate().unwrap();
+    let two = weft::Identity::generate().unwrap();
+    if one.node_id() < two.node_id() {
+        (one, two)
+    } else {
+        (two, one)
+    }
+}
+
 /// A directory under the target dir, removed at the start (tests run repeatedly).
 fn tempdir(name: &str) -> std::path::PathBuf {
     static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);

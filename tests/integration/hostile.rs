@@ -30,7 +30,7 @@ async fn misbehave(target: &Node, payload: &[u8]) -> quinn::ConnectionError {
     encoder
         .control(
             &mut buf,
-            &Frame::Hello(local_hello("test", identity.node_id(), None)),
+            &Frame::Hello(local_hello("test", identity.node_id(), 1, None)),
         )
         .unwrap();
     send.write_all(&buf).await.unwrap();

@@ -60,6 +60,10 @@ pub struct Hello {
     pub mesh: String,
     /// The sender's node id; must equal the key the TLS handshake proved.
     pub node_id: NodeId,
+    /// Which run of the sender's process this is: when it started (wall clock, Unix ms). A
+    /// connection from a newer incarnation of a peer replaces one from an older incarnation,
+    /// which is dead (see [`crate::handshake::resolve_duplicate`]).
+    pub incarnation: u64,
     /// Proof that the sender knows the mesh secret, bound to this TLS session (see
     /// [`crate::handshake::mesh_proof`]); `None` when the sender has no secret configured.
     pub proof: Option<[u8; 32]>,
@@ -708,6 +712,7 @@ mod tests {
             version_max: 3,
             mesh: "shop".into(),
             node_id: NodeId::from_bytes([5; 32]),
+            incarnation: 1_790_000_000_000,
             proof: Some([9; 32]),
         };
         let frames = vec![

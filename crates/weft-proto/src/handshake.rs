@@ -66,13 +66,20 @@ pub fn mesh_proof(key: &[u8; 32], session: &[u8; 32], node: &NodeId) -> [u8; 32]
     *hasher.finalize().as_bytes()
 }
 
-/// The hello this node sends (with its mesh-secret proof, if it has a secret).
-pub fn local_hello(mesh: &str, node_id: NodeId, proof: Option<[u8; 32]>) -> Hello {
+/// The hello this node sends: `incarnation` is when this run of the node started (see
+/// [`Hello::incarnation`]), `proof` its mesh-secret proof if it has a secret.
+pub fn local_hello(
+    mesh: &str,
+    node_id: NodeId,
+    incarnation: u64,
+    proof: Option<[u8; 32]>,
+) -> Hello {
     Hello {
         version_min: PROTOCOL_VERSION_MIN,
         version_max: PROTOCOL_VERSION_MAX,
         mesh: mesh.to_owned(),
         node_id,
+        incarnation,
         proof,
     }
 }
@@ -155,21 +162,47 @@ pub enum Keep {
     New,
 }
 
-/// Resolves simultaneous dials so that both ends keep the same connection without talking about it:
-/// the connection dialed by the node with the smaller id wins; between two connections dialed by the
-/// same node (a redial), the newer wins.
+/// What duplicate resolution knows about one connection to a peer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Candidate {
+    /// This node dialed it (else the peer did).
+    pub dialed_by_local: bool,
+    /// The peer's incarnation, from its hello or welcome on this connection.
+    pub peer_incarnation: u64,
+}
+
+/// Chooses between the connection in use and a new one to the same peer, so that both ends keep
+/// the same connection without talking about it:
+///
+/// 1. A connection from a newer incarnation of the peer wins (and one from an older incarnation
+///    loses): the peer restarted, so the older connection is dead even if this node has not
+///    noticed yet (after latency spikes QUIC's idle timeout stretches to tens of seconds). Only
+///    this node holds connections of two incarnations, so nobody has to agree with it.
+/// 2. Between connections of the same incarnation (simultaneous dials, redials), the connection
+///    dialed by the node with the smaller id wins; between two dialed by the same node, the newer.
+///
+/// The incarnation is the peer's start time by its wall clock: a peer whose clock stepped back
+/// across its restart looks older, and its new connections lose until the old one times out
+/// (as every restart did before incarnations were compared).
 pub fn resolve_duplicate(
     local: &NodeId,
     remote: &NodeId,
-    existing_dialed_by_local: bool,
-    new_dialed_by_local: bool,
+    existing: Candidate,
+    new: Candidate,
 ) -> Keep {
-    if existing_dialed_by_local == new_dialed_by_local {
+    if new.peer_incarnation != existing.peer_incarnation {
+        return if new.peer_incarnation > existing.peer_incarnation {
+            Keep::New
+        } else {
+            Keep::Existing
+        };
+    }
+    if existing.dialed_by_local == new.dialed_by_local {
         return Keep::New;
     }
     let local_is_smaller = local < remote;
     // The winner is the connection whose dialer is the smaller node.
-    if new_dialed_by_local == local_is_smaller {
+    if new.dialed_by_local == local_is_smaller {
         Keep::New
     } else {
         Keep::Existing
@@ -180,37 +213,67 @@ pub fn resolve_duplicate(
 mod tests {
     use super::*;
 
+    fn dialed(by_local: bool, peer_incarnation: u64) -> Candidate {
+        Candidate {
+            dialed_by_local: by_local,
+            peer_incarnation,
+        }
+    }
+
     #[test]
     fn both_ends_keep_the_same_connection() {
         let a = NodeId::from_bytes([1; 32]);
         let b = NodeId::from_bytes([2; 32]);
-        // a dialed c1, b dialed c2. At a: c1 is "dialed by local". At b: c2 is.
+        // One incarnation each; a dialed c1, b dialed c2. At a: c1 is "dialed by local". At b: c2 is.
+        let (at_a, at_b) = (7, 5);
         for a_saw_c1_first in [true, false] {
             for b_saw_c1_first in [true, false] {
                 let keep_at_a = if a_saw_c1_first {
-                    match resolve_duplicate(&a, &b, true, false) {
+                    match resolve_duplicate(&a, &b, dialed(true, at_a), dialed(false, at_a)) {
                         Keep::Existing => "c1",
                         Keep::New => "c2",
                     }
                 } else {
-                    match resolve_duplicate(&a, &b, false, true) {
+                    match resolve_duplicate(&a, &b, dialed(false, at_a), dialed(true, at_a)) {
                         Keep::Existing => "c2",
                         Keep::New => "c1",
                     }
                 };
                 let keep_at_b = if b_saw_c1_first {
-                    match resolve_duplicate(&b, &a, false, true) {
+                    match resolve_duplicate(&b, &a, dialed(false, at_b), dialed(true, at_b)) {
                         Keep::Existing => "c1",
                         Keep::New => "c2",
                     }
                 } else {
-                    match resolve_duplicate(&b, &a, true, false) {
+                    match resolve_duplicate(&b, &a, dialed(true, at_b), dialed(false, at_b)) {
                         Keep::Existing => "c2",
                         Keep::New => "c1",
                     }
                 };
                 assert_eq!(keep_at_a, keep_at_b);
                 assert_eq!(keep_at_a, "c1", "the smaller node's dial wins");
+            }
+        }
+        // A redial by the same node replaces its earlier connection.
+        assert_eq!(
+            resolve_duplicate(&a, &b, dialed(true, at_a), dialed(true, at_a)),
+            Keep::New
+        );
+    }
+
+    #[test]
+    fn a_restarted_peers_connection_replaces_the_one_of_its_dead_incarnation() {
+        let small = NodeId::from_bytes([1; 32]);
+        let large = NodeId::from_bytes([2; 32]);
+        // Whoever dialed either connection, and whichever node is the smaller: the newer
+        // incarnation of the peer wins, and a late connection of the older one never does.
+        for (local, remote) in [(small, large), (large, small)] {
+            for existing_by_local in [true, false] {
+                for new_by_local in [true, false] {
+                    let (old, new) = (dialed(existing_by_local, 100), dialed(new_by_local, 200));
+                    assert_eq!(resolve_duplicate(&local, &remote, old, new), Keep::New);
+                    assert_eq!(resolve_duplicate(&local, &remote, new, old), Keep::Existing);
+                }
             }
         }
     }
@@ -223,12 +286,12 @@ mod tests {
         let session = [3u8; 32];
         let judge =
             |proven: &NodeId, hello: &Hello| judge_hello("shop", &open, &session, proven, hello);
-        assert_eq!(judge(&id, &local_hello("shop", id, None)), Ok(1));
-        let e = judge(&id, &local_hello("bank", id, None)).unwrap_err();
+        assert_eq!(judge(&id, &local_hello("shop", id, 1, None)), Ok(1));
+        let e = judge(&id, &local_hello("bank", id, 1, None)).unwrap_err();
         assert_eq!(e.reason, RefuseReason::WrongMesh);
-        let e = judge(&other, &local_hello("shop", id, None)).unwrap_err();
+        let e = judge(&other, &local_hello("shop", id, 1, None)).unwrap_err();
         assert_eq!(e.reason, RefuseReason::IdentityMismatch);
-        let mut future = local_hello("shop", id, None);
+        let mut future = local_hello("shop", id, 1, None);
         future.version_min = 5;
         future.version_max = 9;
         let e = judge(&id, &future).unwrap_err();
@@ -242,7 +305,7 @@ mod tests {
         let mesh = Admission::default().with_secret(b"open sesame");
         let session = [7u8; 32];
         let hello = |admission: &Admission, session: &[u8; 32], sender: NodeId| {
-            local_hello("shop", sender, admission.proof(session, &sender))
+            local_hello("shop", sender, 1, admission.proof(session, &sender))
         };
         // Same secret, same session: admitted.
         assert_eq!(
@@ -256,7 +319,7 @@ mod tests {
                 .reason
         };
         assert_eq!(
-            refused(&local_hello("shop", a, None), &a),
+            refused(&local_hello("shop", a, 1, None), &a),
             RefuseReason::NotAdmitted
         );
         let wrong = Admission::default().with_secret(b"guess");
@@ -282,10 +345,10 @@ mod tests {
         let only_a = Admission::default().with_allow_list([a]);
         let session = [0u8; 32];
         assert_eq!(
-            judge_hello("m", &only_a, &session, &a, &local_hello("m", a, None)),
+            judge_hello("m", &only_a, &session, &a, &local_hello("m", a, 1, None)),
             Ok(1)
         );
-        let e = judge_hello("m", &only_a, &session, &b, &local_hello("m", b, None)).unwrap_err();
+        let e = judge_hello("m", &only_a, &session, &b, &local_hello("m", b, 1, None)).unwrap_err();
         assert_eq!(e.reason, RefuseReason::NotAdmitted);
         assert!(e.detail.contains(&b.to_string()));
     }

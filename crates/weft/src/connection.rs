@@ -44,6 +44,8 @@ pub(crate) struct Established {
     pub leftover: BytesMut,
     pub dialed_by_local: bool,
     pub remote: SocketAddr,
+    /// The peer's incarnation, from its hello (see [`weft_proto::frame::Hello::incarnation`]).
+    pub peer_incarnation: u64,
 }
 
 async fn write_frame(send: &mut quinn::SendStream, frame: &Frame) -> Result<(), ConnectError> {
@@ -97,7 +99,12 @@ fn session_bytes(connection: &quinn::Connection) -> Result<[u8; 32], ConnectErro
 /// This node's hello for a connection.
 fn our_hello(shared: &Shared, session: &[u8; 32]) -> Frame {
     let proof = shared.config.admission.proof(session, &shared.id);
-    Frame::Hello(local_hello(&shared.config.mesh, shared.id, proof))
+    Frame::Hello(local_hello(
+        &shared.config.mesh,
+        shared.id,
+        shared.incarnation,
+        proof,
+    ))
 }
 
 fn client_config(
@@ -147,7 +154,7 @@ pub(crate) async fn dial_to(
         let (mut send, mut recv) = connection.open_bi().await?;
         write_frame(&mut send, &our_hello(&shared, &session)).await?;
         let mut leftover = BytesMut::new();
-        match read_frame(&mut recv, &mut leftover).await? {
+        let peer_incarnation = match read_frame(&mut recv, &mut leftover).await? {
             Frame::Welcome(hello) => {
                 let admission = &shared.config.admission;
                 let judged = judge_hello(&shared.config.mesh, admission, &session, &peer, &hello);
@@ -156,6 +163,7 @@ pub(crate) async fn dial_to(
                     connection.close(close_code::REFUSED, refusal.detail.as_bytes());
                     return Err(ConnectError::RefusedPeer(refusal));
                 }
+                hello.incarnation
             }
             Frame::Refuse(refusal) => return Err(ConnectError::Refused(refusal)),
             other => {
@@ -164,7 +172,7 @@ pub(crate) async fn dial_to(
                     "expected welcome, got {other:?}"
                 )));
             }
-        }
+        };
         Ok((
             peer,
             Established {
@@ -174,6 +182,7 @@ pub(crate) async fn dial_to(
                 leftover,
                 dialed_by_local: true,
                 remote: addr,
+                peer_incarnation,
             },
         ))
     };
@@ -257,6 +266,7 @@ async fn accept_inner(
         &Frame::Welcome(local_hello(
             &shared.config.mesh,
             shared.id,
+            shared.incarnation,
             admission.proof(&session, &shared.id),
         )),
     )
@@ -271,6 +281,7 @@ async fn accept_inner(
             leftover,
             dialed_by_local: false,
             remote,
+            peer_incarnation: hello.incarnation,
         },
     ))
 }

@@ -116,6 +116,8 @@ pub(crate) struct Shared {
     pub transport: Arc<quinn::TransportConfig>,
     /// This incarnation's stream epoch for peers without a stream restored from the spool.
     pub epoch: u64,
+    /// When this incarnation started (wall clock, Unix ms), announced in every hello.
+    pub incarnation: u64,
     /// The spool writer (`None`: a node without a data directory keeps messages in memory only).
     pub durable: Option<Durable>,
     /// Streams recovered from the spool, taken by each peer's task when it starts.
@@ -375,6 +377,7 @@ impl NodeBuilder {
                     .map_or(0, |d| d.as_millis() as u64)
             })
         });
+        let incarnation = wall_clock();
         let (events, _) = broadcast::channel(config.events_capacity);
         let metrics = Arc::new(Metrics::default());
         let (durable, restored) = match spool_setup(&config, &seams, data_dir.as_deref())? {
@@ -407,6 +410,7 @@ impl NodeBuilder {
             provider,
             transport,
             epoch,
+            incarnation,
             durable,
             restored: Mutex::new(restored),
             _lock: lock,

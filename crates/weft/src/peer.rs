@@ -21,7 +21,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn, Instrument};
 use weft_proto::backoff::Backoff;
 use weft_proto::frame::LENGTH_PREFIX_BYTES;
-use weft_proto::handshake::{resolve_duplicate, Keep};
+use weft_proto::handshake::{resolve_duplicate, Candidate, Keep};
 use weft_proto::link::{LinkEvent, LinkStats};
 use weft_proto::spooled::Watermark;
 use weft_proto::{
@@ -101,6 +101,8 @@ enum Dial {
 struct Conn {
     connection: quinn::Connection,
     dialed_by_local: bool,
+    /// The peer's incarnation this connection belongs to (from its hello).
+    peer_incarnation: u64,
     recv: quinn::RecvStream,
     send: quinn::SendStream,
     /// The rest of the last chunk read, not yet decoded: whole frames are taken from it without
@@ -659,20 +661,36 @@ impl PeerTask {
             let keep = resolve_duplicate(
                 &self.shared.id,
                 &self.peer,
-                current.dialed_by_local,
-                established.dialed_by_local,
+                Candidate {
+                    dialed_by_local: current.dialed_by_local,
+                    peer_incarnation: current.peer_incarnation,
+                },
+                Candidate {
+                    dialed_by_local: established.dialed_by_local,
+                    peer_incarnation: established.peer_incarnation,
+                },
             );
             if keep == Keep::Existing {
-                debug!("closing duplicate connection");
+                debug!(
+                    incarnation = established.peer_incarnation,
+                    "closing duplicate connection"
+                );
                 established
                     .connection
                     .close(close_code::DUPLICATE, b"duplicate connection");
                 return;
             }
+            let reason = if established.peer_incarnation > current.peer_incarnation {
+                // The peer restarted: the connection to its previous run is dead, however long
+                // QUIC would take to notice.
+                "the peer restarted"
+            } else {
+                "replaced by another connection"
+            };
             current
                 .connection
                 .close(close_code::DUPLICATE, b"replaced by another connection");
-            self.connection_lost("replaced by another connection".into());
+            self.connection_lost(reason.into());
             self.dial = Dial::Idle;
         }
         let Established {
@@ -682,6 +700,7 @@ impl PeerTask {
             leftover,
             dialed_by_local,
             remote,
+            peer_incarnation,
         } = established;
         if !dialed_by_local {
             // An incoming connection comes from the peer's own socket: a good address to redial.
@@ -697,6 +716,7 @@ impl PeerTask {
         self.conn = Some(Conn {
             connection,
             dialed_by_local,
+            peer_incarnation,
             recv,
             send,
             rx_chunk: Bytes::new(),
