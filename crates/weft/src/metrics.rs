@@ -357,6 +357,8 @@ mod tests {
         );
         assert!(text.contains("# TYPE weft_peers_connected gauge\n"));
         assert!(text.contains(&format!("weft_peers_connected{labels} 2\n")));
-        assert_eq!(text.lines().count(), 45);
+        assert!(text.contains("# TYPE weft_events_dropped_total counter\n"));
+        // HELP, TYPE and the value for every series, nothing else.
+        assert_eq!(text.lines().count(), 3 * snapshot.series().len());
     }
 }
