@@ -196,3 +196,35 @@ async fn a_stalled_channel_does_not_stall_the_nodes_own_receipts() {
         within("A's receipts once B reads", receipt).await.unwrap();
     }
 }
+
+/// A peer advertised at two addresses, the first of which swallows packets without answering:
+/// the second is dialed a moment later instead of after the first's handshake timeout.
+#[tokio::test]
+async fn an_unreachable_first_address_does_not_hold_up_the_connection() {
+    // Long enough that waiting for it would fail the test's own bound (30 s).
+    let patient = |c: &mut weft::NodeConfig| c.handshake_timeout = Duration::from_secs(120);
+    let dialer = node_with("test", patient).await;
+    let target = node_with("test", patient).await;
+    // Bound, never read: datagrams to it vanish (no ICMP), like a host that is not there.
+    let black_hole = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addrs = vec![
+        black_hole.local_addr().unwrap(),
+        target.local_addr().unwrap(),
+    ];
+    dialer
+        .add_peer(NodeAddr {
+            id: target.id(),
+            addrs,
+        })
+        .unwrap();
+    within(
+        "connected over the second address",
+        dialer.connected(target.id()),
+    )
+    .await
+    .unwrap();
+    let receipt = dialer.send(target.id(), "c", "hello").await.unwrap();
+    let mut inbox = target.receive("c").unwrap();
+    crate::support::take_and_ack(&mut inbox, receipt).await;
+    drop(black_hole);
+}

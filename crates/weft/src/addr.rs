@@ -13,7 +13,7 @@ use weft_proto::NodeId;
 pub struct NodeAddr {
     /// Who.
     pub id: NodeId,
-    /// Where (any number, tried in turn).
+    /// Where (any number: dialed one after another, a moment apart, until one answers).
     pub addrs: Vec<SocketAddr>,
 }
 

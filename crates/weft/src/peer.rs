@@ -55,6 +55,9 @@ const COMMAND_BATCH: usize = 512;
 /// Most addresses remembered per peer.
 const ADDRESSES_MAX: usize = 16;
 /// How often queued messages are checked against their expiry and the retry policy.
+/// Delay between dialing one address of a peer and the next (when the first has not
+/// connected by then).
+const DIAL_STAGGER: Duration = Duration::from_millis(250);
 /// Longest a clean shutdown waits for what is queued for a peer to be written and read.
 const SHUTDOWN_DRAIN: Duration = Duration::from_millis(500);
 const EXPIRY_CHECK: Duration = Duration::from_secs(1);
@@ -139,6 +142,8 @@ pub(crate) struct PeerTask {
     /// goodbye (closes with the shutdown code).
     learned: Vec<SocketAddr>,
     next_addr: usize,
+    /// The address our last successful dial reached: dialed first next time.
+    preferred_addr: Option<SocketAddr>,
     backoff: Backoff,
     dial: Dial,
     conn: Option<Conn>,
@@ -238,6 +243,7 @@ impl PeerTask {
             addrs: Vec::new(),
             learned: Vec::new(),
             next_addr: 0,
+            preferred_addr: None,
             dial: Dial::Idle,
             conn: None,
             generation: 0,
@@ -702,7 +708,9 @@ impl PeerTask {
             remote,
             peer_incarnation,
         } = established;
-        if !dialed_by_local {
+        if dialed_by_local {
+            self.preferred_addr = Some(remote);
+        } else {
             // An incoming connection comes from the peer's own socket: a good address to redial.
             if !self.addrs.contains(&remote) {
                 remember(&mut self.learned, remote);
@@ -781,39 +789,82 @@ impl PeerTask {
         self.dial = Dial::At(Instant::now() + Duration::from_millis(delay_ms));
     }
 
+    /// Dials every known address of the peer, the one that worked last first, each next one
+    /// [`DIAL_STAGGER`] after the previous (happy-eyeballs style): an unreachable advertised
+    /// address costs a stagger, not a handshake timeout. The first connection is handed over;
+    /// attempts not started yet are skipped, and one that completes anyway goes through the
+    /// usual duplicate resolution. Only when every address failed is the dial a failure.
     fn start_dial(&mut self) {
-        let targets = self.dial_targets();
-        if self.conn.is_some() || targets == 0 {
+        let mut targets: Vec<SocketAddr> = self
+            .addrs
+            .iter()
+            .chain(self.learned.iter())
+            .copied()
+            .collect();
+        if self.conn.is_some() || targets.is_empty() {
             self.dial = Dial::Idle;
             return;
         }
-        let index = self.next_addr % targets;
-        let addr = match self.addrs.get(index) {
-            Some(addr) => *addr,
-            None => self.learned[index - self.addrs.len()],
-        };
+        // Rotate, so that a round that failed everywhere starts elsewhere next time; the
+        // address that worked last goes first.
+        let rotate = self.next_addr % targets.len();
+        targets.rotate_left(rotate);
         self.next_addr = self.next_addr.wrapping_add(1);
+        if let Some(preferred) = self.preferred_addr {
+            if let Some(position) = targets.iter().position(|a| *a == preferred) {
+                let addr = targets.remove(position);
+                targets.insert(0, addr);
+            }
+        }
         self.dial = Dial::InFlight;
         if self.backoff.attempts() == 0 {
             // Count the attempt now, so a failure right away still backs off.
             self.backoff.next_delay_ms(0);
         }
-        debug!(%addr, "dialing");
+        debug!(addresses = targets.len(), "dialing");
         let shared = Arc::clone(&self.shared);
         let control = self.control_tx.clone();
         let peer = self.peer;
         let mut shutdown = shared.shutdown.subscribe();
         tokio::spawn(
             async move {
-                let result = tokio::select! {
-                    biased;
-                    _ = shutdown.wait_for(|stop| *stop) => return,
-                    result = connection::dial(Arc::clone(&shared), peer, addr) => result,
-                };
-                let _ = control.send(match result {
-                    Ok(established) => Control::Connection(established),
-                    Err(error) => Control::DialFailed(error),
-                });
+                let connected = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let mut attempts = futures_util::stream::FuturesUnordered::new();
+                for (position, addr) in targets.into_iter().enumerate() {
+                    let shared = Arc::clone(&shared);
+                    let connected = Arc::clone(&connected);
+                    attempts.push(async move {
+                        if position > 0 {
+                            tokio::time::sleep(DIAL_STAGGER * position as u32).await;
+                            if connected.load(std::sync::atomic::Ordering::Acquire) {
+                                return None;
+                            }
+                        }
+                        Some(connection::dial(shared, peer, addr).await)
+                    });
+                }
+                let mut last_error = None;
+                loop {
+                    let attempt = tokio::select! {
+                        biased;
+                        _ = shutdown.wait_for(|stop| *stop) => return,
+                        attempt = futures_util::StreamExt::next(&mut attempts) => attempt,
+                    };
+                    match attempt {
+                        None => break,
+                        Some(None) => {}
+                        Some(Some(Ok(established))) => {
+                            connected.store(true, std::sync::atomic::Ordering::Release);
+                            let _ = control.send(Control::Connection(established));
+                        }
+                        Some(Some(Err(error))) => last_error = Some(error),
+                    }
+                }
+                if !connected.load(std::sync::atomic::Ordering::Acquire) {
+                    if let Some(error) = last_error {
+                        let _ = control.send(Control::DialFailed(error));
+                    }
+                }
             }
             .instrument(tracing::Span::current()),
         );
