@@ -70,3 +70,41 @@ async fn hundred_thousand_messages_each_way_acknowledged_in_order_without_duplic
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// Nodes on the IPv6 loopback connect and exchange acknowledged messages like on IPv4.
+#[tokio::test]
+async fn nodes_talk_over_ipv6_loopback() {
+    if std::net::UdpSocket::bind("[::1]:0").is_err() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI machines must have an IPv6 loopback"
+        );
+        eprintln!("skipped: this machine has no IPv6 loopback");
+        return;
+    }
+    let start = || async {
+        crate::support::init_tracing();
+        Node::builder()
+            .mesh("v6")
+            .identity(weft::Identity::generate().unwrap())
+            .bind("[::1]:0".parse().unwrap())
+            .start()
+            .await
+            .unwrap()
+    };
+    let (a, b) = (start().await, start().await);
+    assert!(b.local_addr().unwrap().is_ipv6());
+    a.add_peer(addr(&b)).unwrap();
+    within("connected", a.connected(b.id())).await.unwrap();
+    let mut inbox = b.receive("v6").unwrap();
+    for n in 0..100u64 {
+        let receipt = a
+            .send(b.id(), "v6", Bytes::copy_from_slice(&n.to_le_bytes()))
+            .await
+            .unwrap();
+        let message = crate::support::take_and_ack(&mut inbox, receipt).await;
+        assert_eq!(message.body, Bytes::copy_from_slice(&n.to_le_bytes()));
+    }
+    a.shutdown().await;
+    b.shutdown().await;
+}
