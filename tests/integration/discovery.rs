@@ -348,6 +348,15 @@ fn a_scan_lists_nodes_of_every_mesh_and_sees_goodbyes() {
             assert_eq!(sighting.mesh, mesh);
             assert_eq!(sighting.addrs, vec![node.local_addr().unwrap()]);
             assert!(sighting.version_min <= sighting.version_max);
+            // `weft discover`'s RTT column: a handshake with the announced key at its address.
+            let rtt = weft::discovery::probe_rtt(
+                sighting.addrs[0],
+                sighting.id,
+                std::time::Duration::from_secs(5),
+            )
+            .await
+            .expect("the announced node answers the probe");
+            assert!(rtt > std::time::Duration::ZERO);
         }
 
         bank.shutdown().await;

@@ -108,3 +108,29 @@ async fn nodes_talk_over_ipv6_loopback() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// `weft discover`'s RTT probe: a handshake that proves the node's key, measured and closed at
+/// once; the probed node counts no failure and gains no peer.
+#[tokio::test]
+async fn an_rtt_probe_proves_the_key_and_leaves_no_trace() {
+    let target = crate::support::node("probe").await;
+    let timeout = std::time::Duration::from_secs(5);
+    let at = target.local_addr().unwrap();
+    let rtt = within(
+        "probe",
+        weft::discovery::probe_rtt(at, target.id(), timeout),
+    )
+    .await
+    .unwrap();
+    assert!(rtt > std::time::Duration::ZERO);
+    let impostor = weft::Identity::generate().unwrap().node_id();
+    assert!(
+        within("probe", weft::discovery::probe_rtt(at, impostor, timeout))
+            .await
+            .is_err(),
+        "a probe pinned to another key fails"
+    );
+    assert!(target.connected_peers().is_empty());
+    assert_eq!(target.metrics().peers_connected, 0);
+    target.shutdown().await;
+}

@@ -86,7 +86,7 @@ enum Command {
         #[arg(long, default_value_t = 3)]
         window_secs: u64,
         /// Print JSON: an array of objects with `node_id`, `mesh`, `addrs`, `versions`,
-        /// `last_seen_ms_ago`.
+        /// `last_seen_ms_ago`, `rtt_us` (round trip of a handshake probe; null without answer).
         #[arg(long)]
         json: bool,
         /// Restrict mDNS to this interface (repeatable; `lo` for loopback only).
@@ -552,6 +552,13 @@ fn mdns_interfaces_from(names: &[String]) -> weft::discovery::Interfaces {
     }
 }
 
+/// How long one RTT probe of `weft discover` may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What `weft discover` knows of a node: its announcement, when it was last seen, and the
+/// round trip its last probe measured (`None`: not measured yet or no answer).
+type Discovered = (weft::discovery::Sighting, Instant, Option<Duration>);
+
 async fn discover(
     config: weft::MdnsConfig,
     mesh: Option<String>,
@@ -559,7 +566,7 @@ async fn discover(
     json: bool,
 ) -> Result<()> {
     use std::collections::BTreeMap;
-    use weft::discovery::{Discovery, ScanEvent, Sighting};
+    use weft::discovery::{Discovery, ScanEvent};
 
     let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
     let scanner = Discovery::scan(
@@ -569,28 +576,49 @@ async fn discover(
         }),
     )
     .context("cannot start mDNS")?;
-    let mut nodes: BTreeMap<weft::NodeId, (Sighting, Instant)> = BTreeMap::new();
+    let (rtt_tx, mut rtts) = tokio::sync::mpsc::unbounded_channel();
+    let probe = |seen: &weft::discovery::Sighting| {
+        // One probe per sighting, to the first announced address (bounded by PROBE_TIMEOUT).
+        if let Some(addr) = seen.addrs.first().copied() {
+            let (id, tx) = (seen.id, rtt_tx.clone());
+            tokio::spawn(async move {
+                let rtt = weft::discovery::probe_rtt(addr, id, PROBE_TIMEOUT)
+                    .await
+                    .ok();
+                let _ = tx.send((id, rtt));
+            });
+        }
+    };
+    let mut nodes: BTreeMap<weft::NodeId, Discovered> = BTreeMap::new();
+    let mut probing = 0usize;
     let deadline = window.map(|w| tokio::time::Instant::now() + w);
     loop {
-        let event = tokio::select! {
+        let changed = tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
             _ = sleep_until(deadline) => break,
-            event = events.recv() => match event {
-                Some(event) => event,
-                None => break,
-            },
-        };
-        let changed = match event {
-            ScanEvent::Seen(seen) => {
-                if mesh.as_ref().is_some_and(|m| *m != seen.mesh) {
-                    false
-                } else {
-                    nodes.insert(seen.id, (seen, Instant::now()));
-                    true
+            Some((id, rtt)) = rtts.recv() => {
+                probing -= 1;
+                match nodes.get_mut(&id) {
+                    Some(node) => { node.2 = rtt; true }
+                    None => false,
                 }
             }
-            ScanEvent::Gone(id) => nodes.remove(&id).is_some(),
-            _ => false,
+            event = events.recv() => match event {
+                Some(ScanEvent::Seen(seen)) => {
+                    if mesh.as_ref().is_some_and(|m| *m != seen.mesh) {
+                        false
+                    } else {
+                        probe(&seen);
+                        probing += 1;
+                        let rtt = nodes.get(&seen.id).and_then(|n| n.2);
+                        nodes.insert(seen.id, (seen, Instant::now(), rtt));
+                        true
+                    }
+                }
+                Some(ScanEvent::Gone(id)) => nodes.remove(&id).is_some(),
+                Some(_) => false,
+                None => break,
+            },
         };
         if changed && window.is_none() {
             print_nodes(&nodes, json);
@@ -598,25 +626,33 @@ async fn discover(
     }
     scanner.shutdown().await;
     if window.is_some() {
+        // The probes started in the window end within PROBE_TIMEOUT.
+        while probing > 0 {
+            let Ok(Some((id, rtt))) = tokio::time::timeout(PROBE_TIMEOUT, rtts.recv()).await else {
+                break;
+            };
+            probing -= 1;
+            if let Some(node) = nodes.get_mut(&id) {
+                node.2 = rtt;
+            }
+        }
         print_nodes(&nodes, json);
     }
     Ok(())
 }
 
-fn print_nodes(
-    nodes: &std::collections::BTreeMap<weft::NodeId, (weft::discovery::Sighting, Instant)>,
-    json: bool,
-) {
+fn print_nodes(nodes: &std::collections::BTreeMap<weft::NodeId, Discovered>, json: bool) {
     if json {
         let list: Vec<_> = nodes
             .values()
-            .map(|(seen, at)| {
+            .map(|(seen, at, rtt)| {
                 serde_json::json!({
                     "node_id": seen.id.to_string(),
                     "mesh": seen.mesh,
                     "addrs": seen.addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
                     "versions": format!("{}-{}", seen.version_min, seen.version_max),
                     "last_seen_ms_ago": at.elapsed().as_millis() as u64,
+                    "rtt_us": rtt.map(|rtt| rtt.as_micros() as u64),
                 })
             })
             .collect();
@@ -624,16 +660,20 @@ fn print_nodes(
         return;
     }
     println!(
-        "{:<54} {:<16} {:<9} {:>10}  addresses",
-        "node", "mesh", "versions", "seen (s)"
+        "{:<54} {:<16} {:<9} {:>9} {:>10}  addresses",
+        "node", "mesh", "versions", "rtt (ms)", "seen (s)"
     );
-    for (seen, at) in nodes.values() {
+    for (seen, at, rtt) in nodes.values() {
         let addrs: Vec<String> = seen.addrs.iter().map(|a| a.to_string()).collect();
+        let rtt = rtt.map_or("-".to_string(), |rtt| {
+            format!("{:.2}", rtt.as_secs_f64() * 1e3)
+        });
         println!(
-            "{:<54} {:<16} {:<9} {:>10.1}  {}",
+            "{:<54} {:<16} {:<9} {:>9} {:>10.1}  {}",
             seen.id.to_string(),
             seen.mesh,
             format!("{}-{}", seen.version_min, seen.version_max),
+            rtt,
             at.elapsed().as_secs_f64(),
             addrs.join(", ")
         );

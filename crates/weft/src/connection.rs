@@ -26,6 +26,8 @@ pub(crate) mod close_code {
     pub const REFUSED: VarInt = VarInt::from_u32(2);
     /// The peer broke the protocol.
     pub const PROTOCOL: VarInt = VarInt::from_u32(3);
+    /// An RTT probe (`weft discover`): closed on purpose right after the TLS handshake.
+    pub const PROBE: VarInt = VarInt::from_u32(4);
 }
 
 /// Hellos are small; a peer announcing a bigger first frame is not speaking our protocol.
@@ -215,6 +217,11 @@ pub(crate) async fn accept(shared: Arc<Shared>, incoming: quinn::Incoming) {
         }
         // A refusal was counted and logged before it was sent.
         Ok(Err(ConnectError::RefusedPeer(_))) => {}
+        Ok(Err(ConnectError::Connection(quinn::ConnectionError::ApplicationClosed(close))))
+            if close.error_code == close_code::PROBE =>
+        {
+            debug!(%remote, "round-trip probe");
+        }
         Ok(Err(e)) => {
             shared.metrics.dial_failure();
             info!(%remote, error = %e, "incoming connection failed");
@@ -310,4 +317,43 @@ async fn write_refusal(
     let _ = send.finish();
     let _ = tokio::time::timeout(Duration::from_millis(200), send.stopped()).await;
     connection.close(close_code::REFUSED, refusal.detail.as_bytes());
+}
+
+/// Measures the round trip to the node `expected` at `addr`: a QUIC + TLS handshake from a
+/// throwaway identity and endpoint, which proves the node's key, then closed at once (the node
+/// logs it at debug level and counts nothing). Returns quinn's RTT estimate.
+pub(crate) async fn probe_rtt(
+    addr: SocketAddr,
+    expected: NodeId,
+    timeout: Duration,
+) -> Result<Duration, ConnectError> {
+    let identity = crate::identity::Identity::generate()
+        .map_err(|e| ConnectError::Handshake(format!("probe identity: {e}")))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = tls::client_config(&identity, expected, provider)
+        .map_err(|e| ConnectError::Handshake(e.to_string()))?;
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| ConnectError::Handshake(e.to_string()))?;
+    let config = quinn::ClientConfig::new(Arc::new(crypto));
+    let bind: SocketAddr = if addr.is_ipv6() {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    };
+    let endpoint = quinn::Endpoint::client(bind)
+        .map_err(|e| ConnectError::Handshake(format!("probe socket: {e}")))?;
+    let attempt = async {
+        let connection = endpoint.connect_with(config, addr, "weft")?.await?;
+        let rtt = connection.rtt();
+        connection.close(close_code::PROBE, b"rtt probe");
+        Ok::<_, ConnectError>(rtt)
+    };
+    let result = match tokio::time::timeout(timeout, attempt).await {
+        Ok(result) => result,
+        Err(_) => Err(ConnectError::Handshake(format!(
+            "no handshake within {timeout:?}"
+        ))),
+    };
+    let _ = tokio::time::timeout(Duration::from_millis(200), endpoint.wait_idle()).await;
+    result
 }

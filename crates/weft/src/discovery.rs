@@ -507,6 +507,17 @@ fn admit(seen: Sighting, local: &Announcement) -> Result<NodeAddr, Ignored> {
     })
 }
 
+/// Measures the round trip to node `node` at `addr` (for `weft discover`'s RTT column): a QUIC +
+/// TLS handshake from a throwaway identity, which also proves the node holds the announced key,
+/// closed at once without a hello (the node logs it at debug level and counts nothing).
+pub async fn probe_rtt(
+    addr: std::net::SocketAddr,
+    node: weft_proto::NodeId,
+    timeout: std::time::Duration,
+) -> Result<std::time::Duration, crate::error::ConnectError> {
+    crate::connection::probe_rtt(addr, node, timeout).await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
