@@ -374,3 +374,34 @@ fn a_scan_lists_nodes_of_every_mesh_and_sees_goodbyes() {
         shop.shutdown().await;
     });
 }
+
+/// Twenty nodes started at once find each other: every node ends up connected to all nineteen
+/// others with no configured peer. Prints how long that took (recorded in docs/BENCHMARKS.md).
+#[test]
+fn twenty_nodes_started_at_once_form_a_full_mesh() {
+    in_private_network(|| async {
+        const NODES: usize = 20;
+        let service_type = fresh_service_type();
+        let started = std::time::Instant::now();
+        let mut nodes = Vec::with_capacity(NODES);
+        for _ in 0..NODES {
+            nodes.push(discovering_node("crowd", &service_type).await);
+        }
+        let all_started = started.elapsed();
+        for node in &nodes {
+            within_discovery("a full mesh", node.wait_for_peers(NODES - 1))
+                .await
+                .unwrap();
+        }
+        eprintln!(
+            "discovery: {NODES} nodes started in {all_started:?}, full mesh after {:?}",
+            started.elapsed()
+        );
+        for node in &nodes {
+            assert_eq!(node.connected_peers().len(), NODES - 1);
+        }
+        let stopping = std::time::Instant::now();
+        futures_util::future::join_all(nodes.iter().map(Node::shutdown)).await;
+        eprintln!("discovery: {NODES} nodes stopped in {:?}", stopping.elapsed());
+    });
+}
