@@ -277,10 +277,14 @@ async fn deliver_locally(shared: &Shared, topic: &Topic, message: Message) -> us
 /// (which settles this one: the publisher's receipt resolves once every local subscription
 /// has the event).
 pub(crate) async fn event_task(shared: Arc<Shared>, mut events: Inbox) {
+    // Made once: a new one per event (two watch subscriptions and their waiters) was a quarter
+    // of a subscriber's CPU.
+    let stopping = super::Patterns::stopping(&shared);
+    tokio::pin!(stopping);
     loop {
         let message = tokio::select! {
             biased;
-            () = super::Patterns::stopping(&shared) => break,
+            () = &mut stopping => break,
             message = events.recv() => match message {
                 Some(message) => message,
                 None => break,
@@ -297,7 +301,7 @@ pub(crate) async fn event_task(shared: Arc<Shared>, mut events: Inbox) {
         let event = event_message(&message, &topic, payload);
         tokio::select! {
             biased;
-            () = super::Patterns::stopping(&shared) => {
+            () = &mut stopping => {
                 // Not every subscription has it: not settled, so the publisher keeps it.
                 events.unsettle_last();
                 break;
@@ -307,14 +311,23 @@ pub(crate) async fn event_task(shared: Arc<Shared>, mut events: Inbox) {
     }
 }
 
-/// Checks the topic and builds the wire message of an event.
-fn event_outgoing(shared: &Shared, topic: &Topic, payload: &[u8]) -> OutgoingMessage {
-    OutgoingMessage::command(
+/// Checks the topic and builds the wire message of an event, checked against the limits.
+fn event_outgoing(
+    shared: &Shared,
+    topic: &str,
+    payload: &[u8],
+) -> Result<(Topic, OutgoingMessage), PublishError> {
+    let topic = Topic::new(topic)?;
+    let outgoing = OutgoingMessage::command(
         EVENT_CHANNEL,
-        envelope::wrap(topic, payload),
+        envelope::wrap(&topic, payload),
         shared.now_unix_ms(),
     )
-    .with_kind(Kind::Event)
+    .with_kind(Kind::Event);
+    outgoing
+        .check(&shared.config.limits())
+        .map_err(SendError::from)?;
+    Ok((topic, outgoing))
 }
 
 /// A local event's id: this node's own pub/sub stream.
@@ -343,11 +356,7 @@ pub(crate) async fn publish(
     topic: &str,
     payload: Bytes,
 ) -> Result<Published, PublishError> {
-    let topic = Topic::new(topic)?;
-    let outgoing = event_outgoing(shared, &topic, &payload);
-    outgoing
-        .check(&shared.config.limits())
-        .map_err(SendError::from)?;
+    let (topic, outgoing) = event_outgoing(shared, topic, &payload)?;
     let subscribers = shared.patterns.lock().table.subscribers(&topic);
     let mut receipts = Vec::with_capacity(subscribers.len());
     for peer in subscribers {
@@ -382,11 +391,7 @@ pub(crate) fn publish_best_effort(
     topic: &str,
     payload: Bytes,
 ) -> Result<usize, PublishError> {
-    let topic = Topic::new(topic)?;
-    let outgoing = event_outgoing(shared, &topic, &payload);
-    outgoing
-        .check(&shared.config.limits())
-        .map_err(SendError::from)?;
+    let (topic, outgoing) = event_outgoing(shared, topic, &payload)?;
     let subscribers = shared.patterns.lock().table.subscribers(&topic);
     let mut sent = 0;
     for peer in subscribers {

@@ -89,19 +89,37 @@ fn register(shared: &Shared, id: u64, waiting: Waiting) -> Result<WaitingGuard<'
     Ok(WaitingGuard { shared, id })
 }
 
+/// The service, body and timeout of a request or scatter, checked.
+fn checked(
+    shared: &Shared,
+    service: String,
+    payload: Result<Bytes, String>,
+    timeout: Option<Duration>,
+) -> Result<(Topic, Bytes, Duration), RequestError> {
+    let payload = payload.map_err(RequestError::Failed)?;
+    let service = Topic::new(service)?;
+    let timeout = timeout.unwrap_or(shared.config.patterns.request_timeout);
+    Ok((service, payload, timeout))
+}
+
+/// The wire message of request `id`, checked against the frame limits.
 fn request_outgoing(
     shared: &Shared,
     service: &Topic,
     payload: &[u8],
     id: u64,
     timeout: Duration,
-) -> OutgoingMessage {
+) -> Result<OutgoingMessage, RequestError> {
     let now = shared.now_unix_ms();
-    OutgoingMessage::command(REQUEST_CHANNEL, envelope::wrap(service, payload), now)
+    let outgoing = OutgoingMessage::command(REQUEST_CHANNEL, envelope::wrap(service, payload), now)
         .with_kind(Kind::Request)
         .with_correlation_id(id)
         .with_reply_to(shared.id)
-        .with_expiry(now + timeout.as_millis() as u64)
+        .with_expiry(now + timeout.as_millis() as u64);
+    outgoing
+        .check(&shared.config.limits())
+        .map_err(SendError::from)?;
+    Ok(outgoing)
 }
 
 /// The request as the local server would have received it from the wire.
@@ -199,9 +217,7 @@ impl RequestBuilder {
             to,
             id,
         } = self;
-        let payload = payload.map_err(RequestError::Failed)?;
-        let service = Topic::new(service)?;
-        let timeout = timeout.unwrap_or(shared.config.patterns.request_timeout);
+        let (service, payload, timeout) = checked(&shared, service, payload, timeout)?;
         let target = match to {
             Some(node) => node,
             None => {
@@ -215,10 +231,7 @@ impl RequestBuilder {
             }
         };
         let id = id.unwrap_or_else(|| shared.random());
-        let outgoing = request_outgoing(&shared, &service, &payload, id, timeout);
-        outgoing
-            .check(&shared.config.limits())
-            .map_err(SendError::from)?;
+        let outgoing = request_outgoing(&shared, &service, &payload, id, timeout)?;
         let (tx, rx) = oneshot::channel();
         let _guard = register(&shared, id, Waiting::One(tx))?;
         match dispatch(&shared, target, outgoing).await {
@@ -313,18 +326,13 @@ impl ScatterBuilder {
             count,
             timeout,
         } = self;
-        let payload = payload.map_err(RequestError::Failed)?;
-        let service = Topic::new(service)?;
-        let timeout = timeout.unwrap_or(shared.config.patterns.request_timeout);
+        let (service, payload, timeout) = checked(&shared, service, payload, timeout)?;
         let asked = servers(&shared, &service);
         if asked.is_empty() {
             return Err(RequestError::NoResponders);
         }
         let id = shared.random();
-        let outgoing = request_outgoing(&shared, &service, &payload, id, timeout);
-        outgoing
-            .check(&shared.config.limits())
-            .map_err(SendError::from)?;
+        let outgoing = request_outgoing(&shared, &service, &payload, id, timeout)?;
         let (tx, mut rx) = mpsc::unbounded_channel();
         let _guard = register(&shared, id, Waiting::Many(tx))?;
         let mut gathered = Gathered {
@@ -706,10 +714,13 @@ pub(crate) async fn handle_request(shared: &Arc<Shared>, message: Message) {
 
 /// Requests from peers.
 pub(crate) async fn request_task(shared: Arc<Shared>, mut requests: Inbox) {
+    // Made once, not per request (see `event_task`).
+    let stopping = super::Patterns::stopping(&shared);
+    tokio::pin!(stopping);
     loop {
         let message = tokio::select! {
             biased;
-            () = super::Patterns::stopping(&shared) => break,
+            () = &mut stopping => break,
             message = requests.recv() => match message {
                 Some(message) => message,
                 None => break,
@@ -717,7 +728,7 @@ pub(crate) async fn request_task(shared: Arc<Shared>, mut requests: Inbox) {
         };
         tokio::select! {
             biased;
-            () = super::Patterns::stopping(&shared) => break,
+            () = &mut stopping => break,
             _ = handle_request(&shared, message) => {}
         }
     }
@@ -725,10 +736,13 @@ pub(crate) async fn request_task(shared: Arc<Shared>, mut requests: Inbox) {
 
 /// Replies from peers.
 pub(crate) async fn reply_task(shared: Arc<Shared>, mut replies: Inbox) {
+    // Made once, not per reply (see `event_task`).
+    let stopping = super::Patterns::stopping(&shared);
+    tokio::pin!(stopping);
     loop {
         let message = tokio::select! {
             biased;
-            () = super::Patterns::stopping(&shared) => break,
+            () = &mut stopping => break,
             message = replies.recv() => match message {
                 Some(message) => message,
                 None => break,
