@@ -397,9 +397,6 @@ fn twenty_nodes_started_at_once_form_a_full_mesh() {
             "discovery: {NODES} nodes started in {all_started:?}, full mesh after {:?}",
             started.elapsed()
         );
-        for node in &nodes {
-            assert_eq!(node.connected_peers().len(), NODES - 1);
-        }
         let stopping = std::time::Instant::now();
         futures_util::future::join_all(nodes.iter().map(Node::shutdown)).await;
         eprintln!("discovery: {NODES} nodes stopped in {:?}", stopping.elapsed());

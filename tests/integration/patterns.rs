@@ -140,6 +140,10 @@ async fn a_full_best_effort_subscription_drops_and_counts_instead_of_blocking() 
     within("connected", publisher.connected(subscriber.id()))
         .await
         .unwrap();
+    // Both ends: a subscription is confirmed by the peers its node is connected to.
+    within("connected", subscriber.connected(publisher.id()))
+        .await
+        .unwrap();
     let mut slow = within(
         "subscribe",
         subscriber.subscribe_with("cpu", SubscribeOptions { best_effort: true }),
@@ -432,6 +436,9 @@ async fn the_work_of_a_worker_that_dies_goes_to_another() {
         within("connected", producer.connected(worker.id()))
             .await
             .unwrap();
+        within("connected", worker.connected(producer.id()))
+            .await
+            .unwrap();
     }
     let credit = PullOptions {
         credit: Some(HELD as u32),
@@ -479,6 +486,9 @@ async fn sharded_keys_keep_their_order_when_workers_join_and_die() {
     for worker in [&steady, &doomed, &joiner] {
         producer.add_peer(addr(worker)).unwrap();
         within("connected", producer.connected(worker.id()))
+            .await
+            .unwrap();
+        within("connected", worker.connected(producer.id()))
             .await
             .unwrap();
     }

@@ -226,16 +226,10 @@ impl InterestTable {
             .collect()
     }
 
-    /// Peers down since before `since_ms` (wall clock) that still count as pulling from some
-    /// queue: their unacknowledged work should go to other workers.
-    pub fn workers_down_since(&self, since_ms: u64) -> Vec<NodeId> {
-        self.peers
-            .iter()
-            .filter(|(_, p)| {
-                !p.queues.is_empty() && p.down_since_ms.is_some_and(|down| down <= since_ms)
-            })
-            .map(|(id, _)| *id)
-            .collect()
+    /// Since when (wall clock, ms) `peer`'s connection has been down; `None` while it is up
+    /// or once it is forgotten.
+    pub fn down_since(&self, peer: &NodeId) -> Option<u64> {
+        self.peers.get(peer).and_then(|p| p.down_since_ms)
     }
 
     /// Whether a local subscription matches `topic`.
@@ -581,8 +575,10 @@ mod tests {
         assert!(producer.workers(&topic("other")).is_empty());
         producer.peer_disconnected(node(2), 10_000);
         assert!(producer.workers(&topic("thumbs")).is_empty());
-        assert!(producer.workers_down_since(9_999).is_empty());
-        assert_eq!(producer.workers_down_since(10_000), vec![node(2)]);
+        assert_eq!(producer.down_since(&node(2)), Some(10_000));
+        assert_eq!(producer.down_since(&node(9)), None);
+        producer.peer_connected(node(2));
+        assert_eq!(producer.down_since(&node(2)), None);
         assert!(worker.unpull(&topic("thumbs")));
         assert!(!worker.unpull(&topic("thumbs")));
     }

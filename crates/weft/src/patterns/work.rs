@@ -339,16 +339,17 @@ pub(crate) fn reassign_silent(shared: &Arc<Shared>) {
     let since = shared.now_unix_ms().saturating_sub(delay);
     let silent = {
         let mut state = shared.patterns.lock();
-        let silent = state.table.workers_down_since(since);
-        let with_work: Vec<NodeId> = silent
-            .into_iter()
-            .filter(|w| {
-                state
-                    .outstanding
-                    .iter()
-                    .any(|((_, worker), seqs)| worker == w && !seqs.is_empty())
-            })
+        // Every worker we sent unacknowledged work to, whether or not it still announces the
+        // queue (a worker that stopped pulling just before it died still holds its items).
+        let mut with_work: Vec<NodeId> = state
+            .outstanding
+            .iter()
+            .filter(|(_, seqs)| !seqs.is_empty())
+            .map(|((_, worker), _)| *worker)
+            .filter(|w| state.table.down_since(w).is_some_and(|down| down <= since))
             .collect();
+        with_work.sort();
+        with_work.dedup();
         // Cleared now, so the next tick does not take the same work back twice.
         state
             .outstanding
