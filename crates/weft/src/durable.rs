@@ -143,7 +143,15 @@ impl Durable {
                 info!(?tail, "spool: torn tail from a crash truncated");
             }
         }
-        let (restored, watermarks, pending) = restore(&mut spool, recovery.pending, limits, epoch)?;
+        // After a quarantine, records of a stream may be missing, so its numbers cannot be
+        // trusted to continue where the peer thinks they are: every pending message gets a new
+        // number in a new stream (the peer may see some again: at-least-once after corruption).
+        let renumber = !recovery.quarantined.is_empty();
+        if renumber {
+            warn!("spool damaged: pending messages are renumbered into new streams");
+        }
+        let (restored, watermarks, pending) =
+            restore(&mut spool, recovery.pending, limits, epoch, renumber)?;
         metrics.recovered(pending as u64);
         if pending > 0 || !restored.inbound.is_empty() {
             info!(
@@ -229,6 +237,7 @@ fn restore<S: Storage>(
     pending: Vec<weft_spool::PendingRecord>,
     limits: Limits,
     new_epoch: u64,
+    renumber: bool,
 ) -> Result<Recovered, String> {
     let mut restored = Restored::default();
     let mut watermarks: HashMap<NodeId, (u64, Watermark)> = HashMap::new();
@@ -256,8 +265,20 @@ fn restore<S: Storage>(
     }
     let mut pending_messages = 0;
     for (dest, records) in by_dest {
-        let (unnumbered, mut records): (Vec<_>, Vec<_>) =
-            records.into_iter().partition(|(_, m)| m.seq == 0);
+        let (mut unnumbered, mut records): (Vec<_>, Vec<_>) = records
+            .into_iter()
+            .partition(|(_, m)| renumber || m.seq == 0);
+        unnumbered.sort_by_key(|(tag, _)| *tag);
+        // A numbered message recorded twice (a rewrite that crashed before retiring the old
+        // record) is sent once.
+        let mut numbered_seen = std::collections::HashSet::new();
+        unnumbered.retain(|(tag, m)| {
+            let fresh = m.seq == 0 || numbered_seen.insert((m.epoch, m.seq));
+            if !fresh {
+                stale.push(*tag);
+            }
+            fresh
+        });
         records.sort_by_key(|(tag, _)| *tag);
         if records.is_empty() {
             restored.outbound.insert(
