@@ -38,8 +38,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::time::Duration;
 
+use crate::harness::SUBSCRIBE_UNCONFIRMED;
 use crate::history::{Event, NodeIndex, Record};
-use crate::scenario::FaultAction;
+use crate::scenario::{pattern_matches, FaultAction};
 
 /// Which guarantee a violation breaks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -59,6 +60,8 @@ pub enum Checker {
     /// A send, receipt or start failed where it must not, or the driver reported a protocol
     /// error.
     Api,
+    /// A published event did not reach a subscription that was in effect before the publish.
+    Coverage,
     /// The run did not settle: sends, receipts or spools were not done by the deadline.
     Liveness,
     /// The simulation itself failed: a host returned an error or a task panicked.
@@ -76,6 +79,7 @@ impl Checker {
             Checker::Ack => "ack",
             Checker::Integrity => "integrity",
             Checker::Api => "api",
+            Checker::Coverage => "coverage",
             Checker::Liveness => "liveness",
             Checker::Simulation => "simulation",
         }
@@ -378,6 +382,14 @@ pub fn check(records: &[Record], end: Duration) -> Vec<Violation> {
             | Event::PeerDown { .. }
             | Event::ConsumerPaused { .. }
             | Event::ConsumerResumed { .. }
+            | Event::Subscribed { .. }
+            | Event::SubscribeFailed { .. }
+            | Event::PublishStarted { .. }
+            | Event::Published { .. }
+            | Event::PublishFailed { .. }
+            | Event::PublishInterrupted { .. }
+            | Event::PublishSettled { .. }
+            | Event::EventReceived { .. }
             | Event::Fault(_) => {}
         }
     }
@@ -469,6 +481,308 @@ pub fn check(records: &[Record], end: Duration) -> Vec<Violation> {
                     secs(acked_at)
                 ),
             }),
+        }
+    }
+
+    violations.sort_by_key(|violation| (violation.checker, violation.at));
+    violations
+}
+
+/// Longest time after the later of its publish and the end of the faults (and pauses, and
+/// planned publishes) that an event may take to reach a subscription.
+pub const PUBSUB_DELIVERY_BOUND: Duration = Duration::from_secs(10);
+
+/// An event: (publisher, seq).
+type EventKey = (NodeIndex, u32);
+/// A subscription: (node, its index among the node's patterns).
+type SubKey = (NodeIndex, usize);
+
+/// What a publish looked like from its publisher.
+#[derive(Debug, Default)]
+struct PublishFacts {
+    /// Record index of `PublishStarted`.
+    started: Option<usize>,
+    /// `publish` returned `Ok`: (time, topic, body digest).
+    published: Option<(Duration, String, u64)>,
+    /// Interrupted by a crash: (topic, body digest).
+    interrupted: Option<(String, u64)>,
+}
+
+/// One event a subscription yielded.
+#[derive(Debug, Clone, Copy)]
+struct Received {
+    at: Duration,
+    index: usize,
+}
+
+/// The pub/sub guarantees, judged from a `pubsub` run's history (`quiet_from`: when its faults,
+/// pauses and planned publishes were over):
+///
+/// | checker     | guarantee                                                                   |
+/// |-------------|-----------------------------------------------------------------------------|
+/// | `coverage`  | an event whose publish returned `Ok` reaches every subscription whose       |
+/// |             | pattern matches its topic and that was in effect (`subscribe` returned)     |
+/// |             | before the publish started — unless the subscriber crashed after the        |
+/// |             | publish without having it (its queue is memory: the documented limit)       |
+/// | `duplicate` | a subscription yields an event at most once (across a crash of its node:    |
+/// |             | the new subscription may yield it again)                                    |
+/// | `fifo`      | a subscription yields each publisher's events in publish order              |
+/// | `integrity` | a subscription yields only events that were published (returned `Ok` or     |
+/// |             | interrupted by a crash), by their publisher, with their body and topic,     |
+/// |             | and only on topics its pattern matches                                      |
+/// | `liveness`  | a covered event arrives at most [`PUBSUB_DELIVERY_BOUND`] after the later   |
+/// |             | of its publish and `quiet_from`                                             |
+/// | `api`       | subscribe fails only with `NotConfirmed`, publishes and their receipts never |
+pub fn check_pubsub(records: &[Record], end: Duration, quiet_from: Duration) -> Vec<Violation> {
+    let mut violations = Vec::new();
+    let mut publishes: BTreeMap<EventKey, PublishFacts> = BTreeMap::new();
+    // Per subscription: its incarnations, (record index, time, pattern) of each `Subscribed`.
+    let mut subscriptions: BTreeMap<SubKey, Vec<(usize, Duration, String)>> = BTreeMap::new();
+    let mut received: BTreeMap<(SubKey, EventKey), Vec<Received>> = BTreeMap::new();
+    // Per (subscription, publisher): the last seq it yielded, since the node's last crash.
+    let mut last_seq: BTreeMap<(SubKey, NodeIndex), u32> = BTreeMap::new();
+    let mut crashes: BTreeMap<NodeIndex, Vec<usize>> = BTreeMap::new();
+    let crashed_between = |crashes: &BTreeMap<NodeIndex, Vec<usize>>, node, from, to| {
+        crashes
+            .get(&node)
+            .is_some_and(|c| c.iter().any(|&c| from < c && c < to))
+    };
+    for (index, record) in records.iter().enumerate() {
+        let at = record.at;
+        let mut violation = |checker, detail| {
+            violations.push(Violation {
+                checker,
+                at,
+                detail,
+            })
+        };
+        match &record.event {
+            Event::Subscribed { node, sub, pattern } => subscriptions
+                .entry((*node, *sub))
+                .or_default()
+                .push((index, at, pattern.clone())),
+            // Faults may keep a peer from confirming; the application tries again.
+            Event::SubscribeFailed { node, sub, error }
+                if !error.contains("did not confirm") && error != SUBSCRIBE_UNCONFIRMED =>
+            {
+                violation(
+                    Checker::Api,
+                    format!("node {node}: subscription {sub} failed: {error}"),
+                );
+            }
+            Event::PublishStarted { publisher, seq } => {
+                publishes.entry((*publisher, *seq)).or_default().started = Some(index);
+            }
+            Event::Published {
+                publisher,
+                seq,
+                topic,
+                body_digest,
+                ..
+            } => {
+                publishes.entry((*publisher, *seq)).or_default().published =
+                    Some((at, topic.clone(), *body_digest));
+            }
+            Event::PublishInterrupted {
+                publisher,
+                seq,
+                topic,
+                body_digest,
+            } => {
+                publishes.entry((*publisher, *seq)).or_default().interrupted =
+                    Some((topic.clone(), *body_digest));
+            }
+            Event::PublishFailed {
+                publisher,
+                seq,
+                error,
+            } => violation(
+                Checker::Api,
+                format!("node {publisher}: publish of event {seq} failed: {error}"),
+            ),
+            Event::PublishSettled {
+                publisher,
+                seq,
+                error: Some(error),
+            } => violation(
+                Checker::Api,
+                format!("node {publisher}: a receipt of event {seq} failed: {error}"),
+            ),
+            Event::EventReceived {
+                node,
+                sub,
+                producer,
+                publisher,
+                seq,
+                ..
+            } => {
+                let key = ((*node, *sub), (*publisher, *seq));
+                if *producer != Some(*publisher) {
+                    violation(
+                        Checker::Integrity,
+                        format!(
+                            "node {node}: subscription {sub} got event {publisher}/{seq} from producer {producer:?}"
+                        ),
+                    );
+                }
+                let copies = received.entry(key).or_default();
+                if let Some(previous) = copies.last() {
+                    if !crashed_between(&crashes, *node, previous.index, index) {
+                        violation(
+                            Checker::Duplicate,
+                            format!(
+                                "node {node}: subscription {sub} got event {publisher}/{seq} again (first at {})",
+                                secs(copies[0].at)
+                            ),
+                        );
+                    }
+                }
+                copies.push(Received { at, index });
+                let last = last_seq.entry(((*node, *sub), *publisher)).or_default();
+                if *seq <= *last {
+                    violation(
+                        Checker::Fifo,
+                        format!(
+                            "node {node}: subscription {sub} got event {publisher}/{seq} after {publisher}/{last}"
+                        ),
+                    );
+                }
+                *last = (*last).max(*seq);
+            }
+            Event::Fault(FaultAction::Crash { nodes, .. }) => {
+                for node in nodes {
+                    crashes.entry(*node).or_default().push(index);
+                    // A new subscription starts its order afresh.
+                    last_seq.retain(|((subscriber, _), _), _| subscriber != node);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    // Integrity: every yielded event was published, as it was published, on a matching topic.
+    for (&((node, sub), (publisher, seq)), copies) in &received {
+        let first = copies[0];
+        let Some(pattern) = subscriptions.get(&(node, sub)).and_then(|incarnations| {
+            incarnations
+                .iter()
+                .rev()
+                .find(|(index, ..)| *index < first.index)
+                .map(|(_, _, pattern)| pattern)
+        }) else {
+            violations.push(Violation {
+                checker: Checker::Integrity,
+                at: first.at,
+                detail: format!(
+                    "node {node}: subscription {sub} got event {publisher}/{seq} before it was subscribed"
+                ),
+            });
+            continue;
+        };
+        let facts = publishes.get(&(publisher, seq));
+        let sent = facts.and_then(|facts| {
+            facts
+                .published
+                .as_ref()
+                .map(|(_, topic, digest)| (topic, digest))
+                .or(facts
+                    .interrupted
+                    .as_ref()
+                    .map(|(topic, digest)| (topic, digest)))
+        });
+        let Some((topic, digest)) = sent else {
+            violations.push(Violation {
+                checker: Checker::Integrity,
+                at: first.at,
+                detail: format!(
+                    "node {node}: subscription {sub} got event {publisher}/{seq}, which was never published"
+                ),
+            });
+            continue;
+        };
+        if !pattern_matches(pattern, topic) {
+            violations.push(Violation {
+                checker: Checker::Integrity,
+                at: first.at,
+                detail: format!(
+                    "node {node}: subscription {sub} ({pattern:?}) got event {publisher}/{seq} on {topic:?}, which it does not match"
+                ),
+            });
+        }
+        for copy in copies {
+            let Event::EventReceived {
+                topic: got_topic,
+                body_digest,
+                ..
+            } = &records[copy.index].event
+            else {
+                continue;
+            };
+            if got_topic != topic || body_digest != digest {
+                violations.push(Violation {
+                    checker: Checker::Integrity,
+                    at: copy.at,
+                    detail: format!(
+                        "node {node}: subscription {sub} got event {publisher}/{seq} on {got_topic:?} with another body or topic (published on {topic:?})"
+                    ),
+                });
+            }
+        }
+    }
+
+    // Coverage and liveness: every event published `Ok`, at every subscription in effect before
+    // its publish started.
+    for (&(publisher, seq), facts) in &publishes {
+        let (Some(started), Some((published_at, topic, _))) = (facts.started, &facts.published)
+        else {
+            continue;
+        };
+        for (&(node, sub), incarnations) in &subscriptions {
+            // The subscription in effect when the publish started: its node did not crash since.
+            let Some(&(subscribed, _, ref pattern)) = incarnations
+                .iter()
+                .rev()
+                .find(|(index, ..)| *index < started)
+            else {
+                continue;
+            };
+            if !pattern_matches(pattern, topic)
+                || crashed_between(&crashes, node, subscribed, started)
+            {
+                continue;
+            }
+            let first = received
+                .get(&((node, sub), (publisher, seq)))
+                .and_then(|copies| copies.iter().find(|copy| copy.index > subscribed));
+            match first {
+                Some(first) => {
+                    let due = (*published_at).max(quiet_from) + PUBSUB_DELIVERY_BOUND;
+                    if first.at > due {
+                        violations.push(Violation {
+                            checker: Checker::Liveness,
+                            at: first.at,
+                            detail: format!(
+                                "node {node}: subscription {sub} got event {publisher}/{seq} (published at {}) only at {}",
+                                secs(*published_at),
+                                secs(first.at)
+                            ),
+                        });
+                    }
+                }
+                // The subscriber's queue died with it (the documented limit).
+                None if crashes
+                    .get(&node)
+                    .is_some_and(|c| c.iter().any(|&c| c > started)) => {}
+                None => violations.push(Violation {
+                    checker: Checker::Coverage,
+                    at: end,
+                    detail: format!(
+                        "event {publisher}/{seq} on {topic:?} (published at {}) never reached node {node}'s subscription {sub} ({pattern:?}, in effect since {})",
+                        secs(*published_at),
+                        secs(records[subscribed].at)
+                    ),
+                }),
+            }
         }
     }
 
@@ -723,5 +1037,142 @@ mod tests {
         );
         let records = [accepted(1, 0, 1, 1), crash(7, 0), quarantined];
         assert_eq!(checkers(&records), []);
+    }
+    fn subscribed(ms: u64, node: NodeIndex, pattern: &str) -> Record {
+        record(
+            ms,
+            Event::Subscribed {
+                node,
+                sub: 0,
+                pattern: pattern.into(),
+            },
+        )
+    }
+
+    /// `PublishStarted` and `Published` of event `publisher/seq` on `topic`.
+    fn published(ms: u64, publisher: NodeIndex, seq: u32, topic: &str) -> [Record; 2] {
+        [
+            record(ms, Event::PublishStarted { publisher, seq }),
+            record(
+                ms,
+                Event::Published {
+                    publisher,
+                    seq,
+                    topic: topic.into(),
+                    body_digest: u64::from(seq) * 10,
+                    remote: 1,
+                    local: 0,
+                },
+            ),
+        ]
+    }
+
+    fn received(ms: u64, node: NodeIndex, publisher: NodeIndex, seq: u32, topic: &str) -> Record {
+        record(
+            ms,
+            Event::EventReceived {
+                node,
+                sub: 0,
+                producer: Some(publisher),
+                publisher,
+                seq,
+                topic: topic.into(),
+                body_digest: u64::from(seq) * 10,
+            },
+        )
+    }
+
+    fn pubsub_checkers(records: &[Record]) -> Vec<Checker> {
+        check_pubsub(records, at(60_000), at(1_000))
+            .into_iter()
+            .map(|violation| violation.checker)
+            .collect()
+    }
+
+    /// Node 1 subscribes to `orders/*`, node 2 to `users/**`; node 0 publishes two events on
+    /// `orders/created` and one on `misc/noise`.
+    fn pubsub_history() -> Vec<Record> {
+        let mut records = vec![subscribed(1, 1, "orders/*"), subscribed(1, 2, "users/**")];
+        records.extend(published(10, 0, 1, "orders/created"));
+        records.extend(published(11, 0, 2, "misc/noise"));
+        records.extend(published(12, 0, 3, "orders/created"));
+        records
+    }
+
+    #[test]
+    fn a_clean_pubsub_history_passes() {
+        let mut records = pubsub_history();
+        records.push(received(15, 1, 0, 1, "orders/created"));
+        records.push(received(16, 1, 0, 3, "orders/created"));
+        assert_eq!(pubsub_checkers(&records), []);
+    }
+
+    #[test]
+    fn each_broken_pubsub_guarantee_is_reported() {
+        let base = pubsub_history();
+        let with = |extra: &[Record]| {
+            let mut records = base.clone();
+            records.extend_from_slice(extra);
+            pubsub_checkers(&records)
+        };
+        // A matching subscription misses an event.
+        assert_eq!(
+            with(&[received(15, 1, 0, 1, "orders/created")]),
+            [Checker::Coverage]
+        );
+        // Twice.
+        assert_eq!(
+            with(&[
+                received(15, 1, 0, 1, "orders/created"),
+                received(16, 1, 0, 1, "orders/created"),
+                received(17, 1, 0, 3, "orders/created"),
+            ]),
+            [Checker::Duplicate, Checker::Fifo]
+        );
+        // Out of order.
+        assert_eq!(
+            with(&[
+                received(15, 1, 0, 3, "orders/created"),
+                received(16, 1, 0, 1, "orders/created"),
+            ]),
+            [Checker::Fifo]
+        );
+        // An event the pattern does not match, and one nobody published.
+        assert_eq!(
+            with(&[
+                received(15, 1, 0, 1, "orders/created"),
+                received(15, 1, 0, 3, "orders/created"),
+                received(15, 2, 0, 1, "orders/created"),
+                received(16, 2, 0, 9, "users/signup"),
+            ]),
+            [Checker::Integrity, Checker::Integrity]
+        );
+        // Too late after the faults.
+        assert_eq!(
+            with(&[
+                received(15, 1, 0, 1, "orders/created"),
+                received(12_000, 1, 0, 3, "orders/created"),
+            ]),
+            [Checker::Liveness]
+        );
+    }
+
+    #[test]
+    fn a_subscribers_crash_excuses_what_it_had_not_taken() {
+        let mut records = pubsub_history();
+        records.push(received(15, 1, 0, 1, "orders/created"));
+        records.push(crash(20, 1));
+        // The restarted subscriber may get event 1 again and must get what comes after its new
+        // subscription.
+        records.push(subscribed(30, 1, "orders/*"));
+        records.push(received(31, 1, 0, 1, "orders/created"));
+        assert_eq!(pubsub_checkers(&records), []);
+        records.extend(published(40, 0, 4, "orders/created"));
+        assert_eq!(pubsub_checkers(&records), [Checker::Coverage]);
+        // A subscription that came after the publish is not owed it.
+        let mut late = vec![subscribed(50, 2, "orders/*")];
+        late.extend(published(40, 0, 1, "orders/created"));
+        late.sort_by_key(|record| record.at);
+        assert_eq!(pubsub_checkers(&late), []);
     }
 }

@@ -39,13 +39,14 @@ use weft::{
 use weft_proto::link::Fault;
 use weft_spool::{SimStorage, SpoolConfig};
 
-use crate::check::{check, Checker, Violation};
+use crate::check::{check, check_pubsub, Checker, Violation};
 use crate::determinism::{crypto_provider, quinn_seams, SimulatedClock};
 use crate::history::{trace_hash, Event, History, NodeIndex, Record};
 use crate::net::TurmoilUdpSocket;
 use crate::scenario::{
-    derive_bytes, derive_seed, DiskFault, FaultAction, NodeSpool, Pause, PlannedSend, Scenario,
-    ScenarioKind, DEADLINE, IDLE_TIMEOUT, KEEP_ALIVE, SEGMENT_BYTES,
+    derive_bytes, derive_seed, parse_event_body, DiskFault, FaultAction, NodeSpool, Pause,
+    PlannedPublish, PlannedSend, Scenario, ScenarioKind, DEADLINE, IDLE_TIMEOUT, KEEP_ALIVE,
+    SEGMENT_BYTES,
 };
 
 /// The port every node listens on.
@@ -63,6 +64,16 @@ const RECEIPT_WINDOW: usize = 8;
 /// Messages a channel's queue holds: tiny, so that a paused consumer makes links park deliveries
 /// (see the scenario docs) and bursts exercise backpressure.
 const INBOX_CAPACITY: usize = 2;
+/// Events a subscription's queue holds (`pubsub`); see [`INBOX_CAPACITY`].
+const SUBSCRIPTION_CAPACITY: usize = 4;
+/// Publishes one node keeps with unresolved receipts; its publisher waits when the window is
+/// full.
+const PUBLISH_WINDOW: usize = 8;
+/// With [`Canary::DropEvent`], of every this many events a node's subscriptions yield one is
+/// lost.
+const DROP_EVENT_EVERY: u64 = 20;
+/// Why the pub/sub application tries a subscription again that `subscribe` returned.
+pub const SUBSCRIBE_UNCONFIRMED: &str = "a peer went down before it confirmed the subscription";
 /// How often a node reports its metrics for the run summary.
 const METRICS_INTERVAL: Duration = Duration::from_millis(250);
 /// Simulated time a settled run keeps going, so that late duplicates are seen.
@@ -81,6 +92,9 @@ pub enum Canary {
     AckBeforeFsync,
     /// Receivers acknowledge before their dedup watermark is durable.
     WatermarkAfterAck,
+    /// A bug of the simulated subscriber, not of the node: every 20th event a node's
+    /// subscriptions yield is not recorded (`pubsub`: the coverage checker must notice).
+    DropEvent,
 }
 
 impl Canary {
@@ -91,6 +105,7 @@ impl Canary {
             Canary::NoRetransmit => "no-retransmit",
             Canary::AckBeforeFsync => "ack-before-fsync",
             Canary::WatermarkAfterAck => "watermark-after-ack",
+            Canary::DropEvent => "drop-event",
         }
     }
 
@@ -100,6 +115,7 @@ impl Canary {
             Canary::NoRetransmit => Fault::NoRetransmit,
             Canary::AckBeforeFsync => Fault::AckBeforeFsync,
             Canary::WatermarkAfterAck => Fault::WatermarkAfterAck,
+            Canary::DropEvent => Fault::None,
         }
     }
 }
@@ -162,7 +178,14 @@ pub fn run(kind: ScenarioKind, seed: u64, canary: Option<Canary>) -> Outcome {
             at: simulated,
             detail: format!("simulation failed: {failure}"),
         }],
-        None => check(&records, simulated),
+        None => {
+            let mut violations = check(&records, simulated);
+            if scenario.pubsub.is_some() {
+                violations.extend(check_pubsub(&records, simulated, scenario.quiet_from()));
+                violations.sort_by_key(|violation| (violation.checker, violation.at));
+            }
+            violations
+        }
     };
     if let Some(unsettled) = unsettled {
         violations.push(Violation {
@@ -222,6 +245,23 @@ struct NodeContext {
     starts: AtomicU64,
     /// The application's progress, kept across crashes.
     app: Mutex<AppState>,
+    /// The pub/sub application's plan for this node (`pubsub`).
+    pubsub: Option<PubSubApp>,
+    /// Every [`DROP_EVENT_EVERY`]th event is not recorded ([`Canary::DropEvent`]).
+    drop_events: bool,
+    /// Events the node's subscriptions yielded (for [`Canary::DropEvent`]).
+    events_yielded: AtomicU64,
+}
+
+/// One node's part of a `pubsub` run.
+#[derive(Debug)]
+struct PubSubApp {
+    /// Its subscription patterns.
+    patterns: Vec<&'static str>,
+    /// Its events, in publish order.
+    publishes: Vec<PlannedPublish>,
+    /// Per topic it publishes on, how many other nodes subscribe to it.
+    remote_subscribers: BTreeMap<&'static str, usize>,
 }
 
 impl NodeContext {
@@ -239,6 +279,10 @@ struct AppState {
     next: BTreeMap<NodeIndex, usize>,
     /// Per destination: the body digest of the send that has not returned yet.
     in_flight: BTreeMap<NodeIndex, u64>,
+    /// Position of the next event to publish (`pubsub`).
+    next_publish: usize,
+    /// The event whose `publish` has not returned yet: (seq, topic, body digest).
+    publish_in_flight: Option<(u32, &'static str, u64)>,
 }
 
 /// How a simulation ended.
@@ -292,6 +336,14 @@ fn simulate(scenario: &Scenario, canary: Option<Canary>, history: &History) -> S
                 },
             );
         }
+        let pubsub = scenario.pubsub.as_ref().map(|plan| PubSubApp {
+            patterns: plan.patterns[index].clone(),
+            publishes: plan.publishes[index].clone(),
+            remote_subscribers: plan.publishes[index]
+                .iter()
+                .map(|publish| (publish.topic, plan.remote_subscribers(index, publish.topic)))
+                .collect(),
+        });
         let context = Arc::new(NodeContext {
             index,
             run_seed: seed,
@@ -305,6 +357,9 @@ fn simulate(scenario: &Scenario, canary: Option<Canary>, history: &History) -> S
             storage: SimStorage::new(derive_seed(seed, "storage", index as u64)),
             starts: AtomicU64::new(0),
             app: Mutex::new(AppState::default()),
+            pubsub,
+            drop_events: canary == Some(Canary::DropEvent),
+            events_yielded: AtomicU64::new(0),
         });
         contexts.push(Arc::clone(&context));
         sim.host(host_name(index), move || {
@@ -316,7 +371,7 @@ fn simulate(scenario: &Scenario, canary: Option<Canary>, history: &History) -> S
         .map(|index| sim.lookup(host_name(index)))
         .collect();
 
-    let planned = scenario.planned_messages();
+    let planned = scenario.planned_messages() + scenario.planned_publishes();
     let quiet_after = scenario.quiet_from();
     let mut faults = scenario.faults.iter().peekable();
     let mut settled_at = None;
@@ -330,7 +385,7 @@ fn simulate(scenario: &Scenario, canary: Option<Canary>, history: &History) -> S
             let progress = history.progress();
             let unsettled = settled_at.is_none().then(|| {
                 format!(
-                    "{}/{planned} sends returned, {} receipts unresolved, unacknowledged messages in the spools per node: {}",
+                    "{}/{planned} sends and publishes returned, {} receipts unresolved, unacknowledged messages in the spools per node: {}",
                     progress.sends_done,
                     progress.open_receipts,
                     progress
@@ -444,14 +499,27 @@ fn apply(
                 sim.crash(host_name(node));
                 let context = &contexts[node];
                 context.history.crashed(node);
-                let interrupted = {
+                let (interrupted, publish) = {
                     let mut app = context.app();
                     let interrupted = std::mem::take(&mut app.in_flight);
                     for to in interrupted.keys() {
                         *app.next.entry(*to).or_default() += 1;
                     }
-                    interrupted
+                    let publish = app.publish_in_flight.take();
+                    if publish.is_some() {
+                        app.next_publish += 1;
+                    }
+                    (interrupted, publish)
                 };
+                if let Some((seq, topic, body_digest)) = publish {
+                    let interrupted = Event::PublishInterrupted {
+                        publisher: node,
+                        seq,
+                        topic: topic.to_owned(),
+                        body_digest,
+                    };
+                    context.history.record(now, interrupted);
+                }
                 for (to, body_digest) in interrupted {
                     context.history.record(
                         now,
@@ -630,6 +698,10 @@ async fn node_software(context: Arc<NodeContext>) -> Result<(), Box<dyn Error>> 
         tokio::spawn(await_receipts(pending, index, to, history.clone()));
     }
 
+    if context.pubsub.is_some() {
+        tokio::spawn(pubsub_app(node.clone(), Arc::clone(&context)));
+    }
+
     // The node lives as long as this host: until the harness stops stepping or crashes it.
     loop {
         history.set_metrics(index, node.metrics());
@@ -680,6 +752,12 @@ async fn start_node(
             config.reconnect_max = Duration::from_secs(2);
             config.inbox_capacity = INBOX_CAPACITY;
             config.spool = Some(spool);
+            // Longer than any run: a partitioned subscriber keeps its events queued in the
+            // publisher's link (and spool) however long the partition lasts.
+            config.patterns.interest_lease = DEADLINE * 2;
+            // Small, so that a paused subscriber makes its node's event task wait, and the
+            // publisher's link park events (as the tiny inbox does for point-to-point).
+            config.patterns.subscription_capacity = SUBSCRIPTION_CAPACITY;
         })
         .seams(seams)
         .start()
@@ -821,6 +899,172 @@ async fn consume(
                     history.record_now(Event::ConsumerPaused { node: index });
                     sleep_until(pause.until).await;
                     history.record_now(Event::ConsumerResumed { node: index });
+                }
+            }
+        }
+    }
+}
+
+/// The pub/sub application of one node, from each start of the node: once connected to every
+/// peer it subscribes to its patterns (and records each subscription in effect); a publisher
+/// then waits until every other node that subscribes to its topics is known to it (a restarted
+/// publisher's node knows its peers' interest only once they announced it on the new
+/// connections, and routes events by what it knows) and publishes its remaining events at their
+/// planned times, at most [`PUBLISH_WINDOW`] with unresolved receipts.
+async fn pubsub_app(node: Node, context: Arc<NodeContext>) {
+    let index = context.index;
+    let history = context.history.clone();
+    let Some(app) = context.pubsub.as_ref() else {
+        return;
+    };
+    for (sub, pattern) in app.patterns.iter().enumerate() {
+        let subscription = loop {
+            if node.wait_for_peers(context.ids.len() - 1).await.is_err() {
+                return;
+            }
+            // `subscribe` returns once every peer connected *then* confirmed: a peer whose
+            // connection went down while it waited did not, and will not send it events until
+            // it reconnects and learns of it. The application wants every peer: it tries again.
+            // (Nothing yields between `subscribe`'s last look at the peers and this one.)
+            let error = match node.subscribe(pattern).await {
+                Ok(subscription) if node.connected_peers().len() == context.ids.len() - 1 => {
+                    break subscription
+                }
+                Ok(_) => SUBSCRIBE_UNCONFIRMED.to_owned(),
+                Err(error) => error.to_string(),
+            };
+            history.record_now(Event::SubscribeFailed {
+                node: index,
+                sub,
+                error,
+            });
+        };
+        history.record_now(Event::Subscribed {
+            node: index,
+            sub,
+            pattern: (*pattern).to_owned(),
+        });
+        tokio::spawn(consume_events(subscription, Arc::clone(&context), sub));
+    }
+    if app.publishes.is_empty() {
+        return;
+    }
+    for (topic, &count) in &app.remote_subscribers {
+        if node.wait_for_subscribers(topic, count).await.is_err() {
+            return;
+        }
+    }
+    let (window, pending) = mpsc::channel(PUBLISH_WINDOW);
+    tokio::spawn(await_published(pending, index, history.clone()));
+    loop {
+        let position = context.app().next_publish;
+        let Some(publish) = app.publishes.get(position) else {
+            return;
+        };
+        sleep_until(publish.at).await;
+        let Ok(slot) = window.reserve().await else {
+            return;
+        };
+        let PlannedPublish {
+            seq, topic, body, ..
+        } = publish;
+        let digest = body_digest(body);
+        context.app().publish_in_flight = Some((*seq, topic, digest));
+        history.record_now(Event::PublishStarted {
+            publisher: index,
+            seq: *seq,
+        });
+        let published = node.publish(topic, body.clone()).await;
+        {
+            let mut app = context.app();
+            app.publish_in_flight = None;
+            app.next_publish += 1;
+        }
+        match published {
+            Ok(published) => {
+                history.record_now(Event::Published {
+                    publisher: index,
+                    seq: *seq,
+                    topic: (*topic).to_owned(),
+                    body_digest: digest,
+                    remote: published.receipts.len(),
+                    local: published.local,
+                });
+                slot.send((*seq, published));
+            }
+            Err(error) => history.record_now(Event::PublishFailed {
+                publisher: index,
+                seq: *seq,
+                error: error.to_string(),
+            }),
+        }
+    }
+}
+
+/// Awaits every publish's receipts, in publish order, and records each outcome.
+async fn await_published(
+    mut pending: mpsc::Receiver<(u32, weft::Published)>,
+    publisher: NodeIndex,
+    history: History,
+) {
+    while let Some((seq, published)) = pending.recv().await {
+        let error = published.delivered().await.err().map(|e| e.to_string());
+        history.record_now(Event::PublishSettled {
+            publisher,
+            seq,
+            error,
+        });
+    }
+}
+
+/// Reads one subscription for as long as the node runs, pausing as scheduled.
+async fn consume_events(
+    mut subscription: weft::Subscription,
+    context: Arc<NodeContext>,
+    sub: usize,
+) {
+    let index = context.index;
+    let history = &context.history;
+    let now = sim_now();
+    let mut pauses = context
+        .pauses
+        .iter()
+        .copied()
+        .filter(|pause| pause.until > now)
+        .peekable();
+    loop {
+        let next_pause = pauses.peek().copied();
+        tokio::select! {
+            biased;
+            event = subscription.recv() => {
+                let Some(event) = event else { return };
+                let yielded = context.events_yielded.fetch_add(1, Ordering::Relaxed) + 1;
+                if context.drop_events && yielded.is_multiple_of(DROP_EVENT_EVERY) {
+                    continue;
+                }
+                let (publisher, seq) =
+                    parse_event_body(&event.body).unwrap_or((u8::MAX as usize, u32::MAX));
+                history.record_now(Event::EventReceived {
+                    node: index,
+                    sub,
+                    producer: index_of(&context.ids, &event.header.id.producer),
+                    publisher,
+                    seq,
+                    topic: event.header.channel.clone(),
+                    body_digest: body_digest(&event.body),
+                });
+            }
+            _ = pause_start(next_pause) => {
+                pauses.next();
+                if let Some(pause) = next_pause {
+                    // Recorded once per node, by its first subscription.
+                    if sub == 0 {
+                        history.record_now(Event::ConsumerPaused { node: index });
+                    }
+                    sleep_until(pause.until).await;
+                    if sub == 0 {
+                        history.record_now(Event::ConsumerResumed { node: index });
+                    }
                 }
             }
         }

@@ -179,6 +179,93 @@ pub enum Event {
     },
     /// The fault script changed the network.
     Fault(FaultAction),
+    /// `subscribe` returned: the node's subscription `sub` (its index among the node's
+    /// patterns) is in effect.
+    Subscribed {
+        /// Subscriber.
+        node: NodeIndex,
+        /// Which of its subscriptions.
+        sub: usize,
+        /// The pattern.
+        pattern: String,
+    },
+    /// `subscribe` failed (the application tries again).
+    SubscribeFailed {
+        /// Subscriber.
+        node: NodeIndex,
+        /// Which of its subscriptions.
+        sub: usize,
+        /// The error.
+        error: String,
+    },
+    /// The application called `publish`.
+    PublishStarted {
+        /// Publisher.
+        publisher: NodeIndex,
+        /// Its sequence number of the event.
+        seq: u32,
+    },
+    /// `publish` returned `Ok`.
+    Published {
+        /// Publisher.
+        publisher: NodeIndex,
+        /// Its sequence number of the event.
+        seq: u32,
+        /// The topic.
+        topic: String,
+        /// First 8 bytes of the body's blake3.
+        body_digest: u64,
+        /// Remote subscribers it went to (receipts).
+        remote: usize,
+        /// Local subscriptions that got it.
+        local: usize,
+    },
+    /// `publish` returned an error.
+    PublishFailed {
+        /// Publisher.
+        publisher: NodeIndex,
+        /// Its sequence number of the event.
+        seq: u32,
+        /// The error.
+        error: String,
+    },
+    /// The publisher crashed while `publish` had not returned: delivered or not, nobody knows.
+    PublishInterrupted {
+        /// Publisher.
+        publisher: NodeIndex,
+        /// Its sequence number of the event.
+        seq: u32,
+        /// The topic.
+        topic: String,
+        /// First 8 bytes of the body's blake3.
+        body_digest: u64,
+    },
+    /// Every receipt of a publish resolved (`error`: one failed).
+    PublishSettled {
+        /// Publisher.
+        publisher: NodeIndex,
+        /// Its sequence number of the event.
+        seq: u32,
+        /// Why a receipt failed, if one did.
+        error: Option<String>,
+    },
+    /// A subscription yielded an event.
+    EventReceived {
+        /// Subscriber.
+        node: NodeIndex,
+        /// Which of its subscriptions.
+        sub: usize,
+        /// The event's producer (message id), `None` for a node id that is not in the run.
+        producer: Option<NodeIndex>,
+        /// The publisher the body names.
+        publisher: NodeIndex,
+        /// The sequence number the body names.
+        seq: u32,
+        /// The event's topic.
+        topic: String,
+        /// First 8 bytes of the body's blake3.
+        body_digest: u64,
+    },
 }
 
 impl Event {
@@ -341,6 +428,97 @@ impl Event {
                 out.push(10);
                 action.encode(out);
             }
+            Event::Subscribed {
+                node: n,
+                sub,
+                pattern,
+            } => {
+                out.push(18);
+                node(out, *n);
+                node(out, *sub);
+                text(out, pattern);
+            }
+            Event::SubscribeFailed {
+                node: n,
+                sub,
+                error,
+            } => {
+                out.push(19);
+                node(out, *n);
+                node(out, *sub);
+                text(out, error);
+            }
+            Event::PublishStarted { publisher, seq } => {
+                out.push(20);
+                node(out, *publisher);
+                number(out, u64::from(*seq));
+            }
+            Event::Published {
+                publisher,
+                seq,
+                topic,
+                body_digest,
+                remote,
+                local,
+            } => {
+                out.push(21);
+                node(out, *publisher);
+                number(out, u64::from(*seq));
+                text(out, topic);
+                number(out, *body_digest);
+                number(out, *remote as u64);
+                number(out, *local as u64);
+            }
+            Event::PublishFailed {
+                publisher,
+                seq,
+                error,
+            } => {
+                out.push(22);
+                node(out, *publisher);
+                number(out, u64::from(*seq));
+                text(out, error);
+            }
+            Event::PublishInterrupted {
+                publisher,
+                seq,
+                topic,
+                body_digest,
+            } => {
+                out.push(23);
+                node(out, *publisher);
+                number(out, u64::from(*seq));
+                text(out, topic);
+                number(out, *body_digest);
+            }
+            Event::PublishSettled {
+                publisher,
+                seq,
+                error,
+            } => {
+                out.push(24);
+                node(out, *publisher);
+                number(out, u64::from(*seq));
+                text(out, error.as_deref().unwrap_or(""));
+            }
+            Event::EventReceived {
+                node: n,
+                sub,
+                producer,
+                publisher,
+                seq,
+                topic,
+                body_digest,
+            } => {
+                out.push(25);
+                node(out, *n);
+                node(out, *sub);
+                node(out, producer.unwrap_or(u8::MAX as usize));
+                node(out, *publisher);
+                number(out, u64::from(*seq));
+                text(out, topic);
+                number(out, *body_digest);
+            }
         }
     }
 }
@@ -404,6 +582,53 @@ impl fmt::Display for Event {
             Event::ConsumerPaused { node } => write!(f, "node {node}: consumer paused"),
             Event::ConsumerResumed { node } => write!(f, "node {node}: consumer resumed"),
             Event::Fault(action) => write!(f, "fault: {action}"),
+            Event::Subscribed { node, sub, pattern } => {
+                write!(f, "node {node}: subscription {sub} to {pattern:?} in effect")
+            }
+            Event::SubscribeFailed { node, sub, error } => {
+                write!(f, "node {node}: subscription {sub} failed: {error}")
+            }
+            Event::PublishStarted { publisher, seq } => {
+                write!(f, "node {publisher}: publishing event {seq}")
+            }
+            Event::Published {
+                publisher,
+                seq,
+                topic,
+                remote,
+                local,
+                ..
+            } => write!(
+                f,
+                "node {publisher}: published event {seq} on {topic:?} to {remote} remote, {local} local"
+            ),
+            Event::PublishFailed {
+                publisher,
+                seq,
+                error,
+            } => write!(f, "node {publisher}: publish of event {seq} failed: {error}"),
+            Event::PublishInterrupted {
+                publisher, seq, ..
+            } => write!(f, "node {publisher}: publish of event {seq} interrupted by a crash"),
+            Event::PublishSettled {
+                publisher,
+                seq,
+                error,
+            } => match error {
+                None => write!(f, "node {publisher}: event {seq} acknowledged by every subscriber"),
+                Some(error) => write!(f, "node {publisher}: event {seq} receipt failed: {error}"),
+            },
+            Event::EventReceived {
+                node,
+                sub,
+                publisher,
+                seq,
+                topic,
+                ..
+            } => write!(
+                f,
+                "node {node}: subscription {sub} got event {publisher}/{seq} on {topic:?}"
+            ),
         }
     }
 }
@@ -440,9 +665,10 @@ pub fn trace_hash(records: &[Record]) -> blake3::Hash {
 /// Counters the harness polls to decide that a run has settled (not part of the trace).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Progress {
-    /// Sends that returned (`Ok` or not) or were interrupted by a crash.
+    /// Sends and publishes that returned (`Ok` or not) or were interrupted by a crash.
     pub sends_done: usize,
-    /// Receipts of running nodes not resolved yet (a crash forgets its node's).
+    /// Receipts (and publishes' receipts) of running nodes not resolved yet (a crash forgets
+    /// its node's).
     pub open_receipts: usize,
     /// Whether every node reported its metrics since its last start and its spool holds no
     /// unacknowledged message.
@@ -505,8 +731,19 @@ impl History {
                 inner.sends_done += 1;
                 inner.open_receipts[*from] += 1;
             }
-            Event::SendFailed { .. } | Event::SendInterrupted { .. } => inner.sends_done += 1,
-            Event::Acked { from, .. } | Event::ReceiptFailed { from, .. } => {
+            Event::Published { publisher, .. } => {
+                inner.sends_done += 1;
+                inner.open_receipts[*publisher] += 1;
+            }
+            Event::SendFailed { .. }
+            | Event::SendInterrupted { .. }
+            | Event::PublishFailed { .. }
+            | Event::PublishInterrupted { .. } => inner.sends_done += 1,
+            Event::Acked { from, .. }
+            | Event::ReceiptFailed { from, .. }
+            | Event::PublishSettled {
+                publisher: from, ..
+            } => {
                 let open = &mut inner.open_receipts[*from];
                 *open = open.saturating_sub(1);
             }

@@ -40,7 +40,7 @@ struct Cli {
 enum Command {
     /// Run one seed of one scenario and check it.
     Run {
-        /// partition, hold, loss, latency, crash, disk, bitrot or spool-full.
+        /// partition, hold, loss, latency, crash, disk, bitrot, spool-full or pubsub.
         #[arg(long)]
         scenario: ScenarioKind,
         /// The run seed: everything in the run derives from it.
@@ -56,7 +56,7 @@ enum Command {
     /// Run a range of seeds and summarise.
     Sweep {
         /// A scenario, or `all` (every scenario but bitrot and spool-full, which fail on known
-        /// bugs).
+        /// bugs; pubsub included).
         #[arg(long)]
         scenario: String,
         /// Seeds as `A..B` (B excluded), `A..=B`, or a single seed.
@@ -84,6 +84,7 @@ enum CanaryArg {
     NoRetransmit,
     AckBeforeFsync,
     WatermarkAfterAck,
+    DropEvent,
 }
 
 impl From<CanaryArg> for Canary {
@@ -93,6 +94,7 @@ impl From<CanaryArg> for Canary {
             CanaryArg::NoRetransmit => Canary::NoRetransmit,
             CanaryArg::AckBeforeFsync => Canary::AckBeforeFsync,
             CanaryArg::WatermarkAfterAck => Canary::WatermarkAfterAck,
+            CanaryArg::DropEvent => Canary::DropEvent,
         }
     }
 }
@@ -198,6 +200,10 @@ struct Tally {
     retransmitted: u64,
     duplicates_dropped: u64,
     dial_failures: u64,
+    published: usize,
+    publishes_interrupted: usize,
+    publishes_settled: usize,
+    events_received: usize,
 }
 
 fn tally(outcome: &Outcome) -> Tally {
@@ -216,6 +222,10 @@ fn tally(outcome: &Outcome) -> Tally {
                 tally.crashes += nodes.len();
             }
             Event::Fault(_) => tally.faults += 1,
+            Event::Published { .. } => tally.published += 1,
+            Event::PublishInterrupted { .. } => tally.publishes_interrupted += 1,
+            Event::PublishSettled { .. } => tally.publishes_settled += 1,
+            Event::EventReceived { .. } => tally.events_received += 1,
             _ => {}
         }
     }
@@ -244,11 +254,20 @@ fn run_one(kind: ScenarioKind, seed: u64, canary: Option<Canary>, trace: bool) -
         }
     }
     println!(
-        "scenario {kind}, seed {seed}{}: {} nodes, {} messages planned",
+        "scenario {kind}, seed {seed}{}: {} nodes, {} messages and {} events planned",
         canary.map_or(String::new(), |c| format!(", canary {}", c.name())),
         scenario.nodes,
-        scenario.planned_messages()
+        scenario.planned_messages(),
+        scenario.planned_publishes()
     );
+    if let Some(plan) = &scenario.pubsub {
+        for (node, patterns) in plan.patterns.iter().enumerate() {
+            println!(
+                "  node {node} subscribes to {patterns:?}, publishes {} events",
+                plan.publishes[node].len()
+            );
+        }
+    }
     for fault in &scenario.faults {
         println!("  {:>7.3}s {}", fault.at.as_secs_f64(), fault.action);
     }
@@ -273,6 +292,15 @@ fn run_one(kind: ScenarioKind, seed: u64, canary: Option<Canary>, trace: bool) -
         tally.peer_up,
         tally.peer_down
     );
+    if scenario.pubsub.is_some() {
+        println!(
+            "published {}, interrupted {}, acknowledged by every subscriber {}; received {}",
+            tally.published,
+            tally.publishes_interrupted,
+            tally.publishes_settled,
+            tally.events_received
+        );
+    }
     println!(
         "driver: retransmitted {}, duplicates dropped {}, dial failures {}",
         tally.retransmitted, tally.duplicates_dropped, tally.dial_failures

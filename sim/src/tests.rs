@@ -86,6 +86,33 @@ fn disk_seeds_pass() {
 }
 
 #[test]
+fn pubsub_seeds_pass() {
+    assert_seeds_pass(ScenarioKind::PubSub);
+}
+
+/// The simulated subscriber loses every 20th event: coverage must notice.
+#[test]
+fn drop_event_canary_is_caught() {
+    assert_caught(
+        ScenarioKind::PubSub,
+        1,
+        Canary::DropEvent,
+        Checker::Coverage,
+    );
+}
+
+/// The link's retransmission is what carries events across a broken connection.
+#[test]
+fn no_retransmit_canary_is_caught_in_pubsub() {
+    assert_caught(
+        ScenarioKind::PubSub,
+        4,
+        Canary::NoRetransmit,
+        Checker::Coverage,
+    );
+}
+
+#[test]
 fn no_dedup_canary_is_caught() {
     assert_caught(
         ScenarioKind::Partition,
@@ -141,5 +168,9 @@ fn a_seed_replays_to_the_same_trace() {
     // With crashes and disk faults too.
     let first = run(ScenarioKind::Crash, 2, None);
     let again = run(ScenarioKind::Crash, 2, None);
+    assert_eq!(first.trace_hash, again.trace_hash);
+    // And with the patterns' tasks, subscriptions and publisher crashes.
+    let first = run(ScenarioKind::PubSub, 2, None);
+    let again = run(ScenarioKind::PubSub, 2, None);
     assert_eq!(first.trace_hash, again.trace_hash);
 }
