@@ -1,13 +1,16 @@
-//! `weft bench`: two processes on loopback, measured at the receiver.
+//! `weft bench`: processes on loopback, measured at the receivers.
 //!
-//! The parent starts `weft bench-peer` as a child process, reads the child's address from its
+//! The parent starts `weft bench-peer` child processes, reads each child's address from its
 //! first stdout line, and then either streams messages to it (throughput: the child reports how
 //! long the messages took to arrive, first to last) or exchanges sequential ping/echo messages
-//! (round trip, measured by the parent). Closing the child's stdin ends it.
+//! (round trip, measured by the parent). `fanout` does the same with pub/sub (the parent
+//! publishes, every child subscribes and reports wall-clock times of its first and last event)
+//! and `reqrep` with request/response (the child serves, the parent times each request). Closing
+//! a child's stdin ends it.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Child, ChildStdout, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
@@ -23,6 +26,83 @@ pub enum BenchCommand {
     P2p(P2pArgs),
     /// The on-disk spool alone: durable appends with group commit (or one fsync per message).
     Spool(SpoolArgs),
+    /// Pub/sub: this process publishes, `--subs` processes subscribe; aggregate delivered/s.
+    Fanout(FanoutArgs),
+    /// Request/response: sequential requests to a serving process; latency percentiles.
+    Reqrep(ReqrepArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct FanoutArgs {
+    /// Subscriber processes.
+    #[arg(long, default_value_t = 4)]
+    subs: usize,
+    /// Event body size in bytes (at least 8: the bench stamps a counter).
+    #[arg(long, default_value_t = 64)]
+    size: usize,
+    /// Events to publish (each subscriber must get every one, in order).
+    #[arg(long, default_value_t = 1_000_000)]
+    count: u64,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Largest UDP payload path MTU discovery may use.
+    #[arg(long, default_value_t = 1452)]
+    max_udp_payload: u16,
+    /// Tokio runtime of every process.
+    #[arg(long, value_enum, default_value_t = Flavor::CurrentThread)]
+    runtime: Flavor,
+}
+
+#[derive(Args, Debug)]
+pub struct ReqrepArgs {
+    /// Requests to time (sequential: one outstanding at a time).
+    #[arg(long, default_value_t = 20_000)]
+    count: u64,
+    /// Request and reply body size in bytes (at least 8; the replier echoes the request).
+    #[arg(long, default_value_t = 64)]
+    size: usize,
+    /// Untimed requests first.
+    #[arg(long, default_value_t = 1_000)]
+    warmup: u64,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Largest UDP payload path MTU discovery may use.
+    #[arg(long, default_value_t = 1452)]
+    max_udp_payload: u16,
+    /// Tokio runtime of both processes.
+    #[arg(long, value_enum, default_value_t = Flavor::CurrentThread)]
+    runtime: Flavor,
+}
+
+/// Which tokio runtime a bench process runs.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flavor {
+    /// One thread for everything.
+    CurrentThread,
+    /// Tokio's work-stealing runtime, one worker per core.
+    MultiThread,
+}
+
+impl Flavor {
+    fn name(self) -> &'static str {
+        match self {
+            Flavor::CurrentThread => "current-thread",
+            Flavor::MultiThread => "multi-thread",
+        }
+    }
+
+    fn build(self) -> Result<tokio::runtime::Runtime> {
+        let mut builder = match self {
+            Flavor::CurrentThread => tokio::runtime::Builder::new_current_thread(),
+            Flavor::MultiThread => tokio::runtime::Builder::new_multi_thread(),
+        };
+        builder
+            .enable_all()
+            .build()
+            .context("cannot start the async runtime")
+    }
 }
 
 #[derive(Args, Debug)]
@@ -89,6 +169,8 @@ pub struct PeerArgs {
     count: u64,
     #[arg(long)]
     max_udp_payload: u16,
+    #[arg(long, value_enum, default_value_t = Flavor::CurrentThread)]
+    runtime: Flavor,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -97,16 +179,45 @@ enum Mode {
     Sink,
     /// Send every message straight back.
     Echo,
+    /// Subscribe to the fanout topic, check `count` events arrive in order, report the
+    /// wall-clock times of the first and the last.
+    Subscriber,
+    /// Serve the reqrep service, answering every request with its own body.
+    Replier,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Sink => "sink",
+            Mode::Echo => "echo",
+            Mode::Subscriber => "subscriber",
+            Mode::Replier => "replier",
+        }
+    }
 }
 
 const BENCH_CHANNEL: &str = "bench";
 const ECHO_CHANNEL: &str = "bench/echo";
+const FANOUT_TOPIC: &str = "bench/fanout";
+const REQREP_SERVICE: &str = "bench/reqrep";
+/// How long one request may wait for its reply.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")
+    Flavor::CurrentThread.build()
+}
+
+/// Nanoseconds since the Unix epoch: comparable across the processes of one machine.
+fn wall_nanos() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// The counter a bench stamps into the first 8 bytes of a body.
+fn stamp(body: &[u8]) -> Option<u64> {
+    Some(u64::from_le_bytes(body.get(..8)?.try_into().ok()?))
 }
 
 async fn bench_node(max_udp_payload: u16) -> Result<Node> {
@@ -136,13 +247,14 @@ struct PeerProcess {
 }
 
 impl PeerProcess {
-    fn start(mode: &str, count: u64, max_udp_payload: u16) -> Result<Self> {
+    fn start(mode: Mode, count: u64, max_udp_payload: u16, runtime: Flavor) -> Result<Self> {
         let exe = std::env::current_exe().context("locating the weft binary")?;
         let mut child = Command::new(exe)
-            .args(["bench-peer", "--mode", mode, "--count"])
+            .args(["bench-peer", "--mode", mode.name(), "--count"])
             .arg(count.to_string())
             .arg("--max-udp-payload")
             .arg(max_udp_payload.to_string())
+            .args(["--runtime", runtime.name()])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -159,19 +271,46 @@ impl PeerProcess {
     }
 
     fn finish(mut self) -> Result<()> {
-        drop(self.child.stdin.take());
-        let status = self.child.wait()?;
-        if !status.success() {
-            bail!("bench peer exited with {status}");
-        }
-        Ok(())
+        end_child(&mut self.child)
     }
+
+    /// Hands the rest of the child's stdout to a thread that forwards each line as
+    /// `(index, Some(line))`, then `(index, None)` when the child closes it (exits).
+    fn forward_lines(
+        self,
+        index: usize,
+        lines: tokio::sync::mpsc::UnboundedSender<(usize, Option<String>)>,
+    ) -> Child {
+        let stdout = self.stdout;
+        std::thread::spawn(move || {
+            for line in stdout.lines() {
+                let Ok(line) = line else { break };
+                if lines.send((index, Some(line))).is_err() {
+                    return;
+                }
+            }
+            let _ = lines.send((index, None));
+        });
+        self.child
+    }
+}
+
+/// Closes a child's stdin (which ends it) and checks that it exits cleanly.
+fn end_child(child: &mut Child) -> Result<()> {
+    drop(child.stdin.take());
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("bench peer exited with {status}");
+    }
+    Ok(())
 }
 
 pub fn run(command: BenchCommand) -> Result<()> {
     let args = match command {
         BenchCommand::P2p(args) => args,
         BenchCommand::Spool(args) => return spool(&args),
+        BenchCommand::Fanout(args) => return fanout(&args),
+        BenchCommand::Reqrep(args) => return reqrep(&args),
     };
     if args.count == 0 {
         bail!("--count must be at least 1");
@@ -187,7 +326,12 @@ pub fn run(command: BenchCommand) -> Result<()> {
 }
 
 fn throughput(args: &P2pArgs) -> Result<()> {
-    let mut peer = PeerProcess::start("sink", args.count, args.max_udp_payload)?;
+    let mut peer = PeerProcess::start(
+        Mode::Sink,
+        args.count,
+        args.max_udp_payload,
+        Flavor::CurrentThread,
+    )?;
     let rt = runtime()?;
     let data_dir = std::env::temp_dir().join(format!("weft-bench-{}", std::process::id()));
     let mut accepted_in = None;
@@ -284,7 +428,12 @@ fn throughput(args: &P2pArgs) -> Result<()> {
 }
 
 fn rtt(args: &P2pArgs) -> Result<()> {
-    let peer = PeerProcess::start("echo", args.count, args.max_udp_payload)?;
+    let peer = PeerProcess::start(
+        Mode::Echo,
+        args.count,
+        args.max_udp_payload,
+        Flavor::CurrentThread,
+    )?;
     let rt = runtime()?;
     let mut samples = rt.block_on(async {
         let node = bench_node(args.max_udp_payload).await?;
@@ -319,12 +468,7 @@ fn rtt(args: &P2pArgs) -> Result<()> {
         anyhow::Ok(samples)
     })?;
     peer.finish()?;
-    samples.sort_unstable();
-    let pct = |p: f64| {
-        let index = ((samples.len() as f64 * p).ceil() as usize).clamp(1, samples.len()) - 1;
-        samples[index] as f64 / 1e3
-    };
-    let (p50, p99, p999) = (pct(0.50), pct(0.99), pct(0.999));
+    let (p50, p99, p999) = percentiles_us(&mut samples);
     if args.json {
         println!(
             "{}",
@@ -348,11 +492,295 @@ fn rtt(args: &P2pArgs) -> Result<()> {
     Ok(())
 }
 
-pub fn run_peer(args: PeerArgs) -> Result<()> {
-    let rt = runtime()?;
-    rt.block_on(async {
+/// p50, p99 and p99.9 of nanosecond samples, in microseconds.
+fn percentiles_us(samples: &mut [u64]) -> (f64, f64, f64) {
+    samples.sort_unstable();
+    let pct = |p: f64| {
+        if samples.is_empty() {
+            return 0.0;
+        }
+        let index = ((samples.len() as f64 * p).ceil() as usize).clamp(1, samples.len()) - 1;
+        samples[index] as f64 / 1e3
+    };
+    (pct(0.50), pct(0.99), pct(0.999))
+}
+
+/// One publisher (this process) and `--subs` subscriber processes; every subscriber reports the
+/// wall-clock times of its first and last event, so the aggregate rate is measured from the
+/// earliest first event to the latest last one on the machine's one clock.
+fn fanout(args: &FanoutArgs) -> Result<()> {
+    if args.count == 0 || args.subs == 0 {
+        bail!("--count and --subs must be at least 1");
+    }
+    if args.subs > 64 {
+        bail!("--subs is at most 64 (each is a process)");
+    }
+    if args.size < 8 {
+        bail!("--size must be at least 8 bytes (the bench stamps a counter)");
+    }
+    let mut peers = Vec::with_capacity(args.subs);
+    for _ in 0..args.subs {
+        peers.push(PeerProcess::start(
+            Mode::Subscriber,
+            args.count,
+            args.max_udp_payload,
+            args.runtime,
+        )?);
+    }
+    let addrs: Vec<NodeAddr> = peers.iter().map(|p| p.addr.clone()).collect();
+    // Each subscriber's stdout, line by line, so a subscriber that fails (and exits) while we
+    // publish ends the run at once instead of leaving the publisher waiting for its acks.
+    let (lines_tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
+    let mut children: Vec<Child> = peers
+        .into_iter()
+        .enumerate()
+        .map(|(i, peer)| peer.forward_lines(i, lines_tx.clone()))
+        .collect();
+    drop(lines_tx);
+    let mut reports: Vec<Option<String>> = vec![None; args.subs];
+    let note = |reports: &mut Vec<Option<String>>, (i, line): (usize, Option<String>)| {
+        match line {
+            Some(line) => match line.strip_prefix("RESULT ") {
+                Some(result) => reports[i] = Some(result.to_owned()),
+                None => bail!("subscriber {i} said {line:?}, expected RESULT"),
+            },
+            None if reports[i].is_none() => {
+                bail!("subscriber {i} exited without a result (its error is above)")
+            }
+            None => {}
+        }
+        anyhow::Ok(())
+    };
+    let rt = args.runtime.build()?;
+    let (accepted_in, acked_in) = rt.block_on(async {
         let node = bench_node(args.max_udp_payload).await?;
-        let mut inbox = node.receive(BENCH_CHANNEL)?;
+        for addr in &addrs {
+            node.add_peer(addr.clone())?;
+        }
+        for addr in &addrs {
+            tokio::time::timeout(PHASE_TIMEOUT, node.connected(addr.id))
+                .await
+                .context("a subscriber did not connect")??;
+        }
+        tokio::time::timeout(
+            PHASE_TIMEOUT,
+            node.wait_for_subscribers(FANOUT_TOPIC, args.subs),
+        )
+        .await
+        .context("the subscriptions did not arrive")??;
+        let mut body = vec![0xa5u8; args.size];
+        let started = Instant::now();
+        let publish_all = async {
+            let mut last = None;
+            for i in 0..args.count {
+                body[..8].copy_from_slice(&i.to_le_bytes());
+                let published = node
+                    .publish(FANOUT_TOPIC, Bytes::copy_from_slice(&body))
+                    .await?;
+                if published.receipts.len() != args.subs {
+                    bail!(
+                        "event {i} went to {} subscribers, expected {}",
+                        published.receipts.len(),
+                        args.subs
+                    );
+                }
+                // Receipts are cumulative per link: the last one covers all before it.
+                last = Some(published);
+            }
+            let accepted = started.elapsed();
+            if let Some(last) = last {
+                last.delivered().await?;
+            }
+            anyhow::Ok(accepted)
+        };
+        let run = async {
+            tokio::pin!(publish_all);
+            let accepted = loop {
+                tokio::select! {
+                    accepted = &mut publish_all => break accepted?,
+                    Some(line) = lines.recv() => note(&mut reports, line)?,
+                }
+            };
+            let acked = started.elapsed();
+            while reports.iter().any(Option::is_none) {
+                let line = lines.recv().await.context("subscribers' output closed")?;
+                note(&mut reports, line)?;
+            }
+            anyhow::Ok((accepted, acked))
+        };
+        let times = tokio::time::timeout(PHASE_TIMEOUT, run)
+            .await
+            .context("publishing did not finish in time")??;
+        node.shutdown().await;
+        anyhow::Ok(times)
+    })?;
+    drop(rt);
+    let mut firsts = Vec::with_capacity(args.subs);
+    let mut lasts = Vec::with_capacity(args.subs);
+    let mut delivered = 0u64;
+    let mut slowest = 0u64;
+    for result in reports.iter().flatten() {
+        let fields: Vec<u64> = result
+            .split(' ')
+            .map(str::parse)
+            .collect::<Result<_, _>>()
+            .context("malformed result line")?;
+        let [received, first, last] = fields[..] else {
+            bail!("malformed result line {result:?}");
+        };
+        if received != args.count {
+            bail!(
+                "a subscriber got {received} events, expected {}",
+                args.count
+            );
+        }
+        delivered += received;
+        slowest = slowest.max(last.saturating_sub(first));
+        firsts.push(first);
+        lasts.push(last);
+    }
+    for child in &mut children {
+        end_child(child)?;
+    }
+    let span = lasts
+        .iter()
+        .max()
+        .copied()
+        .unwrap_or(0)
+        .saturating_sub(firsts.iter().min().copied().unwrap_or(0));
+    let seconds = (span as f64 / 1e9).max(1e-9);
+    let msgs_per_sec = delivered as f64 / seconds;
+    let mb_per_sec = msgs_per_sec * args.size as f64 / 1e6;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "bench": "fanout",
+                "subs": args.subs,
+                "size": args.size,
+                "count": args.count,
+                "delivered": delivered,
+                "seconds": seconds,
+                "msgs_per_sec": msgs_per_sec,
+                "events_per_sec": args.count as f64 / seconds,
+                "mb_per_sec": mb_per_sec,
+                "slowest_sub_seconds": slowest as f64 / 1e9,
+                "publisher_accepted_seconds": accepted_in.as_secs_f64(),
+                "publisher_acked_seconds": acked_in.as_secs_f64(),
+                "runtime": args.runtime.name(),
+                "max_udp_payload": args.max_udp_payload,
+            })
+        );
+    } else {
+        println!(
+            "fanout to {} subscribers, {} x {} B: {:.0} delivered/s in all ({:.0} events/s each), {:.1} MB/s ({:.3} s); all acknowledged after {:.3} s",
+            args.subs,
+            args.count,
+            args.size,
+            msgs_per_sec,
+            args.count as f64 / seconds,
+            mb_per_sec,
+            seconds,
+            acked_in.as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
+/// Sequential requests from this process to a serving child process, each timed from the call
+/// to the reply (application to application).
+fn reqrep(args: &ReqrepArgs) -> Result<()> {
+    if args.count == 0 {
+        bail!("--count must be at least 1");
+    }
+    if args.size < 8 {
+        bail!("--size must be at least 8 bytes (the bench stamps a counter)");
+    }
+    let peer = PeerProcess::start(Mode::Replier, 0, args.max_udp_payload, args.runtime)?;
+    let rt = args.runtime.build()?;
+    let mut samples = rt.block_on(async {
+        let node = bench_node(args.max_udp_payload).await?;
+        node.add_peer(peer.addr.clone())?;
+        tokio::time::timeout(PHASE_TIMEOUT, node.connected(peer.addr.id))
+            .await
+            .context("the replier did not connect")??;
+        tokio::time::timeout(PHASE_TIMEOUT, node.wait_for_service(REQREP_SERVICE, 1))
+            .await
+            .context("the service did not arrive")??;
+        let mut samples = Vec::with_capacity(args.count as usize);
+        let mut body = vec![0x5au8; args.size];
+        let run = async {
+            for i in 0..args.warmup + args.count {
+                body[..8].copy_from_slice(&i.to_le_bytes());
+                let started = Instant::now();
+                let reply = node
+                    .request(REQREP_SERVICE, Bytes::copy_from_slice(&body))
+                    .timeout(REQUEST_TIMEOUT)
+                    .await
+                    .with_context(|| format!("request {i}"))?;
+                let elapsed = started.elapsed();
+                if reply.body[..] != body[..] {
+                    bail!("reply {i} is not the request's body");
+                }
+                if i >= args.warmup {
+                    samples.push(elapsed.as_nanos() as u64);
+                }
+            }
+            anyhow::Ok(())
+        };
+        tokio::time::timeout(PHASE_TIMEOUT, run)
+            .await
+            .context("the requests did not finish in time")??;
+        node.shutdown().await;
+        anyhow::Ok(samples)
+    })?;
+    drop(rt);
+    peer.finish()?;
+    let count = samples.len();
+    let mean_us = samples.iter().sum::<u64>() as f64 / count.max(1) as f64 / 1e3;
+    let (p50, p99, p999) = percentiles_us(&mut samples);
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "bench": "reqrep",
+                "size": args.size,
+                "count": count,
+                "warmup": args.warmup,
+                "p50_us": p50,
+                "p99_us": p99,
+                "p999_us": p999,
+                "mean_us": mean_us,
+                "runtime": args.runtime.name(),
+                "max_udp_payload": args.max_udp_payload,
+            })
+        );
+    } else {
+        println!(
+            "request/reply, {count} x {} B: p50 {p50:.1} µs, p99 {p99:.1} µs, p99.9 {p999:.1} µs (mean {mean_us:.1} µs)",
+            args.size
+        );
+    }
+    Ok(())
+}
+
+pub fn run_peer(args: PeerArgs) -> Result<()> {
+    let rt = args.runtime.build()?;
+    let result = rt.block_on(async {
+        let node = bench_node(args.max_udp_payload).await?;
+        // Everything this mode listens on exists before the parent learns our address.
+        let mut inbox = match args.mode {
+            Mode::Sink | Mode::Echo => Some(node.receive(BENCH_CHANNEL)?),
+            Mode::Subscriber | Mode::Replier => None,
+        };
+        let mut subscription = match args.mode {
+            Mode::Subscriber => Some(node.subscribe(FANOUT_TOPIC).await?),
+            _ => None,
+        };
+        let mut service = match args.mode {
+            Mode::Replier => Some(node.serve(REQREP_SERVICE).await?),
+            _ => None,
+        };
         let mut out = std::io::stdout();
         writeln!(out, "READY {}", node.addr()?)?;
         out.flush()?;
@@ -363,6 +791,7 @@ pub fn run_peer(args: PeerArgs) -> Result<()> {
         });
         match args.mode {
             Mode::Sink => {
+                let inbox = inbox.as_mut().expect("a sink has an inbox");
                 let mut received = 0u64;
                 let mut first = None;
                 let mut batch = Vec::with_capacity(1024);
@@ -385,20 +814,80 @@ pub fn run_peer(args: PeerArgs) -> Result<()> {
                 out.flush()?;
                 let _ = stdin_closed.await;
             }
-            Mode::Echo => loop {
-                let message = tokio::select! {
-                    message = inbox.recv() => message,
-                    _ = &mut stdin_closed => break,
+            Mode::Echo => {
+                let inbox = inbox.as_mut().expect("an echo has an inbox");
+                loop {
+                    let message = tokio::select! {
+                        message = inbox.recv() => message,
+                        _ = &mut stdin_closed => break,
+                    };
+                    let Some(message) = message else { break };
+                    let _receipt = node
+                        .send(message.header.id.producer, ECHO_CHANNEL, message.body)
+                        .await?;
+                }
+            }
+            Mode::Subscriber => {
+                let subscription = subscription.as_mut().expect("a subscriber subscribed");
+                let count = args.count;
+                let receive = async {
+                    let mut received = 0u64;
+                    let mut first = None;
+                    while received < count {
+                        let Some(event) = subscription.recv().await else {
+                            bail!("node closed after {received} events");
+                        };
+                        first.get_or_insert_with(wall_nanos);
+                        let mut next = Some(event);
+                        // Everything already queued, without a wake per event.
+                        while let Some(event) = next {
+                            if stamp(&event.body) != Some(received) {
+                                bail!(
+                                    "event {received} out of order: its counter is {:?}",
+                                    stamp(&event.body)
+                                );
+                            }
+                            received += 1;
+                            next = if received < count {
+                                subscription.try_recv()
+                            } else {
+                                None
+                            };
+                        }
+                    }
+                    anyhow::Ok((received, first.unwrap_or(0), wall_nanos()))
                 };
-                let Some(message) = message else { break };
-                let _receipt = node
-                    .send(message.header.id.producer, ECHO_CHANNEL, message.body)
-                    .await?;
-            },
+                let (received, first, last) = tokio::select! {
+                    result = tokio::time::timeout(PHASE_TIMEOUT, receive) => {
+                        result.context("events did not arrive in time")??
+                    }
+                    _ = &mut stdin_closed => bail!("parent went away"),
+                };
+                writeln!(out, "RESULT {received} {first} {last}")?;
+                out.flush()?;
+                let _ = stdin_closed.await;
+            }
+            Mode::Replier => {
+                let service = service.as_mut().expect("a replier serves");
+                loop {
+                    let request = tokio::select! {
+                        request = service.recv() => request,
+                        _ = &mut stdin_closed => break,
+                    };
+                    let Some(request) = request else { break };
+                    let body = request.body().clone();
+                    request.reply(body).await?;
+                }
+            }
         }
+        drop((subscription, service));
         node.shutdown().await;
         anyhow::Ok(())
-    })
+    });
+    // The stdin reader may still be blocked (after a failure the parent has not closed our
+    // stdin yet): exit without waiting for it, so the parent sees us go.
+    rt.shutdown_background();
+    result
 }
 
 /// Appends `count` records in batches, each batch synced (group commit) before it counts as
