@@ -399,6 +399,9 @@ fn twenty_nodes_started_at_once_form_a_full_mesh() {
         );
         let stopping = std::time::Instant::now();
         futures_util::future::join_all(nodes.iter().map(Node::shutdown)).await;
-        eprintln!("discovery: {NODES} nodes stopped in {:?}", stopping.elapsed());
+        eprintln!(
+            "discovery: {NODES} nodes stopped in {:?}",
+            stopping.elapsed()
+        );
     });
 }
