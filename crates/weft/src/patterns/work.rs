@@ -286,11 +286,23 @@ async fn push_message(
             }
             return Ok(worker);
         }
-        // Wait for an acknowledgement from a worker, or for workers to come or go.
+        // Wait for an acknowledgement from a worker, or for workers to come or go. A clone of
+        // a handle's receiver (never marked seen) takes every ack so far for a change: mark the
+        // clones seen, else `changed` returns at once and this loop spins while every credit is
+        // used up. Then look again, so an ack that came since `choose` looked is not missed.
         let mut acks: Vec<_> = workers
             .iter()
             .filter_map(|w| shared.peers.read().ok()?.get(w).map(|h| h.acked.clone()))
             .collect();
+        for rx in &mut acks {
+            rx.borrow_and_update();
+        }
+        if choose(shared, queue, key.as_deref(), reassigning)
+            .0
+            .is_some()
+        {
+            continue;
+        }
         let acked = async {
             if acks.is_empty() {
                 std::future::pending::<()>().await;
