@@ -390,6 +390,12 @@ pub fn check(records: &[Record], end: Duration) -> Vec<Violation> {
             | Event::PublishInterrupted { .. }
             | Event::PublishSettled { .. }
             | Event::EventReceived { .. }
+            | Event::Pulling { .. }
+            | Event::PullFailed { .. }
+            | Event::Pushed { .. }
+            | Event::PushFailed { .. }
+            | Event::PushInterrupted { .. }
+            | Event::ItemTaken { .. }
             | Event::Fault(_) => {}
         }
     }
@@ -790,6 +796,221 @@ pub fn check_pubsub(records: &[Record], end: Duration, quiet_from: Duration) -> 
     violations
 }
 
+/// What the work queue checkers know of one item.
+#[derive(Debug, Default)]
+struct ItemFacts {
+    /// `push` returned `Ok`: (time, key, body digest).
+    pushed: Option<(Duration, Option<u8>, u64)>,
+    /// Interrupted by the producer's crash: (key, body digest).
+    interrupted: Option<(Option<u8>, u64)>,
+    /// Every take: (worker, record index, time).
+    takes: Vec<(NodeIndex, usize, Duration)>,
+}
+
+/// The work queue guarantees, judged from a `work` run's history (the producer is node 0;
+/// `reassign_after` is the workers' `work_reassign_after`, `quiet_from` when the faults, pauses
+/// and planned pushes were over):
+///
+/// | checker     | guarantee                                                                   |
+/// |-------------|-----------------------------------------------------------------------------|
+/// | `coverage`  | every item whose push returned `Ok` is taken by a worker                    |
+/// | `duplicate` | an item is taken again only if a worker that took it crashed or went silent |
+/// |             | (down at the producer for `reassign_after`) after its push                  |
+/// | `fifo`      | per shard key, items are first taken in push order (across workers, in the  |
+/// |             | order the history has the takes)                                            |
+/// | `integrity` | a taken item was pushed (returned `Ok` or interrupted), by the producer,    |
+/// |             | with its body and key                                                       |
+/// | `liveness`  | an item is first taken at most [`PUBSUB_DELIVERY_BOUND`] after the later of |
+/// |             | its push and `quiet_from`                                                   |
+/// | `api`       | pushes never fail; pulls fail only with `NotConfirmed`                      |
+pub fn check_work(
+    records: &[Record],
+    end: Duration,
+    quiet_from: Duration,
+    reassign_after: Duration,
+) -> Vec<Violation> {
+    const PRODUCER: NodeIndex = 0;
+    let mut violations = Vec::new();
+    let mut items: BTreeMap<u32, ItemFacts> = BTreeMap::new();
+    let mut crashes: BTreeMap<NodeIndex, Vec<Duration>> = BTreeMap::new();
+    // Per worker: intervals its connection was down at the producer for `reassign_after`.
+    let mut silences: BTreeMap<NodeIndex, Vec<(Duration, Duration)>> = BTreeMap::new();
+    let mut down_since: BTreeMap<NodeIndex, Duration> = BTreeMap::new();
+    // Per key: the highest seq first taken so far.
+    let mut key_order: BTreeMap<u8, u32> = BTreeMap::new();
+    let end_silence = |silences: &mut BTreeMap<NodeIndex, Vec<(Duration, Duration)>>,
+                       worker: NodeIndex,
+                       from: Duration,
+                       to: Duration| {
+        if to.saturating_sub(from) >= reassign_after {
+            silences.entry(worker).or_default().push((from, to));
+        }
+    };
+    for (index, record) in records.iter().enumerate() {
+        let at = record.at;
+        let mut violation = |checker, detail| {
+            violations.push(Violation {
+                checker,
+                at,
+                detail,
+            })
+        };
+        match &record.event {
+            Event::Pushed {
+                seq,
+                key,
+                body_digest,
+            } => items.entry(*seq).or_default().pushed = Some((at, *key, *body_digest)),
+            Event::PushInterrupted {
+                seq,
+                key,
+                body_digest,
+            } => items.entry(*seq).or_default().interrupted = Some((*key, *body_digest)),
+            Event::PushFailed { seq, error } => {
+                violation(Checker::Api, format!("push of item {seq} failed: {error}"))
+            }
+            Event::PullFailed { node, error } if !error.contains("did not confirm") => {
+                violation(Checker::Api, format!("node {node}: pull failed: {error}"))
+            }
+            Event::ItemTaken {
+                worker,
+                producer,
+                seq,
+                key,
+                ..
+            } => {
+                if *producer != Some(PRODUCER) {
+                    violation(
+                        Checker::Integrity,
+                        format!("node {worker}: took item {seq} from producer {producer:?}"),
+                    );
+                }
+                let facts = items.entry(*seq).or_default();
+                if facts.takes.is_empty() {
+                    if let Some(key) = key {
+                        let last = key_order.entry(*key).or_default();
+                        if *seq < *last {
+                            violation(
+                                Checker::Fifo,
+                                format!(
+                                    "node {worker}: took item {seq} of key {key} after item {last} of that key"
+                                ),
+                            );
+                        }
+                        *last = (*last).max(*seq);
+                    }
+                }
+                facts.takes.push((*worker, index, at));
+            }
+            Event::PeerDown { node, peer } if *node == PRODUCER => {
+                down_since.entry(*peer).or_insert(at);
+            }
+            Event::PeerUp { node, peer } if *node == PRODUCER => {
+                if let Some(from) = down_since.remove(peer) {
+                    end_silence(&mut silences, *peer, from, at);
+                }
+            }
+            Event::Fault(FaultAction::Crash { nodes, .. }) => {
+                for node in nodes {
+                    crashes.entry(*node).or_default().push(at);
+                    if *node == PRODUCER {
+                        // Its view of the workers starts afresh.
+                        for (worker, from) in std::mem::take(&mut down_since) {
+                            end_silence(&mut silences, worker, from, at);
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    for (worker, from) in down_since {
+        end_silence(&mut silences, worker, from, end);
+    }
+
+    for (&seq, facts) in &items {
+        let sent = facts
+            .pushed
+            .map(|(_, key, digest)| (key, digest))
+            .or(facts.interrupted);
+        // Integrity of every take.
+        for &(worker, index, at) in &facts.takes {
+            let Event::ItemTaken {
+                key, body_digest, ..
+            } = &records[index].event
+            else {
+                continue;
+            };
+            match sent {
+                None => violations.push(Violation {
+                    checker: Checker::Integrity,
+                    at,
+                    detail: format!("node {worker}: took item {seq}, which was never pushed"),
+                }),
+                Some((sent_key, digest)) if sent_key != *key || digest != *body_digest => {
+                    violations.push(Violation {
+                        checker: Checker::Integrity,
+                        at,
+                        detail: format!(
+                            "node {worker}: took item {seq} with another body or key ({key:?}, pushed with {sent_key:?})"
+                        ),
+                    })
+                }
+                Some(_) => {}
+            }
+        }
+        // Duplicates: excused by a crash or a silence of a worker that took it.
+        let since = facts.pushed.map_or(Duration::ZERO, |(at, ..)| at);
+        for &(worker, _, at) in facts.takes.iter().skip(1) {
+            let excused = facts.takes.iter().any(|&(taker, ..)| {
+                crashes
+                    .get(&taker)
+                    .is_some_and(|c| c.iter().any(|&c| c <= at))
+                    || silences
+                        .get(&taker)
+                        .is_some_and(|s| s.iter().any(|&(from, to)| from <= at && to >= since))
+            });
+            if !excused {
+                let (first, _, first_at) = facts.takes[0];
+                violations.push(Violation {
+                    checker: Checker::Duplicate,
+                    at,
+                    detail: format!(
+                        "node {worker}: took item {seq} again (first node {first} at {}) with no crash or silence of a worker that had it",
+                        secs(first_at)
+                    ),
+                });
+            }
+        }
+        // Coverage and liveness of what was pushed.
+        let Some((pushed_at, ..)) = facts.pushed else {
+            continue;
+        };
+        match facts.takes.first() {
+            None => violations.push(Violation {
+                checker: Checker::Coverage,
+                at: end,
+                detail: format!("item {seq} (pushed at {}) was never taken", secs(pushed_at)),
+            }),
+            Some(&(worker, _, at)) => {
+                if at > pushed_at.max(quiet_from) + PUBSUB_DELIVERY_BOUND {
+                    violations.push(Violation {
+                        checker: Checker::Liveness,
+                        at,
+                        detail: format!(
+                            "node {worker}: took item {seq} (pushed at {}) only at {}",
+                            secs(pushed_at),
+                            secs(at)
+                        ),
+                    });
+                }
+            }
+        }
+    }
+    violations.sort_by_key(|violation| (violation.checker, violation.at));
+    violations
+}
+
 /// One delivery against its pair's FIFO order (see the module docs).
 fn fifo(
     order: &mut Order,
@@ -1174,5 +1395,88 @@ mod tests {
         late.extend(published(40, 0, 1, "orders/created"));
         late.sort_by_key(|record| record.at);
         assert_eq!(pubsub_checkers(&late), []);
+    }
+    fn pushed(ms: u64, seq: u32, key: Option<u8>) -> Record {
+        record(
+            ms,
+            Event::Pushed {
+                seq,
+                key,
+                body_digest: u64::from(seq),
+            },
+        )
+    }
+
+    fn taken(ms: u64, worker: NodeIndex, seq: u32, key: Option<u8>) -> Record {
+        record(
+            ms,
+            Event::ItemTaken {
+                worker,
+                producer: Some(0),
+                seq,
+                key,
+                body_digest: u64::from(seq),
+            },
+        )
+    }
+
+    fn work_checkers(records: &[Record]) -> Vec<Checker> {
+        check_work(records, at(60_000), at(1_000), at(2_000))
+            .into_iter()
+            .map(|violation| violation.checker)
+            .collect()
+    }
+
+    #[test]
+    fn each_broken_work_guarantee_is_reported() {
+        let base = vec![
+            pushed(10, 1, Some(0)),
+            pushed(11, 2, None),
+            pushed(12, 3, Some(0)),
+        ];
+        let with = |extra: &[Record]| {
+            let mut records = base.clone();
+            records.extend_from_slice(extra);
+            work_checkers(&records)
+        };
+        let clean = [
+            taken(20, 1, 1, Some(0)),
+            taken(21, 2, 2, None),
+            taken(22, 1, 3, Some(0)),
+        ];
+        assert_eq!(with(&clean), []);
+        // Never taken.
+        assert_eq!(with(&clean[..2]), [Checker::Coverage]);
+        // Out of key order (across workers).
+        assert_eq!(
+            with(&[
+                taken(20, 2, 3, Some(0)),
+                taken(21, 1, 1, Some(0)),
+                taken(22, 2, 2, None)
+            ]),
+            [Checker::Fifo]
+        );
+        // Twice, with and without a silence of a worker that had it.
+        let mut twice = clean.to_vec();
+        twice.push(taken(30, 3, 1, Some(0)));
+        assert_eq!(with(&twice), [Checker::Duplicate]);
+        let silence = [
+            record(15, Event::PeerDown { node: 0, peer: 1 }),
+            record(2_500, Event::PeerUp { node: 0, peer: 1 }),
+        ];
+        let mut excused = silence.to_vec();
+        excused.extend(twice.iter().cloned());
+        excused.sort_by_key(|record| record.at);
+        assert_eq!(with(&excused), []);
+        // Never pushed.
+        assert_eq!(
+            with(&[
+                clean[0].clone(),
+                clean[1].clone(),
+                clean[2].clone(),
+                taken(40, 2, 9, None)
+            ]),
+            [Checker::Integrity]
+        );
     }
 }

@@ -39,14 +39,14 @@ use weft::{
 use weft_proto::link::Fault;
 use weft_spool::{SimStorage, SpoolConfig};
 
-use crate::check::{check, check_pubsub, Checker, Violation};
+use crate::check::{check, check_pubsub, check_work, Checker, Violation};
 use crate::determinism::{crypto_provider, quinn_seams, SimulatedClock};
 use crate::history::{trace_hash, Event, History, NodeIndex, Record};
 use crate::net::TurmoilUdpSocket;
 use crate::scenario::{
-    derive_bytes, derive_seed, parse_event_body, DiskFault, FaultAction, NodeSpool, Pause,
-    PlannedPublish, PlannedSend, Scenario, ScenarioKind, DEADLINE, IDLE_TIMEOUT, KEEP_ALIVE,
-    SEGMENT_BYTES,
+    derive_bytes, derive_seed, parse_event_body, parse_item_body, DiskFault, FaultAction,
+    NodeSpool, Pause, PlannedItem, PlannedPublish, PlannedSend, Scenario, ScenarioKind, DEADLINE,
+    IDLE_TIMEOUT, KEEP_ALIVE, SEGMENT_BYTES, WORK_KEYS, WORK_QUEUE,
 };
 
 /// The port every node listens on.
@@ -72,6 +72,12 @@ const PUBLISH_WINDOW: usize = 8;
 /// With [`Canary::DropEvent`], of every this many events a node's subscriptions yield one is
 /// lost.
 const DROP_EVENT_EVERY: u64 = 20;
+/// Items a worker may hold unacknowledged per producer (`work`): small, so that pauses and
+/// silent workers make the producer wait and move work.
+const PULL_CREDIT: u32 = 4;
+/// How long a worker may be silent before its unacknowledged items go to the others (`work`):
+/// shorter than some crashes and partitions of the scenario.
+pub const WORK_REASSIGN_AFTER: Duration = Duration::from_secs(2);
 /// Why the pub/sub application tries a subscription again that `subscribe` returned.
 pub const SUBSCRIBE_UNCONFIRMED: &str = "a peer went down before it confirmed the subscription";
 /// How often a node reports its metrics for the run summary.
@@ -182,8 +188,16 @@ pub fn run(kind: ScenarioKind, seed: u64, canary: Option<Canary>) -> Outcome {
             let mut violations = check(&records, simulated);
             if scenario.pubsub.is_some() {
                 violations.extend(check_pubsub(&records, simulated, scenario.quiet_from()));
-                violations.sort_by_key(|violation| (violation.checker, violation.at));
             }
+            if scenario.work.is_some() {
+                violations.extend(check_work(
+                    &records,
+                    simulated,
+                    scenario.quiet_from(),
+                    WORK_REASSIGN_AFTER,
+                ));
+            }
+            violations.sort_by_key(|violation| (violation.checker, violation.at));
             violations
         }
     };
@@ -251,6 +265,8 @@ struct NodeContext {
     drop_events: bool,
     /// Events the node's subscriptions yielded (for [`Canary::DropEvent`]).
     events_yielded: AtomicU64,
+    /// The producer's items (`work`, node 0); `Some(empty)` for a worker.
+    work: Option<Vec<PlannedItem>>,
 }
 
 /// One node's part of a `pubsub` run.
@@ -283,6 +299,10 @@ struct AppState {
     next_publish: usize,
     /// The event whose `publish` has not returned yet: (seq, topic, body digest).
     publish_in_flight: Option<(u32, &'static str, u64)>,
+    /// Position of the next item to push (`work`).
+    next_push: usize,
+    /// The item whose `push` has not returned yet: (seq, key, body digest).
+    push_in_flight: Option<(u32, Option<u8>, u64)>,
 }
 
 /// How a simulation ended.
@@ -360,6 +380,13 @@ fn simulate(scenario: &Scenario, canary: Option<Canary>, history: &History) -> S
             pubsub,
             drop_events: canary == Some(Canary::DropEvent),
             events_yielded: AtomicU64::new(0),
+            work: scenario.work.as_ref().map(|plan| {
+                if index == 0 {
+                    plan.items.clone()
+                } else {
+                    Vec::new()
+                }
+            }),
         });
         contexts.push(Arc::clone(&context));
         sim.host(host_name(index), move || {
@@ -499,7 +526,7 @@ fn apply(
                 sim.crash(host_name(node));
                 let context = &contexts[node];
                 context.history.crashed(node);
-                let (interrupted, publish) = {
+                let (interrupted, publish, push) = {
                     let mut app = context.app();
                     let interrupted = std::mem::take(&mut app.in_flight);
                     for to in interrupted.keys() {
@@ -509,8 +536,20 @@ fn apply(
                     if publish.is_some() {
                         app.next_publish += 1;
                     }
-                    (interrupted, publish)
+                    let push = app.push_in_flight.take();
+                    if push.is_some() {
+                        app.next_push += 1;
+                    }
+                    (interrupted, publish, push)
                 };
+                if let Some((seq, key, body_digest)) = push {
+                    let interrupted = Event::PushInterrupted {
+                        seq,
+                        key,
+                        body_digest,
+                    };
+                    context.history.record(now, interrupted);
+                }
                 if let Some((seq, topic, body_digest)) = publish {
                     let interrupted = Event::PublishInterrupted {
                         publisher: node,
@@ -701,6 +740,9 @@ async fn node_software(context: Arc<NodeContext>) -> Result<(), Box<dyn Error>> 
     if context.pubsub.is_some() {
         tokio::spawn(pubsub_app(node.clone(), Arc::clone(&context)));
     }
+    if context.work.is_some() {
+        tokio::spawn(work_app(node.clone(), Arc::clone(&context)));
+    }
 
     // The node lives as long as this host: until the harness stops stepping or crashes it.
     loop {
@@ -758,6 +800,8 @@ async fn start_node(
             // Small, so that a paused subscriber makes its node's event task wait, and the
             // publisher's link park events (as the tiny inbox does for point-to-point).
             config.patterns.subscription_capacity = SUBSCRIPTION_CAPACITY;
+            config.patterns.pull_credit = PULL_CREDIT;
+            config.patterns.work_reassign_after = WORK_REASSIGN_AFTER;
         })
         .seams(seams)
         .start()
@@ -1065,6 +1109,107 @@ async fn consume_events(
                     if sub == 0 {
                         history.record_now(Event::ConsumerResumed { node: index });
                     }
+                }
+            }
+        }
+    }
+}
+
+/// The work queue application of one node, from each start: the producer (node 0) pushes its
+/// remaining items at their planned times (keyed ones with `push_keyed`); a worker pulls the
+/// queue and takes items for as long as it runs, pausing as scheduled, recording each item when
+/// it takes it.
+async fn work_app(node: Node, context: Arc<NodeContext>) {
+    let index = context.index;
+    let history = context.history.clone();
+    let Some(items) = context.work.as_ref() else {
+        return;
+    };
+    if index != 0 {
+        let puller = loop {
+            match node.pull(WORK_QUEUE).await {
+                Ok(puller) => break puller,
+                Err(error) => {
+                    history.record_now(Event::PullFailed {
+                        node: index,
+                        error: error.to_string(),
+                    });
+                    if node.wait_for_peers(context.ids.len() - 1).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        };
+        history.record_now(Event::Pulling { node: index });
+        take_items(puller, &context).await;
+        return;
+    }
+    loop {
+        let position = context.app().next_push;
+        let Some(item) = items.get(position) else {
+            return;
+        };
+        sleep_until(item.at).await;
+        let digest = body_digest(&item.body);
+        context.app().push_in_flight = Some((item.seq, item.key, digest));
+        let pushed = match item.key {
+            Some(key) => {
+                node.push_keyed(WORK_QUEUE, WORK_KEYS[usize::from(key)], item.body.clone())
+                    .await
+            }
+            None => node.push(WORK_QUEUE, item.body.clone()).await,
+        };
+        {
+            let mut app = context.app();
+            app.push_in_flight = None;
+            app.next_push += 1;
+        }
+        match pushed {
+            Ok(()) => history.record_now(Event::Pushed {
+                seq: item.seq,
+                key: item.key,
+                body_digest: digest,
+            }),
+            Err(error) => history.record_now(Event::PushFailed {
+                seq: item.seq,
+                error: error.to_string(),
+            }),
+        }
+    }
+}
+
+/// Takes a worker's items for as long as the node runs, pausing as scheduled.
+async fn take_items(mut puller: weft::Puller, context: &NodeContext) {
+    let index = context.index;
+    let history = &context.history;
+    let now = sim_now();
+    let mut pauses = context
+        .pauses
+        .iter()
+        .copied()
+        .filter(|pause| pause.until > now)
+        .peekable();
+    loop {
+        let next_pause = pauses.peek().copied();
+        tokio::select! {
+            biased;
+            item = puller.recv() => {
+                let Some(item) = item else { return };
+                let (seq, key) = parse_item_body(&item.body).unwrap_or((u32::MAX, None));
+                history.record_now(Event::ItemTaken {
+                    worker: index,
+                    producer: index_of(&context.ids, &item.header.id.producer),
+                    seq,
+                    key,
+                    body_digest: body_digest(&item.body),
+                });
+            }
+            _ = pause_start(next_pause) => {
+                pauses.next();
+                if let Some(pause) = next_pause {
+                    history.record_now(Event::ConsumerPaused { node: index });
+                    sleep_until(pause.until).await;
+                    history.record_now(Event::ConsumerResumed { node: index });
                 }
             }
         }

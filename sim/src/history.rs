@@ -266,6 +266,56 @@ pub enum Event {
         /// First 8 bytes of the body's blake3.
         body_digest: u64,
     },
+    /// `pull` returned: the worker takes items of the queue.
+    Pulling {
+        /// The worker.
+        node: NodeIndex,
+    },
+    /// `pull` failed (the application tries again).
+    PullFailed {
+        /// The worker.
+        node: NodeIndex,
+        /// The error.
+        error: String,
+    },
+    /// `push` (or `push_keyed`) returned `Ok`.
+    Pushed {
+        /// The item's sequence number.
+        seq: u32,
+        /// Its shard key, if any.
+        key: Option<u8>,
+        /// First 8 bytes of the body's blake3.
+        body_digest: u64,
+    },
+    /// `push` returned an error.
+    PushFailed {
+        /// The item's sequence number.
+        seq: u32,
+        /// The error.
+        error: String,
+    },
+    /// The producer crashed while `push` had not returned: handled or not, nobody knows.
+    PushInterrupted {
+        /// The item's sequence number.
+        seq: u32,
+        /// Its shard key, if any.
+        key: Option<u8>,
+        /// First 8 bytes of the body's blake3.
+        body_digest: u64,
+    },
+    /// A worker's `Puller` yielded an item (the worker takes it).
+    ItemTaken {
+        /// The worker.
+        worker: NodeIndex,
+        /// The item's producer (message id), `None` for a node id that is not in the run.
+        producer: Option<NodeIndex>,
+        /// The sequence number the body names.
+        seq: u32,
+        /// The shard key the body names.
+        key: Option<u8>,
+        /// First 8 bytes of the body's blake3.
+        body_digest: u64,
+    },
 }
 
 impl Event {
@@ -519,6 +569,54 @@ impl Event {
                 text(out, topic);
                 number(out, *body_digest);
             }
+            Event::Pulling { node: n } => {
+                out.push(26);
+                node(out, *n);
+            }
+            Event::PullFailed { node: n, error } => {
+                out.push(27);
+                node(out, *n);
+                text(out, error);
+            }
+            Event::Pushed {
+                seq,
+                key,
+                body_digest,
+            } => {
+                out.push(28);
+                number(out, u64::from(*seq));
+                out.push(key.unwrap_or(u8::MAX));
+                number(out, *body_digest);
+            }
+            Event::PushFailed { seq, error } => {
+                out.push(29);
+                number(out, u64::from(*seq));
+                text(out, error);
+            }
+            Event::PushInterrupted {
+                seq,
+                key,
+                body_digest,
+            } => {
+                out.push(30);
+                number(out, u64::from(*seq));
+                out.push(key.unwrap_or(u8::MAX));
+                number(out, *body_digest);
+            }
+            Event::ItemTaken {
+                worker,
+                producer,
+                seq,
+                key,
+                body_digest,
+            } => {
+                out.push(31);
+                node(out, *worker);
+                node(out, producer.unwrap_or(u8::MAX as usize));
+                number(out, u64::from(*seq));
+                out.push(key.unwrap_or(u8::MAX));
+                number(out, *body_digest);
+            }
         }
     }
 }
@@ -629,6 +727,16 @@ impl fmt::Display for Event {
                 f,
                 "node {node}: subscription {sub} got event {publisher}/{seq} on {topic:?}"
             ),
+            Event::Pulling { node } => write!(f, "node {node}: pulling"),
+            Event::PullFailed { node, error } => write!(f, "node {node}: pull failed: {error}"),
+            Event::Pushed { seq, key, .. } => write!(f, "pushed item {seq} (key {key:?})"),
+            Event::PushFailed { seq, error } => write!(f, "push of item {seq} failed: {error}"),
+            Event::PushInterrupted { seq, .. } => {
+                write!(f, "push of item {seq} interrupted by a crash")
+            }
+            Event::ItemTaken {
+                worker, seq, key, ..
+            } => write!(f, "node {worker}: took item {seq} (key {key:?})"),
         }
     }
 }
@@ -738,7 +846,10 @@ impl History {
             Event::SendFailed { .. }
             | Event::SendInterrupted { .. }
             | Event::PublishFailed { .. }
-            | Event::PublishInterrupted { .. } => inner.sends_done += 1,
+            | Event::PublishInterrupted { .. }
+            | Event::Pushed { .. }
+            | Event::PushFailed { .. }
+            | Event::PushInterrupted { .. } => inner.sends_done += 1,
             Event::Acked { from, .. }
             | Event::ReceiptFailed { from, .. }
             | Event::PublishSettled {

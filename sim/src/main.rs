@@ -40,7 +40,7 @@ struct Cli {
 enum Command {
     /// Run one seed of one scenario and check it.
     Run {
-        /// partition, hold, loss, latency, crash, disk, bitrot, spool-full or pubsub.
+        /// partition, hold, loss, latency, crash, disk, bitrot, spool-full, pubsub or work.
         #[arg(long)]
         scenario: ScenarioKind,
         /// The run seed: everything in the run derives from it.
@@ -55,8 +55,8 @@ enum Command {
     },
     /// Run a range of seeds and summarise.
     Sweep {
-        /// A scenario, or `all` (every scenario but bitrot and spool-full, which fail on known
-        /// bugs; pubsub included).
+        /// A scenario, or `all` (every scenario but bitrot, spool-full and work, which fail on
+        /// known bugs).
         #[arg(long)]
         scenario: String,
         /// Seeds as `A..B` (B excluded), `A..=B`, or a single seed.
@@ -225,7 +225,9 @@ fn tally(outcome: &Outcome) -> Tally {
             Event::Published { .. } => tally.published += 1,
             Event::PublishInterrupted { .. } => tally.publishes_interrupted += 1,
             Event::PublishSettled { .. } => tally.publishes_settled += 1,
-            Event::EventReceived { .. } => tally.events_received += 1,
+            Event::EventReceived { .. } | Event::ItemTaken { .. } => tally.events_received += 1,
+            Event::Pushed { .. } => tally.published += 1,
+            Event::PushInterrupted { .. } => tally.publishes_interrupted += 1,
             _ => {}
         }
     }
@@ -292,6 +294,12 @@ fn run_one(kind: ScenarioKind, seed: u64, canary: Option<Canary>, trace: bool) -
         tally.peer_up,
         tally.peer_down
     );
+    if scenario.work.is_some() {
+        println!(
+            "pushed {}, interrupted {}; taken {}",
+            tally.published, tally.publishes_interrupted, tally.events_received
+        );
+    }
     if scenario.pubsub.is_some() {
         println!(
             "published {}, interrupted {}, acknowledged by every subscriber {}; received {}",

@@ -112,6 +112,15 @@ fn no_retransmit_canary_is_caught_in_pubsub() {
     );
 }
 
+/// Seed 1 of `work` runs out of credit at its first pushes: the producer must wait for an ack,
+/// not spin (it spun when the clones of the peers' ack watches were never marked seen, and the
+/// simulation never left that tick).
+#[test]
+fn a_producer_out_of_credit_waits_for_an_ack() {
+    let outcome = run(ScenarioKind::Work, 1, None);
+    assert!(outcome.passed(), "{:?}", outcome.violations.first());
+}
+
 #[test]
 fn no_dedup_canary_is_caught() {
     assert_caught(
