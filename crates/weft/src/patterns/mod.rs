@@ -9,7 +9,7 @@
 //!                            (acknowledged, spooled with a data directory, retried)
 //! $weft/req       volatile   requests: [service][payload], correlation id, reply address
 //! $weft/rep       volatile   replies: [status][payload], correlation id
-//! $weft/work/Q    sequenced  work items of queue Q, to one worker with credit (see `work`)
+//! $weft/queue/Q   sequenced  work items of queue Q, to one worker with credit (see `work`)
 //! ```
 //! Four tasks serve these channels, so that a full subscription queue (which makes the event
 //! task wait: backpressure to the publishers) never delays interest or replies.

@@ -1,6 +1,6 @@
 //! Competing consumers (PUSH/PULL): a named work queue, each message to exactly one worker.
 //!
-//! A worker pulls from queue `q` by receiving on the channel `$weft/work/q` and announcing the
+//! A worker pulls from queue `q` by receiving on the channel `$weft/queue/q` and announcing the
 //! queue with a *credit*: the most messages of the queue one producer may have sent it without
 //! an acknowledgement. Acknowledgements come when the worker's application takes the next
 //! message (the link's settle-then-ack), so a slow worker holds at most its credit per producer
@@ -29,7 +29,7 @@ use crate::node::Shared;
 use crate::peer::Control;
 
 /// Channel prefix of work queues.
-pub(crate) const WORK_PREFIX: &str = "$weft/work/";
+pub(crate) const WORK_PREFIX: &str = "$weft/queue/";
 
 /// Why a push failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
