@@ -390,6 +390,20 @@ impl InterestTable {
             .collect()
     }
 
+    /// Peers with a subscription matching `topic` (connected, or down for less than the lease),
+    /// as the addressees of an event: with their incarnation and whether they are connected.
+    pub fn addressees(&self, topic: &Topic) -> Vec<crate::gossip::Addressee> {
+        self.peers
+            .iter()
+            .filter(|(_, p)| p.subscriptions.iter().any(|s| s.matches(topic)))
+            .map(|(id, p)| crate::gossip::Addressee {
+                node: *id,
+                incarnation: p.incarnation,
+                connected: p.connected,
+            })
+            .collect()
+    }
+
     /// Connected peers with a subscription matching `topic`.
     pub fn connected_subscribers(&self, topic: &Topic) -> usize {
         self.peers

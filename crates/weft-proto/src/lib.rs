@@ -31,6 +31,7 @@
 //! - [`topic`]: topics and wildcard patterns.
 //! - [`interest`]: who subscribes to what and answers which service (announcements, the table).
 //! - [`shard`]: which worker owns a shard key (rendezvous hashing).
+//! - [`gossip`]: event dissemination: relay trees, per-subscriber chains, retention and repair.
 //! - [`envelope`]: bodies of the mesh's own channels (events, requests, replies), reply cache.
 //! - [`backoff`]: jittered reconnect backoff and a seedable generator.
 #![warn(missing_docs)]
@@ -38,6 +39,7 @@
 pub mod backoff;
 pub mod envelope;
 pub mod frame;
+pub mod gossip;
 pub mod handshake;
 pub mod id;
 pub mod interest;

@@ -1,0 +1,748 @@
+//! Event dissemination: relay trees, per-subscriber chains, and the publisher's retention and
+//! repair. The publisher does not send an event to every subscriber itself: it sends it to at
+//! most `fanout` of them, each of which relays it to at most `fanout` more, and so on.
+//!
+//! # The route
+//! Every event carries the list of its addressees below the node it is sent to ([`Hop`]s): the
+//! first is the receiver itself, the rest its subtree. The receiver splits the rest into at most
+//! `fanout` contiguous chunks ([`split`]); the head of each chunk is a child, the chunk its
+//! route. A publisher with `n` addressees thus reaches each in at most ⌈log_fanout(n)⌉ + 1 hops,
+//! and each addressee receives exactly one copy — the layout is the publisher's (source
+//! routing), so relays need no view of the membership and never disagree about it. The
+//! publisher orders addressees by a hash of (publisher, addressee), so each publisher's tree puts
+//! different nodes in the relaying positions, and connected addressees first, so a node that is
+//! away is a leaf and holds up nobody.
+//!
+//! Each hop is a sequenced link message: acknowledged, spooled, retried. A relay forwards before
+//! it takes the next message, so the hop to it is acknowledged only once the copies for its
+//! subtree are accepted (durable with a spool).
+//!
+//! # Chains
+//! Copies of one publisher's events reach a subscriber over different paths when the tree
+//! changes, so each [`Hop`] names `prev`: the seq of the previous event the publisher addressed
+//! to that subscriber (0: the first since the subscriber's current start). A subscriber delivers
+//! an event only after its `prev` ([`Chains`]): FIFO per publisher, and a repeated event (seq at
+//! or below the last delivered) is dropped — exactly once per subscriber start.
+//!
+//! # Retention and repair
+//! The publisher keeps each event ([`Publisher`]) until every addressee confirmed it
+//! ([`Confirm`]: the last seq delivered, sent now and then). An addressee that makes no progress
+//! for `repair_after` (a relay crashed, a path is cut, its out-of-order buffer overflowed) is
+//! handed everything unconfirmed over its direct link, in order; from then on that link owns it
+//! (acked, spooled, retried; dead-lettered after its budget: never silently gone), and retention
+//! lets go. When retention is full, the addressees holding its oldest event are handed over at
+//! once, so memory stays bounded and a stuck subscriber stalls a publisher for no longer.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::id::{NodeId, NODE_ID_LEN};
+use crate::topic::{Topic, TopicError, TOPIC_BYTES_MAX};
+
+/// Most hops an event's route may list.
+pub const ROUTE_MAX: usize = 4096;
+
+const FLAG_ORIGIN: u8 = 1;
+const FLAGS_KNOWN: u8 = FLAG_ORIGIN;
+
+/// Why an event or confirmation is malformed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum GossipError {
+    /// Shorter than its own header says.
+    #[error("event truncated")]
+    Truncated,
+    /// Flags this version does not know.
+    #[error("unknown event flags {0:#x}")]
+    UnknownFlags(u8),
+    /// A varint longer than 64 bits.
+    #[error("malformed varint")]
+    Varint,
+    /// More hops than [`ROUTE_MAX`].
+    #[error("route of {0} hops (at most {ROUTE_MAX})")]
+    RouteTooLong(u64),
+    /// The topic is not UTF-8.
+    #[error("event topic is not UTF-8")]
+    NotUtf8,
+    /// The topic is not valid.
+    #[error("event names an invalid topic: {0}")]
+    Topic(#[from] TopicError),
+    /// A sequenced event whose route does not start with its receiver.
+    #[error("event routed to another node")]
+    NotForUs,
+}
+
+/// One addressee of an event: a node and the seq of the previous event the publisher addressed
+/// to it (0: none since the node's current start).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Hop {
+    /// The addressee.
+    pub node: NodeId,
+    /// Its previous event's seq.
+    pub prev: u64,
+}
+
+/// An event as it travels: who published it, its place in the publisher's sequence, and where
+/// it goes from here.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Event {
+    /// The publisher.
+    pub origin: NodeId,
+    /// The publisher's incarnation (its start); sequences restart with it.
+    pub incarnation: u64,
+    /// Position in the publisher's sequence, from 1; 0 for a best-effort event (no chain, no
+    /// route, never repaired).
+    pub seq: u64,
+    /// Links crossed so far, this one included (1: straight from the publisher).
+    pub hops: u8,
+    /// The receiver and its subtree (empty for a best-effort event).
+    pub route: Vec<Hop>,
+    /// The topic.
+    pub topic: Topic,
+    /// The payload (a slice of the received body, never copied).
+    pub payload: Bytes,
+}
+
+impl Event {
+    /// Encodes the event for the link to `route[0]`; `sender` is the node writing it (the origin
+    /// is left out when it is the sender: the receiver knows who sent it).
+    pub fn encode(&self, sender: &NodeId) -> Bytes {
+        encode_parts(
+            sender,
+            &self.origin,
+            self.incarnation,
+            self.seq,
+            self.hops,
+            &self.route,
+            &self.topic,
+            &self.payload,
+        )
+    }
+
+    /// Decodes an event received from `sender`.
+    pub fn decode(body: &Bytes, sender: &NodeId) -> Result<Self, GossipError> {
+        let mut reader = Reader { bytes: body, at: 0 };
+        let flags = reader.u8()?;
+        if flags & !FLAGS_KNOWN != 0 {
+            return Err(GossipError::UnknownFlags(flags));
+        }
+        let origin = if flags & FLAG_ORIGIN != 0 {
+            reader.node()?
+        } else {
+            *sender
+        };
+        let incarnation = reader.varint()?;
+        let seq = reader.varint()?;
+        let hops = reader.u8()?;
+        let count = reader.varint()?;
+        if count > ROUTE_MAX as u64 {
+            return Err(GossipError::RouteTooLong(count));
+        }
+        let mut route = Vec::with_capacity(count as usize);
+        for _ in 0..count {
+            let node = reader.node()?;
+            let prev = reader.varint()?;
+            route.push(Hop { node, prev });
+        }
+        let len = usize::from(reader.u8()?);
+        let name = reader.take(len)?;
+        let name = std::str::from_utf8(name).map_err(|_| GossipError::NotUtf8)?;
+        let topic = Topic::new(name)?;
+        let payload = body.slice(reader.at..);
+        Ok(Self {
+            origin,
+            incarnation,
+            seq,
+            hops,
+            route,
+            topic,
+            payload,
+        })
+    }
+
+    /// The copy for a child: its route, one more hop.
+    pub fn for_child(&self, route: &[Hop]) -> Event {
+        Event {
+            origin: self.origin,
+            incarnation: self.incarnation,
+            seq: self.seq,
+            hops: self.hops.saturating_add(1),
+            route: route.to_vec(),
+            topic: self.topic.clone(),
+            payload: self.payload.clone(),
+        }
+    }
+}
+
+/// Encodes an event without building an [`Event`] (the publisher's path).
+#[allow(clippy::too_many_arguments)]
+pub fn encode_parts(
+    sender: &NodeId,
+    origin: &NodeId,
+    incarnation: u64,
+    seq: u64,
+    hops: u8,
+    route: &[Hop],
+    topic: &Topic,
+    payload: &[u8],
+) -> Bytes {
+    let name = topic.as_str().as_bytes();
+    debug_assert!(name.len() <= TOPIC_BYTES_MAX);
+    debug_assert!(route.len() <= ROUTE_MAX);
+    let with_origin = origin != sender;
+    let mut body = BytesMut::with_capacity(
+        1 + if with_origin { NODE_ID_LEN } else { 0 }
+            + 21
+            + route.len() * (NODE_ID_LEN + 10)
+            + 10
+            + name.len()
+            + payload.len(),
+    );
+    body.put_u8(if with_origin { FLAG_ORIGIN } else { 0 });
+    if with_origin {
+        body.put_slice(origin.as_bytes());
+    }
+    put_varint(&mut body, incarnation);
+    put_varint(&mut body, seq);
+    body.put_u8(hops);
+    put_varint(&mut body, route.len() as u64);
+    for hop in route {
+        body.put_slice(hop.node.as_bytes());
+        put_varint(&mut body, hop.prev);
+    }
+    body.put_u8(name.len() as u8);
+    body.put_slice(name);
+    body.put_slice(payload);
+    body.freeze()
+}
+
+/// The most bytes [`encode_parts`] adds to a payload with a route of `hops` entries.
+pub fn overhead(topic: &Topic, hops: usize) -> usize {
+    1 + NODE_ID_LEN + 21 + hops * (NODE_ID_LEN + 10) + 10 + topic.as_str().len()
+}
+
+/// Splits a subtree (the route below its root) into at most `fanout` contiguous chunks of
+/// nearly equal size: the head of each is a child, the chunk its route.
+pub fn split(subtree: &[Hop], fanout: usize) -> impl Iterator<Item = &[Hop]> {
+    let fanout = fanout.max(1);
+    let chunks = subtree.len().min(fanout);
+    let base = subtree.len().checked_div(chunks).unwrap_or(0);
+    let extra = subtree.len().checked_rem(chunks).unwrap_or(0);
+    let mut start = 0;
+    (0..chunks).map(move |i| {
+        let len = base + usize::from(i < extra);
+        let chunk = &subtree[start..start + len];
+        start += len;
+        chunk
+    })
+}
+
+/// A subscriber's report to a publisher: every event of `incarnation` up to `seq` that was
+/// addressed to it is delivered. Volatile; a lost one is made good by the next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Confirm {
+    /// The publisher's incarnation.
+    pub incarnation: u64,
+    /// The last seq delivered.
+    pub seq: u64,
+    /// The subscriber's own incarnation (a confirm from an earlier start is stale).
+    pub subscriber_incarnation: u64,
+}
+
+impl Confirm {
+    /// Encodes it.
+    pub fn encode(&self) -> Bytes {
+        let mut body = BytesMut::with_capacity(30);
+        put_varint(&mut body, self.incarnation);
+        put_varint(&mut body, self.seq);
+        put_varint(&mut body, self.subscriber_incarnation);
+        body.freeze()
+    }
+
+    /// Decodes it.
+    pub fn decode(body: &[u8]) -> Result<Self, GossipError> {
+        let mut reader = Reader { bytes: body, at: 0 };
+        Ok(Self {
+            incarnation: reader.varint()?,
+            seq: reader.varint()?,
+            subscriber_incarnation: reader.varint()?,
+        })
+    }
+}
+
+fn put_varint(buf: &mut BytesMut, mut value: u64) {
+    while value >= 0x80 {
+        buf.put_u8((value as u8) | 0x80);
+        value >>= 7;
+    }
+    buf.put_u8(value as u8);
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, len: usize) -> Result<&'a [u8], GossipError> {
+        let end = self.at.checked_add(len).ok_or(GossipError::Truncated)?;
+        let slice = self.bytes.get(self.at..end).ok_or(GossipError::Truncated)?;
+        self.at = end;
+        Ok(slice)
+    }
+
+    fn u8(&mut self) -> Result<u8, GossipError> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn node(&mut self) -> Result<NodeId, GossipError> {
+        let mut id = [0u8; NODE_ID_LEN];
+        id.copy_from_slice(self.take(NODE_ID_LEN)?);
+        Ok(NodeId::from_bytes(id))
+    }
+
+    fn varint(&mut self) -> Result<u64, GossipError> {
+        let mut value = 0u64;
+        for shift in (0..64).step_by(7) {
+            let byte = self.u8()?;
+            let bits = u64::from(byte & 0x7f);
+            if shift == 63 && bits > 1 {
+                return Err(GossipError::Varint);
+            }
+            value |= bits << shift;
+            if byte & 0x80 == 0 {
+                return Ok(value);
+            }
+        }
+        Err(GossipError::Varint)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Subscriber side
+
+/// What [`Chains::accept`] made of an event.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Accepted<T> {
+    /// Deliver these, in this order (the event, and any held events it unblocked).
+    Deliver(Vec<T>),
+    /// Its predecessor has not arrived: held until it does.
+    Held,
+    /// Delivered before: drop it.
+    Duplicate,
+    /// Its predecessor has not arrived and the hold for this publisher is full: dropped (the
+    /// publisher still has it and repairs it, since it is not confirmed).
+    Dropped,
+}
+
+#[derive(Debug)]
+struct Chain<T> {
+    /// The seq of the last event delivered (0: none).
+    last: u64,
+    /// Held events by their `prev`: (seq, event).
+    held: BTreeMap<u64, (u64, T)>,
+    /// When it was last used (the [`Chains`] clock), for eviction.
+    used: u64,
+    /// Delivered since the last [`Chains::take_confirms`].
+    unconfirmed: bool,
+}
+
+/// A subscriber's chains: per (publisher, incarnation), what was delivered and what waits for
+/// its predecessor. Bounded: at most `held_max` events held per chain, at most `chains_max`
+/// chains (the least recently used is forgotten).
+#[derive(Debug)]
+pub struct Chains<T> {
+    chains: HashMap<(NodeId, u64), Chain<T>>,
+    held_max: usize,
+    chains_max: usize,
+    clock: u64,
+}
+
+impl<T> Chains<T> {
+    /// Empty, with these bounds.
+    pub fn new(held_max: usize, chains_max: usize) -> Self {
+        Self {
+            chains: HashMap::new(),
+            held_max: held_max.max(1),
+            chains_max: chains_max.max(1),
+            clock: 0,
+        }
+    }
+
+    /// Takes an event `seq` of `(origin, incarnation)` whose predecessor is `prev`.
+    pub fn accept(
+        &mut self,
+        origin: NodeId,
+        incarnation: u64,
+        seq: u64,
+        prev: u64,
+        event: T,
+    ) -> Accepted<T> {
+        self.clock += 1;
+        if !self.chains.contains_key(&(origin, incarnation)) && self.chains.len() >= self.chains_max
+        {
+            self.evict();
+        }
+        let chain = self
+            .chains
+            .entry((origin, incarnation))
+            .or_insert_with(|| Chain {
+                last: 0,
+                held: BTreeMap::new(),
+                used: 0,
+                unconfirmed: false,
+            });
+        chain.used = self.clock;
+        if seq <= chain.last {
+            return Accepted::Duplicate;
+        }
+        // prev 0 past the start: the publisher started the chain again (it forgot this
+        // subscriber); what it sent before is no longer awaited.
+        if prev != chain.last && prev != 0 {
+            if chain.held.len() >= self.held_max && !chain.held.contains_key(&prev) {
+                return Accepted::Dropped;
+            }
+            chain.held.insert(prev, (seq, event));
+            return Accepted::Held;
+        }
+        let mut delivered = vec![event];
+        chain.last = seq;
+        while let Some((seq, event)) = chain.held.remove(&chain.last) {
+            delivered.push(event);
+            chain.last = seq;
+        }
+        // Held events older than the last delivered are copies of delivered ones.
+        chain.held = chain.held.split_off(&chain.last);
+        chain.unconfirmed = true;
+        Accepted::Deliver(delivered)
+    }
+
+    /// The chains that delivered since the last call: (publisher, incarnation, last seq).
+    pub fn take_confirms(&mut self) -> Vec<(NodeId, u64, u64)> {
+        self.chains
+            .iter_mut()
+            .filter(|(_, chain)| chain.unconfirmed)
+            .map(|(&(origin, incarnation), chain)| {
+                chain.unconfirmed = false;
+                (origin, incarnation, chain.last)
+            })
+            .collect()
+    }
+
+    /// Events held, over every chain.
+    pub fn held(&self) -> usize {
+        self.chains.values().map(|c| c.held.len()).sum()
+    }
+
+    fn evict(&mut self) {
+        if let Some(key) = self
+            .chains
+            .iter()
+            .min_by_key(|(_, chain)| chain.used)
+            .map(|(key, _)| *key)
+        {
+            self.chains.remove(&key);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Publisher side
+
+/// The publisher's bounds and timing.
+#[derive(Clone, Copy, Debug)]
+pub struct PublisherConfig {
+    /// Children per node of the tree (the publisher's included).
+    pub fanout: usize,
+    /// Events retained at most.
+    pub retained_max: usize,
+    /// Payload bytes retained at most.
+    pub retained_bytes_max: usize,
+    /// An addressee without progress this long is handed over to its direct link.
+    pub repair_after_ms: u64,
+    /// Addressees whose chain is remembered at most (the least recently addressed idle one is
+    /// forgotten first).
+    pub chains_max: usize,
+}
+
+/// An addressee of an event, as the publisher sees it.
+#[derive(Clone, Copy, Debug)]
+pub struct Addressee {
+    /// The node.
+    pub node: NodeId,
+    /// Its current start (its chain starts again when this changes).
+    pub incarnation: u64,
+    /// Connected now (the disconnected become leaves).
+    pub connected: bool,
+}
+
+#[derive(Debug)]
+struct SubscriberChain {
+    incarnation: u64,
+    /// Tree position key: a hash of (publisher, node).
+    order: u64,
+    /// The last seq addressed to it.
+    last_sent: u64,
+    /// The last seq it confirmed.
+    confirmed: u64,
+    /// Everything up to this seq was handed to its direct link.
+    handed_over: u64,
+    /// Events below this seq belong to an earlier chain (before its restart).
+    floor: u64,
+    /// When it last made progress, or became owed something (milliseconds).
+    progress_ms: u64,
+}
+
+impl SubscriberChain {
+    fn settled(&self) -> u64 {
+        self.confirmed.max(self.handed_over)
+    }
+
+    fn owed(&self) -> bool {
+        self.last_sent > self.settled()
+    }
+
+    fn has_settled(&self, seq: u64) -> bool {
+        seq < self.floor || seq <= self.settled()
+    }
+}
+
+/// An event kept for repair.
+#[derive(Clone, Debug)]
+pub struct Retained {
+    /// Its seq.
+    pub seq: u64,
+    /// Its topic.
+    pub topic: Topic,
+    /// Its payload.
+    pub payload: Bytes,
+    /// Every addressee with its `prev`.
+    pub addressees: Vec<Hop>,
+}
+
+/// A repair: events for one subscriber, in order, each with its `prev`, to send over its direct
+/// link.
+#[derive(Debug)]
+pub struct Repair {
+    /// The subscriber.
+    pub to: NodeId,
+    /// (seq, topic, payload, prev), ascending.
+    pub events: Vec<(u64, Topic, Bytes, u64)>,
+}
+
+/// An event to send: its seq and the route of each first hop.
+#[derive(Debug)]
+pub struct Fanout {
+    /// The event's seq.
+    pub seq: u64,
+    /// One route per first hop (its head is the node to send to).
+    pub routes: Vec<Vec<Hop>>,
+}
+
+/// The publisher's side: sequence, per-addressee chains, retention. See the module docs.
+#[derive(Debug)]
+pub struct Publisher {
+    origin: NodeId,
+    next_seq: u64,
+    chains: HashMap<NodeId, SubscriberChain>,
+    retained: VecDeque<Retained>,
+    retained_bytes: usize,
+    config: PublisherConfig,
+}
+
+impl Publisher {
+    /// A publisher `origin` at the start of an incarnation.
+    pub fn new(origin: NodeId, config: PublisherConfig) -> Self {
+        Self {
+            origin,
+            next_seq: 1,
+            chains: HashMap::new(),
+            retained: VecDeque::new(),
+            retained_bytes: 0,
+            config,
+        }
+    }
+
+    /// Whether retention has room for another event (else hand over with
+    /// [`Publisher::repairs`]`(now, true)` and wait for confirmations).
+    pub fn has_room(&self) -> bool {
+        self.retained.len() < self.config.retained_max
+            && self.retained_bytes < self.config.retained_bytes_max
+    }
+
+    /// Events retained now.
+    pub fn retained(&self) -> usize {
+        self.retained.len()
+    }
+
+    /// Numbers an event, chains it for each addressee, retains it and lays out its tree.
+    pub fn publish(
+        &mut self,
+        addressees: &[Addressee],
+        topic: &Topic,
+        payload: &Bytes,
+        now_ms: u64,
+    ) -> Fanout {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        if self.chains.len() + addressees.len() > self.config.chains_max {
+            self.forget_idle(addressees.len());
+        }
+        let mut placed: Vec<(bool, u64, Hop)> = Vec::with_capacity(addressees.len());
+        for addressee in addressees {
+            let origin = self.origin;
+            let chain = self
+                .chains
+                .entry(addressee.node)
+                .or_insert_with(|| SubscriberChain {
+                    incarnation: addressee.incarnation,
+                    order: tree_order(&origin, &addressee.node),
+                    last_sent: 0,
+                    confirmed: 0,
+                    handed_over: 0,
+                    floor: seq,
+                    progress_ms: now_ms,
+                });
+            if chain.incarnation != addressee.incarnation {
+                // The node started again: a new chain, from this event.
+                chain.incarnation = addressee.incarnation;
+                chain.last_sent = 0;
+                chain.confirmed = 0;
+                chain.handed_over = 0;
+                chain.floor = seq;
+            }
+            if !chain.owed() {
+                chain.progress_ms = now_ms;
+            }
+            let prev = chain.last_sent;
+            chain.last_sent = seq;
+            placed.push((
+                !addressee.connected,
+                chain.order,
+                Hop {
+                    node: addressee.node,
+                    prev,
+                },
+            ));
+        }
+        placed.sort_unstable_by_key(|&(away, order, hop)| (away, order, hop.node));
+        let hops: Vec<Hop> = placed.into_iter().map(|(_, _, hop)| hop).collect();
+        let routes = split(&hops, self.config.fanout)
+            .map(<[Hop]>::to_vec)
+            .collect();
+        if !hops.is_empty() {
+            self.retained_bytes += payload.len();
+            self.retained.push_back(Retained {
+                seq,
+                topic: topic.clone(),
+                payload: payload.clone(),
+                addressees: hops,
+            });
+        }
+        Fanout { seq, routes }
+    }
+
+    /// A subscriber's confirmation. Returns whether retention shrank.
+    pub fn confirm(&mut self, from: &NodeId, confirm: Confirm, now_ms: u64) -> bool {
+        let Some(chain) = self.chains.get_mut(from) else {
+            return false;
+        };
+        if chain.incarnation != confirm.subscriber_incarnation
+            || confirm.seq > chain.last_sent
+            || confirm.seq <= chain.confirmed
+        {
+            return false;
+        }
+        chain.confirmed = confirm.seq;
+        chain.progress_ms = now_ms;
+        self.trim()
+    }
+
+    /// The repairs due: every addressee owed events without progress for `repair_after` (with
+    /// `force`, also those holding the oldest retained event). Each is handed everything
+    /// unsettled and counts as settled from then on.
+    pub fn repairs(&mut self, now_ms: u64, force: bool) -> Vec<Repair> {
+        let oldest = self.retained.front().map(|r| r.seq);
+        let due: Vec<NodeId> = self
+            .chains
+            .iter()
+            .filter(|(_, chain)| chain.owed())
+            .filter(|(_, chain)| {
+                now_ms.saturating_sub(chain.progress_ms) >= self.config.repair_after_ms
+                    || (force && oldest.is_some_and(|seq| !chain.has_settled(seq)))
+            })
+            .map(|(node, _)| *node)
+            .collect();
+        let mut repairs = Vec::with_capacity(due.len());
+        for node in due {
+            let chain = self.chains.get_mut(&node).expect("due chains exist");
+            let (from, floor) = (chain.settled(), chain.floor);
+            chain.handed_over = chain.last_sent;
+            chain.progress_ms = now_ms;
+            let events = self
+                .retained
+                .iter()
+                .filter(|r| r.seq > from && r.seq >= floor)
+                .filter_map(|r| {
+                    r.addressees
+                        .iter()
+                        .find(|hop| hop.node == node)
+                        .map(|hop| (r.seq, r.topic.clone(), r.payload.clone(), hop.prev))
+                })
+                .collect();
+            repairs.push(Repair { to: node, events });
+        }
+        if !repairs.is_empty() {
+            self.trim();
+        }
+        repairs
+    }
+
+    /// Drops retained events that every addressee settled.
+    fn trim(&mut self) -> bool {
+        let before = self.retained.len();
+        while let Some(front) = self.retained.front() {
+            let settled = front.addressees.iter().all(|hop| {
+                self.chains
+                    .get(&hop.node)
+                    .is_none_or(|chain| chain.has_settled(front.seq))
+            });
+            if !settled {
+                break;
+            }
+            self.retained_bytes -= front.payload.len();
+            self.retained.pop_front();
+        }
+        self.retained.len() < before
+    }
+
+    /// Forgets settled chains, least recently addressed first, to make room for `room` more.
+    fn forget_idle(&mut self, room: usize) {
+        let mut idle: Vec<(u64, NodeId)> = self
+            .chains
+            .iter()
+            .filter(|(_, chain)| !chain.owed())
+            .map(|(node, chain)| (chain.last_sent, *node))
+            .collect();
+        idle.sort_unstable();
+        let excess = (self.chains.len() + room).saturating_sub(self.config.chains_max);
+        for (_, node) in idle.into_iter().take(excess) {
+            self.chains.remove(&node);
+        }
+    }
+}
+
+/// Where a node sits in `origin`'s trees.
+fn tree_order(origin: &NodeId, node: &NodeId) -> u64 {
+    let mut hasher = blake3::Hasher::new_derive_key("weft 2026 gossip tree order");
+    hasher.update(origin.as_bytes());
+    hasher.update(node.as_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&hasher.finalize().as_bytes()[..8]);
+    u64::from_le_bytes(first)
+}
+
+#[cfg(test)]
+#[path = "gossip_tests.rs"]
+mod tests;
