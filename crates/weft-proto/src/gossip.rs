@@ -733,8 +733,9 @@ impl Publisher {
     }
 }
 
-/// Where a node sits in `origin`'s trees.
-fn tree_order(origin: &NodeId, node: &NodeId) -> u64 {
+/// Where a node sits in `origin`'s trees: connected addressees are laid out in ascending order
+/// of this key, so the lowest `fanout` are the publisher's first hops.
+pub fn tree_order(origin: &NodeId, node: &NodeId) -> u64 {
     let mut hasher = blake3::Hasher::new_derive_key("weft 2026 gossip tree order");
     hasher.update(origin.as_bytes());
     hasher.update(node.as_bytes());

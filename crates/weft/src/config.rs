@@ -121,6 +121,21 @@ pub struct PatternConfig {
     /// How long a worker's connection may be down before its unacknowledged work is taken back
     /// and given to other workers (shorter than `interest_lease`).
     pub work_reassign_after: Duration,
+    /// Children of each node in an event's relay tree: a publisher sends each event to at
+    /// most this many subscribers itself, and each of them relays it to at most this many
+    /// more (events to at most this many subscribers go straight to each).
+    pub gossip_fanout: usize,
+    /// Events a publisher keeps for repair until every addressee confirmed them (a full
+    /// retention hands the slowest addressees over to their direct links).
+    pub event_retention_max: usize,
+    /// Payload bytes a publisher keeps for repair.
+    pub event_retention_bytes_max: usize,
+    /// How long an addressee may make no progress before its publisher re-sends it everything
+    /// it did not confirm over the direct link.
+    pub event_repair_after: Duration,
+    /// Events a subscriber holds per publisher while an earlier one is missing (beyond it, they
+    /// are dropped and the publisher repairs them).
+    pub event_hold_max: usize,
 }
 
 impl Default for PatternConfig {
@@ -136,6 +151,11 @@ impl Default for PatternConfig {
             requests_max: 65_536,
             pull_credit: 64,
             work_reassign_after: Duration::from_secs(5),
+            gossip_fanout: 8,
+            event_retention_max: 65_536,
+            event_retention_bytes_max: 64 << 20,
+            event_repair_after: Duration::from_secs(2),
+            event_hold_max: 4_096,
         }
     }
 }
@@ -157,6 +177,16 @@ impl NodeConfig {
             ),
             ("patterns.service_capacity", self.patterns.service_capacity),
             ("patterns.requests_max", self.patterns.requests_max),
+            ("patterns.gossip_fanout", self.patterns.gossip_fanout),
+            (
+                "patterns.event_retention_max",
+                self.patterns.event_retention_max,
+            ),
+            (
+                "patterns.event_retention_bytes_max",
+                self.patterns.event_retention_bytes_max,
+            ),
+            ("patterns.event_hold_max", self.patterns.event_hold_max),
             ("peer_command_capacity", self.peer_command_capacity),
             ("events_capacity", self.events_capacity),
             ("link.window_messages", self.link.window_messages),

@@ -25,6 +25,11 @@ pub(crate) struct Metrics {
     pub(crate) events_delivered: AtomicU64,
     pub(crate) events_dropped: AtomicU64,
     pub(crate) volatile_dropped: AtomicU64,
+    pub(crate) event_copies: AtomicU64,
+    pub(crate) events_received: AtomicU64,
+    pub(crate) events_relayed: AtomicU64,
+    pub(crate) events_repaired: AtomicU64,
+    pub(crate) event_hops_max: AtomicU64,
 }
 
 /// A snapshot of a node's counters.
@@ -68,6 +73,18 @@ pub struct MetricsSnapshot {
     /// Volatile messages (requests, replies, announcements, best-effort events) dropped
     /// because their connection went away before they were written.
     pub volatile_dropped: u64,
+    /// Copies of sequenced events received (first copies, copies already delivered, and
+    /// copies dropped at a full out-of-order hold): with `events_received`, the copies per
+    /// delivered event of the gossip trees.
+    pub event_copies: u64,
+    /// Sequenced events taken in order from their publishers (once each per node start).
+    pub events_received: u64,
+    /// Event copies relayed to children of a gossip tree.
+    pub events_relayed: u64,
+    /// Event copies a publisher re-sent over a direct link (repairs).
+    pub events_repaired: u64,
+    /// The most links an event received had crossed (1: straight from its publisher).
+    pub event_hops_max: u64,
 }
 
 impl Metrics {
@@ -163,6 +180,11 @@ impl Metrics {
             events_delivered: get(&self.events_delivered),
             events_dropped: get(&self.events_dropped),
             volatile_dropped: get(&self.volatile_dropped),
+            event_copies: get(&self.event_copies),
+            events_received: get(&self.events_received),
+            events_relayed: get(&self.events_relayed),
+            events_repaired: get(&self.events_repaired),
+            event_hops_max: get(&self.event_hops_max),
         }
     }
 }
@@ -176,7 +198,7 @@ struct Series {
 }
 
 impl MetricsSnapshot {
-    fn series(&self) -> [Series; 18] {
+    fn series(&self) -> [Series; 23] {
         let counter = |name, help, value| Series {
             name,
             kind: "counter",
@@ -276,6 +298,32 @@ impl MetricsSnapshot {
                 "Inbound dedup watermarks made durable.",
                 self.watermarks_persisted,
             ),
+            counter(
+                "weft_event_copies_total",
+                "Copies of sequenced events received (with duplicates).",
+                self.event_copies,
+            ),
+            counter(
+                "weft_events_received_total",
+                "Sequenced events taken in order from their publishers.",
+                self.events_received,
+            ),
+            counter(
+                "weft_events_relayed_total",
+                "Event copies relayed to children of a gossip tree.",
+                self.events_relayed,
+            ),
+            counter(
+                "weft_events_repaired_total",
+                "Event copies a publisher re-sent over a direct link.",
+                self.events_repaired,
+            ),
+            Series {
+                name: "weft_event_hops_max",
+                kind: "gauge",
+                help: "The most links an event received had crossed.",
+                value: self.event_hops_max,
+            },
         ]
     }
 
@@ -328,6 +376,11 @@ impl MetricsSnapshot {
             ("events_delivered", self.events_delivered),
             ("events_dropped", self.events_dropped),
             ("volatile_dropped", self.volatile_dropped),
+            ("event_copies", self.event_copies),
+            ("events_received", self.events_received),
+            ("events_relayed", self.events_relayed),
+            ("events_repaired", self.events_repaired),
+            ("event_hops_max", self.event_hops_max),
         ]
         .iter()
         .map(|(name, value)| format!("\"{name}\":{value}"))

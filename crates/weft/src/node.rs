@@ -400,7 +400,7 @@ impl NodeBuilder {
         let channels = Arc::new(Channels::new(config.inbox_capacity, config.channels_max));
         let peers_at_start = config.peers.clone();
         let seeds_at_start = config.seeds.clone();
-        let patterns = crate::patterns::Patterns::new(epoch, &config.patterns);
+        let patterns = crate::patterns::Patterns::new(id, epoch, &config.patterns);
         let shared = Arc::new(Shared {
             id,
             identity,

@@ -5,8 +5,11 @@
 //!
 //! ```text
 //! $weft/interest  volatile   announcements of subscriptions and services, and their acks
-//! $weft/ev        sequenced  events: [topic][payload], to each peer whose pattern matches
-//!                            (acknowledged, spooled with a data directory, retried)
+//! $weft/ev        sequenced  events (`weft_proto::gossip::Event`): to each peer whose pattern
+//!                            matches, over a relay tree when they are many (acknowledged per
+//!                            hop, spooled with a data directory, retried; chained per
+//!                            subscriber); volatile for best-effort events
+//! $weft/evc       volatile   confirmations: the last event a subscriber delivered, per publisher
 //! $weft/req       volatile   requests: [service][payload], correlation id, reply address
 //! $weft/rep       volatile   replies: [status][payload], correlation id
 //! $weft/queue/Q   sequenced  work items of queue Q, to one worker with credit (see `work`)
@@ -43,6 +46,8 @@ pub use work::{PullOptions, Puller, WorkError};
 pub(crate) const INTEREST_CHANNEL: &str = "$weft/interest";
 /// Channel of events.
 pub(crate) const EVENT_CHANNEL: &str = "$weft/ev";
+/// Channel of subscribers' confirmations of events.
+pub(crate) const CONFIRM_CHANNEL: &str = "$weft/evc";
 /// Channel of requests.
 pub(crate) const REQUEST_CHANNEL: &str = "$weft/req";
 /// Channel of replies.
@@ -88,6 +93,8 @@ pub(crate) struct State {
     /// Per (work queue, shard key digest): where its last message went (bounded by
     /// `work::KEYS_MAX`).
     keys: BTreeMap<(String, [u8; 32]), work::KeyState>,
+    /// This node as a publisher: event sequence, chains per subscriber, retention.
+    publisher: weft_proto::gossip::Publisher,
 }
 
 /// The node's pattern state, shared by its API and its pattern tasks.
@@ -101,12 +108,14 @@ pub(crate) struct Patterns {
     /// Stops the pattern tasks ahead of the peers (see [`Patterns::stop`]).
     stop: watch::Sender<bool>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
-    /// Sequence of events published to local subscriptions (their message ids).
+    /// Sequence of best-effort events published to local subscriptions (their message ids).
     local_events: AtomicU64,
+    /// Signalled when the publisher's retention shrank (publishers wait for room).
+    retention_freed: tokio::sync::Notify,
 }
 
 impl Patterns {
-    pub(crate) fn new(incarnation: u64, config: &crate::config::PatternConfig) -> Self {
+    pub(crate) fn new(id: NodeId, incarnation: u64, config: &crate::config::PatternConfig) -> Self {
         let (announce, announce_rx) = mpsc::unbounded_channel();
         Self {
             state: Mutex::new(State {
@@ -124,6 +133,16 @@ impl Patterns {
                 next_server: 0,
                 outstanding: BTreeMap::new(),
                 keys: BTreeMap::new(),
+                publisher: weft_proto::gossip::Publisher::new(
+                    id,
+                    weft_proto::gossip::PublisherConfig {
+                        fanout: config.gossip_fanout,
+                        retained_max: config.event_retention_max,
+                        retained_bytes_max: config.event_retention_bytes_max,
+                        repair_after_ms: config.event_repair_after.as_millis() as u64,
+                        chains_max: pubsub::PUBLISHER_CHAINS_MAX,
+                    },
+                ),
             }),
             changed: watch::channel(0).0,
             announce,
@@ -131,6 +150,7 @@ impl Patterns {
             stop: watch::channel(false).0,
             tasks: Mutex::new(Vec::new()),
             local_events: AtomicU64::new(0),
+            retention_freed: tokio::sync::Notify::new(),
         }
     }
 
@@ -202,6 +222,7 @@ impl Patterns {
 pub(crate) fn start(shared: &Arc<Shared>) -> Result<(), crate::error::ReceiveError> {
     let interest = shared.channels.take_receiver(INTEREST_CHANNEL)?;
     let events = shared.channels.take_receiver(EVENT_CHANNEL)?;
+    let confirms = shared.channels.take_receiver(CONFIRM_CHANNEL)?;
     let requests = shared.channels.take_receiver(REQUEST_CHANNEL)?;
     let replies = shared.channels.take_receiver(REPLY_CHANNEL)?;
     let announce = shared
@@ -213,7 +234,9 @@ pub(crate) fn start(shared: &Arc<Shared>) -> Result<(), crate::error::ReceiveErr
         .expect("pattern tasks start once");
     let span = tracing::info_span!(parent: None, "patterns", node = %shared.id.short());
     let tasks = [
-        tokio::spawn(control_task(Arc::clone(shared), interest, announce).instrument(span.clone())),
+        tokio::spawn(
+            control_task(Arc::clone(shared), interest, confirms, announce).instrument(span.clone()),
+        ),
         tokio::spawn(pubsub::event_task(Arc::clone(shared), events).instrument(span.clone())),
         tokio::spawn(reqrep::request_task(Arc::clone(shared), requests).instrument(span.clone())),
         tokio::spawn(reqrep::reply_task(Arc::clone(shared), replies).instrument(span)),
@@ -283,6 +306,7 @@ fn ack_to(shared: &Arc<Shared>, peer: NodeId, incarnation: u64, version: u64) {
 async fn control_task(
     shared: Arc<Shared>,
     mut interest: Inbox,
+    mut confirms: Inbox,
     mut announce: mpsc::UnboundedReceiver<()>,
 ) {
     let patterns = &shared.patterns;
@@ -331,6 +355,10 @@ async fn control_task(
                 let Some(message) = message else { break };
                 handle_interest(&shared, message);
             }
+            message = confirms.recv() => {
+                let Some(message) = message else { break };
+                pubsub::handle_confirm(&shared, &message);
+            }
             _ = tick.tick() => {
                 let (announce_due, acks_due) = {
                     let mut state = patterns.lock();
@@ -347,6 +375,7 @@ async fn control_task(
                     announce_to(&shared, announce_due);
                 }
                 work::reassign_silent(&shared);
+                pubsub::repair_stalled(&shared, false);
                 for (peer, (incarnation, version)) in acks_due {
                     ack_to(&shared, peer, incarnation, version);
                 }

@@ -7,9 +7,11 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use futures_util::Stream;
+use std::collections::BTreeMap;
 use tokio::sync::mpsc;
-use tracing::warn;
-use weft_proto::envelope;
+
+use tracing::{debug, warn};
+use weft_proto::gossip::{self, Accepted, Chains, Confirm, Event, Hop};
 use weft_proto::interest::InterestError;
 use weft_proto::{
     Kind, Message, MessageId, NodeId, OutgoingMessage, StreamId, Topic, TopicError, TopicPattern,
@@ -82,21 +84,26 @@ pub struct SubscribeOptions {
 #[derive(Debug)]
 #[must_use = "a publish reports where the event went; await `delivered` to know it arrived"]
 pub struct Published {
-    /// One receipt per remote subscriber: resolves once that node's subscriptions have the event.
+    /// One receipt per first hop: resolves once that node's subscriptions have the event and
+    /// the copies it relays to its subtree are accepted (durable, with a spool). With at most
+    /// `gossip_fanout` subscribers, one per remote subscriber.
     pub receipts: Vec<Receipt>,
+    /// Remote subscribers the event reaches through a relay (not in `receipts`).
+    pub relayed: usize,
     /// Local subscriptions that got it.
     pub local: usize,
 }
 
 impl Published {
-    /// Nodes the event went to (remote subscribers), in node id order.
+    /// The nodes the event was sent to itself (the first hops).
     pub fn subscribers(&self) -> Vec<NodeId> {
         self.receipts.iter().map(|r| r.peer()).collect()
     }
 
-    /// Waits until every remote subscriber acknowledged the event.
+    /// Waits until every first hop acknowledged the event; returns how many subscriptions and
+    /// nodes it was addressed to (local subscriptions, first hops and relayed subscribers).
     pub async fn delivered(self) -> Result<usize, crate::error::DeliveryError> {
-        let count = self.receipts.len();
+        let count = self.receipts.len() + self.relayed;
         for receipt in self.receipts {
             receipt.await?;
         }
@@ -213,12 +220,41 @@ pub(crate) async fn subscribe(
     }
 }
 
-/// The message a local subscription receives for an event.
-fn event_message(template: &Message, topic: &Topic, payload: Bytes) -> Message {
-    let mut message = template.clone();
-    message.header.channel = topic.as_str().to_owned();
-    message.body = payload;
-    message
+/// Publisher chains remembered at most (see `gossip::PublisherConfig::chains_max`).
+pub(crate) const PUBLISHER_CHAINS_MAX: usize = 65_536;
+/// Publisher chains a subscriber remembers at most.
+const SUBSCRIBER_CHAINS_MAX: usize = 4_096;
+/// A subscriber confirms at least every this many events it delivered (and whenever its event
+/// queue runs empty).
+const CONFIRM_EVERY: u32 = 128;
+/// How often a subscriber retries confirmations that found a full peer queue.
+const CONFIRM_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// The message a local subscription receives for an event of `origin`.
+fn event_message(
+    shared: &Shared,
+    origin: NodeId,
+    incarnation: u64,
+    seq: u64,
+    topic: &Topic,
+    payload: Bytes,
+) -> Message {
+    Message {
+        header: weft_proto::Header {
+            id: MessageId {
+                producer: origin,
+                stream: StreamId::direct(&origin, &shared.id, incarnation),
+                seq,
+            },
+            kind: Kind::Event,
+            channel: topic.as_str().to_owned(),
+            priority: Default::default(),
+            created_unix_ms: shared.now_unix_ms(),
+            attempt: 1,
+            options: None,
+        },
+        body: payload,
+    }
 }
 
 /// Hands an event to every local subscription whose pattern matches (waiting at a full reliable
@@ -273,14 +309,148 @@ async fn deliver_locally(shared: &Shared, topic: &Topic, message: Message) -> us
     delivered
 }
 
-/// Events from peers: unwrap, deliver to the matching local subscriptions, then take the next
-/// (which settles this one: the publisher's receipt resolves once every local subscription
-/// has the event).
+fn is_connected(shared: &Shared, peer: &NodeId) -> bool {
+    shared
+        .peers
+        .read()
+        .expect("peers lock poisoned")
+        .get(peer)
+        .is_some_and(|handle| *handle.connected.borrow())
+}
+
+/// Sends a sequenced event to `route[0]` (its subtree in the rest of the route).
+async fn send_event(
+    shared: &Arc<Shared>,
+    event: &Event,
+) -> Result<crate::receipt::Receipt, SendError> {
+    let to = event.route[0].node;
+    let outgoing = OutgoingMessage::command(
+        EVENT_CHANNEL,
+        event.encode(&shared.id),
+        shared.now_unix_ms(),
+    )
+    .with_kind(Kind::Event);
+    shared.sender(to)?.send_message(outgoing).await
+}
+
+/// What the event task does with one received event: relay it to its children, then take it
+/// into its publisher's chain and deliver what that releases.
+async fn take_event(shared: &Arc<Shared>, chains: &mut Chains<Event>, event: Event) {
+    let metrics = &shared.metrics;
+    if event.seq == 0 {
+        // Best effort: no chain.
+        let message = event_message(
+            shared,
+            event.origin,
+            event.incarnation,
+            0,
+            &event.topic,
+            event.payload,
+        );
+        deliver_locally(shared, &event.topic, message).await;
+        return;
+    }
+    metrics.event_copies.fetch_add(1, Ordering::Relaxed);
+    metrics
+        .event_hops_max
+        .fetch_max(u64::from(event.hops), Ordering::Relaxed);
+    let fanout = shared.config.patterns.gossip_fanout;
+    for chunk in gossip::split(&event.route[1..], fanout) {
+        // Around a child that is not connected: the next of its subtree takes its place, and
+        // the publisher repairs what the skipped ones miss.
+        let Some(start) = chunk.iter().position(|hop| is_connected(shared, &hop.node)) else {
+            debug!(
+                subtree = chunk.len(),
+                "no connected node in a subtree; its publisher repairs it"
+            );
+            continue;
+        };
+        let child = &chunk[start..];
+        let copy = event.for_child(child);
+        match send_event(shared, &copy).await {
+            Ok(_receipt) => {
+                metrics.events_relayed.fetch_add(1, Ordering::Relaxed);
+            }
+            // The publisher re-sends to the subtree over its own links once it sees no progress.
+            Err(e) => warn!(
+                child = %child[0].node.short(),
+                subtree = child.len(),
+                error = %e,
+                "event not relayed; its publisher will repair it"
+            ),
+        }
+    }
+    let (origin, incarnation, seq, prev) = (
+        event.origin,
+        event.incarnation,
+        event.seq,
+        event.route[0].prev,
+    );
+    match chains.accept(origin, incarnation, seq, prev, event) {
+        Accepted::Deliver(events) => {
+            for event in events {
+                metrics.events_received.fetch_add(1, Ordering::Relaxed);
+                let message = event_message(
+                    shared,
+                    event.origin,
+                    event.incarnation,
+                    event.seq,
+                    &event.topic,
+                    event.payload,
+                );
+                deliver_locally(shared, &event.topic, message).await;
+            }
+        }
+        Accepted::Held => {
+            debug!(publisher = %origin.short(), seq, prev, "event held for its predecessor");
+        }
+        Accepted::Duplicate => {}
+        Accepted::Dropped => {
+            debug!(publisher = %origin.short(), seq, "hold full: event dropped, its publisher repairs it");
+        }
+    }
+}
+
+/// Sends the confirmations due (and those a full queue refused before); keeps what is refused
+/// again.
+fn send_confirms(
+    shared: &Arc<Shared>,
+    chains: &mut Chains<Event>,
+    refused: &mut BTreeMap<(NodeId, u64), u64>,
+) {
+    for (origin, incarnation, seq) in chains.take_confirms() {
+        refused.insert((origin, incarnation), seq);
+    }
+    refused.retain(|&(origin, incarnation), &mut seq| {
+        let confirm = Confirm {
+            incarnation,
+            seq,
+            subscriber_incarnation: shared.epoch,
+        };
+        let message = super::control_message(
+            shared,
+            super::CONFIRM_CHANNEL,
+            Kind::Reply,
+            confirm.encode(),
+        );
+        !super::try_volatile(shared, origin, message)
+    });
+}
+
+/// Events from peers: relay, chain, deliver to the matching local subscriptions, then take the
+/// next (which settles this one: the hop's acknowledgement means the subtree's copies are
+/// accepted and the chain has it).
 pub(crate) async fn event_task(shared: Arc<Shared>, mut events: Inbox) {
     // Made once: a new one per event (two watch subscriptions and their waiters) was a quarter
     // of a subscriber's CPU.
     let stopping = super::Patterns::stopping(&shared);
     tokio::pin!(stopping);
+    let mut chains: Chains<Event> =
+        Chains::new(shared.config.patterns.event_hold_max, SUBSCRIBER_CHAINS_MAX);
+    let mut refused = BTreeMap::new();
+    let mut since_confirm = 0u32;
+    let mut retry = tokio::time::interval(CONFIRM_RETRY);
+    retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let message = tokio::select! {
             biased;
@@ -289,66 +459,112 @@ pub(crate) async fn event_task(shared: Arc<Shared>, mut events: Inbox) {
                 Some(message) => message,
                 None => break,
             },
+            _ = retry.tick() => {
+                send_confirms(&shared, &mut chains, &mut refused);
+                continue;
+            }
         };
-        let (topic, payload) = match envelope::unwrap(&message.body) {
-            Ok(unwrapped) => unwrapped,
+        let event = match Event::decode(&message.body, &message.header.id.producer) {
+            Ok(event)
+                if event.seq == 0
+                    || event.route.first().is_some_and(|hop| hop.node == shared.id) =>
+            {
+                event
+            }
+            Ok(_) => {
+                shared.metrics.protocol_error();
+                warn!(peer = %message.header.id.producer.short(), "event routed to another node dropped");
+                continue;
+            }
             Err(e) => {
                 shared.metrics.protocol_error();
                 warn!(peer = %message.header.id.producer.short(), error = %e, "malformed event dropped");
                 continue;
             }
         };
-        let event = event_message(&message, &topic, payload);
         tokio::select! {
             biased;
             () = &mut stopping => {
-                // Not every subscription has it: not settled, so the publisher keeps it.
+                // Not relayed or delivered everywhere: not settled, so the sender keeps it.
                 events.unsettle_last();
                 break;
             }
-            _ = deliver_locally(&shared, &topic, event) => {}
+            () = take_event(&shared, &mut chains, event) => {}
+        }
+        since_confirm += 1;
+        if since_confirm >= CONFIRM_EVERY || events.is_empty() {
+            since_confirm = 0;
+            send_confirms(&shared, &mut chains, &mut refused);
         }
     }
 }
 
-/// Checks the topic and builds the wire message of an event, checked against the limits.
-fn event_outgoing(
-    shared: &Shared,
-    topic: &str,
-    payload: &[u8],
-) -> Result<(Topic, OutgoingMessage), PublishError> {
-    let topic = Topic::new(topic)?;
-    let outgoing = OutgoingMessage::command(
-        EVENT_CHANNEL,
-        envelope::wrap(&topic, payload),
-        shared.now_unix_ms(),
-    )
-    .with_kind(Kind::Event);
-    outgoing
-        .check(&shared.config.limits())
-        .map_err(SendError::from)?;
-    Ok((topic, outgoing))
+/// A subscriber's confirmation: retention may shrink, and publishers waiting for room go on.
+pub(crate) fn handle_confirm(shared: &Arc<Shared>, message: &Message) {
+    let from = message.header.id.producer;
+    let confirm = match Confirm::decode(&message.body) {
+        Ok(confirm) => confirm,
+        Err(e) => {
+            shared.metrics.protocol_error();
+            warn!(peer = %from.short(), error = %e, "malformed event confirmation dropped");
+            return;
+        }
+    };
+    if confirm.incarnation != shared.epoch {
+        return; // for an earlier start of this node
+    }
+    let now = shared.now_unix_ms();
+    if shared
+        .patterns
+        .lock()
+        .publisher
+        .confirm(&from, confirm, now)
+    {
+        shared.patterns.retention_freed.notify_waiters();
+    }
 }
 
-/// A local event's id: this node's own pub/sub stream.
-fn local_event(shared: &Shared, topic: &Topic, payload: Bytes) -> Message {
-    let seq = shared.patterns.local_events.fetch_add(1, Ordering::Relaxed) + 1;
-    Message {
-        header: weft_proto::Header {
-            id: MessageId {
-                producer: shared.id,
-                stream: StreamId::direct(&shared.id, &shared.id, shared.epoch),
-                seq,
-            },
-            kind: Kind::Event,
-            channel: topic.as_str().to_owned(),
-            priority: Default::default(),
-            created_unix_ms: shared.now_unix_ms(),
-            attempt: 1,
-            options: None,
-        },
-        body: payload,
+/// Hands the addressees that stalled (or, with `force`, that hold the oldest retained event)
+/// everything they did not confirm, over their direct links, in a task of its own.
+pub(crate) fn repair_stalled(shared: &Arc<Shared>, force: bool) {
+    let now = shared.now_unix_ms();
+    let repairs = shared.patterns.lock().publisher.repairs(now, force);
+    if repairs.is_empty() {
+        return;
     }
+    shared.patterns.retention_freed.notify_waiters();
+    let shared = Arc::clone(shared);
+    tokio::spawn(async move {
+        for repair in repairs {
+            debug!(subscriber = %repair.to.short(), events = repair.events.len(), "repairing events over the direct link");
+            for (seq, topic, payload, prev) in repair.events {
+                let event = Event {
+                    origin: shared.id,
+                    incarnation: shared.epoch,
+                    seq,
+                    hops: 1,
+                    route: vec![Hop {
+                        node: repair.to,
+                        prev,
+                    }],
+                    topic,
+                    payload,
+                };
+                match send_event(&shared, &event).await {
+                    Ok(_receipt) => {
+                        shared
+                            .metrics
+                            .events_repaired
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        warn!(subscriber = %repair.to.short(), seq, error = %e, "event repair not sent");
+                        break;
+                    }
+                }
+            }
+        }
+    });
 }
 
 pub(crate) async fn publish(
@@ -356,15 +572,49 @@ pub(crate) async fn publish(
     topic: &str,
     payload: Bytes,
 ) -> Result<Published, PublishError> {
-    let (topic, outgoing) = event_outgoing(shared, topic, &payload)?;
-    let subscribers = shared.patterns.lock().table.subscribers(&topic);
-    let mut receipts = Vec::with_capacity(subscribers.len());
-    for peer in subscribers {
-        let sent = match shared.sender(peer) {
-            Ok(sender) => sender.send_message(outgoing.clone()).await,
-            Err(e) => Err(e),
+    let topic = Topic::new(topic)?;
+    let patterns = &shared.patterns;
+    let fanout = loop {
+        let room = patterns.retention_freed.notified();
+        {
+            let mut state = patterns.lock();
+            if state.publisher.has_room() {
+                let addressees = state.table.addressees(&topic);
+                // The longest route a first hop can get: checked before the event is numbered,
+                // so a refused event leaves no gap in anyone's chain.
+                let longest = addressees
+                    .len()
+                    .div_ceil(shared.config.patterns.gossip_fanout.max(1));
+                let size = gossip::overhead(&topic, longest) + payload.len();
+                if !addressees.is_empty() {
+                    check_event_size(shared, size)?;
+                }
+                let now = shared.now_unix_ms();
+                break state.publisher.publish(&addressees, &topic, &payload, now);
+            }
+        }
+        repair_stalled(shared, true);
+        tokio::select! {
+            () = room => {}
+            () = super::Patterns::stopping(shared) => {
+                return Err(PublishError::Send(SendError::NodeClosed));
+            }
+        }
+    };
+    let addressed: usize = fanout.routes.iter().map(Vec::len).sum();
+    let mut receipts = Vec::with_capacity(fanout.routes.len());
+    for route in fanout.routes {
+        let peer = route[0].node;
+        let event = Event {
+            origin: shared.id,
+            incarnation: shared.epoch,
+            seq: fanout.seq,
+            hops: 1,
+            route,
+            topic: topic.clone(),
+            payload: payload.clone(),
         };
-        match sent {
+        match send_event(shared, &event).await {
             Ok(receipt) => receipts.push(receipt),
             Err(error) if receipts.is_empty() => return Err(error.into()),
             Err(error) => {
@@ -376,12 +626,26 @@ pub(crate) async fn publish(
             }
         }
     }
-    let local = if shared.patterns.lock().table.subscribed_here(&topic) {
-        deliver_locally(shared, &topic, local_event(shared, &topic, payload)).await
+    let local = if patterns.lock().table.subscribed_here(&topic) {
+        let message = event_message(shared, shared.id, shared.epoch, fanout.seq, &topic, payload);
+        deliver_locally(shared, &topic, message).await
     } else {
         0
     };
-    Ok(Published { receipts, local })
+    Ok(Published {
+        relayed: addressed - receipts.len(),
+        receipts,
+        local,
+    })
+}
+
+/// Refuses an event body of `size` bytes that the link limits would refuse.
+fn check_event_size(shared: &Shared, size: usize) -> Result<(), SendError> {
+    let max = shared.config.limits().max_body_bytes;
+    if size > max {
+        return Err(weft_proto::frame::EncodeError::BodyTooLarge { len: size, max }.into());
+    }
+    Ok(())
 }
 
 /// Best effort: volatile to every connected subscriber whose queue has room; the rest are
@@ -391,7 +655,22 @@ pub(crate) fn publish_best_effort(
     topic: &str,
     payload: Bytes,
 ) -> Result<usize, PublishError> {
-    let (topic, outgoing) = event_outgoing(shared, topic, &payload)?;
+    let topic = Topic::new(topic)?;
+    let body = gossip::encode_parts(
+        &shared.id,
+        &shared.id,
+        shared.epoch,
+        0,
+        1,
+        &[],
+        &topic,
+        &payload,
+    );
+    let outgoing =
+        OutgoingMessage::command(EVENT_CHANNEL, body, shared.now_unix_ms()).with_kind(Kind::Event);
+    outgoing
+        .check(&shared.config.limits())
+        .map_err(SendError::from)?;
     let subscribers = shared.patterns.lock().table.subscribers(&topic);
     let mut sent = 0;
     for peer in subscribers {
@@ -410,7 +689,8 @@ pub(crate) fn publish_best_effort(
         }
     }
     if shared.patterns.lock().table.subscribed_here(&topic) {
-        let message = local_event(shared, &topic, payload);
+        let seq = shared.patterns.local_events.fetch_add(1, Ordering::Relaxed) + 1;
+        let message = event_message(shared, shared.id, shared.epoch, seq, &topic, payload);
         let targets: Vec<_> = {
             let state = shared.patterns.lock();
             state

@@ -1,0 +1,172 @@
+//! Gossip fan-out between real nodes over QUIC: a publisher sends each event to a few
+//! subscribers, which relay it down a tree; a subscriber that a path does not reach is repaired
+//! over the publisher's direct link.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use weft::proto::gossip::tree_order;
+use weft::{Node, NodeConfig, Subscription};
+
+use crate::support::{addr, node_with, within};
+
+fn gossip_config(fanout: usize) -> impl Fn(&mut NodeConfig) + Clone {
+    move |c: &mut NodeConfig| {
+        c.patterns.gossip_fanout = fanout;
+        c.patterns.event_repair_after = Duration::from_millis(300);
+    }
+}
+
+fn number(n: u64) -> Bytes {
+    Bytes::copy_from_slice(&n.to_le_bytes())
+}
+
+/// Takes `count` events from `subscription`: each must come from `publisher`, numbered 0, 1, …
+/// in order (FIFO, no gap, no duplicate).
+async fn expect_in_order(subscription: &mut Subscription, publisher: weft::NodeId, count: u64) {
+    for expected in 0..count {
+        let event = within("event", subscription.recv()).await.expect("open");
+        assert_eq!(
+            event.header.id.producer, publisher,
+            "the publisher, not a relay"
+        );
+        let n = u64::from_le_bytes(event.body[..8].try_into().unwrap());
+        assert_eq!(n, expected, "FIFO per publisher, no gaps, no duplicates");
+    }
+}
+
+/// Connects every pair of `nodes` and waits for the full mesh.
+async fn connect_all(nodes: &[&Node]) {
+    for (i, a) in nodes.iter().enumerate() {
+        for b in &nodes[i + 1..] {
+            a.add_peer(addr(b)).unwrap();
+        }
+    }
+    for n in nodes {
+        within("full mesh", n.wait_for_peers(nodes.len() - 1))
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publisher_reaches_many_subscribers_through_relays_once_each_in_order() {
+    const EVENTS: u64 = 300;
+    const SUBSCRIBERS: usize = 11;
+    const FANOUT: usize = 3;
+    let mut nodes = Vec::new();
+    for _ in 0..=SUBSCRIBERS {
+        nodes.push(node_with("gossip", gossip_config(FANOUT)).await);
+    }
+    connect_all(&nodes.iter().collect::<Vec<_>>()).await;
+    let (publisher, subscribers) = (&nodes[0], &nodes[1..]);
+    let mut subscriptions = Vec::new();
+    for subscriber in subscribers {
+        subscriptions.push(
+            within("subscribe", subscriber.subscribe("ticks/**"))
+                .await
+                .unwrap(),
+        );
+    }
+    within(
+        "subscribers",
+        publisher.wait_for_subscribers("ticks/a", SUBSCRIBERS),
+    )
+    .await
+    .unwrap();
+    for n in 0..EVENTS {
+        let published = publisher.publish("ticks/a", number(n)).await.unwrap();
+        assert_eq!(
+            published.receipts.len(),
+            FANOUT,
+            "the publisher sends to its first hops only"
+        );
+        assert_eq!(published.relayed, SUBSCRIBERS - FANOUT);
+    }
+    for subscription in &mut subscriptions {
+        expect_in_order(subscription, publisher.id(), EVENTS).await;
+    }
+    let metrics: Vec<_> = subscribers.iter().map(Node::metrics).collect();
+    let copies: u64 = metrics.iter().map(|m| m.event_copies).sum();
+    let received: u64 = metrics.iter().map(|m| m.events_received).sum();
+    let relayed: u64 = metrics.iter().map(|m| m.events_relayed).sum();
+    let hops_max = metrics.iter().map(|m| m.event_hops_max).max().unwrap();
+    assert_eq!(received, EVENTS * SUBSCRIBERS as u64);
+    assert_eq!(copies, received, "one copy per delivery on a healthy mesh");
+    assert_eq!(relayed, EVENTS * (SUBSCRIBERS - FANOUT) as u64);
+    assert!(
+        (2..=3).contains(&hops_max),
+        "11 subscribers, fan-out 3: relayed, at most 3 hops (got {hops_max})"
+    );
+    assert_eq!(publisher.metrics().events_repaired, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_no_relay_can_reach_is_repaired_by_its_publisher() {
+    const EVENTS: u64 = 200;
+    const FANOUT: usize = 2;
+    let config = gossip_config(FANOUT);
+    let publisher = node_with("gossip-repair", config.clone()).await;
+    let mut relays = Vec::new();
+    for _ in 0..6 {
+        relays.push(node_with("gossip-repair", config.clone()).await);
+    }
+    // The isolated subscriber is connected to the publisher only (no relay knows its address),
+    // and is not one of the publisher's first hops: every copy meant for it goes through a relay
+    // that cannot deliver it.
+    let isolated = loop {
+        let candidate = node_with("gossip-repair", config.clone()).await;
+        let mine = tree_order(&publisher.id(), &candidate.id());
+        let below = relays
+            .iter()
+            .filter(|r| tree_order(&publisher.id(), &r.id()) < mine)
+            .count();
+        if below >= FANOUT {
+            break candidate;
+        }
+        candidate.shutdown().await;
+    };
+    let mut mesh: Vec<&Node> = vec![&publisher];
+    mesh.extend(relays.iter());
+    connect_all(&mesh).await;
+    publisher.add_peer(addr(&isolated)).unwrap();
+    within("connected", isolated.wait_for_peers(1))
+        .await
+        .unwrap();
+    let mut subscriptions = Vec::new();
+    for subscriber in relays.iter().chain([&isolated]) {
+        subscriptions.push(
+            within("subscribe", subscriber.subscribe("ticks/*"))
+                .await
+                .unwrap(),
+        );
+    }
+    within("subscribers", publisher.wait_for_subscribers("ticks/a", 7))
+        .await
+        .unwrap();
+    for n in 0..EVENTS {
+        let published = publisher.publish("ticks/a", number(n)).await.unwrap();
+        assert!(
+            !published.subscribers().contains(&isolated.id()),
+            "the isolated subscriber is reached through a relay"
+        );
+    }
+    for subscription in &mut subscriptions {
+        expect_in_order(subscription, publisher.id(), EVENTS).await;
+    }
+    let repaired = publisher.metrics().events_repaired;
+    assert!(
+        repaired >= EVENTS,
+        "every event of the isolated subscriber was repaired (repaired {repaired})"
+    );
+    assert_eq!(isolated.metrics().events_received, EVENTS);
+    // Nothing further: each subscription had exactly its events.
+    let mut extra = BTreeMap::new();
+    for (i, subscription) in subscriptions.iter_mut().enumerate() {
+        if subscription.try_recv().is_some() {
+            extra.insert(i, ());
+        }
+    }
+    assert!(extra.is_empty(), "extra events at {extra:?}");
+}
