@@ -64,6 +64,8 @@ const RECEIPT_WINDOW: usize = 8;
 /// Messages a channel's queue holds: tiny, so that a paused consumer makes links park deliveries
 /// (see the scenario docs) and bursts exercise backpressure.
 const INBOX_CAPACITY: usize = 2;
+/// Children per node of the event relay trees: small, so the five-node `pubsub` runs relay.
+const GOSSIP_FANOUT: usize = 2;
 /// Events a subscription's queue holds (`pubsub`); see [`INBOX_CAPACITY`].
 const SUBSCRIPTION_CAPACITY: usize = 4;
 /// Publishes one node keeps with unresolved receipts; its publisher waits when the window is
@@ -802,6 +804,9 @@ async fn start_node(
             config.patterns.subscription_capacity = SUBSCRIPTION_CAPACITY;
             config.patterns.pull_credit = PULL_CREDIT;
             config.patterns.work_reassign_after = WORK_REASSIGN_AFTER;
+            // Two: with four subscribers, every event is relayed (a publisher sends it to two,
+            // each of which relays it to one), so relays crash, are cut off and repaired.
+            config.patterns.gossip_fanout = GOSSIP_FANOUT;
         })
         .seams(seams)
         .start()

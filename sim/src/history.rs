@@ -886,7 +886,7 @@ impl History {
         let spool_pending: Vec<Option<u64>> = inner
             .metrics
             .iter()
-            .map(|metrics| metrics.map(|m| m.spool_pending))
+            .map(|metrics| metrics.map(|m| m.spool_pending + m.events_retained))
             .collect();
         Progress {
             sends_done: inner.sends_done,

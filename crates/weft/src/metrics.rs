@@ -30,6 +30,7 @@ pub(crate) struct Metrics {
     pub(crate) events_relayed: AtomicU64,
     pub(crate) events_repaired: AtomicU64,
     pub(crate) event_hops_max: AtomicU64,
+    pub(crate) events_retained: AtomicU64,
 }
 
 /// A snapshot of a node's counters.
@@ -85,6 +86,8 @@ pub struct MetricsSnapshot {
     pub events_repaired: u64,
     /// The most links an event received had crossed (1: straight from its publisher).
     pub event_hops_max: u64,
+    /// Events this node published and keeps for repair, not yet confirmed by every addressee.
+    pub events_retained: u64,
 }
 
 impl Metrics {
@@ -185,6 +188,7 @@ impl Metrics {
             events_relayed: get(&self.events_relayed),
             events_repaired: get(&self.events_repaired),
             event_hops_max: get(&self.event_hops_max),
+            events_retained: get(&self.events_retained),
         }
     }
 }
@@ -198,7 +202,7 @@ struct Series {
 }
 
 impl MetricsSnapshot {
-    fn series(&self) -> [Series; 23] {
+    fn series(&self) -> [Series; 24] {
         let counter = |name, help, value| Series {
             name,
             kind: "counter",
@@ -324,6 +328,12 @@ impl MetricsSnapshot {
                 help: "The most links an event received had crossed.",
                 value: self.event_hops_max,
             },
+            Series {
+                name: "weft_events_retained",
+                kind: "gauge",
+                help: "Published events kept for repair, not yet confirmed by every addressee.",
+                value: self.events_retained,
+            },
         ]
     }
 
@@ -381,6 +391,7 @@ impl MetricsSnapshot {
             ("events_relayed", self.events_relayed),
             ("events_repaired", self.events_repaired),
             ("event_hops_max", self.event_hops_max),
+            ("events_retained", self.events_retained),
         ]
         .iter()
         .map(|(name, value)| format!("\"{name}\":{value}"))

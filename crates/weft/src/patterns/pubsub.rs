@@ -333,6 +333,35 @@ async fn send_event(
     shared.sender(to)?.send_message(outgoing).await
 }
 
+/// Queues an event's copy for a child that is not connected, without waiting for room: when its
+/// queue or the spool is full, the copy is left to the publisher's repair.
+async fn relay_to_absent(shared: &Arc<Shared>, event: &Event, absent: &Hop) {
+    let copy = event.for_child(std::slice::from_ref(absent));
+    let outgoing =
+        OutgoingMessage::command(EVENT_CHANNEL, copy.encode(&shared.id), shared.now_unix_ms())
+            .with_kind(Kind::Event);
+    let queued = shared
+        .sender(absent.node)
+        .map_err(TrySendError::from)
+        .and_then(|sender| sender.try_send_message(outgoing));
+    match queued {
+        Ok(receipt) => match receipt.accepted().await {
+            Ok(()) => {
+                shared
+                    .metrics
+                    .events_relayed
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                debug!(child = %absent.node.short(), error = %e, "relayed copy not accepted; its publisher repairs it")
+            }
+        },
+        Err(e) => {
+            debug!(child = %absent.node.short(), error = %e, "relayed copy not queued; its publisher repairs it")
+        }
+    }
+}
+
 /// What the event task does with one received event: relay it to its children, then take it
 /// into its publisher's chain and deliver what that releases.
 async fn take_event(shared: &Arc<Shared>, chains: &mut Chains<Event>, event: Event) {
@@ -356,16 +385,17 @@ async fn take_event(shared: &Arc<Shared>, chains: &mut Chains<Event>, event: Eve
         .fetch_max(u64::from(event.hops), Ordering::Relaxed);
     let fanout = shared.config.patterns.gossip_fanout;
     for chunk in gossip::split(&event.route[1..], fanout) {
-        // Around a child that is not connected: the next of its subtree takes its place, and
-        // the publisher repairs what the skipped ones miss.
-        let Some(start) = chunk.iter().position(|hop| is_connected(shared, &hop.node)) else {
-            debug!(
-                subtree = chunk.len(),
-                "no connected node in a subtree; its publisher repairs it"
-            );
+        // A child that is not connected keeps its own copy in this node's link to it (queued,
+        // spooled: it arrives when the child is back), and the next connected node of its
+        // subtree takes its place for the rest.
+        let mut child = chunk;
+        while let Some(absent) = child.first().filter(|hop| !is_connected(shared, &hop.node)) {
+            relay_to_absent(shared, &event, absent).await;
+            child = &child[1..];
+        }
+        if child.is_empty() {
             continue;
-        };
-        let child = &chunk[start..];
+        }
         let copy = event.for_child(child);
         match send_event(shared, &copy).await {
             Ok(_receipt) => {
@@ -528,7 +558,12 @@ pub(crate) fn handle_confirm(shared: &Arc<Shared>, message: &Message) {
 /// everything they did not confirm, over their direct links, in a task of its own.
 pub(crate) fn repair_stalled(shared: &Arc<Shared>, force: bool) {
     let now = shared.now_unix_ms();
-    let repairs = shared.patterns.lock().publisher.repairs(now, force);
+    let repairs = {
+        let mut state = shared.patterns.lock();
+        let repairs = state.publisher.repairs(now, force);
+        record_retained(shared, &state.publisher);
+        repairs
+    };
     if repairs.is_empty() {
         return;
     }
@@ -590,7 +625,9 @@ pub(crate) async fn publish(
                     check_event_size(shared, size)?;
                 }
                 let now = shared.now_unix_ms();
-                break state.publisher.publish(&addressees, &topic, &payload, now);
+                let fanout = state.publisher.publish(&addressees, &topic, &payload, now);
+                record_retained(shared, &state.publisher);
+                break fanout;
             }
         }
         repair_stalled(shared, true);
@@ -637,6 +674,13 @@ pub(crate) async fn publish(
         receipts,
         local,
     })
+}
+
+fn record_retained(shared: &Shared, publisher: &gossip::Publisher) {
+    shared
+        .metrics
+        .events_retained
+        .store(publisher.retained() as u64, Ordering::Relaxed);
 }
 
 /// Refuses an event body of `size` bytes that the link limits would refuse.
