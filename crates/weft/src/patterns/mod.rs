@@ -220,6 +220,7 @@ impl Patterns {
 
 /// Takes the node's pattern channels and starts the tasks serving them.
 pub(crate) fn start(shared: &Arc<Shared>) -> Result<(), crate::error::ReceiveError> {
+    work::restore(shared);
     let interest = shared.channels.take_receiver(INTEREST_CHANNEL)?;
     let events = shared.channels.take_receiver(EVENT_CHANNEL)?;
     let confirms = shared.channels.take_receiver(CONFIRM_CHANNEL)?;

@@ -14,6 +14,7 @@
 //! stay connected; a message reassigned from a worker that had taken it but whose
 //! acknowledgement was lost is handled twice (at-least-once across a worker's loss).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -242,6 +243,61 @@ pub(crate) struct KeyState {
     /// Its messages are being taken back from a silent owner and pushed again: new messages
     /// for the key wait until that is done.
     reassigning: bool,
+}
+
+/// Rebuilds what the producer knows of its work in flight from the spool at start: which items
+/// each worker holds unacknowledged (its credit used) and, per shard key, where the key's last
+/// message went — so a key moves to a new owner only after its old owner acknowledged what the
+/// previous run sent it (else a restart would break per-key order). Runs before the peer tasks
+/// take their restored streams.
+pub(crate) fn restore(shared: &Shared) {
+    let restored = shared.restored.lock().expect("restored lock poisoned");
+    let mut state = shared.patterns.lock();
+    // Per key: (sent at, worker, seq) of its latest pending message.
+    let mut latest: BTreeMap<(String, [u8; 32]), (u64, NodeId, u64)> = BTreeMap::new();
+    let mut items = 0usize;
+    for (&worker, stream) in &restored.outbound {
+        for outgoing in &stream.messages {
+            let Some(queue) = outgoing.message.channel.strip_prefix(WORK_PREFIX) else {
+                continue;
+            };
+            items += 1;
+            state
+                .outstanding
+                .entry((queue.to_owned(), worker))
+                .or_default()
+                .push_back(outgoing.seq);
+            if let Some(key) = outgoing
+                .message
+                .options
+                .as_ref()
+                .and_then(|o| o.shard_key.as_ref())
+            {
+                let digest = (queue.to_owned(), weft_proto::shard::key_digest(key));
+                let sent = (outgoing.message.created_unix_ms, worker, outgoing.seq);
+                let entry = latest.entry(digest).or_insert(sent);
+                if (sent.0, sent.2) > (entry.0, entry.2) {
+                    *entry = sent;
+                }
+            }
+        }
+    }
+    for outstanding in state.outstanding.values_mut() {
+        outstanding.make_contiguous().sort_unstable();
+    }
+    for (digest, (_, owner, last_seq)) in latest {
+        state.keys.insert(
+            digest,
+            KeyState {
+                owner,
+                last_seq,
+                reassigning: false,
+            },
+        );
+    }
+    if items > 0 {
+        debug!(items, "work in flight restored from the spool");
+    }
 }
 
 /// Sends `message` (already on the queue's channel) to a worker with credit, waiting for one.
