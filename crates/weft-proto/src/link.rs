@@ -404,6 +404,12 @@ pub struct Link {
     /// Tags of acknowledged messages, for the driver (see [`Link::take_retired`]).
     retired: Vec<u64>,
     connected: bool,
+    /// The lowest withdrawn sequence number whose withdrawal is not settled (see
+    /// [`Link::hold_for_withdrawal`]): until then no data goes out, and no resume names a
+    /// later number, so the peer is not told to skip it.
+    withdrawn_unsettled: Option<u64>,
+    /// Withdrawals not yet settled.
+    withdrawals: u32,
     resume_due: bool,
     /// The peer's resume arrived on this connection: its ack (sent right behind the resume) tells
     /// what it already has, so data waits for it instead of resending a whole window blindly.
@@ -438,6 +444,8 @@ impl Link {
             peer_expects: 1,
             retired: Vec::new(),
             connected: false,
+            withdrawn_unsettled: None,
+            withdrawals: 0,
             resume_due: false,
             peer_resumed: false,
             inbound: None,
@@ -659,8 +667,9 @@ impl Link {
 
     /// Takes back the queued messages that `select` picks, except those in flight on a live
     /// connection (a driver withdraws work from a peer that went silent, to give it to another).
-    /// The peer is told to skip their numbers, as for given-up messages. Returns them in
-    /// sequence order.
+    /// The peer is told to skip their numbers, as for given-up messages — once the driver
+    /// settles the withdrawal, if it holds it with [`Link::hold_for_withdrawal`]. Returns them
+    /// in sequence order.
     pub fn withdraw(
         &mut self,
         select: impl Fn(&OutgoingMessage) -> bool,
@@ -678,6 +687,24 @@ impl Link {
         }
         self.queue = kept;
         withdrawn
+    }
+
+    /// Holds the stream at `first`, a withdrawn number, until [`Link::settle_withdrawal`]:
+    /// nothing after it goes out and a resume names no later number, so the peer is not told
+    /// to skip it yet. A driver holds a withdrawal until the withdrawn messages are durable
+    /// elsewhere: if it crashes before, its spool gives them back to this link under their old
+    /// numbers, and a peer told to skip them would drop them.
+    pub fn hold_for_withdrawal(&mut self, first: u64) {
+        self.withdrawn_unsettled = Some(self.withdrawn_unsettled.map_or(first, |w| w.min(first)));
+        self.withdrawals += 1;
+    }
+
+    /// Settles one held withdrawal; once all are, the stream goes on (skipping the numbers).
+    pub fn settle_withdrawal(&mut self) {
+        self.withdrawals = self.withdrawals.saturating_sub(1);
+        if self.withdrawals == 0 {
+            self.withdrawn_unsettled = None;
+        }
     }
 
     /// A (new) connection to the peer is established and its hello exchange is done.
@@ -856,6 +883,7 @@ impl Link {
 
     fn window_open(&self) -> bool {
         self.peer_resumed
+            && self.withdrawn_unsettled.is_none()
             && self.cursor < self.queue.len()
             && self.cursor < self.config.window_messages
             && self.inflight_bytes < self.config.window_bytes
@@ -959,7 +987,9 @@ impl Link {
         }
         // The first message still queued; with nothing queued, the next number (a peer that
         // has not seen messages that were given up must not wait for them either).
-        self.queue.front().map_or(self.next_seq, |q| q.seq)
+        let first = self.queue.front().map_or(self.next_seq, |q| q.seq);
+        // Not past a withdrawn number whose withdrawal is not settled.
+        self.withdrawn_unsettled.map_or(first, |w| w.min(first))
     }
 
     fn control(&self, buf: &mut BytesMut, frame: &Frame) {

@@ -535,9 +535,20 @@ fn withdrawn_messages_are_skipped_by_the_peer() {
     let seqs: Vec<u64> = withdrawn.iter().map(|(seq, _, _)| *seq).collect();
     assert_eq!(seqs, vec![1, 3]);
     assert_eq!(sender.queued_messages(), 2);
+    sender.hold_for_withdrawal(1);
     sender.connected();
     receiver.connected();
     pump(&mut receiver, &mut sender);
+    // Held: the peer is not told to skip yet, nothing goes out (across a reconnect too).
+    assert_eq!(pump(&mut sender, &mut receiver), vec![]);
+    sender.disconnected();
+    receiver.disconnected();
+    sender.connected();
+    receiver.connected();
+    pump(&mut receiver, &mut sender);
+    assert_eq!(pump(&mut sender, &mut receiver), vec![]);
+    assert_eq!(receiver.inbound().map(|s| s.1), Some(0), "no skip yet");
+    sender.settle_withdrawal();
     let delivered = pump(&mut sender, &mut receiver);
     assert_eq!(
         delivered,

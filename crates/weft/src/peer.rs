@@ -92,6 +92,9 @@ pub(crate) enum Control {
         channel_prefix: String,
         reply: tokio::sync::oneshot::Sender<Vec<(u64, u64, OutgoingMessage)>>,
     },
+    /// What a `Withdraw` took (when it took something) is durable elsewhere: the peer may be
+    /// told to skip it (see `Link::hold_for_withdrawal`).
+    SettleWithdrawal,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -494,8 +497,17 @@ impl PeerTask {
                     }
                 }
                 self.pending = kept;
+                if let Some(first) = withdrawn.iter().map(|(seq, ..)| *seq).min() {
+                    // Until the caller made them durable elsewhere (`SettleWithdrawal`).
+                    self.link.hold_for_withdrawal(first);
+                }
+                withdrawn.sort_unstable_by_key(|(seq, ..)| *seq);
                 let _ = reply.send(withdrawn);
                 self.absorb();
+            }
+            Control::SettleWithdrawal => {
+                self.link.settle_withdrawal();
+                self.flush();
             }
             Control::DialFailed(error) => {
                 self.dial = Dial::Idle;

@@ -207,7 +207,10 @@ fn choose(
                         .iter()
                         .find(|(w, _)| *w == owner)
                         .map_or(0, |(_, c)| *c);
-                    (free_credit(&mut state, owner, credit) > 0).then_some(owner)
+                    // A withdrawn message pushed again was within its credit before: it does
+                    // not wait for credit (its old worker's link is held until it is durable
+                    // again, so waiting for acknowledgements there could wait forever).
+                    (free_credit(&mut state, owner, credit) > 0 || reassigning).then_some(owner)
                 }
                 _ => None,
             }
@@ -223,7 +226,12 @@ fn choose(
                 }
             }
             state.next_server = state.next_server.wrapping_add(1);
-            best.map(|(w, _)| w)
+            best.map(|(w, _)| w).or_else(|| {
+                // A withdrawn message pushed again does not wait for credit (see above).
+                reassigning
+                    .then(|| workers.get(start % workers.len().max(1)).map(|(w, _)| *w))
+                    .flatten()
+            })
         }
     };
     (chosen, watch)
@@ -418,10 +426,21 @@ pub(crate) fn reassign_silent(shared: &Arc<Shared>) {
             .collect();
         with_work.sort();
         with_work.dedup();
-        // Cleared now, so the next tick does not take the same work back twice.
-        state
-            .outstanding
-            .retain(|(_, worker), _| !with_work.contains(worker));
+        // Cleared now, so the next tick does not take the same work back twice (what the
+        // withdrawal does not take, being in flight, is put back when it returns).
+        let mut taken: BTreeMap<NodeId, Vec<(String, std::collections::VecDeque<u64>)>> =
+            BTreeMap::new();
+        state.outstanding.retain(|(queue, worker), seqs| {
+            if with_work.contains(worker) {
+                taken
+                    .entry(*worker)
+                    .or_default()
+                    .push((queue.clone(), std::mem::take(seqs)));
+                false
+            } else {
+                true
+            }
+        });
         // Their keys wait until the withdrawn messages are pushed again, in order.
         with_work
             .into_iter()
@@ -433,11 +452,12 @@ pub(crate) fn reassign_silent(shared: &Arc<Shared>) {
                         keys.push(digest.clone());
                     }
                 }
-                (worker, keys)
+                let taken = taken.remove(&worker).unwrap_or_default();
+                (worker, keys, taken)
             })
             .collect::<Vec<_>>()
     };
-    for (worker, keys) in silent {
+    for (worker, keys, taken) in silent {
         let release = ReleaseKeys {
             shared: Arc::clone(shared),
             keys,
@@ -458,6 +478,20 @@ pub(crate) fn reassign_silent(shared: &Arc<Shared>) {
             // Whatever happens below, the keys of this worker do not wait any longer after it.
             let _release = release;
             let withdrawn = withdrawn.await.unwrap_or_default();
+            {
+                // What was in flight (not withdrawn) still uses the worker's credit.
+                let gone: std::collections::BTreeSet<u64> =
+                    withdrawn.iter().map(|(seq, ..)| *seq).collect();
+                let mut state = shared.patterns.lock();
+                for (queue, seqs) in taken {
+                    let kept: Vec<u64> = seqs.into_iter().filter(|s| !gone.contains(s)).collect();
+                    if !kept.is_empty() {
+                        let outstanding = state.outstanding.entry((queue, worker)).or_default();
+                        outstanding.extend(kept);
+                        outstanding.make_contiguous().sort_unstable();
+                    }
+                }
+            }
             if withdrawn.is_empty() {
                 return;
             }
@@ -466,7 +500,20 @@ pub(crate) fn reassign_silent(shared: &Arc<Shared>) {
                 messages = withdrawn.len(),
                 "worker silent: its unacknowledged work goes to other workers"
             );
+            // The worker's keys wait for what it still has in flight (below the first withdrawn
+            // number, which it acknowledges as it goes), not for the withdrawn messages: it will
+            // be told to skip those only once they are durable again elsewhere.
+            let first = withdrawn[0].0;
+            {
+                let mut state = shared.patterns.lock();
+                for key in state.keys.values_mut() {
+                    if key.owner == worker && key.last_seq >= first {
+                        key.last_seq = first - 1;
+                    }
+                }
+            }
             let mut retired = Vec::new();
+            let mut all_pushed = true;
             for (_, tag, message) in withdrawn {
                 let Some(queue) = message
                     .channel
@@ -484,9 +531,14 @@ pub(crate) fn reassign_silent(shared: &Arc<Shared>) {
                     }
                     Err(e) => {
                         warn!(queue = %queue, error = %e, "reassigned work could not be pushed; it stays in the spool");
+                        all_pushed = false;
                         break;
                     }
                 }
+            }
+            // Durable elsewhere now: the worker may be told to skip the old numbers.
+            if all_pushed {
+                let _ = handle.control.send(Control::SettleWithdrawal);
             }
             // The old spool records go only once their messages are durable again elsewhere.
             if let (Some(durable), false) = (&shared.durable, retired.is_empty()) {
