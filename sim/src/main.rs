@@ -55,8 +55,8 @@ enum Command {
     },
     /// Run a range of seeds and summarise.
     Sweep {
-        /// A scenario, or `all` (every scenario but bitrot, spool-full and work, which fail on
-        /// known bugs).
+        /// A scenario, or `all` (every scenario but bitrot and spool-full, which fail on known
+        /// bugs).
         #[arg(long)]
         scenario: String,
         /// Seeds as `A..B` (B excluded), `A..=B`, or a single seed.

@@ -6,15 +6,15 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use bytes::Bytes;
-use weft::proto::gossip::tree_order;
+use weft::proto::gossip::{split, tree_order, Hop};
 use weft::{Node, NodeConfig, Subscription};
 
 use crate::support::{addr, node_with, within};
 
-fn gossip_config(fanout: usize) -> impl Fn(&mut NodeConfig) + Clone {
+fn gossip_config(fanout: usize, repair_after: Duration) -> impl Fn(&mut NodeConfig) + Clone {
     move |c: &mut NodeConfig| {
         c.patterns.gossip_fanout = fanout;
-        c.patterns.event_repair_after = Duration::from_millis(300);
+        c.patterns.event_repair_after = repair_after;
     }
 }
 
@@ -34,6 +34,21 @@ async fn expect_in_order(subscription: &mut Subscription, publisher: weft::NodeI
         let n = u64::from_le_bytes(event.body[..8].try_into().unwrap());
         assert_eq!(n, expected, "FIFO per publisher, no gaps, no duplicates");
     }
+}
+
+/// The nodes `publisher` sends an event for `subscribers` (all connected) to itself: the heads
+/// of the chunks of its tree.
+fn first_hops(
+    publisher: &weft::NodeId,
+    subscribers: &[weft::NodeId],
+    fanout: usize,
+) -> Vec<weft::NodeId> {
+    let mut route: Vec<Hop> = subscribers
+        .iter()
+        .map(|&node| Hop { node, prev: 0 })
+        .collect();
+    route.sort_by_key(|hop| (tree_order(publisher, &hop.node), hop.node));
+    split(&route, fanout).map(|chunk| chunk[0].node).collect()
 }
 
 /// Connects every pair of `nodes` and waits for the full mesh.
@@ -57,7 +72,9 @@ async fn a_publisher_reaches_many_subscribers_through_relays_once_each_in_order(
     const FANOUT: usize = 3;
     let mut nodes = Vec::new();
     for _ in 0..=SUBSCRIBERS {
-        nodes.push(node_with("gossip", gossip_config(FANOUT)).await);
+        // Repairs would add copies: far out of reach of a healthy run, even on a loaded machine.
+        let config = gossip_config(FANOUT, Duration::from_secs(60));
+        nodes.push(node_with("gossip", config).await);
     }
     connect_all(&nodes.iter().collect::<Vec<_>>()).await;
     let (publisher, subscribers) = (&nodes[0], &nodes[1..]);
@@ -106,7 +123,7 @@ async fn a_publisher_reaches_many_subscribers_through_relays_once_each_in_order(
 async fn a_subscriber_no_relay_can_reach_is_repaired_by_its_publisher() {
     const EVENTS: u64 = 200;
     const FANOUT: usize = 2;
-    let config = gossip_config(FANOUT);
+    let config = gossip_config(FANOUT, Duration::from_millis(300));
     let publisher = node_with("gossip-repair", config.clone()).await;
     let mut relays = Vec::new();
     for _ in 0..6 {
@@ -117,12 +134,9 @@ async fn a_subscriber_no_relay_can_reach_is_repaired_by_its_publisher() {
     // that cannot deliver it.
     let isolated = loop {
         let candidate = node_with("gossip-repair", config.clone()).await;
-        let mine = tree_order(&publisher.id(), &candidate.id());
-        let below = relays
-            .iter()
-            .filter(|r| tree_order(&publisher.id(), &r.id()) < mine)
-            .count();
-        if below >= FANOUT {
+        let mut subscribers: Vec<weft::NodeId> = relays.iter().map(Node::id).collect();
+        subscribers.push(candidate.id());
+        if !first_hops(&publisher.id(), &subscribers, FANOUT).contains(&candidate.id()) {
             break candidate;
         }
         candidate.shutdown().await;
@@ -145,20 +159,27 @@ async fn a_subscriber_no_relay_can_reach_is_repaired_by_its_publisher() {
     within("subscribers", publisher.wait_for_subscribers("ticks/a", 7))
         .await
         .unwrap();
+    // Normally the isolated subscriber is a relay's child; a relay whose connection dropped
+    // for a moment on a loaded machine goes to the end of the tree, which can make it a first
+    // hop for that event.
+    let mut direct = 0;
     for n in 0..EVENTS {
         let published = publisher.publish("ticks/a", number(n)).await.unwrap();
-        assert!(
-            !published.subscribers().contains(&isolated.id()),
-            "the isolated subscriber is reached through a relay"
-        );
+        if published.subscribers().contains(&isolated.id()) {
+            direct += 1;
+        }
     }
+    assert!(
+        direct < EVENTS / 2,
+        "mostly reached through relays ({direct} direct)"
+    );
     for subscription in &mut subscriptions {
         expect_in_order(subscription, publisher.id(), EVENTS).await;
     }
     let repaired = publisher.metrics().events_repaired;
     assert!(
-        repaired >= EVENTS,
-        "every event of the isolated subscriber was repaired (repaired {repaired})"
+        repaired >= EVENTS - direct,
+        "every relayed event of the isolated subscriber was repaired (repaired {repaired})"
     );
     assert_eq!(isolated.metrics().events_received, EVENTS);
     // Nothing further: each subscription had exactly its events.

@@ -734,7 +734,7 @@ impl Publisher {
 }
 
 /// Where a node sits in `origin`'s trees: connected addressees are laid out in ascending order
-/// of this key, so the lowest `fanout` are the publisher's first hops.
+/// of this key (then by node id), and the heads of that list's [`split`] are the first hops.
 pub fn tree_order(origin: &NodeId, node: &NodeId) -> u64 {
     let mut hasher = blake3::Hasher::new_derive_key("weft 2026 gossip tree order");
     hasher.update(origin.as_bytes());
