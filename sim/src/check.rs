@@ -121,7 +121,7 @@ fn secs(at: Duration) -> String {
     format!("{:.3}s", at.as_secs_f64())
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 struct Accepted {
     at: Duration,
     body_digest: u64,
@@ -355,6 +355,22 @@ pub fn check(records: &[Record], end: Duration) -> Vec<Violation> {
                 facts.disk_trouble.entry(*node).or_insert(index);
             }
             Event::Quarantined { node, .. } => facts.quarantines.entry(*node).or_default().push(at),
+            // The message is sent again under its new id: accepted under both.
+            Event::Renumbered {
+                from,
+                to: Some(to),
+                old_stream,
+                old_seq,
+                new_stream,
+                new_seq,
+            } => {
+                if let Some(sent) = facts.accepted.get(&(*from, *to, *old_stream, *old_seq)) {
+                    let sent = sent.clone();
+                    facts
+                        .accepted
+                        .insert((*from, *to, *new_stream, *new_seq), sent);
+                }
+            }
             Event::StartFailed { node, error } => {
                 if !facts.disk_trouble.contains_key(node) {
                     violation(
@@ -377,6 +393,7 @@ pub fn check(records: &[Record], end: Duration) -> Vec<Violation> {
                 facts.disk_trouble.entry(*node).or_insert(index);
             }
             Event::BitFlipped { .. }
+            | Event::Renumbered { .. }
             | Event::UnsyncedLost { .. }
             | Event::PeerUp { .. }
             | Event::PeerDown { .. }

@@ -707,6 +707,16 @@ async fn node_software(context: Arc<NodeContext>) -> Result<(), Box<dyn Error>> 
             segments: quarantined,
         });
     }
+    for renumbered in node.renumbered() {
+        history.record_now(Event::Renumbered {
+            from: index,
+            to: index_of(&context.ids, &renumbered.peer),
+            old_stream: renumbered.old.stream.0,
+            old_seq: renumbered.old.seq,
+            new_stream: renumbered.new.stream.0,
+            new_seq: renumbered.new.seq,
+        });
+    }
 
     let ids = Arc::clone(&context.ids);
     tokio::spawn(record_peer_events(

@@ -139,6 +139,22 @@ pub enum Event {
         /// Segments quarantined by this start.
         segments: usize,
     },
+    /// A node's recovery gave a message it had numbered before a new id (after a quarantine):
+    /// `(old_stream, old_seq)` is sent again as `(new_stream, new_seq)`.
+    Renumbered {
+        /// The sender.
+        from: NodeIndex,
+        /// The receiver (`None`: not a node of the run).
+        to: Option<NodeIndex>,
+        /// Old stream.
+        old_stream: u64,
+        /// Old seq.
+        old_seq: u64,
+        /// New stream.
+        new_stream: u64,
+        /// New seq.
+        new_seq: u64,
+    },
     /// A power loss met bytes its node had written but not fsynced: they are dropped, or torn.
     UnsyncedLost {
         /// The node.
@@ -446,6 +462,22 @@ impl Event {
                 node(out, *n);
                 number(out, *segments as u64);
             }
+            Event::Renumbered {
+                from,
+                to,
+                old_stream,
+                old_seq,
+                new_stream,
+                new_seq,
+            } => {
+                out.push(32);
+                node(out, *from);
+                number(out, to.map_or(u64::MAX, |t| t as u64));
+                number(out, *old_stream);
+                number(out, *old_seq);
+                number(out, *new_stream);
+                number(out, *new_seq);
+            }
             Event::UnsyncedLost { node: n, bytes } => {
                 out.push(17);
                 node(out, *n);
@@ -674,6 +706,17 @@ impl fmt::Display for Event {
             Event::UnsyncedLost { node, bytes } => {
                 write!(f, "node {node}: {bytes} unsynced bytes at the power loss")
             }
+            Event::Renumbered {
+                from,
+                to,
+                old_stream,
+                old_seq,
+                new_stream,
+                new_seq,
+            } => write!(
+                f,
+                "node {from}: message {old_stream:x}/{old_seq} to {to:?} renumbered {new_stream:x}/{new_seq}"
+            ),
             Event::StartFailed { node, error } => write!(f, "node {node}: start failed: {error}"),
             Event::PeerUp { node, peer } => write!(f, "node {node}: peer {peer} up"),
             Event::PeerDown { node, peer } => write!(f, "node {node}: peer {peer} down"),

@@ -55,8 +55,7 @@ enum Command {
     },
     /// Run a range of seeds and summarise.
     Sweep {
-        /// A scenario, or `all` (every scenario but bitrot and spool-full, which fail on known
-        /// bugs).
+        /// A scenario, or `all` (every scenario but spool-full, which fails on a known bug).
         #[arg(long)]
         scenario: String,
         /// Seeds as `A..B` (B excluded), `A..=B`, or a single seed.

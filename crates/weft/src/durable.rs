@@ -90,11 +90,17 @@ pub(crate) struct RestoredStream {
     pub messages: Vec<Outgoing>,
 }
 
+/// A position in an outbound stream: (epoch, seq).
+pub(crate) type EpochSeq = (u64, u64);
+
 /// Everything recovery hands to the peer tasks.
 #[derive(Debug, Default)]
 pub(crate) struct Restored {
     pub outbound: HashMap<NodeId, RestoredStream>,
     pub inbound: HashMap<NodeId, (u64, u64)>,
+    /// Messages given new numbers because the spool was damaged: (peer, old (epoch, seq), new
+    /// (epoch, seq)); see [`crate::Renumbered`].
+    pub renumbered: Vec<(NodeId, EpochSeq, EpochSeq)>,
 }
 
 /// Where the spool lives and how the writer runs.
@@ -311,6 +317,14 @@ fn restore<S: Storage>(
             match renumbered {
                 Ok(new_tag) => {
                     let _ = spool.retire(tag);
+                    if message.seq != 0 {
+                        // It had a number the peer may have seen: tell the application.
+                        restored.renumbered.push((
+                            dest,
+                            (message.epoch, message.seq),
+                            (stream.epoch, seq),
+                        ));
+                    }
                     stream.messages.push(Outgoing {
                         seq,
                         tag: new_tag,

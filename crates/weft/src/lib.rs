@@ -65,7 +65,7 @@ pub use error::{
 pub use identity::Identity;
 pub use inbox::Inbox;
 pub use metrics::MetricsSnapshot;
-pub use node::{Node, NodeBuilder, PeerEvent, PeerSender};
+pub use node::{Node, NodeBuilder, PeerEvent, PeerSender, Renumbered};
 pub use patterns::{
     Gathered, PublishError, Published, PullOptions, Puller, Request, RequestBuilder, RequestError,
     ScatterBuilder, Service, SubscribeError, SubscribeOptions, Subscription, WorkError,

@@ -105,6 +105,19 @@ pub(crate) struct PeerHandle {
     pub connected: watch::Receiver<bool>,
 }
 
+/// A message this node had numbered before a start on a damaged spool (a quarantined segment),
+/// sent again under a new number in a new stream: after corruption delivery is at-least-once,
+/// and the peer may get it under both ids. See [`Node::renumbered`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Renumbered {
+    /// Its destination.
+    pub peer: NodeId,
+    /// The id it had.
+    pub old: MessageId,
+    /// The id it is sent under now.
+    pub new: MessageId,
+}
+
 /// State shared by the node's tasks.
 pub(crate) struct Shared {
     pub id: NodeId,
@@ -122,6 +135,8 @@ pub(crate) struct Shared {
     pub durable: Option<Durable>,
     /// Streams recovered from the spool, taken by each peer's task when it starts.
     pub restored: Mutex<Restored>,
+    /// Messages renumbered by this start's recovery.
+    pub renumbered: Vec<Renumbered>,
     /// The data directory's lock, held for the node's lifetime.
     pub _lock: Option<std::fs::File>,
     pub rng: Mutex<SplitMix64>,
@@ -396,6 +411,20 @@ impl NodeBuilder {
             None => (None, Restored::default()),
         };
         let restored_peers: Vec<NodeId> = restored.outbound.keys().copied().collect();
+        let message_id = |peer: &NodeId, (epoch, seq): (u64, u64)| MessageId {
+            producer: id,
+            stream: StreamId::direct(&id, peer, epoch),
+            seq,
+        };
+        let renumbered = restored
+            .renumbered
+            .iter()
+            .map(|(peer, old, new)| Renumbered {
+                peer: *peer,
+                old: message_id(peer, *old),
+                new: message_id(peer, *new),
+            })
+            .collect();
         let (shutdown, _) = watch::channel(false);
         let channels = Arc::new(Channels::new(config.inbox_capacity, config.channels_max));
         let peers_at_start = config.peers.clone();
@@ -413,6 +442,7 @@ impl NodeBuilder {
             incarnation,
             durable,
             restored: Mutex::new(restored),
+            renumbered,
             _lock: lock,
             rng: Mutex::new(rng),
             wall_clock,
@@ -852,6 +882,13 @@ impl Node {
     /// [`Node::receive`] still get their own messages.
     pub fn receive_all(&self) -> Result<Inbox, ReceiveError> {
         self.shared().channels.take_catch_all()
+    }
+
+    /// The messages this start gave new ids because its spool was damaged (empty unless a
+    /// segment was quarantined): each is sent again under its new id, and its old receipt is
+    /// gone with the old process. An application that tracks ids follows them here.
+    pub fn renumbered(&self) -> &[Renumbered] {
+        &self.shared().renumbered
     }
 
     /// Counters.
