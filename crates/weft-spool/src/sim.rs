@@ -4,7 +4,9 @@
 //! and *pending* bytes after them; the directory has a durable listing and a current one. A
 //! [`SimStorage::crash`] keeps only what was durable — optionally plus a random prefix of each
 //! file's pending tail, which is what a torn write leaves behind. Faults are injected on request:
-//! bit flips at chosen offsets, `ENOSPC` once a byte budget is used up, `EIO` on the next sync.
+//! bit flips at chosen offsets, `ENOSPC` once a byte budget is used up, `EIO` on the next sync,
+//! and the death of the process after a chosen number of writes (to stop a spool in the middle of
+//! a multi-step operation such as a compaction).
 //!
 //! Everything is driven by an explicit seed: no OS randomness, no clock, so a simulation seed
 //! replays byte for byte. The handle is cheap to clone and all clones share one state, so a test
@@ -68,6 +70,9 @@ struct SimState {
     space_budget: Option<u64>,
     /// The next `sync` or `sync_dir` fails with an IO error.
     fail_next_sync: bool,
+    /// Writing operations that may still succeed before the simulated process dies; `None` is
+    /// unlimited.
+    writes_left: Option<u64>,
     stats: SimStats,
 }
 
@@ -102,6 +107,7 @@ impl SimStorage {
                 next_inode: 1,
                 space_budget: None,
                 fail_next_sync: false,
+                writes_left: None,
                 stats: SimStats::default(),
             })),
         }
@@ -132,6 +138,7 @@ impl SimStorage {
             file.durable_len = file.data.len();
         }
         state.fail_next_sync = false;
+        state.writes_left = None;
     }
 
     /// Flips bit `bit` (0..8) of the byte at `offset` in `name` — durable or pending, it is the
@@ -158,6 +165,16 @@ impl SimStorage {
     /// bytes pending.
     pub fn fail_next_sync(&self) {
         self.state().fail_next_sync = true;
+    }
+
+    /// Simulates the death of the process using this storage after `writes` more writing
+    /// operations (create, append, sync, truncate, rename, remove, directory sync): every later
+    /// one fails without effect — except an append, which leaves a random prefix of its bytes
+    /// pending, as a write cut short does. Reads keep working. Follow it with
+    /// [`SimStorage::crash`] (which lifts it) and a reopen, as after a real death; `None` lifts
+    /// it without a crash.
+    pub fn stop_after_writes(&self, writes: Option<u64>) {
+        self.state().writes_left = writes;
     }
 
     /// Every file with its sizes, by name.
@@ -221,6 +238,19 @@ impl SimState {
         self.inodes.retain(|inode, _| referenced.contains(inode));
     }
 
+    /// Counts one writing operation against [`SimStorage::stop_after_writes`]; `Err` once the
+    /// simulated process is dead.
+    fn take_write(&mut self) -> io::Result<()> {
+        match &mut self.writes_left {
+            Some(0) => Err(io::Error::other("simulated process death")),
+            Some(left) => {
+                *left -= 1;
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+
     fn take_sync_failure(&mut self) -> io::Result<()> {
         if std::mem::take(&mut self.fail_next_sync) {
             Err(io::Error::other("simulated EIO on fsync"))
@@ -259,6 +289,7 @@ impl Storage for SimStorage {
     fn create(&mut self, name: &str) -> io::Result<()> {
         check_name(name)?;
         let mut state = self.state();
+        state.take_write()?;
         state.stats.creates += 1;
         if state.names.contains_key(name) {
             return Err(io::Error::new(
@@ -276,6 +307,11 @@ impl Storage for SimStorage {
     fn append(&mut self, name: &str, data: &[u8]) -> io::Result<()> {
         let mut state = self.state();
         let state = &mut *state;
+        if let Err(death) = state.take_write() {
+            let cut = state.random.below(data.len() as u64 + 1) as usize;
+            state.file_mut(name)?.data.extend_from_slice(&data[..cut]);
+            return Err(death);
+        }
         state.stats.appends += 1;
         let fits = match state.space_budget {
             Some(budget) => data
@@ -300,6 +336,7 @@ impl Storage for SimStorage {
 
     fn sync(&mut self, name: &str) -> io::Result<()> {
         let mut state = self.state();
+        state.take_write()?;
         state.stats.syncs += 1;
         state.file(name)?;
         state.take_sync_failure()?;
@@ -310,6 +347,7 @@ impl Storage for SimStorage {
 
     fn truncate(&mut self, name: &str, len: u64) -> io::Result<()> {
         let mut state = self.state();
+        state.take_write()?;
         let file = state.file_mut(name)?;
         let len = usize::try_from(len).unwrap_or(usize::MAX);
         if len < file.data.len() {
@@ -323,6 +361,7 @@ impl Storage for SimStorage {
         check_name(from)?;
         check_name(to)?;
         let mut state = self.state();
+        state.take_write()?;
         let inode = state.names.remove(from).ok_or_else(|| not_found(from))?;
         state.names.insert(to.to_owned(), inode);
         state.collect_garbage();
@@ -332,6 +371,7 @@ impl Storage for SimStorage {
     fn remove(&mut self, name: &str) -> io::Result<()> {
         check_name(name)?;
         let mut state = self.state();
+        state.take_write()?;
         state.stats.removes += 1;
         state.names.remove(name).ok_or_else(|| not_found(name))?;
         state.collect_garbage();
@@ -340,6 +380,7 @@ impl Storage for SimStorage {
 
     fn sync_dir(&mut self) -> io::Result<()> {
         let mut state = self.state();
+        state.take_write()?;
         state.stats.dir_syncs += 1;
         state.take_sync_failure()?;
         state.durable_names = state.names.clone();
@@ -445,5 +486,28 @@ mod tests {
         sim.flip_bit("a", 0, 0).unwrap();
         assert_eq!(sim.read("a", 10).unwrap(), b"023");
         assert!(sim.flip_bit("a", 3, 0).is_err());
+    }
+
+    #[test]
+    fn a_stopped_process_writes_nothing_more_until_the_crash() {
+        let mut sim = SimStorage::new(1);
+        sim.create("a").unwrap();
+        sim.stop_after_writes(Some(2));
+        sim.append("a", b"12").unwrap();
+        sim.sync("a").unwrap();
+        // Dead: an append leaves a prefix (here of 0 to 3 bytes), everything else nothing.
+        assert!(sim.append("a", b"345").is_err());
+        assert!(sim.sync("a").is_err());
+        assert!(sim.create("b").is_err());
+        assert!(sim.remove("a").is_err());
+        assert!(sim.sync_dir().is_err());
+        let len = sim.files()[0].len;
+        assert!((2..=5).contains(&len));
+        assert!(sim.read("a", 10).unwrap().starts_with(b"12"));
+        // The crash lifts it (and drops what was never synced, the name included).
+        sim.crash(CrashMode::DropUnsynced);
+        assert!(sim.files().is_empty());
+        sim.create("a").unwrap();
+        sim.sync_dir().unwrap();
     }
 }
