@@ -135,7 +135,8 @@ pub enum OpenError {
 #[non_exhaustive]
 pub enum SpoolError {
     /// A cap was reached: backpressure. Nothing was written. Retiring records (and then calling
-    /// [`crate::Spool::sync`], which deletes fully retired segments) or dead-lettering makes room.
+    /// [`crate::Spool::sync`], which deletes fully retired segments and compacts when long-lived
+    /// records keep garbage on disk) or dead-lettering makes room.
     #[error("{cap} cap reached ({used} of {max})")]
     Full {
         /// The bound that was hit.

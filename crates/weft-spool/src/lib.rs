@@ -52,7 +52,11 @@
 //! truncated blake3 over segment id, length and body. The [`record`] module is the format's
 //! specification. A segment rolls over when the next record would take it past
 //! [`SpoolConfig::segment_bytes_target`]; a segment that is not active, holds no live record and
-//! whose retirements no longer matter is deleted whole. Other files in the directory are ignored.
+//! whose retirements no longer matter is deleted whole. When a few long-lived records keep too
+//! much of the log on disk, [`Spool::sync`] *compacts*: it copies them to the end of the log
+//! under their own seqs and deletes the segments they emptied (see `ARCHITECTURE.md`, "The
+//! spool", for why no crash during it loses or resurrects a record). Other files in the
+//! directory are ignored.
 //!
 //! # Guarantees
 //! - **Durability.** When [`Spool::sync`] returns `Ok(up_to)`, every append with a seq up to
@@ -76,10 +80,13 @@
 //!   operation is refused with [`SpoolError::Full`] — backpressure, not growth. The in-memory index
 //!   holds a few dozen bytes per live record; payloads stay on disk. The write buffer is bounded by
 //!   [`SpoolConfig::write_buffer_bytes_max`]; recovery holds the pending payloads it returns.
-//!   Space is reclaimed a segment at a time: a record pending for long keeps its segment (and the
-//!   few segments holding retirements of its neighbours) on disk until it is retired or
-//!   dead-lettered. [`SpoolConfig::bytes_max`] counts that space, so a stuck record turns into
-//!   backpressure rather than growth — one more reason for the driver to dead-letter on expiry.
+//!   Space is reclaimed a segment at a time, and a record pending for long does not keep the rest
+//!   of the log with it: once a log's garbage reaches four segment targets (or a quarter of its
+//!   cap), a sync copies the live records out of the oldest segments and deletes them, provided
+//!   that frees at least twice what it copies (bounded write amplification). Compaction is never
+//!   refused by the caps; it may briefly take up to one segment target beyond them (see
+//!   [`SpoolConfig::bytes_max`]). A spool that is genuinely full of live records still turns into
+//!   backpressure — one more reason for the driver to dead-letter on expiry.
 //! - **Storage failures stop the spool.** After a failed write or fsync the on-disk state is
 //!   uncertain (Linux may drop dirty pages and report success on a retry), so the spool refuses
 //!   everything ([`SpoolError::Poisoned`]) until reopened; recovery then reads what is really there.
@@ -88,7 +95,9 @@
 //! [`Spool::append`], [`Spool::retire`] and [`Spool::retire_up_to`] only encode into a memory
 //! buffer (a blake3 of the record and an index insert; no syscall). [`Spool::sync`] is one `write`
 //! and one `fdatasync` per batch (plus one directory fsync when a segment was created or
-//! deleted). Dead-letter operations fsync the dead-letter log each time (they are rare).
+//! deleted); the occasional sync that compacts reads back the records it copies and adds one
+//! `write` and `fdatasync`. Dead-letter operations fsync the dead-letter log each time (they are
+//! rare).
 //!
 //! # Using it from the driver
 //! - **Threading.** Everything takes `&mut self` and blocks on IO: own the spool on one dedicated

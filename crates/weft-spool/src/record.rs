@@ -124,9 +124,11 @@ pub struct SegmentHeader {
     pub log: LogKind,
     /// The segment's id (also in its file name).
     pub segment_id: u64,
-    /// The spool's next sequence number when the segment was created: every `Append` in this or a
-    /// later segment has a seq at least this large. Recovery uses it so that sequence numbers are
-    /// not reused even when every record of the older segments was retired and deleted.
+    /// The spool's next sequence number when the segment was created: every record first
+    /// appended to this or a later segment has a seq at least this large (copies of older live
+    /// records, written by compaction or by recovery's relocation, keep their lower seqs).
+    /// Recovery uses it so that sequence numbers are not reused even when every record of the
+    /// older segments was retired and deleted.
     pub first_seq: u64,
 }
 
@@ -135,7 +137,9 @@ pub struct SegmentHeader {
 pub enum Record<'a> {
     /// The first record of a segment.
     SegmentHeader(SegmentHeader),
-    /// An outgoing message, opaque to the spool.
+    /// An outgoing message, opaque to the spool. A second `Append` of a seq that is live at that
+    /// point of the log is a copy of the same record (compaction, relocation out of a quarantined
+    /// segment) and becomes its location.
     Append {
         /// Its sequence number.
         seq: u64,

@@ -51,10 +51,14 @@ pub struct SpoolConfig {
     pub fsync: FsyncPolicy,
     /// Most disk bytes of the pending log: all its segments, including retired records not yet
     /// reclaimed and the write buffer. Each append also reserves room for its future retirement
-    /// record, so retiring is never refused. The only excess: a retirement that rolls the log over
-    /// writes a segment header (40 bytes) not reserved for — at most one per
-    /// `segment_bytes_target` bytes of retirements. Copies recovery makes out of a quarantined
-    /// segment are not refused either.
+    /// record, so retiring is never refused. The excesses, all bounded: a retirement that rolls
+    /// the log over writes a segment header (40 bytes) not reserved for — at most one per
+    /// `segment_bytes_target` bytes of retirements; copies recovery makes out of a quarantined
+    /// segment are not refused either; and compaction (see [`Spool::sync`]) is never refused by
+    /// the cap: inside one `sync` it writes its copies (at most one `segment_bytes_target`, or
+    /// one segment's live records) before it deletes the segments they empty, which free at
+    /// least twice as much. So the directory can briefly hold up to a segment target more than
+    /// this; leave that much room on the disk.
     pub bytes_max: u64,
     /// Most pending (appended, not retired) records. Also bounds the in-memory index.
     pub records_max: u64,
@@ -67,7 +71,8 @@ pub struct SpoolConfig {
     /// Most bytes buffered in memory before they are handed to the storage without waiting for a
     /// sync. Bounds the write buffer when the caller batches many records per sync.
     pub write_buffer_bytes_max: usize,
-    /// Most disk bytes of the dead-letter log.
+    /// Most disk bytes of the dead-letter log (compacted like the pending log, with the same
+    /// bounded excess; see [`SpoolConfig::bytes_max`]).
     pub dead_bytes_max: u64,
     /// Most dead letters. Also bounds the reasons kept in memory (each at most
     /// [`crate::record::REASON_BYTES_MAX`] bytes).
@@ -113,11 +118,20 @@ impl SpoolConfig {
         Ok(())
     }
 
-    fn settings(&self) -> Settings {
+    #[cfg(test)]
+    pub(crate) fn settings_for_tests(&self) -> Settings {
+        self.settings(LogKind::Spool)
+    }
+
+    fn settings(&self, kind: LogKind) -> Settings {
         Settings {
             segment_bytes_target: self.segment_bytes_target,
             write_buffer_bytes_max: self.write_buffer_bytes_max,
             fsync: self.fsync != FsyncPolicy::Never,
+            bytes_max: match kind {
+                LogKind::Spool => self.bytes_max,
+                LogKind::Dead => self.dead_bytes_max,
+            },
         }
     }
 }
@@ -195,7 +209,9 @@ pub struct QuarantinedSegment {
     pub relocated_records: usize,
     /// Pending-log segments: the seqs the unreadable part may have held (some may have been
     /// retired already). Those not in [`Recovery::pending`] and not dead letters are lost: report
-    /// them. `None` when no bound is known.
+    /// them. `None` when no bound is known. The range covers records first appended there; the
+    /// unreadable part may also have held copies of older records, written by compaction, whose
+    /// seqs are lower (nothing on disk bounds those: compare with what the driver expected).
     pub possibly_lost_seqs: Option<Range<u64>>,
 }
 
@@ -291,6 +307,11 @@ pub struct SpoolStats {
     pub dead_payload_bytes: u64,
     /// Disk bytes of the dead-letter log.
     pub dead_bytes: u64,
+    /// Compaction steps completed since the spool was opened (both logs; see [`Spool::sync`]).
+    pub compactions: u64,
+    /// Live records compaction copied forward since the spool was opened (both logs; counted
+    /// when copied, so a step that failed or was interrupted counts too).
+    pub compacted_records: u64,
 }
 
 /// A segment file, as listed by [`Spool::segments`].
@@ -348,9 +369,18 @@ impl<S: Storage> Spool<S> {
         let names = storage
             .list()
             .map_err(|e| StorageError::new(StorageOp::List, "", e))?;
-        let settings = config.settings();
-        let mut main = log::scan(&mut storage, LogKind::Spool, &names, settings)?;
-        let mut dead = log::scan(&mut storage, LogKind::Dead, &names, settings)?;
+        let mut main = log::scan(
+            &mut storage,
+            LogKind::Spool,
+            &names,
+            config.settings(LogKind::Spool),
+        )?;
+        let mut dead = log::scan(
+            &mut storage,
+            LogKind::Dead,
+            &names,
+            config.settings(LogKind::Dead),
+        )?;
         // Seqs damaged bytes at the end of the pending log may have held come after every seq
         // known from either log.
         let floor = main.seq_floor.max(dead.seq_floor);
@@ -528,6 +558,13 @@ impl<S: Storage> Spool<S> {
     /// deletes segments that are now fully retired. Returns the seq up to which every append is
     /// durable.
     ///
+    /// Then, when enough of the pending log is garbage that a few long-lived records keep on disk
+    /// (each pins its segment, and the later segments that retired its neighbours), it
+    /// *compacts*: copies the live records of the oldest segments to the end of the log under
+    /// their own seqs, fsyncs the copies and deletes the segments they emptied — a second write
+    /// and fsync, in the syncs that need one. Seqs never change, and no crash during it loses or
+    /// resurrects a record (see `ARCHITECTURE.md`, "The spool").
+    ///
     /// Under [`FsyncPolicy::Never`] it writes but does not fsync. On failure the spool is poisoned
     /// (see [`SpoolError::Poisoned`]): the batch is *not* accepted.
     pub fn sync(&mut self) -> Result<u64, SpoolError> {
@@ -536,7 +573,11 @@ impl<S: Storage> Spool<S> {
             return Err(self.poison(failure));
         }
         self.synced_up_to = self.next_seq - 1;
-        if let Err(failure) = self.main.delete_retired(&mut self.storage) {
+        let reclaimed = self
+            .main
+            .delete_retired(&mut self.storage)
+            .and_then(|_| self.main.compact(&mut self.storage, self.next_seq));
+        if let Err(failure) = reclaimed {
             return Err(self.poison(failure));
         }
         Ok(self.synced_up_to)
@@ -730,10 +771,12 @@ impl<S: Storage> Spool<S> {
                 .push(&Record::DeadLetterRemoved { seq }, self.next_seq);
             self.dead.remove(seq, segment);
         }
+        let next_seq = self.next_seq;
         let result = self
             .dead
             .sync(&mut self.storage)
-            .and_then(|()| self.dead.delete_retired(&mut self.storage));
+            .and_then(|()| self.dead.delete_retired(&mut self.storage))
+            .and_then(|_| self.dead.compact(&mut self.storage, next_seq));
         match result {
             Ok(_) => Ok(()),
             Err(failure) => Err(self.poison(failure)),
@@ -778,6 +821,8 @@ impl<S: Storage> Spool<S> {
             dead_records: self.dead.entries.len() as u64,
             dead_payload_bytes: self.dead.payload_bytes,
             dead_bytes: self.dead.disk_bytes,
+            compactions: self.main.compactions + self.dead.compactions,
+            compacted_records: self.main.compacted_records + self.dead.compacted_records,
         }
     }
 

@@ -125,6 +125,396 @@ fn fully_retired_segments_are_deleted_and_a_pinned_one_is_kept() {
     assert_eq!(recovery.next_seq, 51);
 }
 
+/// How many records behind the appends the acknowledgements of the churn tests are: a window of
+/// messages in flight, so that each segment's retirements retire records of the one before.
+const ACK_LAG: u64 = 4;
+
+/// One old record kept pending for ever — a message to a peer that never comes back — while
+/// everything after it is acknowledged, a few records behind. Its segment cannot go, and every
+/// later segment that retired one of its predecessor's records refers to that one, so without
+/// compaction the whole log stayed on disk.
+#[test]
+fn a_long_lived_record_no_longer_pins_later_segments() {
+    let sim = SimStorage::new(1);
+    let config = small();
+    let (mut spool, _) = open(&sim, &config);
+    let held = spool.append(b"held for ever").unwrap();
+    let mut segments_max = 0;
+    for round in 0..300u32 {
+        let seq = spool.append(&[round as u8; 40]).unwrap();
+        spool.sync().unwrap();
+        if seq > held + ACK_LAG {
+            spool.retire(seq - ACK_LAG).unwrap();
+        }
+        segments_max = segments_max.max(segment_files(&sim, "spool-").len());
+    }
+    let window: Vec<u64> = spool
+        .pending()
+        .map(|p| p.seq)
+        .filter(|&s| s != held)
+        .collect();
+    for seq in window {
+        spool.retire(seq).unwrap();
+    }
+    spool.sync().unwrap();
+    // 300 rounds of 82 bytes fill ~100 segments of 256; the trigger is 4 segments of garbage.
+    assert!(
+        segments_max <= 10,
+        "{segments_max} segments on disk at once"
+    );
+    assert!(spool.stats().compactions > 10, "{:?}", spool.stats());
+    assert!(spool.stats().spool_bytes <= 10 * 256, "{:?}", spool.stats());
+    // The held record kept its seq (the node's handle on it) and its payload.
+    assert_eq!(spool.pending().map(|p| p.seq).collect::<Vec<_>>(), [held]);
+    assert_eq!(&spool.read(held).unwrap()[..], b"held for ever");
+    drop(spool);
+    sim.crash(CrashMode::DropUnsynced);
+    let (mut spool, recovery) = open(&sim, &config);
+    assert!(recovery.is_clean(), "{recovery:?}");
+    assert_eq!(seqs(&recovery), [held]);
+    assert_eq!(&recovery.pending[0].payload[..], b"held for ever");
+    assert_eq!(recovery.next_seq, 302);
+    spool.retire(held).unwrap();
+    spool.sync().unwrap();
+    drop(spool);
+    sim.crash(CrashMode::DropUnsynced);
+    let (_, recovery) = open(&sim, &config);
+    assert!(recovery.pending.is_empty());
+}
+
+/// Under a byte cap, a few records held for ever (each pinning its segment and those after it)
+/// filled the spool for good: every append was refused with `Full` although almost everything
+/// on disk was retired. Compaction makes room again, inside the cap.
+#[test]
+fn a_capped_spool_reclaims_space_with_one_record_held_forever() {
+    let sim = SimStorage::new(1);
+    let config = SpoolConfig {
+        bytes_max: 3_000,
+        ..small()
+    };
+    let (mut spool, _) = open(&sim, &config);
+    let mut held = vec![spool.append(b"held for ever").unwrap()];
+    for round in 0..2_000u64 {
+        let seq = match spool.append(&[round as u8; 50]) {
+            Ok(seq) => seq,
+            Err(e) => panic!("round {round}: {e} ({:?})", spool.stats()),
+        };
+        spool.sync().unwrap();
+        // Acks lag; two more records are held for ever later on.
+        if round == 500 || round == 1_200 {
+            held.push(seq);
+        }
+        let acked = seq.saturating_sub(ACK_LAG);
+        if spool.is_pending(acked) && !held.contains(&acked) {
+            spool.retire(acked).unwrap();
+        }
+        let stats = spool.stats();
+        assert!(stats.spool_bytes <= config.bytes_max, "{stats:?}");
+    }
+    assert!(spool.stats().compactions > 0);
+    let window: Vec<u64> = spool
+        .pending()
+        .map(|p| p.seq)
+        .filter(|s| !held.contains(s))
+        .collect();
+    for seq in window {
+        spool.retire(seq).unwrap();
+    }
+    spool.sync().unwrap();
+    assert_eq!(spool.pending().map(|p| p.seq).collect::<Vec<_>>(), held);
+    drop(spool);
+    sim.crash(CrashMode::TornTail);
+    let (_, recovery) = open(&sim, &config);
+    assert_eq!(seqs(&recovery), held);
+}
+
+/// The same for the dead-letter log: one dead letter nobody purges, the others purged one by one.
+#[test]
+fn a_capped_dead_letter_log_reclaims_space_with_one_letter_kept_forever() {
+    let sim = SimStorage::new(1);
+    let config = SpoolConfig {
+        dead_bytes_max: 3_000,
+        ..small()
+    };
+    let (mut spool, _) = open(&sim, &config);
+    let kept = spool.append(b"never purged").unwrap();
+    spool.dead_letter(kept, "kept").unwrap();
+    for round in 0..1_000u32 {
+        let seq = spool.append(&[round as u8; 50]).unwrap();
+        spool.sync().unwrap();
+        if let Err(e) = spool.dead_letter(seq, "expired") {
+            panic!("round {round}: {e} ({:?})", spool.stats());
+        }
+        // The operator purges, a few letters behind.
+        if seq > kept + ACK_LAG {
+            spool.purge(seq - ACK_LAG).unwrap();
+        }
+        assert!(spool.stats().dead_bytes <= config.dead_bytes_max);
+    }
+    assert!(spool.stats().compactions > 0);
+    spool.sync().unwrap();
+    drop(spool);
+    sim.crash(CrashMode::DropUnsynced);
+    let (mut spool, recovery) = open(&sim, &config);
+    assert!(recovery.pending.is_empty());
+    let letter = spool.read_dead_letter(kept).unwrap();
+    assert_eq!(
+        (&letter.reason[..], &letter.payload[..]),
+        ("kept", &b"never purged"[..])
+    );
+}
+
+/// A cap below one segment target: the only segment is the active one, which never rolls over,
+/// so deleting whole segments never reclaims anything. Compaction rolls it over.
+#[test]
+fn a_spool_smaller_than_one_segment_is_reclaimed() {
+    let sim = SimStorage::new(1);
+    let config = SpoolConfig {
+        bytes_max: 1_500,
+        segment_bytes_target: 4_096,
+        ..SpoolConfig::default()
+    };
+    let (mut spool, _) = open(&sim, &config);
+    let held = spool.append(b"held").unwrap();
+    for round in 0..500u32 {
+        let seq = match spool.append(&[round as u8; 30]) {
+            Ok(seq) => seq,
+            Err(e) => panic!("round {round}: {e} ({:?})", spool.stats()),
+        };
+        spool.sync().unwrap();
+        spool.retire(seq).unwrap();
+    }
+    assert_eq!(spool.pending().map(|p| p.seq).collect::<Vec<_>>(), [held]);
+    assert!(segment_files(&sim, "spool-").len() <= 2);
+}
+
+/// Acknowledgements that keep up empty segments in order: compaction never runs, and a sync is
+/// still one write and one fsync (the write path does not pay for compaction).
+#[test]
+fn compaction_stays_out_of_the_way_when_acks_keep_up() {
+    let sim = SimStorage::new(1);
+    let (mut spool, _) = open(&sim, &small());
+    for _ in 0..200 {
+        let mut last = 0;
+        for _ in 0..5 {
+            last = spool.append(&[7; 40]).unwrap();
+        }
+        spool.sync().unwrap();
+        spool.retire_up_to(last.saturating_sub(10)).unwrap();
+    }
+    assert_eq!(spool.stats().compactions, 0);
+    assert!(segment_files(&sim, "spool-").len() <= 6);
+}
+
+/// The state right before the sync that runs the first compaction of a churn: seq 1 held for
+/// ever, each later record retired one round after its sync. Returns the spool, the pending set
+/// as of the last sync, and the seqs of the unsynced append and retirement (in that order).
+fn just_before_a_compaction(
+    sim: &SimStorage,
+    rounds: u32,
+) -> (Spool<SimStorage>, Vec<u64>, u64, u64) {
+    let (mut spool, _) = open(sim, &small());
+    let held = spool.append(b"held for ever").unwrap();
+    let mut previous = spool.append(&[0; 40]).unwrap();
+    spool.sync().unwrap();
+    for round in 1..=rounds {
+        let seq = spool.append(&[round as u8; 40]).unwrap();
+        spool.retire(previous).unwrap();
+        if round == rounds {
+            return (spool, vec![held, previous], seq, previous);
+        }
+        spool.sync().unwrap();
+        assert_eq!(
+            spool.stats().compactions,
+            0,
+            "the probe found the wrong round"
+        );
+        previous = seq;
+    }
+    unreachable!("rounds is at least 1")
+}
+
+/// The process dies after every possible number of writes of a sync that compacts, and each
+/// death is followed by every kind of crash: recovery must return the synced state plus a prefix
+/// of the two unsynced operations — never lose the held record (whose only copy may be the one
+/// compaction just wrote) and never resurrect a retired one (whose retirement may sit in a
+/// segment compaction just deleted).
+#[test]
+fn a_death_anywhere_in_a_compaction_loses_nothing_and_resurrects_nothing() {
+    // Find the round whose sync compacts first.
+    let probe = SimStorage::new(1);
+    let (mut spool, _) = open(&probe, &small());
+    spool.append(b"held for ever").unwrap();
+    let mut previous = spool.append(&[0; 40]).unwrap();
+    spool.sync().unwrap();
+    let mut rounds = 0;
+    while spool.stats().compactions == 0 {
+        rounds += 1;
+        assert!(rounds < 1_000, "no compaction");
+        let seq = spool.append(&[rounds as u8; 40]).unwrap();
+        spool.retire(previous).unwrap();
+        spool.sync().unwrap();
+        previous = seq;
+    }
+
+    let mut deaths_in_compaction = 0;
+    for mode in [
+        None,
+        Some(CrashMode::DropUnsynced),
+        Some(CrashMode::TornTail),
+    ] {
+        for writes in 0.. {
+            let sim = SimStorage::new(1);
+            let (mut spool, synced, appended, retired) = just_before_a_compaction(&sim, rounds);
+            let copied_before = spool.stats().compacted_records;
+            sim.stop_after_writes(Some(writes));
+            let finished = spool.sync().is_ok();
+            if !finished && spool.stats().compacted_records > copied_before {
+                deaths_in_compaction += 1;
+            }
+            drop(spool);
+            sim.stop_after_writes(None);
+            if let Some(mode) = mode {
+                sim.crash(mode);
+            }
+            let (mut spool, recovery) = open(&sim, &small());
+            assert!(recovery.quarantined.is_empty(), "{recovery:?}");
+            let mut with_append = synced.clone();
+            with_append.push(appended);
+            let with_retire: Vec<u64> = with_append
+                .iter()
+                .copied()
+                .filter(|&s| s != retired)
+                .collect();
+            let pending = seqs(&recovery);
+            assert!(
+                [&synced, &with_append, &with_retire].contains(&&pending),
+                "{mode:?} after {writes} writes: {pending:?} is no prefix state of {synced:?} \
+                 + {appended} - {retired}"
+            );
+            assert_eq!(&recovery.pending[0].payload[..], b"held for ever");
+            if finished {
+                assert_eq!(pending, with_retire);
+            }
+            // Recovery finished what the compaction left: a second crash changes nothing.
+            spool.sync().unwrap();
+            drop(spool);
+            sim.crash(CrashMode::DropUnsynced);
+            let (_, again) = open(&sim, &small());
+            assert_eq!(seqs(&again), pending);
+            if finished {
+                break;
+            }
+        }
+    }
+    assert!(deaths_in_compaction >= 6, "{deaths_in_compaction}");
+}
+
+/// The same for a compaction of the dead-letter log, which runs inside a purge.
+#[test]
+fn a_death_anywhere_in_a_dead_letter_compaction_loses_nothing_and_resurrects_nothing() {
+    let config = SpoolConfig {
+        dead_bytes_max: 2_000,
+        ..small()
+    };
+    // Dead-letters `rounds` records after a kept one, purging each before the next; returns
+    // the spool just before the last purge, the kept seq and the seq about to be purged.
+    let prepare = |sim: &SimStorage, rounds: u32| {
+        let (mut spool, _) = open(sim, &config);
+        let kept = spool.append(b"kept").unwrap();
+        spool.dead_letter(kept, "kept").unwrap();
+        let mut letters = Vec::new();
+        for round in 0..rounds {
+            if letters.len() as u64 > ACK_LAG {
+                spool.purge(letters.remove(0)).unwrap();
+            }
+            let seq = spool.append(&[round as u8; 40]).unwrap();
+            spool.sync().unwrap();
+            spool.dead_letter(seq, "expired").unwrap();
+            letters.push(seq);
+        }
+        (spool, kept, letters)
+    };
+    let mut rounds = 1;
+    loop {
+        let (mut spool, _, letters) = prepare(&SimStorage::new(1), rounds);
+        if spool.stats().compactions > 0 {
+            panic!("the probe went past the first compaction");
+        }
+        spool.purge(letters[0]).unwrap();
+        if spool.stats().compactions > 0 {
+            break;
+        }
+        rounds += 1;
+        assert!(rounds < 500, "no compaction");
+    }
+    let mut deaths_in_compaction = 0;
+    for mode in [
+        None,
+        Some(CrashMode::DropUnsynced),
+        Some(CrashMode::TornTail),
+    ] {
+        for writes in 0.. {
+            let sim = SimStorage::new(1);
+            let (mut spool, kept, letters) = prepare(&sim, rounds);
+            let purged = letters[0];
+            let others = &letters[1..];
+            sim.stop_after_writes(Some(writes));
+            let finished = spool.purge(purged).is_ok();
+            if !finished && spool.stats().compacted_records > 0 {
+                deaths_in_compaction += 1;
+            }
+            drop(spool);
+            sim.stop_after_writes(None);
+            if let Some(mode) = mode {
+                sim.crash(mode);
+            }
+            let (mut spool, recovery) = open(&sim, &config);
+            assert!(recovery.quarantined.is_empty(), "{recovery:?}");
+            let dead: Vec<u64> = spool.dead_letters().map(|d| d.seq).collect();
+            let after: Vec<u64> = [kept].iter().chain(others).copied().collect();
+            let before: Vec<u64> = [kept, purged].iter().chain(others).copied().collect();
+            assert!(
+                dead == after || dead == before,
+                "{mode:?} after {writes} writes: dead letters {dead:?}"
+            );
+            if finished {
+                assert_eq!(dead, after);
+            }
+            assert_eq!(&spool.read_dead_letter(kept).unwrap().payload[..], b"kept");
+            if finished {
+                break;
+            }
+        }
+    }
+    assert!(deaths_in_compaction >= 3, "{deaths_in_compaction}");
+}
+
+/// A record that fails its checksum when compaction reads it back stops that compaction — the
+/// log is left as it was, the spool keeps working — and the next open quarantines its segment.
+#[test]
+fn a_corrupt_record_stops_compaction_without_stopping_the_spool() {
+    let sim = SimStorage::new(1);
+    let (mut spool, _) = open(&sim, &small());
+    let held = spool.append(&[9; 40]).unwrap();
+    spool.sync().unwrap();
+    let (file, offset) = locate(&sim, held);
+    sim.flip_bit(&file, offset + 20, 1).unwrap();
+    for round in 0..100u32 {
+        let seq = spool.append(&[round as u8; 40]).unwrap();
+        spool.sync().unwrap();
+        spool.retire(seq).unwrap();
+    }
+    spool.sync().unwrap();
+    assert!(!spool.is_poisoned());
+    assert_eq!(spool.stats().compactions, 0);
+    assert!(segment_files(&sim, "spool-").contains(&file));
+    drop(spool);
+    let (_, recovery) = open(&sim, &small());
+    assert_eq!(recovery.quarantined.len(), 1, "{recovery:?}");
+    assert_eq!(recovery.quarantined[0].file, file);
+}
+
 #[test]
 fn a_torn_tail_is_truncated_and_reported() {
     let sim = SimStorage::new(3);
