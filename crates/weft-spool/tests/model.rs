@@ -1,6 +1,13 @@
 //! Model-based test of the spool (STYLE rule 14): random scripts of append / sync / retire /
-//! retire-up-to / dead-letter / replay / purge / read / crash (clean, lost tail, torn tail) /
-//! reopen / ENOSPC / EIO / bit flips, run on `SimStorage` against an in-memory reference model.
+//! retire-up-to / retire-all-but-the-oldest / dead-letter / replay / purge / read / crash (clean,
+//! lost tail, torn tail) / reopen / ENOSPC / EIO / bit flips / the process dying in the middle of
+//! a sync, run on `SimStorage` against an in-memory reference model.
+//!
+//! Compaction happens inside syncs (and purges) whenever the spool decides it is due: the
+//! retire-all-but-the-oldest step leaves long-lived records behind that pin their segments, which
+//! is what makes it due, and the dying sync stops the process after a random number of writes —
+//! often in the middle of a compaction, between its copies and its deletions. A death is not a
+//! storage fault: the next recovery must still satisfy the exact prefix property.
 //!
 //! Properties checked after every reopen:
 //! - **prefix**: the recovered pending set is exactly the synced state plus a prefix of the
@@ -31,7 +38,7 @@ use weft_spool::{
 };
 
 /// Operations per script, at most.
-const SCRIPT_STEPS_MAX: u64 = 200;
+const SCRIPT_STEPS_MAX: u64 = 300;
 
 /// Scripts run by default (a few seconds in a debug build).
 const SCRIPTS_DEFAULT: u64 = 2000;
@@ -139,6 +146,13 @@ struct ScriptStats {
     quarantines: u64,
     faults: u64,
     full: u64,
+    /// Compaction steps the spools completed.
+    compactions: u64,
+    /// Processes that died inside a sync.
+    deaths: u64,
+    /// Of those, the ones that died after a compaction had copied records (before or while
+    /// making them durable or deleting what they replaced).
+    deaths_in_compaction: u64,
 }
 
 impl ScriptStats {
@@ -149,6 +163,9 @@ impl ScriptStats {
         self.quarantines += other.quarantines;
         self.faults += other.faults;
         self.full += other.full;
+        self.compactions += other.compactions;
+        self.deaths += other.deaths;
+        self.deaths_in_compaction += other.deaths_in_compaction;
     }
 }
 
@@ -165,7 +182,7 @@ macro_rules! ensure {
 fn random_config(random: &mut Random) -> SpoolConfig {
     SpoolConfig {
         fsync: FsyncPolicy::Always,
-        bytes_max: random.pick(&[3_000, 8_000, 64_000]),
+        bytes_max: random.pick(&[1_500, 3_000, 8_000, 64_000]),
         records_max: random.pick(&[6, 40, 1_000]),
         payload_bytes_max: 200,
         segment_bytes_target: random.pick(&[256, 600, 4_096]),
@@ -217,7 +234,7 @@ fn run_script(seed: u64) -> Outcome<ScriptStats> {
         };
         let roll = random.below(1000);
         let result: Outcome<StepEnd> = match roll {
-            0..=379 => {
+            0..=369 => {
                 payload_counter += 1;
                 let len = if random.chance(3) {
                     random.below(400)
@@ -229,45 +246,47 @@ fn run_script(seed: u64) -> Outcome<ScriptStats> {
                 payload.truncate(len as usize);
                 step_append(&mut model, current, payload)
             }
-            380..=534 => step_sync(&mut model, current),
-            535..=654 => {
+            370..=514 => step_sync(&mut model, current),
+            515..=624 => {
                 let seq = pick_seq(&mut random, &model.current, model.last_seq);
                 step_retire(&mut model, current, seq)
             }
-            655..=704 => {
+            625..=669 => {
                 let seq = pick_seq(&mut random, &model.current, model.last_seq);
                 step_retire_up_to(&mut model, current, seq)
             }
-            705..=754 => {
+            670..=689 => step_retire_all_but_the_oldest(&mut model, current),
+            690..=734 => {
                 let seq = pick_seq(&mut random, &model.current, model.last_seq);
                 let reason =
                     format!("reason {}", random.below(1000)).repeat(1 + random.below(3) as usize);
                 step_dead_letter(&mut model, current, seq, &reason)
             }
-            755..=779 => {
+            735..=759 => {
                 let seq = pick_seq(&mut random, &model.dead, model.last_seq);
                 step_replay(&mut model, current, seq)
             }
-            780..=794 => {
+            760..=774 => {
                 let seq = pick_seq(&mut random, &model.dead, model.last_seq);
                 step_purge(&mut model, current, seq)
             }
-            795..=799 => step_purge_all(&mut model, current),
-            800..=829 => {
+            775..=779 => step_purge_all(&mut model, current),
+            780..=809 => {
                 let seq = pick_seq(&mut random, &model.current, model.last_seq);
                 step_read(&mut model, current, seq)
             }
-            830..=844 => {
+            810..=824 => {
                 let seq = pick_seq(&mut random, &model.dead, model.last_seq);
                 step_read_dead(&mut model, current, seq)
             }
-            845..=874 => Ok(StepEnd::Reopen(Some(CrashMode::DropUnsynced))),
-            875..=904 => Ok(StepEnd::Reopen(Some(CrashMode::TornTail))),
-            905..=919 => Ok(StepEnd::Reopen(None)),
-            920..=929 => {
+            825..=854 => Ok(StepEnd::Reopen(Some(CrashMode::DropUnsynced))),
+            855..=884 => Ok(StepEnd::Reopen(Some(CrashMode::TornTail))),
+            885..=899 => Ok(StepEnd::Reopen(None)),
+            900..=909 => {
                 let Some(spool) = spool.take() else {
                     return Err("no spool".into());
                 };
+                model.stats.compactions += spool.stats().compactions;
                 match spool.close() {
                     Ok(_) => {
                         model.synced = model.current.clone();
@@ -282,15 +301,24 @@ fn run_script(seed: u64) -> Outcome<ScriptStats> {
                     Err(e) => Err(format!("close failed: {e}")),
                 }
             }
-            930..=954 => {
+            910..=934 => {
                 model.stats.faults += 1;
                 sim.set_space_budget(Some(random.below(300)));
                 Ok(StepEnd::Continue)
             }
-            955..=979 => {
+            935..=954 => {
                 model.stats.faults += 1;
                 sim.fail_next_sync();
                 Ok(StepEnd::Continue)
+            }
+            955..=979 => {
+                let writes = random.below(12);
+                let crash = random.pick(&[
+                    None,
+                    Some(CrashMode::DropUnsynced),
+                    Some(CrashMode::TornTail),
+                ]);
+                step_sync_and_die(&mut model, current, &sim, writes, crash)
             }
             _ => {
                 // Rot one durable byte of a segment file, then crash: recovery must notice.
@@ -323,7 +351,7 @@ fn run_script(seed: u64) -> Outcome<ScriptStats> {
         let end = result.map_err(|e| format!("step {step}: {e}"))?;
         let reopen = match end {
             StepEnd::Continue => None,
-            StepEnd::Reopen(crash) => Some((crash, false)),
+            StepEnd::Reopen(crash) | StepEnd::Died(crash) => Some((crash, false)),
             StepEnd::FlipReopen => Some((Some(CrashMode::DropUnsynced), true)),
             StepEnd::Failed => {
                 model.trust = model.trust.max_with(Trust::Fault);
@@ -336,8 +364,11 @@ fn run_script(seed: u64) -> Outcome<ScriptStats> {
             }
         };
         if let Some((crash, flip)) = reopen {
-            drop(spool.take());
+            if let Some(old) = spool.take() {
+                model.stats.compactions += old.stats().compactions;
+            }
             sim.set_space_budget(None);
+            sim.stop_after_writes(None);
             if let Some(mode) = crash {
                 sim.crash(mode);
             }
@@ -350,6 +381,7 @@ fn run_script(seed: u64) -> Outcome<ScriptStats> {
     }
     // Finally: a clean close and reopen returns exactly the model.
     if let Some(current) = spool.take() {
+        model.stats.compactions += current.stats().compactions;
         sim.set_space_budget(None);
         if model.trust == Trust::Exact && current.close().is_ok() {
             model.synced = model.current.clone();
@@ -378,6 +410,7 @@ impl StepEnd {
             StepEnd::Reopen(crash) => format!("reopen {crash:?}"),
             StepEnd::FlipReopen => "flip".into(),
             StepEnd::Failed => "failed".into(),
+            StepEnd::Died(crash) => format!("died, then {crash:?}"),
         }
     }
 }
@@ -390,6 +423,9 @@ enum StepEnd {
     FlipReopen,
     /// A storage operation failed: the spool must be poisoned; reopen.
     Failed,
+    /// The process died in the middle of an operation (not a storage fault: the prefix property
+    /// holds exactly); optionally crash, reopen.
+    Died(Option<CrashMode>),
 }
 
 /// A seq that is usually in `set`, sometimes not.
@@ -518,6 +554,65 @@ fn step_retire(model: &mut Model, spool: &mut Spool<SimStorage>, seq: u64) -> Ou
             model.unsynced.push(Op::Retire(seq));
             storage_failure(model, spool, &error)
         }
+    }
+}
+
+/// Retires every pending record but the oldest: the oldest stays live for long, as a message to a
+/// peer that is away does, and pins its segment (compaction's reason to exist).
+fn step_retire_all_but_the_oldest(
+    model: &mut Model,
+    spool: &mut Spool<SimStorage>,
+) -> Outcome<StepEnd> {
+    let younger: Vec<u64> = model.current.keys().skip(1).copied().collect();
+    for seq in younger {
+        match step_retire(model, spool, seq)? {
+            StepEnd::Continue => {}
+            end => return Ok(end),
+        }
+    }
+    Ok(StepEnd::Continue)
+}
+
+/// A sync during which the process dies after `writes` more writes to the storage — in the
+/// middle of making the batch durable, or of a compaction the sync started. A sync that finishes
+/// first is an ordinary one.
+fn step_sync_and_die(
+    model: &mut Model,
+    spool: &mut Spool<SimStorage>,
+    sim: &SimStorage,
+    writes: u64,
+    crash: Option<CrashMode>,
+) -> Outcome<StepEnd> {
+    let copied_before = spool.stats().compacted_records;
+    sim.stop_after_writes(Some(writes));
+    let synced = spool.sync();
+    sim.stop_after_writes(None);
+    match synced {
+        Ok(up_to) => {
+            ensure!(
+                up_to >= model.last_seq,
+                "sync reported {up_to} < {}",
+                model.last_seq
+            );
+            model.synced = model.current.clone();
+            model.unsynced.clear();
+            model.durable_seq_max = model.durable_seq_max.max(model.last_seq);
+            Ok(StepEnd::Continue)
+        }
+        Err(SpoolError::Storage(_)) => {
+            ensure!(
+                spool.is_poisoned(),
+                "a failed sync did not poison the spool"
+            );
+            model.stats.deaths += 1;
+            if spool.stats().compacted_records > copied_before {
+                model.stats.deaths_in_compaction += 1;
+            }
+            // The operations since the last sync may or may not have become durable: exactly
+            // what the prefix property allows; nothing else is uncertain.
+            Ok(StepEnd::Died(crash))
+        }
+        Err(other) => Err(format!("unexpected error from a dying sync: {other}")),
     }
 }
 
@@ -1085,7 +1180,8 @@ fn run_shard(shard: u64) {
     }
     eprintln!(
         "shard {shard}: {} scripts, {} steps, {} reopens ({} with a torn tail, {} with a \
-         quarantine), {} faults, {} cap refusals in {:.2?}",
+         quarantine), {} faults, {} cap refusals, {} compactions, {} deaths in a sync ({} in a \
+         compaction) in {:.2?}",
         seeds.len(),
         total.steps,
         total.reopens,
@@ -1093,6 +1189,9 @@ fn run_shard(shard: u64) {
         total.quarantines,
         total.faults,
         total.full,
+        total.compactions,
+        total.deaths,
+        total.deaths_in_compaction,
         started.elapsed()
     );
     assert!(
@@ -1104,6 +1203,7 @@ fn run_shard(shard: u64) {
     // The scripts must actually reach the interesting states.
     if seeds.len() >= 250 {
         assert!(total.torn > 0 && total.quarantines > 0 && total.full > 0 && total.faults > 0);
+        assert!(total.compactions > 0 && total.deaths_in_compaction > 0);
     }
 }
 
