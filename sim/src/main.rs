@@ -55,7 +55,7 @@ enum Command {
     },
     /// Run a range of seeds and summarise.
     Sweep {
-        /// A scenario, or `all` (every scenario but spool-full, which fails on a known bug).
+        /// A scenario, or `all` (every scenario).
         #[arg(long)]
         scenario: String,
         /// Seeds as `A..B` (B excluded), `A..=B`, or a single seed.
