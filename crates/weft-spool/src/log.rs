@@ -533,8 +533,8 @@ impl Log {
     ///   holding one huge record can still move) and span at most [`COMPACTION_SEGMENTS_MAX`]
     ///   segments: bounds on the step's IO, memory and the transient growth before deletion;
     /// - reclaim at least [`COMPACTION_RECLAIM_PER_COPIED_BYTE`] times what they copy: bounds the
-    ///   write amplification (a long-lived record is copied again only after the log moved on by
-    ///   twice its size), and keeps the log from churning through mostly live segments;
+    ///   write amplification (every byte copied frees at least two), and keeps the log from
+    ///   churning through mostly live segments;
     /// - gain at least half the trigger: no fsync spent on a crumb.
     ///
     /// The active segment can be part of a prefix (the log then rolls first): a log smaller than
@@ -554,8 +554,10 @@ impl Log {
         let considered = self.segments.len().min(COMPACTION_SEGMENTS_MAX);
         let mut freed_at = vec![0u64; considered + 1];
         for (position, (&id, segment)) in self.segments.iter().enumerate() {
-            let holds_something = segment.live > 0 || id == self.active;
-            let mut need = match (holds_something, evacuable(segment)) {
+            // Live records must be copied out of it, or it is the active segment (only a roll
+            // lets that go): it goes only with a prefix that includes it.
+            let must_be_evacuated = segment.live > 0 || id == self.active;
+            let mut need = match (must_be_evacuated, evacuable(segment)) {
                 (false, _) => 0,
                 (true, true) => position + 1,
                 (true, false) => NEVER,
