@@ -146,6 +146,7 @@ pub use sim::{CrashMode, SimStorage};
 pub use spool::{
     Corruption, DeadLetter, DeadLetterInfo, FsyncPolicy, PendingInfo, PendingRecord,
     QuarantinedSegment, Recovery, Replayed, SegmentInfo, Spool, SpoolConfig, SpoolStats,
-    TruncatedTail, SEGMENT_BYTES_TARGET_LIMIT, SEGMENT_BYTES_TARGET_MIN,
+    TruncatedTail, RESERVED_BYTES, RESERVED_RECORDS, SEGMENT_BYTES_TARGET_LIMIT,
+    SEGMENT_BYTES_TARGET_MIN,
 };
 pub use storage::{FsStorage, Storage};

@@ -79,6 +79,11 @@ pub struct SpoolConfig {
     pub dead_records_max: u64,
 }
 
+/// Records [`Spool::append_reserved`] may add beyond [`SpoolConfig::records_max`].
+pub const RESERVED_RECORDS: u64 = 4_096;
+/// Bytes [`Spool::append_reserved`] may add beyond [`SpoolConfig::bytes_max`].
+pub const RESERVED_BYTES: u64 = 1024 * 1024;
+
 impl Default for SpoolConfig {
     fn default() -> Self {
         Self {
@@ -499,6 +504,25 @@ impl<S: Storage> Spool<S> {
     /// [`SpoolConfig::records_max`] or [`SpoolConfig::bytes_max`], and with
     /// [`SpoolError::PayloadTooLarge`] above [`SpoolConfig::payload_bytes_max`].
     pub fn append(&mut self, payload: &[u8]) -> Result<u64, SpoolError> {
+        self.append_within(payload, 0, 0)
+    }
+
+    /// [`Spool::append`] into a reserve beyond the caps ([`RESERVED_RECORDS`] records,
+    /// [`RESERVED_BYTES`] bytes), for small records that replace older ones — the node's dedup
+    /// watermarks. A full spool must still take them: an acknowledgement waits for its
+    /// watermark, so two nodes whose spools are full of messages for each other would otherwise
+    /// wait for each other for good. The reserve stays bounded because each such record retires
+    /// its predecessor.
+    pub fn append_reserved(&mut self, payload: &[u8]) -> Result<u64, SpoolError> {
+        self.append_within(payload, RESERVED_RECORDS, RESERVED_BYTES)
+    }
+
+    fn append_within(
+        &mut self,
+        payload: &[u8],
+        extra_records: u64,
+        extra_bytes: u64,
+    ) -> Result<u64, SpoolError> {
         self.check()?;
         if payload.len() > self.config.payload_bytes_max as usize {
             return Err(SpoolError::PayloadTooLarge {
@@ -507,7 +531,7 @@ impl<S: Storage> Spool<S> {
             });
         }
         let pending = self.main.entries.len() as u64;
-        if pending >= self.config.records_max {
+        if pending >= self.config.records_max + extra_records {
             return Err(SpoolError::Full {
                 cap: Cap::Records,
                 used: pending,
@@ -523,7 +547,7 @@ impl<S: Storage> Spool<S> {
             + (pending + 1) * SEQ_RECORD_BYTES as u64
             + record_len
             + SEGMENT_HEADER_RECORD_BYTES as u64;
-        if needed > self.config.bytes_max {
+        if needed > self.config.bytes_max + extra_bytes {
             return Err(SpoolError::Full {
                 cap: Cap::Bytes,
                 used: self.main.disk_bytes,

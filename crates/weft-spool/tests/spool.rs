@@ -907,6 +907,57 @@ fn caps_refuse_with_typed_errors_and_retiring_makes_room() {
 }
 
 #[test]
+fn a_full_spool_still_takes_reserved_records_up_to_the_reserve() {
+    use weft_spool::{RESERVED_BYTES, RESERVED_RECORDS};
+    let config = SpoolConfig {
+        records_max: 3,
+        ..small()
+    };
+    let sim = SimStorage::new(3);
+    let (mut spool, _) = open(&sim, &config);
+    for _ in 0..3 {
+        spool.append(b"message").unwrap();
+    }
+    assert!(matches!(
+        spool.append(b"message"),
+        Err(SpoolError::Full {
+            cap: Cap::Records,
+            ..
+        })
+    ));
+    // A watermark replacing its predecessor goes in, however long this goes on.
+    let mut previous = None;
+    for _ in 0..(RESERVED_RECORDS * 2) {
+        let seq = spool.append_reserved(b"watermark").unwrap();
+        if let Some(previous) = previous.replace(seq) {
+            spool.retire(previous).unwrap();
+        }
+    }
+    // The reserve itself is bounded: records that replace nothing fill it.
+    let mut taken = 0;
+    while spool.append_reserved(b"watermark").is_ok() {
+        taken += 1;
+        assert!(taken <= RESERVED_RECORDS, "the reserve is bounded");
+    }
+    assert_eq!(taken, RESERVED_RECORDS - 1);
+
+    // Bytes: same, against the byte cap.
+    let config = SpoolConfig {
+        bytes_max: 2_000,
+        ..small()
+    };
+    let sim = SimStorage::new(4);
+    let (mut spool, _) = open(&sim, &config);
+    while spool.append(&[1; 50]).is_ok() {}
+    spool.append_reserved(&[2; 50]).unwrap();
+    let mut reserved = 0u64;
+    while spool.append_reserved(&[2; 50]).is_ok() {
+        reserved += 50;
+        assert!(reserved <= RESERVED_BYTES, "the reserve is bounded");
+    }
+}
+
+#[test]
 fn a_storage_failure_poisons_until_reopened() {
     let sim = SimStorage::new(1);
     let (mut spool, _) = open(&sim, &SpoolConfig::default());

@@ -511,7 +511,9 @@ impl Writer {
                 Command::Watermark { watermark, reply } => {
                     self.buf.clear();
                     spooled::encode_watermark(&watermark, &mut self.buf);
-                    match self.spool.append(&self.buf) {
+                    // Into the reserve: a full spool must not stop acknowledgements (see
+                    // `Spool::append_reserved`).
+                    match self.spool.append_reserved(&self.buf) {
                         Ok(tag) => {
                             if let Some(old) = self.watermarks.insert(watermark.peer, tag) {
                                 let _ = self.spool.retire(old);
