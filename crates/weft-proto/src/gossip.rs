@@ -32,8 +32,11 @@
 //! (acked, spooled, retried; dead-lettered after its budget: never silently gone), and retention
 //! lets go. When retention is full, the addressees holding its oldest event are handed over at
 //! once, so memory stays bounded and a stuck subscriber stalls a publisher for no longer.
+//!
+//! Maps are ordered: repairs and confirmations come out in node id order, the same in every run
+//! (the simulation replays a seed bit for bit).
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -353,7 +356,7 @@ struct Chain<T> {
 /// chains (the least recently used is forgotten).
 #[derive(Debug)]
 pub struct Chains<T> {
-    chains: HashMap<(NodeId, u64), Chain<T>>,
+    chains: BTreeMap<(NodeId, u64), Chain<T>>,
     held_max: usize,
     chains_max: usize,
     clock: u64,
@@ -363,7 +366,7 @@ impl<T> Chains<T> {
     /// Empty, with these bounds.
     pub fn new(held_max: usize, chains_max: usize) -> Self {
         Self {
-            chains: HashMap::new(),
+            chains: BTreeMap::new(),
             held_max: held_max.max(1),
             chains_max: chains_max.max(1),
             clock: 0,
@@ -545,7 +548,7 @@ pub struct Fanout {
 pub struct Publisher {
     origin: NodeId,
     next_seq: u64,
-    chains: HashMap<NodeId, SubscriberChain>,
+    chains: BTreeMap<NodeId, SubscriberChain>,
     retained: VecDeque<Retained>,
     retained_bytes: usize,
     config: PublisherConfig,
@@ -557,7 +560,7 @@ impl Publisher {
         Self {
             origin,
             next_seq: 1,
-            chains: HashMap::new(),
+            chains: BTreeMap::new(),
             retained: VecDeque::new(),
             retained_bytes: 0,
             config,
