@@ -956,7 +956,9 @@ impl History {
     }
 }
 
-/// Adds the counters (not the gauges) of `more` to `total`.
+/// Adds the counters (not the gauges) of `more` to `total`, and keeps the higher of the
+/// high-water marks. What a node counted after its last report before a crash (at most the
+/// harness's metrics interval) is lost with it, as a scrape of a real process would lose it.
 fn add_counters(total: &mut weft::MetricsSnapshot, more: &weft::MetricsSnapshot) {
     total.sent += more.sent;
     total.retransmitted += more.retransmitted;
@@ -971,4 +973,13 @@ fn add_counters(total: &mut weft::MetricsSnapshot, more: &weft::MetricsSnapshot)
     total.dead_lettered += more.dead_lettered;
     total.spool_errors += more.spool_errors;
     total.watermarks_persisted += more.watermarks_persisted;
+    total.events_delivered += more.events_delivered;
+    total.events_dropped += more.events_dropped;
+    total.volatile_dropped += more.volatile_dropped;
+    total.event_copies += more.event_copies;
+    total.events_received += more.events_received;
+    total.events_relayed += more.events_relayed;
+    total.events_repaired += more.events_repaired;
+    // A high-water mark, not a counter: the most over every incarnation.
+    total.event_hops_max = total.event_hops_max.max(more.event_hops_max);
 }
