@@ -27,7 +27,8 @@
 //! |               | letters, starts only on a faulty disk; no protocol errors                 |
 //!
 //! (The harness adds `liveness` — the run settled: every spool drained — and `simulation`
-//! violations when a host fails or a task panics.)
+//! violations when a host fails or a task panics; [`check_pubsub`] and [`check_work`] judge the
+//! patterns, and in `gossip-scale` [`GossipCost`] bounds what the gossip trees cost: `cost`.)
 //!
 //! Excused: messages a sender may have lost to a quarantined spool segment (its restart found
 //! damage, the operator's alarm went off) count as reported, not lost.
@@ -64,6 +65,8 @@ pub enum Checker {
     Coverage,
     /// The run did not settle: sends, receipts or spools were not done by the deadline.
     Liveness,
+    /// The gossip trees cost too much: too many copies per delivered event, or too many hops.
+    Cost,
     /// The simulation itself failed: a host returned an error or a task panicked.
     Simulation,
 }
@@ -81,6 +84,7 @@ impl Checker {
             Checker::Api => "api",
             Checker::Coverage => "coverage",
             Checker::Liveness => "liveness",
+            Checker::Cost => "cost",
             Checker::Simulation => "simulation",
         }
     }
@@ -558,7 +562,15 @@ struct Received {
 /// | `liveness`  | a covered event arrives at most [`PUBSUB_DELIVERY_BOUND`] after the later   |
 /// |             | of its publish and `quiet_from`                                             |
 /// | `api`       | subscribe fails only with `NotConfirmed`, publishes and their receipts never |
-pub fn check_pubsub(records: &[Record], end: Duration, quiet_from: Duration) -> Vec<Violation> {
+///
+/// Also returns how many (subscription, event) pairs the coverage rule required and how many of
+/// them arrived.
+pub fn check_pubsub(
+    records: &[Record],
+    end: Duration,
+    quiet_from: Duration,
+) -> (Vec<Violation>, Coverage) {
+    let mut coverage = Coverage::default();
     let mut violations = Vec::new();
     let mut publishes: BTreeMap<EventKey, PublishFacts> = BTreeMap::new();
     // Per subscription: its incarnations, (record index, time, pattern) of each `Subscribed`.
@@ -791,8 +803,16 @@ pub fn check_pubsub(records: &[Record], end: Duration, quiet_from: Duration) -> 
             let first = received
                 .get(&((node, sub), (publisher, seq)))
                 .and_then(|copies| copies.iter().find(|copy| copy.index > subscribed));
+            let excused = first.is_none()
+                && crashes
+                    .get(&node)
+                    .is_some_and(|c| c.iter().any(|&c| c > started));
+            if !excused {
+                coverage.required += 1;
+            }
             match first {
                 Some(first) => {
+                    coverage.delivered += 1;
                     let due = (*published_at).max(quiet_from) + PUBSUB_DELIVERY_BOUND;
                     if first.at > due {
                         violations.push(Violation {
@@ -807,9 +827,7 @@ pub fn check_pubsub(records: &[Record], end: Duration, quiet_from: Duration) -> 
                     }
                 }
                 // The subscriber's queue died with it (the documented limit).
-                None if crashes
-                    .get(&node)
-                    .is_some_and(|c| c.iter().any(|&c| c > started)) => {}
+                None if excused => {}
                 None => violations.push(Violation {
                     checker: Checker::Coverage,
                     at: end,
@@ -824,7 +842,107 @@ pub fn check_pubsub(records: &[Record], end: Duration, quiet_from: Duration) -> 
     }
 
     violations.sort_by_key(|violation| (violation.checker, violation.at));
-    violations
+    (violations, coverage)
+}
+
+/// The (subscription, event) pairs the pub/sub coverage rule required in a run, and how many of
+/// them arrived (a late arrival counts here; the liveness checker judges it).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Coverage {
+    /// Pairs the rule required: the subscription was in effect before the publish started and
+    /// its node did not crash without the event.
+    pub required: usize,
+    /// Required pairs whose event the subscription yielded.
+    pub delivered: usize,
+}
+
+impl Coverage {
+    /// Delivered over required (1 when nothing was required).
+    pub fn fraction(&self) -> f64 {
+        if self.required == 0 {
+            1.0
+        } else {
+            self.delivered as f64 / self.required as f64
+        }
+    }
+}
+
+/// Most event copies the nodes of a `gossip-scale` run may receive, all together, per event
+/// they take in order (duplicates come from repairs racing the trees, and from relays sending
+/// again after a reconnect or a restart).
+pub const COPIES_PER_DELIVERY_MAX: f64 = 1.3;
+
+/// Most links an event may cross to reach a subscriber in a mesh of `nodes`:
+/// ⌊log2(nodes)⌋ + 2.
+pub fn hops_bound(nodes: usize) -> u64 {
+    u64::from(nodes.max(1).ilog2()) + 2
+}
+
+/// What the gossip trees of a run cost, from the coverage checker and every node's metrics
+/// (every incarnation's counters added).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GossipCost {
+    /// The coverage rule's pairs.
+    pub coverage: Coverage,
+    /// Sequenced event copies the nodes received, duplicates included (`event_copies`).
+    pub copies: u64,
+    /// Events the nodes took in order, once each per node start (`events_received`).
+    pub received: u64,
+    /// Copies the publishers re-sent over direct links (`events_repaired`).
+    pub repaired: u64,
+    /// The most links an event crossed (`event_hops_max`).
+    pub hops_max: u64,
+    /// [`hops_bound`] of the run's node count.
+    pub hops_bound: u64,
+}
+
+impl GossipCost {
+    /// Measures a run of `metrics.len()` nodes.
+    pub fn measure(coverage: Coverage, metrics: &[weft::MetricsSnapshot]) -> Self {
+        GossipCost {
+            coverage,
+            copies: metrics.iter().map(|m| m.event_copies).sum(),
+            received: metrics.iter().map(|m| m.events_received).sum(),
+            repaired: metrics.iter().map(|m| m.events_repaired).sum(),
+            hops_max: metrics.iter().map(|m| m.event_hops_max).max().unwrap_or(0),
+            hops_bound: hops_bound(metrics.len()),
+        }
+    }
+
+    /// Copies received per event taken in order (NaN when nothing was received).
+    pub fn copies_per_delivery(&self) -> f64 {
+        self.copies as f64 / self.received as f64
+    }
+
+    /// `cost` violations (at `end`): more than [`COPIES_PER_DELIVERY_MAX`] copies per delivery,
+    /// or an event that crossed more than [`hops_bound`] links. (Coverage below 1 is already a
+    /// `coverage` violation per missing pair.)
+    pub fn check(&self, end: Duration) -> Vec<Violation> {
+        let mut violations = Vec::new();
+        let ratio = self.copies_per_delivery();
+        // NaN (nothing received) fails too.
+        if ratio.is_nan() || ratio > COPIES_PER_DELIVERY_MAX {
+            violations.push(Violation {
+                checker: Checker::Cost,
+                at: end,
+                detail: format!(
+                    "{ratio:.3} event copies per delivery ({} copies, {} events received; at most {COPIES_PER_DELIVERY_MAX})",
+                    self.copies, self.received
+                ),
+            });
+        }
+        if self.hops_max > self.hops_bound {
+            violations.push(Violation {
+                checker: Checker::Cost,
+                at: end,
+                detail: format!(
+                    "an event crossed {} links (at most {})",
+                    self.hops_max, self.hops_bound
+                ),
+            });
+        }
+        violations
+    }
 }
 
 /// What the work queue checkers know of one item.
@@ -1336,6 +1454,7 @@ mod tests {
 
     fn pubsub_checkers(records: &[Record]) -> Vec<Checker> {
         check_pubsub(records, at(60_000), at(1_000))
+            .0
             .into_iter()
             .map(|violation| violation.checker)
             .collect()
@@ -1349,6 +1468,54 @@ mod tests {
         records.extend(published(11, 0, 2, "misc/noise"));
         records.extend(published(12, 0, 3, "orders/created"));
         records
+    }
+
+    /// The coverage rule's pairs are counted, and a subscriber's crash without the event takes
+    /// the pair out of the count, as it excuses it from the checker.
+    #[test]
+    fn coverage_counts_the_required_pairs_and_their_deliveries() {
+        let mut records = pubsub_history();
+        records.push(received(15, 1, 0, 1, "orders/created"));
+        let (violations, coverage) = check_pubsub(&records, at(60_000), at(1_000));
+        assert_eq!(violations.len(), 1);
+        assert_eq!(
+            coverage,
+            Coverage {
+                required: 2,
+                delivered: 1
+            }
+        );
+        assert_eq!(coverage.fraction(), 0.5);
+        records.push(crash(20, 1));
+        let (violations, coverage) = check_pubsub(&records, at(60_000), at(1_000));
+        assert_eq!(violations, []);
+        assert_eq!(coverage.fraction(), 1.0);
+        assert_eq!(coverage.required, 1);
+    }
+
+    #[test]
+    fn gossip_cost_bounds_copies_per_delivery_and_hops() {
+        assert_eq!(hops_bound(100), 8);
+        assert_eq!(hops_bound(5), 4);
+        let coverage = Coverage {
+            required: 10,
+            delivered: 10,
+        };
+        let cost = |copies: u64, received: u64, hops: u64| {
+            let mut metrics = vec![weft::MetricsSnapshot::default(); 100];
+            metrics[7].event_copies = copies;
+            metrics[7].events_received = received;
+            metrics[9].event_hops_max = hops;
+            GossipCost::measure(coverage, &metrics)
+                .check(at(1))
+                .into_iter()
+                .map(|violation| violation.checker)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(cost(13, 10, 8), []);
+        assert_eq!(cost(14, 10, 8), [Checker::Cost]);
+        assert_eq!(cost(10, 10, 9), [Checker::Cost]);
+        assert_eq!(cost(0, 0, 1), [Checker::Cost], "nothing received");
     }
 
     #[test]

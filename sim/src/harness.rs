@@ -39,12 +39,12 @@ use weft::{
 use weft_proto::link::Fault;
 use weft_spool::{SimStorage, SpoolConfig};
 
-use crate::check::{check, check_pubsub, check_work, Checker, Violation};
+use crate::check::{check, check_pubsub, check_work, Checker, GossipCost, Violation};
 use crate::determinism::{crypto_provider, quinn_seams, SimulatedClock};
 use crate::history::{trace_hash, Event, History, NodeIndex, Record};
 use crate::net::TurmoilUdpSocket;
 use crate::scenario::{
-    derive_bytes, derive_seed, parse_event_body, parse_item_body, DiskFault, FaultAction,
+    derive_seed, node_identity, parse_event_body, parse_item_body, DiskFault, FaultAction,
     NodeSpool, Pause, PlannedItem, PlannedPublish, PlannedSend, Scenario, ScenarioKind, DEADLINE,
     IDLE_TIMEOUT, KEEP_ALIVE, SEGMENT_BYTES, WORK_KEYS, WORK_QUEUE,
 };
@@ -143,6 +143,8 @@ pub struct Outcome {
     pub spool_disk: Vec<(usize, u64, u64)>,
     /// Every broken guarantee (including a failed simulation).
     pub violations: Vec<Violation>,
+    /// What the gossip trees cost (`gossip-scale`, unless the simulation failed).
+    pub gossip: Option<GossipCost>,
     /// blake3 of the history.
     pub trace_hash: blake3::Hash,
     /// Simulated time the run lasted.
@@ -179,6 +181,7 @@ pub fn run(kind: ScenarioKind, seed: u64, canary: Option<Canary>) -> Outcome {
         spool_disk,
     } = simulate(&scenario, canary, &history);
     let (records, metrics) = history.snapshot();
+    let mut gossip = None;
     let mut violations = match failure {
         // A broken run's history is cut short; checking it would only add noise.
         Some(failure) => vec![Violation {
@@ -189,7 +192,13 @@ pub fn run(kind: ScenarioKind, seed: u64, canary: Option<Canary>) -> Outcome {
         None => {
             let mut violations = check(&records, simulated);
             if scenario.pubsub.is_some() {
-                violations.extend(check_pubsub(&records, simulated, scenario.quiet_from()));
+                let (pubsub, coverage) = check_pubsub(&records, simulated, scenario.quiet_from());
+                violations.extend(pubsub);
+                if kind == ScenarioKind::GossipScale {
+                    let cost = GossipCost::measure(coverage, &metrics);
+                    violations.extend(cost.check(simulated));
+                    gossip = Some(cost);
+                }
             }
             if scenario.work.is_some() {
                 violations.extend(check_work(
@@ -229,6 +238,7 @@ pub fn run(kind: ScenarioKind, seed: u64, canary: Option<Canary>) -> Outcome {
     }
     Outcome {
         trace_hash: trace_hash(&records),
+        gossip,
         scenario,
         canary,
         records,
@@ -328,7 +338,7 @@ fn simulate(scenario: &Scenario, canary: Option<Canary>, history: &History) -> S
     take_panics();
     let seed = scenario.seed;
     let identities: Vec<Identity> = (0..scenario.nodes)
-        .map(|index| Identity::from_seed(derive_bytes(seed, "identity", index as u64)))
+        .map(|index| node_identity(seed, index))
         .collect();
     let ids = Arc::new(identities.iter().map(Identity::node_id).collect::<Vec<_>>());
 

@@ -1,10 +1,21 @@
 //! `weft-sim`: run one seed of a scenario, or sweep many, and report broken guarantees.
 //!
 //! `run` prints a summary of the run, the first violations, and as its last two lines
-//! `trace-hash: <hex>` and `violations: <count>`; it exits non-zero on any violation. `sweep` runs
-//! a range of seeds (of one scenario or all of them), prints a line per scenario and, for every
-//! failing seed, the exact command that replays it. With `--canary` a deliberate driver bug is
-//! switched on and the sweep reports on how many seeds the checkers caught it.
+//! `trace-hash: <hex>` and `violations: <count>`; it exits non-zero on any violation. A
+//! `gossip-scale` run prints before those what its gossip trees cost:
+//!
+//! - `coverage: <fraction>`: required (subscription, event) pairs delivered over those the
+//!   coverage rule requires (1 for a clean run);
+//! - `copies-per-delivery: <ratio>`: event copies the nodes received over events they took in
+//!   order (`event_copies` / `events_received`, summed over every node and incarnation; at
+//!   most 1.3);
+//! - `hops-max: <n>`: the most links an event crossed (`event_hops_max`; at most
+//!   ⌊log2(nodes)⌋ + 2).
+//!
+//! `sweep` runs a range of seeds (of one scenario or all of them), prints a line per scenario
+//! and, for every failing seed, the exact command that replays it (and for `gossip-scale` the
+//! cost of each seed and the worst). With `--canary` a deliberate driver bug is switched on and
+//! the sweep reports on how many seeds the checkers caught it.
 //!
 //! Output is quiet unless `RUST_LOG` is set (`RUST_LOG=weft=debug`, `RUST_LOG=info`, ...).
 
@@ -16,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand, ValueEnum};
-use weft_sim::check::Checker;
+use weft_sim::check::{Checker, GossipCost, COPIES_PER_DELIVERY_MAX};
 use weft_sim::history::Event;
 use weft_sim::scenario::FaultAction;
 use weft_sim::{run, Canary, Outcome, ScenarioKind};
@@ -25,6 +36,8 @@ use weft_sim::{run, Canary, Outcome, ScenarioKind};
 const VIOLATIONS_SHOWN: usize = 10;
 /// How many seeds a canary sweep lists as escaped.
 const ESCAPED_SHOWN: usize = 10;
+/// Runs of more nodes than this print a summary of the pub/sub plan, not a line per node.
+const PLAN_NODES_SHOWN: usize = 10;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -40,7 +53,8 @@ struct Cli {
 enum Command {
     /// Run one seed of one scenario and check it.
     Run {
-        /// partition, hold, loss, latency, crash, disk, bitrot, spool-full, pubsub or work.
+        /// partition, hold, loss, latency, crash, disk, bitrot, spool-full, pubsub, work or
+        /// gossip-scale.
         #[arg(long)]
         scenario: ScenarioKind,
         /// The run seed: everything in the run derives from it.
@@ -55,7 +69,8 @@ enum Command {
     },
     /// Run a range of seeds and summarise.
     Sweep {
-        /// A scenario, or `all` (every scenario).
+        /// A scenario, or `all` (every scenario but gossip-scale, whose hundred nodes take a
+        /// minute a run).
         #[arg(long)]
         scenario: String,
         /// Seeds as `A..B` (B excluded), `A..=B`, or a single seed.
@@ -263,9 +278,32 @@ fn run_one(kind: ScenarioKind, seed: u64, canary: Option<Canary>, trace: bool) -
     );
     if let Some(plan) = &scenario.pubsub {
         for (node, patterns) in plan.patterns.iter().enumerate() {
+            if scenario.nodes <= PLAN_NODES_SHOWN || !plan.publishes[node].is_empty() {
+                println!(
+                    "  node {node} subscribes to {patterns:?}, publishes {} events",
+                    plan.publishes[node].len()
+                );
+            }
+        }
+        if scenario.nodes > PLAN_NODES_SHOWN {
+            let others = plan.publishes.iter().filter(|p| p.is_empty()).count();
+            let subscribing = |pattern: Option<&str>| {
+                plan.patterns
+                    .iter()
+                    .zip(&plan.publishes)
+                    .filter(|(patterns, publishes)| {
+                        publishes.is_empty()
+                            && match pattern {
+                                Some(pattern) => patterns.contains(&pattern),
+                                None => !patterns.is_empty(),
+                            }
+                    })
+                    .count()
+            };
             println!(
-                "  node {node} subscribes to {patterns:?}, publishes {} events",
-                plan.publishes[node].len()
+                "  of the {others} other nodes, {} subscribe ({} of them to \"**\" too)",
+                subscribing(None),
+                subscribing(Some("**"))
             );
         }
     }
@@ -358,6 +396,22 @@ fn run_one(kind: ScenarioKind, seed: u64, canary: Option<Canary>, trace: bool) -
             println!("known bug of the node this scenario fails on: {bug}");
         }
     }
+    if let Some(cost) = &outcome.gossip {
+        println!(
+            "coverage: {:.4} ({} of {} required deliveries)",
+            cost.coverage.fraction(),
+            cost.coverage.delivered,
+            cost.coverage.required
+        );
+        println!(
+            "copies-per-delivery: {:.4} ({} copies, {} events received in order, {} repaired; at most {COPIES_PER_DELIVERY_MAX})",
+            cost.copies_per_delivery(),
+            cost.copies,
+            cost.received,
+            cost.repaired
+        );
+        println!("hops-max: {} (at most {})", cost.hops_max, cost.hops_bound);
+    }
     println!("trace-hash: {}", outcome.trace_hash.to_hex());
     println!("violations: {}", outcome.violations.len());
     outcome.passed()
@@ -397,6 +451,7 @@ struct SeedResult {
     retransmitted: u64,
     duplicates_dropped: u64,
     drain: Option<Duration>,
+    gossip: Option<GossipCost>,
 }
 
 fn run_seed(kind: ScenarioKind, seed: u64, canary: Option<Canary>, twice: bool) -> SeedResult {
@@ -437,6 +492,7 @@ fn run_seed(kind: ScenarioKind, seed: u64, canary: Option<Canary>, twice: bool) 
         retransmitted: tally.retransmitted,
         duplicates_dropped: tally.duplicates_dropped,
         drain: drain_time(&outcome),
+        gossip: outcome.gossip,
     }
 }
 
@@ -470,6 +526,48 @@ fn run_seeds(
         .unwrap_or_else(|poisoned| poisoned.into_inner());
     results.sort_by_key(|result| result.seed);
     results
+}
+
+/// What the gossip trees cost in each of a sweep's runs that measured it, then the worst of
+/// them: lowest coverage, most copies per delivery, most hops, each with its seed (nothing if
+/// no run measured it).
+fn gossip_lines(results: &[SeedResult]) -> Vec<String> {
+    let costs: Vec<(u64, &GossipCost)> = results
+        .iter()
+        .filter_map(|result| result.gossip.as_ref().map(|cost| (result.seed, cost)))
+        .collect();
+    let mut lines: Vec<String> = costs
+        .iter()
+        .map(|(seed, cost)| {
+            format!(
+                "seed {seed}: coverage {:.4}, copies-per-delivery {:.4}, hops-max {}",
+                cost.coverage.fraction(),
+                cost.copies_per_delivery(),
+                cost.hops_max
+            )
+        })
+        .collect();
+    lines.extend(gossip_worst(&costs));
+    lines
+}
+
+/// The worst of `costs` (`None` if empty).
+fn gossip_worst(costs: &[(u64, &GossipCost)]) -> Option<String> {
+    let worst = |key: fn(&GossipCost) -> f64| {
+        costs
+            .iter()
+            .map(|&(seed, cost)| (key(cost), seed))
+            // On a tie, the first seed.
+            .max_by(|a, b| a.0.total_cmp(&b.0).then(b.1.cmp(&a.1)))
+    };
+    let (coverage, coverage_seed) = worst(|cost| -cost.coverage.fraction())?;
+    let (copies, copies_seed) = worst(GossipCost::copies_per_delivery)?;
+    let (hops, hops_seed) = worst(|cost| cost.hops_max as f64)?;
+    Some(format!(
+        "gossip, worst of {} runs: coverage {:.4} (seed {coverage_seed}), copies-per-delivery {copies:.4} (seed {copies_seed}), hops-max {hops} (seed {hops_seed})",
+        costs.len(),
+        -coverage
+    ))
 }
 
 /// How a sweep runs and what it prints.
@@ -622,6 +720,9 @@ fn sweep(scenario: &str, seeds: &str, options: SweepOptions) -> anyhow::Result<b
                 }
                 all_passed &= broken.is_empty();
             }
+        }
+        for line in gossip_lines(&results) {
+            println!("  {line}");
         }
         for result in &diverged {
             if let Some((first, again)) = &result.nondeterministic {
