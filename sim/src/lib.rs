@@ -9,7 +9,9 @@
 //! applications observe into a [`history`] outside the nodes; the [`check`]ers then judge the
 //! history against Weft's guarantees (nothing accepted is lost, no duplicates but across a
 //! receiver's crash, nothing again once acknowledged, FIFO per pair, acked ⇒ delivered, the spools
-//! drain) and a blake3 trace hash makes "same seed, same run" checkable.
+//! drain) and a blake3 trace hash makes "same seed, same run" checkable. The pub/sub scenarios
+//! add coverage, per-publisher order and liveness of events; `gossip-scale` (a hundred nodes)
+//! also bounds what the gossip trees cost: copies per delivered event and hops.
 //!
 //! Canaries switch on deliberate bugs in the core (`weft_proto::link::Fault`) to prove that the
 //! checkers can fail: a suite that never fails proves nothing.
