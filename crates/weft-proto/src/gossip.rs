@@ -662,17 +662,27 @@ impl Publisher {
         self.trim()
     }
 
-    /// The repairs due: every addressee owed events without progress for `repair_after` (with
-    /// `force`, also those holding the oldest retained event). Each is handed everything
-    /// unsettled and counts as settled from then on.
-    pub fn repairs(&mut self, now_ms: u64, force: bool) -> Vec<Repair> {
+    /// The repairs due: every `reachable` addressee (connected to the publisher) owed events
+    /// without progress for `repair_after`, and with `force` every addressee holding the oldest
+    /// retained event. Each is handed everything unsettled and counts as settled from then on.
+    ///
+    /// One that is not reachable waits: its confirmations cannot arrive either, and the tree may
+    /// well still reach it, so a repair into its down link would only come twice; it is repaired
+    /// once it is back (it made no progress meanwhile) or when retention is full.
+    pub fn repairs(
+        &mut self,
+        now_ms: u64,
+        force: bool,
+        reachable: impl Fn(&NodeId) -> bool,
+    ) -> Vec<Repair> {
         let oldest = self.retained.front().map(|r| r.seq);
         let due: Vec<NodeId> = self
             .chains
             .iter()
             .filter(|(_, chain)| chain.owed())
-            .filter(|(_, chain)| {
-                now_ms.saturating_sub(chain.progress_ms) >= self.config.repair_after_ms
+            .filter(|(node, chain)| {
+                (now_ms.saturating_sub(chain.progress_ms) >= self.config.repair_after_ms
+                    && reachable(node))
                     || (force && oldest.is_some_and(|seq| !chain.has_settled(seq)))
             })
             .map(|(node, _)| *node)

@@ -268,8 +268,11 @@ fn a_stalled_addressee_is_handed_everything_unconfirmed_once() {
         subscriber_incarnation: 1,
     };
     publisher.confirm(&node(2), confirm, 300);
-    assert!(publisher.repairs(999, false).is_empty(), "not yet");
-    let repairs = publisher.repairs(1000, false);
+    assert!(
+        publisher.repairs(999, false, |_| true).is_empty(),
+        "not yet"
+    );
+    let repairs = publisher.repairs(1000, false, |_| true);
     assert_eq!(repairs.len(), 1);
     assert_eq!(repairs[0].to, node(1));
     let got: Vec<(u64, &str, u64)> = repairs[0]
@@ -280,9 +283,24 @@ fn a_stalled_addressee_is_handed_everything_unconfirmed_once() {
     assert_eq!(got, [(1, "a", 0), (2, "b", 1), (3, "c", 2)]);
     assert_eq!(publisher.retained(), 0, "the direct link owns them now");
     assert!(
-        publisher.repairs(10_000, false).is_empty(),
+        publisher.repairs(10_000, false, |_| true).is_empty(),
         "handed over once"
     );
+}
+
+#[test]
+fn an_unreachable_addressee_waits_for_its_repair_until_it_is_back_or_retention_is_full() {
+    let mut publisher = Publisher::new(node(0), config());
+    let payload = Bytes::from_static(b"x");
+    let _ = publisher.publish(&addressees(&[1]), &topic("a"), &payload, 0);
+    assert!(publisher.repairs(5000, false, |_| false).is_empty());
+    assert_eq!(publisher.retained(), 1);
+    assert_eq!(publisher.repairs(5000, true, |_| false).len(), 1, "forced");
+    let _ = publisher.publish(&addressees(&[1]), &topic("a"), &payload, 6000);
+    assert!(publisher.repairs(9000, false, |_| false).is_empty());
+    let back = publisher.repairs(9000, false, |_| true);
+    assert_eq!(back.len(), 1, "back: repaired at once");
+    assert_eq!(back[0].events.len(), 1);
 }
 
 #[test]
@@ -304,7 +322,7 @@ fn full_retention_hands_over_the_addressees_that_hold_it() {
         subscriber_incarnation: 1,
     };
     publisher.confirm(&node(2), confirm, 1);
-    let repairs = publisher.repairs(2, true);
+    let repairs = publisher.repairs(2, true, |_| true);
     assert_eq!(repairs.iter().map(|r| r.to).collect::<Vec<_>>(), [node(1)]);
     assert!(publisher.has_room());
 }
@@ -319,7 +337,7 @@ fn repairs_and_confirms_come_in_node_id_order() {
     let nodes: Vec<u16> = (1..=64).rev().collect();
     let _ = publisher.publish(&addressees(&nodes), &topic("a"), &payload, 0);
     let repaired: Vec<NodeId> = publisher
-        .repairs(1000, false)
+        .repairs(1000, false, |_| true)
         .iter()
         .map(|r| r.to)
         .collect();
@@ -401,6 +419,43 @@ fn the_least_recently_used_chain_is_forgotten_at_the_bound() {
     );
 }
 
+/// The subscribers of the random test below: their chains, and what each delivered.
+#[derive(Default)]
+struct Subscribers {
+    chains: BTreeMap<NodeId, Chains<u64>>,
+    delivered: BTreeMap<NodeId, Vec<u64>>,
+}
+
+impl Subscribers {
+    /// A copy arrives: (to, seq, prev).
+    fn take(&mut self, (to, seq, prev): (NodeId, u64, u64)) {
+        let chain = self.chains.entry(to).or_insert_with(|| Chains::new(8, 4));
+        if let Accepted::Deliver(events) = chain.accept(node(0), 1, seq, prev, seq) {
+            self.delivered.entry(to).or_default().extend(events);
+        }
+    }
+
+    /// Confirmations go to the publisher; its repairs come over the direct link (in order,
+    /// never lost).
+    fn confirm_and_repair(&mut self, publisher: &mut Publisher, now: u64, force: bool) {
+        for (to, chain) in &mut self.chains {
+            for (_, incarnation, seq) in chain.take_confirms() {
+                let confirm = Confirm {
+                    incarnation,
+                    seq,
+                    subscriber_incarnation: 1,
+                };
+                publisher.confirm(to, confirm, now);
+            }
+        }
+        for repair in publisher.repairs(now, force, |_| true) {
+            for (seq, _, _, prev) in repair.events {
+                self.take((repair.to, seq, prev));
+            }
+        }
+    }
+}
+
 /// Random publishing to changing addressee sets, copies delivered over random paths in random
 /// order with duplicates and losses, then the publisher's repairs over an in-order link: every
 /// subscriber ends with exactly its events, in publish order.
@@ -417,20 +472,11 @@ fn random_paths_losses_and_repairs_give_each_subscriber_its_events_once_in_order
                 ..config()
             },
         );
-        let mut chains: BTreeMap<NodeId, Chains<u64>> = BTreeMap::new();
+        let mut subscribers = Subscribers::default();
         let mut expected: BTreeMap<NodeId, Vec<u64>> = BTreeMap::new();
-        let mut delivered: BTreeMap<NodeId, Vec<u64>> = BTreeMap::new();
         // Copies in the network: (to, seq, prev).
         let mut in_flight: Vec<(NodeId, u64, u64)> = Vec::new();
         let mut now = 0;
-        let take = |chains: &mut BTreeMap<NodeId, Chains<u64>>,
-                    delivered: &mut BTreeMap<NodeId, Vec<u64>>,
-                    (to, seq, prev): (NodeId, u64, u64)| {
-            let chain = chains.entry(to).or_insert_with(|| Chains::new(8, 4));
-            if let Accepted::Deliver(events) = chain.accept(node(0), 1, seq, prev, seq) {
-                delivered.entry(to).or_default().extend(events);
-            }
-        };
         for _ in 0..150 {
             now += 5;
             if publisher.has_room() {
@@ -462,52 +508,24 @@ fn random_paths_losses_and_repairs_give_each_subscriber_its_events_once_in_order
                 match rng.next_u64() % 10 {
                     0 => {} // lost (a relay died with it)
                     1 => {
-                        take(&mut chains, &mut delivered, copy);
+                        subscribers.take(copy);
                         in_flight.push(copy);
                     }
-                    _ => take(&mut chains, &mut delivered, copy),
+                    _ => subscribers.take(copy),
                 }
             }
-            for (to, chain) in &mut chains {
-                for (_, incarnation, seq) in chain.take_confirms() {
-                    let confirm = Confirm {
-                        incarnation,
-                        seq,
-                        subscriber_incarnation: 1,
-                    };
-                    publisher.confirm(to, confirm, now);
-                }
-            }
-            // Repairs go over the direct link: in order, never lost.
-            for repair in publisher.repairs(now, !publisher.has_room()) {
-                for (seq, _, _, prev) in repair.events {
-                    take(&mut chains, &mut delivered, (repair.to, seq, prev));
-                }
-            }
+            let force = !publisher.has_room();
+            subscribers.confirm_and_repair(&mut publisher, now, force);
         }
         // Heal: what is still in flight arrives, confirms flow, the last repairs run.
         for copy in std::mem::take(&mut in_flight) {
-            take(&mut chains, &mut delivered, copy);
+            subscribers.take(copy);
         }
         for _ in 0..3 {
             now += 1000;
-            for (to, chain) in &mut chains {
-                for (_, incarnation, seq) in chain.take_confirms() {
-                    let confirm = Confirm {
-                        incarnation,
-                        seq,
-                        subscriber_incarnation: 1,
-                    };
-                    publisher.confirm(to, confirm, now);
-                }
-            }
-            for repair in publisher.repairs(now, false) {
-                for (seq, _, _, prev) in repair.events {
-                    take(&mut chains, &mut delivered, (repair.to, seq, prev));
-                }
-            }
+            subscribers.confirm_and_repair(&mut publisher, now, false);
         }
-        assert_eq!(delivered, expected, "seed {seed}");
+        assert_eq!(subscribers.delivered, expected, "seed {seed}");
         assert_eq!(publisher.retained(), 0, "seed {seed}");
     }
 }

@@ -10,7 +10,7 @@ use futures_util::Stream;
 use std::collections::BTreeMap;
 use tokio::sync::mpsc;
 
-use tracing::{debug, warn};
+use tracing::{debug, warn, Instrument};
 use weft_proto::gossip::{self, Accepted, Chains, Confirm, Event, Hop};
 use weft_proto::interest::InterestError;
 use weft_proto::{
@@ -560,7 +560,9 @@ pub(crate) fn repair_stalled(shared: &Arc<Shared>, force: bool) {
     let now = shared.now_unix_ms();
     let repairs = {
         let mut state = shared.patterns.lock();
-        let repairs = state.publisher.repairs(now, force);
+        let repairs = state
+            .publisher
+            .repairs(now, force, |node| is_connected(shared, node));
         record_retained(shared, &state.publisher);
         repairs
     };
@@ -568,38 +570,41 @@ pub(crate) fn repair_stalled(shared: &Arc<Shared>, force: bool) {
         return;
     }
     shared.patterns.retention_freed.notify_waiters();
-    let shared = Arc::clone(shared);
-    tokio::spawn(async move {
-        for repair in repairs {
-            debug!(subscriber = %repair.to.short(), events = repair.events.len(), "repairing events over the direct link");
-            for (seq, topic, payload, prev) in repair.events {
-                let event = Event {
-                    origin: shared.id,
-                    incarnation: shared.epoch,
-                    seq,
-                    hops: 1,
-                    route: vec![Hop {
-                        node: repair.to,
-                        prev,
-                    }],
-                    topic,
-                    payload,
-                };
-                match send_event(&shared, &event).await {
-                    Ok(_receipt) => {
-                        shared
-                            .metrics
-                            .events_repaired
-                            .fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(e) => {
-                        warn!(subscriber = %repair.to.short(), seq, error = %e, "event repair not sent");
-                        break;
-                    }
+    let span = tracing::info_span!("repair", node = %shared.id.short());
+    tokio::spawn(send_repairs(Arc::clone(shared), repairs).instrument(span));
+}
+
+/// Sends each repair's events over the direct link to its subscriber, in order.
+async fn send_repairs(shared: Arc<Shared>, repairs: Vec<gossip::Repair>) {
+    for repair in repairs {
+        debug!(subscriber = %repair.to.short(), events = repair.events.len(), "repairing events over the direct link");
+        for (seq, topic, payload, prev) in repair.events {
+            let event = Event {
+                origin: shared.id,
+                incarnation: shared.epoch,
+                seq,
+                hops: 1,
+                route: vec![Hop {
+                    node: repair.to,
+                    prev,
+                }],
+                topic,
+                payload,
+            };
+            match send_event(&shared, &event).await {
+                Ok(_receipt) => {
+                    shared
+                        .metrics
+                        .events_repaired
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    warn!(subscriber = %repair.to.short(), seq, error = %e, "event repair not sent");
+                    break;
                 }
             }
         }
-    });
+    }
 }
 
 pub(crate) async fn publish(
