@@ -104,6 +104,143 @@ async fn accepted_sends_survive_a_sender_restart_and_flow_when_the_peer_appears(
     a.shutdown().await;
 }
 
+/// The batch form of the test above: `send_batch` to a peer that was never up returns once the
+/// whole batch is durable; after A's restart every message reaches B once, in order, under the
+/// ids its receipts named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_accepted_batch_survives_a_sender_restart() {
+    const COUNT: u32 = 3_000;
+    let a_dir = tempdir("a");
+    let b_dir = tempdir("b");
+    let b_id = weft::Identity::load_or_create(&b_dir).unwrap().node_id();
+    init_tracing();
+    // A queue smaller than the batch: it is written in several runs (group commits).
+    let a = Node::builder()
+        .mesh("durable")
+        .data_dir(&a_dir)
+        .bind(loopback())
+        .configure(|c| {
+            short_timeouts(c);
+            c.peer_command_capacity = 500;
+        })
+        .start()
+        .await
+        .unwrap();
+    let messages = (0..COUNT).map(|i| a.new_message("orders", i.to_le_bytes().to_vec()));
+    let receipts = within(
+        "the batch is accepted",
+        a.sender(b_id).unwrap().send_batch(messages),
+    )
+    .await
+    .unwrap();
+    let ids: Vec<_> = receipts.ids().collect();
+    assert_eq!(ids.len(), COUNT as usize);
+    assert_eq!(
+        a.metrics().accepted,
+        u64::from(COUNT),
+        "durable when it returned"
+    );
+    a.shutdown().await;
+    drop(a);
+
+    let a = durable_node(&a_dir, loopback()).await;
+    assert_eq!(a.metrics().spool_pending, u64::from(COUNT), "recovered");
+    let b = durable_node(&b_dir, loopback()).await;
+    let mut inbox = b.receive("orders").unwrap();
+    a.add_peer(b.addr().unwrap()).unwrap();
+    for (i, id) in ids.iter().enumerate() {
+        let message = within("a restored message", inbox.recv()).await.unwrap();
+        assert_eq!(message.body[..], (i as u32).to_le_bytes(), "in order, once");
+        assert_eq!(message.header.id, *id, "the id assigned before the restart");
+    }
+    inbox.settle();
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// A batch bigger than the spool's byte cap: the spool takes what fits and refuses the rest.
+/// The refusal is reported (`Partial`, with how many), each refused message's receipt fails,
+/// and every accepted one is delivered once the peer appears. Nothing is silently dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_the_spool_cannot_hold_reports_what_it_refused() {
+    const COUNT: usize = 400;
+    let a_dir = tempdir("a");
+    let b_dir = tempdir("b");
+    let b_id = weft::Identity::load_or_create(&b_dir).unwrap().node_id();
+    init_tracing();
+    let a = Node::builder()
+        .mesh("durable")
+        .data_dir(&a_dir)
+        .bind(loopback())
+        .configure(|c| {
+            short_timeouts(c);
+            c.spool = Some(weft::SpoolConfig {
+                bytes_max: 256 * 1024,
+                segment_bytes_target: 64 * 1024,
+                ..Default::default()
+            });
+        })
+        .start()
+        .await
+        .unwrap();
+    let messages = (0..COUNT).map(|i| {
+        let mut body = vec![0u8; 2048];
+        body[..4].copy_from_slice(&(i as u32).to_le_bytes());
+        a.new_message("orders", body)
+    });
+    let error = a
+        .sender(b_id)
+        .unwrap()
+        .send_batch(messages)
+        .await
+        .unwrap_err();
+    let weft::SendBatchError::Partial {
+        receipts,
+        refused,
+        error,
+    } = error
+    else {
+        panic!("expected a partial batch, got {error:?}");
+    };
+    assert!(matches!(error, weft::SendError::SpoolFull(_)), "{error:?}");
+    assert_eq!(receipts.len(), COUNT, "every message was numbered");
+    assert!(
+        refused > 0 && refused < COUNT,
+        "refused {refused} of {COUNT}"
+    );
+    let mut accepted = Vec::new();
+    for i in 0..COUNT {
+        match receipts.get(i).unwrap().accepted().await {
+            Ok(()) => accepted.push(i as u32),
+            Err(DeliveryError::SpoolFull(_)) => {}
+            Err(other) => panic!("message {i}: {other:?}"),
+        }
+    }
+    assert_eq!(
+        accepted.len(),
+        COUNT - refused,
+        "the receipts agree with the count"
+    );
+
+    let b = durable_node(&b_dir, loopback()).await;
+    let mut inbox = b.receive("orders").unwrap();
+    a.add_peer(b.addr().unwrap()).unwrap();
+    for i in &accepted {
+        let message = within("an accepted message", inbox.recv()).await.unwrap();
+        assert_eq!(
+            message.body[..4],
+            i.to_le_bytes(),
+            "the accepted ones, in order"
+        );
+    }
+    inbox.settle();
+    let outcome = within("the batch's fates", receipts).await.unwrap_err();
+    assert_eq!(outcome.delivered, accepted.len());
+    assert_eq!(outcome.failed.len(), refused);
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
 /// B delivers A's messages but its acknowledgements never reach A; B restarts. A sends them
 /// again on the new connection, and B — whose watermark was durable before it acknowledged —
 /// drops every one as a duplicate: the application sees each message once across the restart.

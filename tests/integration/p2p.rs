@@ -134,3 +134,66 @@ async fn an_rtt_probe_proves_the_key_and_leaves_no_trace() {
     assert_eq!(target.metrics().peers_connected, 0);
     target.shutdown().await;
 }
+
+/// A batch many times larger than the peer's queue goes out in runs as room frees up: every
+/// message arrives once, in order, under the ids its receipts name, and the receipts resolve
+/// once the last one is acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_larger_than_the_queue_arrives_whole_and_in_order() {
+    const COUNT: u32 = 5_000;
+    let a = crate::support::node_with("batch", |c| c.peer_command_capacity = 64).await;
+    let b = node("batch").await;
+    let mut inbox = b.receive("batch").unwrap();
+    a.add_peer(addr(&b)).unwrap();
+    let sender = a.sender(b.id()).unwrap();
+    let messages = (0..COUNT).map(|i| a.new_message("batch", i.to_le_bytes().to_vec()));
+    let receipts = within("the batch is queued", sender.send_batch(messages))
+        .await
+        .unwrap();
+    assert_eq!(receipts.len(), COUNT as usize);
+    let ids: Vec<_> = receipts.ids().collect();
+    for (i, id) in ids.iter().enumerate() {
+        let message = within("a batched message", inbox.recv()).await.unwrap();
+        assert_eq!(message.body[..], (i as u32).to_le_bytes(), "in order, once");
+        assert_eq!(message.header.id, *id, "the id its receipt names");
+    }
+    inbox.settle();
+    assert_eq!(within("the receipts", receipts).await, Ok(COUNT as usize));
+    // The stream goes on after the batch.
+    let next = a.send(b.id(), "batch", b"after".to_vec()).await.unwrap();
+    assert_eq!(next.id().seq, ids.last().unwrap().seq + 1);
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// One message over the limits fails the whole batch, with its index, before anything of it is
+/// sent: the stream's next number is still the first.
+#[tokio::test]
+async fn an_invalid_message_fails_the_batch_before_anything_is_sent() {
+    let a = node("batch-invalid").await;
+    let b = node("batch-invalid").await;
+    let mut inbox = b.receive("batch").unwrap();
+    a.add_peer(addr(&b)).unwrap();
+    let too_large = vec![0u8; a.config().limits().max_body_bytes + 1];
+    let messages = vec![
+        a.new_message("batch", b"fine".to_vec()),
+        a.new_message("batch", too_large),
+        a.new_message("batch", b"fine too".to_vec()),
+    ];
+    let error = a
+        .sender(b.id())
+        .unwrap()
+        .send_batch(messages)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error, weft::SendBatchError::Invalid { index: 1, .. }),
+        "{error:?}"
+    );
+    let receipt = a.send(b.id(), "batch", b"single".to_vec()).await.unwrap();
+    assert_eq!(receipt.id().seq, 1, "the batch took no number");
+    let message = within("the single message", inbox.recv()).await.unwrap();
+    assert_eq!(&message.body[..], b"single");
+    a.shutdown().await;
+    b.shutdown().await;
+}

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use clap::{Args, Subcommand, ValueEnum};
-use weft::{Identity, Node, NodeAddr};
+use weft::{Identity, Node, NodeAddr, Receipt};
 
 /// Upper bound for one benchmark phase; a stuck run fails instead of hanging.
 const PHASE_TIMEOUT: Duration = Duration::from_secs(300);
@@ -156,9 +156,13 @@ pub struct P2pArgs {
     /// every send returns once durable. Sends run `--window` at a time so they can share fsyncs.
     #[arg(long)]
     durable: bool,
-    /// Concurrent sends with --durable.
+    /// Concurrent sends with --durable (per-message `send`).
     #[arg(long, default_value_t = 8192)]
     window: usize,
+    /// Send through `send_batch` in batches of this many messages (two batches in flight)
+    /// instead of one `send` per message; 0 = per message.
+    #[arg(long, default_value_t = 0)]
+    batch: usize,
 }
 
 #[derive(Args, Debug)]
@@ -359,7 +363,29 @@ fn throughput(args: &P2pArgs) -> Result<()> {
         let body = vec![0xa5u8; args.size];
         let started = Instant::now();
         let mut last = None;
-        if args.durable {
+        if args.batch > 0 {
+            use futures_util::StreamExt;
+            let batch = args.batch as u64;
+            let mut batches = futures_util::stream::iter((0..args.count).step_by(args.batch))
+                .map(|start| {
+                    let n = batch.min(args.count - start);
+                    let messages = (0..n)
+                        .map(|_| node.new_message(BENCH_CHANNEL, Bytes::copy_from_slice(&body)));
+                    sender.send_batch(messages.collect::<Vec<_>>())
+                })
+                .buffered(2);
+            while let Some(receipts) = batches.next().await {
+                let receipts = receipts?;
+                // Acks are cumulative: the highest number covers every message.
+                let highest = receipts.get(receipts.len().saturating_sub(1));
+                if highest.as_ref().map(|r| r.id().seq)
+                    > last.as_ref().map(|r: &Receipt| r.id().seq)
+                {
+                    last = highest;
+                }
+            }
+            accepted_in = Some(started.elapsed());
+        } else if args.durable {
             use futures_util::StreamExt;
             let mut sends = futures_util::stream::iter(0..args.count)
                 .map(|_| sender.send(BENCH_CHANNEL, Bytes::copy_from_slice(&body)))

@@ -63,6 +63,14 @@ pub(crate) enum Command {
         /// Told the outcome (an awaiting `send`: one wake per send, not a broadcast).
         done: Option<oneshot::Sender<Result<(), DeliveryError>>>,
     },
+    /// A run of a batch: `messages` numbered from `first` on, each with its slot in the link's
+    /// queue. `done` is told, after the sync, which of them the spool refused (usually none).
+    AppendRun {
+        peer: Arc<PeerHandle>,
+        first: u64,
+        messages: Vec<(OutgoingMessage, mpsc::OwnedPermit<Outgoing>)>,
+        done: oneshot::Sender<Vec<DeliveryError>>,
+    },
     /// Persist an inbound watermark, then confirm it to the peer task (`WatermarkDurable`), or
     /// tell it that it did not (`WatermarkFailed`): every request gets exactly one answer.
     Watermark {
@@ -417,15 +425,52 @@ struct Appended {
     tag: u64,
     message: OutgoingMessage,
     permit: mpsc::OwnedPermit<Outgoing>,
-    done: Option<oneshot::Sender<Result<(), DeliveryError>>>,
+    done: Done,
+}
+
+/// Whom to tell the outcome of an append.
+enum Done {
+    /// Nobody (`try_send`: the receipt tells).
+    Nobody,
+    /// An awaiting `send`.
+    Send(oneshot::Sender<Result<(), DeliveryError>>),
+    /// A run of a batch: its index in [`Batch::runs`].
+    Run(usize),
+}
+
+/// A run of a batch being written: told every refusal of its messages once all are known.
+struct Run {
+    done: oneshot::Sender<Vec<DeliveryError>>,
+    refused: Vec<DeliveryError>,
 }
 
 #[derive(Default)]
 struct Batch {
     appended: Vec<Appended>,
+    runs: Vec<Run>,
     watermarks: Vec<(Watermark, mpsc::UnboundedSender<Control>)>,
     dead: Vec<(NodeId, MessageId, String)>,
     close: Option<oneshot::Sender<()>>,
+}
+
+impl Batch {
+    fn tell(&mut self, done: Done, outcome: Result<(), DeliveryError>) {
+        match (done, outcome) {
+            (Done::Nobody, _) => {}
+            (Done::Send(done), outcome) => {
+                let _ = done.send(outcome);
+            }
+            (Done::Run(_), Ok(())) => {}
+            (Done::Run(run), Err(error)) => self.runs[run].refused.push(error),
+        }
+    }
+
+    /// Tells every run its refusals (once all its messages' fates are known).
+    fn finish_runs(&mut self) {
+        for run in self.runs.drain(..) {
+            let _ = run.done.send(run.refused);
+        }
+    }
 }
 
 struct Writer {
@@ -507,7 +552,32 @@ impl Writer {
                     message,
                     permit,
                     done,
-                } => self.append(&mut batch, peer, seq, message, permit, done),
+                } => {
+                    let done = done.map_or(Done::Nobody, Done::Send);
+                    self.append(&mut batch, peer, seq, message, permit, done);
+                }
+                Command::AppendRun {
+                    peer,
+                    first,
+                    messages,
+                    done,
+                } => {
+                    let run = batch.runs.len();
+                    batch.runs.push(Run {
+                        done,
+                        refused: Vec::new(),
+                    });
+                    for ((message, permit), seq) in messages.into_iter().zip(first..) {
+                        self.append(
+                            &mut batch,
+                            Arc::clone(&peer),
+                            seq,
+                            message,
+                            permit,
+                            Done::Run(run),
+                        );
+                    }
+                }
                 Command::Watermark { watermark, reply } => {
                     self.buf.clear();
                     spooled::encode_watermark(&watermark, &mut self.buf);
@@ -587,7 +657,7 @@ impl Writer {
         seq: u64,
         message: OutgoingMessage,
         permit: mpsc::OwnedPermit<Outgoing>,
-        done: Option<oneshot::Sender<Result<(), DeliveryError>>>,
+        done: Done,
     ) {
         self.buf.clear();
         // The API checked the message against the same limits, so encoding cannot fail; if it
@@ -623,9 +693,7 @@ impl Writer {
                 debug!(%error, "send refused by the spool");
                 peer.fates.fail(seq, error.clone());
                 settle(&peer, seq);
-                if let Some(done) = done {
-                    let _ = done.send(Err(error));
-                }
+                batch.tell(done, Err(error));
             }
         }
     }
@@ -656,15 +724,14 @@ impl Writer {
             Err(e) => {
                 self.metrics.spool_error();
                 error!(error = %e, "spool write failed: the sends of this batch are refused and the spool accepts nothing more until the node restarts");
-                for appended in batch.appended.drain(..) {
+                for appended in std::mem::take(&mut batch.appended) {
                     self.room.add_permits(1);
                     let error = DeliveryError::NotAccepted(e.to_string());
                     appended.peer.fates.fail(appended.seq, error.clone());
                     settle(&appended.peer, appended.seq);
-                    if let Some(done) = appended.done {
-                        let _ = done.send(Err(error));
-                    }
+                    batch.tell(appended.done, Err(error));
                 }
+                batch.finish_runs();
                 // Not durable, and never will be: the failure poisoned the spool.
                 for (watermark, reply) in batch.watermarks.drain(..) {
                     let _ = reply.send(Control::WatermarkFailed {
@@ -682,7 +749,7 @@ impl Writer {
         self.metrics.accepted(batch.appended.len() as u64);
         // One watermark move per peer and batch: each move wakes every send waiting on it.
         let mut moved: Vec<(Arc<PeerHandle>, u64)> = Vec::new();
-        for appended in batch.appended.drain(..) {
+        for appended in std::mem::take(&mut batch.appended) {
             let Appended {
                 peer,
                 seq,
@@ -692,9 +759,7 @@ impl Writer {
                 done,
             } = appended;
             permit.send(Outgoing { seq, tag, message });
-            if let Some(done) = done {
-                let _ = done.send(Ok(()));
-            }
+            batch.tell(done, Ok(()));
             match moved.iter_mut().find(|(p, _)| Arc::ptr_eq(p, &peer)) {
                 Some((_, max)) => *max = (*max).max(seq),
                 None => moved.push((peer, seq)),
@@ -703,6 +768,7 @@ impl Writer {
         for (peer, seq) in moved {
             settle(&peer, seq);
         }
+        batch.finish_runs();
         for (watermark, reply) in batch.watermarks.drain(..) {
             self.metrics.watermark_persisted();
             let _ = reply.send(Control::WatermarkDurable {

@@ -89,6 +89,31 @@ impl From<DeliveryError> for SendError {
     }
 }
 
+/// Why [`PeerSender::send_batch`](crate::PeerSender::send_batch) did not send every message.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SendBatchError {
+    /// Message `index` can never be sent; nothing of the batch was.
+    #[error("message {index} of the batch: {error}")]
+    Invalid {
+        /// Its position in the batch.
+        index: usize,
+        /// Why.
+        error: SendError,
+    },
+    /// Some messages were not accepted: the spool refused them (their receipts in `receipts`
+    /// fail) or the node shut down before they were numbered (they are not in `receipts`).
+    #[error("{refused} message(s) of the batch not accepted: {error}")]
+    Partial {
+        /// Receipts of every message that was numbered, accepted or refused.
+        receipts: crate::receipt::Receipts,
+        /// How many were not accepted.
+        refused: usize,
+        /// The first reason.
+        error: SendError,
+    },
+}
+
 /// Why a non-blocking send was not accepted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]

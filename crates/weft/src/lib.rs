@@ -59,8 +59,8 @@ pub use bytes::Bytes;
 pub use config::{NodeConfig, PatternConfig, Seams};
 pub use discovery::{Interfaces, MdnsConfig};
 pub use error::{
-    BodyError, ConnectError, DeliveryError, ReceiveError, SendError, SendTypedError, StartError,
-    TrySendError,
+    BodyError, ConnectError, DeliveryError, ReceiveError, SendBatchError, SendError,
+    SendTypedError, StartError, TrySendError,
 };
 pub use identity::Identity;
 pub use inbox::Inbox;
@@ -70,7 +70,7 @@ pub use patterns::{
     Gathered, PublishError, Published, PullOptions, Puller, Request, RequestBuilder, RequestError,
     ScatterBuilder, Service, SubscribeError, SubscribeOptions, Subscription, WorkError,
 };
-pub use receipt::{Delivered, Receipt};
+pub use receipt::{BatchDeliveryError, Delivered, Receipt, Receipts};
 pub use weft_proto::{
     self as proto, Header, Kind, Limits, LinkConfig, Message, MessageId, NodeId, Options,
     OutgoingMessage, Priority, Topic, TopicError, TopicPattern,

@@ -19,12 +19,12 @@ use crate::config::{NodeConfig, Seams, WallClock};
 use crate::connection::{self, close_code, Established};
 use crate::discovery::{Announcement, Discovery, DiscoveryCallback, DiscoveryEvent, MdnsConfig};
 use crate::durable::{Durable, Outgoing, Restored, SpoolSetup};
-use crate::error::{ReceiveError, SendError, StartError, TrySendError};
+use crate::error::{ReceiveError, SendBatchError, SendError, StartError, TrySendError};
 use crate::identity::Identity;
 use crate::inbox::{Channels, Inbox};
 use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::peer::{Control, PeerTask};
-use crate::receipt::{Fates, Receipt};
+use crate::receipt::{Fates, Receipt, Receipts};
 use crate::tls;
 
 /// A peer came or went.
@@ -1008,6 +1008,121 @@ impl PeerSender {
         Ok(self.spool(durable, permit, message, None)?)
     }
 
+    /// Sends many messages to the peer, in order, and returns once all are accepted (with a
+    /// spool: durable). The same guarantees as [`PeerSender::send_message`] per message, at a
+    /// fraction of the cost: queue room, spool room and sequence numbers are taken for runs of
+    /// messages at once, and each run is one command to the spool writer, so a large batch
+    /// fills a group commit by itself. A run is as long as the peer's queue has room; when it
+    /// is full, what was gathered goes ahead and the rest waits (backpressure, as for `send`).
+    ///
+    /// Fails before anything is sent if a message is invalid ([`SendBatchError::Invalid`]).
+    /// If the spool refuses messages (full, failing) or the node shuts down half-way,
+    /// [`SendBatchError::Partial`] carries the receipts of what was sent (each refused one
+    /// fails its receipt) and how many were not accepted.
+    pub async fn send_batch(
+        &self,
+        messages: impl IntoIterator<Item = OutgoingMessage>,
+    ) -> Result<Receipts, SendBatchError> {
+        let messages: Vec<OutgoingMessage> = messages.into_iter().collect();
+        let limits = self.shared.config.limits();
+        for (index, message) in messages.iter().enumerate() {
+            if let Err(error) = message.check(&limits) {
+                return Err(SendBatchError::Invalid {
+                    index,
+                    error: error.into(),
+                });
+            }
+        }
+        let total = messages.len();
+        let mut receipts = self.receipts();
+        let mut outcomes = Vec::new();
+        let mut messages = messages.into_iter().peekable();
+        let unsent = |receipts: Receipts, error: SendError| SendBatchError::Partial {
+            refused: total - receipts.len(),
+            receipts,
+            error,
+        };
+        while messages.peek().is_some() {
+            let Some(durable) = &self.shared.durable else {
+                // Without a spool: the free slots (at least one, waiting for it), then one hold
+                // of the sequence lock for the run.
+                let free = self.handle.commands.capacity().clamp(1, BATCH_RUN_MAX);
+                let run: Vec<OutgoingMessage> = messages.by_ref().take(free).collect();
+                let Ok(permits) = self.handle.commands.reserve_many(run.len()).await else {
+                    return Err(unsent(receipts, SendError::NodeClosed));
+                };
+                let count = run.len() as u64;
+                let mut next_seq = self.handle.next_seq.lock().expect("sequence lock poisoned");
+                let first = *next_seq;
+                *next_seq += count;
+                for ((seq, message), permit) in (first..).zip(run).zip(permits) {
+                    permit.send(Outgoing {
+                        seq,
+                        tag: 0,
+                        message,
+                    });
+                }
+                drop(next_seq);
+                receipts.push_run(first..=first + count - 1);
+                continue;
+            };
+            // The first message of a run waits for queue and spool room; the others take what
+            // is free now.
+            let mut run = Vec::new();
+            let Ok(permit) = self.handle.commands.clone().reserve_owned().await else {
+                return Err(unsent(receipts, SendError::NodeClosed));
+            };
+            match durable.room.acquire().await {
+                Ok(room) => room.forget(),
+                Err(_) => return Err(unsent(receipts, SendError::NodeClosed)),
+            }
+            run.push((messages.next().expect("peeked"), permit));
+            while run.len() < BATCH_RUN_MAX && messages.peek().is_some() {
+                let Ok(permit) = self.handle.commands.clone().try_reserve_owned() else {
+                    break;
+                };
+                match durable.room.try_acquire() {
+                    Ok(room) => room.forget(),
+                    Err(_) => break, // `permit` goes back with its drop
+                }
+                run.push((messages.next().expect("peeked"), permit));
+            }
+            let (done, outcome) = tokio::sync::oneshot::channel();
+            let count = run.len() as u64;
+            let mut next_seq = self.handle.next_seq.lock().expect("sequence lock poisoned");
+            let first = *next_seq;
+            *next_seq += count;
+            let sent = durable.tx.send(crate::durable::Command::AppendRun {
+                peer: Arc::clone(&self.handle),
+                first,
+                messages: run,
+                done,
+            });
+            drop(next_seq);
+            if sent.is_err() {
+                durable.room.add_permits(count as usize);
+                return Err(unsent(receipts, SendError::NodeClosed));
+            }
+            receipts.push_run(first..=first + count - 1);
+            outcomes.push(outcome);
+        }
+        let mut refused = Vec::new();
+        for outcome in outcomes {
+            match outcome.await {
+                Ok(failures) => refused.extend(failures),
+                Err(_) => return Err(unsent(receipts, SendError::NodeClosed)),
+            }
+        }
+        match refused.first() {
+            None => Ok(receipts),
+            Some(error) => Err(SendBatchError::Partial {
+                error: error.clone().into(),
+                refused: refused.len(),
+                receipts,
+            }),
+        }
+    }
+
     /// Sends a volatile message: on the current connection, ahead of the queued sequenced
     /// messages, without acknowledgement, spool or retransmission; if the connection goes away
     /// before it is written it is dropped (and counted). For requests, replies and telemetry
@@ -1084,6 +1199,26 @@ impl PeerSender {
         Ok(self.receipt(seq))
     }
 
+    /// Empty receipts for a batch to this peer.
+    fn receipts(&self) -> Receipts {
+        Receipts {
+            peer: self.handle.id,
+            base: MessageId {
+                producer: self.shared.id,
+                stream: self.handle.stream,
+                seq: 0,
+            },
+            runs: Vec::new(),
+            acked: self.handle.acked.clone(),
+            accepted: self
+                .shared
+                .durable
+                .as_ref()
+                .map(|_| self.handle.accepted.subscribe()),
+            fates: Arc::clone(&self.handle.fates),
+        }
+    }
+
     fn receipt(&self, seq: u64) -> Receipt {
         Receipt {
             id: MessageId {
@@ -1102,6 +1237,9 @@ impl PeerSender {
         }
     }
 }
+
+/// Most messages taken into one run of a batch (one command to the spool writer).
+const BATCH_RUN_MAX: usize = 8_192;
 
 /// A volatile message for the peer's queue: sequence number 0 is outside every stream.
 fn volatile(message: OutgoingMessage) -> Outgoing {

@@ -155,3 +155,180 @@ impl IntoFuture for Receipt {
         })
     }
 }
+
+impl Fates {
+    /// The failures among `seqs`, in sequence order.
+    fn failed_in(&self, seqs: std::ops::RangeInclusive<u64>) -> Vec<(u64, DeliveryError)> {
+        self.failed
+            .lock()
+            .expect("fates lock poisoned")
+            .range(seqs)
+            .map(|(seq, error)| (*seq, error.clone()))
+            .collect()
+    }
+}
+
+/// The receipts of one [`send_batch`](crate::PeerSender::send_batch): every message of the
+/// batch, in order, to one peer. Like a [`Receipt`] it is only sequence numbers and views of the
+/// peer's watermarks, however large the batch. `.await` it to wait until the peer acknowledged
+/// every message (or some failed); [`Receipts::get`] gives one message's own [`Receipt`].
+#[derive(Debug)]
+#[must_use = "receipts tell whether the peer got the messages; drop them explicitly if you do not care"]
+pub struct Receipts {
+    pub(crate) peer: NodeId,
+    /// The first message's id; the others share its producer and stream.
+    pub(crate) base: MessageId,
+    /// The batch's sequence numbers: contiguous runs (another sender may have numbered its own
+    /// messages between two runs), in order.
+    pub(crate) runs: Vec<std::ops::RangeInclusive<u64>>,
+    pub(crate) acked: watch::Receiver<u64>,
+    pub(crate) accepted: Option<watch::Receiver<u64>>,
+    pub(crate) fates: std::sync::Arc<Fates>,
+}
+
+/// Why not every message of a batch was delivered.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{} of {} message(s) not delivered (first: {}: {})", .failed.len(), .delivered + .failed.len(), .failed[0].0, .failed[0].1)]
+pub struct BatchDeliveryError {
+    /// How many were delivered.
+    pub delivered: usize,
+    /// The ones that were not, in order, with why (never empty).
+    pub failed: Vec<(MessageId, DeliveryError)>,
+}
+
+impl Receipts {
+    pub(crate) fn push_run(&mut self, run: std::ops::RangeInclusive<u64>) {
+        match self.runs.last_mut() {
+            Some(last) if *last.end() + 1 == *run.start() => *last = *last.start()..=*run.end(),
+            _ => self.runs.push(run),
+        }
+    }
+
+    /// How many messages the batch holds.
+    pub fn len(&self) -> usize {
+        self.runs
+            .iter()
+            .map(|r| (r.end() - r.start() + 1) as usize)
+            .sum()
+    }
+
+    /// Whether the batch was empty.
+    pub fn is_empty(&self) -> bool {
+        self.runs.is_empty()
+    }
+
+    /// The node the messages were sent to.
+    pub fn peer(&self) -> NodeId {
+        self.peer
+    }
+
+    /// The messages' ids, in the order they were given.
+    pub fn ids(&self) -> impl Iterator<Item = MessageId> + '_ {
+        self.runs
+            .iter()
+            .flat_map(|run| run.clone())
+            .map(|seq| MessageId { seq, ..self.base })
+    }
+
+    /// The receipt of the `index`th message.
+    pub fn get(&self, index: usize) -> Option<Receipt> {
+        let id = self.ids().nth(index)?;
+        Some(Receipt {
+            id,
+            peer: self.peer,
+            acked: self.acked.clone(),
+            accepted: self.accepted.clone(),
+            fates: std::sync::Arc::clone(&self.fates),
+        })
+    }
+
+    /// Whether the peer acknowledged every message already.
+    pub fn is_delivered(&self) -> bool {
+        let Some(last) = self.runs.last() else {
+            return true;
+        };
+        *self.acked.borrow() >= *last.end() && self.failures().is_empty()
+    }
+
+    /// Messages above `acked` whose failure is not recorded either.
+    fn unsettled_above(&self, acked: u64) -> u64 {
+        self.runs
+            .iter()
+            .filter(|run| *run.end() > acked)
+            .map(|run| {
+                let above = (*run.start()).max(acked + 1)..=*run.end();
+                let count = above.end() - above.start() + 1;
+                count - self.fates.failed_in(above).len() as u64
+            })
+            .sum()
+    }
+
+    fn failures(&self) -> Vec<(MessageId, DeliveryError)> {
+        self.runs
+            .iter()
+            .flat_map(|run| self.fates.failed_in(run.clone()))
+            .map(|(seq, error)| (MessageId { seq, ..self.base }, error))
+            .collect()
+    }
+
+    /// The outcome once every message's fate is known: acknowledged up to `acked`, the failed
+    /// ones from the fates, the rest `otherwise`.
+    fn outcome(
+        &self,
+        acked: u64,
+        otherwise: Option<DeliveryError>,
+    ) -> Result<usize, BatchDeliveryError> {
+        let mut failed = self.failures();
+        if let Some(error) = otherwise {
+            for run in &self.runs {
+                for seq in run.clone().filter(|seq| *seq > acked) {
+                    if !failed.iter().any(|(id, _)| id.seq == seq) {
+                        failed.push((MessageId { seq, ..self.base }, error.clone()));
+                    }
+                }
+            }
+            failed.sort_by_key(|(id, _)| id.seq);
+        }
+        if failed.is_empty() {
+            Ok(self.len())
+        } else {
+            Err(BatchDeliveryError {
+                delivered: self.len() - failed.len(),
+                failed,
+            })
+        }
+    }
+}
+
+impl IntoFuture for Receipts {
+    type Output = Result<usize, BatchDeliveryError>;
+    type IntoFuture = Pin<Box<dyn Future<Output = Self::Output> + Send>>;
+
+    /// Resolves once the peer acknowledged every message (`Ok(len)`), or with every message that
+    /// will not be delivered (given up, refused by the spool, or the node shut down first).
+    fn into_future(mut self) -> Self::IntoFuture {
+        Box::pin(async move {
+            let Some(last) = self.runs.last().map(|run| *run.end()) else {
+                return Ok(0);
+            };
+            let mut version = self.fates.version.subscribe();
+            loop {
+                let acked = *self.acked.borrow_and_update();
+                // Settled: everything acknowledged, or each message above the ack failed (a
+                // refused or given-up message may never be covered by an ack).
+                if acked >= last || self.unsettled_above(acked) == 0 {
+                    return self.outcome(acked, None);
+                }
+                tokio::select! {
+                    changed = self.acked.changed() => {
+                        if changed.is_err() {
+                            let acked = *self.acked.borrow();
+                            return self.outcome(acked, Some(DeliveryError::NodeClosed));
+                        }
+                    }
+                    _ = version.changed() => {}
+                }
+            }
+        })
+    }
+}
