@@ -33,8 +33,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 use weft::{
-    DeliveryError, Identity, Node, NodeAddr, NodeId, PeerEvent, PeerSender, Receipt, Seams,
-    SendError, StartError,
+    DeliveryError, Identity, Node, NodeAddr, NodeId, PeerEvent, PeerSender, Receipt, Receipts,
+    Seams, SendBatchError, SendError, StartError,
 };
 use weft_proto::link::Fault;
 use weft_spool::{SimStorage, SpoolConfig};
@@ -308,7 +308,7 @@ struct AppState {
     /// Per destination: the position, in its planned sends, of the next one to make.
     next: BTreeMap<NodeIndex, usize>,
     /// Per destination: the body digest of the send that has not returned yet.
-    in_flight: BTreeMap<NodeIndex, u64>,
+    in_flight: BTreeMap<NodeIndex, Vec<u64>>,
     /// Position of the next event to publish (`pubsub`).
     next_publish: usize,
     /// The event whose `publish` has not returned yet: (seq, topic, body digest).
@@ -544,8 +544,8 @@ fn apply(
                 let (interrupted, publish, push) = {
                     let mut app = context.app();
                     let interrupted = std::mem::take(&mut app.in_flight);
-                    for to in interrupted.keys() {
-                        *app.next.entry(*to).or_default() += 1;
+                    for (to, digests) in &interrupted {
+                        *app.next.entry(*to).or_default() += digests.len();
                     }
                     let publish = app.publish_in_flight.take();
                     if publish.is_some() {
@@ -574,15 +574,17 @@ fn apply(
                     };
                     context.history.record(now, interrupted);
                 }
-                for (to, body_digest) in interrupted {
-                    context.history.record(
-                        now,
-                        Event::SendInterrupted {
-                            from: node,
-                            to,
-                            body_digest,
-                        },
-                    );
+                for (to, digests) in interrupted {
+                    for body_digest in digests {
+                        context.history.record(
+                            now,
+                            Event::SendInterrupted {
+                                from: node,
+                                to,
+                                body_digest,
+                            },
+                        );
+                    }
                 }
                 if let Some(storage_crash) = mode.storage_crash() {
                     let unsynced: u64 = context
@@ -860,7 +862,9 @@ fn index_of(ids: &[NodeId], id: &NodeId) -> Option<NodeIndex> {
 
 /// Sends the planned messages to one destination in order, from where the application stopped
 /// before a crash, keeping at most [`RECEIPT_WINDOW`] receipts unresolved (the channel to
-/// [`await_receipts`] is the window).
+/// [`await_receipts`] is the window). Sends that are due together (the node was held up by
+/// backpressure, or they were planned close together) go as one `send_batch`, so batches meet
+/// crashes, full spools and disk faults too.
 async fn send_all(
     sender: PeerSender,
     context: Arc<NodeContext>,
@@ -878,38 +882,84 @@ async fn send_all(
             return;
         };
         sleep_until(send.at).await;
-        let Ok(slot) = receipts.reserve().await else {
+        let now = sim_now();
+        let due = sends[position..]
+            .iter()
+            .take(RECEIPT_WINDOW)
+            .take_while(|send| send.at <= now)
+            .count()
+            .max(1);
+        let Ok(slots) = receipts.reserve_many(due).await else {
             return; // the receipt task is gone: the host is shutting down
         };
-        let digest = body_digest(&send.body);
-        context.app().in_flight.insert(to, digest);
-        let sent = sender.send(CHANNEL, send.body.clone()).await;
+        let batch = &sends[position..position + due];
+        let digests: Vec<u64> = batch.iter().map(|send| body_digest(&send.body)).collect();
+        context.app().in_flight.insert(to, digests.clone());
+        let sent: Vec<Result<Receipt, SendError>> = if due == 1 {
+            vec![sender.send(CHANNEL, batch[0].body.clone()).await]
+        } else {
+            let messages = batch
+                .iter()
+                .map(|send| sender.new_message(CHANNEL, send.body.clone()));
+            batch_outcomes(sender.send_batch(messages.collect::<Vec<_>>()).await, due).await
+        };
         {
             let mut app = context.app();
             app.in_flight.remove(&to);
-            *app.next.entry(to).or_default() += 1;
+            *app.next.entry(to).or_default() += due;
         }
-        match sent {
-            Ok(receipt) => {
-                let id = receipt.id();
-                history.record_now(Event::Accepted {
+        for ((sent, digest), slot) in sent.into_iter().zip(digests).zip(slots) {
+            match sent {
+                Ok(receipt) => {
+                    let id = receipt.id();
+                    history.record_now(Event::Accepted {
+                        from,
+                        to,
+                        stream: id.stream.0,
+                        seq: id.seq,
+                        body_digest: digest,
+                    });
+                    slot.send(receipt);
+                }
+                Err(error) => history.record_now(Event::SendFailed {
                     from,
                     to,
-                    stream: id.stream.0,
-                    seq: id.seq,
                     body_digest: digest,
-                });
-                slot.send(receipt);
+                    spool: matches!(error, SendError::SpoolFull(_) | SendError::Spool(_)),
+                    error: error.to_string(),
+                }),
             }
-            Err(error) => history.record_now(Event::SendFailed {
-                from,
-                to,
-                body_digest: digest,
-                spool: matches!(error, SendError::SpoolFull(_) | SendError::Spool(_)),
-                error: error.to_string(),
-            }),
         }
     }
+}
+
+/// Each message's outcome of a batch: its receipt if the spool accepted it, else why not.
+async fn batch_outcomes(
+    sent: Result<Receipts, SendBatchError>,
+    count: usize,
+) -> Vec<Result<Receipt, SendError>> {
+    let (receipts, error) = match sent {
+        Ok(receipts) => (receipts, None),
+        Err(SendBatchError::Partial {
+            receipts, error, ..
+        }) => (receipts, Some(error)),
+        Err(SendBatchError::Invalid { error, .. }) => {
+            return (0..count).map(|_| Err(error.clone())).collect()
+        }
+        Err(other) => panic!("unexpected batch error: {other}"),
+    };
+    let mut outcomes = Vec::with_capacity(count);
+    for i in 0..count {
+        let outcome = match receipts.get(i) {
+            Some(receipt) => match receipt.accepted().await {
+                Ok(()) => Ok(receipt),
+                Err(refused) => Err(refused.into()),
+            },
+            None => Err(error.clone().unwrap_or(SendError::NodeClosed)),
+        };
+        outcomes.push(outcome);
+    }
+    outcomes
 }
 
 /// Awaits receipts in sending order and records each resolution.

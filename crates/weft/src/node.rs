@@ -941,8 +941,16 @@ impl PeerSender {
 
     /// Sends `body` on `channel`; see [`Node::send`].
     pub async fn send(&self, channel: &str, body: impl Into<Bytes>) -> Result<Receipt, SendError> {
-        let message = OutgoingMessage::command(channel, body.into(), self.shared.now_unix_ms());
-        self.send_message(message).await
+        self.send_message(self.new_message(channel, body)).await
+    }
+
+    /// A message with default options, stamped with the node's clock; see [`Node::new_message`].
+    pub fn new_message(
+        &self,
+        channel: impl Into<String>,
+        body: impl Into<Bytes>,
+    ) -> OutgoingMessage {
+        OutgoingMessage::command(channel, body.into(), self.shared.now_unix_ms())
     }
 
     /// Sends a fully specified message. Waits while the peer's queue (or the spool) is full;
