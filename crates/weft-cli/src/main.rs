@@ -116,16 +116,21 @@ enum Command {
     Sub {
         #[command(flatten)]
         mesh: patterns_cmd::MeshArgs,
+        #[command(flatten)]
+        gossip: patterns_cmd::GossipArgs,
         /// Topic pattern, e.g. `orders/*`.
         pattern: String,
         /// Exit after this many events (default: run until Ctrl-C).
         #[arg(long)]
         count: Option<u64>,
     },
-    /// Publish an event and wait until every subscriber has it.
+    /// Publish an event and wait until the subscribers it is sent to acknowledged it (they
+    /// relay it to the rest).
     Pub {
         #[command(flatten)]
         mesh: patterns_cmd::MeshArgs,
+        #[command(flatten)]
+        gossip: patterns_cmd::GossipArgs,
         /// Wait for at least this many subscribers before publishing.
         #[arg(long, default_value_t = 0)]
         subscribers: usize,
@@ -134,7 +139,7 @@ enum Command {
         repeat: u64,
         /// Topic, e.g. `orders/created`.
         topic: String,
-        /// The event text.
+        /// The event text; `-` publishes each line of stdin as an event, until its end.
         text: String,
     },
     /// Answer requests for a service (with `--reply TEXT`, or echo them).
@@ -277,16 +282,18 @@ async fn run(command: Command) -> Result<()> {
         }
         Command::Sub {
             mesh,
+            gossip,
             pattern,
             count,
-        } => patterns_cmd::sub(mesh, pattern, count).await,
+        } => patterns_cmd::sub(mesh, gossip, pattern, count).await,
         Command::Pub {
             mesh,
+            gossip,
             subscribers,
             repeat,
             topic,
             text,
-        } => patterns_cmd::publish(mesh, topic, text, subscribers, repeat).await,
+        } => patterns_cmd::publish(mesh, gossip, topic, text, subscribers, repeat).await,
         Command::Rep {
             mesh,
             reply,

@@ -6,11 +6,13 @@
 //! one line per event, request or reply; errors are one sentence on stderr.
 
 use std::net::SocketAddr;
+use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use weft::{Identity, Message, Node, NodeAddr, NodeId};
+use weft::admin::AdminServer;
+use weft::{Identity, Message, Node, NodeAddr, NodeConfig, NodeId};
 
 /// How a pattern command joins the mesh.
 #[derive(clap::Args, Debug, Clone)]
@@ -33,11 +35,85 @@ pub struct MeshArgs {
     /// How long to wait for the peers, subscribers or servers needed.
     #[arg(long, default_value_t = 10)]
     wait_secs: u64,
+    /// Serve `/metrics` (Prometheus) and `/status` (JSON, for `weft status`) over HTTP on this
+    /// address; port 0 takes a free one, named by the line `metrics on http://ADDR/metrics`.
+    #[arg(long)]
+    metrics: Option<SocketAddr>,
+}
+
+/// How `weft pub` and `weft sub` take part in the gossip trees of pub/sub.
+#[derive(clap::Args, Debug, Clone)]
+pub struct GossipArgs {
+    /// Children of each node in an event's relay tree: a publisher sends each event to at most
+    /// N subscribers itself and each relays it to at most N more [default: 8]. Relays split
+    /// with their own value, so give every publisher and subscriber the same one.
+    #[arg(long, value_name = "N", value_parser = parse_gossip_fanout)]
+    gossip_fanout: Option<NonZeroUsize>,
+}
+
+impl GossipArgs {
+    fn apply(&self, config: &mut NodeConfig) {
+        if let Some(fanout) = self.gossip_fanout {
+            config.patterns.gossip_fanout = fanout.get();
+        }
+    }
+}
+
+/// `--gossip-fanout`: a whole number of at least 1.
+fn parse_gossip_fanout(text: &str) -> Result<NonZeroUsize, String> {
+    let fanout: usize = text
+        .parse()
+        .map_err(|e| format!("{text:?} is not a whole number: {e}"))?;
+    NonZeroUsize::new(fanout).ok_or_else(|| {
+        "0 is not a fan-out: every node of a gossip tree sends an event on to at least 1 \
+         subscriber (the default is 8)"
+            .to_owned()
+    })
+}
+
+/// A pattern command's node, with its admin endpoint if `--metrics` asked for one.
+struct Joined {
+    node: Node,
+    admin: Option<AdminServer>,
+}
+
+impl Joined {
+    /// Prints `node ID@ADDR` (with `node_line`: what the long-running commands print first, for
+    /// others to pass as `--peer`), then `metrics on http://ADDR/metrics, status on /status`
+    /// if `--metrics` asked for the endpoint.
+    fn announce(&self, node_line: bool) -> Result<()> {
+        if node_line {
+            println!("node {}", self.node.addr()?);
+        }
+        if let Some(admin) = &self.admin {
+            println!(
+                "metrics on http://{}/metrics, status on /status",
+                admin.local_addr()
+            );
+        }
+        Ok(())
+    }
+
+    /// Stops the admin endpoint, then the node.
+    async fn leave(self) {
+        if let Some(admin) = self.admin {
+            admin.shutdown().await;
+        }
+        self.node.shutdown().await;
+    }
 }
 
 impl MeshArgs {
-    async fn start(&self) -> Result<Node> {
-        let mut builder = Node::builder().mesh(self.mesh.clone()).bind(self.bind);
+    async fn start(&self) -> Result<Joined> {
+        self.start_with(|_| {}).await
+    }
+
+    /// Starts the node with `configure` applied to its configuration, and the admin endpoint.
+    async fn start_with(&self, configure: impl FnOnce(&mut NodeConfig)) -> Result<Joined> {
+        let mut builder = Node::builder()
+            .mesh(self.mesh.clone())
+            .bind(self.bind)
+            .configure(configure);
         builder = match &self.data_dir {
             Some(dir) => builder.data_dir(dir),
             None => builder.identity(Identity::generate()?),
@@ -49,7 +125,18 @@ impl MeshArgs {
             builder = builder.seed(*seed);
         }
         let node = builder.start().await?;
-        Ok(node)
+        let admin = match self.metrics {
+            Some(addr) => {
+                let server = weft::admin::serve(node.clone(), addr)
+                    .await
+                    .with_context(|| {
+                        format!("cannot serve metrics on {addr} (is the port in use?)")
+                    })?;
+                Some(server)
+            }
+            None => None,
+        };
+        Ok(Joined { node, admin })
     }
 
     fn wait(&self) -> Duration {
@@ -90,10 +177,16 @@ async fn ctrl_c_or<T>(future: impl std::future::Future<Output = T>) -> Option<T>
 }
 
 /// `weft sub PATTERN`: prints `TOPIC PUBLISHER BODY` per event.
-pub async fn sub(mesh: MeshArgs, pattern: String, count: Option<u64>) -> Result<()> {
-    let node = mesh.start().await?;
-    println!("node {}", node.addr()?);
-    mesh.connected(&node).await?;
+pub async fn sub(
+    mesh: MeshArgs,
+    gossip: GossipArgs,
+    pattern: String,
+    count: Option<u64>,
+) -> Result<()> {
+    let joined = mesh.start_with(|config| gossip.apply(config)).await?;
+    joined.announce(true)?;
+    let node = &joined.node;
+    mesh.connected(node).await?;
     let mut subscription = node
         .subscribe(&pattern)
         .await
@@ -113,21 +206,29 @@ pub async fn sub(mesh: MeshArgs, pattern: String, count: Option<u64>) -> Result<
         received += 1;
     }
     drop(subscription);
-    node.shutdown().await;
+    joined.leave().await;
     Ok(())
 }
 
-/// `weft pub TOPIC TEXT`: publishes (after waiting for `--subscribers`) and waits until every
-/// subscriber has it.
+/// `weft pub TOPIC TEXT`: publishes (after waiting for `--subscribers`), each event once its
+/// first hops acknowledged the one before. `TEXT` `-` publishes each line of stdin as an event,
+/// until its end.
 pub async fn publish(
     mesh: MeshArgs,
+    gossip: GossipArgs,
     topic: String,
     text: String,
     subscribers: usize,
     repeat: u64,
 ) -> Result<()> {
-    let node = mesh.start().await?;
-    mesh.connected(&node).await?;
+    let from_stdin = text == "-";
+    if from_stdin && repeat != 1 {
+        bail!("--repeat does not go with `-` (events from stdin): repeat the lines instead");
+    }
+    let joined = mesh.start_with(|config| gossip.apply(config)).await?;
+    joined.announce(false)?;
+    let node = &joined.node;
+    mesh.connected(node).await?;
     if subscribers > 0 {
         tokio::time::timeout(mesh.wait(), node.wait_for_subscribers(&topic, subscribers))
             .await
@@ -138,17 +239,35 @@ pub async fn publish(
                 )
             })??;
     }
+    let mut published = 0u64;
     let mut reached = 0;
-    for _ in 0..repeat {
-        let published = node.publish(&topic, text.clone().into_bytes()).await?;
-        reached = published.receipts.len() + published.local;
-        tokio::time::timeout(mesh.wait(), published.delivered())
-            .await
-            .context("the subscribers did not acknowledge in time")??;
+    if from_stdin {
+        use tokio::io::AsyncBufReadExt;
+        let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+        while let Some(line) = lines.next_line().await.context("cannot read stdin")? {
+            reached = publish_one(&mesh, node, &topic, line.into_bytes()).await?;
+            published += 1;
+        }
+    } else {
+        for _ in 0..repeat {
+            reached = publish_one(&mesh, node, &topic, text.clone().into_bytes()).await?;
+            published += 1;
+        }
     }
-    println!("published {repeat} event(s) on {topic} to {reached} subscriber(s)");
-    node.shutdown().await;
+    println!("published {published} event(s) on {topic} to {reached} subscriber(s)");
+    joined.leave().await;
     Ok(())
+}
+
+/// Publishes one event and waits for its first hops' acknowledgements (each also means the
+/// copies that hop relays are accepted); returns the subscribers it was addressed to, first
+/// hops, relayed and local.
+async fn publish_one(mesh: &MeshArgs, node: &Node, topic: &str, body: Vec<u8>) -> Result<usize> {
+    let published = node.publish(topic, body).await?;
+    let reached = tokio::time::timeout(mesh.wait(), published.delivered())
+        .await
+        .context("the subscribers did not acknowledge in time")??;
+    Ok(reached)
 }
 
 /// `weft rep SERVICE`: answers each request with `--reply TEXT` (or echoes it).
@@ -158,9 +277,10 @@ pub async fn rep(
     reply: Option<String>,
     count: Option<u64>,
 ) -> Result<()> {
-    let node = mesh.start().await?;
-    println!("node {}", node.addr()?);
-    mesh.connected(&node).await?;
+    let joined = mesh.start().await?;
+    joined.announce(true)?;
+    let node = &joined.node;
+    mesh.connected(node).await?;
     let mut requests = node
         .serve(&service)
         .await
@@ -187,7 +307,7 @@ pub async fn rep(
         answered += 1;
     }
     drop(requests);
-    node.shutdown().await;
+    joined.leave().await;
     Ok(())
 }
 
@@ -199,8 +319,10 @@ pub async fn req(
     to: Option<NodeId>,
     timeout_ms: u64,
 ) -> Result<()> {
-    let node = mesh.start().await?;
-    mesh.connected(&node).await?;
+    let joined = mesh.start().await?;
+    joined.announce(false)?;
+    let node = &joined.node;
+    mesh.connected(node).await?;
     if to.is_none() {
         tokio::time::timeout(mesh.wait(), node.wait_for_service(&service, 1))
             .await
@@ -218,7 +340,7 @@ pub async fn req(
         request = request.to(to);
     }
     let result = request.await;
-    node.shutdown().await;
+    joined.leave().await;
     match result {
         Ok(reply) => {
             println!("{}", body_text(&reply));
@@ -235,9 +357,10 @@ pub async fn pull(
     credit: Option<u32>,
     count: Option<u64>,
 ) -> Result<()> {
-    let node = mesh.start().await?;
-    println!("node {}", node.addr()?);
-    mesh.connected(&node).await?;
+    let joined = mesh.start().await?;
+    joined.announce(true)?;
+    let node = &joined.node;
+    mesh.connected(node).await?;
     let mut puller = node
         .pull_with(&queue, weft::PullOptions { credit })
         .await
@@ -259,7 +382,7 @@ pub async fn pull(
     // Done with the last one: acknowledge it before leaving.
     puller.settle();
     drop(puller);
-    node.shutdown().await;
+    joined.leave().await;
     Ok(())
 }
 
@@ -272,8 +395,10 @@ pub async fn push(
     text: String,
     repeat: u64,
 ) -> Result<()> {
-    let node = mesh.start().await?;
-    mesh.connected(&node).await?;
+    let joined = mesh.start().await?;
+    joined.announce(false)?;
+    let node = &joined.node;
+    mesh.connected(node).await?;
     for _ in 0..repeat {
         let body = text.clone().into_bytes();
         let pushed = async {
@@ -295,6 +420,6 @@ pub async fn push(
             })??;
     }
     println!("pushed {repeat} item(s) to {queue}");
-    node.shutdown().await;
+    joined.leave().await;
     Ok(())
 }

@@ -192,3 +192,19 @@ fn pull_prints_what_push_pushes() {
     }
     pull.wait_success();
 }
+
+#[test]
+fn a_gossip_fanout_of_zero_is_refused_with_a_clear_sentence() {
+    for command in ["sub", "pub"] {
+        let output = Command::new(env!("CARGO_BIN_EXE_weft"))
+            .args([command, "--gossip-fanout", "0", "orders/created", "x"])
+            .output()
+            .expect("weft runs");
+        assert!(!output.status.success());
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.contains("invalid value '0' for '--gossip-fanout <N>': 0 is not a fan-out"),
+            "{stderr}"
+        );
+    }
+}
