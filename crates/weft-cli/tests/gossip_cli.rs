@@ -370,3 +370,70 @@ fn a_relay_killed_mid_stream_costs_no_other_subscriber_an_event() {
     );
     stop_and_check_nothing_more(subscribers);
 }
+
+/// Sends `signal` (`-STOP`, `-CONT`) to a process.
+fn signal(process: &Running, signal: &str) {
+    let status = Command::new("kill")
+        .args([signal, &process.child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success(), "kill {signal} {} failed", process.name);
+}
+
+/// A relay that freezes (SIGSTOP) while events flow: the subscriber below it stalls, and the
+/// publisher repairs it over the direct link. When the relay thaws (SIGCONT) it relays the
+/// events it was holding, so the subscriber below gets them a second time, and each such copy
+/// must be recognised and dropped: every subscriber still prints each event exactly once and in
+/// order, and the one below counts more copies than events.
+#[test]
+fn copies_that_arrive_after_a_repair_are_dropped_not_delivered_again() {
+    let subscribers = start_subscribers("cli-gossip-thaw");
+    let (mut publisher, _) = start_publisher("cli-gossip-thaw", &subscribers);
+    publisher.publish(1..=20);
+    for subscriber in &subscribers {
+        subscriber.process.expect_events(1..=20);
+    }
+    let places = places(&subscribers);
+    let relay = (0..SUBSCRIBERS)
+        .find(|&i| places[i].0 == 2 && places[i].1 > 0)
+        .unwrap_or_else(|| panic!("no relay at hops 2: {places:?}"));
+    let below = places
+        .iter()
+        .position(|p| p.0 == 3)
+        .unwrap_or_else(|| panic!("no subscriber at hops 3: {places:?}"));
+
+    signal(&subscribers[relay].process, "-STOP");
+    publisher.publish(21..=40);
+    // Everyone but the frozen relay gets 21..=40; the one below it only through the
+    // publisher's repair (`event_repair_after`, 2 s).
+    for (i, subscriber) in subscribers.iter().enumerate() {
+        if i != relay {
+            subscriber.process.expect_events(21..=40);
+        }
+    }
+    let repaired = counter(&status(&subscribers[below].metrics), "events_received");
+    assert_eq!(
+        repaired, 40,
+        "{} was repaired",
+        subscribers[below].process.name
+    );
+
+    signal(&subscribers[relay].process, "-CONT");
+    // The thawed relay takes what it held (its parent's copies of 21..=40, and the publisher's
+    // repair of them), relays them below, then the new events: on the link to the one below,
+    // the stale copies come before 41..=50.
+    subscribers[relay].process.expect_events(21..=40);
+    publisher.publish(41..=50);
+    for subscriber in &subscribers {
+        subscriber.process.expect_events(41..=50);
+    }
+    let below_status = status(&subscribers[below].metrics);
+    assert_eq!(counter(&below_status, "events_received"), 50);
+    assert!(
+        counter(&below_status, "event_copies") > 50,
+        "{} got no second copy, so nothing was tested: {below_status}",
+        subscribers[below].process.name
+    );
+    drop(publisher.finish_publishing());
+    stop_and_check_nothing_more(subscribers);
+}
