@@ -862,9 +862,10 @@ fn index_of(ids: &[NodeId], id: &NodeId) -> Option<NodeIndex> {
 
 /// Sends the planned messages to one destination in order, from where the application stopped
 /// before a crash, keeping at most [`RECEIPT_WINDOW`] receipts unresolved (the channel to
-/// [`await_receipts`] is the window). Sends that are due together (the node was held up by
-/// backpressure, or they were planned close together) go as one `send_batch`, so batches meet
-/// crashes, full spools and disk faults too.
+/// [`await_receipts`] is the window). For half the pairs (odd `from + to`), sends that are due
+/// together (the node was held up by backpressure, or they were planned close together) go as
+/// one `send_batch`, so batches meet crashes, full spools and disk faults too; the other half
+/// send one by one.
 async fn send_all(
     sender: PeerSender,
     context: Arc<NodeContext>,
@@ -883,9 +884,15 @@ async fn send_all(
         };
         sleep_until(send.at).await;
         let now = sim_now();
+        // Half the pairs batch, half send one by one: both paths meet every fault.
+        let window = if (from + to) % 2 == 1 {
+            RECEIPT_WINDOW
+        } else {
+            1
+        };
         let due = sends[position..]
             .iter()
-            .take(RECEIPT_WINDOW)
+            .take(window)
             .take_while(|send| send.at <= now)
             .count()
             .max(1);

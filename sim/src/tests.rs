@@ -143,24 +143,27 @@ fn no_retransmit_canary_is_caught() {
     assert_caught(ScenarioKind::Hold, 1, Canary::NoRetransmit, Checker::Ack);
 }
 
-/// Reported accepted before the fsync: a power loss loses what the sender acknowledged.
+/// Reported accepted before the fsync: a power loss loses what the sender acknowledged. (Only
+/// when a power loss meets accepted sends not yet synced nor delivered: the loss checker sees
+/// it on 8 of `crash` seeds 21–60; seed 10 is one.)
 #[test]
 fn ack_before_fsync_canary_is_caught() {
     assert_caught(
         ScenarioKind::Crash,
-        1,
+        10,
         Canary::AckBeforeFsync,
         Checker::Loss,
     );
 }
 
 /// Acknowledged before the watermark is durable: a receiver and its sender lose power together,
-/// the sender resends what the receiver acknowledged, and the receiver no longer knows it.
+/// the sender resends what the receiver acknowledged, and the receiver no longer knows it. (Seen
+/// on 11 of `crash` seeds 21–60; seed 5 is one.)
 #[test]
 fn watermark_after_ack_canary_is_caught() {
     assert_caught(
         ScenarioKind::Crash,
-        1,
+        5,
         Canary::WatermarkAfterAck,
         Checker::Redelivered,
     );
