@@ -74,6 +74,11 @@ pub struct ReqrepArgs {
     /// Tokio runtime of both processes.
     #[arg(long, value_enum, default_value_t = Flavor::CurrentThread)]
     runtime: Flavor,
+    /// Keep every CPU busy at the lowest priority (`nice 19` spinning processes) during the
+    /// run, so that no CPU halts while idle: on a virtual machine, waking a halted vCPU is most
+    /// of a quiet machine's round trip. Costs all idle CPU time; see docs/BENCHMARKS.md.
+    #[arg(long)]
+    keep_cpus_awake: bool,
 }
 
 /// Which tokio runtime a bench process runs.
@@ -156,6 +161,11 @@ pub struct P2pArgs {
     /// every send returns once durable. Sends run `--window` at a time so they can share fsyncs.
     #[arg(long)]
     durable: bool,
+    /// Keep every CPU busy at the lowest priority (`nice 19` spinning processes) during the
+    /// run, so that no CPU halts while idle: on a virtual machine, waking a halted vCPU is most
+    /// of a quiet machine's round trip. Costs all idle CPU time; see docs/BENCHMARKS.md.
+    #[arg(long)]
+    keep_cpus_awake: bool,
     /// Concurrent sends with --durable (per-message `send`).
     #[arg(long, default_value_t = 8192)]
     window: usize,
@@ -244,6 +254,63 @@ fn read_line(out: &mut BufReader<ChildStdout>, expect: &str) -> Result<String> {
     }
 }
 
+/// Most seconds a spinner runs (it is killed at the end of the run; this bounds an orphan).
+const SPIN_SECONDS_MAX: u64 = 900;
+
+/// With `--keep-cpus-awake`: one `weft bench-spin` process at `nice 19` spinning a thread per
+/// CPU until dropped. The bench's own processes (nice 0) preempt it at once; it only keeps the
+/// CPUs from halting while they would otherwise be idle.
+struct AwakeCpus(Option<Child>);
+
+impl AwakeCpus {
+    fn start(enabled: bool) -> Result<Self> {
+        if !enabled {
+            return Ok(Self(None));
+        }
+        let exe = std::env::current_exe().context("locating the weft binary")?;
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let child = Command::new("nice")
+            .args(["-n", "19"])
+            .arg(exe)
+            .args(["bench-spin", "--threads", &threads.to_string()])
+            .args(["--seconds", &SPIN_SECONDS_MAX.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .context("starting the spinner (`nice` must be on the PATH)")?;
+        Ok(Self(Some(child)))
+    }
+}
+
+impl Drop for AwakeCpus {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// `weft bench-spin`: spins `threads` threads for at most `seconds`.
+pub fn spin(threads: usize, seconds: u64) -> Result<()> {
+    let until = Instant::now() + Duration::from_secs(seconds.min(SPIN_SECONDS_MAX));
+    let spinners: Vec<_> = (0..threads.max(1))
+        .map(|_| {
+            std::thread::spawn(move || {
+                while Instant::now() < until {
+                    for _ in 0..1024 {
+                        std::hint::spin_loop();
+                    }
+                }
+            })
+        })
+        .collect();
+    for spinner in spinners {
+        let _ = spinner.join();
+    }
+    Ok(())
+}
+
 struct PeerProcess {
     child: Child,
     stdout: BufReader<ChildStdout>,
@@ -316,6 +383,7 @@ pub fn run(command: BenchCommand) -> Result<()> {
         BenchCommand::Fanout(args) => return fanout(&args),
         BenchCommand::Reqrep(args) => return reqrep(&args),
     };
+    let _awake = AwakeCpus::start(args.keep_cpus_awake)?;
     if args.count == 0 {
         bail!("--count must be at least 1");
     }
@@ -722,6 +790,7 @@ fn reqrep(args: &ReqrepArgs) -> Result<()> {
     if args.size < 8 {
         bail!("--size must be at least 8 bytes (the bench stamps a counter)");
     }
+    let _awake = AwakeCpus::start(args.keep_cpus_awake)?;
     let peer = PeerProcess::start(Mode::Replier, 0, args.max_udp_payload, args.runtime)?;
     let rt = args.runtime.build()?;
     let mut samples = rt.block_on(async {

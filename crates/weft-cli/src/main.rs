@@ -201,6 +201,14 @@ enum Command {
     /// The receiving process of `weft bench` (started by it; not for direct use).
     #[command(hide = true)]
     BenchPeer(bench::PeerArgs),
+    /// Spins threads at whatever priority it was started with (`bench --keep-cpus-awake`).
+    #[command(hide = true)]
+    BenchSpin {
+        #[arg(long)]
+        threads: usize,
+        #[arg(long)]
+        seconds: u64,
+    },
 }
 
 fn init_tracing(default: tracing::Level) {
@@ -221,6 +229,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Bench { which } => bench::run(which),
         Command::BenchPeer(args) => bench::run_peer(args),
+        Command::BenchSpin { threads, seconds } => bench::spin(threads, seconds),
         Command::Spool { which } => spool_cmd::run(which),
         other => {
             init_tracing(tracing::Level::INFO);
@@ -320,7 +329,10 @@ async fn run(command: Command) -> Result<()> {
             queue,
             text,
         } => patterns_cmd::push(mesh, queue, key, text, repeat).await,
-        Command::Bench { .. } | Command::BenchPeer(_) | Command::Spool { .. } => {
+        Command::Bench { .. }
+        | Command::BenchPeer(_)
+        | Command::BenchSpin { .. }
+        | Command::Spool { .. } => {
             unreachable!("handled before the runtime")
         }
     }
