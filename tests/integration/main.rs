@@ -9,6 +9,7 @@ mod discovery;
 mod discovery_admission;
 mod discovery_interop;
 mod durability;
+mod durable_subs;
 mod gossip;
 mod hostile;
 mod p2p;

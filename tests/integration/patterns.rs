@@ -146,7 +146,13 @@ async fn a_full_best_effort_subscription_drops_and_counts_instead_of_blocking() 
         .unwrap();
     let mut slow = within(
         "subscribe",
-        subscriber.subscribe_with("cpu", SubscribeOptions { best_effort: true }),
+        subscriber.subscribe_with(
+            "cpu",
+            SubscribeOptions {
+                best_effort: true,
+                ..SubscribeOptions::default()
+            },
+        ),
     )
     .await
     .unwrap();

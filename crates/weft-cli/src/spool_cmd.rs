@@ -381,6 +381,8 @@ fn ls(target: &Target, list_records: bool) -> Result<()> {
             Ok(SpoolEntry::Watermark(watermark)) => listing
                 .watermarks
                 .push(WatermarkJson::new(record.seq, &watermark)),
+            // The durable subscription registry: one record, no destination (`show` dumps it).
+            Ok(SpoolEntry::Registry(_)) => {}
             Err(error) => listing.undecodable.push(Undecodable {
                 seq: record.seq,
                 payload_bytes,
@@ -629,6 +631,10 @@ fn show(target: &Target, seq: u64, body_out: Option<&Path>) -> Result<()> {
             shown.entry = "watermark";
             shown.watermark = Some(WatermarkJson::new(seq, &watermark));
         }
+        Ok(SpoolEntry::Registry(_)) => {
+            shown.entry = "durable subscription registry";
+            shown.payload_hex = Some(hex(&payload));
+        }
         Err(error) => shown.error = Some(error),
     }
     if shown.entry == "undecodable" {
@@ -810,6 +816,7 @@ fn dead(target: &Target) -> Result<()> {
                 letter.destination = Some(watermark.peer.to_string());
                 letter.destination_short = Some(watermark.peer.short());
             }
+            Ok(Ok(SpoolEntry::Registry(_))) => letter.entry = "durable subscription registry",
             Ok(Err(error)) => letter.error = Some(error),
             Err(error) => letter.error = Some(format!("cannot read it: {error}")),
         }
@@ -962,6 +969,9 @@ fn replay_one(
         Ok(SpoolEntry::Message(spooled)) => spooled,
         Ok(SpoolEntry::Watermark(_)) => bail!(
             "dead letter {dead_seq} is an inbound watermark, not a message: there is nothing to send (purge it)"
+        ),
+        Ok(SpoolEntry::Registry(_)) => bail!(
+            "dead letter {dead_seq} is a durable subscription registry, not a message: there is nothing to send (purge it)"
         ),
         Err(e) => bail!(
             "dead letter {dead_seq} does not decode ({e}): `weft spool show {dead_seq}` dumps it; purge it once inspected"

@@ -33,6 +33,20 @@
 //! lets go. When retention is full, the addressees holding its oldest event are handed over at
 //! once, so memory stays bounded and a stuck subscriber stalls a publisher for no longer.
 //!
+//! # Durable subscribers: straight over the publisher's link
+//! A node with a durable subscription at this publisher (see [`crate::interest`]) is never put in
+//! a tree: the publisher sends it every event it addresses to it itself ([`Fanout::direct`]),
+//! flagged [`Event::direct`] and naming the durable subscriptions it is owed to
+//! ([`Event::durable`]), and hands it over to that link at once (no retention, no repair). The
+//! link is FIFO and deduplicated across restarts of either end (spool, persisted watermark), so
+//! such a subscriber needs neither the chain's reordering nor the publisher's repair, and when it
+//! is away the events it is owed wait in the publisher's link (and spool) until it is back. The
+//! chain still orders them: a node that becomes durable while tree copies are on their way gets
+//! what it was owed handed over first ([`Fanout::repairs`], in order, before the new event), and
+//! a subscriber whose chain is fresh (it restarted: its chains are memory) takes a direct event
+//! as the start of its chain ([`Chains::accept_direct`]) — the link already dropped what it
+//! delivered before its restart, so nothing comes twice.
+//!
 //! Maps are ordered: repairs and confirmations come out in node id order, the same in every run
 //! (the simulation replays a seed bit for bit).
 
@@ -46,8 +60,12 @@ use crate::topic::{Topic, TopicError, TOPIC_BYTES_MAX};
 /// Most hops an event's route may list.
 pub const ROUTE_MAX: usize = 4096;
 
+/// Most durable subscription names one event may carry.
+pub const DURABLE_NAMES_MAX: usize = 64;
+
 const FLAG_ORIGIN: u8 = 1;
-const FLAGS_KNOWN: u8 = FLAG_ORIGIN;
+const FLAG_DIRECT: u8 = 2;
+const FLAGS_KNOWN: u8 = FLAG_ORIGIN | FLAG_DIRECT;
 
 /// Why an event or confirmation is malformed.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -74,6 +92,9 @@ pub enum GossipError {
     /// A sequenced event whose route does not start with its receiver.
     #[error("event routed to another node")]
     NotForUs,
+    /// More durable subscription names than [`DURABLE_NAMES_MAX`].
+    #[error("event names {0} durable subscriptions (at most {DURABLE_NAMES_MAX})")]
+    TooManyNames(u64),
 }
 
 /// One addressee of an event: a node and the seq of the previous event the publisher addressed
@@ -101,6 +122,12 @@ pub struct Event {
     pub hops: u8,
     /// The receiver and its subtree (empty for a best-effort event).
     pub route: Vec<Hop>,
+    /// Sent by the publisher itself to a node with a durable subscription there, over their
+    /// link (FIFO, deduplicated across restarts): never relayed.
+    pub direct: bool,
+    /// The receiver's durable subscriptions this event is owed to (by name; only when
+    /// `direct`). The receiver holds it for them while they are not attached.
+    pub durable: Vec<String>,
     /// The topic.
     pub topic: Topic,
     /// The payload (a slice of the received body, never copied).
@@ -118,6 +145,7 @@ impl Event {
             self.seq,
             self.hops,
             &self.route,
+            self.direct.then_some(self.durable.as_slice()),
             &self.topic,
             &self.payload,
         )
@@ -148,6 +176,20 @@ impl Event {
             let prev = reader.varint()?;
             route.push(Hop { node, prev });
         }
+        let direct = flags & FLAG_DIRECT != 0;
+        let mut durable = Vec::new();
+        if direct {
+            let names = reader.varint()?;
+            if names > DURABLE_NAMES_MAX as u64 {
+                return Err(GossipError::TooManyNames(names));
+            }
+            for _ in 0..names {
+                let len = usize::from(reader.u8()?);
+                let name =
+                    std::str::from_utf8(reader.take(len)?).map_err(|_| GossipError::NotUtf8)?;
+                durable.push(Topic::new(name)?.as_str().to_owned());
+            }
+        }
         let len = usize::from(reader.u8()?);
         let name = reader.take(len)?;
         let name = std::str::from_utf8(name).map_err(|_| GossipError::NotUtf8)?;
@@ -159,6 +201,8 @@ impl Event {
             seq,
             hops,
             route,
+            direct,
+            durable,
             topic,
             payload,
         })
@@ -172,13 +216,17 @@ impl Event {
             seq: self.seq,
             hops: self.hops.saturating_add(1),
             route: route.to_vec(),
+            direct: false,
+            durable: Vec::new(),
             topic: self.topic.clone(),
             payload: self.payload.clone(),
         }
     }
 }
 
-/// Encodes an event without building an [`Event`] (the publisher's path).
+/// Encodes an event without building an [`Event`] (the publisher's path). `direct`: sent by the
+/// publisher over its own link to a durable subscriber, with the names of the durable
+/// subscriptions it is owed to (names are topics: at most [`TOPIC_BYTES_MAX`] bytes).
 #[allow(clippy::too_many_arguments)]
 pub fn encode_parts(
     sender: &NodeId,
@@ -187,22 +235,31 @@ pub fn encode_parts(
     seq: u64,
     hops: u8,
     route: &[Hop],
+    direct: Option<&[String]>,
     topic: &Topic,
     payload: &[u8],
 ) -> Bytes {
     let name = topic.as_str().as_bytes();
     debug_assert!(name.len() <= TOPIC_BYTES_MAX);
     debug_assert!(route.len() <= ROUTE_MAX);
+    let durable = direct.unwrap_or_default();
+    debug_assert!(durable.len() <= DURABLE_NAMES_MAX);
     let with_origin = origin != sender;
     let mut body = BytesMut::with_capacity(
         1 + if with_origin { NODE_ID_LEN } else { 0 }
             + 21
             + route.len() * (NODE_ID_LEN + 10)
             + 10
+            + durable.iter().map(|n| 1 + n.len()).sum::<usize>()
+            + 10
             + name.len()
             + payload.len(),
     );
-    body.put_u8(if with_origin { FLAG_ORIGIN } else { 0 });
+    let mut flags = if with_origin { FLAG_ORIGIN } else { 0 };
+    if direct.is_some() {
+        flags |= FLAG_DIRECT;
+    }
+    body.put_u8(flags);
     if with_origin {
         body.put_slice(origin.as_bytes());
     }
@@ -214,15 +271,30 @@ pub fn encode_parts(
         body.put_slice(hop.node.as_bytes());
         put_varint(&mut body, hop.prev);
     }
+    if direct.is_some() {
+        put_varint(&mut body, durable.len() as u64);
+        for durable_name in durable {
+            debug_assert!(durable_name.len() <= TOPIC_BYTES_MAX);
+            body.put_u8(durable_name.len() as u8);
+            body.put_slice(durable_name.as_bytes());
+        }
+    }
     body.put_u8(name.len() as u8);
     body.put_slice(name);
     body.put_slice(payload);
     body.freeze()
 }
 
-/// The most bytes [`encode_parts`] adds to a payload with a route of `hops` entries.
-pub fn overhead(topic: &Topic, hops: usize) -> usize {
-    1 + NODE_ID_LEN + 21 + hops * (NODE_ID_LEN + 10) + 10 + topic.as_str().len()
+/// The most bytes [`encode_parts`] adds to a payload with a route of `hops` entries (and, for a
+/// direct event, the durable names `durable`).
+pub fn overhead(topic: &Topic, hops: usize, durable: &[String]) -> usize {
+    1 + NODE_ID_LEN
+        + 21
+        + hops * (NODE_ID_LEN + 10)
+        + 10
+        + durable.iter().map(|n| 1 + n.len()).sum::<usize>()
+        + 10
+        + topic.as_str().len()
 }
 
 /// Splits a subtree (the route below its root) into at most `fanout` contiguous chunks of
@@ -382,6 +454,33 @@ impl<T> Chains<T> {
         prev: u64,
         event: T,
     ) -> Accepted<T> {
+        self.accept_inner(origin, incarnation, seq, prev, false, event)
+    }
+
+    /// [`Chains::accept`] for a direct event ([`Event::direct`]: over the publisher's own link,
+    /// which delivers each event once, in order, across restarts of either end). A chain that
+    /// delivered nothing yet (this node restarted: chains are memory) starts with it whatever
+    /// its `prev`: what came before was delivered before the restart or given up by the link.
+    pub fn accept_direct(
+        &mut self,
+        origin: NodeId,
+        incarnation: u64,
+        seq: u64,
+        prev: u64,
+        event: T,
+    ) -> Accepted<T> {
+        self.accept_inner(origin, incarnation, seq, prev, true, event)
+    }
+
+    fn accept_inner(
+        &mut self,
+        origin: NodeId,
+        incarnation: u64,
+        seq: u64,
+        prev: u64,
+        direct: bool,
+        event: T,
+    ) -> Accepted<T> {
         self.clock += 1;
         if !self.chains.contains_key(&(origin, incarnation)) && self.chains.len() >= self.chains_max
         {
@@ -401,8 +500,10 @@ impl<T> Chains<T> {
             return Accepted::Duplicate;
         }
         // prev 0 past the start: the publisher started the chain again (it forgot this
-        // subscriber); what it sent before is no longer awaited.
-        if prev != chain.last && prev != 0 {
+        // subscriber); what it sent before is no longer awaited. A direct event starts a fresh
+        // chain (see `accept_direct`).
+        let starts = prev == 0 || (direct && chain.last == 0);
+        if prev != chain.last && !starts {
             if chain.held.len() >= self.held_max && !chain.held.contains_key(&prev) {
                 return Accepted::Dropped;
             }
@@ -470,7 +571,7 @@ pub struct PublisherConfig {
 }
 
 /// An addressee of an event, as the publisher sees it.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Addressee {
     /// The node.
     pub node: NodeId,
@@ -478,6 +579,11 @@ pub struct Addressee {
     pub incarnation: u64,
     /// Connected now (the disconnected become leaves).
     pub connected: bool,
+    /// It has a durable subscription at this publisher: sent to directly, never relayed (see
+    /// the module docs).
+    pub direct: bool,
+    /// Its durable subscriptions that match the event (by name; only when `direct`).
+    pub durable: Vec<String>,
 }
 
 #[derive(Debug)]
@@ -541,6 +647,12 @@ pub struct Fanout {
     pub seq: u64,
     /// One route per first hop (its head is the node to send to).
     pub routes: Vec<Vec<Hop>>,
+    /// Durable subscribers, each sent the event directly: its hop and the names of its durable
+    /// subscriptions the event is owed to. Handed over to their links at once.
+    pub direct: Vec<(Hop, Vec<String>)>,
+    /// What a node that just became direct was owed from the trees: to send (flagged direct)
+    /// before this event, so its chain stays in order.
+    pub repairs: Vec<Repair>,
 }
 
 /// The publisher's side: sequence, per-addressee chains, retention. See the module docs.
@@ -592,7 +704,27 @@ impl Publisher {
         if self.chains.len() + addressees.len() > self.config.chains_max {
             self.forget_idle(addressees.len());
         }
+        // A node that just became direct and is owed tree copies: handed over first, in order,
+        // over the same link as this event.
+        let owed_direct: Vec<NodeId> = addressees
+            .iter()
+            .filter(|a| a.direct)
+            .filter(|a| {
+                self.chains
+                    .get(&a.node)
+                    .is_some_and(|c| c.incarnation == a.incarnation && c.owed())
+            })
+            .map(|a| a.node)
+            .collect();
+        let repairs: Vec<Repair> = owed_direct
+            .into_iter()
+            .map(|node| self.hand_over(node, now_ms))
+            .collect();
+        if !repairs.is_empty() {
+            self.trim();
+        }
         let mut placed: Vec<(bool, u64, Hop)> = Vec::with_capacity(addressees.len());
+        let mut direct = Vec::new();
         for addressee in addressees {
             let origin = self.origin;
             let chain = self
@@ -620,6 +752,18 @@ impl Publisher {
             }
             let prev = chain.last_sent;
             chain.last_sent = seq;
+            if addressee.direct {
+                // Its link owns it from now on: never retained, never repaired.
+                chain.handed_over = seq;
+                direct.push((
+                    Hop {
+                        node: addressee.node,
+                        prev,
+                    },
+                    addressee.durable.clone(),
+                ));
+                continue;
+            }
             placed.push((
                 !addressee.connected,
                 chain.order,
@@ -643,7 +787,12 @@ impl Publisher {
                 addressees: hops,
             });
         }
-        Fanout { seq, routes }
+        Fanout {
+            seq,
+            routes,
+            direct,
+            repairs,
+        }
     }
 
     /// A subscriber's confirmation. Returns whether retention shrank.
@@ -687,29 +836,38 @@ impl Publisher {
             })
             .map(|(node, _)| *node)
             .collect();
-        let mut repairs = Vec::with_capacity(due.len());
-        for node in due {
-            let chain = self.chains.get_mut(&node).expect("due chains exist");
-            let (from, floor) = (chain.settled(), chain.floor);
-            chain.handed_over = chain.last_sent;
-            chain.progress_ms = now_ms;
-            let events = self
-                .retained
-                .iter()
-                .filter(|r| r.seq > from && r.seq >= floor)
-                .filter_map(|r| {
-                    r.addressees
-                        .iter()
-                        .find(|hop| hop.node == node)
-                        .map(|hop| (r.seq, r.topic.clone(), r.payload.clone(), hop.prev))
-                })
-                .collect();
-            repairs.push(Repair { to: node, events });
-        }
+        let repairs: Vec<Repair> = due
+            .into_iter()
+            .map(|node| self.hand_over(node, now_ms))
+            .collect();
         if !repairs.is_empty() {
             self.trim();
         }
         repairs
+    }
+
+    /// Hands `node` everything retained for it that it has not settled: from now on its direct
+    /// link owns those events.
+    fn hand_over(&mut self, node: NodeId, now_ms: u64) -> Repair {
+        let chain = self
+            .chains
+            .get_mut(&node)
+            .expect("handed-over chains exist");
+        let (from, floor) = (chain.settled(), chain.floor);
+        chain.handed_over = chain.last_sent;
+        chain.progress_ms = now_ms;
+        let events = self
+            .retained
+            .iter()
+            .filter(|r| r.seq > from && r.seq >= floor)
+            .filter_map(|r| {
+                r.addressees
+                    .iter()
+                    .find(|hop| hop.node == node)
+                    .map(|hop| (r.seq, r.topic.clone(), r.payload.clone(), hop.prev))
+            })
+            .collect();
+        Repair { to: node, events }
     }
 
     /// Drops retained events that every addressee settled.

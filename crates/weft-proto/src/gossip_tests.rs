@@ -33,6 +33,8 @@ fn addressees(nodes: &[u16]) -> Vec<Addressee> {
             node: node(n),
             incarnation: 1,
             connected: true,
+            direct: false,
+            durable: Vec::new(),
         })
         .collect()
 }
@@ -44,6 +46,8 @@ fn event(route: Vec<Hop>) -> Event {
         seq: 300,
         hops: 2,
         route,
+        direct: false,
+        durable: Vec::new(),
         topic: topic("orders/created"),
         payload: Bytes::from_static(b"payload"),
     }
@@ -528,4 +532,130 @@ fn random_paths_losses_and_repairs_give_each_subscriber_its_events_once_in_order
         assert_eq!(subscribers.delivered, expected, "seed {seed}");
         assert_eq!(publisher.retained(), 0, "seed {seed}");
     }
+}
+
+fn durable_addressee(n: u16, names: &[&str]) -> Addressee {
+    Addressee {
+        node: node(n),
+        incarnation: 1,
+        connected: false,
+        direct: true,
+        durable: names.iter().map(|s| (*s).to_owned()).collect(),
+    }
+}
+
+#[test]
+fn a_direct_event_round_trips_with_its_durable_names() {
+    let mut e = event(vec![Hop {
+        node: node(2),
+        prev: 299,
+    }]);
+    e.direct = true;
+    e.durable = vec!["billing".into(), "audit/all".into()];
+    for sender in [node(1), node(9)] {
+        assert_eq!(Event::decode(&e.encode(&sender), &sender).unwrap(), e);
+    }
+    // Without names it is still direct.
+    e.durable.clear();
+    assert_eq!(Event::decode(&e.encode(&node(1)), &node(1)).unwrap(), e);
+    // A name that is not a topic is refused.
+    let body = encode_parts(
+        &node(1),
+        &node(1),
+        7,
+        1,
+        1,
+        &[Hop {
+            node: node(2),
+            prev: 0,
+        }],
+        Some(&["a//b".to_owned()]),
+        &topic("t"),
+        b"",
+    );
+    assert!(matches!(
+        Event::decode(&body, &node(1)),
+        Err(GossipError::Topic(_))
+    ));
+}
+
+#[test]
+fn a_durable_subscriber_is_sent_to_directly_and_never_retained() {
+    let mut publisher = Publisher::new(node(0), config());
+    let payload = Bytes::from_static(b"x");
+    let mut to = addressees(&[1, 2, 3, 4, 5, 6]);
+    to.push(durable_addressee(7, &["billing"]));
+    let first = publisher.publish(&to, &topic("a"), &payload, 0);
+    let reached: Vec<NodeId> = walk(&first, 4).into_iter().map(|(n, _)| n).collect();
+    assert!(!reached.contains(&node(7)), "never in a tree");
+    assert_eq!(
+        first.direct,
+        vec![(
+            Hop {
+                node: node(7),
+                prev: 0
+            },
+            vec!["billing".to_owned()]
+        )]
+    );
+    let second = publisher.publish(&[durable_addressee(7, &[])], &topic("b"), &payload, 10);
+    assert_eq!(second.direct[0].0.prev, 1, "chained like any addressee");
+    assert!(second.routes.is_empty());
+    assert_eq!(publisher.retained(), 1, "only the tree's event is retained");
+    assert!(
+        publisher.repairs(1_000_000, true, |_| true).len() == 6,
+        "the tree's addressees only"
+    );
+    assert!(publisher.repairs(2_000_000, true, |_| true).is_empty());
+}
+
+#[test]
+fn a_node_that_becomes_durable_gets_its_tree_events_first() {
+    let mut publisher = Publisher::new(node(0), config());
+    let payload = Bytes::from_static(b"x");
+    let _ = publisher.publish(&addressees(&[1, 2]), &topic("a"), &payload, 0);
+    let _ = publisher.publish(&addressees(&[1]), &topic("b"), &payload, 0);
+    let mut to = addressees(&[2]);
+    to.push(Addressee {
+        connected: true,
+        ..durable_addressee(1, &["d"])
+    });
+    let third = publisher.publish(&to, &topic("c"), &payload, 0);
+    assert_eq!(third.repairs.len(), 1);
+    assert_eq!(third.repairs[0].to, node(1));
+    let owed: Vec<(u64, u64)> = third.repairs[0]
+        .events
+        .iter()
+        .map(|(seq, _, _, prev)| (*seq, *prev))
+        .collect();
+    assert_eq!(owed, [(1, 0), (2, 1)]);
+    assert_eq!(third.direct[0].0.prev, 2, "then the new event, after them");
+    // Node 2 still owes 1 and 3; node 1 owes nothing.
+    let confirm = Confirm {
+        incarnation: 1,
+        seq: 3,
+        subscriber_incarnation: 1,
+    };
+    publisher.confirm(&node(2), confirm, 0);
+    assert_eq!(publisher.retained(), 0);
+}
+
+#[test]
+fn a_restarted_subscriber_starts_its_chain_at_a_direct_event() {
+    let p = node(1);
+    let mut chains: Chains<u64> = Chains::new(8, 8);
+    // Fresh (this node restarted): a relayed copy waits for its predecessor ...
+    assert_eq!(chains.accept(p, 1, 6, 5, 6), Accepted::Held);
+    // ... but a direct one starts the chain, and takes the held copy that follows it along.
+    assert_eq!(
+        chains.accept_direct(p, 1, 5, 4, 5),
+        Accepted::Deliver(vec![5, 6])
+    );
+    // Once the chain has started, a direct event keeps to the chain too.
+    assert_eq!(chains.accept_direct(p, 1, 8, 7, 8), Accepted::Held);
+    assert_eq!(
+        chains.accept_direct(p, 1, 7, 6, 7),
+        Accepted::Deliver(vec![7, 8])
+    );
+    assert_eq!(chains.accept_direct(p, 1, 7, 6, 7), Accepted::Duplicate);
 }

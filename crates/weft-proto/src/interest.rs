@@ -19,6 +19,17 @@
 //! ([`InterestTable::expire`]): events published meanwhile wait in its link (and spool) and
 //! arrive when it comes back, which repairs a short partition; after the lease the peer is
 //! forgotten until it announces again.
+//!
+//! # Durable subscriptions
+//! A durable subscription is a named one: (subscriber node, name) with a pattern. Announcements
+//! carry them besides the plain patterns, and each node keeps its peers' in a *registry* that
+//! outlives both the lease and the subscriber's restarts: a subscriber whose announcement no
+//! longer names one (it restarted and its application has not subscribed again yet) keeps it.
+//! Only an explicit end removes it: the subscriber announces the name among its ended ones
+//! (tombstones, the last [`DURABLE_ENDED_MAX`] of this start). The registry is bounded
+//! ([`DURABLE_MAX`] entries: beyond it new ones are refused and counted) and a node persists it
+//! ([`InterestTable::registry_encode`], [`InterestTable::registry_restore`]) so that it keeps
+//! addressing an absent durable subscriber across its own restart.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -31,6 +42,27 @@ use crate::topic::{Topic, TopicError, TopicPattern};
 pub const PATTERNS_MAX: usize = 1024;
 /// Most service names one node may announce.
 pub const SERVICES_MAX: usize = 256;
+/// Most durable subscriptions one node may announce, and most it keeps as tombstones.
+pub const DURABLE_ENDED_MAX: usize = 256;
+/// Most durable subscriptions of peers a node keeps in its registry.
+pub const DURABLE_MAX: usize = 4096;
+
+/// A durable subscription as announced: its name and pattern.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DurableInterest {
+    /// The name (a valid topic: the subscriber's handle on it across restarts).
+    pub name: String,
+    /// The pattern.
+    pub pattern: String,
+}
+
+/// A peer's durable subscription in the registry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct RegistryEntry {
+    pattern: TopicPattern,
+    /// The subscriber's incarnation when it last announced (0: restored, not seen since).
+    incarnation: u64,
+}
 
 /// One node's whole interest, as sent to its peers.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -46,6 +78,11 @@ pub struct Announcement {
     /// Work queues pulled from, each with the credit this node grants every producer (most
     /// messages of the queue it may have sent and not yet seen acknowledged).
     pub queues: Vec<(String, u32)>,
+    /// Durable subscriptions (see the module docs).
+    pub durable: Vec<DurableInterest>,
+    /// Names of durable subscriptions this start ended (tombstones): peers drop them from
+    /// their registries.
+    pub durable_ended: Vec<String>,
 }
 
 /// What travels on the interest channel.
@@ -95,6 +132,9 @@ pub enum InterestError {
     /// A local subscription or service beyond the bound.
     #[error("this node already has {0} distinct subscriptions or services; the most is {max}", max = PATTERNS_MAX)]
     LocalFull(usize),
+    /// A persisted registry that does not decode.
+    #[error("durable subscription registry does not decode: {0}")]
+    Registry(String),
 }
 
 /// What one peer announced, and how far it acknowledged ours.
@@ -124,6 +164,18 @@ pub struct InterestTable {
     peers: BTreeMap<NodeId, PeerInterest>,
     /// How long a disconnected peer's interest is kept, in milliseconds.
     lease_ms: u64,
+    /// Local durable subscriptions: name → pattern.
+    durable: BTreeMap<String, TopicPattern>,
+    /// Local durable subscriptions ended in this start, oldest first (bounded).
+    durable_ended: std::collections::VecDeque<String>,
+    /// Peers' durable subscriptions: (subscriber, name) → entry. Outlives the lease.
+    registry: BTreeMap<(NodeId, String), RegistryEntry>,
+    /// Bumped whenever the registry changes (the driver persists it then).
+    registry_version: u64,
+    /// Durable subscriptions of peers refused because the registry was full.
+    registry_refused: u64,
+    /// Registry entries ended since the last [`InterestTable::take_ended`].
+    ended: Vec<(NodeId, String)>,
 }
 
 impl InterestTable {
@@ -138,6 +190,12 @@ impl InterestTable {
             queues: BTreeMap::new(),
             peers: BTreeMap::new(),
             lease_ms,
+            durable: BTreeMap::new(),
+            durable_ended: std::collections::VecDeque::new(),
+            registry: BTreeMap::new(),
+            registry_version: 0,
+            registry_refused: 0,
+            ended: Vec::new(),
         }
     }
 
@@ -148,6 +206,106 @@ impl InterestTable {
 
     fn local_entries(&self) -> usize {
         self.subscriptions.len() + self.services.len() + self.queues.len()
+    }
+
+    /// Adds (or re-points) the local durable subscription `name`. Returns the version that has
+    /// it.
+    pub fn subscribe_durable(
+        &mut self,
+        name: &Topic,
+        pattern: &TopicPattern,
+    ) -> Result<u64, InterestError> {
+        if self.durable.get(name.as_str()) == Some(pattern) {
+            return Ok(self.version);
+        }
+        if !self.durable.contains_key(name.as_str()) && self.durable.len() >= DURABLE_ENDED_MAX {
+            return Err(InterestError::LocalFull(self.durable.len()));
+        }
+        self.durable_ended.retain(|n| n != name.as_str());
+        self.durable
+            .insert(name.as_str().to_owned(), pattern.clone());
+        self.version += 1;
+        Ok(self.version)
+    }
+
+    /// Ends the local durable subscription `name`: announced as ended from now on, so peers
+    /// drop it from their registries. Returns the version that says so.
+    pub fn unsubscribe_durable(&mut self, name: &Topic) -> u64 {
+        self.durable.remove(name.as_str());
+        if !self.durable_ended.iter().any(|n| n == name.as_str()) {
+            if self.durable_ended.len() >= DURABLE_ENDED_MAX {
+                self.durable_ended.pop_front();
+            }
+            self.durable_ended.push_back(name.as_str().to_owned());
+        }
+        self.version += 1;
+        self.version
+    }
+
+    /// Whether the local durable subscription `name` exists (or ended in this start: `false`).
+    pub fn durable_here(&self, name: &str) -> bool {
+        self.durable.contains_key(name)
+    }
+
+    /// Whether this start ended the local durable subscription `name`.
+    pub fn durable_ended_here(&self, name: &str) -> bool {
+        self.durable_ended.iter().any(|n| n == name)
+    }
+
+    /// Peers' durable subscriptions ended (removed from the registry) since the last call.
+    pub fn take_ended(&mut self) -> Vec<(NodeId, String)> {
+        std::mem::take(&mut self.ended)
+    }
+
+    /// Grows whenever the registry of peers' durable subscriptions changes.
+    pub fn registry_version(&self) -> u64 {
+        self.registry_version
+    }
+
+    /// Peers' durable subscriptions in the registry.
+    pub fn registry_len(&self) -> usize {
+        self.registry.len()
+    }
+
+    /// Durable subscriptions of peers refused so far because the registry was full.
+    pub fn registry_refused(&self) -> u64 {
+        self.registry_refused
+    }
+
+    /// Whether `peer` has a durable subscription here (it is then sent events directly).
+    pub fn has_durable(&self, peer: &NodeId) -> bool {
+        self.registry
+            .range((*peer, String::new())..)
+            .next()
+            .is_some_and(|((node, _), _)| node == peer)
+    }
+
+    /// The registry, to persist: postcard of `[(subscriber, name, pattern)]`.
+    pub fn registry_encode(&self) -> Vec<u8> {
+        let entries: Vec<(NodeId, &str, &str)> = self
+            .registry
+            .iter()
+            .map(|((node, name), entry)| (*node, name.as_str(), entry.pattern.as_str()))
+            .collect();
+        postcard::to_allocvec(&entries).expect("a registry always encodes")
+    }
+
+    /// Takes back a persisted registry (at start, before any announcement).
+    pub fn registry_restore(&mut self, bytes: &[u8]) -> Result<usize, InterestError> {
+        let entries: Vec<(NodeId, String, String)> =
+            postcard::from_bytes(bytes).map_err(|e| InterestError::Registry(e.to_string()))?;
+        for (node, name, pattern) in entries.into_iter().take(DURABLE_MAX) {
+            Topic::new(name.as_str())?;
+            let pattern = TopicPattern::new(pattern)?;
+            self.registry.insert(
+                (node, name),
+                RegistryEntry {
+                    pattern,
+                    incarnation: 0,
+                },
+            );
+        }
+        Ok(self.registry.len())
     }
 
     /// Adds a local subscription (counted: the same pattern twice needs two `unsubscribe`s).
@@ -232,9 +390,10 @@ impl InterestTable {
         self.peers.get(peer).and_then(|p| p.down_since_ms)
     }
 
-    /// Whether a local subscription matches `topic`.
+    /// Whether a local subscription (plain or durable) matches `topic`.
     pub fn subscribed_here(&self, topic: &Topic) -> bool {
         self.subscriptions.keys().any(|p| p.matches(topic))
+            || self.durable.values().any(|p| p.matches(topic))
     }
 
     /// Whether this node answers `service`.
@@ -258,6 +417,15 @@ impl InterestTable {
                 .iter()
                 .map(|(name, credit)| (name.clone(), *credit))
                 .collect(),
+            durable: self
+                .durable
+                .iter()
+                .map(|(name, pattern)| DurableInterest {
+                    name: name.clone(),
+                    pattern: pattern.as_str().to_owned(),
+                })
+                .collect(),
+            durable_ended: self.durable_ended.iter().cloned().collect(),
         }
     }
 
@@ -306,6 +474,8 @@ impl InterestTable {
         if announcement.subscriptions.len() > PATTERNS_MAX
             || announcement.services.len() > SERVICES_MAX
             || announcement.queues.len() > SERVICES_MAX
+            || announcement.durable.len() > DURABLE_ENDED_MAX
+            || announcement.durable_ended.len() > DURABLE_ENDED_MAX
         {
             return Err(InterestError::TooMany {
                 patterns: announcement.subscriptions.len(),
@@ -327,10 +497,53 @@ impl InterestTable {
             .into_iter()
             .map(|(name, credit)| Topic::new(name).map(|t| (t.as_str().to_owned(), credit.max(1))))
             .collect::<Result<BTreeMap<_, _>, _>>()?;
+        let durable = announcement
+            .durable
+            .into_iter()
+            .map(|d| {
+                Topic::new(d.name.as_str())?;
+                Ok((d.name, TopicPattern::new(d.pattern)?))
+            })
+            .collect::<Result<Vec<_>, TopicError>>()?;
+        for name in &announcement.durable_ended {
+            Topic::new(name.as_str())?;
+        }
         let entry = self.peers.entry(peer).or_default();
         if entry.incarnation == announcement.incarnation && announcement.version <= entry.version {
             return Ok(false);
         }
+        let incarnation = announcement.incarnation;
+        for name in announcement.durable_ended {
+            let key = (peer, name);
+            if self.registry.remove(&key).is_some() {
+                self.registry_version += 1;
+                self.ended.push(key);
+            }
+        }
+        for (name, pattern) in durable {
+            let full = self.registry.len() >= DURABLE_MAX;
+            match self.registry.get_mut(&(peer, name.clone())) {
+                Some(known) => {
+                    if known.pattern != pattern {
+                        known.pattern = pattern;
+                        self.registry_version += 1;
+                    }
+                    known.incarnation = incarnation;
+                }
+                None if full => self.registry_refused += 1,
+                None => {
+                    self.registry.insert(
+                        (peer, name),
+                        RegistryEntry {
+                            pattern,
+                            incarnation,
+                        },
+                    );
+                    self.registry_version += 1;
+                }
+            }
+        }
+        let entry = self.peers.entry(peer).or_default();
         entry.incarnation = announcement.incarnation;
         entry.version = announcement.version;
         let changed = entry.subscriptions != subscriptions
@@ -385,30 +598,83 @@ impl InterestTable {
     pub fn subscribers(&self, topic: &Topic) -> Vec<NodeId> {
         self.peers
             .iter()
-            .filter(|(_, p)| p.subscriptions.iter().any(|s| s.matches(topic)))
+            .filter(|(id, p)| {
+                p.subscriptions.iter().any(|s| s.matches(topic)) || self.durable_matches(id, topic)
+            })
             .map(|(id, _)| *id)
             .collect()
     }
 
-    /// Peers with a subscription matching `topic` (connected, or down for less than the lease),
-    /// as the addressees of an event: with their incarnation and whether they are connected.
-    pub fn addressees(&self, topic: &Topic) -> Vec<crate::gossip::Addressee> {
-        self.peers
-            .iter()
-            .filter(|(_, p)| p.subscriptions.iter().any(|s| s.matches(topic)))
-            .map(|(id, p)| crate::gossip::Addressee {
-                node: *id,
-                incarnation: p.incarnation,
-                connected: p.connected,
-            })
-            .collect()
+    /// Whether `peer` has a durable subscription here matching `topic`.
+    fn durable_matches(&self, peer: &NodeId, topic: &Topic) -> bool {
+        self.registry
+            .range((*peer, String::new())..)
+            .take_while(|((node, _), _)| node == peer)
+            .any(|(_, entry)| entry.pattern.matches(topic))
     }
 
-    /// Connected peers with a subscription matching `topic`.
+    /// The addressees of an event on `topic`, in node id order: peers with a subscription
+    /// matching it (connected, or down for less than the lease), and peers with a durable
+    /// subscription matching it (whether or not they are there; see the module docs), with
+    /// their incarnation, whether they are connected, and for peers with a durable
+    /// subscription here `direct` and the names of those that match.
+    pub fn addressees(&self, topic: &Topic) -> Vec<crate::gossip::Addressee> {
+        let mut addressees: BTreeMap<NodeId, crate::gossip::Addressee> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.subscriptions.iter().any(|s| s.matches(topic)))
+            .map(|(id, p)| {
+                (
+                    *id,
+                    crate::gossip::Addressee {
+                        node: *id,
+                        incarnation: p.incarnation,
+                        connected: p.connected,
+                        direct: false,
+                        durable: Vec::new(),
+                    },
+                )
+            })
+            .collect();
+        let mut previous: Option<NodeId> = None;
+        for ((node, name), entry) in &self.registry {
+            if previous != Some(*node) {
+                previous = Some(*node);
+                // A node with any durable subscription here gets every event directly.
+                if let Some(addressee) = addressees.get_mut(node) {
+                    addressee.direct = true;
+                }
+            }
+            if !entry.pattern.matches(topic) {
+                continue;
+            }
+            let peer = self.peers.get(node);
+            let addressee = addressees
+                .entry(*node)
+                .or_insert_with(|| crate::gossip::Addressee {
+                    node: *node,
+                    incarnation: peer.map_or(entry.incarnation, |p| p.incarnation),
+                    connected: peer.is_some_and(|p| p.connected),
+                    direct: true,
+                    durable: Vec::new(),
+                });
+            addressee.direct = true;
+            if addressee.durable.len() < crate::gossip::DURABLE_NAMES_MAX {
+                addressee.durable.push(name.clone());
+            }
+        }
+        addressees.into_values().collect()
+    }
+
+    /// Connected peers with a subscription (plain or durable) matching `topic`.
     pub fn connected_subscribers(&self, topic: &Topic) -> usize {
         self.peers
-            .values()
-            .filter(|p| p.connected && p.subscriptions.iter().any(|s| s.matches(topic)))
+            .iter()
+            .filter(|(id, p)| {
+                p.connected
+                    && (p.subscriptions.iter().any(|s| s.matches(topic))
+                        || self.durable_matches(id, topic))
+            })
             .count()
     }
 
@@ -606,6 +872,8 @@ mod tests {
             subscriptions: vec!["a//b".into()],
             services: vec![],
             queues: vec![],
+            durable: vec![],
+            durable_ended: vec![],
         };
         assert!(matches!(
             table.handle_announcement(node(2), bad),
@@ -617,11 +885,101 @@ mod tests {
             subscriptions: (0..=PATTERNS_MAX).map(|i| format!("t{i}")).collect(),
             services: vec![],
             queues: vec![],
+            durable: vec![],
+            durable_ended: vec![],
         };
         assert!(matches!(
             table.handle_announcement(node(2), many),
             Err(InterestError::TooMany { .. })
         ));
         assert!(InterestMessage::decode(&[0xff, 0xff, 0xff]).is_err());
+    }
+
+    fn durable_names(table: &InterestTable, t: &str) -> Vec<(NodeId, bool, bool, Vec<String>)> {
+        table
+            .addressees(&topic(t))
+            .into_iter()
+            .map(|a| (a.node, a.connected, a.direct, a.durable))
+            .collect()
+    }
+
+    #[test]
+    fn a_durable_subscription_outlives_the_lease_and_restarts_until_it_is_ended() {
+        let mut publisher = InterestTable::new(1, 1000);
+        let mut subscriber = InterestTable::new(2, 1000);
+        subscriber.subscribe(&pattern("other")).unwrap();
+        subscriber
+            .subscribe_durable(&topic("billing"), &pattern("orders/*"))
+            .unwrap();
+        publisher.peer_connected(node(2));
+        let before = publisher.registry_version();
+        announce(&mut publisher, node(2), &subscriber);
+        assert!(publisher.registry_version() > before);
+        assert!(publisher.has_durable(&node(2)));
+        assert_eq!(
+            durable_names(&publisher, "orders/1"),
+            vec![(node(2), true, true, vec!["billing".to_owned()])]
+        );
+        // Every event to a node with a durable subscription goes direct, named or not.
+        assert_eq!(
+            durable_names(&publisher, "other"),
+            vec![(node(2), true, true, vec![])]
+        );
+        // Gone past the lease: still addressed, as a disconnected durable subscriber.
+        publisher.peer_disconnected(node(2), 0);
+        assert_eq!(publisher.expire(5_000), vec![node(2)]);
+        assert_eq!(
+            durable_names(&publisher, "orders/1"),
+            vec![(node(2), false, true, vec!["billing".to_owned()])]
+        );
+        assert!(
+            durable_names(&publisher, "other").is_empty(),
+            "plain interest is gone"
+        );
+        // It restarts; its application has not subscribed again yet: the registry keeps it.
+        let restarted = InterestTable::new(3, 1000);
+        publisher.peer_connected(node(2));
+        announce(&mut publisher, node(2), &restarted);
+        assert_eq!(publisher.registry_len(), 1);
+        // An explicit end removes it.
+        let mut ending = InterestTable::new(3, 1000);
+        ending
+            .subscribe_durable(&topic("billing"), &pattern("orders/*"))
+            .unwrap();
+        ending.unsubscribe_durable(&topic("billing"));
+        assert!(!ending.durable_here("billing"));
+        assert!(ending.durable_ended_here("billing"));
+        let before = publisher.registry_version();
+        announce(&mut publisher, node(2), &ending);
+        assert!(publisher.registry_version() > before);
+        assert_eq!(publisher.registry_len(), 0);
+        assert!(durable_names(&publisher, "orders/1").is_empty());
+        // Subscribing again under the name lifts the tombstone.
+        ending
+            .subscribe_durable(&topic("billing"), &pattern("orders/*"))
+            .unwrap();
+        assert!(!ending.durable_ended_here("billing"));
+    }
+
+    #[test]
+    fn the_registry_survives_a_restart_of_the_publisher() {
+        let mut publisher = InterestTable::new(1, 1000);
+        let mut subscriber = InterestTable::new(2, 1000);
+        subscriber
+            .subscribe_durable(&topic("a"), &pattern("x/**"))
+            .unwrap();
+        subscriber
+            .subscribe_durable(&topic("b"), &pattern("x/y"))
+            .unwrap();
+        publisher.peer_connected(node(2));
+        announce(&mut publisher, node(2), &subscriber);
+        let saved = publisher.registry_encode();
+        let mut restarted = InterestTable::new(9, 1000);
+        assert_eq!(restarted.registry_restore(&saved).unwrap(), 2);
+        assert_eq!(
+            durable_names(&restarted, "x/y"),
+            vec![(node(2), false, true, vec!["a".to_owned(), "b".to_owned()])]
+        );
+        assert!(restarted.registry_restore(&[0xff, 0xff, 0xff]).is_err());
     }
 }

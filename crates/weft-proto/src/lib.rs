@@ -32,6 +32,7 @@
 //! - [`interest`]: who subscribes to what and answers which service (announcements, the table).
 //! - [`shard`]: which worker owns a shard key (rendezvous hashing).
 //! - [`gossip`]: event dissemination: relay trees, per-subscriber chains, retention and repair.
+//! - [`owed`]: what a publisher owes its durable subscribers, and their retention budget.
 //! - [`envelope`]: bodies of the mesh's own channels (events, requests, replies), reply cache.
 //! - [`backoff`]: jittered reconnect backoff and a seedable generator.
 #![warn(missing_docs)]
@@ -45,6 +46,7 @@ pub mod id;
 pub mod interest;
 pub mod link;
 pub mod message;
+pub mod owed;
 pub mod shard;
 pub mod spooled;
 pub mod topic;

@@ -104,6 +104,9 @@ pub enum GiveUp {
     Attempts(u32),
     /// It is older than [`RetryPolicy::max_age_ms`].
     TooOld,
+    /// Its driver gave it up ([`Link::give_up`]): an event owed to durable subscriptions that
+    /// all exceeded their retention budget.
+    Retention,
 }
 
 impl std::fmt::Display for GiveUp {
@@ -112,6 +115,7 @@ impl std::fmt::Display for GiveUp {
             Self::Expired => f.write_str("expired"),
             Self::Attempts(n) => write!(f, "retry budget exhausted after {n} attempts"),
             Self::TooOld => f.write_str("retry period exhausted"),
+            Self::Retention => f.write_str("durable subscription retention exceeded"),
         }
     }
 }
@@ -659,6 +663,29 @@ impl Link {
                     });
                 }
                 None => kept.push_back(queued),
+            }
+        }
+        self.queue = kept;
+        given_up
+    }
+
+    /// Gives up the queued messages numbered `seqs` (ascending) for `reason`, except those in
+    /// flight on a live connection, like [`Link::expire`]: the peer is told to skip them.
+    pub fn give_up(&mut self, seqs: &[u64], reason: GiveUp) -> Vec<GivenUp> {
+        let first = if self.connected { self.cursor } else { 0 };
+        let mut given_up = Vec::new();
+        let mut kept = VecDeque::with_capacity(self.queue.len());
+        for (index, queued) in self.queue.drain(..).enumerate() {
+            if index >= first && seqs.binary_search(&queued.seq).is_ok() {
+                self.queued_bytes -= queued.message.body.len();
+                given_up.push(GivenUp {
+                    seq: queued.seq,
+                    tag: queued.tag,
+                    reason,
+                    message: queued.message,
+                });
+            } else {
+                kept.push_back(queued);
             }
         }
         self.queue = kept;

@@ -9,9 +9,15 @@
 //!   node has delivered; persisted before the acknowledgement goes out, so a receiver that crashes
 //!   and restarts still recognises what it already delivered.
 //!
+//! - **The durable subscription registry**: the durable subscriptions of peers this node
+//!   publishes to (see [`crate::interest`]), one entry holding all of it; each new one retires
+//!   the one before, so a publisher keeps addressing an absent durable subscriber across its
+//!   own restart.
+//!
 //! ```text
 //! version:u8 = 1 | tag:u8 = 1 (message)   | dest:[u8;32] | epoch:u64-le | data frame (see frame)
 //! version:u8 = 1 | tag:u8 = 2 (watermark) | peer:[u8;32] | epoch:u64-le | up_to:u64-le
+//! version:u8 = 1 | tag:u8 = 3 (registry)  | zeros:[u8;32] | 0:u64-le   | InterestTable::registry_encode
 //! ```
 //! The message part is exactly a wire data frame (length prefix included) with `attempt = 0`, so
 //! the one codec that is tested against postcard byte for byte serves both.
@@ -26,6 +32,7 @@ use crate::link::OutgoingMessage;
 pub const FORMAT_VERSION: u8 = 1;
 const TAG_MESSAGE: u8 = 1;
 const TAG_WATERMARK: u8 = 2;
+const TAG_REGISTRY: u8 = 3;
 const PREFIX_BYTES: usize = 2 + NODE_ID_LEN + 8;
 
 /// An outgoing message as spooled.
@@ -59,6 +66,8 @@ pub enum SpoolEntry {
     Message(SpooledMessage),
     /// An inbound watermark.
     Watermark(Watermark),
+    /// The durable subscription registry (`InterestTable::registry_encode`).
+    Registry(Bytes),
 }
 
 /// Why a payload is not a valid entry (a spool written by another program or version, or damage
@@ -116,6 +125,16 @@ pub fn encode_watermark(watermark: &Watermark, out: &mut BytesMut) {
     out.put_u64_le(watermark.up_to);
 }
 
+/// Appends the entry for the durable subscription registry to `out`.
+pub fn encode_registry(registry: &[u8], out: &mut BytesMut) {
+    out.reserve(PREFIX_BYTES + registry.len());
+    out.put_u8(FORMAT_VERSION);
+    out.put_u8(TAG_REGISTRY);
+    out.put_slice(&[0; NODE_ID_LEN]);
+    out.put_u64_le(0);
+    out.put_slice(registry);
+}
+
 /// Decodes one entry. The body of a message shares `payload`'s buffer.
 pub fn decode(mut payload: Bytes, limits: Limits) -> Result<SpoolEntry, EntryError> {
     if payload.len() < PREFIX_BYTES {
@@ -170,6 +189,7 @@ pub fn decode(mut payload: Bytes, limits: Limits) -> Result<SpoolEntry, EntryErr
                 },
             }))
         }
+        TAG_REGISTRY => Ok(SpoolEntry::Registry(payload)),
         other => Err(EntryError::Tag(other)),
     }
 }
@@ -216,6 +236,16 @@ mod tests {
         assert_eq!(
             decode(out.freeze(), Limits::default()),
             Ok(SpoolEntry::Watermark(watermark))
+        );
+    }
+
+    #[test]
+    fn registry_round_trips() {
+        let mut out = BytesMut::new();
+        encode_registry(b"registry bytes", &mut out);
+        assert_eq!(
+            decode(out.freeze(), Limits::default()),
+            Ok(SpoolEntry::Registry(Bytes::from_static(b"registry bytes")))
         );
     }
 

@@ -136,6 +136,15 @@ pub struct PatternConfig {
     /// Events a subscriber holds per publisher while an earlier one is missing (beyond it, they
     /// are dropped and the publisher repairs them).
     pub event_hold_max: usize,
+    /// Events a publisher keeps in its link (and spool) for each durable subscription that has
+    /// not received them yet — its subscriber is away, or slow. Beyond it the oldest is given
+    /// up: dead-lettered with the reason "durable subscription retention exceeded", counted
+    /// (`durable_events_dropped`), never silently gone. Keep it below
+    /// `link.queue_messages_max`, or a long absence makes publishes wait for room instead.
+    pub durable_retention_max: usize,
+    /// How long an event is kept for a durable subscription that has not received it: it
+    /// expires then (dead-lettered, counted in `durable_events_dropped`).
+    pub durable_retention_age: Duration,
 }
 
 impl Default for PatternConfig {
@@ -156,6 +165,8 @@ impl Default for PatternConfig {
             event_retention_bytes_max: 64 << 20,
             event_repair_after: Duration::from_secs(2),
             event_hold_max: 4_096,
+            durable_retention_max: 16_384,
+            durable_retention_age: Duration::from_secs(24 * 60 * 60),
         }
     }
 }
@@ -187,6 +198,10 @@ impl NodeConfig {
                 self.patterns.event_retention_bytes_max,
             ),
             ("patterns.event_hold_max", self.patterns.event_hold_max),
+            (
+                "patterns.durable_retention_max",
+                self.patterns.durable_retention_max,
+            ),
             ("peer_command_capacity", self.peer_command_capacity),
             ("events_capacity", self.events_capacity),
             ("link.window_messages", self.link.window_messages),

@@ -77,6 +77,11 @@ pub(crate) enum Command {
         watermark: Watermark,
         reply: mpsc::UnboundedSender<Control>,
     },
+    /// Persist the durable subscription registry (replacing the one before), then answer.
+    Registry {
+        registry: Vec<u8>,
+        done: oneshot::Sender<Result<(), String>>,
+    },
     /// The peer acknowledged these records.
     Retire(Vec<u64>),
     /// Move a given-up message to the dead-letter log.
@@ -109,6 +114,8 @@ pub(crate) struct Restored {
     /// Messages given new numbers because the spool was damaged: (peer, old (epoch, seq), new
     /// (epoch, seq)); see [`crate::Renumbered`].
     pub renumbered: Vec<(NodeId, EpochSeq, EpochSeq)>,
+    /// The durable subscription registry last persisted (see `patterns::pubsub::restore`).
+    pub registry: Option<Bytes>,
 }
 
 /// Where the spool lives and how the writer runs.
@@ -164,7 +171,7 @@ impl Durable {
         if renumber {
             warn!("spool damaged: pending messages are renumbered into new streams");
         }
-        let (restored, watermarks, pending) =
+        let (restored, watermarks, pending, registry_tag) =
             restore(&mut spool, recovery.pending, limits, epoch, renumber)?;
         metrics.recovered(pending as u64);
         if pending > 0 || !restored.inbound.is_empty() {
@@ -187,6 +194,7 @@ impl Durable {
             limits,
             buf: BytesMut::new(),
             watermarks,
+            registry_tag,
             room: Arc::clone(&room),
             events,
             metrics,
@@ -239,7 +247,9 @@ impl Durable {
     }
 }
 
-type Recovered = (Restored, HashMap<NodeId, u64>, usize);
+/// What recovery found: the streams, the spool record of each peer's watermark, the pending
+/// message count, the spool record of the durable subscription registry.
+type Recovered = (Restored, HashMap<NodeId, u64>, usize, Option<u64>);
 
 /// Sorts recovered records into restored streams and watermarks. Whatever cannot be restored
 /// goes to the dead-letter log with the reason — nothing is skipped silently. Unnumbered
@@ -258,6 +268,7 @@ fn restore<S: Storage>(
     let mut by_dest: HashMap<NodeId, Vec<(u64, SpooledMessage)>> = HashMap::new();
     let mut dead = Vec::new();
     let mut stale = Vec::new();
+    let mut registry: Option<(u64, Bytes)> = None;
     for record in pending {
         match spooled::decode(Bytes::from(record.payload.to_vec()), limits) {
             Ok(SpoolEntry::Message(message)) => by_dest
@@ -268,6 +279,12 @@ fn restore<S: Storage>(
                 // The newest record per peer wins; older ones only survived a crash between
                 // the append of their successor and their retirement.
                 if let Some((old, _)) = watermarks.insert(watermark.peer, (record.seq, watermark)) {
+                    stale.push(old);
+                }
+            }
+            Ok(SpoolEntry::Registry(bytes)) => {
+                // Likewise: the newest wins.
+                if let Some((old, _)) = registry.replace((record.seq, bytes)) {
                     stale.push(old);
                 }
             }
@@ -349,7 +366,11 @@ fn restore<S: Storage>(
     restored
         .outbound
         .retain(|_, stream| !stream.messages.is_empty());
-    finish_restore(spool, restored, watermarks, dead, stale, pending_messages)
+    let registry_tag = registry.as_ref().map(|(tag, _)| *tag);
+    restored.registry = registry.map(|(_, bytes)| bytes);
+    let (restored, watermarks, pending) =
+        finish_restore(spool, restored, watermarks, dead, stale, pending_messages)?;
+    Ok((restored, watermarks, pending, registry_tag))
 }
 
 /// One destination's numbered records, in spool order, as a stream to continue.
@@ -397,7 +418,7 @@ fn finish_restore<S: Storage>(
     dead: Vec<(u64, String)>,
     stale: Vec<u64>,
     pending_messages: usize,
-) -> Result<Recovered, String> {
+) -> Result<(Restored, HashMap<NodeId, u64>, usize), String> {
     for (seq, reason) in dead {
         if let Err(e) = spool.dead_letter(seq, &reason) {
             error!(seq, error = %e, "cannot dead-letter an unrestorable record; it stays in the spool");
@@ -449,6 +470,7 @@ struct Batch {
     appended: Vec<Appended>,
     runs: Vec<Run>,
     watermarks: Vec<(Watermark, mpsc::UnboundedSender<Control>)>,
+    registries: Vec<oneshot::Sender<Result<(), String>>>,
     dead: Vec<(NodeId, MessageId, String)>,
     close: Option<oneshot::Sender<()>>,
 }
@@ -480,6 +502,8 @@ struct Writer {
     buf: BytesMut,
     /// The spool record holding each peer's current watermark.
     watermarks: HashMap<NodeId, u64>,
+    /// The spool record holding the durable subscription registry.
+    registry_tag: Option<u64>,
     room: Arc<Semaphore>,
     events: broadcast::Sender<PeerEvent>,
     metrics: Arc<Metrics>,
@@ -610,6 +634,25 @@ impl Writer {
                         }
                     }
                 }
+                Command::Registry { registry, done } => {
+                    self.buf.clear();
+                    spooled::encode_registry(&registry, &mut self.buf);
+                    // Into the reserve, like a watermark: rare, small, and it must not wait
+                    // for room that only an absent subscriber's return would make.
+                    match self.spool.append_reserved(&self.buf) {
+                        Ok(tag) => {
+                            if let Some(old) = self.registry_tag.replace(tag) {
+                                let _ = self.spool.retire(old);
+                            }
+                            batch.registries.push(done);
+                        }
+                        Err(e) => {
+                            self.metrics.spool_error();
+                            error!(error = %e, "cannot persist the durable subscription registry");
+                            let _ = done.send(Err(e.to_string()));
+                        }
+                    }
+                }
                 Command::Retire(tags) => {
                     let mut retired = 0;
                     for tag in tags {
@@ -702,6 +745,7 @@ impl Writer {
     fn commit(&mut self, batch: &mut Batch) {
         let retire_only = batch.appended.is_empty()
             && batch.watermarks.is_empty()
+            && batch.registries.is_empty()
             && batch.dead.is_empty()
             && batch.close.is_none();
         let result = match self.policy {
@@ -733,6 +777,9 @@ impl Writer {
                 }
                 batch.finish_runs();
                 // Not durable, and never will be: the failure poisoned the spool.
+                for done in batch.registries.drain(..) {
+                    let _ = done.send(Err(e.to_string()));
+                }
                 for (watermark, reply) in batch.watermarks.drain(..) {
                     let _ = reply.send(Control::WatermarkFailed {
                         epoch: watermark.epoch,
@@ -769,6 +816,9 @@ impl Writer {
             settle(&peer, seq);
         }
         batch.finish_runs();
+        for done in batch.registries.drain(..) {
+            let _ = done.send(Ok(()));
+        }
         for (watermark, reply) in batch.watermarks.drain(..) {
             self.metrics.watermark_persisted();
             let _ = reply.send(Control::WatermarkDurable {

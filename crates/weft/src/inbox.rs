@@ -238,10 +238,20 @@ impl Inbox {
         self.channels.settle(&mut self.taken);
     }
 
-    /// The last message returned is not done with after all: it is not settled by the next call
-    /// or the drop (a node stopping before it handled the message; the producer sends it again).
-    pub(crate) fn unsettle_last(&mut self) {
-        self.taken.pop();
+    /// Takes over the settlement of the last message returned: it is not settled by the next
+    /// call or the drop, but once every hold of the returned [`Settler`] is released (the
+    /// event task hands it on to durable subscriptions, which settle when their application is
+    /// done with the event). A settler dropped without a release never settles: its producer
+    /// sends the message again after a restart.
+    pub(crate) fn detach_last(&mut self) -> Option<Settler> {
+        let id = self.taken.pop()?;
+        Some(Settler {
+            inner: Arc::new(SettlerInner {
+                channels: Arc::clone(&self.channels),
+                id,
+                holds: std::sync::atomic::AtomicUsize::new(1),
+            }),
+        })
     }
 
     /// Messages waiting in the queue now.
@@ -277,6 +287,43 @@ impl Drop for Inbox {
         self.settle();
         if let Some(rx) = self.rx.take() {
             self.channels.give_back(&self.channel, rx);
+        }
+    }
+}
+
+/// The settlement of one message, handed on (see [`Inbox::detach_last`]): settled when its
+/// last hold is released, never by a drop.
+pub(crate) struct Settler {
+    inner: Arc<SettlerInner>,
+}
+
+struct SettlerInner {
+    channels: Arc<Channels>,
+    id: MessageId,
+    holds: std::sync::atomic::AtomicUsize,
+}
+
+impl std::fmt::Debug for Settler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Settler")
+            .field("id", &self.inner.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Settler {
+    /// Another hold on the same message: it settles only once this one is released too.
+    pub(crate) fn hold(&self) -> Settler {
+        self.inner.holds.fetch_add(1, Ordering::AcqRel);
+        Settler {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+
+    /// This hold is done with the message; the last release settles it.
+    pub(crate) fn release(self) {
+        if self.inner.holds.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.inner.channels.settle(&mut vec![self.inner.id]);
         }
     }
 }

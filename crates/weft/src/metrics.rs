@@ -31,6 +31,9 @@ pub(crate) struct Metrics {
     pub(crate) events_repaired: AtomicU64,
     pub(crate) event_hops_max: AtomicU64,
     pub(crate) events_retained: AtomicU64,
+    pub(crate) durable_subscriptions: AtomicU64,
+    pub(crate) durable_events_owed: AtomicU64,
+    pub(crate) durable_events_dropped: AtomicU64,
 }
 
 /// A snapshot of a node's counters.
@@ -88,6 +91,15 @@ pub struct MetricsSnapshot {
     pub event_hops_max: u64,
     /// Events this node published and keeps for repair, not yet confirmed by every addressee.
     pub events_retained: u64,
+    /// Durable subscriptions of peers this node keeps sending to as a publisher (its registry).
+    pub durable_subscriptions: u64,
+    /// Events this node published that its links hold for durable subscribers, not yet
+    /// acknowledged (an event owed to several durable subscriptions of one node counts once).
+    pub durable_events_owed: u64,
+    /// Events owed to durable subscribers that this node gave up (dead-lettered): over a
+    /// subscription's retention budget (`durable_retention_max`) or past its age
+    /// (`durable_retention_age`).
+    pub durable_events_dropped: u64,
 }
 
 impl Metrics {
@@ -189,6 +201,9 @@ impl Metrics {
             events_repaired: get(&self.events_repaired),
             event_hops_max: get(&self.event_hops_max),
             events_retained: get(&self.events_retained),
+            durable_subscriptions: get(&self.durable_subscriptions),
+            durable_events_owed: get(&self.durable_events_owed),
+            durable_events_dropped: get(&self.durable_events_dropped),
         }
     }
 }
@@ -202,7 +217,7 @@ struct Series {
 }
 
 impl MetricsSnapshot {
-    fn series(&self) -> [Series; 24] {
+    fn series(&self) -> [Series; 27] {
         let counter = |name, help, value| Series {
             name,
             kind: "counter",
@@ -334,6 +349,23 @@ impl MetricsSnapshot {
                 help: "Published events kept for repair, not yet confirmed by every addressee.",
                 value: self.events_retained,
             },
+            Series {
+                name: "weft_durable_subscriptions",
+                kind: "gauge",
+                help: "Durable subscriptions of peers this node keeps sending to as a publisher.",
+                value: self.durable_subscriptions,
+            },
+            Series {
+                name: "weft_durable_events_owed",
+                kind: "gauge",
+                help: "Published events held in links for durable subscribers, not yet acknowledged.",
+                value: self.durable_events_owed,
+            },
+            counter(
+                "weft_durable_events_dropped_total",
+                "Events owed to durable subscribers given up (dead-lettered): over budget or too old.",
+                self.durable_events_dropped,
+            ),
         ]
     }
 
@@ -392,6 +424,9 @@ impl MetricsSnapshot {
             ("events_repaired", self.events_repaired),
             ("event_hops_max", self.event_hops_max),
             ("events_retained", self.events_retained),
+            ("durable_subscriptions", self.durable_subscriptions),
+            ("durable_events_owed", self.durable_events_owed),
+            ("durable_events_dropped", self.durable_events_dropped),
         ]
         .iter()
         .map(|(name, value)| format!("\"{name}\":{value}"))

@@ -95,6 +95,13 @@ pub(crate) enum Control {
     /// What a `Withdraw` took (when it took something) is durable elsewhere: the peer may be
     /// told to skip it (see `Link::hold_for_withdrawal`).
     SettleWithdrawal,
+    /// Give up these messages (ascending seqs) if they are still queued and not in flight:
+    /// dead-lettered with `reason`, as expired ones are (events over a durable subscription's
+    /// retention budget).
+    GiveUp {
+        seqs: Vec<u64>,
+        reason: weft_proto::link::GiveUp,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -505,6 +512,16 @@ impl PeerTask {
                 let _ = reply.send(withdrawn);
                 self.absorb();
             }
+            Control::GiveUp { seqs, reason } => {
+                // The messages may still wait in the command queue (this select takes control
+                // first): take them into the link before looking (bounded by the queue).
+                while let Ok(outgoing) = self.commands.try_recv() {
+                    self.batch.push(outgoing);
+                }
+                self.take_batch();
+                let given_up = self.link.give_up(&seqs, reason);
+                self.dead_letter(given_up);
+            }
             Control::SettleWithdrawal => {
                 self.link.settle_withdrawal();
                 self.flush();
@@ -626,7 +643,27 @@ impl PeerTask {
     fn expire(&mut self) {
         self.expiry_at = None;
         let now = self.shared.now_unix_ms();
-        for given_up in self.link.expire(now) {
+        let given_up = self.link.expire(now);
+        self.dead_letter(given_up);
+    }
+
+    /// Dead-letters given-up messages (with a spool; else reports them): the receipt fails and
+    /// the application gets an event. Events owed to durable subscriptions are counted too.
+    fn dead_letter(&mut self, given_up: Vec<weft_proto::link::GivenUp>) {
+        for given_up in given_up {
+            if given_up.message.channel == crate::patterns::EVENT_CHANNEL
+                && given_up
+                    .message
+                    .options
+                    .as_ref()
+                    .is_some_and(|o| o.expires_unix_ms.is_some())
+            {
+                // Only events owed to durable subscriptions carry an expiry.
+                self.shared
+                    .metrics
+                    .durable_events_dropped
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
             let id = MessageId {
                 producer: self.shared.id,
                 stream: self.link.stream(),

@@ -61,9 +61,33 @@ const TICK: Duration = Duration::from_millis(100);
 struct LocalSubscription {
     id: u64,
     pattern: TopicPattern,
-    tx: mpsc::Sender<Message>,
+    tx: mpsc::Sender<pubsub::Delivery>,
     best_effort: bool,
     dropped: Arc<AtomicU64>,
+    /// The name of a durable subscription.
+    durable: Option<String>,
+}
+
+/// The queue of a local durable subscription: it outlives its `Subscription`, so events owed
+/// to it wait here (unsettled: their publishers keep them) while nobody is attached — after a
+/// restart, until the application subscribes again under the name.
+struct DurableSlot {
+    tx: mpsc::Sender<pubsub::Delivery>,
+    /// `None` while a `Subscription` holds the receiver.
+    rx: Option<mpsc::Receiver<pubsub::Delivery>>,
+    /// The id of the `Subscription` attached now.
+    attached: Option<u64>,
+}
+
+impl DurableSlot {
+    fn new(capacity: usize) -> Self {
+        let (tx, rx) = mpsc::channel(capacity);
+        Self {
+            tx,
+            rx: Some(rx),
+            attached: None,
+        }
+    }
 }
 
 /// Where a reply goes.
@@ -95,6 +119,11 @@ pub(crate) struct State {
     keys: BTreeMap<(String, [u8; 32]), work::KeyState>,
     /// This node as a publisher: event sequence, chains per subscriber, retention.
     publisher: weft_proto::gossip::Publisher,
+    /// Local durable subscriptions' queues, by name (bounded by
+    /// `interest::DURABLE_ENDED_MAX`).
+    durable_slots: BTreeMap<String, DurableSlot>,
+    /// This node as a publisher: events owed to durable subscriptions, per subscriber.
+    owed: weft_proto::owed::OwedEvents,
 }
 
 /// The node's pattern state, shared by its API and its pattern tasks.
@@ -112,6 +141,9 @@ pub(crate) struct Patterns {
     local_events: AtomicU64,
     /// Signalled when the publisher's retention shrank (publishers wait for room).
     retention_freed: tokio::sync::Notify,
+    /// Held from numbering an event to sending its direct copies while durable subscribers
+    /// are about (see `pubsub::publish`).
+    direct_order: tokio::sync::Mutex<()>,
 }
 
 impl Patterns {
@@ -143,6 +175,8 @@ impl Patterns {
                         chains_max: pubsub::PUBLISHER_CHAINS_MAX,
                     },
                 ),
+                durable_slots: BTreeMap::new(),
+                owed: weft_proto::owed::OwedEvents::new(config.durable_retention_max),
             }),
             changed: watch::channel(0).0,
             announce,
@@ -151,6 +185,7 @@ impl Patterns {
             tasks: Mutex::new(Vec::new()),
             local_events: AtomicU64::new(0),
             retention_freed: tokio::sync::Notify::new(),
+            direct_order: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -221,6 +256,7 @@ impl Patterns {
 /// Takes the node's pattern channels and starts the tasks serving them.
 pub(crate) fn start(shared: &Arc<Shared>) -> Result<(), crate::error::ReceiveError> {
     work::restore(shared);
+    pubsub::restore(shared);
     let interest = shared.channels.take_receiver(INTEREST_CHANNEL)?;
     let events = shared.channels.take_receiver(EVENT_CHANNEL)?;
     let confirms = shared.channels.take_receiver(CONFIRM_CHANNEL)?;
@@ -377,6 +413,7 @@ async fn control_task(
                 }
                 work::reassign_silent(&shared);
                 pubsub::repair_stalled(&shared, false);
+                pubsub::refresh_owed(&shared);
                 for (peer, (incarnation, version)) in acks_due {
                     ack_to(&shared, peer, incarnation, version);
                 }
@@ -423,17 +460,38 @@ fn handle_interest(shared: &Arc<Shared>, message: Message) {
     match decoded {
         Ok(InterestMessage::Announce(announcement)) => {
             let (incarnation, version) = (announcement.incarnation, announcement.version);
-            let result = patterns
-                .lock()
-                .table
-                .handle_announcement(peer, announcement);
+            let (result, registry) = {
+                let mut state = patterns.lock();
+                let before = state.table.registry_version();
+                let result = state.table.handle_announcement(peer, announcement);
+                for (node, name) in state.table.take_ended() {
+                    state.owed.forget(&node, &name);
+                }
+                let registry = (state.table.registry_version() != before)
+                    .then(|| state.table.registry_encode());
+                if registry.is_some() {
+                    pubsub::record_owed(shared, &state);
+                }
+                (result, registry)
+            };
             match result {
                 Ok(changed) => {
                     if changed {
                         debug!(peer = %peer.short(), version, "peer interest changed");
                     }
                     patterns.bump();
-                    ack_to(shared, peer, incarnation, version);
+                    match registry {
+                        // A durable subscription is in effect here once the registry holding
+                        // it is durable: acknowledged only then.
+                        Some(registry) => {
+                            let shared = Arc::clone(shared);
+                            tokio::spawn(async move {
+                                pubsub::persist_registry(&shared, registry).await;
+                                ack_to(&shared, peer, incarnation, version);
+                            });
+                        }
+                        None => ack_to(shared, peer, incarnation, version),
+                    }
                 }
                 Err(e) => {
                     shared.metrics.protocol_error();
@@ -476,13 +534,37 @@ impl crate::Node {
         pubsub::subscribe(self.shared(), pattern, SubscribeOptions::default()).await
     }
 
-    /// [`Node::subscribe`] with options (e.g. best effort for telemetry).
+    /// [`Node::subscribe`] with options (e.g. best effort for telemetry, or durable).
     pub async fn subscribe_with(
         &self,
         pattern: &str,
         options: SubscribeOptions,
     ) -> Result<Subscription, SubscribeError> {
         pubsub::subscribe(self.shared(), pattern, options).await
+    }
+
+    /// A durable subscription named `name` (see [`SubscribeOptions::durable`]): publishers keep
+    /// what matches `pattern` for it while it is away — across disconnections and restarts of
+    /// this node and of theirs (with data directories) — within its retention budget, and it
+    /// receives what it missed, once and in order per publisher, when it subscribes again under
+    /// the same name. Ended only by [`Subscription::unsubscribe`] or
+    /// [`Node::unsubscribe_durable`]; dropping the `Subscription` only detaches from it.
+    pub async fn subscribe_durable(
+        &self,
+        name: &str,
+        pattern: &str,
+    ) -> Result<Subscription, SubscribeError> {
+        let options = SubscribeOptions {
+            durable: Some(name.to_owned()),
+            ..SubscribeOptions::default()
+        };
+        pubsub::subscribe(self.shared(), pattern, options).await
+    }
+
+    /// Ends this node's durable subscription `name` (attached or not): every publisher drops
+    /// it and keeps nothing more for it. Returns once every connected peer confirmed.
+    pub async fn unsubscribe_durable(&self, name: &str) -> Result<(), SubscribeError> {
+        pubsub::unsubscribe_durable(self.shared(), name).await
     }
 
     /// Publishes an event: to every peer subscribed to a matching pattern (acknowledged per

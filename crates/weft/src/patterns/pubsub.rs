@@ -17,9 +17,9 @@ use weft_proto::{
     Kind, Message, MessageId, NodeId, OutgoingMessage, StreamId, Topic, TopicError, TopicPattern,
 };
 
-use super::{LocalSubscription, EVENT_CHANNEL};
+use super::{DurableSlot, LocalSubscription, EVENT_CHANNEL};
 use crate::error::{SendError, TrySendError};
-use crate::inbox::Inbox;
+use crate::inbox::{Inbox, Settler};
 use crate::node::Shared;
 use crate::receipt::Receipt;
 
@@ -34,12 +34,21 @@ pub enum SubscribeError {
     #[error("{0}")]
     TooMany(String),
     /// These connected peers did not confirm the subscription in time (see
-    /// `PatternConfig::subscribe_timeout`); the subscription was withdrawn.
+    /// `PatternConfig::subscribe_timeout`); the subscription was withdrawn (a durable one
+    /// stays, detached: its publishers learn of it when they confirm).
     #[error("{} connected peer(s) did not confirm the subscription in time", .0.len())]
     NotConfirmed(Vec<NodeId>),
     /// This node answers the service already (one `Service` per name and node).
     #[error("this node already serves {0:?}")]
     AlreadyServed(String),
+    /// A subscription of this node holds the durable subscription already (one `Subscription`
+    /// per name and node at a time).
+    #[error("durable subscription {0:?} is held by another subscription of this node")]
+    DurableInUse(String),
+    /// A durable subscription cannot be best effort (it is kept for its subscriber while it is
+    /// away; best effort drops what finds its queue full).
+    #[error("a durable subscription cannot be best effort")]
+    DurableBestEffort,
     /// The node is shut down.
     #[error("the node is shut down")]
     NodeClosed,
@@ -72,12 +81,22 @@ pub enum PublishError {
 }
 
 /// Options of a subscription.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct SubscribeOptions {
     /// Best effort (telemetry): when this subscription's queue is full, new events for it are
     /// dropped and counted ([`Subscription::dropped`], metric `events_dropped`) instead of
     /// making the publishers wait.
     pub best_effort: bool,
+    /// A durable subscription under this name (a valid topic, e.g. `"billing"`): identified by
+    /// (this node's id, name), it outlives the `Subscription`, the connection and the node's
+    /// restarts. Publishers keep sending it what matches its pattern while it is away (in
+    /// their links and spools, within `PatternConfig::durable_retention_max` events per
+    /// subscription and `durable_retention_age`); subscribing again under the name, with the
+    /// same identity and data directory, receives what it missed — once, in order per
+    /// publisher — and then live events. Only [`Subscription::unsubscribe`] or
+    /// `Node::unsubscribe_durable` ends it. `None`: a plain subscription (starts from now;
+    /// nothing is kept for it once it is gone).
+    pub durable: Option<String>,
 }
 
 /// What a publish did.
@@ -111,14 +130,32 @@ impl Published {
     }
 }
 
+/// An event on its way to a subscription, with the settlement of its link message when the
+/// subscription is durable (settled once the application asks for the next event).
+pub(crate) struct Delivery {
+    pub(crate) message: Message,
+    pub(crate) settler: Option<Settler>,
+}
+
 /// A subscription: a stream of the events whose topic matches its pattern, in order per
-/// publisher. Dropping it unsubscribes.
+/// publisher. Dropping a plain one unsubscribes; dropping a durable one only detaches from it
+/// (events for it are kept — by its publishers, or queued here — until it is subscribed again
+/// under its name or ended with [`Subscription::unsubscribe`]).
+///
+/// A durable subscription's events are acknowledged to their publishers only once the
+/// application is done with them (it asks for the next one, or drops the subscription after
+/// taking it), so one taken from its queue and not yet done with when the process dies comes
+/// again after the restart; one done with never does.
 pub struct Subscription {
     pub(crate) shared: Arc<Shared>,
     pub(crate) id: u64,
     pub(crate) pattern: TopicPattern,
-    pub(crate) rx: mpsc::Receiver<Message>,
+    pub(crate) rx: Option<mpsc::Receiver<Delivery>>,
     pub(crate) dropped: Arc<AtomicU64>,
+    /// Its name, for a durable subscription.
+    pub(crate) durable: Option<String>,
+    /// The settlement of the event returned last (durable subscriptions).
+    pub(crate) taken: Option<Settler>,
 }
 
 impl std::fmt::Debug for Subscription {
@@ -135,40 +172,111 @@ impl Subscription {
         &self.pattern
     }
 
+    /// The durable subscription's name (`None` for a plain subscription).
+    pub fn durable_name(&self) -> Option<&str> {
+        self.durable.as_deref()
+    }
+
     /// The next event; `None` once the node shut down. The event's `header.channel` is its
-    /// topic, `header.id.producer` its publisher.
+    /// topic, `header.id.producer` its publisher. Settles the event returned before (see
+    /// [`Subscription`]).
     pub async fn recv(&mut self) -> Option<Message> {
-        self.rx.recv().await
+        self.settle();
+        let delivery = self.rx.as_mut()?.recv().await?;
+        Some(self.take(delivery))
     }
 
     /// The next event if one is waiting.
     pub fn try_recv(&mut self) -> Option<Message> {
-        self.rx.try_recv().ok()
+        self.settle();
+        let delivery = self.rx.as_mut()?.try_recv().ok()?;
+        Some(self.take(delivery))
     }
 
     /// Events dropped because this (best-effort) subscription's queue was full.
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
     }
+
+    /// Ends the subscription. For a durable one this ends it for good, everywhere: this node
+    /// announces the end to its peers (returns once every connected peer confirmed it, like
+    /// `subscribe`), and every publisher drops it from its registry and keeps nothing more for
+    /// it. A publisher that is not connected now learns it when it next connects, while this
+    /// node runs (the end is not persisted here).
+    pub async fn unsubscribe(mut self) -> Result<(), SubscribeError> {
+        self.settle();
+        match self.durable.clone() {
+            Some(name) => unsubscribe_durable(&Arc::clone(&self.shared), &name).await,
+            None => Ok(()), // the drop withdraws it
+        }
+    }
+
+    fn take(&mut self, delivery: Delivery) -> Message {
+        self.taken = delivery.settler;
+        delivery.message
+    }
+
+    fn settle(&mut self) {
+        if let Some(settler) = self.taken.take() {
+            settler.release();
+        }
+    }
 }
 
 impl Stream for Subscription {
     type Item = Message;
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Message>> {
-        self.rx.poll_recv(cx)
+        self.settle();
+        let Some(rx) = self.rx.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match rx.poll_recv(cx) {
+            Poll::Ready(Some(delivery)) => Poll::Ready(Some(self.take(delivery))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
     }
 }
 
 impl Drop for Subscription {
     fn drop(&mut self) {
+        self.settle();
         let patterns = &self.shared.patterns;
         let changed = {
             let mut state = patterns.lock();
             state.subscriptions.retain(|s| s.id != self.id);
-            state.table.unsubscribe(&self.pattern)
+            match &self.durable {
+                // Detach: what waits in the queue stays there for the next subscription
+                // under the name (unsettled: its publishers keep it meanwhile).
+                Some(name) => {
+                    let rx = self.rx.take();
+                    match state.durable_slots.get_mut(name) {
+                        Some(slot) if slot.attached == Some(self.id) => {
+                            slot.attached = None;
+                            slot.rx = rx;
+                        }
+                        // Ended meanwhile: nothing waits for these any more.
+                        _ => release_all(rx),
+                    }
+                    false
+                }
+                None => state.table.unsubscribe(&self.pattern),
+            }
         };
         if changed {
             let _ = patterns.announce.send(());
+        }
+    }
+}
+
+/// Settles every event waiting in a durable queue that nobody will read.
+fn release_all(rx: Option<mpsc::Receiver<Delivery>>) {
+    if let Some(mut rx) = rx {
+        rx.close();
+        while let Ok(delivery) = rx.try_recv() {
+            if let Some(settler) = delivery.settler {
+                settler.release();
+            }
         }
     }
 }
@@ -182,17 +290,47 @@ pub(crate) async fn subscribe(
         return Err(SubscribeError::NodeClosed);
     }
     let pattern = TopicPattern::new(pattern)?;
+    let durable = match options.durable {
+        Some(name) if options.best_effort => {
+            let _ = name;
+            return Err(SubscribeError::DurableBestEffort);
+        }
+        Some(name) => Some(Topic::new(name)?),
+        None => None,
+    };
     let patterns = &shared.patterns;
     let config = &shared.config.patterns;
-    let (tx, rx) = mpsc::channel(config.subscription_capacity);
     let dropped = Arc::new(AtomicU64::new(0));
-    let (id, version) = {
+    let too_many = |e: InterestError| SubscribeError::TooMany(e.to_string());
+    let (id, version, rx) = {
         let mut state = patterns.lock();
-        let version = state.table.subscribe(&pattern).map_err(|e| match e {
-            InterestError::LocalFull(_) => SubscribeError::TooMany(e.to_string()),
-            other => SubscribeError::TooMany(other.to_string()),
-        })?;
         let id = state.next_subscription;
+        let (version, tx, rx) = match &durable {
+            Some(name) => {
+                if state
+                    .durable_slots
+                    .get(name.as_str())
+                    .is_some_and(|slot| slot.attached.is_some())
+                {
+                    return Err(SubscribeError::DurableInUse(name.as_str().to_owned()));
+                }
+                let version = state
+                    .table
+                    .subscribe_durable(name, &pattern)
+                    .map_err(too_many)?;
+                let slot = state
+                    .durable_slots
+                    .entry(name.as_str().to_owned())
+                    .or_insert_with(|| DurableSlot::new(config.subscription_capacity));
+                slot.attached = Some(id);
+                (version, slot.tx.clone(), slot.rx.take())
+            }
+            None => {
+                let version = state.table.subscribe(&pattern).map_err(too_many)?;
+                let (tx, rx) = mpsc::channel(config.subscription_capacity);
+                (version, tx, Some(rx))
+            }
+        };
         state.next_subscription += 1;
         state.subscriptions.push(LocalSubscription {
             id,
@@ -200,8 +338,9 @@ pub(crate) async fn subscribe(
             tx,
             best_effort: options.best_effort,
             dropped: Arc::clone(&dropped),
+            durable: durable.as_ref().map(|name| name.as_str().to_owned()),
         });
-        (id, version)
+        (id, version, rx)
     };
     let subscription = Subscription {
         shared: Arc::clone(shared),
@@ -209,6 +348,8 @@ pub(crate) async fn subscribe(
         pattern,
         rx,
         dropped,
+        durable: durable.map(|name| name.as_str().to_owned()),
+        taken: None,
     };
     let _ = patterns.announce.send(());
     match patterns
@@ -218,6 +359,82 @@ pub(crate) async fn subscribe(
         Ok(()) => Ok(subscription),
         Err(waiting) => Err(SubscribeError::NotConfirmed(waiting)), // dropping withdraws it
     }
+}
+
+/// Takes back what a restart finds for pub/sub: the durable subscription registry, and what
+/// the restored links still owe durable subscribers (so their budgets hold across restarts).
+pub(crate) fn restore(shared: &Arc<Shared>) {
+    let restored = shared.restored.lock().expect("restored lock poisoned");
+    let mut state = shared.patterns.lock();
+    if let Some(registry) = &restored.registry {
+        match state.table.registry_restore(registry) {
+            Ok(entries) => debug!(entries, "durable subscription registry restored"),
+            Err(e) => {
+                shared.metrics.spool_error();
+                warn!(error = %e, "durable subscription registry not restored");
+            }
+        }
+    }
+    for (&node, stream) in &restored.outbound {
+        for outgoing in &stream.messages {
+            if outgoing.message.channel != EVENT_CHANNEL {
+                continue;
+            }
+            let Ok(event) = Event::decode(&outgoing.message.body, &shared.id) else {
+                continue;
+            };
+            if event.direct && !event.durable.is_empty() {
+                // Within the budget when it was recorded; a smaller budget now gives up at the
+                // next publish to this node.
+                let _ = state.owed.record(node, outgoing.seq, &event.durable);
+            }
+        }
+    }
+    record_owed(shared, &state);
+}
+
+/// Makes the durable subscription registry durable (a node without a spool keeps it in memory).
+pub(crate) async fn persist_registry(shared: &Arc<Shared>, registry: Vec<u8>) {
+    let Some(durable) = &shared.durable else {
+        return;
+    };
+    let (done, result) = tokio::sync::oneshot::channel();
+    let command = crate::durable::Command::Registry { registry, done };
+    if durable.tx.send(command).is_err() {
+        return;
+    }
+    match result.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => warn!(error = %e, "durable subscription registry not persisted"),
+        Err(_) => {}
+    }
+}
+
+/// Ends the durable subscription `name` of this node (see [`Subscription::unsubscribe`]).
+pub(crate) async fn unsubscribe_durable(
+    shared: &Arc<Shared>,
+    name: &str,
+) -> Result<(), SubscribeError> {
+    if shared.is_shutting_down() {
+        return Err(SubscribeError::NodeClosed);
+    }
+    let name = Topic::new(name)?;
+    let patterns = &shared.patterns;
+    let version = {
+        let mut state = patterns.lock();
+        if let Some(mut slot) = state.durable_slots.remove(name.as_str()) {
+            release_all(slot.rx.take());
+        }
+        state
+            .subscriptions
+            .retain(|s| s.durable.as_deref() != Some(name.as_str()));
+        state.table.unsubscribe_durable(&name)
+    };
+    let _ = patterns.announce.send(());
+    patterns
+        .in_effect(shared, version, shared.config.patterns.subscribe_timeout)
+        .await
+        .map_err(SubscribeError::NotConfirmed)
 }
 
 /// Publisher chains remembered at most (see `gossip::PublisherConfig::chains_max`).
@@ -258,21 +475,66 @@ fn event_message(
 }
 
 /// Hands an event to every local subscription whose pattern matches (waiting at a full reliable
-/// one, dropping at a full best-effort one). Returns how many got it.
-async fn deliver_locally(shared: &Shared, topic: &Topic, message: Message) -> usize {
-    let targets: Vec<(mpsc::Sender<Message>, bool, Arc<AtomicU64>)> = {
-        let state = shared.patterns.lock();
-        state
+/// one, dropping at a full best-effort one), and to the durable subscriptions it names
+/// (`durable`): queued for one that is not attached now, unless this node ended it. A durable
+/// subscription gets a hold of `settler`, so the event's link message is acknowledged only
+/// once its application is done with it. Returns how many got it.
+async fn deliver_locally(
+    shared: &Shared,
+    topic: &Topic,
+    message: Message,
+    durable: &[String],
+    settler: Option<&Settler>,
+) -> usize {
+    let targets: Vec<(mpsc::Sender<Delivery>, bool, Arc<AtomicU64>, bool)> = {
+        let mut state = shared.patterns.lock();
+        let mut targets: Vec<_> = state
             .subscriptions
             .iter()
-            .filter(|s| s.pattern.matches(topic))
-            .map(|s| (s.tx.clone(), s.best_effort, Arc::clone(&s.dropped)))
-            .collect()
+            .filter(|s| {
+                s.pattern.matches(topic) || s.durable.as_ref().is_some_and(|n| durable.contains(n))
+            })
+            .map(|s| {
+                (
+                    s.tx.clone(),
+                    s.best_effort,
+                    Arc::clone(&s.dropped),
+                    s.durable.is_some(),
+                )
+            })
+            .collect();
+        let capacity = shared.config.patterns.subscription_capacity;
+        for name in durable {
+            if state.table.durable_ended_here(name) {
+                continue; // ended: its publishers are told to stop
+            }
+            if state
+                .durable_slots
+                .get(name)
+                .is_some_and(|slot| slot.attached.is_some())
+            {
+                continue; // attached: among the subscriptions above
+            }
+            if !state.durable_slots.contains_key(name)
+                && state.durable_slots.len() >= weft_proto::interest::DURABLE_ENDED_MAX
+            {
+                warn!(name, "too many durable subscriptions waiting to be attached; event not queued for this one");
+                continue;
+            }
+            // Not attached (this node restarted and its application has not subscribed again
+            // yet, or it dropped the subscription): queued for the next one under the name.
+            let slot = state
+                .durable_slots
+                .entry(name.clone())
+                .or_insert_with(|| DurableSlot::new(capacity));
+            targets.push((slot.tx.clone(), false, Arc::new(AtomicU64::new(0)), true));
+        }
+        targets
     };
     let mut delivered = 0;
     let count = targets.len();
     let mut message = Some(message);
-    for (i, (tx, best_effort, dropped)) in targets.into_iter().enumerate() {
+    for (i, (tx, best_effort, dropped, durable)) in targets.into_iter().enumerate() {
         let message = if i + 1 == count {
             message.take().expect("the last target takes the event")
         } else {
@@ -303,7 +565,8 @@ async fn deliver_locally(shared: &Shared, topic: &Topic, message: Message) -> us
                 .metrics
                 .events_delivered
                 .fetch_add(1, Ordering::Relaxed);
-            permit.send(message);
+            let settler = settler.filter(|_| durable).map(Settler::hold);
+            permit.send(Delivery { message, settler });
         }
     }
     delivered
@@ -364,7 +627,12 @@ async fn relay_to_absent(shared: &Arc<Shared>, event: &Event, absent: &Hop) {
 
 /// What the event task does with one received event: relay it to its children, then take it
 /// into its publisher's chain and deliver what that releases.
-async fn take_event(shared: &Arc<Shared>, chains: &mut Chains<Event>, event: Event) {
+async fn take_event(
+    shared: &Arc<Shared>,
+    chains: &mut Chains<Event>,
+    event: Event,
+    settler: Option<&Settler>,
+) {
     let metrics = &shared.metrics;
     if event.seq == 0 {
         // Best effort: no chain.
@@ -376,7 +644,7 @@ async fn take_event(shared: &Arc<Shared>, chains: &mut Chains<Event>, event: Eve
             &event.topic,
             event.payload,
         );
-        deliver_locally(shared, &event.topic, message).await;
+        deliver_locally(shared, &event.topic, message, &[], None).await;
         return;
     }
     metrics.event_copies.fetch_add(1, Ordering::Relaxed);
@@ -416,9 +684,14 @@ async fn take_event(shared: &Arc<Shared>, chains: &mut Chains<Event>, event: Eve
         event.seq,
         event.route[0].prev,
     );
-    match chains.accept(origin, incarnation, seq, prev, event) {
+    let accepted = if event.direct {
+        chains.accept_direct(origin, incarnation, seq, prev, event)
+    } else {
+        chains.accept(origin, incarnation, seq, prev, event)
+    };
+    match accepted {
         Accepted::Deliver(events) => {
-            for event in events {
+            for (i, event) in events.into_iter().enumerate() {
                 metrics.events_received.fetch_add(1, Ordering::Relaxed);
                 let message = event_message(
                     shared,
@@ -428,7 +701,10 @@ async fn take_event(shared: &Arc<Shared>, chains: &mut Chains<Event>, event: Eve
                     &event.topic,
                     event.payload,
                 );
-                deliver_locally(shared, &event.topic, message).await;
+                // The first is the event in hand; the others were held, and their link
+                // messages settled when they arrived.
+                let settler = settler.filter(|_| i == 0);
+                deliver_locally(shared, &event.topic, message, &event.durable, settler).await;
             }
         }
         Accepted::Held => {
@@ -512,14 +788,17 @@ pub(crate) async fn event_task(shared: Arc<Shared>, mut events: Inbox) {
                 continue;
             }
         };
+        // Settled once relayed and delivered, and once every durable subscription that got
+        // it is done with it (each holds it).
+        let settler = events.detach_last();
         tokio::select! {
             biased;
-            () = &mut stopping => {
-                // Not relayed or delivered everywhere: not settled, so the sender keeps it.
-                events.unsettle_last();
-                break;
-            }
-            () = take_event(&shared, &mut chains, event) => {}
+            // Not relayed or delivered everywhere: never settled, so the sender keeps it.
+            () = &mut stopping => break,
+            () = take_event(&shared, &mut chains, event, settler.as_ref()) => {}
+        }
+        if let Some(settler) = settler {
+            settler.release();
         }
         since_confirm += 1;
         if since_confirm >= CONFIRM_EVERY || events.is_empty() {
@@ -577,31 +856,39 @@ pub(crate) fn repair_stalled(shared: &Arc<Shared>, force: bool) {
 /// Sends each repair's events over the direct link to its subscriber, in order.
 async fn send_repairs(shared: Arc<Shared>, repairs: Vec<gossip::Repair>) {
     for repair in repairs {
-        debug!(subscriber = %repair.to.short(), events = repair.events.len(), "repairing events over the direct link");
-        for (seq, topic, payload, prev) in repair.events {
-            let event = Event {
-                origin: shared.id,
-                incarnation: shared.epoch,
-                seq,
-                hops: 1,
-                route: vec![Hop {
-                    node: repair.to,
-                    prev,
-                }],
-                topic,
-                payload,
-            };
-            match send_event(&shared, &event).await {
-                Ok(_receipt) => {
-                    shared
-                        .metrics
-                        .events_repaired
-                        .fetch_add(1, Ordering::Relaxed);
-                }
-                Err(e) => {
-                    warn!(subscriber = %repair.to.short(), seq, error = %e, "event repair not sent");
-                    break;
-                }
+        send_repair(&shared, repair, false).await;
+    }
+}
+
+/// Sends one repair's events over the direct link, in order (`direct`: to a node that became a
+/// durable subscriber, flagged so).
+async fn send_repair(shared: &Arc<Shared>, repair: gossip::Repair, direct: bool) {
+    debug!(subscriber = %repair.to.short(), events = repair.events.len(), "repairing events over the direct link");
+    for (seq, topic, payload, prev) in repair.events {
+        let event = Event {
+            origin: shared.id,
+            incarnation: shared.epoch,
+            seq,
+            hops: 1,
+            route: vec![Hop {
+                node: repair.to,
+                prev,
+            }],
+            direct,
+            durable: Vec::new(),
+            topic,
+            payload,
+        };
+        match send_event(shared, &event).await {
+            Ok(_receipt) => {
+                shared
+                    .metrics
+                    .events_repaired
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                warn!(subscriber = %repair.to.short(), seq, error = %e, "event repair not sent");
+                break;
             }
         }
     }
@@ -614,18 +901,31 @@ pub(crate) async fn publish(
 ) -> Result<Published, PublishError> {
     let topic = Topic::new(topic)?;
     let patterns = &shared.patterns;
+    // With durable subscribers about, events are numbered and sent directly in one order: a
+    // restarted durable subscriber starts its chain at the first direct event it gets, so an
+    // earlier one must not come after it on the link.
+    let has_durable = patterns.lock().table.registry_len() > 0;
+    let _direct_order = match has_durable {
+        true => Some(patterns.direct_order.lock().await),
+        false => None,
+    };
     let fanout = loop {
         let room = patterns.retention_freed.notified();
         {
             let mut state = patterns.lock();
             if state.publisher.has_room() {
                 let addressees = state.table.addressees(&topic);
-                // The longest route a first hop can get: checked before the event is numbered,
-                // so a refused event leaves no gap in anyone's chain.
+                // The longest route a first hop can get, and the most names a direct event
+                // carries: checked before the event is numbered, so a refused event leaves no
+                // gap in anyone's chain.
                 let longest = addressees
                     .len()
                     .div_ceil(shared.config.patterns.gossip_fanout.max(1));
-                let size = gossip::overhead(&topic, longest) + payload.len();
+                let size = addressees
+                    .iter()
+                    .map(|a| gossip::overhead(&topic, 1, &a.durable))
+                    .fold(gossip::overhead(&topic, longest, &[]), usize::max)
+                    + payload.len();
                 if !addressees.is_empty() {
                     check_event_size(shared, size)?;
                 }
@@ -643,8 +943,44 @@ pub(crate) async fn publish(
             }
         }
     };
-    let addressed: usize = fanout.routes.iter().map(Vec::len).sum();
-    let mut receipts = Vec::with_capacity(fanout.routes.len());
+    // What a node that just became direct was owed from the trees, in order, before this.
+    for repair in fanout.repairs {
+        send_repair(shared, repair, true).await;
+    }
+    let addressed: usize = fanout.routes.iter().map(Vec::len).sum::<usize>() + fanout.direct.len();
+    let mut receipts = Vec::with_capacity(fanout.routes.len() + fanout.direct.len());
+    let sent = |result: Result<Receipt, SendError>,
+                peer: NodeId,
+                receipts: &mut Vec<Receipt>|
+     -> Result<(), PublishError> {
+        match result {
+            Ok(receipt) => {
+                receipts.push(receipt);
+                Ok(())
+            }
+            Err(error) if receipts.is_empty() => Err(error.into()),
+            Err(error) => Err(PublishError::Partial {
+                sent: receipts.len(),
+                peer,
+                error,
+            }),
+        }
+    };
+    for (hop, durable) in fanout.direct {
+        let event = Event {
+            origin: shared.id,
+            incarnation: shared.epoch,
+            seq: fanout.seq,
+            hops: 1,
+            route: vec![hop],
+            direct: true,
+            durable,
+            topic: topic.clone(),
+            payload: payload.clone(),
+        };
+        let result = send_direct(shared, &event).await;
+        sent(result, hop.node, &mut receipts)?;
+    }
     for route in fanout.routes {
         let peer = route[0].node;
         let event = Event {
@@ -653,24 +989,17 @@ pub(crate) async fn publish(
             seq: fanout.seq,
             hops: 1,
             route,
+            direct: false,
+            durable: Vec::new(),
             topic: topic.clone(),
             payload: payload.clone(),
         };
-        match send_event(shared, &event).await {
-            Ok(receipt) => receipts.push(receipt),
-            Err(error) if receipts.is_empty() => return Err(error.into()),
-            Err(error) => {
-                return Err(PublishError::Partial {
-                    sent: receipts.len(),
-                    peer,
-                    error,
-                })
-            }
-        }
+        let result = send_event(shared, &event).await;
+        sent(result, peer, &mut receipts)?;
     }
     let local = if patterns.lock().table.subscribed_here(&topic) {
         let message = event_message(shared, shared.id, shared.epoch, fanout.seq, &topic, payload);
-        deliver_locally(shared, &topic, message).await
+        deliver_locally(shared, &topic, message, &[], None).await
     } else {
         0
     };
@@ -679,6 +1008,81 @@ pub(crate) async fn publish(
         receipts,
         local,
     })
+}
+
+/// Sends a direct event to a durable subscriber's node. One owed to durable subscriptions
+/// expires after `durable_retention_age` and is counted against their budget
+/// (`durable_retention_max`): beyond it, the oldest is given up (dead-lettered).
+async fn send_direct(shared: &Arc<Shared>, event: &Event) -> Result<Receipt, SendError> {
+    let to = event.route[0].node;
+    let now = shared.now_unix_ms();
+    let mut outgoing = OutgoingMessage::command(EVENT_CHANNEL, event.encode(&shared.id), now)
+        .with_kind(Kind::Event);
+    if !event.durable.is_empty() {
+        let age = shared.config.patterns.durable_retention_age.as_millis() as u64;
+        outgoing = outgoing.with_expiry(now.saturating_add(age));
+    }
+    let receipt = shared.sender(to)?.send_message(outgoing).await?;
+    if !event.durable.is_empty() {
+        owe(shared, to, receipt.id().seq, &event.durable);
+    }
+    Ok(receipt)
+}
+
+/// Records an event owed to `node`'s durable subscriptions `names` under link seq `seq`, and
+/// gives up in the link what no subscription keeps any more (over budget).
+fn owe(shared: &Arc<Shared>, node: NodeId, seq: u64, names: &[String]) {
+    let given_up = {
+        let mut state = shared.patterns.lock();
+        if let Some(acked) = acked_up_to(shared, &node) {
+            state.owed.acked(&node, acked);
+        }
+        let given_up = state.owed.record(node, seq, names);
+        record_owed(shared, &state);
+        given_up
+    };
+    if given_up.is_empty() {
+        return;
+    }
+    debug!(subscriber = %node.short(), events = given_up.len(), "durable retention full: oldest owed events given up");
+    if let Ok(handle) = shared.peer(node) {
+        let _ = handle.control.send(crate::peer::Control::GiveUp {
+            seqs: given_up,
+            reason: weft_proto::link::GiveUp::Retention,
+        });
+    }
+}
+
+/// What `node`'s link acknowledged so far.
+fn acked_up_to(shared: &Shared, node: &NodeId) -> Option<u64> {
+    let peers = shared.peers.read().expect("peers lock poisoned");
+    peers.get(node).map(|handle| *handle.acked.borrow())
+}
+
+/// Takes the links' acknowledgements into the owed ledger (the control tick).
+pub(crate) fn refresh_owed(shared: &Arc<Shared>) {
+    let nodes = shared.patterns.lock().owed.nodes();
+    let acked: Vec<(NodeId, u64)> = nodes
+        .into_iter()
+        .filter_map(|node| acked_up_to(shared, &node).map(|a| (node, a)))
+        .collect();
+    let mut state = shared.patterns.lock();
+    for (node, up_to) in acked {
+        state.owed.acked(&node, up_to);
+    }
+    record_owed(shared, &state);
+}
+
+/// Updates the durable subscription gauges.
+pub(crate) fn record_owed(shared: &Shared, state: &super::State) {
+    shared
+        .metrics
+        .durable_events_owed
+        .store(state.owed.total() as u64, Ordering::Relaxed);
+    shared
+        .metrics
+        .durable_subscriptions
+        .store(state.table.registry_len() as u64, Ordering::Relaxed);
 }
 
 fn record_retained(shared: &Shared, publisher: &gossip::Publisher) {
@@ -712,6 +1116,7 @@ pub(crate) fn publish_best_effort(
         0,
         1,
         &[],
+        None,
         &topic,
         &payload,
     );
@@ -750,7 +1155,11 @@ pub(crate) fn publish_best_effort(
                 .collect()
         };
         for (tx, dropped) in targets {
-            if tx.try_send(message.clone()).is_ok() {
+            let delivery = Delivery {
+                message: message.clone(),
+                settler: None,
+            };
+            if tx.try_send(delivery).is_ok() {
                 sent += 1;
             } else {
                 dropped.fetch_add(1, Ordering::Relaxed);
