@@ -406,3 +406,51 @@ async fn events_waiting_for_a_durable_subscription_are_not_acknowledged_before_i
     publisher.shutdown().await;
     durable.shutdown().await;
 }
+
+/// A restarted subscriber whose second durable subscription's queue fills before the
+/// application subscribes again: the links from the publisher stop reading (backpressure), and
+/// with them the publisher's acknowledgements of the first subscription. Subscribing again
+/// under names confirmed before (persisted) does not wait for them, so neither deadlocks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_durable_queue_does_not_keep_a_restarted_subscriber_from_subscribing_again() {
+    const AWAY: u64 = 40;
+    let small = |c: &mut NodeConfig| {
+        c.patterns.subscription_capacity = 2;
+        c.inbox_capacity = 2;
+    };
+    let (p_dir, d_dir) = (tempdir("p"), tempdir("d"));
+    let publisher = start(&p_dir, |_| {}).await;
+    let mut peer_events = publisher.events();
+    let durable = start(&d_dir, small).await;
+    durable.add_peer(addr(&publisher)).unwrap();
+    within("peers", durable.wait_for_peers(1)).await.unwrap();
+    let first = durable.subscribe_durable("first", "other/*").await.unwrap();
+    let second = durable.subscribe_durable("second", PATTERN).await.unwrap();
+    let durable_id = durable.id();
+    drop((first, second));
+    durable.shutdown().await;
+    drop(durable);
+    wait_down(&publisher, &mut peer_events, durable_id).await;
+    for n in 1..=AWAY {
+        let _ = publish(&publisher, n).await;
+    }
+    let durable = start(&d_dir, small).await;
+    durable.add_peer(addr(&publisher)).unwrap();
+    within("peers", durable.wait_for_peers(1)).await.unwrap();
+    let _first = within(
+        "subscribing again",
+        durable.subscribe_durable("first", "other/*"),
+    )
+    .await
+    .unwrap();
+    let mut second = within(
+        "subscribing again",
+        durable.subscribe_durable("second", PATTERN),
+    )
+    .await
+    .unwrap();
+    expect_exactly(&mut second, publisher.id(), 1..=AWAY).await;
+    expect_nothing_more(&mut second, &publisher).await;
+    publisher.shutdown().await;
+    durable.shutdown().await;
+}

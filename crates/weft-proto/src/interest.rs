@@ -242,6 +242,24 @@ impl InterestTable {
         self.version
     }
 
+    /// Names of the local durable subscriptions ended (tombstones), oldest first.
+    pub fn durable_ended(&self) -> Vec<String> {
+        self.durable_ended.iter().cloned().collect()
+    }
+
+    /// Takes back tombstones persisted by an earlier start (announced from now on).
+    pub fn restore_durable_ended(&mut self, names: impl IntoIterator<Item = String>) {
+        for name in names {
+            if Topic::new(name.as_str()).is_err() || self.durable_ended.contains(&name) {
+                continue;
+            }
+            if self.durable_ended.len() >= DURABLE_ENDED_MAX {
+                self.durable_ended.pop_front();
+            }
+            self.durable_ended.push_back(name);
+        }
+    }
+
     /// Whether the local durable subscription `name` exists (or ended in this start: `false`).
     pub fn durable_here(&self, name: &str) -> bool {
         self.durable.contains_key(name)

@@ -122,6 +122,13 @@ pub(crate) struct State {
     /// Local durable subscriptions' queues, by name (bounded by
     /// `interest::DURABLE_ENDED_MAX`).
     durable_slots: BTreeMap<String, DurableSlot>,
+    /// Per local durable subscription, the publishers that sent an event owed to it since
+    /// this start: they have it in their registries (see `Patterns::in_effect`). Bounded by
+    /// the slots times `NodeConfig::peers_max`.
+    durable_known: BTreeMap<String, BTreeSet<NodeId>>,
+    /// Local durable subscriptions every connected peer confirmed, with their patterns
+    /// (persisted: see `pubsub::DurableState`).
+    durable_confirmed: BTreeMap<String, TopicPattern>,
     /// This node as a publisher: events owed to durable subscriptions, per subscriber.
     owed: weft_proto::owed::OwedEvents,
 }
@@ -176,6 +183,8 @@ impl Patterns {
                     },
                 ),
                 durable_slots: BTreeMap::new(),
+                durable_known: BTreeMap::new(),
+                durable_confirmed: BTreeMap::new(),
                 owed: weft_proto::owed::OwedEvents::new(config.durable_retention_max),
             }),
             changed: watch::channel(0).0,
@@ -221,19 +230,28 @@ impl Patterns {
     /// Waits until every connected peer acknowledged `version` of the local interest. The
     /// connections are the node's own view (not the table's, which learns of new connections
     /// a moment later), so a peer that just connected is waited for too.
+    ///
+    /// For the durable subscription `durable`, a peer that sent an event owed to it since this
+    /// start has it in its registry already, and counts as confirmed: after a restart, events
+    /// owed to the subscription may fill its queue before the application subscribes again, and
+    /// then the peer's acknowledgement waits behind them on the connection (the links stop
+    /// reading), which would wait for this subscription.
     async fn in_effect(
         &self,
         shared: &Shared,
         version: u64,
         timeout: Duration,
+        durable: Option<&str>,
     ) -> Result<(), Vec<NodeId>> {
         let mut changed = self.changed.subscribe();
         let waiting = || {
             let connected = connected_peers(shared);
             let state = self.lock();
+            let known = durable.and_then(|name| state.durable_known.get(name));
             connected
                 .into_iter()
                 .filter(|peer| state.table.acknowledged_by(peer) < version)
+                .filter(|peer| !known.is_some_and(|known| known.contains(peer)))
                 .collect::<Vec<_>>()
         };
         let wait = async {
@@ -467,12 +485,11 @@ fn handle_interest(shared: &Arc<Shared>, message: Message) {
                 for (node, name) in state.table.take_ended() {
                     state.owed.forget(&node, &name);
                 }
-                let registry = (state.table.registry_version() != before)
-                    .then(|| state.table.registry_encode());
-                if registry.is_some() {
+                let persisting = (state.table.registry_version() != before).then(|| {
                     pubsub::record_owed(shared, &state);
-                }
-                (result, registry)
+                    pubsub::persist_durable_state(shared, &state)
+                });
+                (result, persisting)
             };
             match result {
                 Ok(changed) => {
@@ -483,10 +500,10 @@ fn handle_interest(shared: &Arc<Shared>, message: Message) {
                     match registry {
                         // A durable subscription is in effect here once the registry holding
                         // it is durable: acknowledged only then.
-                        Some(registry) => {
+                        Some(persisting) => {
                             let shared = Arc::clone(shared);
                             tokio::spawn(async move {
-                                pubsub::persist_registry(&shared, registry).await;
+                                pubsub::persisted(persisting).await;
                                 ack_to(&shared, peer, incarnation, version);
                             });
                         }

@@ -302,9 +302,14 @@ pub(crate) async fn subscribe(
     let config = &shared.config.patterns;
     let dropped = Arc::new(AtomicU64::new(0));
     let too_many = |e: InterestError| SubscribeError::TooMany(e.to_string());
-    let (id, version, rx) = {
+    let (id, version, rx, confirmed) = {
         let mut state = patterns.lock();
         let id = state.next_subscription;
+        // Confirmed by every peer before (in this start, or one before: persisted): the
+        // publishers have it in their registries.
+        let confirmed = durable
+            .as_ref()
+            .is_some_and(|name| state.durable_confirmed.get(name.as_str()) == Some(&pattern));
         let (version, tx, rx) = match &durable {
             Some(name) => {
                 if state
@@ -340,7 +345,7 @@ pub(crate) async fn subscribe(
             dropped: Arc::clone(&dropped),
             durable: durable.as_ref().map(|name| name.as_str().to_owned()),
         });
-        (id, version, rx)
+        (id, version, rx, confirmed)
     };
     let subscription = Subscription {
         shared: Arc::clone(shared),
@@ -352,11 +357,33 @@ pub(crate) async fn subscribe(
         taken: None,
     };
     let _ = patterns.announce.send(());
+    if confirmed {
+        // After a restart this must not wait: the peers' acknowledgements may be stuck behind
+        // events queued for this very subscription (see `Patterns::in_effect`).
+        return Ok(subscription);
+    }
     match patterns
-        .in_effect(shared, version, config.subscribe_timeout)
+        .in_effect(
+            shared,
+            version,
+            config.subscribe_timeout,
+            subscription.durable.as_deref(),
+        )
         .await
     {
-        Ok(()) => Ok(subscription),
+        Ok(()) => {
+            if let Some(name) = &subscription.durable {
+                let persisting = {
+                    let mut state = patterns.lock();
+                    state
+                        .durable_confirmed
+                        .insert(name.clone(), subscription.pattern.clone());
+                    persist_durable_state(shared, &state)
+                };
+                persisted(persisting).await;
+            }
+            Ok(subscription)
+        }
         Err(waiting) => Err(SubscribeError::NotConfirmed(waiting)), // dropping withdraws it
     }
 }
@@ -366,12 +393,33 @@ pub(crate) async fn subscribe(
 pub(crate) fn restore(shared: &Arc<Shared>) {
     let restored = shared.restored.lock().expect("restored lock poisoned");
     let mut state = shared.patterns.lock();
-    if let Some(registry) = &restored.registry {
-        match state.table.registry_restore(registry) {
-            Ok(entries) => debug!(entries, "durable subscription registry restored"),
+    if let Some(persisted) = &restored.registry {
+        let restored = postcard::from_bytes::<DurableState>(persisted)
+            .map_err(|e| e.to_string())
+            .and_then(|persisted| {
+                let entries = state
+                    .table
+                    .registry_restore(&persisted.registry)
+                    .map_err(|e| e.to_string())?;
+                for (name, pattern) in persisted.confirmed {
+                    let (Ok(topic), Ok(pattern)) =
+                        (Topic::new(name.as_str()), TopicPattern::new(pattern))
+                    else {
+                        continue;
+                    };
+                    // Announced from the start on, and in effect already.
+                    if state.table.subscribe_durable(&topic, &pattern).is_ok() {
+                        state.durable_confirmed.insert(name, pattern);
+                    }
+                }
+                state.table.restore_durable_ended(persisted.ended);
+                Ok(entries)
+            });
+        match restored {
+            Ok(entries) => debug!(entries, "durable subscription state restored"),
             Err(e) => {
                 shared.metrics.spool_error();
-                warn!(error = %e, "durable subscription registry not restored");
+                warn!(error = %e, "durable subscription state not restored");
             }
         }
     }
@@ -393,20 +441,50 @@ pub(crate) fn restore(shared: &Arc<Shared>) {
     record_owed(shared, &state);
 }
 
-/// Makes the durable subscription registry durable (a node without a spool keeps it in memory).
-pub(crate) async fn persist_registry(shared: &Arc<Shared>, registry: Vec<u8>) {
-    let Some(durable) = &shared.durable else {
-        return;
+/// What a node persists of durable subscriptions (one spool record, each replacing the one
+/// before): as a publisher, its registry of peers' durable subscriptions; as a subscriber, its
+/// own durable subscriptions that every connected peer confirmed (subscribing again under the
+/// name after a restart is in effect at once: see [`subscribe`]) and its tombstones.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct DurableState {
+    /// `InterestTable::registry_encode`.
+    registry: Vec<u8>,
+    /// (name, pattern) of the local durable subscriptions confirmed.
+    confirmed: Vec<(String, String)>,
+    /// Names of the local durable subscriptions ended.
+    ended: Vec<String>,
+}
+
+/// A snapshot of the durable subscription state on its way to the spool.
+pub(crate) type Persisting = Option<tokio::sync::oneshot::Receiver<Result<(), String>>>;
+
+/// Starts persisting the node's durable subscription state as it is now (a node without a
+/// spool keeps it in memory). Called under the patterns lock, so that snapshots reach the
+/// spool writer in the order they were taken.
+pub(crate) fn persist_durable_state(shared: &Shared, state: &super::State) -> Persisting {
+    let durable = shared.durable.as_ref()?;
+    let snapshot = DurableState {
+        registry: state.table.registry_encode(),
+        confirmed: state
+            .durable_confirmed
+            .iter()
+            .map(|(name, pattern)| (name.clone(), pattern.as_str().to_owned()))
+            .collect(),
+        ended: state.table.durable_ended(),
     };
+    let registry = postcard::to_allocvec(&snapshot).expect("durable state always encodes");
     let (done, result) = tokio::sync::oneshot::channel();
     let command = crate::durable::Command::Registry { registry, done };
-    if durable.tx.send(command).is_err() {
-        return;
-    }
-    match result.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => warn!(error = %e, "durable subscription registry not persisted"),
-        Err(_) => {}
+    durable.tx.send(command).ok()?;
+    Some(result)
+}
+
+/// Waits until a snapshot started by [`persist_durable_state`] is durable.
+pub(crate) async fn persisted(persisting: Persisting) {
+    if let Some(result) = persisting {
+        if let Ok(Err(e)) = result.await {
+            warn!(error = %e, "durable subscription state not persisted");
+        }
     }
 }
 
@@ -425,14 +503,24 @@ pub(crate) async fn unsubscribe_durable(
         if let Some(mut slot) = state.durable_slots.remove(name.as_str()) {
             release_all(slot.rx.take());
         }
+        state.durable_known.remove(name.as_str());
+        state.durable_confirmed.remove(name.as_str());
         state
             .subscriptions
             .retain(|s| s.durable.as_deref() != Some(name.as_str()));
-        state.table.unsubscribe_durable(&name)
+        let version = state.table.unsubscribe_durable(&name);
+        (version, persist_durable_state(shared, &state))
     };
+    let (version, persisting) = version;
+    persisted(persisting).await;
     let _ = patterns.announce.send(());
     patterns
-        .in_effect(shared, version, shared.config.patterns.subscribe_timeout)
+        .in_effect(
+            shared,
+            version,
+            shared.config.patterns.subscribe_timeout,
+            None,
+        )
         .await
         .map_err(SubscribeError::NotConfirmed)
 }
@@ -486,6 +574,8 @@ async fn deliver_locally(
     durable: &[String],
     settler: Option<&Settler>,
 ) -> usize {
+    let origin = message.header.id.producer;
+    let mut learned = false;
     let targets: Vec<(mpsc::Sender<Delivery>, bool, Arc<AtomicU64>, bool)> = {
         let mut state = shared.patterns.lock();
         let mut targets: Vec<_> = state
@@ -508,6 +598,14 @@ async fn deliver_locally(
             if state.table.durable_ended_here(name) {
                 continue; // ended: its publishers are told to stop
             }
+            if state.durable_slots.contains_key(name) || state.table.durable_here(name) {
+                // The publisher has it in its registry (see `Patterns::in_effect`).
+                learned |= state
+                    .durable_known
+                    .entry(name.clone())
+                    .or_default()
+                    .insert(origin);
+            }
             if state
                 .durable_slots
                 .get(name)
@@ -528,9 +626,17 @@ async fn deliver_locally(
                 .entry(name.clone())
                 .or_insert_with(|| DurableSlot::new(capacity));
             targets.push((slot.tx.clone(), false, Arc::new(AtomicU64::new(0)), true));
+            learned |= state
+                .durable_known
+                .entry(name.clone())
+                .or_default()
+                .insert(origin);
         }
         targets
     };
+    if learned {
+        shared.patterns.bump();
+    }
     let mut delivered = 0;
     let count = targets.len();
     let mut message = Some(message);

@@ -137,7 +137,12 @@ pub(crate) async fn pull(
     let _ = shared.patterns.announce.send(());
     match shared
         .patterns
-        .in_effect(shared, version, shared.config.patterns.subscribe_timeout)
+        .in_effect(
+            shared,
+            version,
+            shared.config.patterns.subscribe_timeout,
+            None,
+        )
         .await
     {
         Ok(()) => Ok(puller),
