@@ -573,8 +573,9 @@ pub fn check_pubsub(
     let mut coverage = Coverage::default();
     let mut violations = Vec::new();
     let mut publishes: BTreeMap<EventKey, PublishFacts> = BTreeMap::new();
-    // Per subscription: its incarnations, (record index, time, pattern) of each `Subscribed`.
-    let mut subscriptions: BTreeMap<SubKey, Vec<(usize, Duration, String)>> = BTreeMap::new();
+    // Per subscription: its incarnations, (record index, time, pattern, durable) of each
+    // `Subscribed`.
+    let mut subscriptions: BTreeMap<SubKey, Vec<(usize, Duration, String, bool)>> = BTreeMap::new();
     let mut received: BTreeMap<(SubKey, EventKey), Vec<Received>> = BTreeMap::new();
     // Per (subscription, publisher): the last seq it yielded, since the node's last crash.
     let mut last_seq: BTreeMap<(SubKey, NodeIndex, usize), u32> = BTreeMap::new();
@@ -594,10 +595,17 @@ pub fn check_pubsub(
             })
         };
         match &record.event {
-            Event::Subscribed { node, sub, pattern } => subscriptions
-                .entry((*node, *sub))
-                .or_default()
-                .push((index, at, pattern.clone())),
+            Event::Subscribed {
+                node,
+                sub,
+                pattern,
+                durable,
+            } => subscriptions.entry((*node, *sub)).or_default().push((
+                index,
+                at,
+                pattern.clone(),
+                *durable,
+            )),
             // Faults may keep a peer from confirming; the application tries again.
             Event::SubscribeFailed { node, sub, error }
                 if !error.contains("did not confirm") && error != SUBSCRIBE_UNCONFIRMED =>
@@ -717,7 +725,7 @@ pub fn check_pubsub(
                 .iter()
                 .rev()
                 .find(|(index, ..)| *index < first.index)
-                .map(|(_, _, pattern)| pattern)
+                .map(|(_, _, pattern, _)| pattern)
         }) else {
             violations.push(Violation {
                 checker: Checker::Integrity,
@@ -780,30 +788,39 @@ pub fn check_pubsub(
     }
 
     // Coverage and liveness: every event published `Ok`, at every subscription in effect before
-    // its publish started.
+    // its publish started. A durable subscription is in effect from its first `Subscribed` on,
+    // across its node's crashes: its publishers keep what it is owed while it is down (the
+    // budget, `durable_retention_max`, is far above what a run publishes).
     for (&(publisher, seq), facts) in &publishes {
         let (Some(started), Some((published_at, topic, _))) = (facts.started, &facts.published)
         else {
             continue;
         };
         for (&(node, sub), incarnations) in &subscriptions {
-            // The subscription in effect when the publish started: its node did not crash since.
-            let Some(&(subscribed, _, ref pattern)) = incarnations
-                .iter()
-                .rev()
-                .find(|(index, ..)| *index < started)
-            else {
+            let durable = incarnations.first().is_some_and(|(.., durable)| *durable);
+            // The subscription in effect when the publish started: its node did not crash since
+            // (a durable one: its first incarnation).
+            let in_effect = if durable {
+                incarnations.first().filter(|(index, ..)| *index < started)
+            } else {
+                incarnations
+                    .iter()
+                    .rev()
+                    .find(|(index, ..)| *index < started)
+            };
+            let Some(&(subscribed, _, ref pattern, _)) = in_effect else {
                 continue;
             };
             if !pattern_matches(pattern, topic)
-                || crashed_between(&crashes, node, subscribed, started)
+                || (!durable && crashed_between(&crashes, node, subscribed, started))
             {
                 continue;
             }
             let first = received
                 .get(&((node, sub), (publisher, seq)))
                 .and_then(|copies| copies.iter().find(|copy| copy.index > subscribed));
-            let excused = first.is_none()
+            let excused = !durable
+                && first.is_none()
                 && crashes
                     .get(&node)
                     .is_some_and(|c| c.iter().any(|&c| c > started));
@@ -832,8 +849,9 @@ pub fn check_pubsub(
                     checker: Checker::Coverage,
                     at: end,
                     detail: format!(
-                        "event {publisher}/{seq} on {topic:?} (published at {}) never reached node {node}'s subscription {sub} ({pattern:?}, in effect since {})",
+                        "event {publisher}/{seq} on {topic:?} (published at {}) never reached node {node}'s {}subscription {sub} ({pattern:?}, in effect since {})",
                         secs(*published_at),
+                        if durable { "durable " } else { "" },
                         secs(records[subscribed].at)
                     ),
                 }),
@@ -1415,6 +1433,7 @@ mod tests {
                 node,
                 sub: 0,
                 pattern: pattern.into(),
+                durable: false,
             },
         )
     }

@@ -44,9 +44,9 @@ use crate::determinism::{crypto_provider, quinn_seams, SimulatedClock};
 use crate::history::{trace_hash, Event, History, NodeIndex, Record};
 use crate::net::TurmoilUdpSocket;
 use crate::scenario::{
-    derive_seed, node_identity, parse_event_body, parse_item_body, DiskFault, FaultAction,
-    NodeSpool, Pause, PlannedItem, PlannedPublish, PlannedSend, Scenario, ScenarioKind, DEADLINE,
-    IDLE_TIMEOUT, KEEP_ALIVE, SEGMENT_BYTES, WORK_KEYS, WORK_QUEUE,
+    derive_seed, durable_name, node_identity, parse_event_body, parse_item_body, DiskFault,
+    FaultAction, NodeSpool, Pause, PlannedItem, PlannedPublish, PlannedSend, Scenario,
+    ScenarioKind, DEADLINE, IDLE_TIMEOUT, KEEP_ALIVE, SEGMENT_BYTES, WORK_KEYS, WORK_QUEUE,
 };
 
 /// The port every node listens on.
@@ -288,6 +288,8 @@ struct NodeContext {
 struct PubSubApp {
     /// Its subscription patterns.
     patterns: Vec<&'static str>,
+    /// Whether they are durable (see `PubSubPlan::durable`).
+    durable: bool,
     /// Its events, in publish order.
     publishes: Vec<PlannedPublish>,
     /// Per topic it publishes on, how many other nodes subscribe to it.
@@ -372,6 +374,7 @@ fn simulate(scenario: &Scenario, canary: Option<Canary>, history: &History) -> S
         }
         let pubsub = scenario.pubsub.as_ref().map(|plan| PubSubApp {
             patterns: plan.patterns[index].clone(),
+            durable: plan.durable[index],
             publishes: plan.publishes[index].clone(),
             remote_subscribers: plan.publishes[index]
                 .iter()
@@ -1060,7 +1063,14 @@ async fn pubsub_app(node: Node, context: Arc<NodeContext>) {
             // connection went down while it waited did not, and will not send it events until
             // it reconnects and learns of it. The application wants every peer: it tries again.
             // (Nothing yields between `subscribe`'s last look at the peers and this one.)
-            let error = match node.subscribe(pattern).await {
+            // A durable node subscribes under the same names at every start, and gets what
+            // its publishers kept for it while it was down.
+            let subscribed = if app.durable {
+                node.subscribe_durable(&durable_name(sub), pattern).await
+            } else {
+                node.subscribe(pattern).await
+            };
+            let error = match subscribed {
                 Ok(subscription) if node.connected_peers().len() == context.ids.len() - 1 => {
                     break subscription
                 }
@@ -1077,6 +1087,7 @@ async fn pubsub_app(node: Node, context: Arc<NodeContext>) {
             node: index,
             sub,
             pattern: (*pattern).to_owned(),
+            durable: app.durable,
         });
         tokio::spawn(consume_events(subscription, Arc::clone(&context), sub));
     }

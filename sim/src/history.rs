@@ -204,6 +204,8 @@ pub enum Event {
         sub: usize,
         /// The pattern.
         pattern: String,
+        /// A durable subscription (`subscribe_durable`, named [`crate::scenario::durable_name`]).
+        durable: bool,
     },
     /// `subscribe` failed (the application tries again).
     SubscribeFailed {
@@ -514,11 +516,16 @@ impl Event {
                 node: n,
                 sub,
                 pattern,
+                durable,
             } => {
                 out.push(18);
                 node(out, *n);
                 node(out, *sub);
                 text(out, pattern);
+                if *durable {
+                    // Only then: the traces of runs without durable subscriptions stay as they were.
+                    out.push(1);
+                }
             }
             Event::SubscribeFailed {
                 node: n,
@@ -723,8 +730,14 @@ impl fmt::Display for Event {
             Event::ConsumerPaused { node } => write!(f, "node {node}: consumer paused"),
             Event::ConsumerResumed { node } => write!(f, "node {node}: consumer resumed"),
             Event::Fault(action) => write!(f, "fault: {action}"),
-            Event::Subscribed { node, sub, pattern } => {
-                write!(f, "node {node}: subscription {sub} to {pattern:?} in effect")
+            Event::Subscribed {
+                node,
+                sub,
+                pattern,
+                durable,
+            } => {
+                let kind = if *durable { "durable subscription" } else { "subscription" };
+                write!(f, "node {node}: {kind} {sub} to {pattern:?} in effect")
             }
             Event::SubscribeFailed { node, sub, error } => {
                 write!(f, "node {node}: subscription {sub} failed: {error}")

@@ -794,6 +794,9 @@ pub struct PlannedPublish {
 pub struct PubSubPlan {
     /// Per node, its subscription patterns (one or two, distinct).
     pub patterns: Vec<Vec<&'static str>>,
+    /// Per node, whether its subscriptions are durable (named `d0`, `d1`: see
+    /// [`durable_name`]); `pubsub`'s last node, which is never a publisher.
+    pub durable: Vec<bool>,
     /// Per node, its events in publish order (empty for a node that does not publish).
     pub publishes: Vec<Vec<PlannedPublish>>,
 }
@@ -810,6 +813,11 @@ impl PubSubPlan {
             })
             .count()
     }
+}
+
+/// The name of a durable node's subscription `sub`.
+pub fn durable_name(sub: usize) -> String {
+    format!("d{sub}")
 }
 
 /// An event's body: publisher index, per-publisher seq (little endian), then `padding`.
@@ -896,6 +904,14 @@ fn generate_pubsub(seed: u64) -> Scenario {
         };
         faults.extend(crash_and_restart(at, downtime, vec![node], mode));
     }
+    // The durable subscriber crashes once (its queue is memory, but its publishers keep what
+    // it is owed and it subscribes again under the same names), on its own stream of draws.
+    let mut durable_crash = Draw::new(derive_seed(seed, "durable crash", u64::from(kind.tag())));
+    let durable_node = nodes - 1;
+    let downtime = durable_crash.millis(Duration::from_millis(100), DOWNTIME_MAX);
+    let at = durable_crash.millis(FAULT_START, FAULT_END - downtime - CRASH_RECOVERY);
+    let mode = CrashMode::ALL[durable_crash.index(CrashMode::ALL.len())];
+    faults.extend(crash_and_restart(at, downtime, vec![durable_node], mode));
     faults.sort_by_key(|fault| fault.at);
     let latency = if flavour == 3 {
         LATENCY_SCENARIO_RANGE
@@ -921,6 +937,10 @@ fn plan_pubsub(seed: u64, nodes: usize, publishers: usize) -> PubSubPlan {
     PubSubPlan {
         patterns: (0..nodes)
             .map(|node| draw_patterns(&mut patterns_draw(seed, node)))
+            .collect(),
+        // The last node is durable; never a publisher (at most `PUBSUB_PUBLISHERS.1` < nodes).
+        durable: (0..nodes)
+            .map(|node| publishers > 0 && node == nodes - 1)
             .collect(),
         publishes: (0..nodes)
             .map(|node| {
@@ -1855,15 +1875,23 @@ mod tests {
     }
 
     #[test]
-    fn pubsub_crashes_only_publishers() {
+    fn pubsub_crashes_only_publishers_and_its_durable_subscriber() {
         for seed in 0..50 {
             let scenario = Scenario::generate(ScenarioKind::PubSub, seed);
             let plan = scenario.pubsub.as_ref().unwrap();
+            let durable: Vec<usize> = (0..scenario.nodes).filter(|&n| plan.durable[n]).collect();
+            assert_eq!(durable, [scenario.nodes - 1], "{seed}");
+            assert!(plan.publishes[scenario.nodes - 1].is_empty(), "{seed}");
+            let mut durable_crashes = 0;
             for fault in &scenario.faults {
                 if let FaultAction::Crash { nodes, .. } = &fault.action {
-                    assert!(nodes.iter().all(|&node| !plan.publishes[node].is_empty()));
+                    assert!(nodes
+                        .iter()
+                        .all(|&node| !plan.publishes[node].is_empty() || plan.durable[node]));
+                    durable_crashes += nodes.iter().filter(|&&node| plan.durable[node]).count();
                 }
             }
+            assert_eq!(durable_crashes, 1, "{seed}");
             assert!(plan.patterns.iter().all(|p| (1..=2).contains(&p.len())));
         }
     }
