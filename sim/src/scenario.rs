@@ -34,8 +34,10 @@
 //!   patterns each (exact, `*`, `**`), two or three of them publish planned events on topics
 //!   some of which match no pattern; one flavour of network faults (partitions, holds, pair
 //!   losses or latency spikes, with consumer pauses around long outages) and one or two
-//!   crashes of publishers, mostly aimed at a publish in progress (slow disks). Subscribers
-//!   other than the publishers never crash: a subscription's queue is memory.
+//!   crashes of publishers, mostly aimed at a publish in progress (slow disks). The last node
+//!   (never a publisher) subscribes durably and crashes once: its publishers keep what it is
+//!   owed and it subscribes again under the same names. The other subscribers never crash: a
+//!   plain subscription's queue is memory.
 //!
 //! - `work`: a producer (node 0) pushes planned items, most with a shard key, to three workers
 //!   with a small credit; one flavour of network faults and one to three crashes, mostly of

@@ -201,8 +201,8 @@ impl Subscription {
     /// Ends the subscription. For a durable one this ends it for good, everywhere: this node
     /// announces the end to its peers (returns once every connected peer confirmed it, like
     /// `subscribe`), and every publisher drops it from its registry and keeps nothing more for
-    /// it. A publisher that is not connected now learns it when it next connects, while this
-    /// node runs (the end is not persisted here).
+    /// it. A publisher that is not connected now learns it when it next connects (the end is
+    /// persisted here with a data directory, among the last `interest::DURABLE_ENDED_MAX`).
     pub async fn unsubscribe(mut self) -> Result<(), SubscribeError> {
         self.settle();
         match self.durable.clone() {
