@@ -286,7 +286,10 @@ mod tests {
         let session = [3u8; 32];
         let judge =
             |proven: &NodeId, hello: &Hello| judge_hello("shop", &open, &session, proven, hello);
-        assert_eq!(judge(&id, &local_hello("shop", id, 1, None)), Ok(1));
+        assert_eq!(
+            judge(&id, &local_hello("shop", id, 1, None)),
+            Ok(PROTOCOL_VERSION_MAX)
+        );
         let e = judge(&id, &local_hello("bank", id, 1, None)).unwrap_err();
         assert_eq!(e.reason, RefuseReason::WrongMesh);
         let e = judge(&other, &local_hello("shop", id, 1, None)).unwrap_err();
@@ -310,7 +313,7 @@ mod tests {
         // Same secret, same session: admitted.
         assert_eq!(
             judge_hello("shop", &mesh, &session, &a, &hello(&mesh, &session, a)),
-            Ok(1)
+            Ok(PROTOCOL_VERSION_MAX)
         );
         // No proof, wrong secret, another session (replay), another sender (reflection): refused.
         let refused = |h: &Hello, proven: &NodeId| {
@@ -346,7 +349,7 @@ mod tests {
         let session = [0u8; 32];
         assert_eq!(
             judge_hello("m", &only_a, &session, &a, &local_hello("m", a, 1, None)),
-            Ok(1)
+            Ok(PROTOCOL_VERSION_MAX)
         );
         let e = judge_hello("m", &only_a, &session, &b, &local_hello("m", b, 1, None)).unwrap_err();
         assert_eq!(e.reason, RefuseReason::NotAdmitted);

@@ -551,7 +551,7 @@ mod tests {
     #[test]
     fn a_valid_record_yields_every_address_with_the_port() {
         let other = id(2).to_string();
-        let peer = judge(record(Some(&other), Some("shop"), Some("1-1")), &local()).unwrap();
+        let peer = judge(record(Some(&other), Some("shop"), Some("2-2")), &local()).unwrap();
         assert_eq!(peer.id, id(2));
         assert_eq!(
             peer.addrs,
@@ -568,11 +568,11 @@ mod tests {
         let other = id(2).to_string();
         let l = local();
         assert_eq!(
-            judge(record(Some(&own), Some("shop"), Some("1-1")), &l),
+            judge(record(Some(&own), Some("shop"), Some("2-2")), &l),
             Err(Ignored::Own)
         );
         assert!(matches!(
-            judge(record(Some(&other), Some("bank"), Some("1-1")), &l),
+            judge(record(Some(&other), Some("bank"), Some("2-2")), &l),
             Err(Ignored::OtherMesh(_))
         ));
         assert!(matches!(
@@ -580,9 +580,9 @@ mod tests {
             Err(Ignored::Incompatible(_))
         ));
         for bad in [
-            record(None, Some("shop"), Some("1-1")),
-            record(Some("nonsense"), Some("shop"), Some("1-1")),
-            record(Some(&other), None, Some("1-1")),
+            record(None, Some("shop"), Some("2-2")),
+            record(Some("nonsense"), Some("shop"), Some("2-2")),
+            record(Some(&other), None, Some("2-2")),
             record(Some(&other), Some("shop"), None),
             record(Some(&other), Some("shop"), Some("1")),
             record(Some(&other), Some("shop"), Some("2-1")),
@@ -590,10 +590,10 @@ mod tests {
         ] {
             assert!(matches!(judge(bad, &l), Err(Ignored::Malformed(_))));
         }
-        let mut no_port = record(Some(&other), Some("shop"), Some("1-1"));
+        let mut no_port = record(Some(&other), Some("shop"), Some("2-2"));
         no_port.port = 0;
         assert!(matches!(judge(no_port, &l), Err(Ignored::Malformed(_))));
-        let mut no_addr = record(Some(&other), Some("shop"), Some("1-1"));
+        let mut no_addr = record(Some(&other), Some("shop"), Some("2-2"));
         no_addr.ips = vec!["0.0.0.0".parse().unwrap()].into_iter();
         assert!(matches!(judge(no_addr, &l), Err(Ignored::Malformed(_))));
     }
