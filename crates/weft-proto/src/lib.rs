@@ -45,6 +45,7 @@ pub mod id;
 pub mod interest;
 pub mod link;
 pub mod message;
+pub mod schedule;
 pub mod shard;
 pub mod spooled;
 pub mod topic;
