@@ -31,6 +31,8 @@ pub(crate) struct Metrics {
     pub(crate) events_repaired: AtomicU64,
     pub(crate) event_hops_max: AtomicU64,
     pub(crate) events_retained: AtomicU64,
+    scheduled: AtomicU64,
+    released: AtomicU64,
 }
 
 /// A snapshot of a node's counters.
@@ -88,6 +90,10 @@ pub struct MetricsSnapshot {
     pub event_hops_max: u64,
     /// Events this node published and keeps for repair, not yet confirmed by every addressee.
     pub events_retained: u64,
+    /// Delayed messages waiting for their due time (a gauge).
+    pub scheduled: u64,
+    /// Delayed messages numbered into their stream at their due time.
+    pub released: u64,
 }
 
 impl Metrics {
@@ -162,6 +168,14 @@ impl Metrics {
         self.watermarks_persisted.fetch_add(1, Ordering::Relaxed);
     }
 
+    pub(crate) fn scheduled_set(&self, waiting: u64) {
+        self.scheduled.store(waiting, Ordering::Relaxed);
+    }
+
+    pub(crate) fn released(&self) {
+        self.released.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub(crate) fn snapshot(&self) -> MetricsSnapshot {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         MetricsSnapshot {
@@ -189,6 +203,8 @@ impl Metrics {
             events_repaired: get(&self.events_repaired),
             event_hops_max: get(&self.event_hops_max),
             events_retained: get(&self.events_retained),
+            scheduled: get(&self.scheduled),
+            released: get(&self.released),
         }
     }
 }
@@ -202,7 +218,7 @@ struct Series {
 }
 
 impl MetricsSnapshot {
-    fn series(&self) -> [Series; 24] {
+    fn series(&self) -> [Series; 26] {
         let counter = |name, help, value| Series {
             name,
             kind: "counter",
@@ -334,6 +350,17 @@ impl MetricsSnapshot {
                 help: "Published events kept for repair, not yet confirmed by every addressee.",
                 value: self.events_retained,
             },
+            Series {
+                name: "weft_messages_scheduled",
+                kind: "gauge",
+                help: "Delayed messages waiting for their due time.",
+                value: self.scheduled,
+            },
+            counter(
+                "weft_messages_released_total",
+                "Delayed messages numbered into their stream at their due time.",
+                self.released,
+            ),
         ]
     }
 
@@ -392,6 +419,8 @@ impl MetricsSnapshot {
             ("events_repaired", self.events_repaired),
             ("event_hops_max", self.event_hops_max),
             ("events_retained", self.events_retained),
+            ("scheduled", self.scheduled),
+            ("released", self.released),
         ]
         .iter()
         .map(|(name, value)| format!("\"{name}\":{value}"))
