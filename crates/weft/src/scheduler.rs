@@ -217,9 +217,17 @@ pub(crate) async fn run(shared: Arc<Shared>) {
             tokio::task::yield_now().await;
             continue;
         }
-        let wait = scheduler.next_due().map_or(RECHECK_MAX, |due| {
-            Duration::from_millis(due.saturating_sub(shared.now_unix_ms())).min(RECHECK_MAX)
-        });
+        let Some(due) = scheduler.next_due() else {
+            // Nothing scheduled: no timer at all (an idle node's runtime, and the simulation's
+            // event order, are as without this task) until an insert wakes the task.
+            tokio::select! {
+                biased;
+                _ = shutdown.wait_for(|stop| *stop) => break,
+                () = scheduler.wake.notified() => {}
+            }
+            continue;
+        };
+        let wait = Duration::from_millis(due.saturating_sub(shared.now_unix_ms())).min(RECHECK_MAX);
         tokio::select! {
             biased;
             _ = shutdown.wait_for(|stop| *stop) => break,
