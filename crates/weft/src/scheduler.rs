@@ -68,6 +68,9 @@ pub(crate) struct Scheduler {
     wake: Notify,
     /// Releases wait until then (a full spool refused one).
     paused_until: Mutex<Option<Instant>>,
+    /// Set at shutdown: what arrives later (a spool write finishing) is dropped, so that its
+    /// receipt reports `NodeClosed` instead of waiting for a release that never comes.
+    closed: std::sync::atomic::AtomicBool,
     metrics: Arc<Metrics>,
 }
 
@@ -79,6 +82,7 @@ impl Scheduler {
             places_max,
             wake: Notify::new(),
             paused_until: Mutex::new(None),
+            closed: std::sync::atomic::AtomicBool::new(false),
             metrics,
         }
     }
@@ -108,6 +112,10 @@ impl Scheduler {
             .deliver_after_unix_ms()
             .expect("only delayed messages are scheduled");
         let mut schedule = self.schedule.lock().expect("schedule lock poisoned");
+        if self.closed.load(std::sync::atomic::Ordering::Relaxed) {
+            // (Checked under the lock `close` takes: nothing slips in after it emptied.)
+            return;
+        }
         if schedule.insert(due, waiting).is_err() {
             unreachable!("the schedule's own capacity is unbounded; places bound it");
         }
@@ -159,6 +167,8 @@ impl Scheduler {
     /// a spool the messages stay there and are scheduled again at the next start).
     pub(crate) fn close(&self) {
         let mut schedule = self.schedule.lock().expect("schedule lock poisoned");
+        self.closed
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         let mut dropped = 0;
         while schedule.pop_due(u64::MAX).is_some() {
             dropped += 1;
