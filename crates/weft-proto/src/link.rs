@@ -202,6 +202,15 @@ impl OutgoingMessage {
         self.with_deliver_after(at)
     }
 
+    /// Deliver not before `at` (see [`OutgoingMessage::with_deliver_after`]; a time before the
+    /// Unix epoch means at once). Converts only: reads no clock.
+    pub fn with_deliver_at(self, at: std::time::SystemTime) -> Self {
+        let unix_ms = at
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        self.with_deliver_after(unix_ms)
+    }
+
     /// The time the message is due, if it is delayed (Unix milliseconds).
     pub fn deliver_after_unix_ms(&self) -> Option<u64> {
         self.deliver_after.map(NonZeroU64::get)

@@ -214,6 +214,23 @@ mod tests {
     }
 
     #[test]
+    fn the_builders_agree() {
+        use crate::OutgoingMessage;
+        use std::time::{Duration, UNIX_EPOCH};
+        let base = OutgoingMessage::command("c", bytes::Bytes::new(), 1_000);
+        let delayed = base.clone().with_delay(Duration::from_millis(250));
+        assert_eq!(delayed.deliver_after_unix_ms(), Some(1_250));
+        let at = base
+            .clone()
+            .with_deliver_at(UNIX_EPOCH + Duration::from_millis(1_250));
+        assert_eq!(at, delayed);
+        assert_eq!(base.clone().with_delay(Duration::ZERO).deliver_after, None);
+        assert_eq!(base.clone().with_deliver_after(0).deliver_after, None);
+        assert_eq!(delayed.age_base_unix_ms(), 1_250);
+        assert_eq!(base.age_base_unix_ms(), 1_000);
+    }
+
+    #[test]
     fn due_times_are_checked() {
         let max = DELAY_MAX_MS_DEFAULT;
         assert_eq!(
