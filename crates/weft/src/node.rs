@@ -147,6 +147,8 @@ pub(crate) struct Shared {
     pub events: broadcast::Sender<PeerEvent>,
     pub shutdown: watch::Sender<bool>,
     pub tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// The runtime the node started on.
+    pub runtime: tokio::runtime::Handle,
     pub metrics: Arc<Metrics>,
     /// Delayed messages waiting for their due time (see [`crate::scheduler`]).
     pub scheduler: Arc<Scheduler>,
@@ -245,6 +247,22 @@ impl Shared {
 
     pub(crate) fn now_unix_ms(&self) -> u64 {
         (self.wall_clock)()
+    }
+
+    /// Starts the task that releases delayed messages, on the first one (a node that never
+    /// delays a message runs no such task: its runtime, and a simulation's event order, are
+    /// exactly as without the feature). Idempotent.
+    pub(crate) fn start_release_task(self: &Arc<Self>) {
+        if self.scheduler.mark_started() {
+            let span = info_span!(parent: None, "scheduler", node = %self.id.short());
+            // On the node's runtime (a `try_send` may come from a thread outside it).
+            let handle = self
+                .runtime
+                .spawn(crate::scheduler::run(Arc::clone(self)).instrument(span));
+            let mut tasks = self.tasks.lock().expect("tasks lock poisoned");
+            tasks.retain(|t| !t.is_finished());
+            tasks.push(handle);
+        }
     }
 }
 
@@ -457,6 +475,7 @@ impl NodeBuilder {
             events,
             shutdown,
             tasks: Mutex::new(Vec::new()),
+            runtime: tokio::runtime::Handle::current(),
             metrics,
             scheduler,
             patterns,
@@ -467,7 +486,9 @@ impl NodeBuilder {
         crate::patterns::start(&shared)
             .map_err(|e| StartError::Config(format!("pattern channels: {e}")))?;
         shared.spawn(accept_loop(Arc::clone(&shared)).instrument(span.clone()));
-        shared.spawn(crate::scheduler::run(Arc::clone(&shared)).instrument(span.clone()));
+        if shared.scheduler.has_waiting() {
+            shared.start_release_task();
+        }
         let node = Node {
             inner: Arc::new(NodeInner {
                 shared,
@@ -1286,6 +1307,7 @@ impl PeerSender {
     ) -> Result<Receipt, SendError> {
         let (slot, watch) = crate::receipt::slot(self.shared.durable.is_none());
         let dest = self.handle.id;
+        self.shared.start_release_task();
         match &self.shared.durable {
             None => self.shared.scheduler.insert(Waiting {
                 dest,

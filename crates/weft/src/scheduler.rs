@@ -71,6 +71,8 @@ pub(crate) struct Scheduler {
     /// Set at shutdown: what arrives later (a spool write finishing) is dropped, so that its
     /// receipt reports `NodeClosed` instead of waiting for a release that never comes.
     closed: std::sync::atomic::AtomicBool,
+    /// Whether the release task runs (started with the first delayed message).
+    started: std::sync::atomic::AtomicBool,
     metrics: Arc<Metrics>,
 }
 
@@ -83,6 +85,7 @@ impl Scheduler {
             wake: Notify::new(),
             paused_until: Mutex::new(None),
             closed: std::sync::atomic::AtomicBool::new(false),
+            started: std::sync::atomic::AtomicBool::new(false),
             metrics,
         }
     }
@@ -96,6 +99,20 @@ impl Scheduler {
             }
             Err(_) => Err(self.places_max),
         }
+    }
+
+    /// True the first time only: the caller starts the release task.
+    pub(crate) fn mark_started(&self) -> bool {
+        !self.started.swap(true, std::sync::atomic::Ordering::AcqRel)
+    }
+
+    /// Whether anything waits (restored at start).
+    pub(crate) fn has_waiting(&self) -> bool {
+        !self
+            .schedule
+            .lock()
+            .expect("schedule lock poisoned")
+            .is_empty()
     }
 
     /// Gives a place back (the message was released, or refused before it was scheduled).
