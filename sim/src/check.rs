@@ -25,6 +25,14 @@
 //! |               | most once outside receiver crashes), a message nobody sent never does    |
 //! | `api`         | sends fail only on a faulty or capped spool, receipts only by dead        |
 //! |               | letters, starts only on a faulty disk; no protocol errors                 |
+//! | `early`       | a delayed message never reaches the application before its due time      |
+//!
+//! Delayed sends (crash and partition kinds) have no id when `send` returns (`Scheduled`); their
+//! receipt learns it at the release (`Released`, then they are checked like accepted messages).
+//! A crash can move the release into a later incarnation without a receipt, so each scheduled
+//! message is also judged by its body: delivered from its sender to its receiver (`loss`),
+//! under one id only (`duplicate`: numbering it twice would give the receiver no way to drop
+//! the second copy), and never before its due time (`early`).
 //!
 //! (The harness adds `liveness` — the run settled: every spool drained — and `simulation`
 //! violations when a host fails or a task panics; [`check_pubsub`] and [`check_work`] judge the
@@ -69,6 +77,8 @@ pub enum Checker {
     Cost,
     /// The simulation itself failed: a host returned an error or a task panicked.
     Simulation,
+    /// A delayed message reached the application before its due time.
+    Early,
 }
 
 impl Checker {
@@ -86,6 +96,7 @@ impl Checker {
             Checker::Liveness => "liveness",
             Checker::Cost => "cost",
             Checker::Simulation => "simulation",
+            Checker::Early => "early",
         }
     }
 }
@@ -169,6 +180,8 @@ struct Facts {
     disk_trouble: BTreeMap<NodeIndex, usize>,
     /// Per (receiver, sender): skipped seqs of a stream, checked once everything is known.
     skipped: Vec<(Duration, MessageKey)>,
+    /// Delayed sends that returned `Ok`: (when, sender, receiver, body digest, due time).
+    scheduled: Vec<(Duration, NodeIndex, NodeIndex, u64, Duration)>,
 }
 
 impl Facts {
@@ -198,7 +211,28 @@ pub fn check(records: &[Record], end: Duration) -> Vec<Violation> {
             })
         };
         match &record.event {
+            Event::Scheduled {
+                from,
+                to,
+                body_digest,
+                due,
+            } => {
+                facts.scheduled.push((at, *from, *to, *body_digest, *due));
+                // Its deliveries are something that was sent, whatever id they carry.
+                facts
+                    .unaccepted
+                    .entry((*from, *to))
+                    .or_default()
+                    .push(*body_digest);
+            }
             Event::Accepted {
+                from,
+                to,
+                stream,
+                seq,
+                body_digest,
+            }
+            | Event::Released {
                 from,
                 to,
                 stream,
@@ -449,6 +483,63 @@ pub fn check(records: &[Record], end: Duration) -> Vec<Violation> {
                     }
                 }
             }
+        }
+    }
+
+    // Delayed messages, by body: delivered, under one id, not before their time.
+    for &(sent_at, from, to, digest, due) in &facts.scheduled {
+        let copies: Vec<(&MessageKey, &Delivery)> = facts
+            .deliveries
+            .range((from, to, 0, 0)..=(from, to, u64::MAX, u64::MAX))
+            .flat_map(|(key, copies)| copies.iter().map(move |copy| (key, copy)))
+            .filter(|(_, copy)| copy.body_digest == digest)
+            .collect();
+        let ids: BTreeSet<&MessageKey> = copies.iter().map(|(key, _)| *key).collect();
+        if ids.is_empty() {
+            let reported = facts
+                .dead_lettered
+                .iter()
+                .any(|key| key.0 == from && key.1 == to)
+                || facts
+                    .quarantines
+                    .get(&from)
+                    .is_some_and(|times| times.iter().any(|&q| q >= sent_at));
+            if !reported {
+                violations.push(Violation {
+                    checker: Checker::Loss,
+                    at: end,
+                    detail: format!(
+                        "delayed {from}->{to} (scheduled at {}, due {}) never delivered",
+                        secs(sent_at),
+                        secs(due)
+                    ),
+                });
+            }
+        }
+        if ids.len() > 1 {
+            let names: Vec<String> = ids.iter().map(|key| name(key)).collect();
+            violations.push(Violation {
+                checker: Checker::Duplicate,
+                at: copies[0].1.at,
+                detail: format!(
+                    "delayed {from}->{to} (due {}) delivered under {} ids: {}",
+                    secs(due),
+                    ids.len(),
+                    names.join(", ")
+                ),
+            });
+        }
+        // The delivery time is recorded in whole simulated time; the due time was converted
+        // from whole wall-clock milliseconds: a millisecond of slack.
+        if let Some((key, copy)) = copies
+            .iter()
+            .find(|(_, copy)| copy.at + Duration::from_millis(1) < due)
+        {
+            violations.push(Violation {
+                checker: Checker::Early,
+                at: copy.at,
+                detail: format!("{} delivered before its due time {}", name(key), secs(due)),
+            });
         }
     }
 
@@ -1313,6 +1404,55 @@ mod tests {
             acked(10, 0, 1, 2),
         ];
         assert_eq!(checkers(&records), []);
+    }
+
+    fn scheduled(ms: u64, from: NodeIndex, to: NodeIndex, digest: u64, due_ms: u64) -> Record {
+        record(
+            ms,
+            Event::Scheduled {
+                from,
+                to,
+                body_digest: digest,
+                due: at(due_ms),
+            },
+        )
+    }
+
+    #[test]
+    fn delayed_messages_are_judged_by_body_whether_or_not_they_were_released_with_a_receipt() {
+        // Released with a receipt (seq 2, digest 20), and after a crash without one (seq 3).
+        let clean = [
+            accepted(1, 0, 1, 1),
+            scheduled(2, 0, 1, 20, 500),
+            scheduled(3, 0, 1, 30, 600),
+            delivered(5, 0, 1, 1),
+            record(
+                500,
+                Event::Released {
+                    from: 0,
+                    to: 1,
+                    stream: 7,
+                    seq: 2,
+                    body_digest: 20,
+                },
+            ),
+            delivered(501, 0, 1, 2),
+            delivered(650, 0, 1, 3),
+        ];
+        assert_eq!(checkers(&clean), []);
+        // Early.
+        let records = [scheduled(2, 0, 1, 20, 500), delivered(400, 0, 1, 2)];
+        assert_eq!(checkers(&records), [Checker::Early]);
+        // Never delivered.
+        let records = [scheduled(2, 0, 1, 20, 500)];
+        assert_eq!(checkers(&records), [Checker::Loss]);
+        // Numbered twice: delivered under two ids (the receiver cannot drop the second).
+        let mut twice = delivered(700, 0, 1, 3);
+        if let Event::Delivered { body_digest, .. } = &mut twice.event {
+            *body_digest = 20;
+        }
+        let records = [scheduled(2, 0, 1, 20, 500), delivered(600, 0, 1, 2), twice];
+        assert_eq!(checkers(&records), [Checker::Duplicate]);
     }
 
     #[test]

@@ -873,7 +873,7 @@ async fn send_all(
     sender: PeerSender,
     context: Arc<NodeContext>,
     to: NodeIndex,
-    receipts: mpsc::Sender<Receipt>,
+    receipts: mpsc::Sender<(Receipt, u64)>,
 ) {
     let from = context.index;
     let history = context.history.clone();
@@ -905,7 +905,17 @@ async fn send_all(
         let batch = &sends[position..position + due];
         let digests: Vec<u64> = batch.iter().map(|send| body_digest(&send.body)).collect();
         context.app().in_flight.insert(to, digests.clone());
-        let sent: Vec<Result<Receipt, SendError>> = if due == 1 {
+        let sent: Vec<Result<Receipt, SendError>> = if batch.iter().any(|s| s.delay.is_some()) {
+            // Delayed sends go one by one (their receipts are apart in a batch's `Receipts`).
+            let mut sent = Vec::with_capacity(due);
+            for send in batch {
+                let message = sender
+                    .new_message(CHANNEL, send.body.clone())
+                    .with_delay(send.delay.unwrap_or_default());
+                sent.push(sender.send_message(message).await);
+            }
+            sent
+        } else if due == 1 {
             vec![sender.send(CHANNEL, batch[0].body.clone()).await]
         } else {
             let messages = batch
@@ -921,15 +931,32 @@ async fn send_all(
         for ((sent, digest), slot) in sent.into_iter().zip(digests).zip(slots) {
             match sent {
                 Ok(receipt) => {
-                    let id = receipt.id();
-                    history.record_now(Event::Accepted {
-                        from,
-                        to,
-                        stream: id.stream.0,
-                        seq: id.seq,
-                        body_digest: digest,
-                    });
-                    slot.send(receipt);
+                    match receipt.due_unix_ms() {
+                        Some(due_unix_ms) => {
+                            // The due time on the simulated clock: the node's wall clock is
+                            // the simulated one plus a fixed epoch (this record may come after
+                            // the due time: a batch is recorded once all of it returned).
+                            let epoch = SimulatedClock.since_unix_epoch() - sim_now();
+                            let due = Duration::from_millis(due_unix_ms).saturating_sub(epoch);
+                            history.record_now(Event::Scheduled {
+                                from,
+                                to,
+                                body_digest: digest,
+                                due,
+                            });
+                        }
+                        None => {
+                            let id = receipt.id();
+                            history.record_now(Event::Accepted {
+                                from,
+                                to,
+                                stream: id.stream.0,
+                                seq: id.seq,
+                                body_digest: digest,
+                            });
+                        }
+                    }
+                    slot.send((receipt, digest));
                 }
                 Err(error) => history.record_now(Event::SendFailed {
                     from,
@@ -974,12 +1001,26 @@ async fn batch_outcomes(
 
 /// Awaits receipts in sending order and records each resolution.
 async fn await_receipts(
-    mut pending: mpsc::Receiver<Receipt>,
+    mut pending: mpsc::Receiver<(Receipt, u64)>,
     from: NodeIndex,
     to: NodeIndex,
     history: History,
 ) {
-    while let Some(receipt) = pending.recv().await {
+    while let Some((receipt, body_digest)) = pending.recv().await {
+        if receipt.due_unix_ms().is_some() {
+            // A delayed message: its id once it is released (the node shutting down first
+            // leaves it to a later incarnation, without a receipt).
+            let Ok(id) = receipt.numbered().await else {
+                continue;
+            };
+            history.record_now(Event::Released {
+                from,
+                to,
+                stream: id.stream.0,
+                seq: id.seq,
+                body_digest,
+            });
+        }
         let id = receipt.id();
         let (stream, seq) = (id.stream.0, id.seq);
         match receipt.await {

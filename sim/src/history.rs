@@ -39,6 +39,33 @@ pub enum Event {
         /// First 8 bytes of the body's blake3, to check what arrives.
         body_digest: u64,
     },
+    /// `send` of a delayed message returned `Ok`: accepted (durable), not numbered yet; its id is
+    /// known only at its release ([`Event::Released`]), which a crash may move into a later
+    /// incarnation of the sender (then without a receipt, so without a `Released`).
+    Scheduled {
+        /// Sender.
+        from: NodeIndex,
+        /// Destination.
+        to: NodeIndex,
+        /// First 8 bytes of the body's blake3.
+        body_digest: u64,
+        /// Not to be delivered before this simulated time.
+        due: Duration,
+    },
+    /// A delayed message's receipt learned its number: from here on it is checked like an
+    /// accepted message.
+    Released {
+        /// Sender.
+        from: NodeIndex,
+        /// Destination.
+        to: NodeIndex,
+        /// The sender's stream to `to`.
+        stream: u64,
+        /// Sequence number in that stream.
+        seq: u64,
+        /// First 8 bytes of the body's blake3.
+        body_digest: u64,
+    },
     /// `send` returned an error: the message was not accepted.
     SendFailed {
         /// Sender.
@@ -364,6 +391,32 @@ impl Event {
                 number(out, *seq);
                 number(out, *body_digest);
             }
+            Event::Scheduled {
+                from,
+                to,
+                body_digest,
+                due,
+            } => {
+                out.push(33);
+                node(out, *from);
+                node(out, *to);
+                number(out, *body_digest);
+                number(out, due.as_nanos() as u64);
+            }
+            Event::Released {
+                from,
+                to,
+                stream,
+                seq,
+                body_digest,
+            } => {
+                out.push(34);
+                node(out, *from);
+                node(out, *to);
+                number(out, *stream);
+                number(out, *seq);
+                number(out, *body_digest);
+            }
             Event::SendFailed {
                 from,
                 to,
@@ -673,6 +726,18 @@ impl fmt::Display for Event {
             Event::SendFailed {
                 from, to, error, ..
             } => write!(f, "send {from}->{to} failed: {error}"),
+            Event::Scheduled { from, to, due, .. } => write!(
+                f,
+                "scheduled {from}->{to}, due at {:.3} s",
+                due.as_secs_f64()
+            ),
+            Event::Released {
+                from,
+                to,
+                stream,
+                seq,
+                ..
+            } => write!(f, "released {from}->{to} seq {seq} (stream {stream:016x})"),
             Event::SendInterrupted { from, to, .. } => {
                 write!(f, "send {from}->{to} interrupted by a crash")
             }
@@ -891,7 +956,7 @@ impl History {
     pub fn record(&self, at: Duration, event: Event) {
         let mut inner = self.lock();
         match &event {
-            Event::Accepted { from, .. } => {
+            Event::Accepted { from, .. } | Event::Scheduled { from, .. } => {
                 inner.sends_done += 1;
                 inner.open_receipts[*from] += 1;
             }

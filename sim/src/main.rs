@@ -203,6 +203,8 @@ fn replay_command(kind: ScenarioKind, seed: u64, canary: Option<Canary>) -> Stri
 #[derive(Debug, Default)]
 struct Tally {
     accepted: usize,
+    scheduled: usize,
+    released: usize,
     delivered: usize,
     acked: usize,
     peer_up: usize,
@@ -225,6 +227,8 @@ fn tally(outcome: &Outcome) -> Tally {
     for record in &outcome.records {
         match record.event {
             Event::Accepted { .. } => tally.accepted += 1,
+            Event::Scheduled { .. } => tally.scheduled += 1,
+            Event::Released { .. } => tally.released += 1,
             Event::Delivered { .. } => tally.delivered += 1,
             Event::Acked { .. } => tally.acked += 1,
             Event::PeerUp { .. } => tally.peer_up += 1,
@@ -331,6 +335,12 @@ fn run_one(kind: ScenarioKind, seed: u64, canary: Option<Canary>, trace: bool) -
         tally.peer_up,
         tally.peer_down
     );
+    if tally.scheduled > 0 {
+        println!(
+            "delayed: scheduled {}, released with a receipt {} (the rest after a crash, without one)",
+            tally.scheduled, tally.released
+        );
+    }
     if scenario.work.is_some() {
         println!(
             "pushed {}, interrupted {}; taken {}",

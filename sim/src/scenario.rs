@@ -151,6 +151,11 @@ pub enum ScenarioKind {
     /// A work queue: a producer pushes (some items sharded by key) to three workers that
     /// crash, go silent and come back.
     Work,
+    /// The `crash` faults with one send in four delayed (deliver-after): delayed messages must
+    /// arrive once, not before their time, across crashes of their sender before and after
+    /// their release. (A kind of its own, so that `crash` and its canary seeds stay as they
+    /// were.)
+    Delay,
     /// Pub/sub at scale: a hundred nodes, events relayed down gossip trees, subscribers cut
     /// off, lossy publisher links, a relay crash; the trees' cost is measured and bounded.
     GossipScale,
@@ -158,7 +163,7 @@ pub enum ScenarioKind {
 
 impl ScenarioKind {
     /// Every kind.
-    pub const ALL: [ScenarioKind; 11] = [
+    pub const ALL: [ScenarioKind; 12] = [
         ScenarioKind::Partition,
         ScenarioKind::Hold,
         ScenarioKind::Loss,
@@ -169,13 +174,14 @@ impl ScenarioKind {
         ScenarioKind::SpoolFull,
         ScenarioKind::PubSub,
         ScenarioKind::Work,
+        ScenarioKind::Delay,
         ScenarioKind::GossipScale,
     ];
 
     /// The kinds a sweep of `all` runs, in this order: every kind but those that fail on bugs
     /// of the node that are known and not fixed yet (see [`ScenarioKind::known_bug`]), and
     /// `gossip-scale`, whose runs take a minute each.
-    pub const SWEPT: [ScenarioKind; 10] = [
+    pub const SWEPT: [ScenarioKind; 11] = [
         ScenarioKind::Partition,
         ScenarioKind::Hold,
         ScenarioKind::Loss,
@@ -186,6 +192,7 @@ impl ScenarioKind {
         ScenarioKind::PubSub,
         ScenarioKind::Work,
         ScenarioKind::Bitrot,
+        ScenarioKind::Delay,
     ];
 
     /// Why this kind is not in [`ScenarioKind::SWEPT`]: the open bug it fails on.
@@ -210,6 +217,7 @@ impl ScenarioKind {
             ScenarioKind::PubSub => "pubsub",
             ScenarioKind::Work => "work",
             ScenarioKind::GossipScale => "gossip-scale",
+            ScenarioKind::Delay => "delay",
         }
     }
 
@@ -218,6 +226,7 @@ impl ScenarioKind {
         matches!(
             self,
             ScenarioKind::Crash
+                | ScenarioKind::Delay
                 | ScenarioKind::Disk
                 | ScenarioKind::Bitrot
                 | ScenarioKind::SpoolFull
@@ -237,6 +246,7 @@ impl ScenarioKind {
             ScenarioKind::PubSub => 9,
             ScenarioKind::Work => 10,
             ScenarioKind::GossipScale => 11,
+            ScenarioKind::Delay => 12,
         }
     }
 }
@@ -511,6 +521,8 @@ pub struct PlannedSend {
     pub to: usize,
     /// The body.
     pub body: Bytes,
+    /// Deliver not before this long after the send (a delayed send; see [`mark_delayed`]).
+    pub delay: Option<Duration>,
 }
 
 /// A time span during which a node's application does not read its inbox.
@@ -633,9 +645,14 @@ impl Scenario {
         let mut draw = Draw::new(derive_seed(seed, "scenario", u64::from(kind.tag())));
         let nodes = draw.range(NODES_MIN as u64, NODES_MAX as u64) as usize;
         let bursty = kind.kills_nodes();
-        let sends: Vec<Vec<PlannedSend>> = (0..nodes)
+        let mut sends: Vec<Vec<PlannedSend>> = (0..nodes)
             .map(|node| plan_sends(seed, node, nodes, bursty))
             .collect();
+        match kind {
+            ScenarioKind::Partition => sends.iter_mut().for_each(|s| mark_delayed(s, 8)),
+            ScenarioKind::Delay => sends.iter_mut().for_each(|s| mark_delayed(s, 4)),
+            _ => {}
+        }
         let mut pauses = vec![Vec::new(); nodes];
         let mut spools = plan_spools(seed, kind, nodes);
         let mut faults = match kind {
@@ -643,7 +660,7 @@ impl Scenario {
             ScenarioKind::Hold => two_sided_episodes(&mut draw, nodes, &mut pauses, true),
             ScenarioKind::Loss => pair_losses(&mut draw, nodes, &mut pauses),
             ScenarioKind::Latency => latency_episodes(&mut draw, nodes),
-            ScenarioKind::Crash => crash_episodes(&mut draw, nodes, &sends),
+            ScenarioKind::Crash | ScenarioKind::Delay => crash_episodes(&mut draw, nodes, &sends),
             ScenarioKind::Disk => disk_episodes(&mut draw, nodes, false),
             ScenarioKind::Bitrot => disk_episodes(&mut draw, nodes, true),
             ScenarioKind::SpoolFull => spool_full_episodes(&mut draw, nodes, &mut spools),
@@ -1258,6 +1275,24 @@ fn generate_work(seed: u64) -> Scenario {
     }
 }
 
+/// The longest delay of a delayed send (`partition`: one send in 8, `delay`: one in 4). A
+/// delayed message must arrive once, not before its time, whatever crashes and partitions
+/// happen meanwhile (checkers `loss`, `duplicate`, `early`).
+const DELAY_MAX: Duration = Duration::from_millis(1_500);
+
+/// Marks about one send in `one_in` delayed. Chosen from the bodies (random bytes already
+/// drawn), not with new draws, so the rest of a seed's scenario is what it was before delayed
+/// sends existed.
+fn mark_delayed(sends: &mut [PlannedSend], one_in: u8) {
+    for send in sends {
+        let (first, last) = (send.body[0], send.body[send.body.len() - 1]);
+        if first % one_in == 0 {
+            let delay_ms = 50 + u64::from(last) * (DELAY_MAX.as_millis() as u64 - 50) / 255;
+            send.delay = Some(Duration::from_millis(delay_ms));
+        }
+    }
+}
+
 /// Fewest and most messages of one burst (`bursty` sends).
 const BURST_MESSAGES: (u64, u64) = (5, 25);
 
@@ -1290,6 +1325,7 @@ fn plan_sends(seed: u64, node: usize, nodes: usize, bursty: bool) -> Vec<Planned
                 at,
                 to,
                 body: Bytes::from(body),
+                delay: None,
             }
         })
         .collect();

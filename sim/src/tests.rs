@@ -81,6 +81,11 @@ fn crash_seeds_pass() {
 }
 
 #[test]
+fn delay_seeds_pass() {
+    assert_seeds_pass(ScenarioKind::Delay);
+}
+
+#[test]
 fn disk_seeds_pass() {
     assert_seeds_pass(ScenarioKind::Disk);
 }

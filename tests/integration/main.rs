@@ -5,6 +5,7 @@ mod support;
 mod admin;
 mod admission;
 mod crash;
+mod delay;
 mod discovery;
 mod discovery_admission;
 mod discovery_interop;

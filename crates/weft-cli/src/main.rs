@@ -65,9 +65,15 @@ enum Command {
         /// UDP address to send from.
         #[arg(long, default_value = "0.0.0.0:0")]
         bind: SocketAddr,
-        /// Give up after this many seconds without an acknowledgement.
+        /// Give up after this many seconds without an acknowledgement (counted from the due
+        /// time with --delay).
         #[arg(long, default_value_t = 10)]
         timeout_secs: u64,
+        /// Deliver not before this delay from now (sender's clock): e.g. 500ms, 5s, 2m, 1h, 3d;
+        /// at most 30 days. The message is durable at once; if this command stops before the
+        /// due time, the next node started on the same --data-dir delivers it.
+        #[arg(long, value_name = "DURATION", value_parser = parse_delay)]
+        delay: Option<Duration>,
         /// The message text.
         text: String,
     },
@@ -271,8 +277,18 @@ async fn run(command: Command) -> Result<()> {
             mesh,
             bind,
             timeout_secs,
+            delay,
             text,
-        } => send(data_dir, to, channel, mesh, bind, timeout_secs, text).await,
+        } => {
+            let target = SendTarget {
+                data_dir,
+                to,
+                channel,
+                mesh,
+                bind,
+            };
+            send(target, timeout_secs, delay, text).await
+        }
         Command::Node(args) => run_node(args.resolve()?).await,
         Command::Status { metrics, json } => status(metrics, json).await,
         Command::Discover {
@@ -384,15 +400,55 @@ async fn listen(
     Ok(())
 }
 
-async fn send(
+/// Where `weft send` sends from and to.
+struct SendTarget {
     data_dir: PathBuf,
     to: NodeAddr,
     channel: String,
     mesh: String,
     bind: SocketAddr,
+}
+
+/// A delay: a whole number with a unit (`ms`, `s`, `m`, `h`, `d`), or `0`.
+fn parse_delay(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    if text == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("{text:?} has no unit (ms, s, m, h or d), e.g. 5s"))?;
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} does not start with a whole number"))?;
+    let unit_ms: u64 = match unit {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        other => return Err(format!("unknown unit {other:?} (ms, s, m, h or d)")),
+    };
+    number
+        .checked_mul(unit_ms)
+        .map(Duration::from_millis)
+        .ok_or_else(|| format!("{text:?} is too long"))
+}
+
+async fn send(
+    target: SendTarget,
     timeout_secs: u64,
+    delay: Option<Duration>,
     text: String,
 ) -> Result<()> {
+    let SendTarget {
+        data_dir,
+        to,
+        channel,
+        mesh,
+        bind,
+    } = target;
     if to.addrs.is_empty() {
         bail!("--to needs an address: NODE_ID@IP:PORT (e.g. the line `weft listen` printed)");
     }
@@ -404,8 +460,16 @@ async fn send(
         .await?;
     node.add_peer(to.clone())?;
     let started = Instant::now();
-    let receipt = node.send(to.id, &channel, text.into_bytes()).await?;
-    let timeout = Duration::from_secs(timeout_secs);
+    let sender = node.sender(to.id)?;
+    let message = sender
+        .new_message(channel.as_str(), text.into_bytes())
+        .with_delay(delay.unwrap_or_default());
+    let receipt = sender.send_message(message).await?;
+    drop(sender);
+    if let Some(due) = receipt.due_unix_ms() {
+        println!("scheduled: due at {due} (Unix ms); waiting for it");
+    }
+    let timeout = Duration::from_secs(timeout_secs) + delay.unwrap_or_default();
     let outcome = tokio::time::timeout(timeout, receipt).await;
     let elapsed = started.elapsed();
     node.shutdown().await;
@@ -421,7 +485,7 @@ async fn send(
         }
         Ok(Err(e)) => Err(e.into()),
         Err(_) => bail!(
-            "no acknowledgement from {} within {timeout_secs} s: is `weft listen` running there, in the same mesh?",
+            "no acknowledgement from {} within {timeout_secs} s (after the due time, if delayed): is `weft listen` running there, in the same mesh?",
             to.id.short()
         ),
     }
@@ -698,4 +762,25 @@ fn print_nodes(nodes: &std::collections::BTreeMap<weft::NodeId, Discovered>, jso
         );
     }
     println!("({} nodes)", nodes.len());
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    #[test]
+    fn delays_parse_with_units_and_refuse_garbage() {
+        assert_eq!(super::parse_delay("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(super::parse_delay("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(super::parse_delay("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(super::parse_delay("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(
+            super::parse_delay("3d"),
+            Ok(Duration::from_secs(3 * 86_400))
+        );
+        assert_eq!(super::parse_delay("0"), Ok(Duration::ZERO));
+        for bad in ["5", "s", "-1s", "1.5s", "5x", "", "99999999999999999999d"] {
+            assert!(super::parse_delay(bad).is_err(), "{bad:?}");
+        }
+    }
 }

@@ -277,6 +277,10 @@ struct Destination {
     channels: Vec<String>,
     /// Replayed dead letters the node numbers at its next start.
     unnumbered: u64,
+    /// Delayed messages waiting for their due time (numbered only then).
+    scheduled: u64,
+    /// The earliest due time among them (Unix ms).
+    next_due_unix_ms: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -290,6 +294,8 @@ struct RecordJson {
     channel: String,
     payload_bytes: u64,
     age_ms: i64,
+    /// A delayed message: not delivered before this time (Unix ms).
+    due_unix_ms: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -354,6 +360,7 @@ fn ls(target: &Target, list_records: bool) -> Result<()> {
                         channel: message.channel.clone(),
                         payload_bytes,
                         age_ms: age_ms(now, message.created_unix_ms),
+                        due_unix_ms: message.deliver_after_unix_ms(),
                     });
                 }
                 let (dest, channels) = by_dest.entry(spooled.dest).or_insert_with(|| {
@@ -367,6 +374,8 @@ fn ls(target: &Target, list_records: bool) -> Result<()> {
                         oldest_age_ms: 0,
                         channels: Vec::new(),
                         unnumbered: 0,
+                        scheduled: 0,
+                        next_due_unix_ms: None,
                     };
                     (dest, BTreeSet::new())
                 });
@@ -375,7 +384,13 @@ fn ls(target: &Target, list_records: bool) -> Result<()> {
                 dest.body_bytes += message.body.len() as u64;
                 dest.oldest_created_unix_ms =
                     dest.oldest_created_unix_ms.min(message.created_unix_ms);
-                dest.unnumbered += u64::from(spooled.seq == 0);
+                if spooled.is_waiting() {
+                    dest.scheduled += 1;
+                    let due = message.deliver_after_unix_ms();
+                    dest.next_due_unix_ms = dest.next_due_unix_ms.min(due).or(due);
+                } else {
+                    dest.unnumbered += u64::from(spooled.seq == 0);
+                }
                 channels.insert(message.channel.clone());
             }
             Ok(SpoolEntry::Watermark(watermark)) => listing
@@ -420,7 +435,9 @@ fn ls(target: &Target, list_records: bool) -> Result<()> {
                 vec![
                     r.seq.to_string(),
                     r.destination_short.clone(),
-                    if r.wire_seq == 0 {
+                    if let (0, Some(due)) = (r.wire_seq, r.due_unix_ms) {
+                        format!("scheduled, due {}", due_text(due, now))
+                    } else if r.wire_seq == 0 {
                         "unnumbered".to_owned()
                     } else {
                         format!("{}/{}", r.epoch, r.wire_seq)
@@ -462,6 +479,14 @@ fn ls(target: &Target, list_records: bool) -> Result<()> {
                 &["DESTINATION", "PENDING", "BYTES", "OLDEST", "CHANNELS"],
                 rows
             )
+        );
+    }
+    for d in listing.destinations.iter().filter(|d| d.scheduled > 0) {
+        outln!(
+            "{}: {} delayed message(s) waiting for their due time (numbered only then), the next due {}",
+            d.node_id_short,
+            d.scheduled,
+            d.next_due_unix_ms.map_or_else(String::new, |due| due_text(due, now))
         );
     }
     for bad in &listing.undecodable {
@@ -523,6 +548,9 @@ struct MessageJson {
     epoch: u64,
     /// 0: unnumbered (a replayed dead letter; the node numbers it at its next start).
     wire_seq: u64,
+    /// A delayed message: not delivered before this time (Unix ms).
+    due_unix_ms: Option<u64>,
+    due_utc: Option<String>,
     kind: String,
     channel: String,
     priority: u8,
@@ -558,6 +586,8 @@ impl MessageJson {
             destination_short: spooled.dest.short(),
             epoch: spooled.epoch,
             wire_seq: spooled.seq,
+            due_unix_ms: message.deliver_after_unix_ms(),
+            due_utc: message.deliver_after_unix_ms().map(utc),
             kind: format!("{:?}", message.kind).to_lowercase(),
             channel: message.channel.clone(),
             priority: message.priority.0,
@@ -585,6 +615,16 @@ impl MessageJson {
             body_utf8: std::str::from_utf8(&message.body).ok().map(str::to_owned),
             body_hex: hex(&message.body),
         }
+    }
+}
+
+/// A due time for people: the UTC time and how far away it is.
+fn due_text(due_unix_ms: u64, now: u64) -> String {
+    let left = age_ms(due_unix_ms, now);
+    if left > 0 {
+        format!("{} (in {})", utc(due_unix_ms), human_age(left))
+    } else {
+        format!("{} (passed {} ago)", utc(due_unix_ms), human_age(-left))
     }
 }
 
@@ -661,7 +701,12 @@ fn show(target: &Target, seq: u64, body_out: Option<&Path>) -> Result<()> {
             let _ = writeln!(out, "  {name:<13}{value}");
         };
         field(&mut out, "destination", &m.destination);
-        let stream = if m.wire_seq == 0 {
+        let stream = if let (0, Some(due)) = (m.wire_seq, m.due_unix_ms) {
+            format!(
+                "scheduled: unnumbered until due {} (numbered then)",
+                due_text(due, now)
+            )
+        } else if m.wire_seq == 0 {
             "unnumbered (the node numbers it at its next start)".to_owned()
         } else {
             format!("epoch {}, seq {}", m.epoch, m.wire_seq)

@@ -321,3 +321,67 @@ fn mistakes_are_explained() {
     assert!(!output.status.success(), "purge needs SEQ or --all");
     let _ = std::fs::remove_dir_all(empty);
 }
+
+/// A delayed message waiting in a stopped node's spool is listed as scheduled (not as an
+/// unnumbered replay), with its due time, by `ls` and `show`; `weft send --delay` refuses a due
+/// time beyond the maximum with the typed error's message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduled_messages_are_listed_with_their_due_time() {
+    let a_dir = tempdir("a");
+    let b_dir = tempdir("b");
+    let b_id = weft::Identity::load_or_create(&b_dir).unwrap().node_id();
+    let a = start_node(&a_dir).await;
+    let sender = a.sender(b_id).unwrap();
+    let message = sender
+        .new_message("later", &b"in an hour"[..])
+        .with_delay(Duration::from_secs(3600));
+    let due = message.deliver_after_unix_ms().unwrap();
+    let receipt = within("accepted", sender.send_message(message))
+        .await
+        .unwrap();
+    drop((receipt, sender));
+    a.shutdown().await;
+    drop(a);
+
+    let listing = weft_spool_json(&a_dir, &["ls", "--records"]);
+    let dest = &listing["destinations"][0];
+    assert_eq!(dest["scheduled"], 1, "{listing}");
+    assert_eq!(dest["unnumbered"], 0, "{listing}");
+    assert_eq!(dest["next_due_unix_ms"], due);
+    let record = &listing["records"][0];
+    assert_eq!(record["due_unix_ms"], due);
+    assert_eq!(record["wire_seq"], 0);
+    let seq = record["seq"].as_u64().unwrap();
+    let human = weft_spool(&a_dir, &["ls", "--records"]);
+    let text = String::from_utf8_lossy(&human.stdout);
+    assert!(text.contains("scheduled, due"), "{text}");
+    assert!(text.contains("1 delayed message(s) waiting"), "{text}");
+    let shown = weft_spool_json(&a_dir, &["show", &seq.to_string()]);
+    assert_eq!(shown["message"]["due_unix_ms"], due);
+    let human = weft_spool(&a_dir, &["show", &seq.to_string()]);
+    let text = String::from_utf8_lossy(&human.stdout);
+    assert!(text.contains("scheduled: unnumbered until due"), "{text}");
+
+    let too_far = std::process::Command::new(env!("CARGO_BIN_EXE_weft"))
+        .args(["send", "--data-dir"])
+        .arg(&a_dir)
+        .args([
+            "--bind",
+            "127.0.0.1:0",
+            "--channel",
+            "later",
+            "--delay",
+            "31d",
+        ])
+        .arg("--to")
+        .arg(format!("{b_id}@127.0.0.1:9"))
+        .arg("never")
+        .output()
+        .unwrap();
+    assert!(!too_far.status.success());
+    assert!(
+        stderr_of(&too_far).contains("bad deliver-after time"),
+        "{}",
+        stderr_of(&too_far)
+    );
+}

@@ -47,6 +47,7 @@ pub mod interest;
 pub mod link;
 pub mod message;
 pub mod owed;
+pub mod schedule;
 pub mod shard;
 pub mod spooled;
 pub mod topic;

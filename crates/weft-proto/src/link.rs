@@ -25,6 +25,7 @@
 //! 5. [`Link::poll_event`] until `None`, resolving receipts.
 
 use std::collections::VecDeque;
+use std::num::NonZeroU64;
 
 use bytes::{Bytes, BytesMut};
 
@@ -165,6 +166,12 @@ pub struct OutgoingMessage {
     pub options: Option<Box<Options>>,
     /// The body.
     pub body: Bytes,
+    /// Deliver not before this wall-clock time (Unix milliseconds, the *sender's* clock): the
+    /// sender holds the message in its schedule and numbers it into the stream only then (see
+    /// [`crate::schedule`]). `None`: at once. Not a wire field: the receiver sees an ordinary
+    /// message; the spool keeps it (see [`crate::spooled`]). Also the start of the retry
+    /// policy's age ([`RetryPolicy::max_age_ms`]) for a delayed message.
+    pub deliver_after: Option<NonZeroU64>,
 }
 
 impl OutgoingMessage {
@@ -177,7 +184,47 @@ impl OutgoingMessage {
             created_unix_ms,
             options: None,
             body,
+            deliver_after: None,
         }
+    }
+
+    /// Deliver not before `unix_ms` (the sender's wall clock; see
+    /// [`OutgoingMessage::deliver_after`]). 0 means at once.
+    pub fn with_deliver_after(mut self, unix_ms: u64) -> Self {
+        self.deliver_after = NonZeroU64::new(unix_ms);
+        self
+    }
+
+    /// Deliver not before `delay` after the message's creation time (`created_unix_ms`, which
+    /// the node stamps from its clock); a zero delay means at once.
+    pub fn with_delay(self, delay: std::time::Duration) -> Self {
+        if delay.is_zero() {
+            return self;
+        }
+        let delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX).max(1);
+        let at = self.created_unix_ms.saturating_add(delay_ms);
+        self.with_deliver_after(at)
+    }
+
+    /// Deliver not before `at` (see [`OutgoingMessage::with_deliver_after`]; a time before the
+    /// Unix epoch means at once). Converts only: reads no clock.
+    pub fn with_deliver_at(self, at: std::time::SystemTime) -> Self {
+        let unix_ms = at
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        self.with_deliver_after(unix_ms)
+    }
+
+    /// The time the message is due, if it is delayed (Unix milliseconds).
+    pub fn deliver_after_unix_ms(&self) -> Option<u64> {
+        self.deliver_after.map(NonZeroU64::get)
+    }
+
+    /// From when the retry policy's age counts: its due time if it is delayed (it waited in the
+    /// schedule until then on purpose), else its creation.
+    pub fn age_base_unix_ms(&self) -> u64 {
+        self.deliver_after_unix_ms()
+            .map_or(self.created_unix_ms, |due| due.max(self.created_unix_ms))
     }
 
     /// The rarely used fields, created on first use.
@@ -640,7 +687,7 @@ impl Link {
                 Some(GiveUp::Expired)
             } else if q.transmissions >= policy.max_attempts {
                 Some(GiveUp::Attempts(q.transmissions))
-            } else if now_unix_ms.saturating_sub(q.message.created_unix_ms) > policy.max_age_ms {
+            } else if now_unix_ms.saturating_sub(q.message.age_base_unix_ms()) > policy.max_age_ms {
                 Some(GiveUp::TooOld)
             } else {
                 None

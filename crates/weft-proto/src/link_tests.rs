@@ -564,3 +564,31 @@ fn withdrawn_messages_are_skipped_by_the_peer() {
     pump(&mut sender, &mut receiver);
     assert!(sender.withdraw(|_| true).is_empty());
 }
+
+/// A delayed message's retry age counts from its due time: released after a delay longer than
+/// `max_age_ms`, it is not given up as too old at once; its expiry stays absolute.
+#[test]
+fn the_retry_age_of_a_delayed_message_counts_from_its_due_time() {
+    const DAY_MS: u64 = 24 * 60 * 60 * 1000;
+    let config = LinkConfig::default();
+    assert_eq!(config.retry.max_age_ms, DAY_MS);
+    let mut link = Link::new(
+        NodeId::from_bytes([1; 32]),
+        NodeId::from_bytes([2; 32]),
+        7,
+        config,
+    );
+    let body = Bytes::from_static(b"x");
+    let delayed = OutgoingMessage::command("c", body.clone(), 0).with_deliver_after(2 * DAY_MS);
+    let undelayed = OutgoingMessage::command("c", body, 0);
+    link.push_at(1, 0, delayed).unwrap();
+    link.push_at(2, 0, undelayed).unwrap();
+    let given_up = link.expire(2 * DAY_MS + 60_000);
+    assert_eq!(
+        given_up.iter().map(|g| g.seq).collect::<Vec<_>>(),
+        [2],
+        "only the undelayed message is too old"
+    );
+    let given_up = link.expire(3 * DAY_MS + 1);
+    assert_eq!(given_up.iter().map(|g| g.seq).collect::<Vec<_>>(), [1]);
+}

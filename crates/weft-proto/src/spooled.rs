@@ -13,14 +13,26 @@
 //!   publishes to (see [`crate::interest`]), one entry holding all of it; each new one retires
 //!   the one before, so a publisher keeps addressing an absent durable subscriber across its
 //!   own restart.
+//! - **Scheduled messages** (a deliver-after time, see [`crate::schedule`]): written at send time
+//!   *unnumbered* (seq 0) with their due time; when due, the node appends a *numbered* copy that
+//!   names the unnumbered record it replaces (`origin`, that record's spool seq) and retires the
+//!   original. Recovery retires an unnumbered record whose numbered copy exists, so a crash
+//!   between the two writes neither loses the message nor sends it under two ids.
 //!
 //! ```text
 //! version:u8 = 1 | tag:u8 = 1 (message)   | dest:[u8;32] | epoch:u64-le | data frame (see frame)
 //! version:u8 = 1 | tag:u8 = 2 (watermark) | peer:[u8;32] | epoch:u64-le | up_to:u64-le
 //! version:u8 = 1 | tag:u8 = 3 (registry)  | zeros:[u8;32] | 0:u64-le   | InterestTable::registry_encode
+//! version:u8 = 1 | tag:u8 = 4 (scheduled) | dest:[u8;32] | epoch:u64-le | due_unix_ms:u64-le
+//!                | origin:u64-le | data frame
 //! ```
 //! The message part is exactly a wire data frame (length prefix included) with `attempt = 0`, so
 //! the one codec that is tested against postcard byte for byte serves both.
+//!
+//! Compatibility: tags 3 and 4 were added without changing the version, so every record an
+//! older build wrote still decodes unchanged. An older build reading a spool with a registry or
+//! scheduled record dead-letters that record (unknown tag; `weft spool replay` of a newer build
+//! sends a scheduled one again, at once), and reads everything else.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
@@ -33,7 +45,10 @@ pub const FORMAT_VERSION: u8 = 1;
 const TAG_MESSAGE: u8 = 1;
 const TAG_WATERMARK: u8 = 2;
 const TAG_REGISTRY: u8 = 3;
+const TAG_SCHEDULED: u8 = 4;
 const PREFIX_BYTES: usize = 2 + NODE_ID_LEN + 8;
+/// The scheduled entry's fields after the common prefix: due time and origin.
+const SCHEDULED_BYTES: usize = 16;
 
 /// An outgoing message as spooled.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -42,10 +57,21 @@ pub struct SpooledMessage {
     pub dest: NodeId,
     /// Epoch of the outbound stream it was assigned to.
     pub epoch: u64,
-    /// Its sequence number in that stream.
+    /// Its sequence number in that stream (0: not numbered yet — a replayed dead letter, or a
+    /// scheduled message not yet due).
     pub seq: u64,
-    /// The message.
+    /// The message (its `deliver_after` is set for a scheduled entry).
     pub message: OutgoingMessage,
+    /// For the numbered copy of a scheduled message: the spool seq of the unnumbered record it
+    /// replaces (0 otherwise).
+    pub origin: u64,
+}
+
+impl SpooledMessage {
+    /// Whether this is a scheduled message not yet numbered (it waits for its due time).
+    pub fn is_waiting(&self) -> bool {
+        self.seq == 0 && self.message.deliver_after.is_some()
+    }
 }
 
 /// A persisted inbound dedup watermark.
@@ -89,7 +115,9 @@ pub enum EntryError {
     Message(String),
 }
 
-/// Appends the entry for an outgoing message to `out`.
+/// Appends the entry for an outgoing message to `out`. A message with a due time
+/// (`deliver_after`) is written as a scheduled entry: unnumbered (`seq` 0, `origin` 0) when it is
+/// sent, numbered (with `origin`) when it becomes due; other messages ignore `origin`.
 pub fn encode_message(
     dest: &NodeId,
     epoch: u64,
@@ -98,11 +126,33 @@ pub fn encode_message(
     limits: Limits,
     out: &mut BytesMut,
 ) -> Result<(), EncodeError> {
-    out.reserve(PREFIX_BYTES);
+    encode_scheduled(dest, epoch, seq, 0, message, limits, out)
+}
+
+/// Like [`encode_message`], with the origin of a numbered scheduled message (see the module doc).
+pub fn encode_scheduled(
+    dest: &NodeId,
+    epoch: u64,
+    seq: u64,
+    origin: u64,
+    message: &OutgoingMessage,
+    limits: Limits,
+    out: &mut BytesMut,
+) -> Result<(), EncodeError> {
+    out.reserve(PREFIX_BYTES + SCHEDULED_BYTES);
     out.put_u8(FORMAT_VERSION);
-    out.put_u8(TAG_MESSAGE);
+    let due = message.deliver_after_unix_ms();
+    out.put_u8(if due.is_some() {
+        TAG_SCHEDULED
+    } else {
+        TAG_MESSAGE
+    });
     out.put_slice(dest.as_bytes());
     out.put_u64_le(epoch);
+    if let Some(due) = due {
+        out.put_u64_le(due);
+        out.put_u64_le(origin);
+    }
     let fields = DataFields {
         seq,
         kind: message.kind,
@@ -160,7 +210,20 @@ pub fn decode(mut payload: Bytes, limits: Limits) -> Result<SpoolEntry, EntryErr
                 up_to: payload.get_u64_le(),
             }))
         }
-        TAG_MESSAGE => {
+        TAG_MESSAGE | TAG_SCHEDULED => {
+            let (due, origin) = if tag == TAG_SCHEDULED {
+                if payload.len() < SCHEDULED_BYTES {
+                    return Err(EntryError::Short(PREFIX_BYTES + payload.len()));
+                }
+                let due = payload.get_u64_le();
+                let origin = payload.get_u64_le();
+                match std::num::NonZeroU64::new(due) {
+                    Some(due) => (Some(due), origin),
+                    None => return Err(EntryError::Message("scheduled with due time 0".into())),
+                }
+            } else {
+                (None, 0)
+            };
             let frame = FrameDecoder::new(limits)
                 .decode_bytes(&mut payload)
                 .map_err(|e| EntryError::Message(e.to_string()))?;
@@ -186,7 +249,9 @@ pub fn decode(mut payload: Bytes, limits: Limits) -> Result<SpoolEntry, EntryErr
                     created_unix_ms: data.created_unix_ms,
                     options: data.options,
                     body: data.body,
+                    deliver_after: due,
                 },
+                origin,
             }))
         }
         TAG_REGISTRY => Ok(SpoolEntry::Registry(payload)),
@@ -220,8 +285,96 @@ mod tests {
                 epoch: 77,
                 seq: 5,
                 message: message(),
+                origin: 0,
             })
         );
+    }
+
+    #[test]
+    fn scheduled_messages_round_trip_with_due_time_and_origin() {
+        let dest = NodeId::from_bytes([4; 32]);
+        let delayed = message().with_deliver_after(1_900_000);
+        // Unnumbered, as written at send time.
+        let mut out = BytesMut::new();
+        encode_message(&dest, 0, 0, &delayed, Limits::default(), &mut out).unwrap();
+        assert_eq!(out[1], TAG_SCHEDULED);
+        let entry = decode(out.freeze(), Limits::default()).unwrap();
+        let SpoolEntry::Message(unnumbered) = entry else {
+            panic!("not a message: {entry:?}")
+        };
+        assert!(unnumbered.is_waiting());
+        assert_eq!(unnumbered.message.deliver_after_unix_ms(), Some(1_900_000));
+        assert_eq!(unnumbered.message, delayed);
+        // Numbered when due, naming the record it replaces.
+        let mut out = BytesMut::new();
+        encode_scheduled(&dest, 8, 3, 41, &delayed, Limits::default(), &mut out).unwrap();
+        assert_eq!(
+            decode(out.freeze(), Limits::default()),
+            Ok(SpoolEntry::Message(SpooledMessage {
+                dest,
+                epoch: 8,
+                seq: 3,
+                message: delayed.clone(),
+                origin: 41,
+            }))
+        );
+        // Truncations and a zero due time are typed errors.
+        let mut out = BytesMut::new();
+        encode_scheduled(&dest, 8, 3, 41, &delayed, Limits::default(), &mut out).unwrap();
+        let full = out.freeze();
+        for cut in 0..full.len() {
+            assert!(
+                decode(full.slice(..cut), Limits::default()).is_err(),
+                "cut {cut}"
+            );
+        }
+        let mut zero_due = full.to_vec();
+        zero_due[PREFIX_BYTES..PREFIX_BYTES + 8].fill(0);
+        assert!(matches!(
+            decode(Bytes::from(zero_due), Limits::default()),
+            Err(EntryError::Message(_))
+        ));
+    }
+
+    #[test]
+    fn a_record_of_the_format_before_scheduling_still_decodes() {
+        // Bytes as the build before deliver-after wrote them (tag 1, no due time), spelled out.
+        let mut old = vec![FORMAT_VERSION, TAG_MESSAGE];
+        old.extend_from_slice(&[9; 32]);
+        old.extend_from_slice(&5u64.to_le_bytes());
+        let mut frame = BytesMut::new();
+        let message = message();
+        let fields = DataFields {
+            seq: 2,
+            kind: message.kind,
+            channel: &message.channel,
+            priority: message.priority,
+            created_unix_ms: message.created_unix_ms,
+            attempt: 0,
+            options: message.options.as_deref(),
+        };
+        FrameEncoder::new(Limits::default())
+            .data(&mut frame, &fields, &message.body)
+            .unwrap();
+        old.extend_from_slice(&frame);
+        let entry = decode(Bytes::from(old.clone()), Limits::default()).unwrap();
+        let SpoolEntry::Message(decoded) = entry else {
+            panic!("not a message")
+        };
+        assert_eq!((decoded.epoch, decoded.seq, decoded.origin), (5, 2, 0));
+        assert_eq!(decoded.message, message);
+        // And today's encoder writes an undelayed message byte for byte the same way.
+        let mut out = BytesMut::new();
+        encode_message(
+            &NodeId::from_bytes([9; 32]),
+            5,
+            2,
+            &message,
+            Limits::default(),
+            &mut out,
+        )
+        .unwrap();
+        assert_eq!(&out[..], &old[..]);
     }
 
     #[test]

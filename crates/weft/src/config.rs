@@ -61,6 +61,14 @@ pub struct NodeConfig {
     /// The on-disk retry spool in `<data_dir>/spool` (fsync policy, caps). Used when the node
     /// has a data directory; `None` keeps messages in memory only (lost if the process dies).
     pub spool: Option<weft_spool::SpoolConfig>,
+    /// Most delayed messages (see [`weft_proto::OutgoingMessage::with_delay`]) waiting for their
+    /// due time, node-wide; a send beyond it fails with [`crate::SendError::ScheduleFull`] (not
+    /// backpressure: the next slot may only free up when the earliest message is due, days
+    /// later). Default 65 536. With a spool each also holds one spool record.
+    pub schedule_max: usize,
+    /// The furthest ahead of the sender's clock a due time may lie; further is refused with
+    /// [`crate::SendError::Delay`]. Default 30 days.
+    pub delay_max: Duration,
 }
 
 impl Default for NodeConfig {
@@ -86,6 +94,8 @@ impl Default for NodeConfig {
             mdns: None,
             patterns: PatternConfig::default(),
             spool: Some(weft_spool::SpoolConfig::default()),
+            schedule_max: 65_536,
+            delay_max: Duration::from_millis(weft_proto::schedule::DELAY_MAX_MS_DEFAULT),
         }
     }
 }
@@ -181,6 +191,7 @@ impl NodeConfig {
         let positive = [
             ("inbox_capacity", self.inbox_capacity),
             ("channels_max", self.channels_max),
+            ("schedule_max", self.schedule_max),
             ("peers_max", self.peers_max),
             (
                 "patterns.subscription_capacity",

@@ -37,6 +37,8 @@ use crate::error::DeliveryError;
 use crate::metrics::Metrics;
 use crate::node::{PeerEvent, PeerHandle};
 use crate::peer::Control;
+use crate::receipt::SlotState;
+use crate::scheduler::{Scheduler, Ticket, Waiting};
 
 /// Most commands taken into one batch (one sync).
 const BATCH_MAX: usize = 65_536;
@@ -61,6 +63,17 @@ pub(crate) enum Command {
         message: OutgoingMessage,
         permit: mpsc::OwnedPermit<Outgoing>,
         /// Told the outcome (an awaiting `send`: one wake per send, not a broadcast).
+        done: Option<oneshot::Sender<Result<(), DeliveryError>>>,
+        /// For a delayed message now due: its unnumbered record (retired by this append) and
+        /// its receipt's slot.
+        release: Option<Ticket>,
+    },
+    /// Make a delayed message durable *unnumbered* (with its due time), then put it into the
+    /// schedule. `done` as for `Append`.
+    Schedule {
+        dest: NodeId,
+        message: OutgoingMessage,
+        slot: tokio::sync::watch::Sender<SlotState>,
         done: Option<oneshot::Sender<Result<(), DeliveryError>>>,
     },
     /// A run of a batch: `messages` numbered from `first` on, each with its slot in the link's
@@ -116,6 +129,9 @@ pub(crate) struct Restored {
     pub renumbered: Vec<(NodeId, EpochSeq, EpochSeq)>,
     /// The durable subscription registry last persisted (see `patterns::pubsub::restore`).
     pub registry: Option<Bytes>,
+    /// Delayed messages still waiting (unnumbered): (destination, record, message), in spool
+    /// order; they go back into the schedule.
+    pub scheduled: Vec<(NodeId, u64, OutgoingMessage)>,
 }
 
 /// Where the spool lives and how the writer runs.
@@ -149,6 +165,7 @@ impl Durable {
         epoch: u64,
         events: broadcast::Sender<PeerEvent>,
         metrics: Arc<Metrics>,
+        scheduler: Arc<Scheduler>,
     ) -> Result<(Self, Restored), String> {
         let (mut spool, recovery) = Spool::open(setup.storage, setup.config.clone())
             .map_err(|e| format!("cannot open the spool: {e}"))?;
@@ -200,6 +217,7 @@ impl Durable {
             metrics,
             unsynced_since: None,
             ack_before_fsync: setup.ack_before_fsync,
+            scheduler,
         };
         let latency = setup.sync_latency;
         let thread = if setup.inline {
@@ -269,12 +287,23 @@ fn restore<S: Storage>(
     let mut dead = Vec::new();
     let mut stale = Vec::new();
     let mut registry: Option<(u64, Bytes)> = None;
+    // Delayed messages not yet due (unnumbered), and the records that numbered copies replaced.
+    let mut waiting = Vec::new();
+    let mut replaced = std::collections::HashSet::new();
     for record in pending {
         match spooled::decode(Bytes::from(record.payload.to_vec()), limits) {
-            Ok(SpoolEntry::Message(message)) => by_dest
-                .entry(message.dest)
-                .or_default()
-                .push((record.seq, message)),
+            Ok(SpoolEntry::Message(message)) if message.is_waiting() => {
+                waiting.push((record.seq, message));
+            }
+            Ok(SpoolEntry::Message(message)) => {
+                if message.origin != 0 {
+                    replaced.insert(message.origin);
+                }
+                by_dest
+                    .entry(message.dest)
+                    .or_default()
+                    .push((record.seq, message));
+            }
             Ok(SpoolEntry::Watermark(watermark)) => {
                 // The newest record per peer wins; older ones only survived a crash between
                 // the append of their successor and their retirement.
@@ -294,7 +323,26 @@ fn restore<S: Storage>(
             }
         }
     }
-    let mut pending_messages = 0;
+    // A delayed message is numbered by appending its numbered copy (naming this record as its
+    // origin) and then retiring this record, in one batch. A crash can leave the copy without
+    // the retirement (recovery is the synced state plus a prefix of what followed); the copy is
+    // then the message — restored under its number like any numbered record, so a receiver that
+    // has it drops it by id — and the unnumbered original is stale. Without the copy the
+    // original was never numbered on the wire (a message reaches its link only after the sync
+    // covering its record), so scheduling it again cannot give the receiver a second id.
+    waiting.retain(|(tag, _)| {
+        let live = !replaced.contains(tag);
+        if !live {
+            stale.push(*tag);
+        }
+        live
+    });
+    waiting.sort_by_key(|(tag, _)| *tag);
+    let mut pending_messages = waiting.len();
+    restored.scheduled = waiting
+        .into_iter()
+        .map(|(tag, message)| (message.dest, tag, message.message))
+        .collect();
     for (dest, records) in by_dest {
         let (mut unnumbered, mut records): (Vec<_>, Vec<_>) = records
             .into_iter()
@@ -363,6 +411,7 @@ fn restore<S: Storage>(
         }
         pending_messages += stream.messages.len();
     }
+    // (`pending_messages` counts the waiting delayed messages too: each holds a record.)
     restored
         .outbound
         .retain(|_, stream| !stream.messages.is_empty());
@@ -447,6 +496,7 @@ struct Appended {
     message: OutgoingMessage,
     permit: mpsc::OwnedPermit<Outgoing>,
     done: Done,
+    release: Option<Ticket>,
 }
 
 /// Whom to tell the outcome of an append.
@@ -468,6 +518,8 @@ struct Run {
 #[derive(Default)]
 struct Batch {
     appended: Vec<Appended>,
+    /// Delayed messages written unnumbered, for the schedule once durable.
+    scheduled: Vec<(Waiting, Done)>,
     runs: Vec<Run>,
     watermarks: Vec<(Watermark, mpsc::UnboundedSender<Control>)>,
     registries: Vec<oneshot::Sender<Result<(), String>>>,
@@ -510,6 +562,8 @@ struct Writer {
     /// Since when something written is not fsynced yet.
     unsynced_since: Option<Instant>,
     ack_before_fsync: bool,
+    /// Where accepted delayed messages go, and refused releases go back.
+    scheduler: Arc<Scheduler>,
 }
 
 async fn run(
@@ -576,9 +630,19 @@ impl Writer {
                     message,
                     permit,
                     done,
+                    release,
                 } => {
                     let done = done.map_or(Done::Nobody, Done::Send);
-                    self.append(&mut batch, peer, seq, message, permit, done);
+                    self.append(&mut batch, peer, seq, message, permit, done, release);
+                }
+                Command::Schedule {
+                    dest,
+                    message,
+                    slot,
+                    done,
+                } => {
+                    let done = done.map_or(Done::Nobody, Done::Send);
+                    self.schedule(&mut batch, dest, message, slot, done);
                 }
                 Command::AppendRun {
                     peer,
@@ -599,6 +663,7 @@ impl Writer {
                             message,
                             permit,
                             Done::Run(run),
+                            None,
                         );
                     }
                 }
@@ -693,6 +758,47 @@ impl Writer {
         batch
     }
 
+    /// A delayed message: written unnumbered (seq 0, no stream) with its due time.
+    fn schedule(
+        &mut self,
+        batch: &mut Batch,
+        dest: NodeId,
+        message: OutgoingMessage,
+        slot: tokio::sync::watch::Sender<SlotState>,
+        done: Done,
+    ) {
+        self.buf.clear();
+        let appended =
+            match spooled::encode_message(&dest, 0, 0, &message, self.limits, &mut self.buf) {
+                Ok(()) => self.spool.append(&self.buf).map_err(spool_refusal),
+                Err(e) => Err(DeliveryError::NotAccepted(e.to_string())),
+            };
+        match appended {
+            Ok(tag) => batch.scheduled.push((
+                Waiting {
+                    dest,
+                    message,
+                    ticket: Ticket {
+                        tag,
+                        slot,
+                        holds_place: true,
+                    },
+                },
+                done,
+            )),
+            Err(error) => {
+                self.room.add_permits(1);
+                self.scheduler.free_place(true);
+                if matches!(error, DeliveryError::NotAccepted(_)) {
+                    self.metrics.spool_error();
+                }
+                let _ = slot.send(SlotState::Failed(error.clone()));
+                batch.tell(done, Err(error));
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn append(
         &mut self,
         batch: &mut Batch,
@@ -701,34 +807,65 @@ impl Writer {
         message: OutgoingMessage,
         permit: mpsc::OwnedPermit<Outgoing>,
         done: Done,
+        release: Option<Ticket>,
     ) {
         self.buf.clear();
+        let origin = release.as_ref().map_or(0, |ticket| ticket.tag);
         // The API checked the message against the same limits, so encoding cannot fail; if it
         // did, the send is refused like any other the spool cannot take.
-        let appended = match spooled::encode_message(
+        let appended = match spooled::encode_scheduled(
             &peer.id,
             peer.epoch,
             seq,
+            origin,
             &message,
             self.limits,
             &mut self.buf,
         ) {
-            Ok(()) => self.spool.append(&self.buf).map_err(|e| match e {
-                SpoolError::Full { .. } => DeliveryError::SpoolFull(e.to_string()),
-                _ => DeliveryError::NotAccepted(e.to_string()),
-            }),
+            Ok(()) => self.spool.append(&self.buf).map_err(spool_refusal),
             Err(e) => Err(DeliveryError::NotAccepted(e.to_string())),
         };
-        match appended {
-            Ok(tag) => batch.appended.push(Appended {
-                peer,
-                seq,
-                tag,
-                message,
-                permit,
-                done,
-            }),
-            Err(error) => {
+        match (appended, release) {
+            (Ok(tag), release) => {
+                if let Some(ticket) = &release {
+                    // The numbered copy is appended first and the unnumbered original retired
+                    // after it, in the same batch (one sync): see `restore` for why a crash
+                    // between the two neither loses the message nor numbers it twice.
+                    if let Err(e) = self.spool.retire(ticket.tag) {
+                        warn!(tag = ticket.tag, error = %e, "cannot retire a released delayed message's unnumbered record (recovery retires it)");
+                    }
+                }
+                batch.appended.push(Appended {
+                    peer,
+                    seq,
+                    tag,
+                    message,
+                    permit,
+                    done,
+                    release,
+                });
+            }
+            (Err(error), Some(ticket)) => {
+                // Its number is skipped (the link tells the peer); the unnumbered record keeps
+                // its spool room and the message its place in the schedule.
+                peer.fates.fail(seq, error.clone());
+                settle(&peer, seq);
+                let waiting = Waiting {
+                    dest: peer.id,
+                    message,
+                    ticket,
+                };
+                if matches!(error, DeliveryError::SpoolFull(_)) {
+                    debug!(%error, "release of a delayed message refused for room; retried");
+                    self.scheduler.refused_for_room(waiting);
+                } else {
+                    self.metrics.spool_error();
+                    error!(%error, "cannot release a delayed message: it stays in the spool and is scheduled again after a restart");
+                    self.scheduler.free_place(waiting.ticket.holds_place);
+                    let _ = waiting.ticket.slot.send(SlotState::Failed(error));
+                }
+            }
+            (Err(error), None) => {
                 self.room.add_permits(1);
                 if matches!(error, DeliveryError::NotAccepted(_)) {
                     self.metrics.spool_error();
@@ -744,6 +881,7 @@ impl Writer {
     /// Makes the batch durable and completes it; on failure fails its sends.
     fn commit(&mut self, batch: &mut Batch) {
         let retire_only = batch.appended.is_empty()
+            && batch.scheduled.is_empty()
             && batch.watermarks.is_empty()
             && batch.registries.is_empty()
             && batch.dead.is_empty()
@@ -773,7 +911,19 @@ impl Writer {
                     let error = DeliveryError::NotAccepted(e.to_string());
                     appended.peer.fates.fail(appended.seq, error.clone());
                     settle(&appended.peer, appended.seq);
+                    if let Some(ticket) = appended.release {
+                        // Stays in the spool (unnumbered): scheduled again after a restart.
+                        self.scheduler.free_place(ticket.holds_place);
+                        let _ = ticket.slot.send(SlotState::Failed(error.clone()));
+                    }
                     batch.tell(appended.done, Err(error));
+                }
+                for (waiting, done) in std::mem::take(&mut batch.scheduled) {
+                    self.room.add_permits(1);
+                    self.scheduler.free_place(waiting.ticket.holds_place);
+                    let error = DeliveryError::NotAccepted(e.to_string());
+                    let _ = waiting.ticket.slot.send(SlotState::Failed(error.clone()));
+                    batch.tell(done, Err(error));
                 }
                 batch.finish_runs();
                 // Not durable, and never will be: the failure poisoned the spool.
@@ -793,7 +943,22 @@ impl Writer {
     }
 
     fn complete(&mut self, batch: &mut Batch) {
-        self.metrics.accepted(batch.appended.len() as u64);
+        // A release replaces a record already counted when its message was scheduled.
+        let releases = batch
+            .appended
+            .iter()
+            .filter(|a| a.release.is_some())
+            .count();
+        self.metrics
+            .accepted((batch.appended.len() - releases + batch.scheduled.len()) as u64);
+        for (waiting, done) in std::mem::take(&mut batch.scheduled) {
+            let _ = waiting
+                .ticket
+                .slot
+                .send(SlotState::Waiting { accepted: true });
+            self.scheduler.insert(waiting);
+            batch.tell(done, Ok(()));
+        }
         // One watermark move per peer and batch: each move wakes every send waiting on it.
         let mut moved: Vec<(Arc<PeerHandle>, u64)> = Vec::new();
         for appended in std::mem::take(&mut batch.appended) {
@@ -804,9 +969,15 @@ impl Writer {
                 message,
                 permit,
                 done,
+                release,
             } = appended;
             permit.send(Outgoing { seq, tag, message });
             batch.tell(done, Ok(()));
+            if let Some(ticket) = release {
+                self.metrics.released();
+                self.scheduler.free_place(ticket.holds_place);
+                let _ = ticket.slot.send(SlotState::Numbered(seq));
+            }
             match moved.iter_mut().find(|(p, _)| Arc::ptr_eq(p, &peer)) {
                 Some((_, max)) => *max = (*max).max(seq),
                 None => moved.push((peer, seq)),
@@ -853,6 +1024,14 @@ impl Writer {
     }
 }
 
+/// A spool error as the refusal of a send.
+fn spool_refusal(e: SpoolError) -> DeliveryError {
+    match e {
+        SpoolError::Full { .. } => DeliveryError::SpoolFull(e.to_string()),
+        _ => DeliveryError::NotAccepted(e.to_string()),
+    }
+}
+
 /// Moves the peer's accepted watermark (the highest seq whose fate at the spool is known).
 fn settle(peer: &PeerHandle, seq: u64) {
     peer.accepted.send_if_modified(|accepted| {
@@ -863,4 +1042,101 @@ fn settle(peer: &PeerHandle, seq: u64) {
             false
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weft_spool::{CrashMode, SimStorage};
+
+    fn delayed(due: u64) -> OutgoingMessage {
+        OutgoingMessage::command("jobs", Bytes::from_static(b"later"), 1_000)
+            .with_deliver_after(due)
+    }
+
+    fn encode(dest: &NodeId, epoch: u64, seq: u64, origin: u64, m: &OutgoingMessage) -> BytesMut {
+        let mut buf = BytesMut::new();
+        spooled::encode_scheduled(dest, epoch, seq, origin, m, Limits::default(), &mut buf)
+            .unwrap();
+        buf
+    }
+
+    fn reopen(disk: &SimStorage) -> (Spool<SimStorage>, Recovered) {
+        let (mut spool, recovery) = Spool::open(disk.clone(), SpoolConfig::default()).unwrap();
+        let recovered =
+            restore(&mut spool, recovery.pending, Limits::default(), 99, false).unwrap();
+        (spool, recovered)
+    }
+
+    /// The crash window of a release: the numbered copy is durable, the retirement of the
+    /// unnumbered original is not. Recovery must send the copy (same id) and drop the original,
+    /// not schedule it again (it would be numbered a second time: a duplicate under a new id).
+    #[test]
+    fn a_release_interrupted_before_the_retirement_is_sent_once_under_its_number() {
+        let dest = NodeId::from_bytes([5; 32]);
+        let disk = SimStorage::new(1);
+        let (mut spool, _) = Spool::open(disk.clone(), SpoolConfig::default()).unwrap();
+        let original = spool
+            .append(&encode(&dest, 0, 0, 0, &delayed(5_000)))
+            .unwrap();
+        spool.sync().unwrap();
+        // Released: the numbered copy (seq 1 of epoch 7) names its origin; crash before the
+        // retirement of the original is written.
+        spool
+            .append(&encode(&dest, 7, 1, original, &delayed(5_000)))
+            .unwrap();
+        spool.sync().unwrap();
+        drop(spool);
+        disk.crash(CrashMode::TornTail);
+        let (mut spool, (restored, _, pending, _)) = reopen(&disk);
+        assert!(restored.scheduled.is_empty(), "not scheduled again");
+        let stream = &restored.outbound[&dest];
+        assert_eq!(stream.epoch, 7);
+        assert_eq!(
+            stream.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
+            [1]
+        );
+        assert_eq!(pending, 1);
+        // The original was retired by recovery: the next start finds the copy only.
+        spool.sync().unwrap();
+        drop(spool);
+        let (_, (restored, _, pending, _)) = reopen(&disk);
+        assert!(restored.scheduled.is_empty());
+        assert_eq!(pending, 1);
+    }
+
+    /// Before its release a delayed message comes back as waiting, with its due time, in send
+    /// order; a crash before the numbered copy was durable leaves exactly that state.
+    #[test]
+    fn an_unreleased_delayed_message_is_scheduled_again() {
+        let dest = NodeId::from_bytes([6; 32]);
+        let disk = SimStorage::new(2);
+        let (mut spool, _) = Spool::open(disk.clone(), SpoolConfig::default()).unwrap();
+        let first = spool
+            .append(&encode(&dest, 0, 0, 0, &delayed(9_000)))
+            .unwrap();
+        let second = spool
+            .append(&encode(&dest, 0, 0, 0, &delayed(8_000)))
+            .unwrap();
+        spool.sync().unwrap();
+        // A release of `first` whose batch never reached the disk.
+        spool
+            .append(&encode(&dest, 7, 1, first, &delayed(9_000)))
+            .unwrap();
+        spool.retire(first).unwrap();
+        drop(spool);
+        disk.crash(CrashMode::TornTail);
+        let (_, (restored, _, pending, _)) = reopen(&disk);
+        assert!(restored.outbound.is_empty());
+        assert_eq!(pending, 2);
+        let waiting: Vec<_> = restored
+            .scheduled
+            .iter()
+            .map(|(d, tag, m)| (*d, *tag, m.deliver_after_unix_ms()))
+            .collect();
+        assert_eq!(
+            waiting,
+            [(dest, first, Some(9_000)), (dest, second, Some(8_000))]
+        );
+    }
 }

@@ -76,6 +76,16 @@ pub enum SendError {
     /// A volatile message needs a connection to the peer, and none is up.
     #[error("no connection to {0} is up (volatile messages are not queued)")]
     NotConnected(NodeId),
+    /// The delayed message's due time is refused: further ahead than `NodeConfig::delay_max`,
+    /// or not before the message's expiry.
+    #[error("bad deliver-after time: {0}")]
+    Delay(#[from] weft_proto::schedule::DueError),
+    /// The node holds its maximum of delayed messages (`NodeConfig::schedule_max`).
+    #[error("the schedule of delayed messages is full ({0} waiting)")]
+    ScheduleFull(usize),
+    /// Volatile messages cannot be delayed (they are never held).
+    #[error("a volatile message cannot be delayed")]
+    VolatileDelayed,
 }
 
 impl From<DeliveryError> for SendError {

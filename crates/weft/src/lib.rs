@@ -50,6 +50,7 @@ pub mod node;
 mod patterns;
 mod peer;
 mod receipt;
+mod scheduler;
 mod settle;
 pub mod tls;
 

@@ -34,6 +34,8 @@ pub(crate) struct Metrics {
     pub(crate) durable_subscriptions: AtomicU64,
     pub(crate) durable_events_owed: AtomicU64,
     pub(crate) durable_events_dropped: AtomicU64,
+    scheduled: AtomicU64,
+    released: AtomicU64,
 }
 
 /// A snapshot of a node's counters.
@@ -100,6 +102,10 @@ pub struct MetricsSnapshot {
     /// subscription's retention budget (`durable_retention_max`) or past its age
     /// (`durable_retention_age`).
     pub durable_events_dropped: u64,
+    /// Delayed messages waiting for their due time (a gauge).
+    pub scheduled: u64,
+    /// Delayed messages numbered into their stream at their due time.
+    pub released: u64,
 }
 
 impl Metrics {
@@ -174,6 +180,14 @@ impl Metrics {
         self.watermarks_persisted.fetch_add(1, Ordering::Relaxed);
     }
 
+    pub(crate) fn scheduled_set(&self, waiting: u64) {
+        self.scheduled.store(waiting, Ordering::Relaxed);
+    }
+
+    pub(crate) fn released(&self) {
+        self.released.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub(crate) fn snapshot(&self) -> MetricsSnapshot {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         MetricsSnapshot {
@@ -204,6 +218,8 @@ impl Metrics {
             durable_subscriptions: get(&self.durable_subscriptions),
             durable_events_owed: get(&self.durable_events_owed),
             durable_events_dropped: get(&self.durable_events_dropped),
+            scheduled: get(&self.scheduled),
+            released: get(&self.released),
         }
     }
 }
@@ -217,7 +233,7 @@ struct Series {
 }
 
 impl MetricsSnapshot {
-    fn series(&self) -> [Series; 27] {
+    fn series(&self) -> [Series; 29] {
         let counter = |name, help, value| Series {
             name,
             kind: "counter",
@@ -366,6 +382,17 @@ impl MetricsSnapshot {
                 "Events owed to durable subscribers given up (dead-lettered): over budget or too old.",
                 self.durable_events_dropped,
             ),
+            Series {
+                name: "weft_messages_scheduled",
+                kind: "gauge",
+                help: "Delayed messages waiting for their due time.",
+                value: self.scheduled,
+            },
+            counter(
+                "weft_messages_released_total",
+                "Delayed messages numbered into their stream at their due time.",
+                self.released,
+            ),
         ]
     }
 
@@ -427,6 +454,8 @@ impl MetricsSnapshot {
             ("durable_subscriptions", self.durable_subscriptions),
             ("durable_events_owed", self.durable_events_owed),
             ("durable_events_dropped", self.durable_events_dropped),
+            ("scheduled", self.scheduled),
+            ("released", self.released),
         ]
         .iter()
         .map(|(name, value)| format!("\"{name}\":{value}"))

@@ -24,7 +24,8 @@ use crate::identity::Identity;
 use crate::inbox::{Channels, Inbox};
 use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::peer::{Control, PeerTask};
-use crate::receipt::{Fates, Receipt, Receipts};
+use crate::receipt::{Fates, Receipt, Receipts, SlotState};
+use crate::scheduler::{Scheduler, Waiting};
 use crate::tls;
 
 /// A peer came or went.
@@ -146,7 +147,11 @@ pub(crate) struct Shared {
     pub events: broadcast::Sender<PeerEvent>,
     pub shutdown: watch::Sender<bool>,
     pub tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// The runtime the node started on.
+    pub runtime: tokio::runtime::Handle,
     pub metrics: Arc<Metrics>,
+    /// Delayed messages waiting for their due time (see [`crate::scheduler`]).
+    pub scheduler: Arc<Scheduler>,
     /// Pub/sub and request/response state.
     pub patterns: crate::patterns::Patterns,
 }
@@ -242,6 +247,22 @@ impl Shared {
 
     pub(crate) fn now_unix_ms(&self) -> u64 {
         (self.wall_clock)()
+    }
+
+    /// Starts the task that releases delayed messages, on the first one (a node that never
+    /// delays a message runs no such task: its runtime, and a simulation's event order, are
+    /// exactly as without the feature). Idempotent.
+    pub(crate) fn start_release_task(self: &Arc<Self>) {
+        if self.scheduler.mark_started() {
+            let span = info_span!(parent: None, "scheduler", node = %self.id.short());
+            // On the node's runtime (a `try_send` may come from a thread outside it).
+            let handle = self
+                .runtime
+                .spawn(crate::scheduler::run(Arc::clone(self)).instrument(span));
+            let mut tasks = self.tasks.lock().expect("tasks lock poisoned");
+            tasks.retain(|t| !t.is_finished());
+            tasks.push(handle);
+        }
     }
 }
 
@@ -395,7 +416,8 @@ impl NodeBuilder {
         let incarnation = wall_clock();
         let (events, _) = broadcast::channel(config.events_capacity);
         let metrics = Arc::new(Metrics::default());
-        let (durable, restored) = match spool_setup(&config, &seams, data_dir.as_deref())? {
+        let scheduler = Arc::new(Scheduler::new(config.schedule_max, Arc::clone(&metrics)));
+        let (durable, mut restored) = match spool_setup(&config, &seams, data_dir.as_deref())? {
             Some(setup) => {
                 let (durable, restored) = Durable::start(
                     setup,
@@ -404,6 +426,7 @@ impl NodeBuilder {
                     epoch,
                     events.clone(),
                     Arc::clone(&metrics),
+                    Arc::clone(&scheduler),
                 )
                 .map_err(StartError::Spool)?;
                 (Some(durable), restored)
@@ -411,6 +434,7 @@ impl NodeBuilder {
             None => (None, Restored::default()),
         };
         let restored_peers: Vec<NodeId> = restored.outbound.keys().copied().collect();
+        scheduler.restore(std::mem::take(&mut restored.scheduled));
         let message_id = |peer: &NodeId, (epoch, seq): (u64, u64)| MessageId {
             producer: id,
             stream: StreamId::direct(&id, peer, epoch),
@@ -451,7 +475,9 @@ impl NodeBuilder {
             events,
             shutdown,
             tasks: Mutex::new(Vec::new()),
+            runtime: tokio::runtime::Handle::current(),
             metrics,
+            scheduler,
             patterns,
         });
         let local_addr = shared.endpoint.local_addr().ok();
@@ -460,6 +486,9 @@ impl NodeBuilder {
         crate::patterns::start(&shared)
             .map_err(|e| StartError::Config(format!("pattern channels: {e}")))?;
         shared.spawn(accept_loop(Arc::clone(&shared)).instrument(span.clone()));
+        if shared.scheduler.has_waiting() {
+            shared.start_release_task();
+        }
         let node = Node {
             inner: Arc::new(NodeInner {
                 shared,
@@ -956,8 +985,17 @@ impl PeerSender {
     /// Sends a fully specified message. Waits while the peer's queue (or the spool) is full;
     /// with a spool, returns once the message is durable ("accepted"): after a crash of this
     /// node it is sent again, and it is delivered or dead-lettered, never lost.
+    ///
+    /// A delayed message ([`OutgoingMessage::with_delay`], [`OutgoingMessage::with_deliver_after`])
+    /// is accepted now (with a spool: durable now, unnumbered) and numbered into the peer's
+    /// stream only at its due time; see [`Receipt`] for its id and [`weft_proto::schedule`] for the
+    /// guarantees. Refused with [`SendError::Delay`] (too far ahead, or expiring first) or
+    /// [`SendError::ScheduleFull`].
     pub async fn send_message(&self, message: OutgoingMessage) -> Result<Receipt, SendError> {
         message.check(&self.shared.config.limits())?;
+        if message.deliver_after.is_some() {
+            return self.schedule(message).await;
+        }
         let Some(durable) = &self.shared.durable else {
             let permit = self
                 .handle
@@ -996,6 +1034,9 @@ impl PeerSender {
         message
             .check(&self.shared.config.limits())
             .map_err(SendError::from)?;
+        if message.deliver_after.is_some() {
+            return self.try_schedule(message);
+        }
         let Some(durable) = &self.shared.durable else {
             let permit = self.handle.commands.try_reserve().map_err(would_block)?;
             return Ok(self.enqueue(permit, message));
@@ -1023,7 +1064,11 @@ impl PeerSender {
     /// fills a group commit by itself. A run is as long as the peer's queue has room; when it
     /// is full, what was gathered goes ahead and the rest waits (backpressure, as for `send`).
     ///
-    /// Fails before anything is sent if a message is invalid ([`SendBatchError::Invalid`]).
+    /// Delayed messages of the batch are scheduled one by one after the others are sent (each
+    /// is numbered only when due; their receipts are [`Receipts::scheduled`]).
+    ///
+    /// Fails before anything is sent if a message is invalid ([`SendBatchError::Invalid`]; a
+    /// delayed message's due time is checked too).
     /// If the spool refuses messages (full, failing) or the node shuts down half-way,
     /// [`SendBatchError::Partial`] carries the receipts of what was sent (each refused one
     /// fails its receipt) and how many were not accepted.
@@ -1033,6 +1078,9 @@ impl PeerSender {
     ) -> Result<Receipts, SendBatchError> {
         let messages: Vec<OutgoingMessage> = messages.into_iter().collect();
         let limits = self.shared.config.limits();
+        let delay_max_ms =
+            u64::try_from(self.shared.config.delay_max.as_millis()).unwrap_or(u64::MAX);
+        let now = self.shared.now_unix_ms();
         for (index, message) in messages.iter().enumerate() {
             if let Err(error) = message.check(&limits) {
                 return Err(SendBatchError::Invalid {
@@ -1040,8 +1088,21 @@ impl PeerSender {
                     error: error.into(),
                 });
             }
+            if let Some(due) = message.deliver_after_unix_ms() {
+                let expires = message.options.as_ref().and_then(|o| o.expires_unix_ms);
+                if let Err(error) = weft_proto::schedule::check_due(due, now, delay_max_ms, expires)
+                {
+                    return Err(SendBatchError::Invalid {
+                        index,
+                        error: error.into(),
+                    });
+                }
+            }
         }
         let total = messages.len();
+        let (delayed, messages): (Vec<_>, Vec<_>) = messages
+            .into_iter()
+            .partition(|m| m.deliver_after.is_some());
         let mut receipts = self.receipts();
         let mut outcomes = Vec::new();
         let mut messages = messages.into_iter().peekable();
@@ -1121,6 +1182,12 @@ impl PeerSender {
                 Err(_) => return Err(unsent(receipts, SendError::NodeClosed)),
             }
         }
+        for message in delayed {
+            match self.schedule(message).await {
+                Ok(receipt) => receipts.scheduled.push(receipt),
+                Err(error) => return Err(unsent(receipts, error)),
+            }
+        }
         match refused.first() {
             None => Ok(receipts),
             Some(error) => Err(SendBatchError::Partial {
@@ -1138,6 +1205,9 @@ impl PeerSender {
     /// full; [`SendError::NotConnected`] when no connection is up.
     pub async fn send_volatile(&self, message: OutgoingMessage) -> Result<(), SendError> {
         message.check(&self.shared.config.limits())?;
+        if message.deliver_after.is_some() {
+            return Err(SendError::VolatileDelayed);
+        }
         if !*self.handle.connected.borrow() {
             return Err(SendError::NotConnected(self.handle.id));
         }
@@ -1156,12 +1226,161 @@ impl PeerSender {
         message
             .check(&self.shared.config.limits())
             .map_err(SendError::from)?;
+        if message.deliver_after.is_some() {
+            return Err(SendError::VolatileDelayed.into());
+        }
         if !*self.handle.connected.borrow() {
             return Err(SendError::NotConnected(self.handle.id).into());
         }
         let permit = self.handle.commands.try_reserve().map_err(would_block)?;
         permit.send(volatile(message));
         Ok(())
+    }
+
+    /// The due time of a delayed message, checked (see [`weft_proto::schedule::check_due`]),
+    /// with a place in the schedule taken for it.
+    fn take_place(&self, message: &OutgoingMessage) -> Result<u64, SendError> {
+        let due = message
+            .deliver_after_unix_ms()
+            .expect("called for delayed messages");
+        let config = &self.shared.config;
+        let expires = message.options.as_ref().and_then(|o| o.expires_unix_ms);
+        let delay_max_ms = u64::try_from(config.delay_max.as_millis()).unwrap_or(u64::MAX);
+        weft_proto::schedule::check_due(due, self.shared.now_unix_ms(), delay_max_ms, expires)?;
+        if self.shared.is_shutting_down() {
+            return Err(SendError::NodeClosed);
+        }
+        self.shared
+            .scheduler
+            .take_place()
+            .map_err(SendError::ScheduleFull)?;
+        Ok(due)
+    }
+
+    /// `send_message` of a delayed message: waits for spool room, returns once durable.
+    async fn schedule(&self, message: OutgoingMessage) -> Result<Receipt, SendError> {
+        let due = self.take_place(&message)?;
+        let Some(durable) = &self.shared.durable else {
+            return self.schedule_now(message, due, None);
+        };
+        match durable.room.acquire().await {
+            Ok(room) => room.forget(),
+            Err(_) => {
+                self.shared.scheduler.free_place(true);
+                return Err(SendError::NodeClosed);
+            }
+        }
+        let (done, accepted) = tokio::sync::oneshot::channel();
+        let receipt = self.schedule_now(message, due, Some(done))?;
+        match accepted.await {
+            Ok(Ok(())) => Ok(receipt),
+            Ok(Err(error)) => Err(error.into()),
+            Err(_) => Err(SendError::NodeClosed),
+        }
+    }
+
+    /// `try_send_message` of a delayed message: never waits.
+    fn try_schedule(&self, message: OutgoingMessage) -> Result<Receipt, TrySendError> {
+        let due = self.take_place(&message)?;
+        if let Some(durable) = &self.shared.durable {
+            match durable.room.try_acquire() {
+                Ok(room) => room.forget(),
+                Err(error) => {
+                    self.shared.scheduler.free_place(true);
+                    return Err(match error {
+                        tokio::sync::TryAcquireError::NoPermits => TrySendError::SpoolFull,
+                        tokio::sync::TryAcquireError::Closed => SendError::NodeClosed.into(),
+                    });
+                }
+            }
+        }
+        Ok(self.schedule_now(message, due, None)?)
+    }
+
+    /// Into the schedule (no spool), or to the spool writer, which writes it unnumbered and
+    /// then schedules it. A place (and spool room) is taken.
+    fn schedule_now(
+        &self,
+        message: OutgoingMessage,
+        due: u64,
+        done: Option<tokio::sync::oneshot::Sender<Result<(), crate::error::DeliveryError>>>,
+    ) -> Result<Receipt, SendError> {
+        let (slot, watch) = crate::receipt::slot(self.shared.durable.is_none());
+        let dest = self.handle.id;
+        self.shared.start_release_task();
+        match &self.shared.durable {
+            None => self.shared.scheduler.insert(Waiting {
+                dest,
+                message,
+                ticket: crate::scheduler::Ticket {
+                    tag: 0,
+                    slot,
+                    holds_place: true,
+                },
+            }),
+            Some(durable) => {
+                let command = crate::durable::Command::Schedule {
+                    dest,
+                    message,
+                    slot,
+                    done,
+                };
+                if durable.tx.send(command).is_err() {
+                    durable.room.add_permits(1);
+                    self.shared.scheduler.free_place(true);
+                    return Err(SendError::NodeClosed);
+                }
+            }
+        }
+        let mut receipt = self.receipt(0);
+        receipt.scheduled = Some((due, watch));
+        Ok(receipt)
+    }
+
+    /// Numbers a delayed message that became due and enqueues it like a fresh send (called by
+    /// the release task, in due order). Waits for room in the peer's queue. With a spool the
+    /// writer appends the numbered copy, retires the unnumbered record and only then tells
+    /// the receipt its number; it already holds its spool room.
+    pub(crate) async fn release(&self, waiting: Waiting) {
+        let Waiting {
+            dest: _,
+            message,
+            ticket,
+        } = waiting;
+        let Ok(permit) = self.handle.commands.clone().reserve_owned().await else {
+            // Shutting down: the receipt reports `NodeClosed`; with a spool the unnumbered
+            // record stays and the next start schedules it again.
+            return;
+        };
+        let mut next_seq = self.handle.next_seq.lock().expect("sequence lock poisoned");
+        let seq = *next_seq;
+        *next_seq += 1;
+        match &self.shared.durable {
+            None => {
+                permit.send(Outgoing {
+                    seq,
+                    tag: 0,
+                    message,
+                });
+                drop(next_seq);
+                self.shared.metrics.released();
+                self.shared.scheduler.free_place(ticket.holds_place);
+                let _ = ticket.slot.send(SlotState::Numbered(seq));
+            }
+            Some(durable) => {
+                let command = crate::durable::Command::Append {
+                    peer: Arc::clone(&self.handle),
+                    seq,
+                    message,
+                    permit,
+                    done: None,
+                    release: Some(ticket),
+                };
+                // Sent under the sequence lock: the writer sees the peer's numbers in order.
+                let _ = durable.tx.send(command);
+                drop(next_seq);
+            }
+        }
     }
 
     /// Without a spool: straight into the peer's queue.
@@ -1197,6 +1416,7 @@ impl PeerSender {
             message,
             permit,
             done,
+            release: None,
         };
         let sent = durable.tx.send(command);
         drop(next_seq);
@@ -1224,6 +1444,7 @@ impl PeerSender {
                 .as_ref()
                 .map(|_| self.handle.accepted.subscribe()),
             fates: Arc::clone(&self.handle.fates),
+            scheduled: Vec::new(),
         }
     }
 
@@ -1242,6 +1463,7 @@ impl PeerSender {
                 .as_ref()
                 .map(|_| self.handle.accepted.subscribe()),
             fates: Arc::clone(&self.handle.fates),
+            scheduled: None,
         }
     }
 }

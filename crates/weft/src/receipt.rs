@@ -72,24 +72,89 @@ pub struct Delivered {
     pub peer: NodeId,
 }
 
+/// Where a delayed (scheduled) message stands, shared by the schedule (which moves it) and its
+/// receipt (which waits on it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum SlotState {
+    /// Waiting for its due time; `accepted`: durable in the spool (always true without one).
+    Waiting { accepted: bool },
+    /// Due, and numbered into the peer's stream with this sequence number.
+    Numbered(u64),
+    /// It will never be sent (the spool refused it, or it could not be released).
+    Failed(DeliveryError),
+}
+
+/// A fresh slot for a scheduled message: the schedule keeps the sender, the receipt the receiver.
+pub(crate) fn slot(accepted: bool) -> (watch::Sender<SlotState>, watch::Receiver<SlotState>) {
+    watch::channel(SlotState::Waiting { accepted })
+}
+
 /// Resolves once the peer acknowledged the message (`.await` it), or fails if the message was
 /// given up (dead-lettered), refused by the spool, or the node shut down first. Dropping a receipt
 /// does not cancel the send.
+///
+/// A **delayed** message (see [`OutgoingMessage::with_delay`](weft_proto::OutgoingMessage::with_delay))
+/// gets its sequence number, hence its [`MessageId`], only when it becomes due: until then
+/// [`Receipt::try_id`] is `None`, [`Receipt::due_unix_ms`] tells when, and
+/// [`Receipt::numbered`] waits for the id. Awaiting the receipt waits for the due time, then for
+/// the acknowledgement, as for any message.
 #[derive(Debug)]
 #[must_use = "a receipt tells whether the peer got the message; drop it explicitly if you do not care"]
 pub struct Receipt {
+    /// For a scheduled message not yet numbered, `seq` is 0 (outside every stream).
     pub(crate) id: MessageId,
     pub(crate) peer: NodeId,
     pub(crate) acked: watch::Receiver<u64>,
     /// The spool's accepted watermark (`None`: the node has no spool).
     pub(crate) accepted: Option<watch::Receiver<u64>>,
     pub(crate) fates: std::sync::Arc<Fates>,
+    /// For a delayed message: its due time and its slot.
+    pub(crate) scheduled: Option<(u64, watch::Receiver<SlotState>)>,
 }
 
 impl Receipt {
-    /// The message's id.
+    /// The message's id. For a delayed message not yet due the id is not known yet, and this is
+    /// a placeholder with `seq` 0 (no message has that number): prefer [`Receipt::try_id`] or
+    /// [`Receipt::numbered`] for delayed messages.
     pub fn id(&self) -> MessageId {
-        self.id
+        self.try_id().unwrap_or(self.id)
+    }
+
+    /// The message's id, `None` while a delayed message waits for its due time.
+    pub fn try_id(&self) -> Option<MessageId> {
+        match &self.scheduled {
+            None => Some(self.id),
+            Some((_, slot)) => match &*slot.borrow() {
+                SlotState::Numbered(seq) => Some(MessageId {
+                    seq: *seq,
+                    ..self.id
+                }),
+                _ => None,
+            },
+        }
+    }
+
+    /// For a delayed message, when it is due (Unix milliseconds, the sender's clock).
+    pub fn due_unix_ms(&self) -> Option<u64> {
+        self.scheduled.as_ref().map(|(due, _)| *due)
+    }
+
+    /// The message's id, once it has one: at once for an ordinary message; for a delayed one,
+    /// once it is due and numbered (or the error that means it never will be).
+    pub async fn numbered(&self) -> Result<MessageId, DeliveryError> {
+        let Some((_, slot)) = &self.scheduled else {
+            return Ok(self.id);
+        };
+        let mut slot = slot.clone();
+        let state = slot
+            .wait_for(|s| !matches!(s, SlotState::Waiting { .. }))
+            .await
+            .map(|s| s.clone());
+        match state {
+            Ok(SlotState::Numbered(seq)) => Ok(MessageId { seq, ..self.id }),
+            Ok(SlotState::Failed(error)) => Err(error),
+            Ok(SlotState::Waiting { .. }) | Err(_) => Err(DeliveryError::NodeClosed),
+        }
     }
 
     /// The node the message was sent to.
@@ -99,12 +164,28 @@ impl Receipt {
 
     /// Whether the peer has acknowledged it already.
     pub fn is_delivered(&self) -> bool {
-        *self.acked.borrow() >= self.id.seq && self.fates.get(self.id.seq).is_none()
+        let Some(id) = self.try_id() else {
+            return false;
+        };
+        *self.acked.borrow() >= id.seq && self.fates.get(id.seq).is_none()
     }
 
     /// Waits until the message is durable in the spool ("accepted"): at once for a node without
     /// a spool, and for receipts of `send` (which returns only then); `try_send` returns before.
+    /// For a delayed message: once its unnumbered record is durable (it is numbered later).
     pub async fn accepted(&self) -> Result<(), DeliveryError> {
+        if let Some((_, slot)) = &self.scheduled {
+            let mut slot = slot.clone();
+            let state = slot
+                .wait_for(|s| *s != SlotState::Waiting { accepted: false })
+                .await
+                .map(|s| s.clone());
+            return match state {
+                Ok(SlotState::Failed(error)) => Err(error),
+                Ok(_) => Ok(()),
+                Err(_) => Err(DeliveryError::NodeClosed),
+            };
+        }
         let Some(accepted) = &self.accepted else {
             return Ok(());
         };
@@ -125,6 +206,9 @@ impl IntoFuture for Receipt {
 
     fn into_future(mut self) -> Self::IntoFuture {
         Box::pin(async move {
+            if self.scheduled.is_some() {
+                self.id = self.numbered().await?;
+            }
             let seq = self.id.seq;
             let delivered = Delivered {
                 id: self.id,
@@ -184,6 +268,8 @@ pub struct Receipts {
     pub(crate) acked: watch::Receiver<u64>,
     pub(crate) accepted: Option<watch::Receiver<u64>>,
     pub(crate) fates: std::sync::Arc<Fates>,
+    /// The receipts of the batch's delayed messages, in the order given.
+    pub(crate) scheduled: Vec<Receipt>,
 }
 
 /// Why not every message of a batch was delivered.
@@ -204,17 +290,25 @@ impl Receipts {
         }
     }
 
-    /// How many messages the batch holds.
+    /// How many messages the batch holds (delayed ones included).
     pub fn len(&self) -> usize {
         self.runs
             .iter()
             .map(|r| (r.end() - r.start() + 1) as usize)
-            .sum()
+            .sum::<usize>()
+            + self.scheduled.len()
     }
 
     /// Whether the batch was empty.
     pub fn is_empty(&self) -> bool {
-        self.runs.is_empty()
+        self.runs.is_empty() && self.scheduled.is_empty()
+    }
+
+    /// The receipts of the batch's delayed messages, in the order they were given. They are
+    /// numbered only when due, so [`Receipts::ids`] and [`Receipts::get`] cover the batch's
+    /// other messages only; awaiting the `Receipts` waits for these too.
+    pub fn scheduled(&self) -> &[Receipt] {
+        &self.scheduled
     }
 
     /// The node the messages were sent to.
@@ -222,7 +316,7 @@ impl Receipts {
         self.peer
     }
 
-    /// The messages' ids, in the order they were given.
+    /// The ids of the messages sent at once (not the delayed ones), in the order they were given.
     pub fn ids(&self) -> impl Iterator<Item = MessageId> + '_ {
         self.runs
             .iter()
@@ -230,7 +324,7 @@ impl Receipts {
             .map(|seq| MessageId { seq, ..self.base })
     }
 
-    /// The receipt of the `index`th message.
+    /// The receipt of the `index`th message sent at once (delayed ones: [`Receipts::scheduled`]).
     pub fn get(&self, index: usize) -> Option<Receipt> {
         let id = self.ids().nth(index)?;
         Some(Receipt {
@@ -239,11 +333,15 @@ impl Receipts {
             acked: self.acked.clone(),
             accepted: self.accepted.clone(),
             fates: std::sync::Arc::clone(&self.fates),
+            scheduled: None,
         })
     }
 
     /// Whether the peer acknowledged every message already.
     pub fn is_delivered(&self) -> bool {
+        if !self.scheduled.iter().all(Receipt::is_delivered) {
+            return false;
+        }
         let Some(last) = self.runs.last() else {
             return true;
         };
@@ -308,6 +406,36 @@ impl IntoFuture for Receipts {
     /// will not be delivered (given up, refused by the spool, or the node shut down first).
     fn into_future(mut self) -> Self::IntoFuture {
         Box::pin(async move {
+            let scheduled = std::mem::take(&mut self.scheduled);
+            let mut outcome = self.settle_runs().await;
+            for receipt in scheduled {
+                let id = receipt.id();
+                let result = receipt.await;
+                outcome = match (outcome, result) {
+                    (Ok(delivered), Ok(_)) => Ok(delivered + 1),
+                    (Ok(delivered), Err(error)) => Err(BatchDeliveryError {
+                        delivered,
+                        failed: vec![(id, error)],
+                    }),
+                    (Err(mut e), Ok(_)) => {
+                        e.delivered += 1;
+                        Err(e)
+                    }
+                    (Err(mut e), Err(error)) => {
+                        e.failed.push((id, error));
+                        Err(e)
+                    }
+                };
+            }
+            outcome
+        })
+    }
+}
+
+impl Receipts {
+    /// Waits for the messages numbered at once (see `into_future`).
+    async fn settle_runs(mut self) -> Result<usize, BatchDeliveryError> {
+        {
             let Some(last) = self.runs.last().map(|run| *run.end()) else {
                 return Ok(0);
             };
@@ -329,6 +457,6 @@ impl IntoFuture for Receipts {
                     _ = version.changed() => {}
                 }
             }
-        })
+        }
     }
 }
