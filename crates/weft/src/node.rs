@@ -1115,8 +1115,14 @@ impl PeerSender {
             let Some(durable) = &self.shared.durable else {
                 // Without a spool: the free slots (at least one, waiting for it), then one hold
                 // of the sequence lock for the run.
-                let free = self.handle.commands.capacity().clamp(1, BATCH_RUN_MAX);
-                let run: Vec<OutgoingMessage> = messages.by_ref().take(free).collect();
+                // When the queue is full, wait for a quarter of it rather than for one slot:
+                // runs of one would cost more than single sends.
+                let commands = &self.handle.commands;
+                let want = commands
+                    .capacity()
+                    .max(commands.max_capacity() / 4)
+                    .clamp(1, BATCH_RUN_MAX);
+                let run: Vec<OutgoingMessage> = messages.by_ref().take(want).collect();
                 let Ok(permits) = self.handle.commands.reserve_many(run.len()).await else {
                     return Err(unsent(receipts, SendError::NodeClosed));
                 };
@@ -1141,21 +1147,37 @@ impl PeerSender {
             let Ok(permit) = self.handle.commands.clone().reserve_owned().await else {
                 return Err(unsent(receipts, SendError::NodeClosed));
             };
-            match durable.room.acquire().await {
-                Ok(room) => room.forget(),
-                Err(_) => return Err(unsent(receipts, SendError::NodeClosed)),
-            }
+            // Spool room stays held (not forgotten) until the run is handed over, so a batch
+            // dropped half-way gives it back.
+            let Ok(mut room) = durable.room.acquire().await else {
+                return Err(unsent(receipts, SendError::NodeClosed));
+            };
             run.push((messages.next().expect("peeked"), permit));
+            // A run takes at least a quarter of the queue when that much is left (waiting for
+            // its slots: runs of one would cost more than single sends), then what is free.
+            let min_run = self.handle.commands.max_capacity() / 4;
             while run.len() < BATCH_RUN_MAX && messages.peek().is_some() {
-                let Ok(permit) = self.handle.commands.clone().try_reserve_owned() else {
+                let permit = if run.len() < min_run {
+                    self.handle.commands.clone().reserve_owned().await
+                } else {
+                    self.handle
+                        .commands
+                        .clone()
+                        .try_reserve_owned()
+                        .map_err(|_| mpsc::error::SendError(()))
+                };
+                let Ok(permit) = permit else {
                     break;
                 };
+                // Spool room is never waited for past the first: a spool short of room
+                // (its peer away) still takes what fits now.
                 match durable.room.try_acquire() {
-                    Ok(room) => room.forget(),
+                    Ok(more) => room.merge(more),
                     Err(_) => break, // `permit` goes back with its drop
                 }
                 run.push((messages.next().expect("peeked"), permit));
             }
+            room.forget();
             let (done, outcome) = tokio::sync::oneshot::channel();
             let count = run.len() as u64;
             let mut next_seq = self.handle.next_seq.lock().expect("sequence lock poisoned");
