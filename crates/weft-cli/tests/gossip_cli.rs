@@ -8,16 +8,17 @@
 //! process takes which place depends on the ids, so the tests find the places from each
 //! subscriber's `/status` (`event_hops_max`, `events_relayed`).
 //!
-//! Every wait is bounded by [`WAIT`]; the tests synchronise on output lines only (the events
+//! Every wait is bounded by [`common::WAIT`]; the tests synchronise on output lines only (the events
 //! each subscriber prints, the publisher's stdin carrying the events to publish).
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+mod common;
 
-/// Bound on every wait: a broken build or a lost event fails instead of hanging.
-const WAIT: Duration = Duration::from_secs(30);
+use std::io::Write;
+use std::process::Command;
+use std::time::Instant;
+
+use common::Running;
+
 /// Subscriber processes.
 const SUBSCRIBERS: usize = 7;
 /// Their fan-out (and the publisher's): small, so that most subscribers are relayed to.
@@ -26,61 +27,7 @@ const FANOUT: &str = "2";
 const PATTERN: &str = "ticks/*";
 const TOPIC: &str = "ticks/n";
 
-/// A `weft` process whose stdout lines arrive on a channel.
-struct Running {
-    name: String,
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    stdin: Option<ChildStdin>,
-}
-
 impl Running {
-    fn start(name: &str, args: &[String]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_weft"))
-            .args(args)
-            // Eight processes' peer up/down lines would bury a failure's message.
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("weft starts");
-        let stdout = child.stdout.take().unwrap();
-        let stdin = child.stdin.take();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Self {
-            name: name.to_owned(),
-            child,
-            lines,
-            stdin,
-        }
-    }
-
-    fn line(&self, what: &str) -> String {
-        self.lines.recv_timeout(WAIT).unwrap_or_else(|_| {
-            panic!(
-                "no line from {} within {WAIT:?}: waiting for {what}",
-                self.name
-            )
-        })
-    }
-
-    /// The value after `prefix` in the next line.
-    fn line_after(&self, prefix: &str) -> String {
-        let line = self.line(prefix);
-        line.strip_prefix(prefix)
-            .unwrap_or_else(|| panic!("{}: expected `{prefix}...`, got {line:?}", self.name))
-            .to_owned()
-    }
-
     /// The admin address of a line `metrics on http://ADDR/metrics, status on /status`.
     fn metrics_addr(&self) -> String {
         let rest = self.line_after("metrics on http://");
@@ -118,38 +65,8 @@ impl Running {
     fn finish_publishing(&mut self) -> String {
         drop(self.stdin.take());
         let line = self.line("the publisher's summary");
-        let started = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                assert!(status.success(), "{} exited with {status}", self.name);
-                return line;
-            }
-            assert!(
-                started.elapsed() < WAIT,
-                "{} did not exit within {WAIT:?}",
-                self.name
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// Kills the process and returns what it printed that was not read yet.
-    fn kill_and_drain(mut self) -> Vec<String> {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let mut rest = Vec::new();
-        // The reader thread ends at the end of stdout, which the kill brings.
-        while let Ok(line) = self.lines.recv_timeout(WAIT) {
-            rest.push(line);
-        }
-        rest
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.wait_success();
+        line
     }
 }
 

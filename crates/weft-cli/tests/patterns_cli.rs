@@ -1,74 +1,11 @@
 //! `weft sub`/`weft pub`, `weft rep`/`weft req` and `weft pull`/`weft push` as separate
 //! processes on 127.0.0.1.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::Duration;
+mod common;
 
-/// Bound on every wait: a broken build fails instead of hanging.
-const WAIT: Duration = Duration::from_secs(30);
+use std::process::Command;
 
-/// A `weft` process whose stdout lines arrive on a channel.
-struct Running {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Running {
-    fn start(args: &[&str]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_weft"))
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("weft starts");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Self { child, lines }
-    }
-
-    fn line(&self, what: &str) -> String {
-        self.lines
-            .recv_timeout(WAIT)
-            .unwrap_or_else(|_| panic!("no line from weft within {WAIT:?}: waiting for {what}"))
-    }
-
-    /// The `node ID@ADDR` line every long-running pattern command prints first.
-    fn node_addr(&self) -> String {
-        let line = self.line("the node line");
-        line.strip_prefix("node ")
-            .unwrap_or_else(|| panic!("expected `node ID@ADDR`, got {line:?}"))
-            .to_owned()
-    }
-
-    fn wait_success(mut self) {
-        for _ in 0..300 {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                assert!(status.success(), "weft exited with {status}");
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = self.child.kill();
-        panic!("weft did not exit within 30 s");
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use common::Running;
 
 fn run(args: &[&str]) -> String {
     let output = Command::new(env!("CARGO_BIN_EXE_weft"))
@@ -85,7 +22,10 @@ fn run(args: &[&str]) -> String {
 
 #[test]
 fn sub_prints_what_pub_publishes() {
-    let sub = Running::start(&["sub", "--mesh", "cli-pubsub", "--count", "2", "orders/*"]);
+    let mut sub = Running::start(
+        "weft sub",
+        &["sub", "--mesh", "cli-pubsub", "--count", "2", "orders/*"],
+    );
     let addr = sub.node_addr();
     assert_eq!(sub.line("subscribed"), "subscribed to orders/*");
     let out = run(&[
@@ -117,16 +57,19 @@ fn sub_prints_what_pub_publishes() {
 
 #[test]
 fn req_prints_what_rep_answers() {
-    let rep = Running::start(&[
-        "rep",
-        "--mesh",
-        "cli-reqrep",
-        "--reply",
-        "42.50",
-        "--count",
-        "1",
-        "pricing",
-    ]);
+    let mut rep = Running::start(
+        "weft rep",
+        &[
+            "rep",
+            "--mesh",
+            "cli-reqrep",
+            "--reply",
+            "42.50",
+            "--count",
+            "1",
+            "pricing",
+        ],
+    );
     let addr = rep.node_addr();
     assert_eq!(rep.line("serving"), "serving pricing");
     let out = run(&[
@@ -168,7 +111,10 @@ fn req_without_a_server_fails_with_a_clear_sentence() {
 
 #[test]
 fn pull_prints_what_push_pushes() {
-    let pull = Running::start(&["pull", "--mesh", "cli-work", "--count", "3", "thumbnails"]);
+    let mut pull = Running::start(
+        "weft pull",
+        &["pull", "--mesh", "cli-work", "--count", "3", "thumbnails"],
+    );
     let addr = pull.node_addr();
     assert_eq!(pull.line("pulling"), "pulling from thumbnails");
     let out = run(&[

@@ -1451,21 +1451,21 @@ impl PeerSender {
 
     /// Empty receipts for a batch to this peer.
     fn receipts(&self) -> Receipts {
+        let Receipt {
+            id,
+            peer,
+            acked,
+            accepted,
+            fates,
+            ..
+        } = self.receipt(0);
         Receipts {
-            peer: self.handle.id,
-            base: MessageId {
-                producer: self.shared.id,
-                stream: self.handle.stream,
-                seq: 0,
-            },
+            peer,
+            base: id,
             runs: Vec::new(),
-            acked: self.handle.acked.clone(),
-            accepted: self
-                .shared
-                .durable
-                .as_ref()
-                .map(|_| self.handle.accepted.subscribe()),
-            fates: Arc::clone(&self.handle.fates),
+            acked,
+            accepted,
+            fates,
             scheduled: Vec::new(),
         }
     }
