@@ -19,12 +19,24 @@ fn short_timeouts(config: &mut weft::NodeConfig) {
 }
 
 async fn durable_node(dir: &Path, bind: SocketAddr) -> Node {
+    durable_node_with(dir, bind, |_| {}).await
+}
+
+/// A node on `dir` with short timeouts and `configure`'s changes.
+async fn durable_node_with(
+    dir: &Path,
+    bind: SocketAddr,
+    configure: impl FnOnce(&mut weft::NodeConfig),
+) -> Node {
     init_tracing();
     Node::builder()
         .mesh("durable")
         .data_dir(dir)
         .bind(bind)
-        .configure(short_timeouts)
+        .configure(|c| {
+            short_timeouts(c);
+            configure(c);
+        })
         .start()
         .await
         .expect("node starts")
@@ -113,19 +125,8 @@ async fn an_accepted_batch_survives_a_sender_restart() {
     let a_dir = tempdir("a");
     let b_dir = tempdir("b");
     let b_id = weft::Identity::load_or_create(&b_dir).unwrap().node_id();
-    init_tracing();
     // A queue smaller than the batch: it is written in several runs (group commits).
-    let a = Node::builder()
-        .mesh("durable")
-        .data_dir(&a_dir)
-        .bind(loopback())
-        .configure(|c| {
-            short_timeouts(c);
-            c.peer_command_capacity = 500;
-        })
-        .start()
-        .await
-        .unwrap();
+    let a = durable_node_with(&a_dir, loopback(), |c| c.peer_command_capacity = 500).await;
     let messages = (0..COUNT).map(|i| a.new_message("orders", i.to_le_bytes().to_vec()));
     let receipts = within(
         "the batch is accepted",
@@ -167,22 +168,14 @@ async fn a_batch_the_spool_cannot_hold_reports_what_it_refused() {
     let a_dir = tempdir("a");
     let b_dir = tempdir("b");
     let b_id = weft::Identity::load_or_create(&b_dir).unwrap().node_id();
-    init_tracing();
-    let a = Node::builder()
-        .mesh("durable")
-        .data_dir(&a_dir)
-        .bind(loopback())
-        .configure(|c| {
-            short_timeouts(c);
-            c.spool = Some(weft::SpoolConfig {
-                bytes_max: 256 * 1024,
-                segment_bytes_target: 64 * 1024,
-                ..Default::default()
-            });
-        })
-        .start()
-        .await
-        .unwrap();
+    let a = durable_node_with(&a_dir, loopback(), |c| {
+        c.spool = Some(weft::SpoolConfig {
+            bytes_max: 256 * 1024,
+            segment_bytes_target: 64 * 1024,
+            ..Default::default()
+        });
+    })
+    .await;
     let messages = (0..COUNT).map(|i| {
         let mut body = vec![0u8; 2048];
         body[..4].copy_from_slice(&(i as u32).to_le_bytes());
