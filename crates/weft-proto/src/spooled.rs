@@ -25,13 +25,14 @@
 //! version:u8 = 1 | tag:u8 = 3 (registry)  | zeros:[u8;32] | 0:u64-le   | InterestTable::registry_encode
 //! version:u8 = 1 | tag:u8 = 4 (scheduled) | dest:[u8;32] | epoch:u64-le | due_unix_ms:u64-le
 //!                | origin:u64-le | data frame
+//! version:u8 = 1 | tag:u8 = 5 (copy)      | dest:[u8;32] | epoch:u64-le | origin:u64-le | data frame
 //! ```
 //! The message part is exactly a wire data frame (length prefix included) with `attempt = 0`, so
 //! the one codec that is tested against postcard byte for byte serves both.
 //!
-//! Compatibility: tags 3 and 4 were added without changing the version, so every record an
-//! older build wrote still decodes unchanged. An older build reading a spool with a registry or
-//! scheduled record dead-letters that record (unknown tag; `weft spool replay` of a newer build
+//! Compatibility: tags 3, 4 and 5 were added without changing the version, so every record an
+//! older build wrote still decodes unchanged. An older build reading a spool with a registry,
+//! scheduled or copy record dead-letters that record (unknown tag; `weft spool replay` of a newer build
 //! sends a scheduled one again, at once), and reads everything else.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -46,6 +47,10 @@ const TAG_MESSAGE: u8 = 1;
 const TAG_WATERMARK: u8 = 2;
 const TAG_REGISTRY: u8 = 3;
 const TAG_SCHEDULED: u8 = 4;
+/// A numbered copy of an unnumbered (replayed) or renumbered message: names its origin.
+const TAG_COPY: u8 = 5;
+/// The copy entry's field after the common prefix: its origin.
+const COPY_BYTES: usize = 8;
 const PREFIX_BYTES: usize = 2 + NODE_ID_LEN + 8;
 /// The scheduled entry's fields after the common prefix: due time and origin.
 const SCHEDULED_BYTES: usize = 16;
@@ -62,8 +67,8 @@ pub struct SpooledMessage {
     pub seq: u64,
     /// The message (its `deliver_after` is set for a scheduled entry).
     pub message: OutgoingMessage,
-    /// For the numbered copy of a scheduled message: the spool seq of the unnumbered record it
-    /// replaces (0 otherwise).
+    /// For a numbered copy (of a scheduled message at its release, of a replayed dead letter or
+    /// a renumbered message at recovery): the spool seq of the record it replaces (0 otherwise).
     pub origin: u64,
 }
 
@@ -142,15 +147,17 @@ pub fn encode_scheduled(
     out.reserve(PREFIX_BYTES + SCHEDULED_BYTES);
     out.put_u8(FORMAT_VERSION);
     let due = message.deliver_after_unix_ms();
-    out.put_u8(if due.is_some() {
-        TAG_SCHEDULED
-    } else {
-        TAG_MESSAGE
+    out.put_u8(match (due, origin) {
+        (Some(_), _) => TAG_SCHEDULED,
+        (None, 0) => TAG_MESSAGE,
+        (None, _) => TAG_COPY,
     });
     out.put_slice(dest.as_bytes());
     out.put_u64_le(epoch);
     if let Some(due) = due {
         out.put_u64_le(due);
+        out.put_u64_le(origin);
+    } else if origin != 0 {
         out.put_u64_le(origin);
     }
     let fields = DataFields {
@@ -210,8 +217,13 @@ pub fn decode(mut payload: Bytes, limits: Limits) -> Result<SpoolEntry, EntryErr
                 up_to: payload.get_u64_le(),
             }))
         }
-        TAG_MESSAGE | TAG_SCHEDULED => {
-            let (due, origin) = if tag == TAG_SCHEDULED {
+        TAG_MESSAGE | TAG_SCHEDULED | TAG_COPY => {
+            let (due, origin) = if tag == TAG_COPY {
+                if payload.len() < COPY_BYTES {
+                    return Err(EntryError::Short(PREFIX_BYTES + payload.len()));
+                }
+                (None, payload.get_u64_le())
+            } else if tag == TAG_SCHEDULED {
                 if payload.len() < SCHEDULED_BYTES {
                     return Err(EntryError::Short(PREFIX_BYTES + payload.len()));
                 }
@@ -334,6 +346,31 @@ mod tests {
             decode(Bytes::from(zero_due), Limits::default()),
             Err(EntryError::Message(_))
         ));
+    }
+
+    #[test]
+    fn a_numbered_copy_round_trips_with_its_origin() {
+        let dest = NodeId::from_bytes([3; 32]);
+        let mut out = BytesMut::new();
+        encode_scheduled(&dest, 8, 3, 41, &message(), Limits::default(), &mut out).unwrap();
+        assert_eq!(out[1], TAG_COPY);
+        let full = out.freeze();
+        assert_eq!(
+            decode(full.clone(), Limits::default()),
+            Ok(SpoolEntry::Message(SpooledMessage {
+                dest,
+                epoch: 8,
+                seq: 3,
+                message: message(),
+                origin: 41,
+            }))
+        );
+        for cut in 0..full.len() {
+            assert!(
+                decode(full.slice(..cut), Limits::default()).is_err(),
+                "cut {cut}"
+            );
+        }
     }
 
     #[test]

@@ -343,6 +343,17 @@ fn restore<S: Storage>(
         .into_iter()
         .map(|(tag, message)| (message.dest, tag, message.message))
         .collect();
+    // A record whose numbered copy exists (a replayed dead letter or a renumbered message
+    // rewritten at a recovery that crashed before retiring it) is superseded by the copy.
+    for records in by_dest.values_mut() {
+        records.retain(|(tag, _)| {
+            let superseded = replaced.contains(tag);
+            if superseded {
+                stale.push(*tag);
+            }
+            !superseded
+        });
+    }
     for (dest, records) in by_dest {
         let (mut unnumbered, mut records): (Vec<_>, Vec<_>) = records
             .into_iter()
@@ -377,10 +388,14 @@ fn restore<S: Storage>(
         for (tag, message) in unnumbered {
             let seq = stream.messages.last().map_or(stream.acked_up_to, |m| m.seq) + 1;
             let mut buf = BytesMut::new();
-            let renumbered = spooled::encode_message(
+            // The copy names its origin: a crash between its append and the origin's
+            // retirement leaves both, and the next recovery keeps the copy only (the rule
+            // below), instead of numbering the message a second time under another id.
+            let renumbered = spooled::encode_scheduled(
                 &dest,
                 stream.epoch,
                 seq,
+                tag,
                 &message.message,
                 limits,
                 &mut buf,
@@ -1102,6 +1117,63 @@ mod tests {
         drop(spool);
         let (_, (restored, _, pending, _)) = reopen(&disk);
         assert!(restored.scheduled.is_empty());
+        assert_eq!(pending, 1);
+    }
+
+    /// A replayed dead letter (unnumbered, no due time) is numbered at recovery by a copy that
+    /// names it; a crash before the original's retirement leaves both. The next recovery sends
+    /// the copy under its number and drops the original, instead of numbering it again (the
+    /// receiver would get it under two ids).
+    #[test]
+    fn a_replayed_dead_letter_renumbered_before_a_crash_is_sent_once() {
+        let dest = NodeId::from_bytes([7; 32]);
+        let replayed = OutgoingMessage::command("jobs", Bytes::from_static(b"again"), 1_000);
+        let disk = SimStorage::new(3);
+        let (mut spool, _) = Spool::open(disk.clone(), SpoolConfig::default()).unwrap();
+        let original = spool.append(&encode(&dest, 0, 0, 0, &replayed)).unwrap();
+        spool.sync().unwrap();
+        drop(spool);
+        // The first recovery numbers it: a copy naming the original.
+        let (spool, (restored, _, pending, _)) = reopen(&disk);
+        assert_eq!(pending, 1);
+        let first = &restored.outbound[&dest];
+        let seq = first.messages[0].seq;
+        let copy = first.messages[0].tag;
+        assert_ne!(copy, original);
+        drop(spool);
+        // The same state as a crash between the copy and the original's retirement: both live.
+        let (spool, recovery) = Spool::open(disk.clone(), SpoolConfig::default()).unwrap();
+        let record = recovery
+            .pending
+            .iter()
+            .find(|r| r.seq == copy)
+            .expect("the copy is pending");
+        let payload = Bytes::from(record.payload.to_vec());
+        let SpoolEntry::Message(entry) = spooled::decode(payload, Limits::default()).unwrap()
+        else {
+            panic!("the copy is a message");
+        };
+        assert_eq!(
+            (entry.seq, entry.origin),
+            (seq, original),
+            "the copy names its origin"
+        );
+        drop(spool);
+        let disk2 = SimStorage::new(4);
+        let (mut both, _) = Spool::open(disk2.clone(), SpoolConfig::default()).unwrap();
+        let original = both.append(&encode(&dest, 0, 0, 0, &replayed)).unwrap();
+        both.append(&encode(&dest, first.epoch, seq, original, &replayed))
+            .unwrap();
+        both.sync().unwrap();
+        drop(both);
+        disk2.crash(CrashMode::TornTail);
+        let (_, (restored, _, pending, _)) = reopen(&disk2);
+        let stream = &restored.outbound[&dest];
+        assert_eq!(
+            stream.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
+            [seq],
+            "sent once, under the copy's number"
+        );
         assert_eq!(pending, 1);
     }
 
