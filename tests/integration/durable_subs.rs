@@ -112,6 +112,30 @@ async fn wait_down(
     .await;
 }
 
+/// Starts the node at `dir` (with `configure`) and waits until it is connected to `publisher`.
+async fn start_connected(
+    dir: &Path,
+    publisher: &Node,
+    configure: impl FnOnce(&mut NodeConfig),
+) -> Node {
+    let node = start(dir, configure).await;
+    node.add_peer(addr(publisher)).unwrap();
+    within("peers", node.wait_for_peers(1)).await.unwrap();
+    node
+}
+
+/// Shuts `node` down and waits until `publisher` saw it go (`events` subscribed before it came).
+async fn leave(
+    publisher: &Node,
+    events: &mut tokio::sync::broadcast::Receiver<PeerEvent>,
+    node: Node,
+) {
+    let id = node.id();
+    node.shutdown().await;
+    drop(node);
+    wait_down(publisher, events, id).await;
+}
+
 /// A durable and a plain subscriber both leave; the publisher publishes; both come back (same
 /// identity and data directory). The durable one gets exactly what it missed, in order, then
 /// live events; the plain one only what is published after it subscribed again.
@@ -213,22 +237,17 @@ async fn a_publisher_restart_while_the_durable_subscriber_is_away_loses_nothing(
     let (p_dir, d_dir) = (tempdir("p"), tempdir("d"));
     let publisher = start(&p_dir, |_| {}).await;
     let mut peer_events = publisher.events();
-    let durable = start(&d_dir, |_| {}).await;
-    durable.add_peer(addr(&publisher)).unwrap();
-    within("peers", durable.wait_for_peers(1)).await.unwrap();
+    let durable = start_connected(&d_dir, &publisher, |_| {}).await;
     let mut audit = durable.subscribe_durable("audit", PATTERN).await.unwrap();
     within("subscribers", publisher.wait_for_subscribers(TOPIC, 1))
         .await
         .unwrap();
     let first = publish(&publisher, 0).await;
     expect_exactly(&mut audit, publisher.id(), [0]).await;
-    let durable_id = durable.id();
     // Done with it: acknowledged, so nothing of before is owed while it is away.
     drop(audit);
     within("acknowledged", first.delivered()).await.unwrap();
-    durable.shutdown().await;
-    drop(durable);
-    wait_down(&publisher, &mut peer_events, durable_id).await;
+    leave(&publisher, &mut peer_events, durable).await;
 
     for n in 1..=BEFORE_RESTART {
         let _ = publish(&publisher, n).await;
@@ -250,9 +269,7 @@ async fn a_publisher_restart_while_the_durable_subscriber_is_away_loses_nothing(
         let _ = publish(&publisher, n).await;
     }
 
-    let durable = start(&d_dir, |_| {}).await;
-    durable.add_peer(addr(&publisher)).unwrap();
-    within("peers", durable.wait_for_peers(1)).await.unwrap();
+    let durable = start_connected(&d_dir, &publisher, |_| {}).await;
     let mut audit = durable.subscribe_durable("audit", PATTERN).await.unwrap();
     expect_exactly(
         &mut audit,
@@ -275,9 +292,7 @@ async fn a_retention_overflow_is_dead_lettered_and_counted() {
     let (p_dir, d_dir) = (tempdir("p"), tempdir("d"));
     let publisher = start(&p_dir, |c| c.patterns.durable_retention_max = BUDGET).await;
     let mut peer_events = publisher.events();
-    let durable = start(&d_dir, |_| {}).await;
-    durable.add_peer(addr(&publisher)).unwrap();
-    within("peers", durable.wait_for_peers(1)).await.unwrap();
+    let durable = start_connected(&d_dir, &publisher, |_| {}).await;
     let mut billing = durable.subscribe_durable("billing", PATTERN).await.unwrap();
     within("subscribers", publisher.wait_for_subscribers(TOPIC, 1))
         .await
@@ -288,9 +303,7 @@ async fn a_retention_overflow_is_dead_lettered_and_counted() {
     // Done with it: acknowledged, so nothing of before is owed while it is away.
     drop(billing);
     within("acknowledged", first.delivered()).await.unwrap();
-    durable.shutdown().await;
-    drop(durable);
-    wait_down(&publisher, &mut peer_events, durable_id).await;
+    leave(&publisher, &mut peer_events, durable).await;
 
     for n in 1..=AWAY {
         let _ = publish(&publisher, n).await;
@@ -312,9 +325,7 @@ async fn a_retention_overflow_is_dead_lettered_and_counted() {
     assert_eq!(publisher.metrics().durable_events_dropped, dropped);
     assert_eq!(publisher.metrics().durable_events_owed, BUDGET as u64);
 
-    let durable = start(&d_dir, |_| {}).await;
-    durable.add_peer(addr(&publisher)).unwrap();
-    within("peers", durable.wait_for_peers(1)).await.unwrap();
+    let durable = start_connected(&d_dir, &publisher, |_| {}).await;
     let mut billing = durable.subscribe_durable("billing", PATTERN).await.unwrap();
     expect_exactly(&mut billing, publisher.id(), dropped + 1..=AWAY).await;
     expect_nothing_more(&mut billing, &publisher).await;
@@ -329,9 +340,7 @@ async fn an_unsubscribed_durable_subscription_is_kept_no_longer() {
     let (p_dir, d_dir) = (tempdir("p"), tempdir("d"));
     let publisher = start(&p_dir, |_| {}).await;
     let mut peer_events = publisher.events();
-    let durable = start(&d_dir, |_| {}).await;
-    durable.add_peer(addr(&publisher)).unwrap();
-    within("peers", durable.wait_for_peers(1)).await.unwrap();
+    let durable = start_connected(&d_dir, &publisher, |_| {}).await;
     let billing = durable.subscribe_durable("billing", PATTERN).await.unwrap();
     assert!(matches!(
         durable.subscribe_durable("billing", "other").await,
@@ -343,10 +352,7 @@ async fn an_unsubscribed_durable_subscription_is_kept_no_longer() {
     assert_eq!(publisher.metrics().durable_subscriptions, 1);
     within("unsubscribe", billing.unsubscribe()).await.unwrap();
     assert_eq!(publisher.metrics().durable_subscriptions, 0);
-    let durable_id = durable.id();
-    durable.shutdown().await;
-    drop(durable);
-    wait_down(&publisher, &mut peer_events, durable_id).await;
+    leave(&publisher, &mut peer_events, durable).await;
     for n in 0..3 {
         let _ = publish(&publisher, n).await;
     }
@@ -367,15 +373,10 @@ async fn events_waiting_for_a_durable_subscription_are_not_acknowledged_before_i
     let (p_dir, d_dir) = (tempdir("p"), tempdir("d"));
     let publisher = start(&p_dir, |_| {}).await;
     let mut peer_events = publisher.events();
-    let durable = start(&d_dir, |_| {}).await;
-    durable.add_peer(addr(&publisher)).unwrap();
-    within("peers", durable.wait_for_peers(1)).await.unwrap();
+    let durable = start_connected(&d_dir, &publisher, |_| {}).await;
     let billing = durable.subscribe_durable("billing", PATTERN).await.unwrap();
-    let durable_id = durable.id();
     drop(billing);
-    durable.shutdown().await;
-    drop(durable);
-    wait_down(&publisher, &mut peer_events, durable_id).await;
+    leave(&publisher, &mut peer_events, durable).await;
     for n in 1..=AWAY {
         let _ = publish(&publisher, n).await;
     }
@@ -388,18 +389,14 @@ async fn events_waiting_for_a_durable_subscription_are_not_acknowledged_before_i
         }
     })
     .await;
-    durable.shutdown().await;
-    drop(durable);
-    wait_down(&publisher, &mut peer_events, durable_id).await;
+    leave(&publisher, &mut peer_events, durable).await;
     assert_eq!(
         publisher.metrics().durable_events_owed,
         AWAY,
         "none acknowledged"
     );
 
-    let durable = start(&d_dir, |_| {}).await;
-    durable.add_peer(addr(&publisher)).unwrap();
-    within("peers", durable.wait_for_peers(1)).await.unwrap();
+    let durable = start_connected(&d_dir, &publisher, |_| {}).await;
     let mut billing = durable.subscribe_durable("billing", PATTERN).await.unwrap();
     expect_exactly(&mut billing, publisher.id(), 1..=AWAY).await;
     expect_nothing_more(&mut billing, &publisher).await;
@@ -421,22 +418,15 @@ async fn a_full_durable_queue_does_not_keep_a_restarted_subscriber_from_subscrib
     let (p_dir, d_dir) = (tempdir("p"), tempdir("d"));
     let publisher = start(&p_dir, |_| {}).await;
     let mut peer_events = publisher.events();
-    let durable = start(&d_dir, small).await;
-    durable.add_peer(addr(&publisher)).unwrap();
-    within("peers", durable.wait_for_peers(1)).await.unwrap();
+    let durable = start_connected(&d_dir, &publisher, small).await;
     let first = durable.subscribe_durable("first", "other/*").await.unwrap();
     let second = durable.subscribe_durable("second", PATTERN).await.unwrap();
-    let durable_id = durable.id();
     drop((first, second));
-    durable.shutdown().await;
-    drop(durable);
-    wait_down(&publisher, &mut peer_events, durable_id).await;
+    leave(&publisher, &mut peer_events, durable).await;
     for n in 1..=AWAY {
         let _ = publish(&publisher, n).await;
     }
-    let durable = start(&d_dir, small).await;
-    durable.add_peer(addr(&publisher)).unwrap();
-    within("peers", durable.wait_for_peers(1)).await.unwrap();
+    let durable = start_connected(&d_dir, &publisher, small).await;
     let _first = within(
         "subscribing again",
         durable.subscribe_durable("first", "other/*"),
