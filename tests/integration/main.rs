@@ -15,5 +15,6 @@ mod gossip;
 mod hostile;
 mod p2p;
 mod patterns;
+mod priority;
 mod proxy;
 mod reliability;

@@ -291,6 +291,9 @@ struct RecordJson {
     epoch: u64,
     /// 0: unnumbered (a replayed dead letter; the node numbers it at its next start).
     wire_seq: u64,
+    /// The lane it was numbered in (`normal`, `high`, `bulk`); an unnumbered message takes its
+    /// priority's when numbered.
+    lane: String,
     channel: String,
     payload_bytes: u64,
     age_ms: i64,
@@ -303,6 +306,8 @@ struct WatermarkJson {
     seq: u64,
     peer: String,
     peer_short: String,
+    /// The lane of the peer's stream (`normal`, `high`, `bulk`).
+    lane: String,
     epoch: u64,
     up_to: u64,
 }
@@ -313,6 +318,7 @@ impl WatermarkJson {
             seq,
             peer: watermark.peer.to_string(),
             peer_short: watermark.peer.short(),
+            lane: watermark.lane.to_string(),
             epoch: watermark.epoch,
             up_to: watermark.up_to,
         }
@@ -357,6 +363,7 @@ fn ls(target: &Target, list_records: bool) -> Result<()> {
                         destination_short: spooled.dest.short(),
                         epoch: spooled.epoch,
                         wire_seq: spooled.seq,
+                        lane: spooled.lane.to_string(),
                         channel: message.channel.clone(),
                         payload_bytes,
                         age_ms: age_ms(now, message.created_unix_ms),
@@ -548,6 +555,8 @@ struct MessageJson {
     epoch: u64,
     /// 0: unnumbered (a replayed dead letter; the node numbers it at its next start).
     wire_seq: u64,
+    /// See [`RecordJson`].
+    lane: String,
     /// A delayed message: not delivered before this time (Unix ms).
     due_unix_ms: Option<u64>,
     due_utc: Option<String>,
@@ -586,6 +595,7 @@ impl MessageJson {
             destination_short: spooled.dest.short(),
             epoch: spooled.epoch,
             wire_seq: spooled.seq,
+            lane: spooled.lane.to_string(),
             due_unix_ms: message.deliver_after_unix_ms(),
             due_utc: message.deliver_after_unix_ms().map(utc),
             kind: format!("{:?}", message.kind).to_lowercase(),
@@ -709,7 +719,7 @@ fn show(target: &Target, seq: u64, body_out: Option<&Path>) -> Result<()> {
         } else if m.wire_seq == 0 {
             "unnumbered (the node numbers it at its next start)".to_owned()
         } else {
-            format!("epoch {}, seq {}", m.epoch, m.wire_seq)
+            format!("{} lane, epoch {}, seq {}", m.lane, m.epoch, m.wire_seq)
         };
         field(&mut out, "stream", &stream);
         field(&mut out, "kind", &m.kind);
@@ -755,8 +765,8 @@ fn show(target: &Target, seq: u64, body_out: Option<&Path>) -> Result<()> {
     } else if let Some(w) = &shown.watermark {
         let _ = writeln!(
             out,
-            "  inbound watermark: messages from {} (stream epoch {}) delivered up to seq {}",
-            w.peer, w.epoch, w.up_to
+            "  inbound watermark: messages from {} ({} lane, stream epoch {}) delivered up to seq {}",
+            w.peer, w.lane, w.epoch, w.up_to
         );
     } else {
         let _ = writeln!(

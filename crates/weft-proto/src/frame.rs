@@ -43,9 +43,9 @@ impl Default for Limits {
 }
 
 /// The protocol versions this build speaks. ALPN names the major version; the hello carries the range.
-pub const PROTOCOL_VERSION_MIN: u16 = 2;
+pub const PROTOCOL_VERSION_MIN: u16 = 3;
 /// See [`PROTOCOL_VERSION_MIN`].
-pub const PROTOCOL_VERSION_MAX: u16 = 2;
+pub const PROTOCOL_VERSION_MAX: u16 = 3;
 /// ALPN protocol id: the major version.
 pub const ALPN: &[u8] = b"weft/1";
 

@@ -14,6 +14,8 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::message::Lane;
+
 /// Length of a node id in bytes (an Ed25519 public key).
 pub const NODE_ID_LEN: usize = 32;
 /// Length of the printed form of a [`NodeId`].
@@ -144,6 +146,23 @@ impl StreamId {
         first.copy_from_slice(&digest.as_bytes()[..8]);
         Self(u64::from_le_bytes(first))
     }
+
+    /// The stream of direct messages in `lane` (see [`Lane`]): the normal lane's is
+    /// [`StreamId::direct`], so ids of messages spooled before lanes existed stay valid.
+    pub fn lane(producer: &NodeId, receiver: &NodeId, epoch: u64, lane: Lane) -> Self {
+        if lane == Lane::Normal {
+            return Self::direct(producer, receiver, epoch);
+        }
+        let mut hasher = blake3::Hasher::new_derive_key("weft 2026 lane stream id");
+        hasher.update(producer.as_bytes());
+        hasher.update(receiver.as_bytes());
+        hasher.update(&epoch.to_le_bytes());
+        hasher.update(&[lane.index() as u8]);
+        let digest = hasher.finalize();
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&digest.as_bytes()[..8]);
+        Self(u64::from_le_bytes(first))
+    }
 }
 
 impl fmt::Debug for StreamId {
@@ -217,5 +236,14 @@ mod tests {
         assert_ne!(StreamId::direct(&a, &b, 1), StreamId::direct(&b, &a, 1));
         assert_ne!(StreamId::direct(&a, &b, 1), StreamId::direct(&a, &b, 2));
         assert_eq!(StreamId::direct(&a, &b, 1), StreamId::direct(&a, &b, 1));
+        assert_eq!(
+            StreamId::lane(&a, &b, 1, Lane::Normal),
+            StreamId::direct(&a, &b, 1)
+        );
+        let lanes: std::collections::HashSet<_> = Lane::ALL
+            .iter()
+            .map(|lane| StreamId::lane(&a, &b, 1, *lane))
+            .collect();
+        assert_eq!(lanes.len(), Lane::ALL.len(), "one stream per lane");
     }
 }

@@ -58,5 +58,5 @@ mod link_tests;
 pub use frame::{Frame, FrameDecoder, FrameEncoder, FrameError, Limits};
 pub use id::{MessageId, NodeId, StreamId};
 pub use link::{Link, LinkConfig, LinkError, LinkEvent, OutgoingMessage};
-pub use message::{Header, Kind, Message, Options, Priority};
+pub use message::{Header, Kind, Lane, Message, Options, Priority};
 pub use topic::{Topic, TopicError, TopicPattern};

@@ -31,7 +31,7 @@ use bytes::{Bytes, BytesMut};
 
 use crate::frame::{DataFields, DataFrame, EncodeError, Frame, FrameEncoder, Limits};
 use crate::id::{MessageId, NodeId, StreamId};
-use crate::message::{Header, Kind, Message, Options, Priority};
+use crate::message::{Header, Kind, Lane, Message, Options, Priority};
 
 /// Bounds of a link. Every queue a link holds is capped by one of these.
 #[derive(Clone, Debug)]
@@ -434,6 +434,7 @@ struct Inbound {
 pub struct Link {
     local: NodeId,
     peer: NodeId,
+    lane: Lane,
     config: LinkConfig,
     encoder: FrameEncoder,
     // -- outbound --
@@ -478,11 +479,23 @@ impl Link {
     /// A link from `local` to `peer` whose outbound stream is `epoch` (unique per incarnation of
     /// the local node unless the stream is restored from a spool).
     pub fn new(local: NodeId, peer: NodeId, epoch: u64, config: LinkConfig) -> Self {
+        Self::with_lane(local, peer, epoch, Lane::Normal, config)
+    }
+
+    /// A link for one [`Lane`] to `peer`: its streams (outbound and inbound) are that lane's.
+    pub fn with_lane(
+        local: NodeId,
+        peer: NodeId,
+        epoch: u64,
+        lane: Lane,
+        config: LinkConfig,
+    ) -> Self {
         Self {
             encoder: FrameEncoder::new(config.limits),
-            stream: StreamId::direct(&local, &peer, epoch),
+            stream: StreamId::lane(&local, &peer, epoch, lane),
             local,
             peer,
+            lane,
             config,
             epoch,
             next_seq: 1,
@@ -510,6 +523,16 @@ impl Link {
     /// The peer.
     pub fn peer(&self) -> NodeId {
         self.peer
+    }
+
+    /// The lane.
+    pub fn lane(&self) -> Lane {
+        self.lane
+    }
+
+    /// The peer's inbound stream of this lane in `epoch`.
+    pub fn inbound_stream(&self, epoch: u64) -> StreamId {
+        StreamId::lane(&self.peer, &self.local, epoch, self.lane)
     }
 
     /// The outbound stream.
@@ -635,7 +658,7 @@ impl Link {
     pub fn restore_outbound(&mut self, epoch: u64, acked_up_to: u64) {
         debug_assert!(self.queue.is_empty() && self.next_seq == 1);
         self.epoch = epoch;
-        self.stream = StreamId::direct(&self.local, &self.peer, epoch);
+        self.stream = StreamId::lane(&self.local, &self.peer, epoch, self.lane);
         self.acked_up_to = acked_up_to;
         self.next_seq = acked_up_to + 1;
     }
@@ -645,7 +668,7 @@ impl Link {
     pub fn restore_inbound(&mut self, epoch: u64, up_to: u64) {
         self.inbound = Some(Inbound {
             epoch,
-            stream: StreamId::direct(&self.peer, &self.local, epoch),
+            stream: self.inbound_stream(epoch),
             received: up_to,
             acked: up_to,
         });
@@ -854,7 +877,7 @@ impl Link {
             _ => {
                 self.inbound = Some(Inbound {
                     epoch,
-                    stream: StreamId::direct(&self.peer, &self.local, epoch),
+                    stream: self.inbound_stream(epoch),
                     received: base,
                     acked: base,
                 });

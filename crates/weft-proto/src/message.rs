@@ -40,6 +40,68 @@ impl Default for Priority {
     }
 }
 
+impl Priority {
+    /// The lane a message of this priority travels in: above [`Priority::NORMAL`] the high lane,
+    /// below it the bulk lane.
+    pub fn lane(self) -> Lane {
+        match self.0.cmp(&Self::NORMAL.0) {
+            std::cmp::Ordering::Greater => Lane::High,
+            std::cmp::Ordering::Equal => Lane::Normal,
+            std::cmp::Ordering::Less => Lane::Bulk,
+        }
+    }
+}
+
+/// One of the three ordered streams between two nodes. Each lane is numbered, acknowledged,
+/// spooled and deduplicated on its own and travels on its own QUIC stream, which the sender's
+/// QUIC scheduler serves by lane: a high-priority message never waits behind queued bulk bytes,
+/// and a receiver whose application is slow to take bulk messages still reads the high lane.
+/// Order is FIFO per (sender, receiver, lane); messages in different lanes may overtake each
+/// other. Everything the mesh sends for its patterns travels in the normal lane.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Lane {
+    /// [`Priority::NORMAL`]: the lane of the hello exchange and of the patterns.
+    Normal,
+    /// Priorities above normal.
+    High,
+    /// Priorities below normal.
+    Bulk,
+}
+
+impl Lane {
+    /// Every lane, in the order of [`Lane::index`].
+    pub const ALL: [Lane; 3] = [Lane::Normal, Lane::High, Lane::Bulk];
+
+    /// Its position in [`Lane::ALL`] (also its byte on the wire and in the spool).
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The lane with this [`Lane::index`], if any.
+    pub fn from_index(index: usize) -> Option<Self> {
+        Self::ALL.get(index).copied()
+    }
+
+    /// The QUIC send priority of its stream (quinn serves higher first).
+    pub fn stream_priority(self) -> i32 {
+        match self {
+            Lane::High => 1,
+            Lane::Normal => 0,
+            Lane::Bulk => -1,
+        }
+    }
+}
+
+impl std::fmt::Display for Lane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Lane::Normal => "normal",
+            Lane::High => "high",
+            Lane::Bulk => "bulk",
+        })
+    }
+}
+
 /// The header fields most messages leave empty. Boxed behind an `Option` in [`Header`] and
 /// [`crate::OutgoingMessage`], so the common message stays small: a message is moved several
 /// times between the API, the link queue and the application, and every byte of it counts.

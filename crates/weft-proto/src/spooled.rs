@@ -26,11 +26,16 @@
 //! version:u8 = 1 | tag:u8 = 4 (scheduled) | dest:[u8;32] | epoch:u64-le | due_unix_ms:u64-le
 //!                | origin:u64-le | data frame
 //! version:u8 = 1 | tag:u8 = 5 (copy)      | dest:[u8;32] | epoch:u64-le | origin:u64-le | data frame
+//! version:u8 = 1 | tag:u8 = 6 (lane)      | lane:u8 | a message (1, 5) or watermark (2) entry
 //! ```
+//! A numbered message or a watermark of the high or bulk [`Lane`] is wrapped in a lane entry;
+//! those of the normal lane are written as before lanes existed, so older spools read as the
+//! normal lane (which is where their messages were numbered). An unnumbered message takes the
+//! lane of its priority when it is numbered.
 //! The message part is exactly a wire data frame (length prefix included) with `attempt = 0`, so
 //! the one codec that is tested against postcard byte for byte serves both.
 //!
-//! Compatibility: tags 3, 4 and 5 were added without changing the version, so every record an
+//! Compatibility: tags 3, 4, 5 and 6 were added without changing the version, so every record an
 //! older build wrote still decodes unchanged. An older build reading a spool with a registry,
 //! scheduled or copy record dead-letters that record (unknown tag; `weft spool replay` of a newer build
 //! sends a scheduled one again, at once), and reads everything else.
@@ -40,6 +45,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use crate::frame::{DataFields, EncodeError, Frame, FrameDecoder, FrameEncoder, Limits};
 use crate::id::{NodeId, NODE_ID_LEN};
 use crate::link::OutgoingMessage;
+use crate::message::Lane;
 
 /// Version of the payload format (the first byte of every entry).
 pub const FORMAT_VERSION: u8 = 1;
@@ -49,6 +55,8 @@ const TAG_REGISTRY: u8 = 3;
 const TAG_SCHEDULED: u8 = 4;
 /// A numbered copy of an unnumbered (replayed) or renumbered message: names its origin.
 const TAG_COPY: u8 = 5;
+/// Wraps an entry of a lane other than the normal one.
+const TAG_LANE: u8 = 6;
 /// The copy entry's field after the common prefix: its origin.
 const COPY_BYTES: usize = 8;
 const PREFIX_BYTES: usize = 2 + NODE_ID_LEN + 8;
@@ -70,6 +78,9 @@ pub struct SpooledMessage {
     /// For a numbered copy (of a scheduled message at its release, of a replayed dead letter or
     /// a renumbered message at recovery): the spool seq of the record it replaces (0 otherwise).
     pub origin: u64,
+    /// The lane it was numbered in (an unnumbered message: [`Lane::Normal`]; it takes the lane
+    /// of its priority when numbered).
+    pub lane: Lane,
 }
 
 impl SpooledMessage {
@@ -88,6 +99,8 @@ pub struct Watermark {
     pub epoch: u64,
     /// Every message of that stream up to here was delivered.
     pub up_to: u64,
+    /// The lane of the stream.
+    pub lane: Lane,
 }
 
 /// One spool record's payload.
@@ -118,6 +131,10 @@ pub enum EntryError {
     /// The message part does not decode.
     #[error("spooled message does not decode: {0}")]
     Message(String),
+    /// A lane entry names no lane this build knows, or wraps something other than a message
+    /// or a watermark.
+    #[error("spool lane entry is not valid: {0}")]
+    Lane(String),
 }
 
 /// Appends the entry for an outgoing message to `out`. A message with a due time
@@ -131,12 +148,15 @@ pub fn encode_message(
     limits: Limits,
     out: &mut BytesMut,
 ) -> Result<(), EncodeError> {
-    encode_scheduled(dest, epoch, seq, 0, message, limits, out)
+    encode_scheduled(dest, Lane::Normal, epoch, seq, 0, message, limits, out)
 }
 
-/// Like [`encode_message`], with the origin of a numbered scheduled message (see the module doc).
+/// Like [`encode_message`], in `lane` (ignored for an unnumbered message), with the origin of a
+/// numbered copy (see the module doc).
+#[allow(clippy::too_many_arguments)]
 pub fn encode_scheduled(
     dest: &NodeId,
+    lane: Lane,
     epoch: u64,
     seq: u64,
     origin: u64,
@@ -144,7 +164,10 @@ pub fn encode_scheduled(
     limits: Limits,
     out: &mut BytesMut,
 ) -> Result<(), EncodeError> {
-    out.reserve(PREFIX_BYTES + SCHEDULED_BYTES);
+    out.reserve(3 + PREFIX_BYTES + SCHEDULED_BYTES);
+    if seq != 0 {
+        lane_prefix(lane, out);
+    }
     out.put_u8(FORMAT_VERSION);
     let due = message.deliver_after_unix_ms();
     out.put_u8(match (due, origin) {
@@ -174,12 +197,22 @@ pub fn encode_scheduled(
 
 /// Appends the entry for an inbound watermark to `out`.
 pub fn encode_watermark(watermark: &Watermark, out: &mut BytesMut) {
-    out.reserve(PREFIX_BYTES + 8);
+    out.reserve(3 + PREFIX_BYTES + 8);
+    lane_prefix(watermark.lane, out);
     out.put_u8(FORMAT_VERSION);
     out.put_u8(TAG_WATERMARK);
     out.put_slice(watermark.peer.as_bytes());
     out.put_u64_le(watermark.epoch);
     out.put_u64_le(watermark.up_to);
+}
+
+/// The lane entry's prefix, for a lane other than the normal one.
+fn lane_prefix(lane: Lane, out: &mut BytesMut) {
+    if lane != Lane::Normal {
+        out.put_u8(FORMAT_VERSION);
+        out.put_u8(TAG_LANE);
+        out.put_u8(lane.index() as u8);
+    }
 }
 
 /// Appends the entry for the durable subscription registry to `out`.
@@ -194,6 +227,23 @@ pub fn encode_registry(registry: &[u8], out: &mut BytesMut) {
 
 /// Decodes one entry. The body of a message shares `payload`'s buffer.
 pub fn decode(mut payload: Bytes, limits: Limits) -> Result<SpoolEntry, EntryError> {
+    if payload.len() >= 3 && payload[0] == FORMAT_VERSION && payload[1] == TAG_LANE {
+        let lane = Lane::from_index(payload[2] as usize)
+            .filter(|lane| *lane != Lane::Normal)
+            .ok_or_else(|| EntryError::Lane(format!("unknown lane {}", payload[2])))?;
+        payload.advance(3);
+        if payload.get(1) == Some(&TAG_LANE) {
+            return Err(EntryError::Lane("a lane entry inside a lane entry".into()));
+        }
+        return match decode(payload, limits)? {
+            SpoolEntry::Message(m) if m.seq == 0 => {
+                Err(EntryError::Lane("an unnumbered message has no lane".into()))
+            }
+            SpoolEntry::Message(m) => Ok(SpoolEntry::Message(SpooledMessage { lane, ..m })),
+            SpoolEntry::Watermark(w) => Ok(SpoolEntry::Watermark(Watermark { lane, ..w })),
+            SpoolEntry::Registry(_) => Err(EntryError::Lane("a registry has no lane".into())),
+        };
+    }
     if payload.len() < PREFIX_BYTES {
         return Err(EntryError::Short(payload.len()));
     }
@@ -215,6 +265,7 @@ pub fn decode(mut payload: Bytes, limits: Limits) -> Result<SpoolEntry, EntryErr
                 peer: node,
                 epoch,
                 up_to: payload.get_u64_le(),
+                lane: Lane::Normal,
             }))
         }
         TAG_MESSAGE | TAG_SCHEDULED | TAG_COPY => {
@@ -264,6 +315,7 @@ pub fn decode(mut payload: Bytes, limits: Limits) -> Result<SpoolEntry, EntryErr
                     deliver_after: due,
                 },
                 origin,
+                lane: Lane::Normal,
             }))
         }
         TAG_REGISTRY => Ok(SpoolEntry::Registry(payload)),
@@ -298,6 +350,7 @@ mod tests {
                 seq: 5,
                 message: message(),
                 origin: 0,
+                lane: Lane::Normal,
             })
         );
     }
@@ -319,7 +372,17 @@ mod tests {
         assert_eq!(unnumbered.message, delayed);
         // Numbered when due, naming the record it replaces.
         let mut out = BytesMut::new();
-        encode_scheduled(&dest, 8, 3, 41, &delayed, Limits::default(), &mut out).unwrap();
+        encode_scheduled(
+            &dest,
+            Lane::Normal,
+            8,
+            3,
+            41,
+            &delayed,
+            Limits::default(),
+            &mut out,
+        )
+        .unwrap();
         assert_eq!(
             decode(out.freeze(), Limits::default()),
             Ok(SpoolEntry::Message(SpooledMessage {
@@ -328,11 +391,22 @@ mod tests {
                 seq: 3,
                 message: delayed.clone(),
                 origin: 41,
+                lane: Lane::Normal,
             }))
         );
         // Truncations and a zero due time are typed errors.
         let mut out = BytesMut::new();
-        encode_scheduled(&dest, 8, 3, 41, &delayed, Limits::default(), &mut out).unwrap();
+        encode_scheduled(
+            &dest,
+            Lane::Normal,
+            8,
+            3,
+            41,
+            &delayed,
+            Limits::default(),
+            &mut out,
+        )
+        .unwrap();
         let full = out.freeze();
         for cut in 0..full.len() {
             assert!(
@@ -352,7 +426,17 @@ mod tests {
     fn a_numbered_copy_round_trips_with_its_origin() {
         let dest = NodeId::from_bytes([3; 32]);
         let mut out = BytesMut::new();
-        encode_scheduled(&dest, 8, 3, 41, &message(), Limits::default(), &mut out).unwrap();
+        encode_scheduled(
+            &dest,
+            Lane::Normal,
+            8,
+            3,
+            41,
+            &message(),
+            Limits::default(),
+            &mut out,
+        )
+        .unwrap();
         assert_eq!(out[1], TAG_COPY);
         let full = out.freeze();
         assert_eq!(
@@ -363,6 +447,7 @@ mod tests {
                 seq: 3,
                 message: message(),
                 origin: 41,
+                lane: Lane::Normal,
             }))
         );
         for cut in 0..full.len() {
@@ -420,6 +505,7 @@ mod tests {
             peer: NodeId::from_bytes([3; 32]),
             epoch: u64::MAX,
             up_to: 12,
+            lane: Lane::Normal,
         };
         let mut out = BytesMut::new();
         encode_watermark(&watermark, &mut out);
@@ -427,6 +513,89 @@ mod tests {
             decode(out.freeze(), Limits::default()),
             Ok(SpoolEntry::Watermark(watermark))
         );
+    }
+
+    #[test]
+    fn entries_of_other_lanes_round_trip_and_normal_ones_are_written_as_before() {
+        let dest = NodeId::from_bytes([5; 32]);
+        for lane in Lane::ALL {
+            for origin in [0, 41] {
+                let mut out = BytesMut::new();
+                encode_scheduled(
+                    &dest,
+                    lane,
+                    8,
+                    3,
+                    origin,
+                    &message(),
+                    Limits::default(),
+                    &mut out,
+                )
+                .unwrap();
+                assert_eq!(out[1] == TAG_LANE, lane != Lane::Normal, "{lane}");
+                let full = out.freeze();
+                assert_eq!(
+                    decode(full.clone(), Limits::default()),
+                    Ok(SpoolEntry::Message(SpooledMessage {
+                        dest,
+                        epoch: 8,
+                        seq: 3,
+                        message: message(),
+                        origin,
+                        lane,
+                    }))
+                );
+                for cut in 0..full.len() {
+                    assert!(
+                        decode(full.slice(..cut), Limits::default()).is_err(),
+                        "{lane} cut {cut}"
+                    );
+                }
+            }
+            let watermark = Watermark {
+                peer: dest,
+                epoch: 2,
+                up_to: 9,
+                lane,
+            };
+            let mut out = BytesMut::new();
+            encode_watermark(&watermark, &mut out);
+            assert_eq!(
+                decode(out.freeze(), Limits::default()),
+                Ok(SpoolEntry::Watermark(watermark))
+            );
+        }
+        // An unnumbered message has no lane (it takes its priority's when numbered).
+        let mut out = BytesMut::new();
+        encode_scheduled(
+            &dest,
+            Lane::High,
+            0,
+            0,
+            0,
+            &message().with_deliver_after(5),
+            Limits::default(),
+            &mut out,
+        )
+        .unwrap();
+        assert_eq!(out[1], TAG_SCHEDULED);
+        // Unknown lanes, nested lanes and a lane around a registry are typed errors.
+        let mut registry = BytesMut::new();
+        encode_registry(b"r", &mut registry);
+        for bad in [
+            vec![FORMAT_VERSION, TAG_LANE, 0],
+            vec![FORMAT_VERSION, TAG_LANE, 3],
+            vec![FORMAT_VERSION, TAG_LANE, 1, FORMAT_VERSION, TAG_LANE, 2],
+            [&[FORMAT_VERSION, TAG_LANE, 1][..], &registry[..]].concat(),
+        ] {
+            assert!(
+                matches!(
+                    decode(Bytes::from(bad.clone()), Limits::default()),
+                    Err(EntryError::Lane(_))
+                ),
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]

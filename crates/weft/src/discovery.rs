@@ -522,6 +522,9 @@ pub async fn probe_rtt(
 mod tests {
     use super::*;
 
+    /// This build's protocol versions as a TXT record states them.
+    const VERSIONS: &str = "3-3";
+
     fn id(byte: u8) -> NodeId {
         NodeId::from_bytes([byte; 32])
     }
@@ -551,7 +554,11 @@ mod tests {
     #[test]
     fn a_valid_record_yields_every_address_with_the_port() {
         let other = id(2).to_string();
-        let peer = judge(record(Some(&other), Some("shop"), Some("2-2")), &local()).unwrap();
+        assert_eq!(
+            VERSIONS,
+            format!("{PROTOCOL_VERSION_MIN}-{PROTOCOL_VERSION_MAX}")
+        );
+        let peer = judge(record(Some(&other), Some("shop"), Some(VERSIONS)), &local()).unwrap();
         assert_eq!(peer.id, id(2));
         assert_eq!(
             peer.addrs,
@@ -568,11 +575,11 @@ mod tests {
         let other = id(2).to_string();
         let l = local();
         assert_eq!(
-            judge(record(Some(&own), Some("shop"), Some("2-2")), &l),
+            judge(record(Some(&own), Some("shop"), Some(VERSIONS)), &l),
             Err(Ignored::Own)
         );
         assert!(matches!(
-            judge(record(Some(&other), Some("bank"), Some("2-2")), &l),
+            judge(record(Some(&other), Some("bank"), Some(VERSIONS)), &l),
             Err(Ignored::OtherMesh(_))
         ));
         assert!(matches!(
@@ -580,9 +587,9 @@ mod tests {
             Err(Ignored::Incompatible(_))
         ));
         for bad in [
-            record(None, Some("shop"), Some("2-2")),
-            record(Some("nonsense"), Some("shop"), Some("2-2")),
-            record(Some(&other), None, Some("2-2")),
+            record(None, Some("shop"), Some(VERSIONS)),
+            record(Some("nonsense"), Some("shop"), Some(VERSIONS)),
+            record(Some(&other), None, Some(VERSIONS)),
             record(Some(&other), Some("shop"), None),
             record(Some(&other), Some("shop"), Some("1")),
             record(Some(&other), Some("shop"), Some("2-1")),
@@ -590,10 +597,10 @@ mod tests {
         ] {
             assert!(matches!(judge(bad, &l), Err(Ignored::Malformed(_))));
         }
-        let mut no_port = record(Some(&other), Some("shop"), Some("2-2"));
+        let mut no_port = record(Some(&other), Some("shop"), Some(VERSIONS));
         no_port.port = 0;
         assert!(matches!(judge(no_port, &l), Err(Ignored::Malformed(_))));
-        let mut no_addr = record(Some(&other), Some("shop"), Some("2-2"));
+        let mut no_addr = record(Some(&other), Some("shop"), Some(VERSIONS));
         no_addr.ips = vec!["0.0.0.0".parse().unwrap()].into_iter();
         assert!(matches!(judge(no_addr, &l), Err(Ignored::Malformed(_))));
     }

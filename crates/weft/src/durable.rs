@@ -30,7 +30,7 @@ use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 use weft_proto::frame::Limits;
 use weft_proto::spooled::{self, SpoolEntry, SpooledMessage, Watermark};
-use weft_proto::{MessageId, NodeId, OutgoingMessage};
+use weft_proto::{Lane, MessageId, NodeId, OutgoingMessage};
 use weft_spool::{FsyncPolicy, Spool, SpoolConfig, SpoolError, Storage};
 
 use crate::error::DeliveryError;
@@ -119,14 +119,17 @@ pub(crate) struct RestoredStream {
 /// A position in an outbound stream: (epoch, seq).
 pub(crate) type EpochSeq = (u64, u64);
 
+/// A peer's lane: what streams, watermarks and restored state are kept per.
+pub(crate) type PeerLane = (NodeId, Lane);
+
 /// Everything recovery hands to the peer tasks.
 #[derive(Debug, Default)]
 pub(crate) struct Restored {
-    pub outbound: HashMap<NodeId, RestoredStream>,
-    pub inbound: HashMap<NodeId, (u64, u64)>,
-    /// Messages given new numbers because the spool was damaged: (peer, old (epoch, seq), new
-    /// (epoch, seq)); see [`crate::Renumbered`].
-    pub renumbered: Vec<(NodeId, EpochSeq, EpochSeq)>,
+    pub outbound: HashMap<PeerLane, RestoredStream>,
+    pub inbound: HashMap<PeerLane, (u64, u64)>,
+    /// Messages given new numbers because the spool was damaged: (peer, lane, old (epoch,
+    /// seq), new (epoch, seq)); see [`crate::Renumbered`].
+    pub renumbered: Vec<(NodeId, Lane, EpochSeq, EpochSeq)>,
     /// The durable subscription registry last persisted (see `patterns::pubsub::restore`).
     pub registry: Option<Bytes>,
     /// Delayed messages still waiting (unnumbered): (destination, record, message), in spool
@@ -267,7 +270,7 @@ impl Durable {
 
 /// What recovery found: the streams, the spool record of each peer's watermark, the pending
 /// message count, the spool record of the durable subscription registry.
-type Recovered = (Restored, HashMap<NodeId, u64>, usize, Option<u64>);
+type Recovered = (Restored, HashMap<PeerLane, u64>, usize, Option<u64>);
 
 /// Sorts recovered records into restored streams and watermarks. Whatever cannot be restored
 /// goes to the dead-letter log with the reason — nothing is skipped silently. Unnumbered
@@ -282,8 +285,10 @@ fn restore<S: Storage>(
     renumber: bool,
 ) -> Result<Recovered, String> {
     let mut restored = Restored::default();
-    let mut watermarks: HashMap<NodeId, (u64, Watermark)> = HashMap::new();
-    let mut by_dest: HashMap<NodeId, Vec<(u64, SpooledMessage)>> = HashMap::new();
+    let mut watermarks: HashMap<PeerLane, (u64, Watermark)> = HashMap::new();
+    // Per destination lane: a numbered message stays in the lane it was numbered in; an
+    // unnumbered one takes its priority's.
+    let mut by_dest: HashMap<PeerLane, Vec<(u64, SpooledMessage)>> = HashMap::new();
     let mut dead = Vec::new();
     let mut stale = Vec::new();
     let mut registry: Option<(u64, Bytes)> = None;
@@ -299,15 +304,21 @@ fn restore<S: Storage>(
                 if message.origin != 0 {
                     replaced.insert(message.origin);
                 }
+                let lane = if message.seq == 0 {
+                    message.message.priority.lane()
+                } else {
+                    message.lane
+                };
                 by_dest
-                    .entry(message.dest)
+                    .entry((message.dest, lane))
                     .or_default()
                     .push((record.seq, message));
             }
             Ok(SpoolEntry::Watermark(watermark)) => {
                 // The newest record per peer wins; older ones only survived a crash between
                 // the append of their successor and their retirement.
-                if let Some((old, _)) = watermarks.insert(watermark.peer, (record.seq, watermark)) {
+                let key = (watermark.peer, watermark.lane);
+                if let Some((old, _)) = watermarks.insert(key, (record.seq, watermark)) {
                     stale.push(old);
                 }
             }
@@ -354,7 +365,7 @@ fn restore<S: Storage>(
             !superseded
         });
     }
-    for (dest, records) in by_dest {
+    for ((dest, lane), records) in by_dest {
         let (mut unnumbered, mut records): (Vec<_>, Vec<_>) = records
             .into_iter()
             .partition(|(_, m)| renumber || m.seq == 0);
@@ -372,7 +383,7 @@ fn restore<S: Storage>(
         records.sort_by_key(|(tag, _)| *tag);
         if records.is_empty() {
             restored.outbound.insert(
-                dest,
+                (dest, lane),
                 RestoredStream {
                     epoch: new_epoch,
                     acked_up_to: 0,
@@ -382,9 +393,12 @@ fn restore<S: Storage>(
         }
         let stream = restore_stream(&mut records, &mut dead);
         if let Some(stream) = stream {
-            restored.outbound.insert(dest, stream);
+            restored.outbound.insert((dest, lane), stream);
         }
-        let stream = restored.outbound.get_mut(&dest).expect("inserted above");
+        let stream = restored
+            .outbound
+            .get_mut(&(dest, lane))
+            .expect("inserted above");
         for (tag, message) in unnumbered {
             let seq = stream.messages.last().map_or(stream.acked_up_to, |m| m.seq) + 1;
             let mut buf = BytesMut::new();
@@ -393,6 +407,7 @@ fn restore<S: Storage>(
             // below), instead of numbering the message a second time under another id.
             let renumbered = spooled::encode_scheduled(
                 &dest,
+                lane,
                 stream.epoch,
                 seq,
                 tag,
@@ -409,6 +424,7 @@ fn restore<S: Storage>(
                         // It had a number the peer may have seen: tell the application.
                         restored.renumbered.push((
                             dest,
+                            lane,
                             (message.epoch, message.seq),
                             (stream.epoch, seq),
                         ));
@@ -478,11 +494,11 @@ fn restore_stream(
 fn finish_restore<S: Storage>(
     spool: &mut Spool<S>,
     mut restored: Restored,
-    watermarks: HashMap<NodeId, (u64, Watermark)>,
+    watermarks: HashMap<PeerLane, (u64, Watermark)>,
     dead: Vec<(u64, String)>,
     stale: Vec<u64>,
     pending_messages: usize,
-) -> Result<(Restored, HashMap<NodeId, u64>, usize), String> {
+) -> Result<(Restored, HashMap<PeerLane, u64>, usize), String> {
     for (seq, reason) in dead {
         if let Err(e) = spool.dead_letter(seq, &reason) {
             error!(seq, error = %e, "cannot dead-letter an unrestorable record; it stays in the spool");
@@ -495,11 +511,11 @@ fn finish_restore<S: Storage>(
         .sync()
         .map_err(|e| format!("cannot sync the spool after recovery: {e}"))?;
     let mut records = HashMap::new();
-    for (peer, (seq, watermark)) in watermarks {
-        records.insert(peer, seq);
+    for (key, (seq, watermark)) in watermarks {
+        records.insert(key, seq);
         restored
             .inbound
-            .insert(peer, (watermark.epoch, watermark.up_to));
+            .insert(key, (watermark.epoch, watermark.up_to));
     }
     Ok((restored, records, pending_messages))
 }
@@ -568,7 +584,7 @@ struct Writer {
     limits: Limits,
     buf: BytesMut,
     /// The spool record holding each peer's current watermark.
-    watermarks: HashMap<NodeId, u64>,
+    watermarks: HashMap<PeerLane, u64>,
     /// The spool record holding the durable subscription registry.
     registry_tag: Option<u64>,
     room: Arc<Semaphore>,
@@ -689,7 +705,8 @@ impl Writer {
                     // `Spool::append_reserved`).
                     match self.spool.append_reserved(&self.buf) {
                         Ok(tag) => {
-                            if let Some(old) = self.watermarks.insert(watermark.peer, tag) {
+                            let key = (watermark.peer, watermark.lane);
+                            if let Some(old) = self.watermarks.insert(key, tag) {
                                 let _ = self.spool.retire(old);
                             }
                             batch.watermarks.push((watermark, reply));
@@ -830,6 +847,7 @@ impl Writer {
         // did, the send is refused like any other the spool cannot take.
         let appended = match spooled::encode_scheduled(
             &peer.id,
+            peer.lane,
             peer.epoch,
             seq,
             origin,
@@ -1062,6 +1080,7 @@ fn settle(peer: &PeerHandle, seq: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use weft_proto::Priority;
     use weft_spool::{CrashMode, SimStorage};
 
     fn delayed(due: u64) -> OutgoingMessage {
@@ -1071,8 +1090,22 @@ mod tests {
 
     fn encode(dest: &NodeId, epoch: u64, seq: u64, origin: u64, m: &OutgoingMessage) -> BytesMut {
         let mut buf = BytesMut::new();
-        spooled::encode_scheduled(dest, epoch, seq, origin, m, Limits::default(), &mut buf)
-            .unwrap();
+        let lane = if seq == 0 {
+            Lane::Normal
+        } else {
+            m.priority.lane()
+        };
+        spooled::encode_scheduled(
+            dest,
+            lane,
+            epoch,
+            seq,
+            origin,
+            m,
+            Limits::default(),
+            &mut buf,
+        )
+        .unwrap();
         buf
     }
 
@@ -1081,6 +1114,72 @@ mod tests {
         let recovered =
             restore(&mut spool, recovery.pending, Limits::default(), 99, false).unwrap();
         (spool, recovered)
+    }
+
+    /// Each lane's records restore into that lane's stream: numbered messages keep the lane
+    /// they were numbered in (whatever their priority says), an unnumbered one (a replayed dead
+    /// letter) joins the stream of its priority's lane, and watermarks are kept per lane.
+    #[test]
+    fn records_restore_into_their_own_lanes() {
+        let dest = NodeId::from_bytes([6; 32]);
+        let disk = SimStorage::new(1);
+        let (mut spool, _) = Spool::open(disk.clone(), SpoolConfig::default()).unwrap();
+        let message = |priority: Priority| {
+            OutgoingMessage::command("jobs", Bytes::from_static(b"x"), 1_000)
+                .with_priority(priority)
+        };
+        for seq in 1..=3 {
+            spool
+                .append(&encode(&dest, 7, seq, 0, &message(Priority::HIGH)))
+                .unwrap();
+            spool
+                .append(&encode(&dest, 8, seq + 10, 0, &message(Priority::LOW)))
+                .unwrap();
+        }
+        spool
+            .append(&encode(&dest, 9, 4, 0, &message(Priority::NORMAL)))
+            .unwrap();
+        // Unnumbered, high: joins the high lane's stream after its numbered messages.
+        spool
+            .append(&encode(&dest, 0, 0, 0, &message(Priority::HIGH)))
+            .unwrap();
+        let mut buf = BytesMut::new();
+        for (lane, up_to) in [(Lane::Normal, 5), (Lane::High, 6), (Lane::Bulk, 7)] {
+            buf.clear();
+            spooled::encode_watermark(
+                &Watermark {
+                    peer: dest,
+                    epoch: 3,
+                    up_to,
+                    lane,
+                },
+                &mut buf,
+            );
+            spool.append(&buf).unwrap();
+        }
+        spool.sync().unwrap();
+        drop(spool);
+        let (_, (restored, watermarks, pending, _)) = reopen(&disk);
+        assert_eq!(pending, 8);
+        let seqs = |lane: Lane| {
+            let stream = &restored.outbound[&(dest, lane)];
+            let seqs: Vec<u64> = stream.messages.iter().map(|m| m.seq).collect();
+            (stream.epoch, seqs)
+        };
+        assert_eq!(seqs(Lane::High), (7, vec![1, 2, 3, 4]));
+        assert_eq!(seqs(Lane::Bulk), (8, vec![11, 12, 13]));
+        assert_eq!(seqs(Lane::Normal), (9, vec![4]));
+        for (lane, up_to) in [(Lane::Normal, 5), (Lane::High, 6), (Lane::Bulk, 7)] {
+            assert_eq!(restored.inbound[&(dest, lane)], (3, up_to), "{lane}");
+        }
+        assert_eq!(watermarks.len(), 3);
+        // The renumbered replay was written into the high lane: the next start finds it there.
+        let (_, (restored, _, _, _)) = reopen(&disk);
+        let high = &restored.outbound[&(dest, Lane::High)];
+        assert_eq!(
+            high.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
+            [1, 2, 3, 4]
+        );
     }
 
     /// The crash window of a release: the numbered copy is durable, the retirement of the
@@ -1105,7 +1204,7 @@ mod tests {
         disk.crash(CrashMode::TornTail);
         let (mut spool, (restored, _, pending, _)) = reopen(&disk);
         assert!(restored.scheduled.is_empty(), "not scheduled again");
-        let stream = &restored.outbound[&dest];
+        let stream = &restored.outbound[&(dest, Lane::Normal)];
         assert_eq!(stream.epoch, 7);
         assert_eq!(
             stream.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
@@ -1136,7 +1235,7 @@ mod tests {
         // The first recovery numbers it: a copy naming the original.
         let (spool, (restored, _, pending, _)) = reopen(&disk);
         assert_eq!(pending, 1);
-        let first = &restored.outbound[&dest];
+        let first = &restored.outbound[&(dest, Lane::Normal)];
         let seq = first.messages[0].seq;
         let copy = first.messages[0].tag;
         assert_ne!(copy, original);
@@ -1168,7 +1267,7 @@ mod tests {
         drop(both);
         disk2.crash(CrashMode::TornTail);
         let (_, (restored, _, pending, _)) = reopen(&disk2);
-        let stream = &restored.outbound[&dest];
+        let stream = &restored.outbound[&(dest, Lane::Normal)];
         assert_eq!(
             stream.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
             [seq],

@@ -86,6 +86,15 @@ pub enum SendError {
     /// Volatile messages cannot be delayed (they are never held).
     #[error("a volatile message cannot be delayed")]
     VolatileDelayed,
+    /// A batch travels in one lane (see [`weft_proto::Lane`]), so its receipts follow one
+    /// stream; this one mixes priorities of two lanes. Send one batch per lane.
+    #[error("a batch travels in one lane: its priorities map to the {lane} and the {other} lane (send one batch per lane)")]
+    MixedLanes {
+        /// The lane of the batch's first message.
+        lane: weft_proto::Lane,
+        /// The lane of the message that differs.
+        other: weft_proto::Lane,
+    },
 }
 
 impl From<DeliveryError> for SendError {

@@ -13,7 +13,7 @@ use std::task::{Context, Poll};
 
 use futures_util::Stream;
 use tokio::sync::mpsc;
-use weft_proto::{Message, MessageId, NodeId};
+use weft_proto::{Message, MessageId, NodeId, StreamId};
 
 use crate::error::ReceiveError;
 use crate::settle::Settlement;
@@ -35,8 +35,8 @@ pub(crate) struct Channels {
     generation: AtomicU64,
     capacity: usize,
     max: usize,
-    /// Per producer: what the application took of its stream (see [`Settlement`]).
-    settlements: RwLock<HashMap<NodeId, Arc<Settlement>>>,
+    /// Per producer: what the application took of each lane's stream (see [`Settlement`]).
+    settlements: RwLock<HashMap<NodeId, Vec<Arc<Settlement>>>>,
 }
 
 /// Why a channel's queue could not be found or made.
@@ -57,12 +57,15 @@ impl Channels {
         }
     }
 
-    /// Records where `producer`'s messages are settled (its peer task calls this once).
+    /// Records where `producer`'s messages of one lane are settled (each lane's peer task calls
+    /// this once).
     pub(crate) fn register(&self, producer: NodeId, settlement: Arc<Settlement>) {
         self.settlements
             .write()
             .expect("settlements lock poisoned")
-            .insert(producer, settlement);
+            .entry(producer)
+            .or_default()
+            .push(settlement);
     }
 
     /// The application is done with these messages: they may be acknowledged.
@@ -71,22 +74,24 @@ impl Channels {
             return;
         }
         let settlements = self.settlements.read().expect("settlements lock poisoned");
-        let mut current: Option<(NodeId, &Arc<Settlement>)> = None;
+        // The settlement of the last message's stream: consecutive messages mostly share one.
+        let mut current: Option<(StreamId, &Arc<Settlement>)> = None;
         for id in taken.drain(..) {
             if id.seq == 0 {
                 continue; // volatile: never acknowledged
             }
-            let settlement = match current {
-                Some((producer, settlement)) if producer == id.producer => settlement,
-                _ => match settlements.get(&id.producer) {
-                    Some(settlement) => {
-                        current = Some((id.producer, settlement));
-                        settlement
-                    }
-                    None => continue,
-                },
+            if let Some((stream, settlement)) = current {
+                if stream == id.stream && settlement.settle(id.stream, id.seq) {
+                    continue;
+                }
+            }
+            let Some(lanes) = settlements.get(&id.producer) else {
+                continue;
             };
-            settlement.settle(id.stream, id.seq);
+            current = lanes
+                .iter()
+                .find(|settlement| settlement.settle(id.stream, id.seq))
+                .map(|settlement| (id.stream, settlement));
         }
     }
 

@@ -73,7 +73,7 @@ pub use patterns::{
 };
 pub use receipt::{BatchDeliveryError, Delivered, Receipt, Receipts};
 pub use weft_proto::{
-    self as proto, Header, Kind, Limits, LinkConfig, Message, MessageId, NodeId, Options,
+    self as proto, Header, Kind, Lane, Limits, LinkConfig, Message, MessageId, NodeId, Options,
     OutgoingMessage, Priority, Topic, TopicError, TopicPattern,
 };
 pub use weft_spool::{FsyncPolicy, SpoolConfig};

@@ -12,7 +12,7 @@ use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{info, info_span, warn, Instrument};
 use weft_proto::backoff::SplitMix64;
-use weft_proto::{LinkConfig, MessageId, NodeId, OutgoingMessage, StreamId};
+use weft_proto::{Lane, LinkConfig, MessageId, NodeId, OutgoingMessage, StreamId};
 
 use crate::addr::NodeAddr;
 use crate::config::{NodeConfig, Seams, WallClock};
@@ -81,10 +81,15 @@ pub enum PeerEvent {
     },
 }
 
-/// Per-peer state shared between the API and the peer's task.
+/// Per-peer, per-lane state shared between the API and the lane's peer task. The handle the
+/// node keeps per peer is the normal lane's; it holds the other lanes' (see [`PeerHandle::lane`]).
 #[derive(Debug)]
 pub(crate) struct PeerHandle {
     pub id: NodeId,
+    /// The lane this handle sends in.
+    pub lane: Lane,
+    /// The high and bulk lanes' handles (in the normal lane's handle only).
+    pub others: Vec<Arc<PeerHandle>>,
     /// Epoch and id of our stream to the peer (restored from the spool, or new).
     pub epoch: u64,
     pub stream: StreamId,
@@ -102,8 +107,26 @@ pub(crate) struct PeerHandle {
     pub accepted: watch::Sender<u64>,
     /// Messages that will never be delivered, for receipts.
     pub fates: Arc<Fates>,
-    /// Whether a connection is up.
+    /// Whether a connection is up (for a lane other than the normal one: its stream is).
     pub connected: watch::Receiver<bool>,
+}
+
+impl PeerHandle {
+    /// The handle of `lane` (called on the normal lane's handle, the one the node keeps).
+    pub fn lane(self: &Arc<Self>, lane: Lane) -> &Arc<PeerHandle> {
+        if lane == self.lane {
+            return self;
+        }
+        self.others
+            .iter()
+            .find(|other| other.lane == lane)
+            .expect("the normal lane's handle holds every lane")
+    }
+
+    /// Every lane's handle, the normal one first.
+    pub fn lanes(self: &Arc<Self>) -> impl Iterator<Item = &Arc<PeerHandle>> {
+        std::iter::once(self).chain(self.others.iter())
+    }
 }
 
 /// A message this node had numbered before a start on a damaged spool (a quarantined segment),
@@ -216,12 +239,25 @@ impl Shared {
         if peers.len() >= self.config.peers_max {
             return Err(SendError::TooManyPeers(self.config.peers_max));
         }
-        let (task, handle) = PeerTask::new(Arc::clone(self), id);
+        let (tasks, handle) = PeerTask::new(Arc::clone(self), id);
         let handle = Arc::new(handle);
         peers.insert(id, Arc::clone(&handle));
         drop(peers);
-        let span = info_span!(parent: None, "peer", node = %self.id.short(), peer = %id.short());
-        self.spawn(task.run().instrument(span));
+        for task in tasks {
+            let span = match task.lane() {
+                Lane::Normal => {
+                    info_span!(parent: None, "peer", node = %self.id.short(), peer = %id.short())
+                }
+                lane => info_span!(
+                    parent: None,
+                    "peer",
+                    node = %self.id.short(),
+                    peer = %id.short(),
+                    %lane
+                ),
+            };
+            self.spawn(task.run().instrument(span));
+        }
         Ok(handle)
     }
 
@@ -433,20 +469,23 @@ impl NodeBuilder {
             }
             None => (None, Restored::default()),
         };
-        let restored_peers: Vec<NodeId> = restored.outbound.keys().copied().collect();
+        let mut restored_peers: Vec<NodeId> =
+            restored.outbound.keys().map(|(peer, _)| *peer).collect();
+        restored_peers.sort_unstable();
+        restored_peers.dedup();
         scheduler.restore(std::mem::take(&mut restored.scheduled));
-        let message_id = |peer: &NodeId, (epoch, seq): (u64, u64)| MessageId {
+        let message_id = |peer: &NodeId, lane: Lane, (epoch, seq): (u64, u64)| MessageId {
             producer: id,
-            stream: StreamId::direct(&id, peer, epoch),
+            stream: StreamId::lane(&id, peer, epoch, lane),
             seq,
         };
         let renumbered = restored
             .renumbered
             .iter()
-            .map(|(peer, old, new)| Renumbered {
+            .map(|(peer, lane, old, new)| Renumbered {
                 peer: *peer,
-                old: message_id(peer, *old),
-                new: message_id(peer, *new),
+                old: message_id(peer, *lane, *old),
+                new: message_id(peer, *lane, *new),
             })
             .collect();
         let (shutdown, _) = watch::channel(false);
@@ -624,8 +663,8 @@ fn transport_config(config: &NodeConfig) -> quinn::TransportConfig {
     let idle =
         quinn::IdleTimeout::try_from(config.idle_timeout).unwrap_or(quinn::VarInt::MAX.into());
     transport.max_idle_timeout(Some(idle));
-    // One bidirectional stream per connection carries everything; a second is refused.
-    transport.max_concurrent_bidi_streams(1u8.into());
+    // One bidirectional stream per lane (the first also carries the hello); more are refused.
+    transport.max_concurrent_bidi_streams((Lane::ALL.len() as u8).into());
     transport.max_concurrent_uni_streams(0u8.into());
     // Windows large enough for the link's in-flight bytes on a fast path.
     let window = (config.link.window_bytes as u64).clamp(1 << 20, 64 << 20);
@@ -814,15 +853,18 @@ impl Node {
         }
     }
 
-    /// Waits until a connection to `peer` is up (starting to track the peer if needed).
+    /// Waits until a connection to `peer` is up, with the streams of all its lanes (starting to
+    /// track the peer if needed).
     pub async fn connected(&self, peer: NodeId) -> Result<(), SendError> {
         let handle = self.shared().peer(peer)?;
-        let mut connected = handle.connected.clone();
-        connected
-            .wait_for(|up| *up)
-            .await
-            .map(|_| ())
-            .map_err(|_| SendError::NodeClosed)
+        for lane in handle.lanes() {
+            let mut connected = lane.connected.clone();
+            connected
+                .wait_for(|up| *up)
+                .await
+                .map_err(|_| SendError::NodeClosed)?;
+        }
+        Ok(())
     }
 
     /// Peers with a connection up now.
@@ -996,17 +1038,16 @@ impl PeerSender {
         if message.deliver_after.is_some() {
             return self.schedule(message).await;
         }
+        let handle = self.lane(&message);
         let Some(durable) = &self.shared.durable else {
-            let permit = self
-                .handle
+            let permit = handle
                 .commands
                 .reserve()
                 .await
                 .map_err(|_| SendError::NodeClosed)?;
-            return Ok(self.enqueue(permit, message));
+            return Ok(self.enqueue(handle, permit, message));
         };
-        let permit = self
-            .handle
+        let permit = handle
             .commands
             .clone()
             .reserve_owned()
@@ -1019,7 +1060,7 @@ impl PeerSender {
             .map_err(|_| SendError::NodeClosed)?
             .forget();
         let (done, accepted) = tokio::sync::oneshot::channel();
-        let receipt = self.spool(durable, permit, message, Some(done))?;
+        let receipt = self.spool(handle, durable, permit, message, Some(done))?;
         match accepted.await {
             Ok(Ok(())) => Ok(receipt),
             Ok(Err(error)) => Err(error.into()),
@@ -1037,12 +1078,12 @@ impl PeerSender {
         if message.deliver_after.is_some() {
             return self.try_schedule(message);
         }
+        let handle = self.lane(&message);
         let Some(durable) = &self.shared.durable else {
-            let permit = self.handle.commands.try_reserve().map_err(would_block)?;
-            return Ok(self.enqueue(permit, message));
+            let permit = handle.commands.try_reserve().map_err(would_block)?;
+            return Ok(self.enqueue(handle, permit, message));
         };
-        let permit = self
-            .handle
+        let permit = handle
             .commands
             .clone()
             .try_reserve_owned()
@@ -1054,7 +1095,7 @@ impl PeerSender {
                 return Err(TrySendError::Send(SendError::NodeClosed))
             }
         }
-        Ok(self.spool(durable, permit, message, None)?)
+        Ok(self.spool(handle, durable, permit, message, None)?)
     }
 
     /// Sends many messages to the peer, in order, and returns once all are accepted (with a
@@ -1103,7 +1144,17 @@ impl PeerSender {
         let (delayed, messages): (Vec<_>, Vec<_>) = messages
             .into_iter()
             .partition(|m| m.deliver_after.is_some());
-        let mut receipts = self.receipts();
+        // One batch, one lane: its receipts follow one stream.
+        let lane = messages.first().map_or(Lane::Normal, |m| m.priority.lane());
+        if let Some(index) = messages.iter().position(|m| m.priority.lane() != lane) {
+            let other = messages[index].priority.lane();
+            return Err(SendBatchError::Invalid {
+                index,
+                error: SendError::MixedLanes { lane, other },
+            });
+        }
+        let handle = self.handle.lane(lane);
+        let mut receipts = self.receipts(handle);
         let mut outcomes = Vec::new();
         let mut messages = messages.into_iter().peekable();
         let unsent = |receipts: Receipts, error: SendError| SendBatchError::Partial {
@@ -1117,17 +1168,17 @@ impl PeerSender {
                 // of the sequence lock for the run.
                 // When the queue is full, wait for a quarter of it rather than for one slot:
                 // runs of one would cost more than single sends.
-                let commands = &self.handle.commands;
+                let commands = &handle.commands;
                 let want = commands
                     .capacity()
                     .max(commands.max_capacity() / 4)
                     .clamp(1, BATCH_RUN_MAX);
                 let run: Vec<OutgoingMessage> = messages.by_ref().take(want).collect();
-                let Ok(permits) = self.handle.commands.reserve_many(run.len()).await else {
+                let Ok(permits) = handle.commands.reserve_many(run.len()).await else {
                     return Err(unsent(receipts, SendError::NodeClosed));
                 };
                 let count = run.len() as u64;
-                let mut next_seq = self.handle.next_seq.lock().expect("sequence lock poisoned");
+                let mut next_seq = handle.next_seq.lock().expect("sequence lock poisoned");
                 let first = *next_seq;
                 *next_seq += count;
                 for ((seq, message), permit) in (first..).zip(run).zip(permits) {
@@ -1144,7 +1195,7 @@ impl PeerSender {
             // The first message of a run waits for queue and spool room; the others take what
             // is free now.
             let mut run = Vec::new();
-            let Ok(permit) = self.handle.commands.clone().reserve_owned().await else {
+            let Ok(permit) = handle.commands.clone().reserve_owned().await else {
                 return Err(unsent(receipts, SendError::NodeClosed));
             };
             // Spool room stays held (not forgotten) until the run is handed over, so a batch
@@ -1155,12 +1206,12 @@ impl PeerSender {
             run.push((messages.next().expect("peeked"), permit));
             // A run takes at least a quarter of the queue when that much is left (waiting for
             // its slots: runs of one would cost more than single sends), then what is free.
-            let min_run = self.handle.commands.max_capacity() / 4;
+            let min_run = handle.commands.max_capacity() / 4;
             while run.len() < BATCH_RUN_MAX && messages.peek().is_some() {
                 let permit = if run.len() < min_run {
-                    self.handle.commands.clone().reserve_owned().await
+                    handle.commands.clone().reserve_owned().await
                 } else {
-                    self.handle
+                    handle
                         .commands
                         .clone()
                         .try_reserve_owned()
@@ -1180,11 +1231,11 @@ impl PeerSender {
             room.forget();
             let (done, outcome) = tokio::sync::oneshot::channel();
             let count = run.len() as u64;
-            let mut next_seq = self.handle.next_seq.lock().expect("sequence lock poisoned");
+            let mut next_seq = handle.next_seq.lock().expect("sequence lock poisoned");
             let first = *next_seq;
             *next_seq += count;
             let sent = durable.tx.send(crate::durable::Command::AppendRun {
-                peer: Arc::clone(&self.handle),
+                peer: Arc::clone(handle),
                 first,
                 messages: run,
                 done,
@@ -1230,11 +1281,11 @@ impl PeerSender {
         if message.deliver_after.is_some() {
             return Err(SendError::VolatileDelayed);
         }
-        if !*self.handle.connected.borrow() {
-            return Err(SendError::NotConnected(self.handle.id));
+        let handle = self.lane(&message);
+        if !*handle.connected.borrow() {
+            return Err(SendError::NotConnected(handle.id));
         }
-        let permit = self
-            .handle
+        let permit = handle
             .commands
             .reserve()
             .await
@@ -1251,10 +1302,11 @@ impl PeerSender {
         if message.deliver_after.is_some() {
             return Err(SendError::VolatileDelayed.into());
         }
-        if !*self.handle.connected.borrow() {
-            return Err(SendError::NotConnected(self.handle.id).into());
+        let handle = self.lane(&message);
+        if !*handle.connected.borrow() {
+            return Err(SendError::NotConnected(handle.id).into());
         }
-        let permit = self.handle.commands.try_reserve().map_err(would_block)?;
+        let permit = handle.commands.try_reserve().map_err(would_block)?;
         permit.send(volatile(message));
         Ok(())
     }
@@ -1329,6 +1381,7 @@ impl PeerSender {
     ) -> Result<Receipt, SendError> {
         let (slot, watch) = crate::receipt::slot(self.shared.durable.is_none());
         let dest = self.handle.id;
+        let lane = message.priority.lane();
         self.shared.start_release_task();
         match &self.shared.durable {
             None => self.shared.scheduler.insert(Waiting {
@@ -1354,7 +1407,7 @@ impl PeerSender {
                 }
             }
         }
-        let mut receipt = self.receipt(0);
+        let mut receipt = self.receipt(self.handle.lane(lane), 0);
         receipt.scheduled = Some((due, watch));
         Ok(receipt)
     }
@@ -1369,12 +1422,13 @@ impl PeerSender {
             message,
             ticket,
         } = waiting;
-        let Ok(permit) = self.handle.commands.clone().reserve_owned().await else {
+        let handle = self.lane(&message);
+        let Ok(permit) = handle.commands.clone().reserve_owned().await else {
             // Shutting down: the receipt reports `NodeClosed`; with a spool the unnumbered
             // record stays and the next start schedules it again.
             return;
         };
-        let mut next_seq = self.handle.next_seq.lock().expect("sequence lock poisoned");
+        let mut next_seq = handle.next_seq.lock().expect("sequence lock poisoned");
         let seq = *next_seq;
         *next_seq += 1;
         match &self.shared.durable {
@@ -1391,7 +1445,7 @@ impl PeerSender {
             }
             Some(durable) => {
                 let command = crate::durable::Command::Append {
-                    peer: Arc::clone(&self.handle),
+                    peer: Arc::clone(handle),
                     seq,
                     message,
                     permit,
@@ -1405,9 +1459,19 @@ impl PeerSender {
         }
     }
 
-    /// Without a spool: straight into the peer's queue.
-    fn enqueue(&self, permit: mpsc::Permit<'_, Outgoing>, message: OutgoingMessage) -> Receipt {
-        let mut next_seq = self.handle.next_seq.lock().expect("sequence lock poisoned");
+    /// The handle of the lane `message` travels in (see [`Lane`]).
+    fn lane(&self, message: &OutgoingMessage) -> &Arc<PeerHandle> {
+        self.handle.lane(message.priority.lane())
+    }
+
+    /// Without a spool: straight into the lane's queue.
+    fn enqueue(
+        &self,
+        handle: &Arc<PeerHandle>,
+        permit: mpsc::Permit<'_, Outgoing>,
+        message: OutgoingMessage,
+    ) -> Receipt {
+        let mut next_seq = handle.next_seq.lock().expect("sequence lock poisoned");
         let seq = *next_seq;
         *next_seq += 1;
         permit.send(Outgoing {
@@ -1416,7 +1480,7 @@ impl PeerSender {
             message,
         });
         drop(next_seq);
-        self.receipt(seq)
+        self.receipt(handle, seq)
     }
 
     /// With a spool: to the writer, which hands it to the peer's queue once it is durable. The
@@ -1424,16 +1488,17 @@ impl PeerSender {
     /// each peer's messages in sequence order.
     fn spool(
         &self,
+        handle: &Arc<PeerHandle>,
         durable: &Durable,
         permit: mpsc::OwnedPermit<Outgoing>,
         message: OutgoingMessage,
         done: Option<tokio::sync::oneshot::Sender<Result<(), crate::error::DeliveryError>>>,
     ) -> Result<Receipt, SendError> {
-        let mut next_seq = self.handle.next_seq.lock().expect("sequence lock poisoned");
+        let mut next_seq = handle.next_seq.lock().expect("sequence lock poisoned");
         let seq = *next_seq;
         *next_seq += 1;
         let command = crate::durable::Command::Append {
-            peer: Arc::clone(&self.handle),
+            peer: Arc::clone(handle),
             seq,
             message,
             permit,
@@ -1446,11 +1511,11 @@ impl PeerSender {
             durable.room.add_permits(1);
             return Err(SendError::NodeClosed);
         }
-        Ok(self.receipt(seq))
+        Ok(self.receipt(handle, seq))
     }
 
-    /// Empty receipts for a batch to this peer.
-    fn receipts(&self) -> Receipts {
+    /// Empty receipts for a batch to this peer's lane.
+    fn receipts(&self, handle: &Arc<PeerHandle>) -> Receipts {
         let Receipt {
             id,
             peer,
@@ -1458,7 +1523,7 @@ impl PeerSender {
             accepted,
             fates,
             ..
-        } = self.receipt(0);
+        } = self.receipt(handle, 0);
         Receipts {
             peer,
             base: id,
@@ -1470,21 +1535,21 @@ impl PeerSender {
         }
     }
 
-    fn receipt(&self, seq: u64) -> Receipt {
+    fn receipt(&self, handle: &Arc<PeerHandle>, seq: u64) -> Receipt {
         Receipt {
             id: MessageId {
                 producer: self.shared.id,
-                stream: self.handle.stream,
+                stream: handle.stream,
                 seq,
             },
-            peer: self.handle.id,
-            acked: self.handle.acked.clone(),
+            peer: handle.id,
+            acked: handle.acked.clone(),
             accepted: self
                 .shared
                 .durable
                 .as_ref()
-                .map(|_| self.handle.accepted.subscribe()),
-            fates: Arc::clone(&self.handle.fates),
+                .map(|_| handle.accepted.subscribe()),
+            fates: Arc::clone(&handle.fates),
             scheduled: None,
         }
     }

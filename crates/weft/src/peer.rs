@@ -1,6 +1,16 @@
-//! The peer task: one per known peer, owning that peer's [`Link`] for the node's lifetime.
+//! The peer tasks: one per known peer and [`Lane`], each owning that lane's [`Link`] for the
+//! node's lifetime.
 //!
-//! It is the only code that touches the link, so the link needs no lock. It multiplexes, in
+//! The normal lane's task owns the peer's connection: it dials, accepts, resolves duplicates and
+//! reports the peer up and down. Once it installs a connection, the side that dialed opens one
+//! more bidirectional QUIC stream per other lane (its first byte names the lane) and the other
+//! side accepts them; each stream goes to its lane's task with the connection's generation, so a
+//! stream of a connection replaced meanwhile is never installed over a newer one. A lane task
+//! never dials and never closes the connection: it loses its stream with the connection and gets
+//! the next one from the normal lane's task. Each QUIC stream has its lane's send priority
+//! ([`Lane::stream_priority`]), so quinn sends high-lane bytes ahead of queued bulk bytes.
+//!
+//! A task is the only code that touches its link, so the link needs no lock. It multiplexes, in
 //! priority order: shutdown, control (connections, addresses), a parked delivery waiting for room
 //! in its channel, the stream accepting queued bytes, bytes from the connection, and messages from
 //! the application. Writes never block the task: encoded batches wait in a bounded queue and go
@@ -25,7 +35,7 @@ use weft_proto::handshake::{resolve_duplicate, Candidate, Keep};
 use weft_proto::link::{LinkEvent, LinkStats};
 use weft_proto::spooled::Watermark;
 use weft_proto::{
-    Frame, FrameDecoder, FrameError, Link, Message, MessageId, NodeId, OutgoingMessage, StreamId,
+    Frame, FrameDecoder, FrameError, Lane, Link, Message, MessageId, NodeId, OutgoingMessage,
 };
 
 use crate::connection::{self, close_code, Established};
@@ -71,6 +81,12 @@ const WATERMARK_RETRY: Duration = Duration::from_millis(500);
 pub(crate) enum Control {
     /// A connection passed its hello exchange (dialed or accepted).
     Connection(Established),
+    /// To a lane other than the normal one: its stream on the connection the normal lane's task
+    /// installed as its `generation`-th.
+    LaneStream {
+        generation: u64,
+        established: Established,
+    },
     /// Our dial failed.
     DialFailed(ConnectError),
     /// Addresses to dial the peer at.
@@ -133,10 +149,49 @@ struct Conn {
     tx: VecDeque<Bytes>,
 }
 
+/// What the normal lane's task knows of another lane's task.
+struct OtherLane {
+    lane: Lane,
+    control: mpsc::UnboundedSender<Control>,
+    /// True once the lane's task drained at shutdown (the connection is closed after).
+    drained: watch::Receiver<bool>,
+}
+
+impl Conn {
+    fn new(established: Established) -> Self {
+        let Established {
+            connection,
+            send,
+            recv,
+            leftover,
+            dialed_by_local,
+            remote: _,
+            peer_incarnation,
+        } = established;
+        Self {
+            connection,
+            dialed_by_local,
+            peer_incarnation,
+            recv,
+            send,
+            rx_chunk: Bytes::new(),
+            rx: leftover,
+            tx_buf: BytesMut::new(),
+            held: VecDeque::new(),
+            held_bytes: 0,
+            tx: VecDeque::with_capacity(WRITE_QUEUE_BATCHES),
+        }
+    }
+}
+
 pub(crate) struct PeerTask {
     shared: Arc<Shared>,
     peer: NodeId,
     link: Link,
+    /// The other lanes' tasks (in the normal lane's task only).
+    others: Vec<OtherLane>,
+    /// Set once this task drained at shutdown.
+    drained: watch::Sender<bool>,
     decoder: FrameDecoder,
     commands: mpsc::Receiver<Outgoing>,
     /// Taken from `commands` (or restored) but not yet in the link (it was at its bound).
@@ -189,18 +244,47 @@ pub(crate) struct PeerTask {
 }
 
 impl PeerTask {
-    pub(crate) fn new(shared: Arc<Shared>, peer: NodeId) -> (Self, PeerHandle) {
+    /// The tasks of every lane to `peer` (the normal lane's first) and the normal lane's handle,
+    /// which holds the others'.
+    pub(crate) fn new(shared: Arc<Shared>, peer: NodeId) -> (Vec<Self>, PeerHandle) {
+        let (mut normal, mut handle) = Self::new_lane(Arc::clone(&shared), peer, Lane::Normal);
+        let mut tasks = Vec::with_capacity(Lane::ALL.len());
+        for lane in Lane::ALL.into_iter().filter(|l| *l != Lane::Normal) {
+            let (task, lane_handle) = Self::new_lane(Arc::clone(&shared), peer, lane);
+            normal.others.push(OtherLane {
+                lane,
+                control: lane_handle.control.clone(),
+                drained: task.drained.subscribe(),
+            });
+            handle.others.push(Arc::new(lane_handle));
+            tasks.push(task);
+        }
+        tasks.insert(0, normal);
+        (tasks, handle)
+    }
+
+    /// The lane this task carries.
+    pub(crate) fn lane(&self) -> Lane {
+        self.link.lane()
+    }
+
+    /// Whether this task owns the connection (the normal lane's).
+    fn owns_connection(&self) -> bool {
+        self.link.lane() == Lane::Normal
+    }
+
+    fn new_lane(shared: Arc<Shared>, peer: NodeId, lane: Lane) -> (Self, PeerHandle) {
         let config = &shared.config;
         let mut link_config = shared.link_config();
         // Acknowledgements wait for the application to take a message (and, with a spool, for
         // its watermark to be durable): the driver acknowledges, not the link.
         link_config.ack_on_delivery = false;
-        let mut link = Link::new(shared.id, peer, shared.epoch, link_config);
+        let mut link = Link::with_lane(shared.id, peer, shared.epoch, lane, link_config);
         let (outbound, inbound) = {
             let mut restored = shared.restored.lock().expect("restored lock poisoned");
             (
-                restored.outbound.remove(&peer),
-                restored.inbound.remove(&peer),
+                restored.outbound.remove(&(peer, lane)),
+                restored.inbound.remove(&(peer, lane)),
             )
         };
         let mut pending = VecDeque::new();
@@ -213,7 +297,7 @@ impl PeerTask {
         let mut watermark_durable = (0, 0);
         if let Some((epoch, up_to)) = inbound {
             link.restore_inbound(epoch, up_to);
-            settlement.reset(StreamId::direct(&peer, &shared.id, epoch), epoch, up_to);
+            settlement.reset(link.inbound_stream(epoch), epoch, up_to);
             watermark_durable = (epoch, up_to);
         }
         shared.channels.register(peer, Arc::clone(&settlement));
@@ -224,6 +308,8 @@ impl PeerTask {
         let fates = Arc::new(Fates::default());
         let handle = PeerHandle {
             id: peer,
+            lane,
+            others: Vec::new(),
             epoch: link.epoch(),
             stream: link.stream(),
             commands: commands_tx,
@@ -243,6 +329,8 @@ impl PeerTask {
             shared,
             peer,
             link,
+            others: Vec::new(),
+            drained: watch::channel(false).0,
             commands,
             pending,
             batch: Vec::with_capacity(COMMAND_BATCH),
@@ -336,6 +424,7 @@ impl PeerTask {
             }
         }
         self.drain().await;
+        self.drained.send_replace(true);
         self.stop();
     }
 
@@ -378,6 +467,10 @@ impl PeerTask {
         let Some(conn) = &mut self.conn else { return };
         if conn.send.finish().is_ok() {
             let _ = tokio::time::timeout_at(deadline, conn.send.stopped()).await;
+        }
+        // The connection closes when this task stops: not before the other lanes drained.
+        for other in &mut self.others {
+            let _ = tokio::time::timeout_at(deadline, other.drained.wait_for(|done| *done)).await;
         }
     }
 
@@ -474,7 +567,7 @@ impl PeerTask {
             match event {
                 LinkEvent::Acked { up_to } => self.acked_pending = Some(up_to),
                 LinkEvent::InboundStream { epoch, base } => {
-                    let stream = StreamId::direct(&self.peer, &self.shared.id, epoch);
+                    let stream = self.link.inbound_stream(epoch);
                     self.settlement.reset(stream, epoch, base);
                 }
                 LinkEvent::Skipped { epoch, from, up_to } => {
@@ -487,6 +580,10 @@ impl PeerTask {
     fn handle_control(&mut self, control: Control) {
         match control {
             Control::Connection(established) => self.install(established),
+            Control::LaneStream {
+                generation,
+                established,
+            } => self.install_lane_stream(generation, established),
             Control::Withdraw {
                 channel_prefix,
                 reply,
@@ -614,7 +711,9 @@ impl PeerTask {
             self.link.acknowledge(epoch, up_to);
         }
         let newer = |(e, u): (u64, u64)| e != epoch || up_to > u;
-        if !newer(self.watermark_durable) || self.watermark_stopped {
+        // Nothing delivered of the stream yet: a watermark would add nothing (the peer's
+        // resume starts the stream again after a restart), only a record per lane.
+        if up_to == 0 || !newer(self.watermark_durable) || self.watermark_stopped {
             return;
         }
         if self.watermark_retry_at.is_some() && !last {
@@ -628,6 +727,7 @@ impl PeerTask {
             peer: self.peer,
             epoch,
             up_to,
+            lane: self.link.lane(),
         };
         let command = Command::Watermark {
             watermark,
@@ -748,15 +848,7 @@ impl PeerTask {
             self.connection_lost(reason.into());
             self.dial = Dial::Idle;
         }
-        let Established {
-            connection,
-            send,
-            recv,
-            leftover,
-            dialed_by_local,
-            remote,
-            peer_incarnation,
-        } = established;
+        let (remote, dialed_by_local) = (established.remote, established.dialed_by_local);
         if dialed_by_local {
             self.preferred_addr = Some(remote);
         } else {
@@ -770,19 +862,7 @@ impl PeerTask {
         // tight loop.
         self.proven = false;
         self.generation += 1;
-        self.conn = Some(Conn {
-            connection,
-            dialed_by_local,
-            peer_incarnation,
-            recv,
-            send,
-            rx_chunk: Bytes::new(),
-            rx: leftover,
-            tx_buf: BytesMut::new(),
-            held: VecDeque::new(),
-            held_bytes: 0,
-            tx: VecDeque::with_capacity(WRITE_QUEUE_BATCHES),
-        });
+        self.conn = Some(Conn::new(established));
         self.link.connected();
         self.connected.send_replace(true);
         self.shared.metrics.peer_up();
@@ -791,6 +871,88 @@ impl PeerTask {
             peer: self.peer,
             addr: remote,
         });
+        self.open_lanes();
+        self.process_rx();
+    }
+
+    /// Gives the other lanes' tasks their streams on the connection just installed: the side
+    /// that dialed opens them (first byte: the lane), the other accepts them. A failure closes
+    /// the connection (it cannot carry every lane); one closed meanwhile just ends this.
+    fn open_lanes(&self) {
+        let Some(conn) = &self.conn else { return };
+        if self.others.is_empty() {
+            return;
+        }
+        let connection = conn.connection.clone();
+        let dialed = conn.dialed_by_local;
+        let incarnation = conn.peer_incarnation;
+        let generation = self.generation;
+        let lanes: Vec<(Lane, mpsc::UnboundedSender<Control>)> = self
+            .others
+            .iter()
+            .map(|other| (other.lane, other.control.clone()))
+            .collect();
+        let mut shutdown = self.shared.shutdown.subscribe();
+        tokio::spawn(
+            async move {
+                let streams = async {
+                    let mut seen = Vec::with_capacity(lanes.len());
+                    for (index, _) in lanes.iter().enumerate() {
+                        let (lane, send, recv) = if dialed {
+                            let lane = lanes[index].0;
+                            let (send, recv) = open_lane_stream(&connection, lane).await?;
+                            (lane, send, recv)
+                        } else {
+                            accept_lane_stream(&connection, &mut seen).await?
+                        };
+                        let Some((_, control)) = lanes.iter().find(|(l, _)| *l == lane) else {
+                            return Err(format!("the peer opened a stream for lane {lane}"));
+                        };
+                        let _ = control.send(Control::LaneStream {
+                            generation,
+                            established: Established {
+                                remote: connection.remote_address(),
+                                connection: connection.clone(),
+                                send,
+                                recv,
+                                leftover: BytesMut::new(),
+                                dialed_by_local: dialed,
+                                peer_incarnation: incarnation,
+                            },
+                        });
+                    }
+                    Ok::<(), String>(())
+                };
+                let result = tokio::select! {
+                    biased;
+                    _ = shutdown.wait_for(|stop| *stop) => return,
+                    result = streams => result,
+                };
+                if let Err(reason) = result {
+                    if connection.close_reason().is_none() {
+                        warn!(%reason, "cannot set up the lanes' streams; closing the connection");
+                        connection.close(close_code::PROTOCOL, reason.as_bytes());
+                    }
+                }
+            }
+            .instrument(tracing::Span::current()),
+        );
+    }
+
+    /// A lane's stream on a connection the normal lane's task installed (see the module doc).
+    /// A stream of an older connection than the one in use is dropped.
+    fn install_lane_stream(&mut self, generation: u64, established: Established) {
+        if generation <= self.generation || established.connection.close_reason().is_some() {
+            debug!(generation, "stale lane stream dropped");
+            return;
+        }
+        self.connection_lost("replaced by a newer connection".into());
+        self.generation = generation;
+        self.proven = false;
+        self.conn = Some(Conn::new(established));
+        self.link.connected();
+        self.connected.send_replace(true);
+        debug!(generation, "lane stream up");
         self.process_rx();
     }
 
@@ -799,6 +961,11 @@ impl PeerTask {
         drop(conn);
         self.link.disconnected();
         self.connected.send_replace(false);
+        if !self.owns_connection() {
+            // The normal lane's task reports the connection and redials.
+            debug!(%reason, "lane stream down");
+            return;
+        }
         self.shared.metrics.peer_down();
         info!(%reason, "peer down");
         let _ = self.shared.events.send(PeerEvent::Down {
@@ -1066,10 +1233,12 @@ impl PeerTask {
         // Persist what the application settled last (the spool writer closes after this task).
         self.persist_settled(true);
         if let Some(conn) = self.conn.take() {
-            conn.connection.close(close_code::SHUTDOWN, b"shutdown");
+            if self.owns_connection() {
+                conn.connection.close(close_code::SHUTDOWN, b"shutdown");
+                self.shared.metrics.peer_down();
+            }
             self.link.disconnected();
             self.connected.send_replace(false);
-            self.shared.metrics.peer_down();
         }
         self.publish_progress();
         let unacked = self.link.queued_messages() + self.pending.len() + self.commands.len();
@@ -1085,6 +1254,49 @@ impl PeerTask {
             );
         }
     }
+}
+
+/// Opens `lane`'s stream on a connection this node dialed: its first byte names the lane.
+async fn open_lane_stream(
+    connection: &quinn::Connection,
+    lane: Lane,
+) -> Result<(quinn::SendStream, quinn::RecvStream), String> {
+    let (mut send, recv) = connection
+        .open_bi()
+        .await
+        .map_err(|e| format!("cannot open the {lane} lane's stream: {e}"))?;
+    let _ = send.set_priority(lane.stream_priority());
+    send.write_all(&[lane.index() as u8])
+        .await
+        .map_err(|e| format!("cannot write the {lane} lane's stream: {e}"))?;
+    Ok((send, recv))
+}
+
+/// Accepts a lane's stream on a connection the peer dialed, and reads which lane it is (one
+/// the connection has not carried yet, never the normal lane: that one is the hello's stream).
+async fn accept_lane_stream(
+    connection: &quinn::Connection,
+    seen: &mut Vec<Lane>,
+) -> Result<(Lane, quinn::SendStream, quinn::RecvStream), String> {
+    let (send, mut recv) = connection
+        .accept_bi()
+        .await
+        .map_err(|e| format!("cannot accept a lane's stream: {e}"))?;
+    let mut byte = [0u8; 1];
+    recv.read_exact(&mut byte)
+        .await
+        .map_err(|e| format!("cannot read a lane's stream: {e}"))?;
+    let lane = Lane::from_index(usize::from(byte[0]))
+        .filter(|lane| *lane != Lane::Normal && !seen.contains(lane))
+        .ok_or_else(|| {
+            format!(
+                "the peer opened a stream for lane {} (unknown or taken)",
+                byte[0]
+            )
+        })?;
+    seen.push(lane);
+    let _ = send.set_priority(lane.stream_priority());
+    Ok((lane, send, recv))
 }
 
 async fn reserve<T>(sender: Option<mpsc::Sender<T>>) -> Option<mpsc::OwnedPermit<T>> {

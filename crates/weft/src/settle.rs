@@ -47,11 +47,15 @@ impl Settlement {
         self.moved.notify_one();
     }
 
-    /// The application is done with message `seq` of `stream`.
-    pub(crate) fn settle(&self, stream: StreamId, seq: u64) {
+    /// The application is done with message `seq` of `stream`. False if `stream` is not this
+    /// settlement's (another lane's, or one replaced meanwhile).
+    pub(crate) fn settle(&self, stream: StreamId, seq: u64) -> bool {
         let mut state = self.state.lock().expect("settlement lock poisoned");
-        if state.stream != Some(stream) || seq <= state.base {
-            return; // a stream that was replaced meanwhile, or already settled
+        if state.stream != Some(stream) {
+            return false;
+        }
+        if seq <= state.base {
+            return true; // already settled
         }
         let index = (seq - state.base - 1) as usize;
         if state.done.len() <= index {
@@ -62,6 +66,7 @@ impl Settlement {
             drop(state);
             self.moved.notify_one();
         }
+        true
     }
 
     /// The producer gave up `from..=up_to`, which never arrived: settled by definition. (What
@@ -117,9 +122,15 @@ mod tests {
         assert_eq!(settlement.watermark(), (1, 10));
         settlement.settle(stream, 11);
         assert_eq!(settlement.watermark(), (1, 12));
-        settlement.settle(StreamId(8), 13); // another stream: ignored
+        assert!(
+            !settlement.settle(StreamId(8), 13),
+            "another stream: not ours"
+        );
         assert_eq!(settlement.watermark(), (1, 12));
-        settlement.settle(stream, 12); // again: ignored
+        assert!(
+            settlement.settle(stream, 12),
+            "again: ours, nothing changes"
+        );
         settlement.skip(1, 14, 15); // 13 arrived and is not settled yet
         assert_eq!(settlement.watermark(), (1, 12));
         settlement.settle(stream, 13);

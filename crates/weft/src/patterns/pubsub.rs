@@ -423,7 +423,10 @@ pub(crate) fn restore(shared: &Arc<Shared>) {
             }
         }
     }
-    for (&node, stream) in &restored.outbound {
+    for (&(node, lane), stream) in &restored.outbound {
+        if lane != weft_proto::Lane::Normal {
+            continue; // the patterns' messages travel in the normal lane
+        }
         for outgoing in &stream.messages {
             if outgoing.message.channel != EVENT_CHANNEL {
                 continue;

@@ -269,7 +269,10 @@ pub(crate) fn restore(shared: &Shared) {
     // Per key: (sent at, worker, seq) of its latest pending message.
     let mut latest: BTreeMap<(String, [u8; 32]), (u64, NodeId, u64)> = BTreeMap::new();
     let mut items = 0usize;
-    for (&worker, stream) in &restored.outbound {
+    for (&(worker, lane), stream) in &restored.outbound {
+        if lane != weft_proto::Lane::Normal {
+            continue; // the patterns' messages travel in the normal lane
+        }
         for outgoing in &stream.messages {
             let Some(queue) = outgoing.message.channel.strip_prefix(WORK_PREFIX) else {
                 continue;
