@@ -17,7 +17,7 @@
 //! |               | receiver (taken, but not yet settled with a durable watermark)            |
 //! | `redelivered` | once its receipt resolved, a message never reaches the application again  |
 //! |               | (acks go out only after the watermark is durable)                         |
-//! | `fifo`        | per (sender, receiver), each stream arrives in increasing order, never    |
+//! | `fifo`        | per (sender, receiver, lane), each stream arrives in increasing order, never |
 //! |               | skipping an accepted message, and a replaced stream never comes back;     |
 //! |               | after a receiver crash the stream may go back (re-deliveries)             |
 //! | `ack`         | a receipt resolves only for a message the receiver's application took     |
@@ -198,7 +198,8 @@ impl Facts {
 pub fn check(records: &[Record], end: Duration) -> Vec<Violation> {
     let mut violations = Vec::new();
     let mut facts = Facts::default();
-    let mut orders: BTreeMap<(NodeIndex, NodeIndex), Order> = BTreeMap::new();
+    // Per (receiver, sender, lane).
+    let mut orders: BTreeMap<(NodeIndex, NodeIndex, u8), Order> = BTreeMap::new();
     let mut acks = Vec::new();
 
     for (index, record) in records.iter().enumerate() {
@@ -292,6 +293,7 @@ pub fn check(records: &[Record], end: Duration) -> Vec<Violation> {
                 from,
                 stream,
                 seq,
+                lane,
                 body_digest,
             } => {
                 let Some(from) = from else {
@@ -342,7 +344,7 @@ pub fn check(records: &[Record], end: Duration) -> Vec<Violation> {
                     }
                 }
                 fifo(
-                    orders.entry((*receiver, *from)).or_default(),
+                    orders.entry((*receiver, *from, *lane)).or_default(),
                     key,
                     at,
                     &mut facts.skipped,
@@ -420,7 +422,7 @@ pub fn check(records: &[Record], end: Duration) -> Vec<Violation> {
             Event::Fault(FaultAction::Crash { nodes, .. }) => {
                 for node in nodes {
                     facts.crashes.entry(*node).or_default().push(index);
-                    for ((receiver, _), order) in orders.iter_mut() {
+                    for ((receiver, ..), order) in orders.iter_mut() {
                         if receiver == node {
                             order.rewind = true;
                         }
@@ -1359,6 +1361,7 @@ mod tests {
                 from: Some(from),
                 stream: 7,
                 seq,
+                lane: 0,
                 body_digest: seq * 10,
             },
         )

@@ -893,10 +893,12 @@ async fn send_all(
         } else {
             1
         };
+        // A batch travels in one lane: it ends where the next send's lane differs.
+        let lane = sends[position].priority.lane();
         let due = sends[position..]
             .iter()
             .take(window)
-            .take_while(|send| send.at <= now)
+            .take_while(|send| send.at <= now && send.priority.lane() == lane)
             .count()
             .max(1);
         let Ok(slots) = receipts.reserve_many(due).await else {
@@ -911,16 +913,22 @@ async fn send_all(
             for send in batch {
                 let message = sender
                     .new_message(CHANNEL, send.body.clone())
+                    .with_priority(send.priority)
                     .with_delay(send.delay.unwrap_or_default());
                 sent.push(sender.send_message(message).await);
             }
             sent
         } else if due == 1 {
-            vec![sender.send(CHANNEL, batch[0].body.clone()).await]
+            let message = sender
+                .new_message(CHANNEL, batch[0].body.clone())
+                .with_priority(batch[0].priority);
+            vec![sender.send_message(message).await]
         } else {
-            let messages = batch
-                .iter()
-                .map(|send| sender.new_message(CHANNEL, send.body.clone()));
+            let messages = batch.iter().map(|send| {
+                sender
+                    .new_message(CHANNEL, send.body.clone())
+                    .with_priority(send.priority)
+            });
             batch_outcomes(sender.send_batch(messages.collect::<Vec<_>>()).await, due).await
         };
         {
@@ -1068,6 +1076,7 @@ async fn consume(
                     from: index_of(&ids, &id.producer),
                     stream: id.stream.0,
                     seq: id.seq,
+                    lane: message.header.priority.lane().index() as u8,
                     body_digest: body_digest(&message.body),
                 });
             }

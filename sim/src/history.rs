@@ -99,6 +99,8 @@ pub enum Event {
         stream: u64,
         /// Sequence number.
         seq: u64,
+        /// The lane it travelled in ([`weft::Lane::index`]): FIFO holds per lane.
+        lane: u8,
         /// First 8 bytes of the body's blake3.
         body_digest: u64,
     },
@@ -446,6 +448,7 @@ impl Event {
                 from,
                 stream,
                 seq,
+                lane,
                 body_digest,
             } => {
                 out.push(3);
@@ -453,6 +456,7 @@ impl Event {
                 node(out, from.unwrap_or(u8::MAX as usize));
                 number(out, *stream);
                 number(out, *seq);
+                out.push(*lane);
                 number(out, *body_digest);
             }
             Event::Acked {

@@ -79,6 +79,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use bytes::Bytes;
+use weft::Priority;
 use weft_proto::backoff::SplitMix64;
 
 /// When the first sends are due (the nodes have connected by then).
@@ -523,6 +524,19 @@ pub struct PlannedSend {
     pub body: Bytes,
     /// Deliver not before this long after the send (a delayed send; see [`mark_delayed`]).
     pub delay: Option<Duration>,
+    /// Its priority, so its lane ([`priority_of`]).
+    pub priority: Priority,
+}
+
+/// A send's priority, from its (random) body so that drawing it takes nothing from the seed's
+/// stream: one in eight high, one in eight bulk, the rest normal. Each lane is its own stream,
+/// so the checkers see three streams per pair that overtake each other.
+pub fn priority_of(body: &[u8]) -> Priority {
+    match body.first().map(|b| b % 8) {
+        Some(0) => Priority::HIGH,
+        Some(1) => Priority::LOW,
+        _ => Priority::NORMAL,
+    }
 }
 
 /// A time span during which a node's application does not read its inbox.
@@ -1324,6 +1338,7 @@ fn plan_sends(seed: u64, node: usize, nodes: usize, bursty: bool) -> Vec<Planned
             PlannedSend {
                 at,
                 to,
+                priority: priority_of(&body),
                 body: Bytes::from(body),
                 delay: None,
             }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use weft::{Identity, Node, NodeAddr};
+use weft::{Identity, Node, NodeAddr, Priority};
 
 #[derive(Parser, Debug)]
 #[command(name = "weft", version, about = "Weft: brokerless messaging over QUIC")]
@@ -74,6 +74,10 @@ enum Command {
         /// due time, the next node started on the same --data-dir delivers it.
         #[arg(long, value_name = "DURATION", value_parser = parse_delay)]
         delay: Option<Duration>,
+        /// Priority: `high`, `normal`, `low` (alias `bulk`) or 0-255 (4 is normal). Above
+        /// normal travels in the high lane, below it in the bulk lane, each FIFO on its own.
+        #[arg(long, default_value = "normal", value_parser = parse_priority)]
+        priority: Priority,
         /// The message text.
         text: String,
     },
@@ -278,6 +282,7 @@ async fn run(command: Command) -> Result<()> {
             bind,
             timeout_secs,
             delay,
+            priority,
             text,
         } => {
             let target = SendTarget {
@@ -286,6 +291,7 @@ async fn run(command: Command) -> Result<()> {
                 channel,
                 mesh,
                 bind,
+                priority,
             };
             send(target, timeout_secs, delay, text).await
         }
@@ -407,6 +413,20 @@ struct SendTarget {
     channel: String,
     mesh: String,
     bind: SocketAddr,
+    priority: Priority,
+}
+
+/// A priority: `high`, `normal`, `low` / `bulk`, or a number 0-255.
+fn parse_priority(text: &str) -> Result<Priority, String> {
+    match text.trim().to_ascii_lowercase().as_str() {
+        "high" => Ok(Priority::HIGH),
+        "normal" => Ok(Priority::NORMAL),
+        "low" | "bulk" => Ok(Priority::LOW),
+        number => number
+            .parse::<u8>()
+            .map(Priority)
+            .map_err(|_| format!("{text:?} is not a priority: high, normal, low (bulk) or 0-255")),
+    }
 }
 
 /// A delay: a whole number with a unit (`ms`, `s`, `m`, `h`, `d`), or `0`.
@@ -448,6 +468,7 @@ async fn send(
         channel,
         mesh,
         bind,
+        priority,
     } = target;
     if to.addrs.is_empty() {
         bail!("--to needs an address: NODE_ID@IP:PORT (e.g. the line `weft listen` printed)");
@@ -463,6 +484,7 @@ async fn send(
     let sender = node.sender(to.id)?;
     let message = sender
         .new_message(channel.as_str(), text.into_bytes())
+        .with_priority(priority)
         .with_delay(delay.unwrap_or_default());
     let receipt = sender.send_message(message).await?;
     drop(sender);
@@ -767,6 +789,21 @@ fn print_nodes(nodes: &std::collections::BTreeMap<weft::NodeId, Discovered>, jso
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
+
+    #[test]
+    fn priorities_parse_by_name_or_number_and_refuse_garbage() {
+        use weft::{Lane, Priority};
+        assert_eq!(super::parse_priority("high"), Ok(Priority::HIGH));
+        assert_eq!(super::parse_priority("Normal"), Ok(Priority::NORMAL));
+        assert_eq!(super::parse_priority("bulk"), Ok(Priority::LOW));
+        assert_eq!(
+            super::parse_priority("6").map(Priority::lane),
+            Ok(Lane::High)
+        );
+        for bad in ["", "urgent", "256", "-1"] {
+            assert!(super::parse_priority(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn delays_parse_with_units_and_refuse_garbage() {
