@@ -15,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use clap::{Args, Subcommand, ValueEnum};
-use weft::{Identity, Node, NodeAddr, Receipt};
+use weft::{Identity, Node, NodeAddr, Priority, Receipt};
 
 /// Upper bound for one benchmark phase; a stuck run fails instead of hanging.
 const PHASE_TIMEOUT: Duration = Duration::from_secs(300);
@@ -173,6 +173,15 @@ pub struct P2pArgs {
     /// instead of one `send` per message; 0 = per message.
     #[arg(long, default_value_t = 0)]
     batch: usize,
+    /// With --rtt: the round trips' priority (`high`, `normal`, `low`/`bulk` or 0-255); the
+    /// echo answers with the same one.
+    #[arg(long, default_value = "normal", value_parser = crate::parse_priority)]
+    priority: Priority,
+    /// With --rtt: keep the bulk lane to the echo process full meanwhile (16 KiB messages of
+    /// priority low, as fast as its queue takes them; at most a million), to see what a round
+    /// trip of each priority costs behind bulk traffic.
+    #[arg(long)]
+    bulk_load: bool,
 }
 
 #[derive(Args, Debug)]
@@ -213,6 +222,10 @@ impl Mode {
 
 const BENCH_CHANNEL: &str = "bench";
 const ECHO_CHANNEL: &str = "bench/echo";
+/// Bulk traffic during `--rtt --bulk-load` (the echo process takes it and drops it).
+const BULK_CHANNEL: &str = "bench/bulk";
+const BULK_BODY_BYTES: usize = 16 * 1024;
+const BULK_MESSAGES_MAX: u64 = 1_000_000;
 const FANOUT_TOPIC: &str = "bench/fanout";
 const REQREP_SERVICE: &str = "bench/reqrep";
 /// How long one request may wait for its reply.
@@ -529,7 +542,7 @@ fn rtt(args: &P2pArgs) -> Result<()> {
         Flavor::CurrentThread,
     )?;
     let rt = runtime()?;
-    let mut samples = rt.block_on(async {
+    let samples = rt.block_on(async {
         let node = bench_node(args.max_udp_payload).await?;
         let mut echoes = node.receive(ECHO_CHANNEL)?;
         node.add_peer(peer.addr.clone())?;
@@ -537,15 +550,23 @@ fn rtt(args: &P2pArgs) -> Result<()> {
             .await
             .context("bench peer did not connect")??;
         let sender = node.sender(peer.addr.id)?;
+        let (stop_bulk, stopped) = tokio::sync::watch::channel(false);
+        let mut bulk = None;
         let warmup = (args.count / 10).min(1_000);
         let mut samples = Vec::with_capacity(args.count as usize);
-        let mut body = vec![0u8; args.size];
+        let mut body = vec![0u8; args.size.max(8)];
         for i in 0..warmup + args.count {
+            if i == warmup && args.bulk_load {
+                // The bulk starts after the (unloaded) warmup: every timed round trip meets it.
+                bulk = Some(tokio::spawn(bulk_load(sender.clone(), stopped.clone())));
+                tokio::task::yield_now().await;
+            }
             body[..8].copy_from_slice(&i.to_le_bytes());
             let started = Instant::now();
-            let _receipt = sender
-                .send(BENCH_CHANNEL, Bytes::copy_from_slice(&body))
-                .await?;
+            let message = sender
+                .new_message(BENCH_CHANNEL, Bytes::copy_from_slice(&body))
+                .with_priority(args.priority);
+            let _receipt = sender.send_message(message).await?;
             let echo = tokio::time::timeout(PHASE_TIMEOUT, echoes.recv())
                 .await
                 .context("echo did not arrive")?
@@ -558,9 +579,15 @@ fn rtt(args: &P2pArgs) -> Result<()> {
                 samples.push(elapsed.as_nanos() as u64);
             }
         }
+        let _ = stop_bulk.send(true);
+        let bulk_sent = match bulk {
+            Some(bulk) => bulk.await.context("bulk sender")??,
+            None => 0,
+        };
         node.shutdown().await;
-        anyhow::Ok(samples)
+        anyhow::Ok((samples, bulk_sent))
     })?;
+    let (mut samples, bulk_sent) = samples;
     peer.finish()?;
     let (p50, p99, p999) = percentiles_us(&mut samples);
     if args.json {
@@ -569,6 +596,9 @@ fn rtt(args: &P2pArgs) -> Result<()> {
             serde_json::json!({
                 "bench": "p2p-rtt",
                 "size": args.size,
+                "priority": args.priority.0,
+                "lane": args.priority.lane().to_string(),
+                "bulk_messages": bulk_sent,
                 "count": samples.len(),
                 "p50_us": p50,
                 "p99_us": p99,
@@ -578,12 +608,42 @@ fn rtt(args: &P2pArgs) -> Result<()> {
         );
     } else {
         println!(
-            "p2p round trip, {} x {} B: p50 {p50:.1} µs, p99 {p99:.1} µs, p99.9 {p999:.1} µs",
+            "p2p round trip, {} x {} B ({} lane{}): p50 {p50:.1} µs, p99 {p99:.1} µs, p99.9 {p999:.1} µs",
             samples.len(),
-            args.size
+            args.size,
+            args.priority.lane(),
+            if args.bulk_load {
+                format!(", behind {bulk_sent} bulk messages of {BULK_BODY_BYTES} B")
+            } else {
+                String::new()
+            }
         );
     }
     Ok(())
+}
+
+/// Keeps the bulk lane to the peer full until `stop` (or [`BULK_MESSAGES_MAX`] messages):
+/// each send waits while the lane's queue is full. Returns how many it sent.
+async fn bulk_load(
+    sender: weft::PeerSender,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<u64> {
+    let body = Bytes::from(vec![0u8; BULK_BODY_BYTES]);
+    let mut sent = 0;
+    while sent < BULK_MESSAGES_MAX {
+        let message = sender
+            .new_message(BULK_CHANNEL, body.clone())
+            .with_priority(Priority::LOW);
+        tokio::select! {
+            biased;
+            _ = stop.wait_for(|stop| *stop) => break,
+            receipt = sender.send_message(message) => {
+                drop(receipt?);
+                sent += 1;
+            }
+        }
+    }
+    Ok(sent)
 }
 
 /// p50, p99 and p99.9 of nanosecond samples, in microseconds.
@@ -911,15 +971,29 @@ pub fn run_peer(args: PeerArgs) -> Result<()> {
             }
             Mode::Echo => {
                 let inbox = inbox.as_mut().expect("an echo has an inbox");
+                // Bulk traffic (`--bulk-load`) is taken and dropped.
+                let mut bulk = node.receive(BULK_CHANNEL)?;
+                let mut dropped = Vec::with_capacity(1024);
                 loop {
                     let message = tokio::select! {
+                        biased;
                         message = inbox.recv() => message,
+                        n = bulk.recv_many(&mut dropped, 1024) => {
+                            if n == 0 {
+                                break;
+                            }
+                            dropped.clear();
+                            continue;
+                        }
                         _ = &mut stdin_closed => break,
                     };
                     let Some(message) = message else { break };
-                    let _receipt = node
-                        .send(message.header.id.producer, ECHO_CHANNEL, message.body)
-                        .await?;
+                    // The answer travels in the request's lane.
+                    let producer = message.header.id.producer;
+                    let echo = node
+                        .new_message(ECHO_CHANNEL, message.body)
+                        .with_priority(message.header.priority);
+                    let _receipt = node.send_message(producer, echo).await?;
                 }
             }
             Mode::Subscriber => {
