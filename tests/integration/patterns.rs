@@ -478,6 +478,94 @@ async fn the_work_of_a_worker_that_dies_goes_to_another() {
     task.abort();
 }
 
+/// A worker that stays connected but stops taking its items: past `work_ack_timeout` the
+/// items it holds behind the one in its hands are copied to another worker (marked with the
+/// original's id), new work goes elsewhere, and if it recovers it still gets its originals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_worker_has_its_waiting_items_copied_to_another() {
+    const HELD: u64 = 8;
+    let producer = node_with("work-stuck", |c| {
+        c.patterns.work_ack_timeout = Some(Duration::from_millis(500));
+    })
+    .await;
+    let stuck = node("work-stuck").await;
+    let survivor = node("work-stuck").await;
+    for worker in [&stuck, &survivor] {
+        producer.add_peer(addr(worker)).unwrap();
+        within("connected", producer.connected(worker.id()))
+            .await
+            .unwrap();
+        within("connected", worker.connected(producer.id()))
+            .await
+            .unwrap();
+    }
+    // Room for more than it gets: only being stuck keeps new work away from it.
+    let credit = PullOptions {
+        credit: Some(2 * HELD as u32),
+    };
+    let mut hung = within("pull", stuck.pull_with("thumbnails", credit))
+        .await
+        .unwrap();
+    for n in 0..HELD {
+        within("push", producer.push("thumbnails", number(n)))
+            .await
+            .unwrap();
+    }
+    // It takes the first item and hangs on it.
+    let in_hand = within("the first item", hung.recv()).await.unwrap();
+    assert_eq!(read_number(&in_hand.body), 0);
+    // Less credit than the stuck worker has free: credit alone would send it the new work.
+    let small = PullOptions { credit: Some(4) };
+    let puller = within("pull", survivor.pull_with("thumbnails", small))
+        .await
+        .unwrap();
+    let (taken, mut done) = tokio::sync::mpsc::unbounded_channel();
+    let copies = tokio::spawn(async move {
+        let mut puller = puller;
+        let mut copies = BTreeMap::new();
+        while copies.len() < (HELD - 1) as usize {
+            let item = puller.recv().await.unwrap();
+            let original = item
+                .header
+                .header(weft::REDELIVERY_HEADER)
+                .map(|id| String::from_utf8(id.to_vec()).unwrap());
+            copies.insert(read_number(&item.body), original);
+        }
+        let task = work(puller, taken, 1);
+        (copies, task)
+    });
+    let (copies, task) = within("copies of the waiting items", copies).await.unwrap();
+    assert_eq!(
+        copies.keys().copied().collect::<Vec<_>>(),
+        (1..HELD).collect::<Vec<_>>(),
+        "every waiting item, not the one in its hands"
+    );
+    assert_eq!(producer.metrics().work_redelivered, HELD - 1);
+    // New work goes to the live worker only.
+    for n in HELD..2 * HELD {
+        within("push", producer.push("thumbnails", number(n)))
+            .await
+            .unwrap();
+    }
+    for n in HELD..2 * HELD {
+        let (worker, item) = within("new work", done.recv()).await.unwrap();
+        assert_eq!((worker, item), (1, n));
+    }
+    // Recovered, the stuck worker gets its originals, whose ids the copies named.
+    for n in 1..HELD {
+        let item = within("an original", hung.recv()).await.unwrap();
+        assert_eq!(read_number(&item.body), n);
+        assert!(item.header.header(weft::REDELIVERY_HEADER).is_none());
+        assert_eq!(
+            copies[&n].as_deref(),
+            Some(weft::redelivery_of(&item.header.id).as_str()),
+            "the copy names its original"
+        );
+    }
+    assert!(hung.try_recv().is_none(), "no new work while it was stuck");
+    task.abort();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sharded_keys_keep_their_order_when_workers_join_and_die() {
     const KEYS: u64 = 16;

@@ -762,6 +762,13 @@ impl Link {
         given_up
     }
 
+    /// The queued messages (in flight or waiting), by ascending sequence number.
+    pub fn queued(&self) -> impl Iterator<Item = (u64, &OutgoingMessage)> {
+        self.queue
+            .iter()
+            .map(|queued| (queued.seq, &queued.message))
+    }
+
     /// Takes back the queued messages that `select` picks, except those in flight on a live
     /// connection (a driver withdraws work from a peer that went silent, to give it to another).
     /// The peer is told to skip their numbers, as for given-up messages — once the driver

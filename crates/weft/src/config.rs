@@ -131,6 +131,13 @@ pub struct PatternConfig {
     /// How long a worker's connection may be down before its unacknowledged work is taken back
     /// and given to other workers (shorter than `interest_lease`).
     pub work_reassign_after: Duration,
+    /// How long a connected worker may hold work of this producer without acknowledging any
+    /// (its application stopped taking messages) before copies of the unkeyed items it holds
+    /// behind the oldest (which may be in its application's hands) go to other workers, and it
+    /// gets no new work until it acknowledges again. If it recovers, it handles the originals
+    /// too (the copies carry the header `weft-redelivery-of`: the original's id). Keyed items
+    /// stay with their owner (per-key order). `None`: never.
+    pub work_ack_timeout: Option<Duration>,
     /// Children of each node in an event's relay tree: a publisher sends each event to at
     /// most this many subscribers itself, and each of them relays it to at most this many
     /// more (events to at most this many subscribers go straight to each).
@@ -170,6 +177,7 @@ impl Default for PatternConfig {
             requests_max: 65_536,
             pull_credit: 64,
             work_reassign_after: Duration::from_secs(5),
+            work_ack_timeout: Some(Duration::from_secs(30)),
             gossip_fanout: 8,
             event_retention_max: 65_536,
             event_retention_bytes_max: 64 << 20,

@@ -34,6 +34,7 @@ pub(crate) struct Metrics {
     pub(crate) durable_subscriptions: AtomicU64,
     pub(crate) durable_events_owed: AtomicU64,
     pub(crate) durable_events_dropped: AtomicU64,
+    pub(crate) work_redelivered: AtomicU64,
     scheduled: AtomicU64,
     released: AtomicU64,
 }
@@ -102,6 +103,9 @@ pub struct MetricsSnapshot {
     /// subscription's retention budget (`durable_retention_max`) or past its age
     /// (`durable_retention_age`).
     pub durable_events_dropped: u64,
+    /// Work items this node copied from a stuck worker (connected, holding them without
+    /// acknowledging anything for `work_ack_timeout`) to another worker.
+    pub work_redelivered: u64,
     /// Delayed messages waiting for their due time (a gauge).
     pub scheduled: u64,
     /// Delayed messages numbered into their stream at their due time.
@@ -218,6 +222,7 @@ impl Metrics {
             durable_subscriptions: get(&self.durable_subscriptions),
             durable_events_owed: get(&self.durable_events_owed),
             durable_events_dropped: get(&self.durable_events_dropped),
+            work_redelivered: get(&self.work_redelivered),
             scheduled: get(&self.scheduled),
             released: get(&self.released),
         }
@@ -233,7 +238,7 @@ struct Series {
 }
 
 impl MetricsSnapshot {
-    fn series(&self) -> [Series; 29] {
+    fn series(&self) -> [Series; 30] {
         let counter = |name, help, value| Series {
             name,
             kind: "counter",
@@ -382,6 +387,11 @@ impl MetricsSnapshot {
                 "Events owed to durable subscribers given up (dead-lettered): over budget or too old.",
                 self.durable_events_dropped,
             ),
+            counter(
+                "weft_work_redelivered_total",
+                "Work items copied from a stuck worker (connected, silent past work_ack_timeout) to another.",
+                self.work_redelivered,
+            ),
             Series {
                 name: "weft_messages_scheduled",
                 kind: "gauge",
@@ -454,6 +464,7 @@ impl MetricsSnapshot {
             ("durable_subscriptions", self.durable_subscriptions),
             ("durable_events_owed", self.durable_events_owed),
             ("durable_events_dropped", self.durable_events_dropped),
+            ("work_redelivered", self.work_redelivered),
             ("scheduled", self.scheduled),
             ("released", self.released),
         ]

@@ -108,6 +108,12 @@ pub(crate) enum Control {
         channel_prefix: String,
         reply: tokio::sync::oneshot::Sender<Vec<(u64, u64, OutgoingMessage)>>,
     },
+    /// Copies of the queued messages numbered `seqs` (ascending), in flight or not, that are
+    /// still there: (seq, message), in sequence order (work held by a stuck worker).
+    CopyQueued {
+        seqs: Vec<u64>,
+        reply: tokio::sync::oneshot::Sender<Vec<(u64, OutgoingMessage)>>,
+    },
     /// What a `Withdraw` took (when it took something) is durable elsewhere: the peer may be
     /// told to skip it (see `Link::hold_for_withdrawal`).
     SettleWithdrawal,
@@ -618,6 +624,22 @@ impl PeerTask {
                 self.take_batch();
                 let given_up = self.link.give_up(&seqs, reason);
                 self.dead_letter(given_up);
+            }
+            Control::CopyQueued { seqs, reply } => {
+                let wanted = |seq: &u64| seqs.binary_search(seq).is_ok();
+                let copies = self
+                    .link
+                    .queued()
+                    .filter(|(seq, _)| wanted(seq))
+                    .map(|(seq, message)| (seq, message.clone()))
+                    .chain(
+                        self.pending
+                            .iter()
+                            .filter(|o| wanted(&o.seq))
+                            .map(|o| (o.seq, o.message.clone())),
+                    )
+                    .collect();
+                let _ = reply.send(copies);
             }
             Control::SettleWithdrawal => {
                 self.link.settle_withdrawal();

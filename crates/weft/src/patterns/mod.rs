@@ -40,7 +40,7 @@ pub use pubsub::{PublishError, Published, SubscribeError, SubscribeOptions, Subs
 use reqrep::Answer;
 pub use reqrep::{Gathered, Request, RequestBuilder, RequestError, ScatterBuilder, Service};
 pub(crate) use work::WORK_PREFIX;
-pub use work::{PullOptions, Puller, WorkError};
+pub use work::{redelivery_of, PullOptions, Puller, WorkError, REDELIVERY_HEADER};
 
 /// Channel of interest announcements.
 pub(crate) const INTEREST_CHANNEL: &str = "$weft/interest";
@@ -117,6 +117,8 @@ pub(crate) struct State {
     /// Per (work queue, shard key digest): where its last message went (bounded by
     /// `work::KEYS_MAX`).
     keys: BTreeMap<(String, [u8; 32]), work::KeyState>,
+    /// Stuck workers and what was copied from them (see `work::redeliver_stuck`).
+    stuck: work::Stuck,
     /// This node as a publisher: event sequence, chains per subscriber, retention.
     publisher: weft_proto::gossip::Publisher,
     /// Local durable subscriptions' queues, by name (bounded by
@@ -172,6 +174,7 @@ impl Patterns {
                 next_server: 0,
                 outstanding: BTreeMap::new(),
                 keys: BTreeMap::new(),
+                stuck: work::Stuck::default(),
                 publisher: weft_proto::gossip::Publisher::new(
                     id,
                     weft_proto::gossip::PublisherConfig {
@@ -430,6 +433,7 @@ async fn control_task(
                     announce_to(&shared, announce_due);
                 }
                 work::reassign_silent(&shared);
+                work::redeliver_stuck(&shared);
                 pubsub::repair_stalled(&shared, false);
                 pubsub::refresh_owed(&shared);
                 for (peer, (incarnation, version)) in acks_due {

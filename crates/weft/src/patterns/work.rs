@@ -13,8 +13,20 @@
 //! that dies does not take its work with it. Exactly one worker handles a message while workers
 //! stay connected; a message reassigned from a worker that had taken it but whose
 //! acknowledgement was lost is handled twice (at-least-once across a worker's loss).
+//!
+//! A worker that stays connected but stops taking messages (its application hangs) would keep
+//! what it was given for good. A producer therefore watches each worker that holds its work:
+//! one that acknowledged nothing for `PatternConfig::work_ack_timeout` while connected is
+//! *stuck*. It gets no new work, and copies of the unkeyed items it holds behind the oldest
+//! (which its application may be working on: a long job is not handed out twice) go to the
+//! other workers, with the header [`REDELIVERY_HEADER`] naming the original's id; its first
+//! acknowledgement ends that. The originals stay in its link — a link never takes back what it
+//! transmitted on a live connection — so a worker that recovers and takes them handles them a
+//! second time (at-least-once, as for a lost worker; the header lets an application recognise
+//! the pair). Keyed items stay with their stuck owner, and so do their keys: per-key order
+//! holds.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -31,6 +43,28 @@ use crate::peer::Control;
 
 /// Channel prefix of work queues.
 pub(crate) const WORK_PREFIX: &str = "$weft/queue/";
+
+/// Header of an item copied from a stuck worker: the original's message id, as
+/// `PRODUCER/STREAM/SEQ` (the whole node id, the stream id in hex, the sequence number).
+pub const REDELIVERY_HEADER: &str = "weft-redelivery-of";
+
+/// The value of [`REDELIVERY_HEADER`] naming `id`.
+pub fn redelivery_of(id: &weft_proto::MessageId) -> String {
+    format!("{}/{}/{}", id.producer, id.stream, id.seq)
+}
+
+/// What a producer knows of stuck workers (see the module doc).
+#[derive(Debug, Default)]
+pub(crate) struct Stuck {
+    /// Per worker holding unacknowledged work: its acknowledged watermark and when that last
+    /// moved (or the worker last reconnected), in Unix ms.
+    progress: BTreeMap<NodeId, (u64, u64)>,
+    /// Workers stuck now: chosen for no new work.
+    workers: BTreeSet<NodeId>,
+    /// Per (queue, worker): sequence numbers whose copies went (or are going) to other
+    /// workers, or that stay (keyed); pruned as the worker acknowledges.
+    copied: BTreeMap<(String, NodeId), BTreeSet<u64>>,
+}
 
 /// Why a push failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -162,7 +196,9 @@ fn choose(
     reassigning: bool,
 ) -> (Option<NodeId>, Vec<NodeId>) {
     let mut state = shared.patterns.lock();
-    let workers = state.table.workers(queue);
+    let mut workers = state.table.workers(queue);
+    // A stuck worker gets no new work (its keys wait for it: see `redeliver_stuck`).
+    workers.retain(|(w, _)| !state.stuck.workers.contains(w));
     let peers = shared.peers.read().expect("peers lock poisoned");
     let acked_of = |worker: &NodeId| peers.get(worker).map_or(0, |h| *h.acked.borrow());
     let free_credit = |state: &mut super::State, worker: NodeId, credit: u32| {
@@ -551,6 +587,158 @@ pub(crate) fn reassign_silent(shared: &Arc<Shared>) {
             // The old spool records go only once their messages are durable again elsewhere.
             if let (Some(durable), false) = (&shared.durable, retired.is_empty()) {
                 let _ = durable.tx.send(crate::durable::Command::Retire(retired));
+            }
+        });
+    }
+}
+
+/// Finds workers that hold work without acknowledging any for `work_ack_timeout` while
+/// connected, and pushes copies of the unkeyed items they hold to the other workers (called
+/// from the control task's tick; see the module doc).
+pub(crate) fn redeliver_stuck(shared: &Arc<Shared>) {
+    let Some(timeout) = shared.config.patterns.work_ack_timeout else {
+        return;
+    };
+    let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+    let now = shared.now_unix_ms();
+    let mut copies = Vec::new();
+    {
+        let mut guard = shared.patterns.lock();
+        let state = &mut *guard;
+        let peers = shared.peers.read().expect("peers lock poisoned");
+        let acked_of = |worker: &NodeId| peers.get(worker).map_or(0, |h| *h.acked.borrow());
+        let mut holding = BTreeSet::new();
+        for ((_, worker), seqs) in state.outstanding.iter_mut() {
+            let acked = acked_of(worker);
+            while seqs.front().is_some_and(|seq| *seq <= acked) {
+                seqs.pop_front();
+            }
+            if !seqs.is_empty() {
+                holding.insert(*worker);
+            }
+        }
+        let stuck = &mut state.stuck;
+        stuck.copied.retain(|(_, worker), seqs| {
+            let acked = acked_of(worker);
+            seqs.retain(|seq| *seq > acked);
+            !seqs.is_empty()
+        });
+        stuck.progress.retain(|worker, _| holding.contains(worker));
+        stuck.workers.retain(|worker| holding.contains(worker));
+        for worker in &holding {
+            let acked = acked_of(worker);
+            let connected = peers.get(worker).is_some_and(|h| *h.connected.borrow());
+            let progress = stuck.progress.entry(*worker).or_insert((acked, now));
+            if progress.0 != acked || !connected {
+                // Moving (or away: a silent worker's work is reassigned instead).
+                *progress = (acked, now);
+                if stuck.workers.remove(worker) {
+                    info!(worker = %worker.short(), "worker acknowledges again: it gets work again");
+                }
+            } else if now.saturating_sub(progress.1) >= timeout_ms && stuck.workers.insert(*worker)
+            {
+                warn!(
+                    worker = %worker.short(),
+                    timeout_ms,
+                    "worker connected but acknowledging nothing: it gets no new work, and copies of its unkeyed items go to other workers"
+                );
+            }
+        }
+        for ((queue, worker), seqs) in &state.outstanding {
+            if !state.stuck.workers.contains(worker) {
+                continue;
+            }
+            let Ok(topic) = Topic::new(queue) else {
+                continue;
+            };
+            // Copies need another worker to go to; without one they would only come back.
+            let others = state
+                .table
+                .workers(&topic)
+                .iter()
+                .any(|(w, _)| w != worker && !state.stuck.workers.contains(w));
+            if !others {
+                continue;
+            }
+            let copied = state
+                .stuck
+                .copied
+                .entry((queue.clone(), *worker))
+                .or_default();
+            // The oldest may be in the application's hands (taken, not yet settled: a long job):
+            // it stays. The rest wait unread in the worker's queue.
+            let fresh: Vec<u64> = seqs
+                .iter()
+                .skip(1)
+                .filter(|s| copied.insert(**s))
+                .copied()
+                .collect();
+            if !fresh.is_empty() {
+                copies.push((*worker, topic, fresh));
+            }
+        }
+    }
+    for (worker, queue, seqs) in copies {
+        let Ok(handle) = shared.peer(worker) else {
+            continue;
+        };
+        let (reply, copied) = oneshot::channel();
+        let mut wanted = seqs;
+        wanted.sort_unstable();
+        if handle
+            .control
+            .send(Control::CopyQueued {
+                seqs: wanted.clone(),
+                reply,
+            })
+            .is_err()
+        {
+            continue;
+        }
+        let shared = Arc::clone(shared);
+        tokio::spawn(async move {
+            let copied = copied.await.unwrap_or_default();
+            {
+                // Not found now (still on its way into the link): looked for at the next tick.
+                let found: BTreeSet<u64> = copied.iter().map(|(seq, _)| *seq).collect();
+                let mut state = shared.patterns.lock();
+                if let Some(marked) = state
+                    .stuck
+                    .copied
+                    .get_mut(&(queue.as_str().to_owned(), worker))
+                {
+                    for seq in wanted.iter().filter(|s| !found.contains(s)) {
+                        marked.remove(seq);
+                    }
+                }
+            }
+            for (seq, message) in copied {
+                if message
+                    .options
+                    .as_ref()
+                    .is_some_and(|o| o.shard_key.is_some())
+                {
+                    continue; // stays with its owner (per-key order); stays marked
+                }
+                let original = weft_proto::MessageId {
+                    producer: shared.id,
+                    stream: handle.stream,
+                    seq,
+                };
+                let copy = message.with_header(REDELIVERY_HEADER, redelivery_of(&original));
+                match push_message(&shared, &queue, copy, false).await {
+                    Ok(to) => {
+                        shared
+                            .metrics
+                            .work_redelivered
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        debug!(queue = %queue, %original, to = %to.short(), "work copied from a stuck worker");
+                    }
+                    Err(e) => {
+                        warn!(queue = %queue, %original, error = %e, "a stuck worker's item could not be copied; it stays with that worker");
+                        return;
+                    }
+                }
             }
         });
     }
