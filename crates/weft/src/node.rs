@@ -867,12 +867,12 @@ impl Node {
         Ok(())
     }
 
-    /// Peers with a connection up now.
+    /// Peers with a connection up now, carrying every lane.
     pub fn connected_peers(&self) -> Vec<NodeId> {
         let peers = self.shared().peers.read().expect("peers lock poisoned");
         peers
             .values()
-            .filter(|h| *h.connected.borrow())
+            .filter(|h| h.lanes().all(|lane| *lane.connected.borrow()))
             .map(|h| h.id)
             .collect()
     }

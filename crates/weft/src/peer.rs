@@ -7,8 +7,10 @@
 //! side accepts them; each stream goes to its lane's task with the connection's generation, so a
 //! stream of a connection replaced meanwhile is never installed over a newer one. A lane task
 //! never dials and never closes the connection: it loses its stream with the connection and gets
-//! the next one from the normal lane's task. Each QUIC stream has its lane's send priority
-//! ([`Lane::stream_priority`]), so quinn sends high-lane bytes ahead of queued bulk bytes.
+//! the next one from the normal lane's task. The peer is *up* (the `Up` event, the metric,
+//! `Node::connected_peers`) only once every lane installed its stream, so anything sent on the
+//! news can use any lane; each lane's own connected flag says whether its stream is in place. Each QUIC stream has its lane's send priority ([`Lane::stream_priority`]), so quinn
+//! sends high-lane bytes ahead of queued bulk bytes.
 //!
 //! A task is the only code that touches its link, so the link needs no lock. It multiplexes, in
 //! priority order: shutdown, control (connections, addresses), a parked delivery waiting for room
@@ -114,6 +116,9 @@ pub(crate) enum Control {
         seqs: Vec<u64>,
         reply: tokio::sync::oneshot::Sender<Vec<(u64, OutgoingMessage)>>,
     },
+    /// To the normal lane's task: another lane installed its stream on the `generation`-th
+    /// connection (when all have, the peer is up).
+    LaneUp { generation: u64 },
     /// What a `Withdraw` took (when it took something) is durable elsewhere: the peer may be
     /// told to skip it (see `Link::hold_for_withdrawal`).
     SettleWithdrawal,
@@ -135,6 +140,7 @@ enum Dial {
 
 struct Conn {
     connection: quinn::Connection,
+    remote: SocketAddr,
     dialed_by_local: bool,
     /// The peer's incarnation this connection belongs to (from its hello).
     peer_incarnation: u64,
@@ -171,11 +177,12 @@ impl Conn {
             recv,
             leftover,
             dialed_by_local,
-            remote: _,
+            remote,
             peer_incarnation,
         } = established;
         Self {
             connection,
+            remote,
             dialed_by_local,
             peer_incarnation,
             recv,
@@ -196,6 +203,12 @@ pub(crate) struct PeerTask {
     link: Link,
     /// The other lanes' tasks (in the normal lane's task only).
     others: Vec<OtherLane>,
+    /// How many of them installed their stream on the current connection.
+    lanes_up: usize,
+    /// The `Up` event went out for the current connection (every lane installed).
+    up: bool,
+    /// The normal lane's task (in the other lanes' tasks).
+    normal_lane: Option<mpsc::UnboundedSender<Control>>,
     /// Set once this task drained at shutdown.
     drained: watch::Sender<bool>,
     decoder: FrameDecoder,
@@ -256,7 +269,8 @@ impl PeerTask {
         let (mut normal, mut handle) = Self::new_lane(Arc::clone(&shared), peer, Lane::Normal);
         let mut tasks = Vec::with_capacity(Lane::ALL.len());
         for lane in Lane::ALL.into_iter().filter(|l| *l != Lane::Normal) {
-            let (task, lane_handle) = Self::new_lane(Arc::clone(&shared), peer, lane);
+            let (mut task, lane_handle) = Self::new_lane(Arc::clone(&shared), peer, lane);
+            task.normal_lane = Some(normal.control_tx.clone());
             normal.others.push(OtherLane {
                 lane,
                 control: lane_handle.control.clone(),
@@ -336,6 +350,9 @@ impl PeerTask {
             peer,
             link,
             others: Vec::new(),
+            lanes_up: 0,
+            up: false,
+            normal_lane: None,
             drained: watch::channel(false).0,
             commands,
             pending,
@@ -641,6 +658,14 @@ impl PeerTask {
                     .collect();
                 let _ = reply.send(copies);
             }
+            Control::LaneUp { generation } => {
+                if generation == self.generation && self.conn.is_some() {
+                    self.lanes_up += 1;
+                    if self.lanes_up == self.others.len() {
+                        self.peer_up();
+                    }
+                }
+            }
             Control::SettleWithdrawal => {
                 self.link.settle_withdrawal();
                 self.flush();
@@ -887,14 +912,26 @@ impl PeerTask {
         self.conn = Some(Conn::new(established));
         self.link.connected();
         self.connected.send_replace(true);
+        self.lanes_up = 0;
+        if self.others.is_empty() {
+            self.peer_up();
+        }
+        self.open_lanes();
+        self.process_rx();
+    }
+
+    /// The connection carries every lane: the peer is up (the event, the metric; see the
+    /// module doc).
+    fn peer_up(&mut self) {
+        let Some(conn) = &self.conn else { return };
+        let (remote, dialed) = (conn.remote, conn.dialed_by_local);
+        self.up = true;
         self.shared.metrics.peer_up();
-        info!(%remote, dialed = dialed_by_local, "peer up");
+        info!(%remote, dialed, "peer up");
         let _ = self.shared.events.send(PeerEvent::Up {
             peer: self.peer,
             addr: remote,
         });
-        self.open_lanes();
-        self.process_rx();
     }
 
     /// Gives the other lanes' tasks their streams on the connection just installed: the side
@@ -975,6 +1012,9 @@ impl PeerTask {
         self.link.connected();
         self.connected.send_replace(true);
         debug!(generation, "lane stream up");
+        if let Some(normal) = &self.normal_lane {
+            let _ = normal.send(Control::LaneUp { generation });
+        }
         self.process_rx();
     }
 
@@ -983,17 +1023,22 @@ impl PeerTask {
         drop(conn);
         self.link.disconnected();
         self.connected.send_replace(false);
+        let was_up = std::mem::take(&mut self.up);
         if !self.owns_connection() {
             // The normal lane's task reports the connection and redials.
             debug!(%reason, "lane stream down");
             return;
         }
-        self.shared.metrics.peer_down();
-        info!(%reason, "peer down");
-        let _ = self.shared.events.send(PeerEvent::Down {
-            peer: self.peer,
-            reason,
-        });
+        if was_up {
+            self.shared.metrics.peer_down();
+            info!(%reason, "peer down");
+            let _ = self.shared.events.send(PeerEvent::Down {
+                peer: self.peer,
+                reason,
+            });
+        } else {
+            info!(%reason, "connection lost before every lane was up");
+        }
         self.schedule_dial();
     }
 
@@ -1255,12 +1300,15 @@ impl PeerTask {
         // Persist what the application settled last (the spool writer closes after this task).
         self.persist_settled(true);
         if let Some(conn) = self.conn.take() {
+            self.connected.send_replace(false);
+            let was_up = std::mem::take(&mut self.up);
             if self.owns_connection() {
                 conn.connection.close(close_code::SHUTDOWN, b"shutdown");
-                self.shared.metrics.peer_down();
+                if was_up {
+                    self.shared.metrics.peer_down();
+                }
             }
             self.link.disconnected();
-            self.connected.send_replace(false);
         }
         self.publish_progress();
         let unacked = self.link.queued_messages() + self.pending.len() + self.commands.len();
