@@ -659,3 +659,55 @@ fn a_restarted_subscriber_starts_its_chain_at_a_direct_event() {
     );
     assert_eq!(chains.accept_direct(p, 1, 7, 6, 7), Accepted::Duplicate);
 }
+
+/// The encoder sizes its body exactly: every varint width, with and without the origin and
+/// durable names, round-trips and fills its allocation (no spare capacity, which `Bytes`
+/// would pay for with a second allocation).
+#[test]
+fn events_encode_to_their_exact_length_at_every_varint_width() {
+    let widths = [
+        0,
+        1,
+        127,
+        128,
+        16_383,
+        16_384,
+        u64::from(u32::MAX),
+        u64::MAX >> 1,
+        u64::MAX,
+    ];
+    for &value in &widths {
+        let expected = {
+            let mut buf = BytesMut::new();
+            put_varint(&mut buf, value);
+            buf.len()
+        };
+        assert_eq!(varint_len(value), expected, "varint width of {value}");
+        for direct in [false, true] {
+            let mut e = event(vec![
+                Hop {
+                    node: node(2),
+                    prev: value,
+                },
+                Hop {
+                    node: node(3),
+                    prev: value / 2,
+                },
+            ]);
+            e.incarnation = value;
+            e.seq = value;
+            e.direct = direct;
+            if direct {
+                e.durable = vec!["billing".to_owned(), "audit".to_owned()];
+            }
+            for sender in [node(1), node(9)] {
+                let body = e.encode(&sender);
+                assert_eq!(Event::decode(&body, &sender).unwrap(), e);
+                assert_eq!(
+                    body.len(),
+                    usize::from(sender != e.origin) * NODE_ID_LEN + e.encode(&e.origin).len()
+                );
+            }
+        }
+    }
+}
