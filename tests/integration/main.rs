@@ -16,4 +16,5 @@ mod hostile;
 mod p2p;
 mod patterns;
 mod proxy;
+mod publish_batch;
 mod reliability;

@@ -68,8 +68,9 @@ pub use inbox::Inbox;
 pub use metrics::MetricsSnapshot;
 pub use node::{Node, NodeBuilder, PeerEvent, PeerSender, Renumbered};
 pub use patterns::{
-    Gathered, PublishError, Published, PullOptions, Puller, Request, RequestBuilder, RequestError,
-    ScatterBuilder, Service, SubscribeError, SubscribeOptions, Subscription, WorkError,
+    Gathered, PublishBatchError, PublishError, Published, PublishedBatch, PullOptions, Puller,
+    Request, RequestBuilder, RequestError, ScatterBuilder, Service, SubscribeError,
+    SubscribeOptions, Subscription, WorkError,
 };
 pub use receipt::{BatchDeliveryError, Delivered, Receipt, Receipts};
 pub use weft_proto::{
