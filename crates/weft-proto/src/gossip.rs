@@ -153,6 +153,17 @@ impl Event {
 
     /// Decodes an event received from `sender`.
     pub fn decode(body: &Bytes, sender: &NodeId) -> Result<Self, GossipError> {
+        Self::decode_after(body, sender, &mut None)
+    }
+
+    /// [`Event::decode`] for a stream of events, which mostly share their topic: one equal to
+    /// `last` (the previous event's) is taken from it instead of being checked again; `last`
+    /// becomes this event's topic.
+    pub fn decode_after(
+        body: &Bytes,
+        sender: &NodeId,
+        last: &mut Option<Topic>,
+    ) -> Result<Self, GossipError> {
         let mut reader = Reader { bytes: body, at: 0 };
         let flags = reader.u8()?;
         if flags & !FLAGS_KNOWN != 0 {
@@ -192,8 +203,15 @@ impl Event {
         }
         let len = usize::from(reader.u8()?);
         let name = reader.take(len)?;
-        let name = std::str::from_utf8(name).map_err(|_| GossipError::NotUtf8)?;
-        let topic = Topic::new(name)?;
+        let topic = match last {
+            Some(topic) if topic.as_str().as_bytes() == name => topic.clone(),
+            _ => {
+                let name = std::str::from_utf8(name).map_err(|_| GossipError::NotUtf8)?;
+                let topic = Topic::new(name)?;
+                *last = Some(topic.clone());
+                topic
+            }
+        };
         let payload = body.slice(reader.at..);
         Ok(Self {
             origin,

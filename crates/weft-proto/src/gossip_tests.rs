@@ -711,3 +711,40 @@ fn events_encode_to_their_exact_length_at_every_varint_width() {
         }
     }
 }
+
+/// Decoding a stream of events against the previous topic gives what a fresh decode gives, and
+/// a bad topic after a good one is still refused.
+#[test]
+fn decoding_after_the_previous_topic_equals_a_fresh_decode() {
+    let mut last = None;
+    for name in [
+        "orders/created",
+        "orders/created",
+        "orders/paid",
+        "orders/created",
+    ] {
+        let mut e = event(vec![Hop {
+            node: node(2),
+            prev: 1,
+        }]);
+        e.topic = topic(name);
+        let body = e.encode(&node(1));
+        let decoded = Event::decode_after(&body, &node(1), &mut last).unwrap();
+        assert_eq!(decoded, Event::decode(&body, &node(1)).unwrap());
+        assert_eq!(last.as_ref(), Some(&e.topic));
+    }
+    // Same length as the last topic, invalid: refused, not taken for it.
+    let good = event(vec![Hop {
+        node: node(2),
+        prev: 1,
+    }])
+    .encode(&node(1));
+    let at = good.len() - b"payload".len() - b"orders/created".len();
+    let mut bad = good.to_vec();
+    bad[at..at + 14].copy_from_slice(b"orders//reated");
+    let mut last = Some(topic("orders/created"));
+    assert!(matches!(
+        Event::decode_after(&Bytes::from(bad), &node(1), &mut last),
+        Err(GossipError::Topic(_))
+    ));
+}

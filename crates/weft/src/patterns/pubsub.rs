@@ -615,18 +615,18 @@ fn event_message(
     payload: Bytes,
 ) -> Message {
     let stream = StreamId::direct(&origin, &shared.id, incarnation);
-    event_message_in(shared, origin, stream, seq, topic, payload)
+    event_message_in(origin, stream, seq, topic, payload, shared.now_unix_ms())
 }
 
 /// [`event_message`] with the id's stream already known (a blake3 hash: the event task
 /// remembers the last one, see [`Streams`]).
 fn event_message_in(
-    shared: &Shared,
     origin: NodeId,
     stream: StreamId,
     seq: u64,
     topic: &Topic,
     payload: Bytes,
+    created_unix_ms: u64,
 ) -> Message {
     Message {
         header: weft_proto::Header {
@@ -638,7 +638,7 @@ fn event_message_in(
             kind: Kind::Event,
             channel: topic.as_str().to_owned(),
             priority: Default::default(),
-            created_unix_ms: shared.now_unix_ms(),
+            created_unix_ms,
             attempt: 1,
             options: None,
         },
@@ -913,12 +913,12 @@ async fn take_event(
                 metrics.events_received.fetch_add(1, Ordering::Relaxed);
                 let stream = streams.get(shared, event.origin, event.incarnation);
                 let message = event_message_in(
-                    shared,
                     event.origin,
                     stream,
                     event.seq,
                     &event.topic,
                     event.payload,
+                    streams.now_unix_ms,
                 );
                 // The first is the event in hand; the others were held, and their link
                 // messages settled when they arrived.
@@ -982,11 +982,14 @@ impl Settling<'_> {
     }
 }
 
-/// The last publisher stream the event task named an event's id after: a blake3 hash per event
-/// otherwise, and a batch mostly comes from one publisher.
+/// What the event task stamps on the messages it hands to subscriptions: the last publisher
+/// stream it named an event's id after (a blake3 hash per event otherwise, and a batch mostly
+/// comes from one publisher), and the batch's arrival time (one clock read per batch).
 #[derive(Default)]
 struct Streams {
     last: Option<(NodeId, u64, StreamId)>,
+    /// When the batch in hand was taken, Unix milliseconds (the messages' creation time).
+    now_unix_ms: u64,
 }
 
 impl Streams {
@@ -1016,6 +1019,7 @@ pub(crate) async fn event_task(shared: Arc<Shared>, mut events: Inbox) {
     let mut chains: Chains<Event> =
         Chains::new(shared.config.patterns.event_hold_max, SUBSCRIBER_CHAINS_MAX);
     let mut streams = Streams::default();
+    let mut last_topic = None;
     let mut refused = BTreeMap::new();
     let mut since_confirm = 0u32;
     let mut retry = tokio::time::interval(CONFIRM_RETRY);
@@ -1036,9 +1040,12 @@ pub(crate) async fn event_task(shared: Arc<Shared>, mut events: Inbox) {
         if received == 0 {
             break; // the node shut down
         }
+        streams.now_unix_ms = shared.now_unix_ms();
         for message in batch.drain(..) {
             let id = message.header.id;
-            let event = match Event::decode(&message.body, &message.header.id.producer) {
+            let decoded =
+                Event::decode_after(&message.body, &message.header.id.producer, &mut last_topic);
+            let event = match decoded {
                 Ok(event)
                     if event.seq == 0
                         || event.route.first().is_some_and(|hop| hop.node == shared.id) =>
