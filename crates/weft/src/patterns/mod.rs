@@ -154,6 +154,9 @@ pub(crate) struct Patterns {
     /// Held from numbering an event to sending its direct copies while durable subscribers
     /// are about (see `pubsub::publish`).
     direct_order: tokio::sync::Mutex<()>,
+    /// Bumped, under the state's lock, whenever `State::subscriptions` changes (the event
+    /// task's cached targets are stale then).
+    subscriptions_changed: AtomicU64,
 }
 
 impl Patterns {
@@ -198,6 +201,7 @@ impl Patterns {
             local_events: AtomicU64::new(0),
             retention_freed: tokio::sync::Notify::new(),
             direct_order: tokio::sync::Mutex::new(()),
+            subscriptions_changed: AtomicU64::new(0),
         }
     }
 

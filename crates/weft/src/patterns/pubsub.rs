@@ -315,6 +315,9 @@ impl Drop for Subscription {
         let changed = {
             let mut state = patterns.lock();
             state.subscriptions.retain(|s| s.id != self.id);
+            patterns
+                .subscriptions_changed
+                .fetch_add(1, Ordering::Release);
             match &self.durable {
                 // Detach: what waits in the queue stays there for the next subscription
                 // under the name (unsettled: its publishers keep it meanwhile).
@@ -407,6 +410,9 @@ pub(crate) async fn subscribe(
             }
         };
         state.next_subscription += 1;
+        patterns
+            .subscriptions_changed
+            .fetch_add(1, Ordering::Release);
         state.subscriptions.push(LocalSubscription {
             id,
             pattern: pattern.clone(),
@@ -578,6 +584,9 @@ pub(crate) async fn unsubscribe_durable(
         state
             .subscriptions
             .retain(|s| s.durable.as_deref() != Some(name.as_str()));
+        patterns
+            .subscriptions_changed
+            .fetch_add(1, Ordering::Release);
         let version = state.table.unsubscribe_durable(&name);
         (version, persist_durable_state(shared, &state))
     };
@@ -656,11 +665,11 @@ async fn deliver_locally(
     topic: &Topic,
     message: Message,
     durable: &[String],
-    mut settler: Option<&mut Settling<'_>>,
+    settler: Option<&mut Settling<'_>>,
 ) -> usize {
     let origin = message.header.id.producer;
     let mut learned = false;
-    let targets: Vec<(mpsc::Sender<Delivery>, bool, Arc<AtomicU64>, bool)> = {
+    let targets: Vec<Target> = {
         let mut state = shared.patterns.lock();
         let mut targets: Vec<_> = state
             .subscriptions
@@ -721,10 +730,25 @@ async fn deliver_locally(
     if learned {
         shared.patterns.bump();
     }
+    hand_to(shared, &targets, message, settler).await
+}
+
+/// A local subscription's queue as `deliver_locally` hands events to it: (queue, best effort,
+/// its drop counter, durable).
+type Target = (mpsc::Sender<Delivery>, bool, Arc<AtomicU64>, bool);
+
+/// Hands `message` to each of `targets` (see [`deliver_locally`]). Returns how many got it.
+async fn hand_to(
+    shared: &Shared,
+    targets: &[Target],
+    message: Message,
+    mut settler: Option<&mut Settling<'_>>,
+) -> usize {
     let mut delivered = 0;
     let count = targets.len();
     let mut message = Some(message);
-    for (i, (tx, best_effort, dropped, durable)) in targets.into_iter().enumerate() {
+    for (i, (tx, best_effort, dropped, durable)) in targets.iter().enumerate() {
+        let (best_effort, durable) = (*best_effort, *durable);
         let message = if i + 1 == count {
             message.take().expect("the last target takes the event")
         } else {
@@ -847,6 +871,7 @@ async fn take_event(
     shared: &Arc<Shared>,
     chains: &mut Chains<Event>,
     streams: &mut Streams,
+    targets: &mut Targets,
     event: Event,
     settling: &mut Settling<'_>,
 ) {
@@ -923,7 +948,12 @@ async fn take_event(
                 // The first is the event in hand; the others were held, and their link
                 // messages settled when they arrived.
                 let settler = settling.take();
-                deliver_locally(shared, &event.topic, message, &event.durable, settler).await;
+                if event.durable.is_empty() {
+                    let targets = targets.get(shared, &event.topic);
+                    hand_to(shared, targets, message, settler).await;
+                } else {
+                    deliver_locally(shared, &event.topic, message, &event.durable, settler).await;
+                }
             }
         }
         Accepted::Held => {
@@ -982,6 +1012,47 @@ impl Settling<'_> {
     }
 }
 
+/// The local subscriptions an event on the last topic goes to (events without durable names),
+/// while the subscriptions are the same (`Patterns::subscriptions_changed`): one lookup under
+/// the patterns lock per topic change instead of per event.
+#[derive(Default)]
+struct Targets {
+    cached: Option<(u64, Topic, Vec<Target>)>,
+}
+
+impl Targets {
+    fn get(&mut self, shared: &Shared, topic: &Topic) -> &[Target] {
+        let generation = shared
+            .patterns
+            .subscriptions_changed
+            .load(Ordering::Acquire);
+        let fresh = matches!(&self.cached, Some((g, t, _)) if *g == generation && t == topic);
+        if !fresh {
+            let state = shared.patterns.lock();
+            // Read again under the lock: a change after it bumps the generation again.
+            let generation = shared
+                .patterns
+                .subscriptions_changed
+                .load(Ordering::Acquire);
+            let targets = state
+                .subscriptions
+                .iter()
+                .filter(|s| s.pattern.matches(topic))
+                .map(|s| {
+                    (
+                        s.tx.clone(),
+                        s.best_effort,
+                        Arc::clone(&s.dropped),
+                        s.durable.is_some(),
+                    )
+                })
+                .collect();
+            self.cached = Some((generation, topic.clone(), targets));
+        }
+        &self.cached.as_ref().expect("filled above").2
+    }
+}
+
 /// What the event task stamps on the messages it hands to subscriptions: the last publisher
 /// stream it named an event's id after (a blake3 hash per event otherwise, and a batch mostly
 /// comes from one publisher), and the batch's arrival time (one clock read per batch).
@@ -1019,6 +1090,7 @@ pub(crate) async fn event_task(shared: Arc<Shared>, mut events: Inbox) {
     let mut chains: Chains<Event> =
         Chains::new(shared.config.patterns.event_hold_max, SUBSCRIBER_CHAINS_MAX);
     let mut streams = Streams::default();
+    let mut targets = Targets::default();
     let mut last_topic = None;
     let mut refused = BTreeMap::new();
     let mut since_confirm = 0u32;
@@ -1075,6 +1147,7 @@ pub(crate) async fn event_task(shared: Arc<Shared>, mut events: Inbox) {
                     &shared,
                     &mut chains,
                     &mut streams,
+                    &mut targets,
                     event,
                     &mut settling
                 ));
