@@ -17,4 +17,5 @@ mod p2p;
 mod patterns;
 mod priority;
 mod proxy;
+mod publish_batch;
 mod reliability;

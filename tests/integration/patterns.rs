@@ -131,6 +131,47 @@ async fn published_receipts_resolve_and_unsubscribing_stops_the_events() {
     .await;
 }
 
+/// A second subscription on a node that already receives the topic gets every event published
+/// after it was made (the event task's cached targets follow new and dropped subscriptions).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_made_while_events_flow_gets_the_next_ones() {
+    let nodes = mesh("targets", 2).await;
+    let (publisher, subscriber) = (&nodes[0], &nodes[1]);
+    let mut first = within("subscribe", subscriber.subscribe("orders/*"))
+        .await
+        .unwrap();
+    let mut n = 0;
+    for round in 0..3 {
+        for _ in 0..100 {
+            let _ = publisher
+                .publish("orders/created", number(n))
+                .await
+                .unwrap();
+            n += 1;
+        }
+        for want in n - 100..n {
+            let event = within("event", first.recv()).await.unwrap();
+            assert_eq!(read_number(&event.body), want);
+        }
+        // A second subscription to the same topic, then a third (the second dropped):
+        // each gets the events published after it.
+        let mut next = within("subscribe", subscriber.subscribe("orders/created"))
+            .await
+            .unwrap();
+        let _ = publisher
+            .publish("orders/created", number(n))
+            .await
+            .unwrap();
+        let event = within("event on the new subscription", next.recv())
+            .await
+            .unwrap();
+        assert_eq!(read_number(&event.body), n, "round {round}");
+        let event = within("event", first.recv()).await.unwrap();
+        assert_eq!(read_number(&event.body), n);
+        n += 1;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_best_effort_subscription_drops_and_counts_instead_of_blocking() {
     const EVENTS: u64 = 5_000;

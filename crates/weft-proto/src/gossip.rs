@@ -153,6 +153,17 @@ impl Event {
 
     /// Decodes an event received from `sender`.
     pub fn decode(body: &Bytes, sender: &NodeId) -> Result<Self, GossipError> {
+        Self::decode_after(body, sender, &mut None)
+    }
+
+    /// [`Event::decode`] for a stream of events, which mostly share their topic: one equal to
+    /// `last` (the previous event's) is taken from it instead of being checked again; `last`
+    /// becomes this event's topic.
+    pub fn decode_after(
+        body: &Bytes,
+        sender: &NodeId,
+        last: &mut Option<Topic>,
+    ) -> Result<Self, GossipError> {
         let mut reader = Reader { bytes: body, at: 0 };
         let flags = reader.u8()?;
         if flags & !FLAGS_KNOWN != 0 {
@@ -192,8 +203,15 @@ impl Event {
         }
         let len = usize::from(reader.u8()?);
         let name = reader.take(len)?;
-        let name = std::str::from_utf8(name).map_err(|_| GossipError::NotUtf8)?;
-        let topic = Topic::new(name)?;
+        let topic = match last {
+            Some(topic) if topic.as_str().as_bytes() == name => topic.clone(),
+            _ => {
+                let name = std::str::from_utf8(name).map_err(|_| GossipError::NotUtf8)?;
+                let topic = Topic::new(name)?;
+                *last = Some(topic.clone());
+                topic
+            }
+        };
         let payload = body.slice(reader.at..);
         Ok(Self {
             origin,
@@ -245,44 +263,70 @@ pub fn encode_parts(
     let durable = direct.unwrap_or_default();
     debug_assert!(durable.len() <= DURABLE_NAMES_MAX);
     let with_origin = origin != sender;
-    let mut body = BytesMut::with_capacity(
-        1 + if with_origin { NODE_ID_LEN } else { 0 }
-            + 21
-            + route.len() * (NODE_ID_LEN + 10)
-            + 10
-            + durable.iter().map(|n| 1 + n.len()).sum::<usize>()
-            + 10
-            + name.len()
-            + payload.len(),
-    );
+    // The exact length, so the body is one allocation that `Bytes` takes over as it is (a
+    // vector with spare capacity would cost a second one), and plain vector appends.
+    let len = 1
+        + if with_origin { NODE_ID_LEN } else { 0 }
+        + varint_len(incarnation)
+        + varint_len(seq)
+        + 1
+        + varint_len(route.len() as u64)
+        + route
+            .iter()
+            .map(|hop| NODE_ID_LEN + varint_len(hop.prev))
+            .sum::<usize>()
+        + if direct.is_some() {
+            varint_len(durable.len() as u64) + durable.iter().map(|n| 1 + n.len()).sum::<usize>()
+        } else {
+            0
+        }
+        + 1
+        + name.len()
+        + payload.len();
+    let mut body = Vec::with_capacity(len);
     let mut flags = if with_origin { FLAG_ORIGIN } else { 0 };
     if direct.is_some() {
         flags |= FLAG_DIRECT;
     }
-    body.put_u8(flags);
+    body.push(flags);
     if with_origin {
-        body.put_slice(origin.as_bytes());
+        body.extend_from_slice(origin.as_bytes());
     }
-    put_varint(&mut body, incarnation);
-    put_varint(&mut body, seq);
-    body.put_u8(hops);
-    put_varint(&mut body, route.len() as u64);
+    push_varint(&mut body, incarnation);
+    push_varint(&mut body, seq);
+    body.push(hops);
+    push_varint(&mut body, route.len() as u64);
     for hop in route {
-        body.put_slice(hop.node.as_bytes());
-        put_varint(&mut body, hop.prev);
+        body.extend_from_slice(hop.node.as_bytes());
+        push_varint(&mut body, hop.prev);
     }
     if direct.is_some() {
-        put_varint(&mut body, durable.len() as u64);
+        push_varint(&mut body, durable.len() as u64);
         for durable_name in durable {
             debug_assert!(durable_name.len() <= TOPIC_BYTES_MAX);
-            body.put_u8(durable_name.len() as u8);
-            body.put_slice(durable_name.as_bytes());
+            body.push(durable_name.len() as u8);
+            body.extend_from_slice(durable_name.as_bytes());
         }
     }
-    body.put_u8(name.len() as u8);
-    body.put_slice(name);
-    body.put_slice(payload);
-    body.freeze()
+    body.push(name.len() as u8);
+    body.extend_from_slice(name);
+    body.extend_from_slice(payload);
+    debug_assert_eq!(body.len(), len);
+    Bytes::from(body)
+}
+
+/// Bytes of `value` as a varint.
+fn varint_len(value: u64) -> usize {
+    // 7 bits per byte, at least one byte.
+    (64 - (value | 1).leading_zeros() as usize).div_ceil(7)
+}
+
+fn push_varint(buf: &mut Vec<u8>, mut value: u64) {
+    while value >= 0x80 {
+        buf.push((value as u8) | 0x80);
+        value >>= 7;
+    }
+    buf.push(value as u8);
 }
 
 /// The most bytes [`encode_parts`] adds to a payload with a route of `hops` entries (and, for a

@@ -32,6 +32,7 @@
 //! addressing an absent durable subscriber across its own restart.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -46,6 +47,9 @@ pub const SERVICES_MAX: usize = 256;
 pub const DURABLE_ENDED_MAX: usize = 256;
 /// Most durable subscriptions of peers a node keeps in its registry.
 pub const DURABLE_MAX: usize = 4096;
+/// Topics whose addressees [`InterestTable::addressees_cached`] keeps at most (the cache is
+/// emptied when full, and whenever a peer's interest, connection or durable registry changes).
+pub const ADDRESSEES_CACHED_MAX: usize = 256;
 
 /// A durable subscription as announced: its name and pattern.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -176,6 +180,9 @@ pub struct InterestTable {
     registry_refused: u64,
     /// Registry entries ended since the last [`InterestTable::take_ended`].
     ended: Vec<(NodeId, String)>,
+    /// [`InterestTable::addressees`] per topic, as long as no peer's interest, connection or
+    /// durable registry entry changed (bounded: [`ADDRESSEES_CACHED_MAX`]).
+    addressees_cache: BTreeMap<String, Arc<[crate::gossip::Addressee]>>,
 }
 
 impl InterestTable {
@@ -196,6 +203,7 @@ impl InterestTable {
             registry_version: 0,
             registry_refused: 0,
             ended: Vec::new(),
+            addressees_cache: BTreeMap::new(),
         }
     }
 
@@ -312,6 +320,7 @@ impl InterestTable {
     pub fn registry_restore(&mut self, bytes: &[u8]) -> Result<usize, InterestError> {
         let entries: Vec<(NodeId, String, String)> =
             postcard::from_bytes(bytes).map_err(|e| InterestError::Registry(e.to_string()))?;
+        self.addressees_cache.clear();
         for (node, name, pattern) in entries.into_iter().take(DURABLE_MAX) {
             Topic::new(name.as_str())?;
             let pattern = TopicPattern::new(pattern)?;
@@ -449,6 +458,7 @@ impl InterestTable {
 
     /// A connection to `peer` is up: it needs our announcement again (and acknowledges anew).
     pub fn peer_connected(&mut self, peer: NodeId) {
+        self.addressees_cache.clear();
         let entry = self.peers.entry(peer).or_default();
         entry.connected = true;
         entry.down_since_ms = None;
@@ -457,6 +467,7 @@ impl InterestTable {
 
     /// The connection to `peer` went down at `now_ms`.
     pub fn peer_disconnected(&mut self, peer: NodeId, now_ms: u64) {
+        self.addressees_cache.clear();
         if let Some(entry) = self.peers.get_mut(&peer) {
             entry.connected = false;
             entry.acked = 0;
@@ -478,6 +489,7 @@ impl InterestTable {
             .collect();
         for id in &expired {
             self.peers.remove(id);
+            self.addressees_cache.clear();
         }
         expired
     }
@@ -526,6 +538,7 @@ impl InterestTable {
         for name in &announcement.durable_ended {
             Topic::new(name.as_str())?;
         }
+        self.addressees_cache.clear();
         let entry = self.peers.entry(peer).or_default();
         if entry.incarnation == announcement.incarnation && announcement.version <= entry.version {
             return Ok(false);
@@ -684,6 +697,22 @@ impl InterestTable {
         addressees.into_values().collect()
     }
 
+    /// [`InterestTable::addressees`], computed once per topic until a peer's interest,
+    /// connection or durable registry entry changes (the publisher's path: one lookup per
+    /// event would otherwise build the list anew each time).
+    pub fn addressees_cached(&mut self, topic: &Topic) -> Arc<[crate::gossip::Addressee]> {
+        if let Some(cached) = self.addressees_cache.get(topic.as_str()) {
+            return Arc::clone(cached);
+        }
+        let addressees: Arc<[crate::gossip::Addressee]> = self.addressees(topic).into();
+        if self.addressees_cache.len() >= ADDRESSEES_CACHED_MAX {
+            self.addressees_cache.clear();
+        }
+        self.addressees_cache
+            .insert(topic.as_str().to_owned(), Arc::clone(&addressees));
+        addressees
+    }
+
     /// Connected peers with a subscription (plain or durable) matching `topic`.
     pub fn connected_subscribers(&self, topic: &Topic) -> usize {
         self.peers
@@ -752,6 +781,72 @@ mod tests {
             panic!("an announcement");
         };
         table.handle_announcement(peer, a).unwrap()
+    }
+
+    /// The cached addressees follow every change a fresh lookup would see: connections,
+    /// announcements (new and withdrawn subscriptions, durable ones), expiry.
+    #[test]
+    fn cached_addressees_follow_every_change() {
+        let view = |table: &mut InterestTable, t: &str| -> Vec<(NodeId, bool, bool)> {
+            let cached: Vec<_> = table
+                .addressees_cached(&topic(t))
+                .iter()
+                .map(|a| (a.node, a.connected, a.direct))
+                .collect();
+            let fresh: Vec<_> = table
+                .addressees(&topic(t))
+                .into_iter()
+                .map(|a| (a.node, a.connected, a.direct))
+                .collect();
+            assert_eq!(cached, fresh, "the cache is stale for {t}");
+            cached
+        };
+        let mut publisher = InterestTable::new(1, 1000);
+        let mut subscriber = InterestTable::new(2, 1000);
+        subscriber.subscribe(&pattern("orders/*")).unwrap();
+        assert!(view(&mut publisher, "orders/1").is_empty());
+        publisher.peer_connected(node(2));
+        announce(&mut publisher, node(2), &subscriber);
+        assert_eq!(
+            view(&mut publisher, "orders/1"),
+            vec![(node(2), true, false)]
+        );
+        assert_eq!(
+            view(&mut publisher, "orders/1"),
+            vec![(node(2), true, false)]
+        );
+        publisher.peer_disconnected(node(2), 10);
+        assert_eq!(
+            view(&mut publisher, "orders/1"),
+            vec![(node(2), false, false)]
+        );
+        publisher.peer_connected(node(2));
+        subscriber
+            .subscribe_durable(&topic("billing"), &pattern("orders/*"))
+            .unwrap();
+        announce(&mut publisher, node(2), &subscriber);
+        assert_eq!(
+            view(&mut publisher, "orders/1"),
+            vec![(node(2), true, true)]
+        );
+        subscriber.unsubscribe_durable(&topic("billing"));
+        subscriber.unsubscribe(&pattern("orders/*"));
+        announce(&mut publisher, node(2), &subscriber);
+        assert!(view(&mut publisher, "orders/1").is_empty());
+        subscriber.subscribe(&pattern("orders/*")).unwrap();
+        announce(&mut publisher, node(2), &subscriber);
+        assert_eq!(
+            view(&mut publisher, "orders/1"),
+            vec![(node(2), true, false)]
+        );
+        publisher.peer_disconnected(node(2), 10);
+        assert_eq!(publisher.expire(2000), vec![node(2)]);
+        assert!(view(&mut publisher, "orders/1").is_empty());
+        // Many topics: the cache stays bounded and right.
+        for i in 0..ADDRESSEES_CACHED_MAX + 10 {
+            view(&mut publisher, &format!("t/{i}"));
+        }
+        assert!(publisher.addressees_cache.len() <= ADDRESSEES_CACHED_MAX);
     }
 
     #[test]

@@ -243,20 +243,38 @@ impl Inbox {
         self.channels.settle(&mut self.taken);
     }
 
-    /// Takes over the settlement of the last message returned: it is not settled by the next
-    /// call or the drop, but once every hold of the returned [`Settler`] is released (the
-    /// event task hands it on to durable subscriptions, which settle when their application is
-    /// done with the event). A settler dropped without a release never settles: its producer
-    /// sends the message again after a restart.
-    pub(crate) fn detach_last(&mut self) -> Option<Settler> {
-        let id = self.taken.pop()?;
-        Some(Settler {
+    /// Up to `limit` messages at once, appended to `buffer`, whose settlement the caller takes
+    /// over entirely: none is settled by a later call or the drop, only by
+    /// [`Inbox::settle_ids`] or a [`Inbox::settler`] (the event task settles a batch at once).
+    /// Settles the messages returned before by the other calls.
+    pub(crate) async fn recv_many_unsettled(
+        &mut self,
+        buffer: &mut Vec<Message>,
+        limit: usize,
+    ) -> usize {
+        self.settle();
+        let Some(rx) = self.rx.as_mut() else { return 0 };
+        rx.recv_many(buffer, limit).await
+    }
+
+    /// Settles messages taken with [`Inbox::recv_many_unsettled`] (drains `ids`).
+    pub(crate) fn settle_ids(&self, ids: &mut Vec<MessageId>) {
+        self.channels.settle(ids);
+    }
+
+    /// The settlement of message `id` taken with [`Inbox::recv_many_unsettled`], handed on: it
+    /// settles once every hold of the returned [`Settler`] is released (the event task hands
+    /// it on to durable subscriptions, which settle when their application is done with the
+    /// event). A settler dropped without a release never settles: its producer sends the
+    /// message again after a restart.
+    pub(crate) fn settler(&self, id: MessageId) -> Settler {
+        Settler {
             inner: Arc::new(SettlerInner {
                 channels: Arc::clone(&self.channels),
                 id,
                 holds: std::sync::atomic::AtomicUsize::new(1),
             }),
-        })
+        }
     }
 
     /// Messages waiting in the queue now.
@@ -296,7 +314,7 @@ impl Drop for Inbox {
     }
 }
 
-/// The settlement of one message, handed on (see [`Inbox::detach_last`]): settled when its
+/// The settlement of one message, handed on (see [`Inbox::settler`]): settled when its
 /// last hold is released, never by a drop.
 pub(crate) struct Settler {
     inner: Arc<SettlerInner>,

@@ -68,9 +68,9 @@ pub use inbox::Inbox;
 pub use metrics::MetricsSnapshot;
 pub use node::{Node, NodeBuilder, PeerEvent, PeerSender, Renumbered};
 pub use patterns::{
-    redelivery_of, Gathered, PublishError, Published, PullOptions, Puller, Request, RequestBuilder,
-    RequestError, ScatterBuilder, Service, SubscribeError, SubscribeOptions, Subscription,
-    WorkError, REDELIVERY_HEADER,
+    redelivery_of, Gathered, PublishBatchError, PublishError, Published, PublishedBatch,
+    PullOptions, Puller, Request, RequestBuilder, RequestError, ScatterBuilder, Service,
+    SubscribeError, SubscribeOptions, Subscription, WorkError, REDELIVERY_HEADER,
 };
 pub use receipt::{BatchDeliveryError, Delivered, Receipt, Receipts};
 pub use weft_proto::{

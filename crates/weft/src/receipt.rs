@@ -283,6 +283,31 @@ pub struct BatchDeliveryError {
 }
 
 impl Receipts {
+    /// Empty receipts for messages to `receipt`'s peer (the same views of its watermarks).
+    pub(crate) fn for_peer_of(receipt: &Receipt) -> Receipts {
+        Receipts {
+            peer: receipt.peer,
+            base: receipt.id,
+            runs: Vec::new(),
+            acked: receipt.acked.clone(),
+            accepted: receipt.accepted.clone(),
+            fates: std::sync::Arc::clone(&receipt.fates),
+            scheduled: Vec::new(),
+        }
+    }
+
+    /// Adds a later batch's receipts to the same peer (its numbers are above these).
+    pub(crate) fn append(&mut self, later: Receipts) {
+        debug_assert_eq!(self.peer, later.peer);
+        if self.runs.is_empty() {
+            self.base = later.base;
+        }
+        for run in later.runs {
+            self.push_run(run);
+        }
+        self.scheduled.extend(later.scheduled);
+    }
+
     pub(crate) fn push_run(&mut self, run: std::ops::RangeInclusive<u64>) {
         match self.runs.last_mut() {
             Some(last) if *last.end() + 1 == *run.start() => *last = *last.start()..=*run.end(),

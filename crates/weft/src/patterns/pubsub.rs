@@ -130,6 +130,76 @@ impl Published {
     }
 }
 
+/// What a [`publish_batch`](crate::Node::publish_batch) did.
+#[derive(Debug, Default)]
+#[must_use = "a publish reports where the events went; await `delivered` to know they arrived"]
+pub struct PublishedBatch {
+    /// Events published (all of the batch when it returns `Ok`).
+    pub events: usize,
+    /// One entry per first hop: the receipts of every copy sent to that node, in order
+    /// (resolving like [`Published::receipts`], per copy).
+    pub receipts: Vec<crate::receipt::Receipts>,
+    /// Copies that reach remote subscribers through a relay (not in `receipts`), over all events.
+    pub relayed: usize,
+    /// Deliveries to local subscriptions, over all events.
+    pub local: usize,
+}
+
+impl PublishedBatch {
+    /// The nodes the events were sent to themselves (the first hops).
+    pub fn subscribers(&self) -> Vec<NodeId> {
+        self.receipts.iter().map(|r| r.peer()).collect()
+    }
+
+    /// Waits until every first hop acknowledged every copy sent to it; returns how many copies
+    /// were addressed in all (local deliveries, copies to first hops and relayed copies).
+    pub async fn delivered(self) -> Result<usize, crate::receipt::BatchDeliveryError> {
+        let mut count = self.relayed + self.local;
+        for receipts in self.receipts {
+            count += receipts.await?;
+        }
+        Ok(count)
+    }
+
+    /// Takes in what a later part of the same batch did.
+    fn absorb_receipts(&mut self, peer: NodeId, later: crate::receipt::Receipts) {
+        match self.receipts.iter_mut().find(|r| r.peer() == peer) {
+            Some(receipts) => receipts.append(later),
+            None => self.receipts.push(later),
+        }
+    }
+
+    fn absorb(&mut self, published: Published) {
+        self.events += 1;
+        self.relayed += published.relayed;
+        self.local += published.local;
+        for receipt in published.receipts {
+            let peer = receipt.peer();
+            let mut receipts = crate::receipt::Receipts::for_peer_of(&receipt);
+            let seq = receipt.id().seq;
+            receipts.push_run(seq..=seq);
+            self.absorb_receipts(peer, receipts);
+        }
+    }
+}
+
+/// Why a [`publish_batch`](crate::Node::publish_batch) stopped before its end.
+#[derive(Debug, thiserror::Error)]
+#[error("{published} event(s) of the batch published, then: {error}")]
+pub struct PublishBatchError {
+    /// The events before this index were published: each was sent to every first hop. The
+    /// next ones failed with `error`: nothing of the batch from here on was published, except
+    /// that with [`PublishError::Partial`] (or a [`PublishError::Send`] on a spool failure)
+    /// some events numbered together with the failing one (at most a run of 1024) may have
+    /// reached some first hops; the publisher hands them to the others later, as after a
+    /// partial [`publish`](crate::Node::publish).
+    pub published: usize,
+    /// Why.
+    pub error: PublishError,
+    /// What was published before the failure.
+    pub done: PublishedBatch,
+}
+
 /// An event on its way to a subscription, with the settlement of its link message when the
 /// subscription is durable (settled once the application asks for the next event).
 pub(crate) struct Delivery {
@@ -245,6 +315,9 @@ impl Drop for Subscription {
         let changed = {
             let mut state = patterns.lock();
             state.subscriptions.retain(|s| s.id != self.id);
+            patterns
+                .subscriptions_changed
+                .fetch_add(1, Ordering::Release);
             match &self.durable {
                 // Detach: what waits in the queue stays there for the next subscription
                 // under the name (unsettled: its publishers keep it meanwhile).
@@ -337,6 +410,9 @@ pub(crate) async fn subscribe(
             }
         };
         state.next_subscription += 1;
+        patterns
+            .subscriptions_changed
+            .fetch_add(1, Ordering::Release);
         state.subscriptions.push(LocalSubscription {
             id,
             pattern: pattern.clone(),
@@ -511,6 +587,9 @@ pub(crate) async fn unsubscribe_durable(
         state
             .subscriptions
             .retain(|s| s.durable.as_deref() != Some(name.as_str()));
+        patterns
+            .subscriptions_changed
+            .fetch_add(1, Ordering::Release);
         let version = state.table.unsubscribe_durable(&name);
         (version, persist_durable_state(shared, &state))
     };
@@ -547,17 +626,31 @@ fn event_message(
     topic: &Topic,
     payload: Bytes,
 ) -> Message {
+    let stream = StreamId::direct(&origin, &shared.id, incarnation);
+    event_message_in(origin, stream, seq, topic, payload, shared.now_unix_ms())
+}
+
+/// [`event_message`] with the id's stream already known (a blake3 hash: the event task
+/// remembers the last one, see [`Streams`]).
+fn event_message_in(
+    origin: NodeId,
+    stream: StreamId,
+    seq: u64,
+    topic: &Topic,
+    payload: Bytes,
+    created_unix_ms: u64,
+) -> Message {
     Message {
         header: weft_proto::Header {
             id: MessageId {
                 producer: origin,
-                stream: StreamId::direct(&origin, &shared.id, incarnation),
+                stream,
                 seq,
             },
             kind: Kind::Event,
             channel: topic.as_str().to_owned(),
             priority: Default::default(),
-            created_unix_ms: shared.now_unix_ms(),
+            created_unix_ms,
             attempt: 1,
             options: None,
         },
@@ -568,18 +661,18 @@ fn event_message(
 /// Hands an event to every local subscription whose pattern matches (waiting at a full reliable
 /// one, dropping at a full best-effort one), and to the durable subscriptions it names
 /// (`durable`): queued for one that is not attached now, unless this node ended it. A durable
-/// subscription gets a hold of `settler`, so the event's link message is acknowledged only
-/// once its application is done with it. Returns how many got it.
+/// subscription gets a hold of the event's settlement (`settler`), so its link message is
+/// acknowledged only once its application is done with it. Returns how many got it.
 async fn deliver_locally(
     shared: &Shared,
     topic: &Topic,
     message: Message,
     durable: &[String],
-    settler: Option<&Settler>,
+    settler: Option<&mut Settling<'_>>,
 ) -> usize {
     let origin = message.header.id.producer;
     let mut learned = false;
-    let targets: Vec<(mpsc::Sender<Delivery>, bool, Arc<AtomicU64>, bool)> = {
+    let targets: Vec<Target> = {
         let mut state = shared.patterns.lock();
         let mut targets: Vec<_> = state
             .subscriptions
@@ -640,10 +733,25 @@ async fn deliver_locally(
     if learned {
         shared.patterns.bump();
     }
+    hand_to(shared, &targets, message, settler).await
+}
+
+/// A local subscription's queue as `deliver_locally` hands events to it: (queue, best effort,
+/// its drop counter, durable).
+type Target = (mpsc::Sender<Delivery>, bool, Arc<AtomicU64>, bool);
+
+/// Hands `message` to each of `targets` (see [`deliver_locally`]). Returns how many got it.
+async fn hand_to(
+    shared: &Shared,
+    targets: &[Target],
+    message: Message,
+    mut settler: Option<&mut Settling<'_>>,
+) -> usize {
     let mut delivered = 0;
     let count = targets.len();
     let mut message = Some(message);
-    for (i, (tx, best_effort, dropped, durable)) in targets.into_iter().enumerate() {
+    for (i, (tx, best_effort, dropped, durable)) in targets.iter().enumerate() {
+        let (best_effort, durable) = (*best_effort, *durable);
         let message = if i + 1 == count {
             message.take().expect("the last target takes the event")
         } else {
@@ -674,7 +782,10 @@ async fn deliver_locally(
                 .metrics
                 .events_delivered
                 .fetch_add(1, Ordering::Relaxed);
-            let settler = settler.filter(|_| durable).map(Settler::hold);
+            let settler = match settler.as_mut() {
+                Some(settling) if durable => Some(settling.hold()),
+                _ => None,
+            };
             permit.send(Delivery { message, settler });
         }
     }
@@ -703,6 +814,29 @@ async fn send_event(
     )
     .with_kind(Kind::Event);
     shared.sender(to)?.send_message(outgoing).await
+}
+
+/// The link message of a publisher's own event on its way down a tree: `route[0]` is the node
+/// it goes to, the rest that node's subtree.
+fn tree_event_message(
+    shared: &Shared,
+    seq: u64,
+    route: &[Hop],
+    topic: &Topic,
+    payload: &Bytes,
+) -> OutgoingMessage {
+    let body = gossip::encode_parts(
+        &shared.id,
+        &shared.id,
+        shared.epoch,
+        seq,
+        1,
+        route,
+        None,
+        topic,
+        payload,
+    );
+    OutgoingMessage::command(EVENT_CHANNEL, body, shared.now_unix_ms()).with_kind(Kind::Event)
 }
 
 /// Queues an event's copy for a child that is not connected, without waiting for room: when its
@@ -739,8 +873,10 @@ async fn relay_to_absent(shared: &Arc<Shared>, event: &Event, absent: &Hop) {
 async fn take_event(
     shared: &Arc<Shared>,
     chains: &mut Chains<Event>,
+    streams: &mut Streams,
+    targets: &mut Targets,
     event: Event,
-    settler: Option<&Settler>,
+    settling: &mut Settling<'_>,
 ) {
     let metrics = &shared.metrics;
     if event.seq == 0 {
@@ -800,20 +936,27 @@ async fn take_event(
     };
     match accepted {
         Accepted::Deliver(events) => {
-            for (i, event) in events.into_iter().enumerate() {
+            let mut settling = Some(settling);
+            for event in events {
                 metrics.events_received.fetch_add(1, Ordering::Relaxed);
-                let message = event_message(
-                    shared,
+                let stream = streams.get(shared, event.origin, event.incarnation);
+                let message = event_message_in(
                     event.origin,
-                    event.incarnation,
+                    stream,
                     event.seq,
                     &event.topic,
                     event.payload,
+                    streams.now_unix_ms,
                 );
                 // The first is the event in hand; the others were held, and their link
                 // messages settled when they arrived.
-                let settler = settler.filter(|_| i == 0);
-                deliver_locally(shared, &event.topic, message, &event.durable, settler).await;
+                let settler = settling.take();
+                if event.durable.is_empty() {
+                    let targets = targets.get(shared, &event.topic);
+                    hand_to(shared, targets, message, settler).await;
+                } else {
+                    deliver_locally(shared, &event.topic, message, &event.durable, settler).await;
+                }
             }
         }
         Accepted::Held => {
@@ -852,9 +995,96 @@ fn send_confirms(
     });
 }
 
-/// Events from peers: relay, chain, deliver to the matching local subscriptions, then take the
-/// next (which settles this one: the hop's acknowledgement means the subtree's copies are
-/// accepted and the chain has it).
+/// Events the event task takes from its inbox at once (their link messages are settled
+/// together: one notification of the peer task per batch instead of per event).
+const EVENT_BATCH_MAX: usize = 256;
+
+/// The settlement of one received event's link message, made only when a durable subscription
+/// takes a hold of it (most events settle with their batch, see [`event_task`]).
+pub(crate) struct Settling<'a> {
+    inbox: &'a Inbox,
+    id: MessageId,
+    settler: Option<Settler>,
+}
+
+impl Settling<'_> {
+    /// Another hold on the event's settlement (see [`Settler::hold`]).
+    fn hold(&mut self) -> Settler {
+        let (inbox, id) = (self.inbox, self.id);
+        self.settler.get_or_insert_with(|| inbox.settler(id)).hold()
+    }
+}
+
+/// The local subscriptions an event on the last topic goes to (events without durable names),
+/// while the subscriptions are the same (`Patterns::subscriptions_changed`): one lookup under
+/// the patterns lock per topic change instead of per event.
+#[derive(Default)]
+struct Targets {
+    cached: Option<(u64, Topic, Vec<Target>)>,
+}
+
+impl Targets {
+    fn get(&mut self, shared: &Shared, topic: &Topic) -> &[Target] {
+        let generation = shared
+            .patterns
+            .subscriptions_changed
+            .load(Ordering::Acquire);
+        let fresh = matches!(&self.cached, Some((g, t, _)) if *g == generation && t == topic);
+        if !fresh {
+            let state = shared.patterns.lock();
+            // Read again under the lock: a change after it bumps the generation again.
+            let generation = shared
+                .patterns
+                .subscriptions_changed
+                .load(Ordering::Acquire);
+            let targets = state
+                .subscriptions
+                .iter()
+                .filter(|s| s.pattern.matches(topic))
+                .map(|s| {
+                    (
+                        s.tx.clone(),
+                        s.best_effort,
+                        Arc::clone(&s.dropped),
+                        s.durable.is_some(),
+                    )
+                })
+                .collect();
+            self.cached = Some((generation, topic.clone(), targets));
+        }
+        &self.cached.as_ref().expect("filled above").2
+    }
+}
+
+/// What the event task stamps on the messages it hands to subscriptions: the last publisher
+/// stream it named an event's id after (a blake3 hash per event otherwise, and a batch mostly
+/// comes from one publisher), and the batch's arrival time (one clock read per batch).
+#[derive(Default)]
+struct Streams {
+    last: Option<(NodeId, u64, StreamId)>,
+    /// When the batch in hand was taken, Unix milliseconds (the messages' creation time).
+    now_unix_ms: u64,
+}
+
+impl Streams {
+    fn get(&mut self, shared: &Shared, origin: NodeId, incarnation: u64) -> StreamId {
+        match self.last {
+            Some((o, i, stream)) if o == origin && i == incarnation => stream,
+            _ => {
+                let stream = StreamId::direct(&origin, &shared.id, incarnation);
+                self.last = Some((origin, incarnation, stream));
+                stream
+            }
+        }
+    }
+}
+
+/// Events from peers, a batch at a time: relay, chain, deliver to the matching local
+/// subscriptions. An event's link message is settled once it is relayed and delivered (the
+/// hop's acknowledgement means the subtree's copies are accepted and the chain has it): with
+/// its batch, or — when handling an event has to wait (a full queue) — together with what was
+/// handled before it, first. One that a durable subscription got is settled once every such
+/// subscription is done with it (each holds it).
 pub(crate) async fn event_task(shared: Arc<Shared>, mut events: Inbox) {
     // Made once: a new one per event (two watch subscriptions and their waiters) was a quarter
     // of a subscriber's CPU.
@@ -862,59 +1092,102 @@ pub(crate) async fn event_task(shared: Arc<Shared>, mut events: Inbox) {
     tokio::pin!(stopping);
     let mut chains: Chains<Event> =
         Chains::new(shared.config.patterns.event_hold_max, SUBSCRIBER_CHAINS_MAX);
+    let mut streams = Streams::default();
+    let mut targets = Targets::default();
+    let mut last_topic = None;
     let mut refused = BTreeMap::new();
     let mut since_confirm = 0u32;
     let mut retry = tokio::time::interval(CONFIRM_RETRY);
     retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        let message = tokio::select! {
+    let mut batch = Vec::with_capacity(EVENT_BATCH_MAX);
+    // Handled, to be settled (bounded by the batch).
+    let mut handled: Vec<MessageId> = Vec::with_capacity(EVENT_BATCH_MAX);
+    'batches: loop {
+        let received = tokio::select! {
             biased;
             () = &mut stopping => break,
-            message = events.recv() => match message {
-                Some(message) => message,
-                None => break,
-            },
+            received = events.recv_many_unsettled(&mut batch, EVENT_BATCH_MAX) => received,
             _ = retry.tick() => {
                 send_confirms(&shared, &mut chains, &mut refused);
                 continue;
             }
         };
-        let event = match Event::decode(&message.body, &message.header.id.producer) {
-            Ok(event)
-                if event.seq == 0
-                    || event.route.first().is_some_and(|hop| hop.node == shared.id) =>
+        if received == 0 {
+            break; // the node shut down
+        }
+        streams.now_unix_ms = shared.now_unix_ms();
+        for message in batch.drain(..) {
+            let id = message.header.id;
+            let decoded =
+                Event::decode_after(&message.body, &message.header.id.producer, &mut last_topic);
+            let event = match decoded {
+                Ok(event)
+                    if event.seq == 0
+                        || event.route.first().is_some_and(|hop| hop.node == shared.id) =>
+                {
+                    event
+                }
+                Ok(_) => {
+                    shared.metrics.protocol_error();
+                    warn!(peer = %message.header.id.producer.short(), "event routed to another node dropped");
+                    handled.push(id);
+                    continue;
+                }
+                Err(e) => {
+                    shared.metrics.protocol_error();
+                    warn!(peer = %message.header.id.producer.short(), error = %e, "malformed event dropped");
+                    handled.push(id);
+                    continue;
+                }
+            };
+            let mut settling = Settling {
+                inbox: &events,
+                id,
+                settler: None,
+            };
             {
-                event
+                let mut work = std::pin::pin!(take_event(
+                    &shared,
+                    &mut chains,
+                    &mut streams,
+                    &mut targets,
+                    event,
+                    &mut settling
+                ));
+                let finished = std::future::poll_fn(|cx| {
+                    std::task::Poll::Ready(std::future::Future::poll(work.as_mut(), cx).is_ready())
+                })
+                .await;
+                if !finished {
+                    // About to wait: what was handled before is settled now, not after the wait.
+                    events.settle_ids(&mut handled);
+                    tokio::select! {
+                        biased;
+                        // Not relayed or delivered everywhere: never settled, so the sender
+                        // keeps it.
+                        () = &mut stopping => break 'batches,
+                        () = work => {}
+                    }
+                }
             }
-            Ok(_) => {
-                shared.metrics.protocol_error();
-                warn!(peer = %message.header.id.producer.short(), "event routed to another node dropped");
-                continue;
+            match settling.settler {
+                Some(settler) => settler.release(),
+                None => handled.push(id),
             }
-            Err(e) => {
-                shared.metrics.protocol_error();
-                warn!(peer = %message.header.id.producer.short(), error = %e, "malformed event dropped");
-                continue;
+            since_confirm += 1;
+            if since_confirm >= CONFIRM_EVERY {
+                since_confirm = 0;
+                send_confirms(&shared, &mut chains, &mut refused);
             }
-        };
-        // Settled once relayed and delivered, and once every durable subscription that got
-        // it is done with it (each holds it).
-        let settler = events.detach_last();
-        tokio::select! {
-            biased;
-            // Not relayed or delivered everywhere: never settled, so the sender keeps it.
-            () = &mut stopping => break,
-            () = take_event(&shared, &mut chains, event, settler.as_ref()) => {}
         }
-        if let Some(settler) = settler {
-            settler.release();
-        }
-        since_confirm += 1;
-        if since_confirm >= CONFIRM_EVERY || events.is_empty() {
+        events.settle_ids(&mut handled);
+        if events.is_empty() {
             since_confirm = 0;
             send_confirms(&shared, &mut chains, &mut refused);
         }
     }
+    // Handled before the stop: settled (acknowledged by the peers' last writes).
+    events.settle_ids(&mut handled);
 }
 
 /// A subscriber's confirmation: retention may shrink, and publishers waiting for room go on.
@@ -1023,7 +1296,7 @@ pub(crate) async fn publish(
         {
             let mut state = patterns.lock();
             if state.publisher.has_room() {
-                let addressees = state.table.addressees(&topic);
+                let addressees = state.table.addressees_cached(&topic);
                 // The longest route a first hop can get, and the most names a direct event
                 // carries: checked before the event is numbered, so a refused event leaves no
                 // gap in anyone's chain.
@@ -1092,18 +1365,11 @@ pub(crate) async fn publish(
     }
     for route in fanout.routes {
         let peer = route[0].node;
-        let event = Event {
-            origin: shared.id,
-            incarnation: shared.epoch,
-            seq: fanout.seq,
-            hops: 1,
-            route,
-            direct: false,
-            durable: Vec::new(),
-            topic: topic.clone(),
-            payload: payload.clone(),
+        let outgoing = tree_event_message(shared, fanout.seq, &route, &topic, &payload);
+        let result = match shared.sender(peer) {
+            Ok(sender) => sender.send_message(outgoing).await,
+            Err(error) => Err(error),
         };
-        let result = send_event(shared, &event).await;
         sent(result, peer, &mut receipts)?;
     }
     let local = if patterns.lock().table.subscribed_here(&topic) {
@@ -1117,6 +1383,174 @@ pub(crate) async fn publish(
         receipts,
         local,
     })
+}
+
+/// Events of one batch numbered under one hold of the patterns lock (bounded: the copies wait
+/// in memory until they are handed to the links).
+const PUBLISH_BATCH_RUN_MAX: usize = 1024;
+
+/// Publishes `payloads` on `topic`, in order: the same guarantees as one [`publish`] per
+/// payload, at a fraction of the cost. A run of events is numbered under one hold of the
+/// patterns lock (one interest lookup, room for the run in retention), and each first hop gets
+/// the run's copies as one [`crate::PeerSender::send_batch`] (one reservation of its queue).
+/// With durable subscribers about, events go one by one through [`publish`] (each direct event
+/// names the durable subscriptions it is owed to, and is recorded against them).
+pub(crate) async fn publish_batch(
+    shared: &Arc<Shared>,
+    topic: &str,
+    payloads: Vec<Bytes>,
+) -> Result<PublishedBatch, PublishBatchError> {
+    let mut done = PublishedBatch::default();
+    let topic = match Topic::new(topic) {
+        Ok(topic) => topic,
+        Err(error) => {
+            return Err(PublishBatchError {
+                published: 0,
+                error: error.into(),
+                done,
+            })
+        }
+    };
+    let patterns = &shared.patterns;
+    let mut payloads = payloads.into_iter().peekable();
+    while payloads.peek().is_some() {
+        let mut runs: BTreeMap<NodeId, Vec<OutgoingMessage>> = BTreeMap::new();
+        let mut local = Vec::new();
+        let mut relayed = 0;
+        let mut refused = None;
+        // Registered before the look at retention, so a confirmation in between is not missed.
+        let room = patterns.retention_freed.notified();
+        let full;
+        let numbered = {
+            let mut state = patterns.lock();
+            full = !state.publisher.has_room();
+            let one_by_one = state.table.registry_len() > 0 || full;
+            let mut numbered = 0;
+            if !one_by_one {
+                let addressees = state.table.addressees_cached(&topic);
+                let here = state.table.subscribed_here(&topic);
+                let longest = addressees
+                    .len()
+                    .div_ceil(shared.config.patterns.gossip_fanout.max(1));
+                let overhead = gossip::overhead(&topic, longest, &[]);
+                let now = shared.now_unix_ms();
+                while numbered < PUBLISH_BATCH_RUN_MAX && state.publisher.has_room() {
+                    let Some(payload) = payloads.next_if(|payload| {
+                        addressees.is_empty()
+                            || check_event_size(shared, overhead + payload.len()).is_ok()
+                    }) else {
+                        break;
+                    };
+                    let fanout = state.publisher.publish(&addressees, &topic, &payload, now);
+                    debug_assert!(fanout.direct.is_empty() && fanout.repairs.is_empty());
+                    for route in &fanout.routes {
+                        relayed += route.len() - 1;
+                        let message =
+                            tree_event_message(shared, fanout.seq, route, &topic, &payload);
+                        runs.entry(route[0].node).or_default().push(message);
+                    }
+                    if here {
+                        local.push((fanout.seq, payload));
+                    }
+                    numbered += 1;
+                }
+                record_retained(shared, &state.publisher);
+                if numbered < PUBLISH_BATCH_RUN_MAX && state.publisher.has_room() {
+                    // Stopped at an event too large for the links.
+                    if let Some(payload) = payloads.peek() {
+                        refused = check_event_size(shared, overhead + payload.len()).err();
+                    }
+                }
+            }
+            numbered
+        };
+        if full {
+            // Retention is full: the subscribers are behind (a batch outruns them easily).
+            // Wait for their confirmations to make room (backpressure) while they make
+            // progress — the control task repairs those that make none for
+            // `event_repair_after` — and only after that long without room go the way of a
+            // single `publish`, which hands the slowest over to their direct links at once.
+            // (Handing over subscribers that merely lag sends them everything unconfirmed a
+            // second time.)
+            tokio::select! {
+                () = room => continue,
+                () = tokio::time::sleep(shared.config.patterns.event_repair_after) => {}
+                () = super::Patterns::stopping(shared) => {
+                    return Err(PublishBatchError {
+                        published: done.events,
+                        error: PublishError::Send(crate::error::SendError::NodeClosed),
+                        done,
+                    });
+                }
+            }
+        }
+        if numbered == 0 && refused.is_none() {
+            // Durable subscribers, or retention full for long (waits there for room).
+            let payload = payloads.next().expect("peeked");
+            match publish(shared, topic.as_str(), payload).await {
+                Ok(published) => done.absorb(published),
+                Err(error) => {
+                    return Err(PublishBatchError {
+                        published: done.events,
+                        error,
+                        done,
+                    })
+                }
+            }
+            continue;
+        }
+        // Every first hop gets the run, even after one failed (fewer repairs).
+        let mut reached = 0;
+        let mut failed = None;
+        for (peer, messages) in runs {
+            let sent = match shared.sender(peer) {
+                Ok(sender) => sender.send_batch(messages).await,
+                Err(error) => Err(crate::error::SendBatchError::Invalid { index: 0, error }),
+            };
+            let error = match sent {
+                Ok(receipts) => {
+                    done.absorb_receipts(peer, receipts);
+                    reached += 1;
+                    continue;
+                }
+                Err(crate::error::SendBatchError::Invalid { error, .. }) => error,
+                Err(crate::error::SendBatchError::Partial {
+                    receipts, error, ..
+                }) => {
+                    done.absorb_receipts(peer, receipts);
+                    error
+                }
+            };
+            failed.get_or_insert((peer, error));
+        }
+        if let Some((peer, error)) = failed {
+            // The publisher's retention repairs the first hops that missed events of this run,
+            // as after a partial `publish`.
+            let error = match reached {
+                0 => PublishError::Send(error),
+                sent => PublishError::Partial { sent, peer, error },
+            };
+            return Err(PublishBatchError {
+                published: done.events,
+                error,
+                done,
+            });
+        }
+        for (seq, payload) in local {
+            let message = event_message(shared, shared.id, shared.epoch, seq, &topic, payload);
+            done.local += deliver_locally(shared, &topic, message, &[], None).await;
+        }
+        done.relayed += relayed;
+        done.events += numbered;
+        if let Some(error) = refused {
+            return Err(PublishBatchError {
+                published: done.events,
+                error: error.into(),
+                done,
+            });
+        }
+    }
+    Ok(done)
 }
 
 /// Sends a direct event to a durable subscriber's node. One owed to durable subscriptions
