@@ -469,16 +469,15 @@ async fn each_work_item_goes_to_one_worker_and_a_slow_worker_holds_at_most_its_c
     assert!(slow.try_recv().is_none());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_work_of_a_worker_that_dies_goes_to_another() {
-    const HELD: u64 = 8;
-    let fast_reassign = |c: &mut weft::NodeConfig| {
-        c.patterns.work_reassign_after = Duration::from_millis(200);
-    };
-    let producer = node_with("work-death", fast_reassign).await;
-    let doomed = node("work-death").await;
-    let survivor = node("work-death").await;
-    for worker in [&doomed, &survivor] {
+/// A producer configured by `configure` and two workers, connected both ways.
+async fn producer_and_two_workers(
+    mesh: &str,
+    configure: impl FnOnce(&mut weft::NodeConfig),
+) -> (Node, Node, Node) {
+    let producer = node_with(mesh, configure).await;
+    let first = node(mesh).await;
+    let second = node(mesh).await;
+    for worker in [&first, &second] {
         producer.add_peer(addr(worker)).unwrap();
         within("connected", producer.connected(worker.id()))
             .await
@@ -487,6 +486,16 @@ async fn the_work_of_a_worker_that_dies_goes_to_another() {
             .await
             .unwrap();
     }
+    (producer, first, second)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_work_of_a_worker_that_dies_goes_to_another() {
+    const HELD: u64 = 8;
+    let (producer, doomed, survivor) = producer_and_two_workers("work-death", |c| {
+        c.patterns.work_reassign_after = Duration::from_millis(200);
+    })
+    .await;
     let credit = PullOptions {
         credit: Some(HELD as u32),
     };
@@ -525,21 +534,10 @@ async fn the_work_of_a_worker_that_dies_goes_to_another() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stuck_worker_has_its_waiting_items_copied_to_another() {
     const HELD: u64 = 8;
-    let producer = node_with("work-stuck", |c| {
+    let (producer, stuck, survivor) = producer_and_two_workers("work-stuck", |c| {
         c.patterns.work_ack_timeout = Some(Duration::from_millis(500));
     })
     .await;
-    let stuck = node("work-stuck").await;
-    let survivor = node("work-stuck").await;
-    for worker in [&stuck, &survivor] {
-        producer.add_peer(addr(worker)).unwrap();
-        within("connected", producer.connected(worker.id()))
-            .await
-            .unwrap();
-        within("connected", worker.connected(producer.id()))
-            .await
-            .unwrap();
-    }
     // Room for more than it gets: only being stuck keeps new work away from it.
     let credit = PullOptions {
         credit: Some(2 * HELD as u32),

@@ -151,3 +151,45 @@ async fn a_batch_mixing_lanes_is_refused_before_anything_is_sent() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// A high-priority request, and its reply, pass a normal lane held up behind messages the
+/// server's application does not take; a normal-priority request waits behind them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_high_priority_request_passes_a_held_up_normal_lane() {
+    let a = node("lanes").await;
+    let b = node_with("lanes", |c| c.inbox_capacity = 64).await;
+    a.add_peer(addr(&b)).unwrap();
+    within("connected", a.connected(b.id())).await.unwrap();
+    let mut service = within("serve", b.serve("price")).await.unwrap();
+    let server = tokio::spawn(async move {
+        while let Some(request) = service.recv().await {
+            let body = request.body().clone();
+            if request.reply(body).await.is_err() {
+                break;
+            }
+        }
+    });
+    // Never read: the normal lane from A parks on it.
+    let _stuck = b.receive("stuck").unwrap();
+    let held = send_numbered(&a, &b, "stuck", Priority::NORMAL, 3_000, 1024).await;
+    let answer = within(
+        "a high-priority answer",
+        a.request("price", "quote").priority(Priority::HIGH),
+    )
+    .await
+    .unwrap();
+    assert_eq!(&answer.body[..], b"quote");
+    assert_eq!(answer.header.priority.lane(), Lane::High, "the reply too");
+    let normal = a
+        .request("price", "quote")
+        .timeout(std::time::Duration::from_millis(500))
+        .await;
+    assert!(
+        matches!(normal, Err(weft::RequestError::Timeout(_))),
+        "the normal lane is held up: {normal:?}"
+    );
+    assert!(!held.last().unwrap().is_delivered());
+    server.abort();
+    a.shutdown().await;
+    b.shutdown().await;
+}

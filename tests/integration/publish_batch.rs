@@ -34,6 +34,15 @@ async fn subscribers_of(
     nodes
 }
 
+/// Subscribes each of `nodes` to `pattern`.
+async fn subscribe_all(nodes: &[Node], pattern: &str) -> Vec<Subscription> {
+    let mut subscriptions = Vec::new();
+    for node in nodes {
+        subscriptions.push(within("subscribe", node.subscribe(pattern)).await.unwrap());
+    }
+    subscriptions
+}
+
 /// Takes `count` events and checks they are `0..count` in order, from `publisher`.
 async fn expect_in_order(subscription: &mut Subscription, publisher: weft::NodeId, count: u64) {
     for want in 0..count {
@@ -52,14 +61,7 @@ async fn expect_in_order(subscription: &mut Subscription, publisher: weft::NodeI
 async fn batches_and_single_publishes_reach_every_subscriber_once_in_order() {
     let publisher = node_with("publish-batch", |_| {}).await;
     let subscribers = subscribers_of(&publisher, 3, |_| {}).await;
-    let mut subscriptions = Vec::new();
-    for node in &subscribers {
-        subscriptions.push(
-            within("subscribe", node.subscribe("orders/*"))
-                .await
-                .unwrap(),
-        );
-    }
+    let mut subscriptions = subscribe_all(&subscribers, "orders/*").await;
     let mut local = publisher.subscribe("orders/*").await.unwrap();
     within(
         "subscribers",
@@ -143,14 +145,7 @@ async fn a_batch_reaches_subscribers_through_relays() {
     for node in &subscribers {
         within("mesh", node.wait_for_peers(5)).await.unwrap();
     }
-    let mut subscriptions = Vec::new();
-    for node in &subscribers {
-        subscriptions.push(
-            within("subscribe", node.subscribe("telemetry/**"))
-                .await
-                .unwrap(),
-        );
-    }
+    let mut subscriptions = subscribe_all(&subscribers, "telemetry/**").await;
     within(
         "subscribers",
         publisher.wait_for_subscribers("telemetry/a/b", 5),
@@ -185,14 +180,7 @@ async fn a_batch_larger_than_the_retention_waits_for_room_without_repairs() {
     let small = |c: &mut weft::NodeConfig| c.patterns.event_retention_max = 64;
     let publisher = node_with("publish-batch", small).await;
     let subscribers = subscribers_of(&publisher, 2, |_| {}).await;
-    let mut subscriptions = Vec::new();
-    for node in &subscribers {
-        subscriptions.push(
-            within("subscribe", node.subscribe("orders/*"))
-                .await
-                .unwrap(),
-        );
-    }
+    let mut subscriptions = subscribe_all(&subscribers, "orders/*").await;
     within("subscribers", publisher.wait_for_subscribers("orders/x", 2))
         .await
         .unwrap();

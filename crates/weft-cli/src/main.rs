@@ -203,9 +203,15 @@ enum Command {
         /// Shard key: items with the same key go to one worker, in order.
         #[arg(long)]
         key: Option<String>,
+        /// With TEXT `-`: each line is `KEY TEXT`, its first word the item's shard key.
+        #[arg(long)]
+        keyed_lines: bool,
+        /// Wait for this many workers of the queue before the first push.
+        #[arg(long, default_value_t = 0)]
+        workers: usize,
         /// Queue name.
         queue: String,
-        /// The item text.
+        /// The item text; `-` pushes each line of stdin as an item.
         text: String,
     },
     /// The receiving process of `weft bench` (started by it; not for direct use).
@@ -348,9 +354,11 @@ async fn run(command: Command) -> Result<()> {
             mesh,
             repeat,
             key,
+            keyed_lines,
+            workers,
             queue,
             text,
-        } => patterns_cmd::push(mesh, queue, key, text, repeat).await,
+        } => patterns_cmd::push(mesh, queue, key, keyed_lines, workers, text, repeat).await,
         Command::Bench { .. }
         | Command::BenchPeer(_)
         | Command::BenchSpin { .. }

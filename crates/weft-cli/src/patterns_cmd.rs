@@ -388,38 +388,85 @@ pub async fn pull(
 
 /// `weft push QUEUE TEXT`: hands the item to one worker (waiting for one with credit); with
 /// `--key`, to the key's owner, in order.
+///
+/// `TEXT` `-` pushes each line of stdin as an item, until its end; with `keyed_lines`, a line is
+/// `KEY TEXT` (its first word the shard key).
+#[allow(clippy::too_many_arguments)]
 pub async fn push(
     mesh: MeshArgs,
     queue: String,
     key: Option<String>,
+    keyed_lines: bool,
+    workers: usize,
     text: String,
     repeat: u64,
 ) -> Result<()> {
+    let from_stdin = text == "-";
+    if from_stdin && repeat != 1 {
+        bail!("--repeat does not go with `-` (items from stdin): repeat the lines instead");
+    }
+    if keyed_lines && (!from_stdin || key.is_some()) {
+        bail!("--keyed-lines takes each item's key from its line: it needs `-` and no --key");
+    }
     let joined = mesh.start().await?;
     joined.announce(false)?;
     let node = &joined.node;
     mesh.connected(node).await?;
-    for _ in 0..repeat {
-        let body = text.clone().into_bytes();
-        let pushed = async {
-            match &key {
-                Some(key) => {
-                    node.push_keyed(&queue, key.clone().into_bytes(), body)
-                        .await
-                }
-                None => node.push(&queue, body).await,
-            }
-        };
-        tokio::time::timeout(mesh.wait(), pushed)
+    if workers > 0 {
+        tokio::time::timeout(mesh.wait(), node.wait_for_workers(&queue, workers))
             .await
             .with_context(|| {
                 format!(
-                    "no worker of {queue:?} took the item within {} s: start `weft pull {queue}` and pass it as --peer",
+                    "fewer than {workers} worker(s) of {queue:?} within {} s",
                     mesh.wait_secs
                 )
             })??;
     }
-    println!("pushed {repeat} item(s) to {queue}");
+    let mut pushed = 0u64;
+    if from_stdin {
+        use tokio::io::AsyncBufReadExt;
+        let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+        while let Some(line) = lines.next_line().await.context("cannot read stdin")? {
+            let (line_key, body) = match line.split_once(' ') {
+                Some((k, rest)) if keyed_lines => (Some(k.to_owned()), rest.to_owned()),
+                _ if keyed_lines => bail!("line {:?} has no `KEY TEXT`", line),
+                _ => (key.clone(), line),
+            };
+            push_one(&mesh, node, &queue, line_key, body.into_bytes()).await?;
+            pushed += 1;
+        }
+    } else {
+        for _ in 0..repeat {
+            push_one(&mesh, node, &queue, key.clone(), text.clone().into_bytes()).await?;
+            pushed += 1;
+        }
+    }
+    println!("pushed {pushed} item(s) to {queue}");
     joined.leave().await;
+    Ok(())
+}
+
+/// Pushes one item (keyed: to the key's owner), waiting at most `--wait-secs` for a worker.
+async fn push_one(
+    mesh: &MeshArgs,
+    node: &Node,
+    queue: &str,
+    key: Option<String>,
+    body: Vec<u8>,
+) -> Result<()> {
+    let pushed = async {
+        match key {
+            Some(key) => node.push_keyed(queue, key.into_bytes(), body).await,
+            None => node.push(queue, body).await,
+        }
+    };
+    tokio::time::timeout(mesh.wait(), pushed)
+        .await
+        .with_context(|| {
+            format!(
+                "no worker of {queue:?} took the item within {} s: start `weft pull {queue}` and pass it as --peer",
+                mesh.wait_secs
+            )
+        })??;
     Ok(())
 }

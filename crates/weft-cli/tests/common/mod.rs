@@ -60,6 +60,19 @@ impl Running {
         })
     }
 
+    /// The next stdout line if one comes within `wait`.
+    pub fn line_within(&self, wait: Duration) -> Option<String> {
+        self.lines.recv_timeout(wait).ok()
+    }
+
+    /// Writes `text` to the process's stdin.
+    pub fn write(&mut self, text: &str) {
+        use std::io::Write;
+        let stdin = self.stdin.as_mut().expect("stdin is open");
+        stdin.write_all(text.as_bytes()).expect("the process reads");
+        stdin.flush().unwrap();
+    }
+
     /// The value after `prefix` in the next line.
     pub fn line_after(&self, prefix: &str) -> String {
         let line = self.line(prefix);

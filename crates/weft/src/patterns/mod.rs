@@ -669,6 +669,23 @@ impl crate::Node {
         }
     }
 
+    /// Waits until at least `count` connected peers pull from work queue `queue` (so that, for
+    /// instance, sharded keys are spread over all of them from the first push: a worker that
+    /// joins later takes over its keys, in order). Wrap it in a timeout.
+    pub async fn wait_for_workers(&self, queue: &str, count: usize) -> Result<(), WorkError> {
+        let queue = weft_proto::Topic::new(queue)?;
+        let patterns = &self.shared().patterns;
+        let mut changed = patterns.changed.subscribe();
+        loop {
+            if patterns.lock().table.workers(&queue).len() >= count {
+                return Ok(());
+            }
+            if changed.changed().await.is_err() {
+                return Err(WorkError::Send(crate::error::SendError::NodeClosed));
+            }
+        }
+    }
+
     /// Starts answering requests for `service`. Returns once every connected peer confirmed it.
     pub async fn serve(&self, service: &str) -> Result<Service, SubscribeError> {
         reqrep::serve(self.shared(), service).await
@@ -706,6 +723,7 @@ impl crate::Node {
             timeout: None,
             to: None,
             id: None,
+            priority: weft_proto::Priority::NORMAL,
         }
     }
 
@@ -722,6 +740,7 @@ impl crate::Node {
             timeout: None,
             to: None,
             id: None,
+            priority: weft_proto::Priority::NORMAL,
         }
     }
 

@@ -680,14 +680,7 @@ async fn deliver_locally(
             .filter(|s| {
                 s.pattern.matches(topic) || s.durable.as_ref().is_some_and(|n| durable.contains(n))
             })
-            .map(|s| {
-                (
-                    s.tx.clone(),
-                    s.best_effort,
-                    Arc::clone(&s.dropped),
-                    s.durable.is_some(),
-                )
-            })
+            .map(target)
             .collect();
         let capacity = shared.config.patterns.subscription_capacity;
         for name in durable {
@@ -739,6 +732,16 @@ async fn deliver_locally(
 /// A local subscription's queue as `deliver_locally` hands events to it: (queue, best effort,
 /// its drop counter, durable).
 type Target = (mpsc::Sender<Delivery>, bool, Arc<AtomicU64>, bool);
+
+/// Where an event for `subscription` goes.
+fn target(subscription: &super::LocalSubscription) -> Target {
+    (
+        subscription.tx.clone(),
+        subscription.best_effort,
+        Arc::clone(&subscription.dropped),
+        subscription.durable.is_some(),
+    )
+}
 
 /// Hands `message` to each of `targets` (see [`deliver_locally`]). Returns how many got it.
 async fn hand_to(
@@ -1041,14 +1044,7 @@ impl Targets {
                 .subscriptions
                 .iter()
                 .filter(|s| s.pattern.matches(topic))
-                .map(|s| {
-                    (
-                        s.tx.clone(),
-                        s.best_effort,
-                        Arc::clone(&s.dropped),
-                        s.durable.is_some(),
-                    )
-                })
+                .map(target)
                 .collect();
             self.cached = Some((generation, topic.clone(), targets));
         }

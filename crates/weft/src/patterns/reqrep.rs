@@ -17,7 +17,9 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 use weft_proto::envelope::{self, Begin, ReplyStatus};
-use weft_proto::{Kind, Message, MessageId, NodeId, OutgoingMessage, StreamId, Topic, TopicError};
+use weft_proto::{
+    Kind, Message, MessageId, NodeId, OutgoingMessage, Priority, StreamId, Topic, TopicError,
+};
 
 use super::{reply_status_error, Waiting, REPLY_CHANNEL, REQUEST_CHANNEL};
 use crate::error::SendError;
@@ -109,10 +111,12 @@ fn request_outgoing(
     payload: &[u8],
     id: u64,
     timeout: Duration,
+    priority: Priority,
 ) -> Result<OutgoingMessage, RequestError> {
     let now = shared.now_unix_ms();
     let outgoing = OutgoingMessage::command(REQUEST_CHANNEL, envelope::wrap(service, payload), now)
         .with_kind(Kind::Request)
+        .with_priority(priority)
         .with_correlation_id(id)
         .with_reply_to(shared.id)
         .with_expiry(now + timeout.as_millis() as u64);
@@ -175,6 +179,7 @@ pub struct RequestBuilder {
     pub(crate) timeout: Option<Duration>,
     pub(crate) to: Option<NodeId>,
     pub(crate) id: Option<u64>,
+    pub(crate) priority: Priority,
 }
 
 impl std::fmt::Debug for RequestBuilder {
@@ -199,6 +204,14 @@ impl RequestBuilder {
         self
     }
 
+    /// The request's priority (default [`Priority::NORMAL`]): it and its reply travel in that
+    /// priority's lane (see [`weft_proto::Lane`]), so a high-priority request does not wait
+    /// behind bulk traffic between the two nodes.
+    pub fn priority(mut self, priority: Priority) -> Self {
+        self.priority = priority;
+        self
+    }
+
     /// The request id (default: random). Asking again under the same id after a timeout gets
     /// the server's cached reply if it answered already, without running its handler again.
     pub fn id(mut self, id: u64) -> Self {
@@ -216,6 +229,7 @@ impl RequestBuilder {
             timeout,
             to,
             id,
+            priority,
         } = self;
         let (service, payload, timeout) = checked(&shared, service, payload, timeout)?;
         let target = match to {
@@ -231,7 +245,7 @@ impl RequestBuilder {
             }
         };
         let id = id.unwrap_or_else(|| shared.random());
-        let outgoing = request_outgoing(&shared, &service, &payload, id, timeout)?;
+        let outgoing = request_outgoing(&shared, &service, &payload, id, timeout, priority)?;
         let (tx, rx) = oneshot::channel();
         let _guard = register(&shared, id, Waiting::One(tx))?;
         match dispatch(&shared, target, outgoing).await {
@@ -332,7 +346,8 @@ impl ScatterBuilder {
             return Err(RequestError::NoResponders);
         }
         let id = shared.random();
-        let outgoing = request_outgoing(&shared, &service, &payload, id, timeout)?;
+        let outgoing =
+            request_outgoing(&shared, &service, &payload, id, timeout, Priority::NORMAL)?;
         let (tx, mut rx) = mpsc::unbounded_channel();
         let _guard = register(&shared, id, Waiting::Many(tx))?;
         let mut gathered = Gathered {
@@ -461,9 +476,9 @@ impl Request {
             .finish((self.requester, self.id), body.clone());
         send_reply(
             &self.shared,
-            self.requester,
-            self.id,
+            (self.requester, self.id),
             &self.message.header.channel,
+            self.message.header.priority,
             body,
         )
         .await
@@ -482,10 +497,11 @@ impl Drop for Request {
             .forget(&(self.requester, self.id));
         let body = envelope::reply(ReplyStatus::Dropped, &[]);
         if self.requester == self.shared.id {
-            complete(&self.shared, self.id, self.shared.id, body);
+            let priority = self.message.header.priority;
+            complete(&self.shared, (self.id, priority), self.shared.id, body);
             return;
         }
-        let message = reply_outgoing(&self.shared, self.id, body);
+        let message = reply_outgoing(&self.shared, self.id, self.message.header.priority, body);
         if let Ok(sender) = self.shared.sender(self.requester) {
             let _ = sender.try_send_volatile(message);
         }
@@ -583,26 +599,32 @@ pub(crate) async fn serve(
     }
 }
 
-fn reply_outgoing(shared: &Shared, id: u64, body: Bytes) -> OutgoingMessage {
+/// A reply travels in its request's lane (the request's priority).
+fn reply_outgoing(shared: &Shared, id: u64, priority: Priority, body: Bytes) -> OutgoingMessage {
     OutgoingMessage::command(REPLY_CHANNEL, body, shared.now_unix_ms())
         .with_kind(Kind::Reply)
         .with_correlation_id(id)
+        .with_priority(priority)
 }
 
-/// Sends a reply body to the requester (or completes a local request).
+/// Sends a reply body to the requester of request `id` (or completes a local request).
 async fn send_reply(
     shared: &Arc<Shared>,
-    requester: NodeId,
-    id: u64,
+    (requester, id): (NodeId, u64),
     service: &str,
+    priority: Priority,
     body: Bytes,
 ) -> Result<(), SendError> {
     if requester == shared.id {
-        complete(shared, id, shared.id, body);
+        complete(shared, (id, priority), shared.id, body);
         return Ok(());
     }
     let result = match shared.sender(requester) {
-        Ok(sender) => sender.send_volatile(reply_outgoing(shared, id, body)).await,
+        Ok(sender) => {
+            sender
+                .send_volatile(reply_outgoing(shared, id, priority, body))
+                .await
+        }
         Err(e) => Err(e),
     };
     if let Err(e) = &result {
@@ -611,8 +633,9 @@ async fn send_reply(
     result
 }
 
-/// Hands a reply to the requester waiting for `id`, if it still waits.
-fn complete(shared: &Shared, id: u64, from: NodeId, body: Bytes) {
+/// Hands the reply to request `id` to its waiter, if it still waits (`priority`: the lane it
+/// came in, which the answer's header says).
+fn complete(shared: &Shared, (id, priority): (u64, Priority), from: NodeId, body: Bytes) {
     let (status, payload) = match envelope::unwrap_reply(&body) {
         Ok(reply) => reply,
         Err(e) => {
@@ -634,7 +657,7 @@ fn complete(shared: &Shared, id: u64, from: NodeId, body: Bytes) {
             },
             kind: Kind::Reply,
             channel: String::new(),
-            priority: Default::default(),
+            priority,
             created_unix_ms: shared.now_unix_ms(),
             attempt: 1,
             options: None,
@@ -658,6 +681,7 @@ fn complete(shared: &Shared, id: u64, from: NodeId, body: Bytes) {
 pub(crate) async fn handle_request(shared: &Arc<Shared>, message: Message) {
     let from = message.header.id.producer;
     let requester = message.header.reply_to().unwrap_or(from);
+    let priority = message.header.priority;
     let Some(id) = message.header.correlation_id() else {
         shared.metrics.protocol_error();
         warn!(from = %from.short(), "request without a request id dropped");
@@ -685,7 +709,7 @@ pub(crate) async fn handle_request(shared: &Arc<Shared>, message: Message) {
     };
     let Some(queue) = queue else {
         let body = envelope::reply(ReplyStatus::NoService, &[]);
-        let _ = send_reply(shared, requester, id, service.as_str(), body).await;
+        let _ = send_reply(shared, (requester, id), service.as_str(), priority, body).await;
         return;
     };
     match begin {
@@ -706,13 +730,13 @@ pub(crate) async fn handle_request(shared: &Arc<Shared>, message: Message) {
                 request.answered = true;
                 shared.patterns.lock().replies.forget(&(requester, id));
                 let body = envelope::reply(ReplyStatus::NoService, &[]);
-                let _ = send_reply(shared, requester, id, service.as_str(), body).await;
+                let _ = send_reply(shared, (requester, id), service.as_str(), priority, body).await;
             }
         }
         Begin::Running => {}
         Begin::Replay(body) => {
             debug!(%service, id, "repeated request answered from the reply cache");
-            let _ = send_reply(shared, requester, id, service.as_str(), body).await;
+            let _ = send_reply(shared, (requester, id), service.as_str(), priority, body).await;
         }
     }
 }
@@ -759,6 +783,6 @@ pub(crate) async fn reply_task(shared: Arc<Shared>, mut replies: Inbox) {
             warn!(from = %from.short(), "reply without a request id dropped");
             continue;
         };
-        complete(&shared, id, from, message.body);
+        complete(&shared, (id, message.header.priority), from, message.body);
     }
 }
