@@ -719,47 +719,26 @@ impl Link {
         if !self.queue.iter().skip(first).any(|q| verdict(q).is_some()) {
             return Vec::new();
         }
-        let mut given_up = Vec::new();
-        let mut kept = VecDeque::with_capacity(self.queue.len());
-        for (index, queued) in self.queue.drain(..).enumerate() {
-            match verdict(&queued).filter(|_| index >= first) {
-                Some(reason) => {
-                    self.queued_bytes -= queued.message.body.len();
-                    given_up.push(GivenUp {
-                        seq: queued.seq,
-                        tag: queued.tag,
-                        reason,
-                        message: queued.message,
-                    });
-                }
-                None => kept.push_back(queued),
-            }
-        }
-        self.queue = kept;
-        given_up
+        self.give_up_where(verdict)
     }
 
     /// Gives up the queued messages numbered `seqs` (ascending) for `reason`, except those in
     /// flight on a live connection, like [`Link::expire`]: the peer is told to skip them.
     pub fn give_up(&mut self, seqs: &[u64], reason: GiveUp) -> Vec<GivenUp> {
-        let first = if self.connected { self.cursor } else { 0 };
-        let mut given_up = Vec::new();
-        let mut kept = VecDeque::with_capacity(self.queue.len());
-        for (index, queued) in self.queue.drain(..).enumerate() {
-            if index >= first && seqs.binary_search(&queued.seq).is_ok() {
-                self.queued_bytes -= queued.message.body.len();
-                given_up.push(GivenUp {
-                    seq: queued.seq,
-                    tag: queued.tag,
-                    reason,
-                    message: queued.message,
-                });
-            } else {
-                kept.push_back(queued);
-            }
-        }
-        self.queue = kept;
-        given_up
+        self.give_up_where(|q| seqs.binary_search(&q.seq).is_ok().then_some(reason))
+    }
+
+    /// Gives up the queued messages not in flight for which `verdict` has a reason.
+    fn give_up_where(&mut self, verdict: impl Fn(&Queued) -> Option<GiveUp>) -> Vec<GivenUp> {
+        self.take_unsent(verdict)
+            .into_iter()
+            .map(|(queued, reason)| GivenUp {
+                seq: queued.seq,
+                tag: queued.tag,
+                reason,
+                message: queued.message,
+            })
+            .collect()
     }
 
     /// The queued messages (in flight or waiting), by ascending sequence number.
@@ -778,19 +757,30 @@ impl Link {
         &mut self,
         select: impl Fn(&OutgoingMessage) -> bool,
     ) -> Vec<(u64, u64, OutgoingMessage)> {
+        self.take_unsent(|q| select(&q.message).then_some(()))
+            .into_iter()
+            .map(|(queued, ())| (queued.seq, queued.tag, queued.message))
+            .collect()
+    }
+
+    /// Takes out of the queue the messages `pick` names (with what it said of each), in
+    /// sequence order, except those in flight on a live connection (their acknowledgement may
+    /// be on its way).
+    fn take_unsent<T>(&mut self, pick: impl Fn(&Queued) -> Option<T>) -> Vec<(Queued, T)> {
         let first = if self.connected { self.cursor } else { 0 };
-        let mut withdrawn = Vec::new();
+        let mut taken = Vec::new();
         let mut kept = VecDeque::with_capacity(self.queue.len());
         for (index, queued) in self.queue.drain(..).enumerate() {
-            if index >= first && select(&queued.message) {
-                self.queued_bytes -= queued.message.body.len();
-                withdrawn.push((queued.seq, queued.tag, queued.message));
-            } else {
-                kept.push_back(queued);
+            match pick(&queued).filter(|_| index >= first) {
+                Some(said) => {
+                    self.queued_bytes -= queued.message.body.len();
+                    taken.push((queued, said));
+                }
+                None => kept.push_back(queued),
             }
         }
         self.queue = kept;
-        withdrawn
+        taken
     }
 
     /// Holds the stream at `first`, a withdrawn number, until [`Link::settle_withdrawal`]:
