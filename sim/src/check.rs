@@ -1065,6 +1065,8 @@ struct ItemFacts {
     interrupted: Option<(Option<u8>, u64)>,
     /// Every take: (worker, record index, time).
     takes: Vec<(NodeIndex, usize, Duration)>,
+    /// How many of them were copies made from a stuck worker.
+    copies: u32,
 }
 
 /// The work queue guarantees, judged from a `work` run's history (the producer is node 0;
@@ -1075,7 +1077,10 @@ struct ItemFacts {
 /// |-------------|-----------------------------------------------------------------------------|
 /// | `coverage`  | every item whose push returned `Ok` is taken by a worker                    |
 /// | `duplicate` | an item is taken again only if a worker that took it crashed or went silent |
-/// |             | (down at the producer for `reassign_after`) after its push                  |
+/// |             | (down at the producer for `reassign_after`) after its push, or once per     |
+/// |             | copy of it (made from a worker that acknowledged nothing for the producer's |
+/// |             | `work_ack_timeout`: paused, restarted and not pulling yet, or cut off by a  |
+/// |             | partition its connection has not noticed); never a copy of a keyed item     |
 /// | `fifo`      | per shard key, items are first taken in push order (across workers, in the  |
 /// |             | order the history has the takes)                                            |
 /// | `integrity` | a taken item was pushed (returned `Ok` or interrupted), by the producer,    |
@@ -1098,6 +1103,7 @@ pub fn check_work(
     let mut down_since: BTreeMap<NodeIndex, Duration> = BTreeMap::new();
     // Per key: the highest seq first taken so far.
     let mut key_order: BTreeMap<u8, u32> = BTreeMap::new();
+
     let end_silence = |silences: &mut BTreeMap<NodeIndex, Vec<(Duration, Duration)>>,
                        worker: NodeIndex,
                        from: Duration,
@@ -1137,8 +1143,15 @@ pub fn check_work(
                 producer,
                 seq,
                 key,
+                copy,
                 ..
             } => {
+                if *copy && key.is_some() {
+                    violation(
+                        Checker::Duplicate,
+                        format!("node {worker}: took a copy of keyed item {seq}"),
+                    );
+                }
                 if *producer != Some(PRODUCER) {
                     violation(
                         Checker::Integrity,
@@ -1161,6 +1174,7 @@ pub fn check_work(
                     }
                 }
                 facts.takes.push((*worker, index, at));
+                facts.copies += u32::from(*copy);
             }
             Event::PeerDown { node, peer } if *node == PRODUCER => {
                 down_since.entry(*peer).or_insert(at);
@@ -1219,8 +1233,10 @@ pub fn check_work(
                 Some(_) => {}
             }
         }
-        // Duplicates: excused by a crash or a silence of a worker that took it.
+        // Duplicates: excused by a crash or a silence of a worker that took it, or one per copy
+        // (its original and the copy are both taken when the stuck worker resumes).
         let since = facts.pushed.map_or(Duration::ZERO, |(at, ..)| at);
+        let mut copies = facts.copies;
         for &(worker, _, at) in facts.takes.iter().skip(1) {
             let excused = facts.takes.iter().any(|&(taker, ..)| {
                 crashes
@@ -1230,7 +1246,9 @@ pub fn check_work(
                         .get(&taker)
                         .is_some_and(|s| s.iter().any(|&(from, to)| from <= at && to >= since))
             });
-            if !excused {
+            if !excused && copies > 0 {
+                copies -= 1;
+            } else if !excused {
                 let (first, _, first_at) = facts.takes[0];
                 violations.push(Violation {
                     checker: Checker::Duplicate,
@@ -1776,8 +1794,18 @@ mod tests {
                 seq,
                 key,
                 body_digest: u64::from(seq),
+                copy: false,
             },
         )
+    }
+
+    /// A copy of item `seq` taken (one a stuck worker held).
+    fn copy_taken(ms: u64, worker: NodeIndex, seq: u32, key: Option<u8>) -> Record {
+        let mut record = taken(ms, worker, seq, key);
+        if let Event::ItemTaken { copy, .. } = &mut record.event {
+            *copy = true;
+        }
+        record
     }
 
     fn work_checkers(records: &[Record]) -> Vec<Checker> {
@@ -1828,6 +1856,17 @@ mod tests {
         excused.extend(twice.iter().cloned());
         excused.sort_by_key(|record| record.at);
         assert_eq!(with(&excused), []);
+        // A stuck worker's item: its copy and its original, both taken; one more take of it
+        // is a duplicate, and so is a copy of a keyed item.
+        let mut copied = clean.to_vec();
+        copied.push(copy_taken(2_600, 3, 2, None));
+        assert_eq!(with(&copied), []);
+        let mut thrice = copied.clone();
+        thrice.push(taken(2_700, 1, 2, None));
+        assert_eq!(with(&thrice), [Checker::Duplicate]);
+        let mut keyed = copied.clone();
+        keyed.push(copy_taken(2_700, 3, 1, Some(0)));
+        assert_eq!(with(&keyed), [Checker::Duplicate]);
         // Never pushed.
         assert_eq!(
             with(&[

@@ -80,6 +80,9 @@ const PULL_CREDIT: u32 = 4;
 /// How long a worker may be silent before its unacknowledged items go to the others (`work`):
 /// shorter than some crashes and partitions of the scenario.
 pub const WORK_REASSIGN_AFTER: Duration = Duration::from_secs(2);
+/// How long a connected worker may hold items without acknowledging any before copies of them
+/// go to the others (`work`): shorter than many of the scenario's consumer pauses.
+pub const WORK_ACK_TIMEOUT: Duration = Duration::from_secs(2);
 /// Why the pub/sub application tries a subscription again that `subscribe` returned.
 pub const SUBSCRIBE_UNCONFIRMED: &str = "a peer went down before it confirmed the subscription";
 /// How often a node reports its metrics for the run summary.
@@ -832,6 +835,7 @@ async fn start_node(
             config.patterns.subscription_capacity = SUBSCRIPTION_CAPACITY;
             config.patterns.pull_credit = PULL_CREDIT;
             config.patterns.work_reassign_after = WORK_REASSIGN_AFTER;
+            config.patterns.work_ack_timeout = Some(WORK_ACK_TIMEOUT);
             // `pubsub` relays every event: with fan-out 2 and four subscribers a publisher
             // sends to two, each of which relays to one, so relays crash, are cut off and
             // repaired. `gossip-scale` keeps the default (8) and `event_repair_after` (2 s): it
@@ -1353,6 +1357,7 @@ async fn take_items(mut puller: weft::Puller, context: &NodeContext) {
                     seq,
                     key,
                     body_digest: body_digest(&item.body),
+                    copy: item.header.header(weft::REDELIVERY_HEADER).is_some(),
                 });
             }
             _ = pause_start(next_pause) => {

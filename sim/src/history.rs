@@ -362,6 +362,9 @@ pub enum Event {
         key: Option<u8>,
         /// First 8 bytes of the body's blake3.
         body_digest: u64,
+        /// A copy the producer made of an item a stuck worker held (it carries
+        /// `weft::REDELIVERY_HEADER`).
+        copy: bool,
     },
 }
 
@@ -705,6 +708,7 @@ impl Event {
                 seq,
                 key,
                 body_digest,
+                copy,
             } => {
                 out.push(31);
                 node(out, *worker);
@@ -712,6 +716,7 @@ impl Event {
                 number(out, u64::from(*seq));
                 out.push(key.unwrap_or(u8::MAX));
                 number(out, *body_digest);
+                out.push(u8::from(*copy));
             }
         }
     }
@@ -860,8 +865,15 @@ impl fmt::Display for Event {
                 write!(f, "push of item {seq} interrupted by a crash")
             }
             Event::ItemTaken {
-                worker, seq, key, ..
-            } => write!(f, "node {worker}: took item {seq} (key {key:?})"),
+                worker,
+                seq,
+                key,
+                copy,
+                ..
+            } => {
+                let copy = if *copy { ", a stuck worker's copy" } else { "" };
+                write!(f, "node {worker}: took item {seq} (key {key:?}{copy})")
+            }
         }
     }
 }
