@@ -237,6 +237,19 @@ impl Patterns {
         }
     }
 
+    /// Announces the local interest (its `version`) and waits, up to `subscribe_timeout`, until
+    /// every connected peer acknowledged it: a new service or pull is in effect.
+    async fn announce_and_confirm(&self, shared: &Shared, version: u64) -> Result<(), Vec<NodeId>> {
+        let _ = self.announce.send(());
+        self.in_effect(
+            shared,
+            version,
+            shared.config.patterns.subscribe_timeout,
+            None,
+        )
+        .await
+    }
+
     /// Waits until every connected peer acknowledged `version` of the local interest. The
     /// connections are the node's own view (not the table's, which learns of new connections
     /// a moment later), so a peer that just connected is waited for too.

@@ -595,14 +595,8 @@ pub(crate) async fn unsubscribe_durable(
     };
     let (version, persisting) = version;
     persisted(persisting).await;
-    let _ = patterns.announce.send(());
     patterns
-        .in_effect(
-            shared,
-            version,
-            shared.config.patterns.subscribe_timeout,
-            None,
-        )
+        .announce_and_confirm(shared, version)
         .await
         .map_err(SubscribeError::NotConfirmed)
 }

@@ -583,17 +583,7 @@ pub(crate) async fn serve(
         name,
         rx,
     };
-    let _ = shared.patterns.announce.send(());
-    match shared
-        .patterns
-        .in_effect(
-            shared,
-            version,
-            shared.config.patterns.subscribe_timeout,
-            None,
-        )
-        .await
-    {
+    match shared.patterns.announce_and_confirm(shared, version).await {
         Ok(()) => Ok(service),
         Err(waiting) => Err(SubscribeError::NotConfirmed(waiting)),
     }

@@ -168,17 +168,7 @@ pub(crate) async fn pull(
         queue,
         inbox,
     };
-    let _ = shared.patterns.announce.send(());
-    match shared
-        .patterns
-        .in_effect(
-            shared,
-            version,
-            shared.config.patterns.subscribe_timeout,
-            None,
-        )
-        .await
-    {
+    match shared.patterns.announce_and_confirm(shared, version).await {
         Ok(()) => Ok(puller),
         Err(waiting) => Err(SubscribeError::NotConfirmed(waiting)),
     }
