@@ -118,7 +118,6 @@ async fn a_spooled_delayed_message_survives_a_sender_restart_and_arrives_once() 
             .is_err(),
         "the receipt of a message still waiting reports the shutdown"
     );
-    // (A sender holds the node, and with it the data directory's lock.)
     drop((a, to_b));
 
     let a = durable_node(&a_dir).await;

@@ -44,6 +44,7 @@ async fn durable_node_with(
 
 /// Starts a node on the address a node that just shut down used. The old endpoint's socket is
 /// released when its last driver task ends, which nothing observable signals: retry briefly.
+/// (The data directory is free as soon as `shutdown` returned: `Locked` fails the test.)
 async fn restart_on(dir: &Path, addr: SocketAddr) -> Node {
     for _ in 0..100 {
         let started = Node::builder()
@@ -55,7 +56,7 @@ async fn restart_on(dir: &Path, addr: SocketAddr) -> Node {
             .await;
         match started {
             Ok(node) => return node,
-            Err(weft::StartError::Bind { .. }) | Err(weft::StartError::Locked(_)) => {
+            Err(weft::StartError::Bind { .. }) => {
                 tokio::time::sleep(Duration::from_millis(20)).await
             }
             Err(e) => panic!("node does not start: {e}"),
@@ -492,20 +493,9 @@ async fn a_restarted_peer_replaces_the_connection_its_previous_run_left_behind()
     let during = a.send(b_id, "requests", b"sent into the dead connection".to_vec());
     let during = within("send while B is away", during).await.unwrap();
 
-    // B's new run, from the same data directory, dials A directly.
-    let mut b = None;
-    for _ in 0..100 {
-        match start_b().await {
-            Ok(node) => {
-                b = Some(node);
-                break;
-            }
-            // The previous run's tasks release the directory lock as they end.
-            Err(weft::StartError::Locked(_)) => tokio::time::sleep(Duration::from_millis(20)).await,
-            Err(e) => panic!("B does not restart: {e}"),
-        }
-    }
-    let b = b.expect("B's data directory stayed locked");
+    // B's new run, from the same data directory (free once `shutdown` returned), dials A
+    // directly.
+    let b = start_b().await.expect("B restarts");
     let mut requests = b.receive("requests").unwrap();
     b.add_peer(a.addr().unwrap()).unwrap();
     within("A takes B's new connection", async {
@@ -547,6 +537,73 @@ fn ordered_identities() -> (weft::Identity, weft::Identity) {
 }
 
 /// A directory under the target dir, removed at the start (tests run repeatedly).
+/// `shutdown` releases the data directory although handles of the node are still alive (a
+/// clone, a subscription, a puller): once it has returned, a node starts on the directory at
+/// once (no retry on `Locked`), under the same id, and receives; the kept handles get typed
+/// "node closed" answers, never a panic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_releases_the_data_directory_while_handles_are_alive() {
+    let dir = tempdir("handles");
+    let node = durable_node(&dir, loopback()).await;
+    let id = node.id();
+    let peer = crate::support::node_with("durable", short_timeouts).await;
+    let mut peer_inbox = peer.receive("before").unwrap();
+    node.add_peer(crate::support::addr(&peer)).unwrap();
+    // The spool and a link are in use before the shutdown.
+    let receipt = node
+        .send(peer.id(), "before", b"before".to_vec())
+        .await
+        .unwrap();
+    let before = crate::support::take_and_ack(&mut peer_inbox, receipt).await;
+    assert_eq!(&before.body[..], b"before");
+
+    let clone = node.clone();
+    let mut subscription = node.subscribe("news/*").await.unwrap();
+    let mut puller = node.pull("jobs").await.unwrap();
+    within("shutdown", node.shutdown()).await;
+    drop(node);
+
+    let restarted = Node::builder()
+        .mesh("durable")
+        .data_dir(&dir)
+        .bind(loopback())
+        .configure(short_timeouts)
+        .start()
+        .await
+        .expect("the data directory is free once shutdown returned");
+    assert_eq!(restarted.id(), id, "the same identity");
+    let mut inbox = restarted.receive("after").unwrap();
+    peer.add_peer(crate::support::addr(&restarted)).unwrap();
+    let receipt = peer.send(id, "after", b"after".to_vec()).await.unwrap();
+    let after = crate::support::take_and_ack(&mut inbox, receipt).await;
+    assert_eq!(&after.body[..], b"after");
+
+    // The handles kept from before the shutdown answer with typed errors.
+    let error = clone
+        .send(peer.id(), "late", b"late".to_vec())
+        .await
+        .unwrap_err();
+    assert!(matches!(error, weft::SendError::NodeClosed), "{error:?}");
+    let stranger = weft::Identity::generate().unwrap().node_id();
+    let error = clone
+        .send(stranger, "late", b"late".to_vec())
+        .await
+        .unwrap_err();
+    assert!(matches!(error, weft::SendError::NodeClosed), "{error:?}");
+    let error = clone
+        .try_send(peer.id(), "late", b"late".to_vec())
+        .unwrap_err();
+    assert!(
+        matches!(error, TrySendError::Send(weft::SendError::NodeClosed)),
+        "{error:?}"
+    );
+    assert!(subscription.try_recv().is_none());
+    assert!(within("the puller ends", puller.recv()).await.is_none());
+    drop((clone, subscription, puller));
+    restarted.shutdown().await;
+    peer.shutdown().await;
+}
+
 fn tempdir(name: &str) -> std::path::PathBuf {
     static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -147,6 +147,10 @@ pub(crate) struct SpoolSetup {
     pub sync_latency: Option<Duration>,
     /// The `ack-before-fsync` canary: complete sends before their sync.
     pub ack_before_fsync: bool,
+    /// The data directory's lock (none in the simulation). The writer owns it and drops it
+    /// with the spool when it stops, so no other node (or `weft spool` command) opens the spool
+    /// before this writer's last sync, and none is kept out once it is done.
+    pub lock: Option<std::fs::File>,
 }
 
 /// The node's handle on its spool writer.
@@ -221,6 +225,7 @@ impl Durable {
             unsynced_since: None,
             ack_before_fsync: setup.ack_before_fsync,
             scheduler,
+            _lock: setup.lock,
         };
         let latency = setup.sync_latency;
         let thread = if setup.inline {
@@ -251,7 +256,9 @@ impl Durable {
         ))
     }
 
-    /// Syncs what is buffered and stops the writer.
+    /// Syncs what is buffered and stops the writer, whoever still holds this handle: the writer
+    /// drops the spool and the data directory's lock as it stops (on its thread: before this
+    /// returns). Commands sent afterwards are refused (the channel is closed).
     pub(crate) async fn close(&self) {
         let (reply, done) = oneshot::channel();
         if self.tx.send(Command::Close(reply)).is_ok() {
@@ -595,6 +602,9 @@ struct Writer {
     ack_before_fsync: bool,
     /// Where accepted delayed messages go, and refused releases go back.
     scheduler: Arc<Scheduler>,
+    /// The data directory's lock; declared after `spool`, so it is released after the spool is
+    /// closed, when the writer stops (see [`SpoolSetup::lock`]).
+    _lock: Option<std::fs::File>,
 }
 
 async fn run(

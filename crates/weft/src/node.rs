@@ -161,8 +161,6 @@ pub(crate) struct Shared {
     pub restored: Mutex<Restored>,
     /// Messages renumbered by this start's recovery.
     pub renumbered: Vec<Renumbered>,
-    /// The data directory's lock, held for the node's lifetime.
-    pub _lock: Option<std::fs::File>,
     pub rng: Mutex<SplitMix64>,
     pub wall_clock: WallClock,
     pub peers: RwLock<BTreeMap<NodeId, Arc<PeerHandle>>>,
@@ -401,7 +399,7 @@ impl NodeBuilder {
             (None, Some(dir)) => Identity::load_or_create(dir)?,
             (None, None) => return Err(StartError::NoIdentity),
         };
-        let lock = data_dir.as_deref().map(lock_data_dir).transpose()?;
+        let mut lock = data_dir.as_deref().map(lock_data_dir).transpose()?;
         let id = identity.node_id();
         let provider = seams
             .crypto_provider
@@ -454,7 +452,10 @@ impl NodeBuilder {
         let metrics = Arc::new(Metrics::default());
         let scheduler = Arc::new(Scheduler::new(config.schedule_max, Arc::clone(&metrics)));
         let (durable, mut restored) = match spool_setup(&config, &seams, data_dir.as_deref())? {
-            Some(setup) => {
+            Some(mut setup) => {
+                // The spool writer holds the lock from now on: it is the last to touch the data
+                // directory, and stops (dropping both) at shutdown whoever holds a handle.
+                setup.lock = lock.take();
                 let (durable, restored) = Durable::start(
                     setup,
                     config.limits(),
@@ -506,7 +507,6 @@ impl NodeBuilder {
             durable,
             restored: Mutex::new(restored),
             renumbered,
-            _lock: lock,
             rng: Mutex::new(rng),
             wall_clock,
             peers: RwLock::new(BTreeMap::new()),
@@ -532,6 +532,7 @@ impl NodeBuilder {
             inner: Arc::new(NodeInner {
                 shared,
                 discovery: Mutex::new(None),
+                data_dir_lock: Mutex::new(lock),
             }),
         };
         for peer in restored_peers {
@@ -638,6 +639,7 @@ fn spool_setup(
             inline: true,
             sync_latency: seams.spool_sync_latency,
             ack_before_fsync,
+            lock: None,
         }));
     }
     let Some(dir) = data_dir else { return Ok(None) };
@@ -654,6 +656,7 @@ fn spool_setup(
         inline: false,
         sync_latency: None,
         ack_before_fsync,
+        lock: None,
     }))
 }
 
@@ -767,6 +770,11 @@ struct NodeInner {
     shared: Arc<Shared>,
     /// mDNS discovery, if configured; taken (and stopped) by `shutdown` or drop.
     discovery: Mutex<Option<Discovery>>,
+    /// The data directory's lock when the node has no spool (with a spool, its writer holds
+    /// it; see [`SpoolSetup::lock`]); taken (and released) by `shutdown` or drop. Never in
+    /// [`Shared`]: handles that outlive the node (a [`PeerSender`], a subscription, a puller)
+    /// hold that, and must not keep the directory locked after `shutdown`.
+    data_dir_lock: Mutex<Option<std::fs::File>>,
 }
 
 impl Drop for NodeInner {
@@ -968,7 +976,10 @@ impl Node {
     }
 
     /// Stops the node: closes every connection, fails outstanding receipts, and waits for all of
-    /// its tasks (bounded by a few seconds for the endpoint to drain).
+    /// its tasks (bounded by a few seconds for the endpoint to drain). Once it returns, the spool
+    /// is synced and closed and the data directory is unlocked, even if clones of this node,
+    /// subscriptions, pullers or senders are still alive (they answer "node closed"): a new node
+    /// can start on the directory.
     pub async fn shutdown(&self) {
         let shared = self.shared();
         let discovery = self
@@ -983,13 +994,29 @@ impl Node {
         }
         shared.patterns.stop().await;
         shared.shutdown.send_replace(true);
-        let tasks: Vec<_> = std::mem::take(&mut *shared.tasks.lock().expect("tasks lock poisoned"));
-        for task in tasks {
-            let _ = task.await;
+        // Tasks may start others while they stop (an accepted connection's handshake): wait
+        // until none is left, so nothing writes to the spool once it is closed.
+        loop {
+            let tasks: Vec<_> =
+                std::mem::take(&mut *shared.tasks.lock().expect("tasks lock poisoned"));
+            if tasks.is_empty() {
+                break;
+            }
+            for task in tasks {
+                let _ = task.await;
+            }
         }
         if let Some(durable) = &shared.durable {
+            // Stops the writer, which releases the spool and (holding it) the directory's lock.
             durable.close().await;
         }
+        let data_dir_lock = self
+            .inner
+            .data_dir_lock
+            .lock()
+            .expect("lock poisoned")
+            .take();
+        drop(data_dir_lock);
         shared.channels.close();
         shared.endpoint.close(close_code::SHUTDOWN, b"shutdown");
         let _ = tokio::time::timeout(Duration::from_secs(3), shared.endpoint.wait_idle()).await;
