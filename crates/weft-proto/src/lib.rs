@@ -34,6 +34,8 @@
 //! - [`gossip`]: event dissemination: relay trees, per-subscriber chains, retention and repair.
 //! - [`owed`]: what a publisher owes its durable subscribers, and their retention budget.
 //! - [`envelope`]: bodies of the mesh's own channels (events, requests, replies), reply cache.
+//! - [`peer`]: one peer's connection lifecycle (dial, backoff, duplicates, lane handshake, up
+//!   and down) and each lane's watermark gate and expiry timer, as sans-IO machines.
 //! - [`backoff`]: jittered reconnect backoff and a seedable generator.
 #![warn(missing_docs)]
 
@@ -47,6 +49,7 @@ pub mod interest;
 pub mod link;
 pub mod message;
 pub mod owed;
+pub mod peer;
 pub mod schedule;
 pub mod shard;
 pub mod spooled;
@@ -54,6 +57,8 @@ pub mod topic;
 
 #[cfg(test)]
 mod link_tests;
+#[cfg(test)]
+mod peer_tests;
 
 pub use frame::{Frame, FrameDecoder, FrameEncoder, FrameError, Limits};
 pub use id::{MessageId, NodeId, StreamId};

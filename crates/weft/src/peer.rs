@@ -31,10 +31,11 @@ use futures_util::FutureExt;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::{debug, info, warn, Instrument};
-use weft_proto::backoff::Backoff;
 use weft_proto::frame::LENGTH_PREFIX_BYTES;
-use weft_proto::handshake::{resolve_duplicate, Candidate, Keep};
 use weft_proto::link::{LinkEvent, LinkStats};
+use weft_proto::peer::{
+    Admit, ExpiryTimer, GateOutput, NewConnection, Peer, PeerConfig, Refusal, WatermarkGate,
+};
 use weft_proto::spooled::Watermark;
 use weft_proto::{
     Frame, FrameDecoder, FrameError, Lane, Link, Message, MessageId, NodeId, OutgoingMessage,
@@ -64,19 +65,8 @@ const HELD_BYTES_MAX: usize = 1024 * 1024;
 const TX_BUFFER_BYTES: usize = 4 * TRANSMIT_BATCH_BYTES;
 /// Most application messages taken per wakeup.
 const COMMAND_BATCH: usize = 512;
-/// Most addresses remembered per peer.
-const ADDRESSES_MAX: usize = 16;
-/// How often queued messages are checked against their expiry and the retry policy.
-/// Delay between dialing one address of a peer and the next (when the first has not
-/// connected by then).
-const DIAL_STAGGER: Duration = Duration::from_millis(250);
 /// Longest a clean shutdown waits for what is queued for a peer to be written and read.
 const SHUTDOWN_DRAIN: Duration = Duration::from_millis(500);
-const EXPIRY_CHECK: Duration = Duration::from_secs(1);
-/// How long after the spool refused an inbound watermark (it was full) the newest one is tried
-/// again. Room comes back as peers acknowledge what this node sent; meanwhile settlements do not
-/// retry, so a full spool costs one refused append per peer and period, not one per message.
-const WATERMARK_RETRY: Duration = Duration::from_millis(500);
 
 /// Messages to a peer task from elsewhere in the node.
 #[derive(Debug)]
@@ -131,16 +121,8 @@ pub(crate) enum Control {
     },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Dial {
-    Idle,
-    At(Instant),
-    InFlight,
-}
-
 struct Conn {
     connection: quinn::Connection,
-    remote: SocketAddr,
     dialed_by_local: bool,
     /// The peer's incarnation this connection belongs to (from its hello).
     peer_incarnation: u64,
@@ -177,12 +159,11 @@ impl Conn {
             recv,
             leftover,
             dialed_by_local,
-            remote,
+            remote: _,
             peer_incarnation,
         } = established;
         Self {
             connection,
-            remote,
             dialed_by_local,
             peer_incarnation,
             recv,
@@ -203,10 +184,9 @@ pub(crate) struct PeerTask {
     link: Link,
     /// The other lanes' tasks (in the normal lane's task only).
     others: Vec<OtherLane>,
-    /// How many of them installed their stream on the current connection.
-    lanes_up: usize,
-    /// The `Up` event went out for the current connection (every lane installed).
-    up: bool,
+    /// The connection lifecycle: addresses, dials, duplicates, the lane handshake, up and down
+    /// (in the normal lane's task only).
+    connectivity: Option<Peer>,
     /// The normal lane's task (in the other lanes' tasks).
     normal_lane: Option<mpsc::UnboundedSender<Control>>,
     /// Set once this task drained at shutdown.
@@ -220,21 +200,9 @@ pub(crate) struct PeerTask {
     control_tx: mpsc::UnboundedSender<Control>,
     acked: watch::Sender<u64>,
     connected: watch::Sender<bool>,
-    /// Addresses the application gave (`add_peer`, configured peers): always redialed.
-    addrs: Vec<SocketAddr>,
-    /// Addresses learned from the peer's own incoming connections: redialed until the peer says
-    /// goodbye (closes with the shutdown code).
-    learned: Vec<SocketAddr>,
-    next_addr: usize,
-    /// The address our last successful dial reached: dialed first next time.
-    preferred_addr: Option<SocketAddr>,
-    backoff: Backoff,
-    dial: Dial,
     conn: Option<Conn>,
-    /// Connections installed so far.
+    /// The generation of the connection this lane's stream belongs to (see [`Peer`]).
     generation: u64,
-    /// Whether the current connection has proved itself (see `install`).
-    proven: bool,
     channels: HashMap<String, mpsc::Sender<Message>>,
     /// `Channels::generation` when `channels` was last known to be current.
     channels_generation: u64,
@@ -243,19 +211,10 @@ pub(crate) struct PeerTask {
     stats: LinkStats,
     /// What the application took of the peer's stream (see [`Settlement`]).
     settlement: Arc<Settlement>,
-    /// The inbound watermark the spool is persisting now (one request at a time).
-    watermark_in_flight: Option<(u64, u64)>,
-    /// When to try again after the spool refused a watermark (see [`WATERMARK_RETRY`]).
-    watermark_retry_at: Option<Instant>,
-    /// Why the spool refused this peer's last watermark, while it does (logged once per episode).
-    watermark_refused: Option<String>,
-    /// The spool stopped after a storage failure: no watermark can become durable, so nothing
-    /// more is acknowledged to this peer until the node restarts (its sends fail typed meanwhile).
-    watermark_stopped: bool,
-    /// The last inbound watermark made durable (or restored).
-    watermark_durable: (u64, u64),
+    /// Persist before acknowledging: which inbound watermark to persist or acknowledge when.
+    gate: WatermarkGate,
     /// When queued messages are next checked for expiry.
-    expiry_at: Option<Instant>,
+    expiry: ExpiryTimer,
     fates: Arc<Fates>,
     retired: Vec<u64>,
     /// The newest acknowledgement the link reported, not yet published.
@@ -288,11 +247,6 @@ impl PeerTask {
         self.link.lane()
     }
 
-    /// Whether this task owns the connection (the normal lane's).
-    fn owns_connection(&self) -> bool {
-        self.link.lane() == Lane::Normal
-    }
-
     fn new_lane(shared: Arc<Shared>, peer: NodeId, lane: Lane) -> (Self, PeerHandle) {
         let config = &shared.config;
         let mut link_config = shared.link_config();
@@ -320,6 +274,21 @@ impl PeerTask {
             settlement.reset(link.inbound_stream(epoch), epoch, up_to);
             watermark_durable = (epoch, up_to);
         }
+        #[allow(unused_mut)]
+        let mut gate = WatermarkGate::new(shared.durable.is_some(), watermark_durable);
+        #[cfg(feature = "fault-injection")]
+        if shared.seams.fault == weft_proto::link::Fault::WatermarkAfterAck {
+            // The canary's bug: acknowledge before the watermark is durable.
+            gate = gate.acknowledge_before_durable();
+        }
+        let connectivity = (lane == Lane::Normal).then(|| {
+            let config = PeerConfig {
+                reconnect_initial: config.reconnect_initial,
+                reconnect_max: config.reconnect_max,
+                ..PeerConfig::default()
+            };
+            Peer::new(shared.id, peer, config, shared.random())
+        });
         shared.channels.register(peer, Arc::clone(&settlement));
         let (commands_tx, commands) = mpsc::channel(config.peer_command_capacity);
         let (control_tx, control) = mpsc::unbounded_channel();
@@ -342,16 +311,11 @@ impl PeerTask {
         };
         let mut task = Self {
             decoder: FrameDecoder::new(config.limits()),
-            backoff: Backoff::new(
-                config.reconnect_initial.as_millis() as u64,
-                config.reconnect_max.as_millis() as u64,
-            ),
             shared,
             peer,
             link,
             others: Vec::new(),
-            lanes_up: 0,
-            up: false,
+            connectivity,
             normal_lane: None,
             drained: watch::channel(false).0,
             commands,
@@ -361,25 +325,15 @@ impl PeerTask {
             control_tx,
             acked,
             connected,
-            addrs: Vec::new(),
-            learned: Vec::new(),
-            next_addr: 0,
-            preferred_addr: None,
-            dial: Dial::Idle,
             conn: None,
             generation: 0,
-            proven: false,
             channels: HashMap::new(),
             channels_generation: 0,
             parked: None,
             stats: LinkStats::default(),
             settlement,
-            watermark_in_flight: None,
-            watermark_retry_at: None,
-            watermark_refused: None,
-            watermark_stopped: false,
-            watermark_durable,
-            expiry_at: None,
+            gate,
+            expiry: ExpiryTimer::default(),
             fates,
             retired: Vec::new(),
             acked_pending: None,
@@ -409,15 +363,13 @@ impl PeerTask {
                 Some(conn) => (Some(&mut conn.recv), Some((&mut conn.send, &mut conn.tx))),
                 None => (None, None),
             };
-            let dial_at = match self.dial {
-                Dial::At(at) => Some(at),
-                _ => None,
-            };
-            if self.expiry_at.is_none() && self.link.queued_messages() > 0 {
-                self.expiry_at = Some(Instant::now() + EXPIRY_CHECK);
+            let dial_at = self.connectivity.as_ref().and_then(Peer::poll_timeout);
+            let queued = self.link.queued_messages();
+            if queued > 0 && self.expiry.poll_timeout().is_none() {
+                self.expiry.arm(now(), queued);
             }
-            let expiry_at = self.expiry_at;
-            let watermark_retry_at = self.watermark_retry_at;
+            let expiry_at = self.expiry.poll_timeout();
+            let watermark_retry_at = self.gate.poll_timeout();
             let settlement = Arc::clone(&self.settlement);
             tokio::select! {
                 biased;
@@ -438,13 +390,26 @@ impl PeerTask {
                     self.take_batch();
                 }
                 () = settlement.moved.notified() => self.settled(),
-                _ = sleep_until(dial_at) => self.start_dial(),
-                _ = sleep_until(expiry_at) => self.expire(),
+                _ = sleep_until(dial_at) => {
+                    if let Some(connectivity) = &mut self.connectivity {
+                        connectivity.handle_timeout(now());
+                    }
+                    self.connectivity_events("");
+                }
+                _ = sleep_until(expiry_at) => {
+                    if self.expiry.handle_timeout(now()) {
+                        self.expire();
+                    }
+                }
                 _ = sleep_until(watermark_retry_at) => {
-                    self.watermark_retry_at = None;
-                    self.persist_settled(false);
+                    if self.gate.handle_timeout(now()) {
+                        self.persist_settled(false);
+                    }
                 }
             }
+        }
+        if let Some(connectivity) = &mut self.connectivity {
+            connectivity.handle_shutdown();
         }
         self.drain().await;
         self.drained.send_replace(true);
@@ -559,9 +524,10 @@ impl PeerTask {
     }
 
     fn publish_progress(&mut self) {
-        if !self.proven && self.link.peer_resumed() {
-            self.proven = true;
-            self.backoff.reset();
+        if let Some(connectivity) = &mut self.connectivity {
+            if self.link.peer_resumed() {
+                connectivity.handle_resumed();
+            }
         }
         self.link_events();
         let acked = self.acked_pending.take();
@@ -659,19 +625,17 @@ impl PeerTask {
                 let _ = reply.send(copies);
             }
             Control::LaneUp { generation } => {
-                if generation == self.generation && self.conn.is_some() {
-                    self.lanes_up += 1;
-                    if self.lanes_up == self.others.len() {
-                        self.peer_up();
-                    }
+                if let Some(connectivity) = &mut self.connectivity {
+                    connectivity.handle_lane_up(generation);
                 }
+                self.connectivity_events("");
             }
             Control::SettleWithdrawal => {
                 self.link.settle_withdrawal();
                 self.flush();
             }
             Control::DialFailed(error) => {
-                self.dial = Dial::Idle;
+                let attempts = self.connectivity.as_ref().map_or(0, Peer::dial_attempts);
                 self.shared.metrics.dial_failure();
                 let refused = matches!(
                     error,
@@ -680,31 +644,31 @@ impl PeerTask {
                 if refused {
                     self.shared.metrics.refusal();
                     warn!(%error, "dial refused");
-                } else if self.backoff.attempts() <= 1 {
+                } else if attempts <= 1 {
                     info!(%error, "dial failed");
                 } else {
-                    debug!(%error, attempts = self.backoff.attempts(), "dial failed");
+                    debug!(%error, attempts, "dial failed");
                 }
                 let _ = self.shared.events.send(PeerEvent::ConnectFailed {
                     peer: self.peer,
                     reason: error.to_string(),
                     refused,
                 });
-                self.schedule_dial();
+                if let Some(connectivity) = &mut self.connectivity {
+                    connectivity.handle_dial_failed(now());
+                }
             }
             Control::Addresses(addrs) => {
-                for addr in addrs {
-                    remember(&mut self.addrs, addr);
+                if let Some(connectivity) = &mut self.connectivity {
+                    connectivity.handle_addresses(now(), addrs);
                 }
-                self.schedule_dial();
             }
             Control::WatermarkDurable { epoch, up_to } => {
-                self.watermark_in_flight = None;
-                self.watermark_durable = (epoch, up_to);
-                if self.watermark_refused.take().is_some() {
+                let (output, recovered) = self.gate.handle_durable((epoch, up_to));
+                if recovered {
                     info!("the spool took this peer's watermark again; acknowledgements resume");
                 }
-                self.link.acknowledge(epoch, up_to);
+                self.apply_gate(output);
                 self.settled();
             }
             Control::WatermarkFailed {
@@ -716,79 +680,54 @@ impl PeerTask {
         }
     }
 
-    /// The spool did not persist a watermark. Nothing past the last durable one is acknowledged
-    /// (the peer keeps those messages and resends them after a restart, which drops them as
-    /// duplicates only up to the durable watermark). A full spool is retried after
-    /// [`WATERMARK_RETRY`]; a stopped one never (the writer logged and counted the failure).
+    /// The spool did not persist a watermark: nothing past the last durable one is
+    /// acknowledged (see [`WatermarkGate::handle_refused`]); each episode is logged once.
     fn watermark_failed(&mut self, watermark: (u64, u64), stopped: bool, error: String) {
-        if self.watermark_in_flight == Some(watermark) {
-            self.watermark_in_flight = None;
-        }
-        if stopped {
-            if !self.watermark_stopped {
-                self.watermark_stopped = true;
-                warn!(%error, "the spool stopped: acknowledgements to this peer wait for a restart");
+        match self.gate.handle_refused(now(), watermark, stopped) {
+            Refusal::FirstStopped => {
+                warn!(%error, "the spool stopped: acknowledgements to this peer wait for a restart")
             }
-            return;
+            Refusal::FirstFull => warn!(
+                %error,
+                "the spool refused this peer's watermark: acknowledgements to it wait for room"
+            ),
+            Refusal::StillFull | Refusal::StillStopped => {}
         }
-        if self.watermark_refused.is_none() {
-            warn!(%error, "the spool refused this peer's watermark: acknowledgements to it wait for room");
-        }
-        self.watermark_refused = Some(error);
-        self.watermark_retry_at = Some(Instant::now() + WATERMARK_RETRY);
     }
 
     fn settled(&mut self) {
         self.persist_settled(false);
     }
 
-    /// The application settled more of the peer's stream: acknowledge it — with a spool, once
-    /// the watermark is durable (one persist in flight at a time, so they coalesce meanwhile;
-    /// after a refusal the retry timer sends the next; `last`: the task is stopping, persist the
-    /// newest regardless).
+    /// The application settled more of the peer's stream: the gate says whether to acknowledge
+    /// it now or to persist it first (`last`: the task is stopping, persist the newest
+    /// regardless).
     fn persist_settled(&mut self, last: bool) {
-        let (epoch, up_to) = self.settlement.watermark();
-        let Some(durable) = &self.shared.durable else {
-            self.link.acknowledge(epoch, up_to);
-            return;
-        };
-        #[cfg(feature = "fault-injection")]
-        if self.shared.seams.fault == weft_proto::link::Fault::WatermarkAfterAck {
-            // The canary's bug: acknowledge before the watermark is durable.
+        let output = self.gate.handle_settled(self.settlement.watermark(), last);
+        self.apply_gate(output);
+    }
+
+    fn apply_gate(&mut self, output: GateOutput) {
+        if let Some((epoch, up_to)) = output.acknowledge {
             self.link.acknowledge(epoch, up_to);
         }
-        let newer = |(e, u): (u64, u64)| e != epoch || up_to > u;
-        // Nothing delivered of the stream yet: a watermark would add nothing (the peer's
-        // resume starts the stream again after a restart), only a record per lane.
-        if up_to == 0 || !newer(self.watermark_durable) || self.watermark_stopped {
-            return;
-        }
-        if self.watermark_retry_at.is_some() && !last {
-            return;
-        }
-        match self.watermark_in_flight {
-            Some(in_flight) if !last || !newer(in_flight) => return,
-            _ => {}
-        }
-        let watermark = Watermark {
-            peer: self.peer,
-            epoch,
-            up_to,
-            lane: self.link.lane(),
-        };
-        let command = Command::Watermark {
-            watermark,
-            reply: self.control_tx.clone(),
-        };
-        if durable.tx.send(command).is_ok() {
-            self.watermark_in_flight = Some((epoch, up_to));
+        if let (Some((epoch, up_to)), Some(durable)) = (output.persist, &self.shared.durable) {
+            let watermark = Watermark {
+                peer: self.peer,
+                epoch,
+                up_to,
+                lane: self.link.lane(),
+            };
+            let _ = durable.tx.send(Command::Watermark {
+                watermark,
+                reply: self.control_tx.clone(),
+            });
         }
     }
 
     /// Gives up queued messages past their expiry or retry budget: each goes to the dead-letter
     /// log (with a spool), its receipt fails, and the application gets an event.
     fn expire(&mut self) {
-        self.expiry_at = None;
         let now = self.shared.now_unix_ms();
         let given_up = self.link.expire(now);
         self.dead_letter(given_up);
@@ -846,10 +785,9 @@ impl PeerTask {
         self.absorb();
     }
 
+    /// A connection passed its hello: the connectivity machine decides whether it replaces the
+    /// one in use or is closed as a duplicate.
     fn install(&mut self, established: Established) {
-        if established.dialed_by_local {
-            self.dial = Dial::Idle;
-        }
         if self
             .conn
             .as_ref()
@@ -859,20 +797,16 @@ impl PeerTask {
             // never prefer it over a live one.
             self.connection_lost("connection closed".into());
         }
-        if let Some(current) = &self.conn {
-            let keep = resolve_duplicate(
-                &self.shared.id,
-                &self.peer,
-                Candidate {
-                    dialed_by_local: current.dialed_by_local,
-                    peer_incarnation: current.peer_incarnation,
-                },
-                Candidate {
-                    dialed_by_local: established.dialed_by_local,
-                    peer_incarnation: established.peer_incarnation,
-                },
-            );
-            if keep == Keep::Existing {
+        let Some(connectivity) = &mut self.connectivity else {
+            return;
+        };
+        let admit = connectivity.handle_connection(NewConnection {
+            remote: established.remote,
+            dialed_by_local: established.dialed_by_local,
+            peer_incarnation: established.peer_incarnation,
+        });
+        let (generation, replaced) = match admit {
+            Admit::CloseNew => {
                 debug!(
                     incarnation = established.peer_incarnation,
                     "closing duplicate connection"
@@ -882,56 +816,59 @@ impl PeerTask {
                     .close(close_code::DUPLICATE, b"duplicate connection");
                 return;
             }
-            let reason = if established.peer_incarnation > current.peer_incarnation {
-                // The peer restarted: the connection to its previous run is dead, however long
-                // QUIC would take to notice.
-                "the peer restarted"
-            } else {
-                "replaced by another connection"
-            };
-            current
-                .connection
-                .close(close_code::DUPLICATE, b"replaced by another connection");
-            self.connection_lost(reason.into());
-            self.dial = Dial::Idle;
-        }
-        let (remote, dialed_by_local) = (established.remote, established.dialed_by_local);
-        if dialed_by_local {
-            self.preferred_addr = Some(remote);
-        } else {
-            // An incoming connection comes from the peer's own socket: a good address to redial.
-            if !self.addrs.contains(&remote) {
-                remember(&mut self.learned, remote);
+            Admit::Install {
+                generation,
+                replaced,
+            } => (generation, replaced),
+        };
+        if let Some(replaced) = replaced {
+            if let Some(current) = self.conn.take() {
+                current
+                    .connection
+                    .close(close_code::DUPLICATE, b"replaced by another connection");
+                self.link.disconnected();
+                self.connected.send_replace(false);
             }
+            self.connectivity_events(replaced.as_str());
         }
-        // The backoff is reset only once this connection proves itself (the peer's resume
-        // arrives), so a peer that accepts and at once drops connections is not redialed in a
-        // tight loop.
-        self.proven = false;
-        self.generation += 1;
+        self.generation = generation;
         self.conn = Some(Conn::new(established));
         self.link.connected();
         self.connected.send_replace(true);
-        self.lanes_up = 0;
-        if self.others.is_empty() {
-            self.peer_up();
-        }
+        self.connectivity_events("");
         self.open_lanes();
         self.process_rx();
     }
 
-    /// The connection carries every lane: the peer is up (the event, the metric; see the
-    /// module doc).
-    fn peer_up(&mut self) {
-        let Some(conn) = &self.conn else { return };
-        let (remote, dialed) = (conn.remote, conn.dialed_by_local);
-        self.up = true;
-        self.shared.metrics.peer_up();
-        info!(%remote, dialed, "peer up");
-        let _ = self.shared.events.send(PeerEvent::Up {
-            peer: self.peer,
-            addr: remote,
-        });
+    /// Carries out what the connectivity machine asks for: dials, and the peer's up and down
+    /// (events, metric, log); `reason` says why, for a down.
+    fn connectivity_events(&mut self, reason: &str) {
+        while let Some(event) = self.connectivity.as_mut().and_then(Peer::poll_event) {
+            match event {
+                weft_proto::peer::PeerEvent::Dial { addresses, stagger } => {
+                    self.start_dial(addresses, stagger)
+                }
+                weft_proto::peer::PeerEvent::Up {
+                    remote,
+                    dialed_by_local,
+                } => {
+                    self.shared.metrics.peer_up();
+                    info!(%remote, dialed = dialed_by_local, "peer up");
+                    let _ = self.shared.events.send(PeerEvent::Up {
+                        peer: self.peer,
+                        addr: remote,
+                    });
+                }
+                weft_proto::peer::PeerEvent::Down => {
+                    self.shared.metrics.peer_down();
+                    info!(%reason, "peer down");
+                    let _ = self.shared.events.send(PeerEvent::Down {
+                        peer: self.peer,
+                        reason: reason.to_string(),
+                    });
+                }
+            }
+        }
     }
 
     /// Gives the other lanes' tasks their streams on the connection just installed: the side
@@ -1007,7 +944,6 @@ impl PeerTask {
         }
         self.connection_lost("replaced by a newer connection".into());
         self.generation = generation;
-        self.proven = false;
         self.conn = Some(Conn::new(established));
         self.link.connected();
         self.connected.send_replace(true);
@@ -1019,27 +955,26 @@ impl PeerTask {
     }
 
     fn connection_lost(&mut self, reason: String) {
+        self.lose_connection(reason, false);
+    }
+
+    /// The connection (or this lane's stream) is gone; `goodbye`: the peer left on purpose, so
+    /// only the addresses we were given are redialed.
+    fn lose_connection(&mut self, reason: String, goodbye: bool) {
         let Some(conn) = self.conn.take() else { return };
         drop(conn);
         self.link.disconnected();
         self.connected.send_replace(false);
-        let was_up = std::mem::take(&mut self.up);
-        if !self.owns_connection() {
+        let Some(connectivity) = &mut self.connectivity else {
             // The normal lane's task reports the connection and redials.
             debug!(%reason, "lane stream down");
             return;
-        }
-        if was_up {
-            self.shared.metrics.peer_down();
-            info!(%reason, "peer down");
-            let _ = self.shared.events.send(PeerEvent::Down {
-                peer: self.peer,
-                reason,
-            });
-        } else {
+        };
+        if !connectivity.is_up() {
             info!(%reason, "connection lost before every lane was up");
         }
-        self.schedule_dial();
+        connectivity.handle_connection_lost(now(), goodbye);
+        self.connectivity_events(&reason);
     }
 
     fn protocol_error(&mut self, reason: String) {
@@ -1052,58 +987,11 @@ impl PeerTask {
         self.connection_lost(format!("protocol error: {reason}"));
     }
 
-    /// How many addresses there are to dial.
-    fn dial_targets(&self) -> usize {
-        self.addrs.len() + self.learned.len()
-    }
-
-    fn schedule_dial(&mut self) {
-        if self.conn.is_some() || self.dial_targets() == 0 || self.dial != Dial::Idle {
-            return;
-        }
-        if self.shared.is_shutting_down() {
-            return;
-        }
-        let delay_ms = if self.backoff.attempts() == 0 && self.generation == 0 {
-            0
-        } else {
-            self.backoff.next_delay_ms(self.shared.random())
-        };
-        self.dial = Dial::At(Instant::now() + Duration::from_millis(delay_ms));
-    }
-
-    /// Dials every known address of the peer, the one that worked last first, each next one
-    /// [`DIAL_STAGGER`] after the previous (happy-eyeballs style): an unreachable advertised
-    /// address costs a stagger, not a handshake timeout. The first connection is handed over;
-    /// attempts not started yet are skipped, and one that completes anyway goes through the
-    /// usual duplicate resolution. Only when every address failed is the dial a failure.
-    fn start_dial(&mut self) {
-        let mut targets: Vec<SocketAddr> = self
-            .addrs
-            .iter()
-            .chain(self.learned.iter())
-            .copied()
-            .collect();
-        if self.conn.is_some() || targets.is_empty() {
-            self.dial = Dial::Idle;
-            return;
-        }
-        // Rotate, so that a round that failed everywhere starts elsewhere next time; the
-        // address that worked last goes first.
-        let rotate = self.next_addr % targets.len();
-        targets.rotate_left(rotate);
-        self.next_addr = self.next_addr.wrapping_add(1);
-        if let Some(preferred) = self.preferred_addr {
-            if let Some(position) = targets.iter().position(|a| *a == preferred) {
-                let addr = targets.remove(position);
-                targets.insert(0, addr);
-            }
-        }
-        self.dial = Dial::InFlight;
-        if self.backoff.attempts() == 0 {
-            // Count the attempt now, so a failure right away still backs off.
-            self.backoff.next_delay_ms(0);
-        }
+    /// Dials `targets` in order, each next one `stagger` after the previous (as the
+    /// connectivity machine asked): the first connection is handed over; attempts not started
+    /// yet are skipped, and one that completes anyway goes through the usual duplicate
+    /// resolution. Only when every address failed is the dial a failure.
+    fn start_dial(&mut self, targets: Vec<SocketAddr>, stagger: Duration) {
         debug!(addresses = targets.len(), "dialing");
         let shared = Arc::clone(&self.shared);
         let control = self.control_tx.clone();
@@ -1118,7 +1006,7 @@ impl PeerTask {
                     let connected = Arc::clone(&connected);
                     attempts.push(async move {
                         if position > 0 {
-                            tokio::time::sleep(DIAL_STAGGER * position as u32).await;
+                            tokio::time::sleep(stagger * position as u32).await;
                             if connected.load(std::sync::atomic::Ordering::Acquire) {
                                 return None;
                             }
@@ -1167,17 +1055,16 @@ impl PeerTask {
             }
             Ok(None) => {
                 // Only a clean shutdown finishes the stream (see `drain`): a goodbye.
-                self.learned.clear();
-                self.connection_lost("the peer finished its stream (shutting down)".into());
+                self.lose_connection("the peer finished its stream (shutting down)".into(), true);
             }
             Err(quinn::ReadError::ConnectionLost(e)) => {
-                if let quinn::ConnectionError::ApplicationClosed(close) = &e {
-                    if close.error_code == close_code::SHUTDOWN {
-                        // A goodbye: the peer left on purpose. Redial only what we were told to.
-                        self.learned.clear();
-                    }
-                }
-                self.connection_lost(e.to_string());
+                // A goodbye: the peer left on purpose. Redial only what we were told to.
+                let goodbye = matches!(
+                    &e,
+                    quinn::ConnectionError::ApplicationClosed(close)
+                        if close.error_code == close_code::SHUTDOWN
+                );
+                self.lose_connection(e.to_string(), goodbye);
             }
             Err(e) => self.connection_lost(format!("read failed: {e}")),
         }
@@ -1301,10 +1188,9 @@ impl PeerTask {
         self.persist_settled(true);
         if let Some(conn) = self.conn.take() {
             self.connected.send_replace(false);
-            let was_up = std::mem::take(&mut self.up);
-            if self.owns_connection() {
+            if let Some(connectivity) = &self.connectivity {
                 conn.connection.close(close_code::SHUTDOWN, b"shutdown");
-                if was_up {
+                if connectivity.is_up() {
                     self.shared.metrics.peer_down();
                 }
             }
@@ -1481,19 +1367,15 @@ fn held_size(frame: &Frame) -> usize {
     }
 }
 
-async fn sleep_until(at: Option<Instant>) {
+/// Sleeps until a deadline of the sans-IO machines (forever without one).
+async fn sleep_until(at: Option<std::time::Instant>) {
     match at {
-        Some(at) => tokio::time::sleep_until(at).await,
+        Some(at) => tokio::time::sleep_until(Instant::from_std(at)).await,
         None => pending().await,
     }
 }
 
-/// Adds `addr` to a bounded address list (the oldest goes when it is full).
-fn remember(list: &mut Vec<SocketAddr>, addr: SocketAddr) {
-    if !list.contains(&addr) {
-        if list.len() >= ADDRESSES_MAX {
-            list.remove(0);
-        }
-        list.push(addr);
-    }
+/// The driver's clock, as the sans-IO machines take it.
+fn now() -> std::time::Instant {
+    Instant::now().into_std()
 }

@@ -1,0 +1,790 @@
+//! Two [`Peer`] machines over a simulated wire, in virtual time (the shape of quinn-proto's
+//! `Pair`): dials take a round trip to complete or a timeout to fail, connections carry the
+//! lane handshake and the resume, partitions break connections after an idle timeout, and a
+//! node can restart (a new machine with a newer incarnation). The harness owns the clock and
+//! steps to the next deadline; a run that never settles fails instead of looping.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use crate::backoff::SplitMix64;
+use crate::peer::{
+    Admit, ExpiryTimer, GateOutput, NewConnection, Peer, PeerConfig, PeerEvent, Refusal,
+    WatermarkGate, EXPIRY_CHECK, WATERMARK_RETRY,
+};
+use crate::NodeId;
+
+const LATENCY: Duration = Duration::from_millis(5);
+/// A dial to an address nobody answers fails after this.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
+/// A connection across a partition is noticed dead after this.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Most steps a run may take: a run that needs more is spinning.
+const STEPS_MAX: usize = 200_000;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Side {
+    A,
+    B,
+}
+
+impl Side {
+    fn other(self) -> Self {
+        match self {
+            Self::A => Self::B,
+            Self::B => Self::A,
+        }
+    }
+}
+
+#[derive(Debug)]
+enum Action {
+    /// One dial attempt of `round` starts.
+    Attempt {
+        side: Side,
+        round: u64,
+        to: SocketAddr,
+    },
+    /// The handshake of `conn` completes at both ends.
+    Established { conn: u64 },
+    /// A dial attempt of `round` failed.
+    AttemptFailed { side: Side, round: u64 },
+    /// `side` learns that `conn` closed.
+    Lost {
+        side: Side,
+        conn: u64,
+        goodbye: bool,
+    },
+    /// A lane stream of `conn` is installed at `side`.
+    LaneUp { side: Side, conn: u64 },
+    /// The peer's resume arrives at `side` on `conn`.
+    Resumed { side: Side, conn: u64 },
+}
+
+#[derive(Debug)]
+struct Conn {
+    dialer: Side,
+    /// Incarnations of (A, B) when it was made.
+    incarnations: (u64, u64),
+    open: bool,
+    /// Generation at each side, once installed there.
+    generation: BTreeMap<Side, u64>,
+}
+
+#[derive(Debug)]
+struct Round {
+    attempts_left: usize,
+    connected: bool,
+}
+
+#[derive(Debug)]
+struct End {
+    id: NodeId,
+    addr: SocketAddr,
+    peer: Peer,
+    alive: bool,
+    incarnation: u64,
+    /// The connection this end uses.
+    current: Option<u64>,
+    rounds: BTreeMap<u64, Round>,
+    /// Up minus down events (must stay 0 or 1).
+    up_balance: i32,
+    ups: usize,
+    dial_rounds: usize,
+    /// The addresses of the last dial round, in order.
+    last_dial: Vec<SocketAddr>,
+    /// Closes every connection right after its handshake (a peer that accepts and drops).
+    drops_connections: bool,
+}
+
+struct Pair {
+    now: Instant,
+    start: Instant,
+    queue: BTreeMap<(Instant, u64), Action>,
+    order: u64,
+    conns: BTreeMap<u64, Conn>,
+    next_conn: u64,
+    next_round: u64,
+    partitioned: bool,
+    a: End,
+    b: End,
+    config: PeerConfig,
+    rng: SplitMix64,
+}
+
+fn node(byte: u8) -> NodeId {
+    NodeId::from_bytes([byte; 32])
+}
+
+fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+impl Pair {
+    /// A (id 1) and B (id 2); each knows the other's address if told so.
+    fn new(seed: u64, a_knows_b: bool, b_knows_a: bool) -> Self {
+        let now = Instant::now();
+        let config = PeerConfig::default();
+        let mut rng = SplitMix64::new(seed);
+        let make = |me: u8, them: u8, port: u16, rng: &mut SplitMix64| End {
+            id: node(me),
+            addr: addr(port),
+            peer: Peer::new(node(me), node(them), config.clone(), rng.next_u64()),
+            alive: true,
+            incarnation: 1,
+            current: None,
+            rounds: BTreeMap::new(),
+            up_balance: 0,
+            ups: 0,
+            dial_rounds: 0,
+            last_dial: Vec::new(),
+            drops_connections: false,
+        };
+        let mut pair = Self {
+            now,
+            start: now,
+            queue: BTreeMap::new(),
+            order: 0,
+            conns: BTreeMap::new(),
+            next_conn: 1,
+            next_round: 1,
+            partitioned: false,
+            a: make(1, 2, 7001, &mut rng),
+            b: make(2, 1, 7002, &mut rng),
+            config,
+            rng,
+        };
+        if a_knows_b {
+            let to = pair.b.addr;
+            pair.a.peer.handle_addresses(now, [to]);
+        }
+        if b_knows_a {
+            let to = pair.a.addr;
+            pair.b.peer.handle_addresses(now, [to]);
+        }
+        pair.process(Side::A);
+        pair.process(Side::B);
+        pair
+    }
+
+    fn end(&mut self, side: Side) -> &mut End {
+        match side {
+            Side::A => &mut self.a,
+            Side::B => &mut self.b,
+        }
+    }
+
+    fn at(&mut self, at: Instant, action: Action) {
+        self.order += 1;
+        self.queue.insert((at, self.order), action);
+    }
+
+    /// Drains a machine's events into wire actions and checks the up/down balance.
+    fn process(&mut self, side: Side) {
+        let now = self.now;
+        while let Some(event) = self.end(side).peer.poll_event() {
+            match event {
+                PeerEvent::Dial { addresses, stagger } => {
+                    let round = self.next_round;
+                    self.next_round += 1;
+                    let end = self.end(side);
+                    end.dial_rounds += 1;
+                    end.last_dial.clone_from(&addresses);
+                    end.rounds.insert(
+                        round,
+                        Round {
+                            attempts_left: addresses.len(),
+                            connected: false,
+                        },
+                    );
+                    for (i, to) in addresses.into_iter().enumerate() {
+                        self.at(
+                            now + stagger * i as u32,
+                            Action::Attempt { side, round, to },
+                        );
+                    }
+                }
+                PeerEvent::Up { .. } => {
+                    let end = self.end(side);
+                    end.up_balance += 1;
+                    end.ups += 1;
+                    assert_eq!(end.up_balance, 1, "{side:?}: up twice without a down");
+                }
+                PeerEvent::Down => {
+                    let end = self.end(side);
+                    end.up_balance -= 1;
+                    assert_eq!(end.up_balance, 0, "{side:?}: down without an up");
+                }
+            }
+        }
+        let end = self.end(side);
+        assert_eq!(
+            end.up_balance == 1,
+            end.peer.is_up(),
+            "{side:?}: events and state agree"
+        );
+    }
+
+    fn handle(&mut self, action: Action) {
+        match action {
+            Action::Attempt { side, round, to } => {
+                let end = self.end(side);
+                if !end.alive || end.rounds.get(&round).is_none_or(|r| r.connected) {
+                    // Skipped: one attempt of the round connected already (or we restarted).
+                    self.attempt_done(side, round, false);
+                    return;
+                }
+                let target = side.other();
+                let reachable = !self.partitioned && {
+                    let t = self.end(target);
+                    t.alive && t.addr == to
+                };
+                if reachable {
+                    let conn = self.next_conn;
+                    self.next_conn += 1;
+                    self.conns.insert(
+                        conn,
+                        Conn {
+                            dialer: side,
+                            incarnations: (self.a.incarnation, self.b.incarnation),
+                            open: true,
+                            generation: BTreeMap::new(),
+                        },
+                    );
+                    self.end(side)
+                        .rounds
+                        .get_mut(&round)
+                        .expect("round")
+                        .connected = true;
+                    let at = self.now + LATENCY * 2;
+                    self.at(at, Action::Established { conn });
+                    self.attempt_done(side, round, true);
+                } else {
+                    let at = self.now + HANDSHAKE_TIMEOUT;
+                    self.at(at, Action::AttemptFailed { side, round });
+                }
+            }
+            Action::AttemptFailed { side, round } => self.attempt_done(side, round, false),
+            Action::Established { conn } => {
+                let (dialer, incarnations) = {
+                    let c = &self.conns[&conn];
+                    (c.dialer, c.incarnations)
+                };
+                // Either end may have restarted or been cut off during the handshake.
+                let live = !self.partitioned
+                    && self.a.alive
+                    && self.b.alive
+                    && incarnations == (self.a.incarnation, self.b.incarnation);
+                if !live {
+                    self.conns.get_mut(&conn).expect("conn").open = false;
+                    return;
+                }
+                for side in [dialer, dialer.other()] {
+                    if self.conns[&conn].open {
+                        self.install(side, conn);
+                    }
+                }
+            }
+            Action::Lost {
+                side,
+                conn,
+                goodbye,
+            } => {
+                let now = self.now;
+                let end = self.end(side);
+                if end.alive && end.current == Some(conn) {
+                    end.current = None;
+                    end.peer.handle_connection_lost(now, goodbye);
+                    self.process(side);
+                }
+            }
+            Action::LaneUp { side, conn } => {
+                let c = &self.conns[&conn];
+                if !c.open {
+                    return;
+                }
+                let generation = c.generation[&side];
+                let end = self.end(side);
+                if end.current == Some(conn) {
+                    end.peer.handle_lane_up(generation);
+                    self.process(side);
+                }
+            }
+            Action::Resumed { side, conn } => {
+                let open = self.conns[&conn].open;
+                let end = self.end(side);
+                if open && end.current == Some(conn) {
+                    end.peer.handle_resumed();
+                }
+            }
+        }
+    }
+
+    fn attempt_done(&mut self, side: Side, round: u64, connected: bool) {
+        let now = self.now;
+        let end = self.end(side);
+        let Some(r) = end.rounds.get_mut(&round) else {
+            return;
+        };
+        r.attempts_left -= 1;
+        if r.attempts_left == 0 {
+            let failed = !r.connected && !connected;
+            end.rounds.remove(&round);
+            if failed && end.alive {
+                end.peer.handle_dial_failed(now);
+                self.process(side);
+            }
+        }
+    }
+
+    /// The handshake completed at `side`: the machine decides.
+    fn install(&mut self, side: Side, conn: u64) {
+        if self.end(side).drops_connections {
+            self.close(conn, false);
+            return;
+        }
+        let dialer = self.conns[&conn].dialer;
+        let incarnations = self.conns[&conn].incarnations;
+        let peer_incarnation = match side {
+            Side::A => incarnations.1,
+            Side::B => incarnations.0,
+        };
+        let remote = self.end(side.other()).addr;
+        let new = NewConnection {
+            remote,
+            dialed_by_local: dialer == side,
+            peer_incarnation,
+        };
+        let admit = self.end(side).peer.handle_connection(new);
+        match admit {
+            Admit::CloseNew => self.close(conn, false),
+            Admit::Install {
+                generation,
+                replaced,
+            } => {
+                let end = self.end(side);
+                let old = end.current.replace(conn);
+                if replaced.is_some() {
+                    let old = old.expect("replaced a connection in use");
+                    self.close(old, false);
+                }
+                self.conns
+                    .get_mut(&conn)
+                    .expect("conn")
+                    .generation
+                    .insert(side, generation);
+                for _ in 0..self.config.other_lanes {
+                    let at = self.now + LATENCY;
+                    self.at(at, Action::LaneUp { side, conn });
+                }
+                let at = self.now + LATENCY;
+                self.at(at, Action::Resumed { side, conn });
+            }
+        }
+        self.process(side);
+    }
+
+    /// `conn` closes: each end using it learns so after the latency.
+    fn close(&mut self, conn: u64, goodbye: bool) {
+        let c = self.conns.get_mut(&conn).expect("conn");
+        if !c.open {
+            return;
+        }
+        c.open = false;
+        for side in [Side::A, Side::B] {
+            let at = self.now + LATENCY;
+            self.at(
+                at,
+                Action::Lost {
+                    side,
+                    conn,
+                    goodbye,
+                },
+            );
+        }
+    }
+
+    fn partition(&mut self) {
+        self.partitioned = true;
+        let open: Vec<u64> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.open)
+            .map(|(id, _)| *id)
+            .collect();
+        for conn in open {
+            self.conns.get_mut(&conn).expect("conn").open = false;
+            for side in [Side::A, Side::B] {
+                let at = self.now + IDLE_TIMEOUT;
+                self.at(
+                    at,
+                    Action::Lost {
+                        side,
+                        conn,
+                        goodbye: false,
+                    },
+                );
+            }
+        }
+    }
+
+    fn heal(&mut self) {
+        self.partitioned = false;
+    }
+
+    /// `side` crashes and starts again at once with a new incarnation; it knows the other's
+    /// address if `knows_other`. The other end notices only when a connection of the new
+    /// incarnation arrives, or its idle timeout.
+    fn restart(&mut self, side: Side, knows_other: bool) {
+        let now = self.now;
+        let seed = self.rng.next_u64();
+        let other_addr = self.end(side.other()).addr;
+        let config = self.config.clone();
+        let (me, them) = (self.end(side).id, self.end(side.other()).id);
+        let old = {
+            let end = self.end(side);
+            end.incarnation += 1;
+            end.peer = Peer::new(me, them, config, seed);
+            end.up_balance = 0;
+            end.rounds.clear();
+            end.current.take()
+        };
+        if let Some(old) = old {
+            // The other end does not hear of it (a crash): it times out, unless replaced first.
+            self.conns.get_mut(&old).expect("conn").open = false;
+            let at = now + IDLE_TIMEOUT;
+            self.at(
+                at,
+                Action::Lost {
+                    side: side.other(),
+                    conn: old,
+                    goodbye: false,
+                },
+            );
+        }
+        if knows_other {
+            self.end(side).peer.handle_addresses(now, [other_addr]);
+        }
+        self.process(side);
+    }
+
+    /// Runs until `until` (virtual), stepping to each next action or machine deadline.
+    fn run_until(&mut self, until: Instant) {
+        for _ in 0..STEPS_MAX {
+            let next_action = self.queue.keys().next().map(|(at, _)| *at);
+            let next_timer = [self.a.peer.poll_timeout(), self.b.peer.poll_timeout()]
+                .into_iter()
+                .flatten()
+                .min();
+            let next = [next_action, next_timer].into_iter().flatten().min();
+            let Some(next) = next.filter(|at| *at <= until) else {
+                self.now = until;
+                return;
+            };
+            self.now = self.now.max(next);
+            if next_action == Some(next) {
+                let key = *self.queue.keys().next().expect("action");
+                let action = self.queue.remove(&key).expect("action");
+                self.handle(action);
+            } else {
+                for side in [Side::A, Side::B] {
+                    let now = self.now;
+                    self.end(side).peer.handle_timeout(now);
+                    self.process(side);
+                }
+            }
+        }
+        panic!("the pair never went idle within {STEPS_MAX} steps");
+    }
+
+    fn run_for(&mut self, duration: Duration) {
+        let until = self.now + duration;
+        self.run_until(until);
+    }
+
+    /// Both ends are up on the same open connection.
+    fn assert_settled(&self) {
+        let (a, b) = (self.a.current, self.b.current);
+        assert!(a.is_some(), "A has no connection");
+        assert_eq!(a, b, "both ends use the same connection");
+        assert!(self.conns[&a.unwrap()].open, "that connection is open");
+        assert!(self.a.peer.is_up() && self.b.peer.is_up(), "both are up");
+        let open = self.conns.values().filter(|c| c.open).count();
+        assert_eq!(open, 1, "exactly one connection stays open");
+    }
+
+    fn elapsed(&self) -> Duration {
+        self.now - self.start
+    }
+}
+
+/// The longest a pair may take to find each other again once nothing stops them: the largest
+/// backoff, a dial round through each stagger, a handshake timeout for a dead address, the idle
+/// timeout of a dead connection, and some round trips.
+fn settle_bound() -> Duration {
+    let config = PeerConfig::default();
+    config.reconnect_max + HANDSHAKE_TIMEOUT + IDLE_TIMEOUT + config.dial_stagger * 4
+}
+
+#[test]
+fn a_dial_connects_and_the_peer_is_up_once_every_lane_is() {
+    let mut pair = Pair::new(1, true, false);
+    // The dial starts at once: a first dial never waits for a backoff.
+    pair.run_for(LATENCY * 2);
+    assert!(pair.a.peer.is_connected() && pair.b.peer.is_connected());
+    assert!(!pair.a.peer.is_up(), "lanes are not installed yet");
+    pair.run_for(LATENCY);
+    pair.assert_settled();
+    assert_eq!(pair.a.dial_rounds, 1);
+}
+
+#[test]
+fn simultaneous_dials_keep_one_connection_at_both_ends() {
+    for seed in 0..20 {
+        let mut pair = Pair::new(seed, true, true);
+        pair.run_for(Duration::from_secs(1));
+        pair.assert_settled();
+        assert_eq!(pair.conns.len(), 2, "both dialed");
+        // The connection dialed by the smaller id (A) wins at both ends.
+        let kept = pair.a.current.unwrap();
+        assert_eq!(pair.conns[&kept].dialer, Side::A);
+        assert_eq!((pair.a.ups, pair.b.ups), (1, 1), "no flapping");
+    }
+}
+
+#[test]
+fn a_partition_backs_off_and_reconnects_after_it_heals() {
+    let mut pair = Pair::new(7, true, true);
+    pair.run_for(Duration::from_secs(1));
+    pair.assert_settled();
+    pair.partition();
+    pair.run_for(Duration::from_secs(30));
+    assert!(!pair.a.peer.is_up() && !pair.b.peer.is_up());
+    let rounds = pair.a.dial_rounds + pair.b.dial_rounds;
+    // Backed off: 30 s of failures at up to 5 s apart (plus the 2 s handshake timeout) is a
+    // handful of rounds, not one per initial delay (which would be hundreds).
+    assert!(rounds < 30, "{rounds} dial rounds in 30 s of partition");
+    assert!(pair.a.peer.dial_attempts() >= 3, "the backoff grew");
+    pair.heal();
+    let healed = pair.now;
+    pair.run_for(settle_bound());
+    pair.assert_settled();
+    assert!(pair.now - healed <= settle_bound());
+}
+
+#[test]
+fn the_backoff_resets_only_once_a_connection_proved_itself() {
+    let mut pair = Pair::new(3, true, false);
+    pair.partition();
+    pair.run_for(Duration::from_secs(20));
+    let attempts = pair.a.peer.dial_attempts();
+    assert!(attempts >= 3);
+    pair.heal();
+    pair.run_for(settle_bound());
+    pair.assert_settled();
+    assert_eq!(
+        pair.a.peer.dial_attempts(),
+        0,
+        "the resume reset the backoff"
+    );
+}
+
+#[test]
+fn a_peer_that_drops_every_connection_is_redialed_with_backoff() {
+    let mut pair = Pair::new(4, true, false);
+    pair.b.drops_connections = true;
+    pair.run_for(Duration::from_secs(30));
+    // Each connection lives for a round trip: were the backoff reset on every install, A would
+    // redial every initial delay (50 ms), hundreds of times.
+    assert!(
+        pair.a.dial_rounds < 20,
+        "{} dial rounds",
+        pair.a.dial_rounds
+    );
+    assert!(pair.a.peer.dial_attempts() >= 3);
+    pair.b.drops_connections = false;
+    pair.run_for(settle_bound());
+    pair.assert_settled();
+}
+
+#[test]
+fn a_restarted_peer_replaces_the_dead_connection_at_once() {
+    let mut pair = Pair::new(5, true, true);
+    pair.run_for(Duration::from_secs(1));
+    pair.assert_settled();
+    let downs_before = pair.a.ups;
+    pair.restart(Side::B, true);
+    // B dials at once; A replaces the old connection well before its idle timeout.
+    pair.run_for(Duration::from_millis(100));
+    pair.assert_settled();
+    assert!(pair.elapsed() < Duration::from_secs(2));
+    assert_eq!(pair.a.ups, downs_before + 1, "A saw one down and one up");
+}
+
+#[test]
+fn a_goodbye_forgets_learned_addresses() {
+    // Only A knows B: B learned A's address from A's connection.
+    let mut pair = Pair::new(9, true, false);
+    pair.run_for(Duration::from_secs(1));
+    pair.assert_settled();
+    assert_eq!(
+        pair.b.peer.addresses().count(),
+        1,
+        "learned from the incoming connection"
+    );
+    // A says goodbye: B stops redialing it (a connection lost otherwise would be redialed).
+    let conn = pair.a.current.unwrap();
+    pair.a.alive = false;
+    pair.close(conn, true);
+    pair.run_for(Duration::from_secs(10));
+    assert_eq!(pair.b.peer.addresses().count(), 0);
+    assert!(pair.b.peer.poll_timeout().is_none(), "nothing to redial");
+}
+
+#[test]
+fn a_dead_address_costs_a_stagger_not_a_timeout() {
+    let mut pair = Pair::new(11, false, false);
+    let now = pair.now;
+    let b = pair.b.addr;
+    // A dead address first, then B's: B's attempt starts one stagger later.
+    pair.a.peer.handle_addresses(now, [addr(9), b]);
+    pair.process(Side::A);
+    pair.run_for(PeerConfig::default().dial_stagger + LATENCY * 3);
+    pair.assert_settled();
+    assert_eq!(pair.a.last_dial, vec![addr(9), b]);
+    // The connection drops: the redial tries the address that worked first.
+    let conn = pair.a.current.unwrap();
+    pair.close(conn, false);
+    pair.run_for(Duration::from_secs(6));
+    pair.assert_settled();
+    assert_eq!(pair.a.last_dial[0], b, "the address that worked goes first");
+}
+
+/// Random partitions, heals and restarts; whatever happened, a pair left alone settles on one
+/// connection, and the up/down events stay balanced throughout (checked at every step).
+#[test]
+fn random_faults_always_settle() {
+    for seed in 0..200u64 {
+        random_faults(seed);
+    }
+}
+
+fn random_faults(seed: u64) {
+    let mut rng = SplitMix64::new(seed ^ 0x5eed);
+    let a_knows_b = !rng.next_u64().is_multiple_of(4);
+    let b_knows_a = !a_knows_b || rng.next_u64().is_multiple_of(2);
+    let mut pair = Pair::new(seed, a_knows_b, b_knows_a);
+    for _ in 0..(rng.next_u64() % 12) {
+        match rng.next_u64() % 5 {
+            0 => pair.partition(),
+            1 => pair.heal(),
+            2 => pair.restart(Side::A, a_knows_b),
+            3 => pair.restart(Side::B, b_knows_a),
+            _ => {}
+        }
+        pair.run_for(Duration::from_millis(rng.next_u64() % 8_000));
+    }
+    pair.heal();
+    // A side that knows nobody's address and lost its learned one waits to be dialed, so
+    // only the knowing side's dial is certain: both ends must nevertheless settle.
+    pair.run_for(settle_bound() * 2);
+    pair.assert_settled();
+}
+
+#[test]
+fn shutdown_stops_dialing() {
+    let mut pair = Pair::new(2, true, false);
+    pair.partition();
+    pair.run_for(Duration::from_secs(3));
+    pair.a.peer.handle_shutdown();
+    assert!(pair.a.peer.poll_timeout().is_none());
+    let rounds = pair.a.dial_rounds;
+    pair.heal();
+    pair.run_for(Duration::from_secs(20));
+    assert_eq!(pair.a.dial_rounds, rounds);
+    assert!(!pair.a.peer.is_connected());
+}
+
+#[test]
+fn without_a_spool_settlements_are_acknowledged_at_once() {
+    let mut gate = WatermarkGate::new(false, (0, 0));
+    let output = gate.handle_settled((1, 5), false);
+    assert_eq!(
+        output,
+        GateOutput {
+            acknowledge: Some((1, 5)),
+            persist: None
+        }
+    );
+}
+
+#[test]
+fn with_a_spool_nothing_is_acknowledged_before_it_is_durable() {
+    let now = Instant::now();
+    let mut gate = WatermarkGate::new(true, (0, 0));
+    // Nothing delivered yet: nothing to persist.
+    assert_eq!(gate.handle_settled((1, 0), false), GateOutput::default());
+    let first = gate.handle_settled((1, 3), false);
+    assert_eq!(first.acknowledge, None, "not before durable");
+    assert_eq!(first.persist, Some((1, 3)));
+    // One persist in flight: later settlements coalesce.
+    assert_eq!(gate.handle_settled((1, 4), false), GateOutput::default());
+    assert_eq!(gate.handle_settled((1, 9), false), GateOutput::default());
+    let (output, recovered) = gate.handle_durable((1, 3));
+    assert_eq!(output.acknowledge, Some((1, 3)));
+    assert!(!recovered);
+    // The driver hands the newest settlement again after a durable answer.
+    assert_eq!(gate.handle_settled((1, 9), false).persist, Some((1, 9)));
+    // Refused for room: nothing acknowledged, retried after the delay, not before.
+    assert_eq!(gate.handle_refused(now, (1, 9), false), Refusal::FirstFull);
+    assert_eq!(gate.handle_settled((1, 10), false), GateOutput::default());
+    assert_eq!(gate.poll_timeout(), Some(now + WATERMARK_RETRY));
+    assert!(!gate.handle_timeout(now + WATERMARK_RETRY / 2));
+    assert!(gate.handle_timeout(now + WATERMARK_RETRY));
+    assert_eq!(gate.handle_settled((1, 10), false).persist, Some((1, 10)));
+    assert_eq!(gate.handle_refused(now, (1, 10), false), Refusal::StillFull);
+    // At the stop the newest goes regardless of the retry delay.
+    assert_eq!(gate.handle_settled((1, 11), true).persist, Some((1, 11)));
+    let (output, recovered) = gate.handle_durable((1, 11));
+    assert_eq!(output.acknowledge, Some((1, 11)));
+    assert!(recovered, "the refusal episode ended");
+    assert_eq!(gate.durable(), (1, 11));
+    // An older or equal watermark is not persisted again; a new epoch is.
+    assert_eq!(gate.handle_settled((1, 11), false), GateOutput::default());
+    assert_eq!(gate.handle_settled((2, 1), false).persist, Some((2, 1)));
+}
+
+#[test]
+fn a_stopped_spool_is_never_asked_again() {
+    let now = Instant::now();
+    let mut gate = WatermarkGate::new(true, (1, 2));
+    assert_eq!(gate.handle_settled((1, 3), false).persist, Some((1, 3)));
+    assert_eq!(
+        gate.handle_refused(now, (1, 3), true),
+        Refusal::FirstStopped
+    );
+    assert_eq!(gate.poll_timeout(), None);
+    assert_eq!(gate.handle_settled((1, 4), true), GateOutput::default());
+    assert_eq!(
+        gate.handle_refused(now, (1, 4), true),
+        Refusal::StillStopped
+    );
+    assert_eq!(gate.durable(), (1, 2));
+}
+
+#[test]
+fn the_expiry_timer_runs_only_while_messages_are_queued() {
+    let now = Instant::now();
+    let mut timer = ExpiryTimer::default();
+    timer.arm(now, 0);
+    assert_eq!(timer.poll_timeout(), None);
+    timer.arm(now, 3);
+    assert_eq!(timer.poll_timeout(), Some(now + EXPIRY_CHECK));
+    // Arming again does not push the deadline back.
+    timer.arm(now + EXPIRY_CHECK / 2, 3);
+    assert_eq!(timer.poll_timeout(), Some(now + EXPIRY_CHECK));
+    assert!(!timer.handle_timeout(now));
+    assert!(timer.handle_timeout(now + EXPIRY_CHECK));
+    assert_eq!(timer.poll_timeout(), None);
+}
