@@ -7,8 +7,10 @@
 //! simulation feeds the very same driver simulated sockets and time. quinn-proto is the model.
 //!
 //! # Protocol
-//! A connection between two nodes is one QUIC connection with one bidirectional stream, opened by
-//! the dialer. Both sides write [`frame::Frame`]s on it:
+//! A connection between two nodes is one QUIC connection with one bidirectional stream per
+//! priority [`Lane`], all opened by the dialer: the normal lane's stream carries the hello, and
+//! each other lane's stream starts with the lane's byte. Both sides write [`frame::Frame`]s on
+//! each, every lane being its own numbered, acknowledged stream of messages:
 //! ```text
 //! dialer                          acceptor
 //!   Hello{versions, mesh, id} -->
@@ -27,6 +29,7 @@
 //! - [`frame`]: encoding and two-phase, bounded decoding of frames.
 //! - [`handshake`]: judging a hello; resolving simultaneous dials.
 //! - [`link`]: per-peer acknowledgement, retransmission and deduplication state.
+//! - [`schedule`]: delayed (deliver-after) messages waiting for their due time, in due order.
 //! - [`spooled`]: the payloads a node keeps in its spool (outgoing messages, inbound watermarks).
 //! - [`topic`]: topics and wildcard patterns.
 //! - [`interest`]: who subscribes to what and answers which service (announcements, the table).

@@ -54,7 +54,7 @@
 //! [`SpoolConfig::segment_bytes_target`]; a segment that is not active, holds no live record and
 //! whose retirements no longer matter is deleted whole. When a few long-lived records keep too
 //! much of the log on disk, [`Spool::sync`] *compacts*: it copies them to the end of the log
-//! under their own seqs and deletes the segments they emptied (see `ARCHITECTURE.md`, "The
+//! under their own seqs and deletes the segments they emptied (see `docs/design/durability.md`, "The
 //! spool", for why no crash during it loses or resurrects a record). Other files in the
 //! directory are ignored.
 //!

@@ -587,7 +587,7 @@ impl<S: Storage> Spool<S> {
     /// *compacts*: copies the live records of the oldest segments to the end of the log under
     /// their own seqs, fsyncs the copies and deletes the segments they emptied — a second write
     /// and fsync, in the syncs that need one. Seqs never change, and no crash during it loses or
-    /// resurrects a record (see `ARCHITECTURE.md`, "The spool").
+    /// resurrects a record (see `docs/design/durability.md`, "The spool").
     ///
     /// Under [`FsyncPolicy::Never`] it writes but does not fsync. On failure the spool is poisoned
     /// (see [`SpoolError::Poisoned`]): the batch is *not* accepted.

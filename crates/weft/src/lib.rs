@@ -22,17 +22,22 @@
 //!
 //! # Guarantees (point-to-point)
 //! - A receipt resolves only once the peer handed the message to its application's queue.
-//! - Per (sender, receiver): FIFO, no duplicates, across reconnects (unacknowledged messages are
-//!   retransmitted on the next connection and deduplicated by the receiver).
+//! - Per (sender, receiver, priority lane): FIFO, no duplicates, across reconnects
+//!   (unacknowledged messages are retransmitted on the next connection and deduplicated by the
+//!   receiver).
 //! - Memory is bounded: a full peer queue makes `send` wait (or `try_send` return
 //!   [`TrySendError::WouldBlock`]); a full channel queue stops the link reading.
-//! - Messages live in memory: a process that dies loses what its peers had not acknowledged.
+//! - Without a data directory messages live in memory: a process that dies loses what its peers
+//!   had not acknowledged. With one, a send returns once the message is in the spool, and it is
+//!   delivered or dead-lettered across crashes of either end.
 //!
 //! # Modules
 //! The protocol decisions live in the sans-IO crate [`weft_proto`]; this crate drives it with
-//! tokio, quinn and rustls: [`node`] (API, endpoint, peers), `peer` (one task per peer owning its
-//! link), `connection` (dial/accept and the hello exchange), [`discovery`] (mDNS), [`tls`] and
-//! [`identity`].
+//! tokio, quinn and rustls: [`node`] (API, endpoint, peers), `peer` (one task per peer and
+//! priority lane, each owning its lane's link; the normal lane's task drives the peer's
+//! connection machine, [`weft_proto::peer::Peer`]), `connection` (dial/accept and the hello
+//! exchange), `durable` (the spool writer), `patterns` (pub/sub, request/reply, work queues),
+//! [`discovery`] (mDNS), [`tls`] and [`identity`]. ARCHITECTURE.md is the map.
 #![warn(missing_docs)]
 
 pub mod addr;
