@@ -143,6 +143,15 @@ struct Conn {
     tx: VecDeque<Bytes>,
 }
 
+/// The channel queues this lane delivered to, valid while `Channels::generation` stays.
+#[derive(Default)]
+struct ChannelCache {
+    queues: HashMap<String, mpsc::Sender<Message>>,
+    /// The last channel delivered to: consecutive messages mostly share one, and comparing
+    /// names is cheaper than hashing them.
+    last: Option<(String, mpsc::Sender<Message>)>,
+}
+
 /// What the normal lane's task knows of another lane's task.
 struct OtherLane {
     lane: Lane,
@@ -203,7 +212,7 @@ pub(crate) struct PeerTask {
     conn: Option<Conn>,
     /// The generation of the connection this lane's stream belongs to (see [`Peer`]).
     generation: u64,
-    channels: HashMap<String, mpsc::Sender<Message>>,
+    channels: ChannelCache,
     /// `Channels::generation` when `channels` was last known to be current.
     channels_generation: u64,
     /// The channel queue the link's current delivery waits for.
@@ -327,7 +336,7 @@ impl PeerTask {
             connected,
             conn: None,
             generation: 0,
-            channels: HashMap::new(),
+            channels: ChannelCache::default(),
             channels_generation: 0,
             parked: None,
             stats: LinkStats::default(),
@@ -1136,15 +1145,21 @@ impl PeerTask {
         };
         let generation = self.shared.channels.generation();
         if generation != self.channels_generation {
-            self.channels.clear();
+            self.channels = ChannelCache::default();
             self.channels_generation = generation;
         }
         let channel = &message.header.channel;
-        let sender = match self.channels.get(channel) {
-            Some(sender) => sender.clone(),
+        let cached = self
+            .channels
+            .last
+            .as_ref()
+            .filter(|(name, _)| name == channel)
+            .map(|(_, sender)| sender.clone());
+        let sender = match cached.or_else(|| self.channels.queues.get(channel).cloned()) {
+            Some(sender) => sender,
             None => match self.shared.channels.sender(channel) {
                 Ok(sender) => {
-                    self.channels.insert(channel.clone(), sender.clone());
+                    self.channels.queues.insert(channel.clone(), sender.clone());
                     sender
                 }
                 Err(ChannelError::TooMany) => {
@@ -1158,6 +1173,14 @@ impl PeerTask {
                 Err(ChannelError::Closed) => return false,
             },
         };
+        if self
+            .channels
+            .last
+            .as_ref()
+            .is_none_or(|(name, _)| name != &message.header.channel)
+        {
+            self.channels.last = Some((message.header.channel.clone(), sender.clone()));
+        }
         match sender.try_reserve_owned() {
             Ok(permit) => {
                 let message = self.link.pop_delivery().expect("peeked");

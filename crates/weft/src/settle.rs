@@ -57,6 +57,13 @@ impl Settlement {
         if seq <= state.base {
             return true; // already settled
         }
+        if seq == state.base + 1 && state.done.is_empty() {
+            // In order, nothing settled ahead of it (the common case): no window to keep.
+            state.base = seq;
+            drop(state);
+            self.moved.notify_one();
+            return true;
+        }
         let index = (seq - state.base - 1) as usize;
         if state.done.len() <= index {
             state.done.resize(index + 1, false);
@@ -135,6 +142,11 @@ mod tests {
         assert_eq!(settlement.watermark(), (1, 12));
         settlement.settle(stream, 13);
         assert_eq!(settlement.watermark(), (1, 15));
+        settlement.settle(stream, 16);
+        assert_eq!(settlement.watermark(), (1, 16), "in order: moves at once");
+        settlement.settle(stream, 18);
+        settlement.settle(stream, 17);
+        assert_eq!(settlement.watermark(), (1, 18));
         settlement.reset(StreamId(9), 2, 0);
         assert_eq!(settlement.watermark(), (2, 0));
     }
