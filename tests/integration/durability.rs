@@ -42,27 +42,17 @@ async fn durable_node_with(
         .expect("node starts")
 }
 
-/// Starts a node on the address a node that just shut down used. The old endpoint's socket is
-/// released when its last driver task ends, which nothing observable signals: retry briefly.
-/// (The data directory is free as soon as `shutdown` returned: `Locked` fails the test.)
+/// Starts a node on the data directory and the address of a node that just shut down: both are
+/// free as soon as its `shutdown` returned (`Locked` or `Bind` fails the test).
 async fn restart_on(dir: &Path, addr: SocketAddr) -> Node {
-    for _ in 0..100 {
-        let started = Node::builder()
-            .mesh("durable")
-            .data_dir(dir)
-            .bind(addr)
-            .configure(short_timeouts)
-            .start()
-            .await;
-        match started {
-            Ok(node) => return node,
-            Err(weft::StartError::Bind { .. }) => {
-                tokio::time::sleep(Duration::from_millis(20)).await
-            }
-            Err(e) => panic!("node does not start: {e}"),
-        }
-    }
-    panic!("{addr} stayed in use");
+    Node::builder()
+        .mesh("durable")
+        .data_dir(dir)
+        .bind(addr)
+        .configure(short_timeouts)
+        .start()
+        .await
+        .unwrap_or_else(|e| panic!("node does not restart on {addr}: {e}"))
 }
 
 fn loopback() -> SocketAddr {
@@ -536,16 +526,17 @@ fn ordered_identities() -> (weft::Identity, weft::Identity) {
     }
 }
 
-/// A directory under the target dir, removed at the start (tests run repeatedly).
-/// `shutdown` releases the data directory although handles of the node are still alive (a
-/// clone, a subscription, a puller): once it has returned, a node starts on the directory at
-/// once (no retry on `Locked`), under the same id, and receives; the kept handles get typed
-/// "node closed" answers, never a panic.
+/// `shutdown` lets go of everything a restart needs although handles of the node are still
+/// alive (a clone, plain and durable subscriptions, a service, a puller, an inbox): once it has
+/// returned, a node starts at once (no retry on `Locked` or `Bind`) on the same data directory
+/// and the same UDP port, under the same id, and receives; the kept consuming handles end
+/// (`recv` returns `None`) and the others get typed "node closed" answers, never a panic.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_releases_the_data_directory_while_handles_are_alive() {
     let dir = tempdir("handles");
     let node = durable_node(&dir, loopback()).await;
     let id = node.id();
+    let bound = node.local_addr().unwrap();
     let peer = crate::support::node_with("durable", short_timeouts).await;
     let mut peer_inbox = peer.receive("before").unwrap();
     node.add_peer(crate::support::addr(&peer)).unwrap();
@@ -559,26 +550,37 @@ async fn shutdown_releases_the_data_directory_while_handles_are_alive() {
 
     let clone = node.clone();
     let mut subscription = node.subscribe("news/*").await.unwrap();
+    let mut durable = node.subscribe_durable("audit", "ledger/**").await.unwrap();
+    let mut service = node.serve("lookup").await.unwrap();
     let mut puller = node.pull("jobs").await.unwrap();
+    let mut inbox = node.receive("kept").unwrap();
     within("shutdown", node.shutdown()).await;
     drop(node);
 
+    // The same directory and the same address, at once.
     let restarted = Node::builder()
         .mesh("durable")
         .data_dir(&dir)
-        .bind(loopback())
+        .bind(bound)
         .configure(short_timeouts)
         .start()
         .await
-        .expect("the data directory is free once shutdown returned");
+        .expect("the data directory and the port are free once shutdown returned");
     assert_eq!(restarted.id(), id, "the same identity");
-    let mut inbox = restarted.receive("after").unwrap();
+    assert_eq!(restarted.local_addr().unwrap(), bound, "the same address");
+    let mut after_inbox = restarted.receive("after").unwrap();
     peer.add_peer(crate::support::addr(&restarted)).unwrap();
     let receipt = peer.send(id, "after", b"after".to_vec()).await.unwrap();
-    let after = crate::support::take_and_ack(&mut inbox, receipt).await;
+    let after = crate::support::take_and_ack(&mut after_inbox, receipt).await;
     assert_eq!(&after.body[..], b"after");
 
-    // The handles kept from before the shutdown answer with typed errors.
+    // The consuming handles kept from before the shutdown have ended.
+    ends("the subscription", subscription.recv()).await;
+    ends("the durable subscription", durable.recv()).await;
+    ends("the service", service.recv()).await;
+    ends("the puller", puller.recv()).await;
+    ends("the inbox", inbox.recv()).await;
+    // The others answer with typed errors.
     let error = clone
         .send(peer.id(), "late", b"late".to_vec())
         .await
@@ -597,13 +599,28 @@ async fn shutdown_releases_the_data_directory_while_handles_are_alive() {
         matches!(error, TrySendError::Send(weft::SendError::NodeClosed)),
         "{error:?}"
     );
-    assert!(subscription.try_recv().is_none());
-    assert!(within("the puller ends", puller.recv()).await.is_none());
-    drop((clone, subscription, puller));
+    let error = clone.subscribe("news/*").await.unwrap_err();
+    assert!(
+        matches!(error, weft::SubscribeError::NodeClosed),
+        "{error:?}"
+    );
+    assert!(clone.local_addr().is_err(), "no socket any more");
+    drop((clone, subscription, durable, service, puller, inbox));
     restarted.shutdown().await;
     peer.shutdown().await;
 }
 
+/// Awaits a consuming handle's `recv`, which must return `None` at once (the node shut down,
+/// nothing is queued): a regression fails here rather than hanging.
+async fn ends<T: std::fmt::Debug>(what: &str, recv: impl std::future::Future<Output = Option<T>>) {
+    match tokio::time::timeout(Duration::from_secs(5), recv).await {
+        Ok(None) => {}
+        Ok(Some(item)) => panic!("{what} returned {item:?} after the node's shutdown"),
+        Err(_) => panic!("{what} did not end after the node's shutdown"),
+    }
+}
+
+/// A directory under the target dir, removed at the start (tests run repeatedly).
 fn tempdir(name: &str) -> std::path::PathBuf {
     static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -150,7 +150,11 @@ pub(crate) async fn dial_to(
     let timeout = shared.config.handshake_timeout;
     let attempt = async {
         let config = client_config(&shared, expected)?;
-        let connection = shared.endpoint.connect_with(config, addr, "weft")?.await?;
+        let endpoint = shared.endpoint()?;
+        let connection = endpoint.connect_with(config, addr, "weft")?;
+        // Not held while the handshake runs (the shutdown may be releasing the socket).
+        drop(endpoint);
+        let connection = connection.await?;
         let peer = proven_peer(&connection)?;
         let session = session_bytes(&connection)?;
         let (mut send, mut recv) = connection.open_bi().await?;

@@ -142,13 +142,25 @@ pub struct Renumbered {
     pub new: MessageId,
 }
 
+/// How long `shutdown` waits for the endpoint's connections to drain and its socket to close:
+/// a connection closed while its handshake is unanswered drains for three probe timeouts
+/// without a round-trip sample (about 3 s with quinn's initial RTT estimate of 333 ms).
+const ENDPOINT_RELEASE_MAX: Duration = Duration::from_secs(5);
+
 /// State shared by the node's tasks.
 pub(crate) struct Shared {
     pub id: NodeId,
     pub identity: Identity,
     pub config: NodeConfig,
     pub seams: Seams,
-    pub endpoint: quinn::Endpoint,
+    /// The QUIC endpoint, taken (closed and dropped) by `shutdown` or the drop of the last
+    /// [`Node`]: never handed out for longer than a dial or the accept loop, through
+    /// [`Shared::endpoint`], so that handles outliving the node do not keep the UDP port bound.
+    endpoint: Mutex<Option<quinn::Endpoint>>,
+    /// Ends (the sender is dropped) once the node's own UDP socket is closed: after the last
+    /// user of the endpoint (its driver, connections) let go of it. `None` with a socket from
+    /// [`Seams::udp_socket`], whose owner keeps it.
+    socket_closed: Option<watch::Receiver<()>>,
     pub provider: Arc<rustls::crypto::CryptoProvider>,
     pub transport: Arc<quinn::TransportConfig>,
     /// This incarnation's stream epoch for peers without a stream restored from the spool.
@@ -185,7 +197,78 @@ impl std::fmt::Debug for Shared {
     }
 }
 
+/// The node was shut down (or dropped): it has no endpoint any more.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct EndpointClosed;
+
+impl From<EndpointClosed> for crate::error::ConnectError {
+    fn from(_: EndpointClosed) -> Self {
+        // What quinn answers a dial on a closed endpoint.
+        Self::Dial(quinn::ConnectError::EndpointStopping)
+    }
+}
+
+impl From<EndpointClosed> for std::io::Error {
+    fn from(_: EndpointClosed) -> Self {
+        std::io::Error::new(std::io::ErrorKind::NotConnected, "the node is shut down")
+    }
+}
+
 impl Shared {
+    /// The endpoint, to dial or accept with; [`EndpointClosed`] once the node shut down. Hold
+    /// the clone no longer than that: while one lives, quinn keeps the UDP socket.
+    pub(crate) fn endpoint(&self) -> Result<quinn::Endpoint, EndpointClosed> {
+        self.endpoint
+            .lock()
+            .expect("endpoint lock poisoned")
+            .clone()
+            .ok_or(EndpointClosed)
+    }
+
+    /// Takes the endpoint out of reach (dials fail with [`EndpointClosed`] from now on) and
+    /// closes it; a drop does only this, without waiting.
+    fn take_endpoint(&self, reason: &[u8]) -> Option<quinn::Endpoint> {
+        let endpoint = self
+            .endpoint
+            .lock()
+            .expect("endpoint lock poisoned")
+            .take()?;
+        endpoint.close(close_code::SHUTDOWN, reason);
+        Some(endpoint)
+    }
+
+    /// Closes the endpoint and waits (until `deadline`) for its connections to drain and for
+    /// its UDP socket to be closed, so that a new node can bind the address at once.
+    ///
+    /// quinn closes the socket only when nothing holds it any more: its endpoint driver task,
+    /// which ends once every `Endpoint` clone is dropped and every connection drained, and each
+    /// connection's state. That happens on other tasks, some time after the last handle here is
+    /// dropped; hence [`SocketRelease`], which says when it did.
+    async fn release_endpoint(&self, deadline: tokio::time::Instant) {
+        if let Some(endpoint) = self.take_endpoint(b"shutdown") {
+            if tokio::time::timeout_at(deadline, endpoint.wait_idle())
+                .await
+                .is_err()
+            {
+                warn!(
+                    connections = endpoint.open_connections(),
+                    "connections still draining at the end of the shutdown; the UDP socket stays \
+                     bound until they are done"
+                );
+                return;
+            }
+        }
+        if let Some(mut closed) = self.socket_closed.clone() {
+            // Only ever ends with an error: the sender is dropped with the socket.
+            if tokio::time::timeout_at(deadline, closed.changed())
+                .await
+                .is_err()
+            {
+                warn!("the UDP socket is still held at the end of the shutdown");
+            }
+        }
+    }
+
     pub(crate) fn is_shutting_down(&self) -> bool {
         *self.shutdown.borrow()
     }
@@ -422,17 +505,24 @@ impl NodeBuilder {
             .max_udp_payload_size(config.max_udp_payload)
             .map_err(|e| StartError::Config(format!("max_udp_payload: {e}")))?;
         let runtime = Arc::new(quinn::TokioRuntime);
-        let endpoint = match &seams.udp_socket {
-            Some(socket) => quinn::Endpoint::new_with_abstract_socket(
-                endpoint_config,
-                Some(server_config),
-                Arc::clone(socket),
-                runtime,
-            ),
-            None => std::net::UdpSocket::bind(config.bind).and_then(|socket| {
-                quinn::Endpoint::new(endpoint_config, Some(server_config), socket, runtime)
-            }),
-        }
+        let (socket, socket_closed) = match &seams.udp_socket {
+            Some(socket) => (Arc::clone(socket), None),
+            None => {
+                let (socket, closed) = std::net::UdpSocket::bind(config.bind)
+                    .and_then(|socket| SocketRelease::wrap(&*runtime, socket))
+                    .map_err(|source| StartError::Bind {
+                        addr: config.bind,
+                        source,
+                    })?;
+                (socket, Some(closed))
+            }
+        };
+        let endpoint = quinn::Endpoint::new_with_abstract_socket(
+            endpoint_config,
+            Some(server_config),
+            socket,
+            runtime,
+        )
         .map_err(|source| StartError::Bind {
             addr: config.bind,
             source,
@@ -499,7 +589,8 @@ impl NodeBuilder {
             identity,
             config,
             seams,
-            endpoint,
+            endpoint: Mutex::new(Some(endpoint)),
+            socket_closed,
             provider,
             transport,
             epoch,
@@ -519,7 +610,7 @@ impl NodeBuilder {
             scheduler,
             patterns,
         });
-        let local_addr = shared.endpoint.local_addr().ok();
+        let local_addr = shared.endpoint().ok().and_then(|e| e.local_addr().ok());
         info!(node = %id, addr = ?local_addr, mesh = %shared.config.mesh, "node started");
         let span = info_span!(parent: None, "node", node = %id.short());
         crate::patterns::start(&shared)
@@ -742,11 +833,15 @@ async fn seed_task(shared: Arc<Shared>, addr: SocketAddr) {
 
 async fn accept_loop(shared: Arc<Shared>) {
     let mut shutdown = shared.shutdown.subscribe();
+    // Held until the node stops (which ends this loop, before `shutdown` releases the endpoint).
+    let Ok(endpoint) = shared.endpoint() else {
+        return;
+    };
     loop {
         let incoming = tokio::select! {
             biased;
             _ = shutdown.wait_for(|stop| *stop) => break,
-            incoming = shared.endpoint.accept() => incoming,
+            incoming = endpoint.accept() => incoming,
         };
         let Some(incoming) = incoming else { break };
         let remote = incoming.remote_address();
@@ -763,6 +858,89 @@ async fn accept_loop(shared: Arc<Shared>) {
             }
             .instrument(span),
         );
+    }
+}
+
+/// The node's own UDP socket as quinn gets it: the runtime's socket, and a signal that it is
+/// closed (see [`Shared::release_endpoint`]). quinn keeps the socket (this wrapper) in its
+/// endpoint and in every connection, and each I/O poller it makes holds it too, so the socket
+/// is closed exactly when this is dropped.
+#[derive(Debug)]
+struct SocketRelease {
+    /// Declared first: dropped (the file descriptor closed) before `closed` signals.
+    inner: Arc<dyn quinn::AsyncUdpSocket>,
+    /// Its receivers see the channel close when this is dropped.
+    _closed: watch::Sender<()>,
+}
+
+impl SocketRelease {
+    /// Wraps `socket` for `runtime`; the receiver ends once the socket is closed.
+    fn wrap(
+        runtime: &dyn quinn::Runtime,
+        socket: std::net::UdpSocket,
+    ) -> std::io::Result<(Arc<dyn quinn::AsyncUdpSocket>, watch::Receiver<()>)> {
+        let (closed, receiver) = watch::channel(());
+        let wrapped: Arc<dyn quinn::AsyncUdpSocket> = Arc::new(SocketRelease {
+            inner: runtime.wrap_udp_socket(socket)?,
+            _closed: closed,
+        });
+        Ok((wrapped, receiver))
+    }
+}
+
+impl quinn::AsyncUdpSocket for SocketRelease {
+    fn create_io_poller(self: Arc<Self>) -> std::pin::Pin<Box<dyn quinn::UdpPoller>> {
+        Box::pin(ReleasePoller {
+            inner: Arc::clone(&self.inner).create_io_poller(),
+            _socket: self,
+        })
+    }
+
+    fn try_send(&self, transmit: &quinn::udp::Transmit) -> std::io::Result<()> {
+        self.inner.try_send(transmit)
+    }
+
+    fn poll_recv(
+        &self,
+        cx: &mut std::task::Context,
+        bufs: &mut [std::io::IoSliceMut<'_>],
+        meta: &mut [quinn::udp::RecvMeta],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.inner.poll_recv(cx, bufs, meta)
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+
+    fn max_transmit_segments(&self) -> usize {
+        self.inner.max_transmit_segments()
+    }
+
+    fn max_receive_segments(&self) -> usize {
+        self.inner.max_receive_segments()
+    }
+
+    fn may_fragment(&self) -> bool {
+        self.inner.may_fragment()
+    }
+}
+
+/// The runtime socket's poller, holding the [`SocketRelease`] it was made for (the inner
+/// poller holds the inner socket: without this, the socket could outlive the signal).
+#[derive(Debug)]
+struct ReleasePoller {
+    /// Declared first: dropped before the wrapper it keeps alive.
+    inner: std::pin::Pin<Box<dyn quinn::UdpPoller>>,
+    _socket: Arc<SocketRelease>,
+}
+
+impl quinn::UdpPoller for ReleasePoller {
+    fn poll_writable(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.get_mut().inner.as_mut().poll_writable(cx)
     }
 }
 
@@ -783,9 +961,9 @@ impl Drop for NodeInner {
         drop(self.discovery.lock().map(|mut d| d.take()));
         // The last handle is gone: stop every task. `shutdown()` does this and waits for it.
         self.shared.shutdown.send_replace(true);
-        self.shared
-            .endpoint
-            .close(close_code::SHUTDOWN, b"node dropped");
+        // Closed and out of `Shared`, which handles outliving the node keep: the socket goes
+        // once the tasks and connections let go of it.
+        drop(self.shared.take_endpoint(b"node dropped"));
     }
 }
 
@@ -817,9 +995,10 @@ impl Node {
         self.shared().id
     }
 
-    /// The address the node's socket is bound to.
+    /// The address the node's socket is bound to; an error once the node shut down (the
+    /// socket is closed).
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.shared().endpoint.local_addr()
+        self.shared().endpoint()?.local_addr()
     }
 
     /// This node's id and address, as another node would dial it.
@@ -975,11 +1154,13 @@ impl Node {
         self.shared().metrics.snapshot()
     }
 
-    /// Stops the node: closes every connection, fails outstanding receipts, and waits for all of
-    /// its tasks (bounded by a few seconds for the endpoint to drain). Once it returns, the spool
-    /// is synced and closed and the data directory is unlocked, even if clones of this node,
-    /// subscriptions, pullers or senders are still alive (they answer "node closed"): a new node
-    /// can start on the directory.
+    /// Stops the node: closes every connection, fails outstanding receipts and requests, and
+    /// waits for all of its tasks (bounded by a few seconds for the endpoint to drain). Once it
+    /// returns, the spool is synced and closed, the data directory is unlocked and the UDP
+    /// socket is closed, even if clones of this node, subscriptions, services, pullers, inboxes
+    /// or senders are still alive: a new node can start on the directory and the address. The
+    /// consuming handles end (`recv` returns `None` once their queues are empty), the others
+    /// answer "node closed".
     pub async fn shutdown(&self) {
         let shared = self.shared();
         let discovery = self
@@ -1017,9 +1198,12 @@ impl Node {
             .expect("lock poisoned")
             .take();
         drop(data_dir_lock);
+        // The application's consuming handles (inboxes, pullers, subscriptions, services) end
+        // once their queues are empty: the tasks that fed them are gone, and so are the senders.
         shared.channels.close();
-        shared.endpoint.close(close_code::SHUTDOWN, b"shutdown");
-        let _ = tokio::time::timeout(Duration::from_secs(3), shared.endpoint.wait_idle()).await;
+        shared.patterns.close();
+        let deadline = tokio::time::Instant::now() + ENDPOINT_RELEASE_MAX;
+        shared.release_endpoint(deadline).await;
         info!(node = %shared.id.short(), "node stopped");
     }
 }

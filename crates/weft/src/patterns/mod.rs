@@ -136,6 +136,9 @@ pub(crate) struct State {
     durable_confirmed: BTreeMap<String, TopicPattern>,
     /// This node as a publisher: events owed to durable subscriptions, per subscriber.
     owed: weft_proto::owed::OwedEvents,
+    /// Set by [`Patterns::close`] (the node shut down): the queues above are gone, and no
+    /// subscription, service or waiting request is taken any more.
+    closed: bool,
 }
 
 /// The node's pattern state, shared by its API and its pattern tasks.
@@ -195,6 +198,7 @@ impl Patterns {
                 durable_known: BTreeMap::new(),
                 durable_confirmed: BTreeMap::new(),
                 owed: weft_proto::owed::OwedEvents::new(config.durable_retention_max),
+                closed: false,
             }),
             changed: watch::channel(0).0,
             announce,
@@ -225,6 +229,29 @@ impl Patterns {
         for task in tasks {
             let _ = task.await;
         }
+    }
+
+    /// Drops every queue sender the pattern state holds — local subscriptions' (durable ones'
+    /// too, with the events waiting for a detached one), services' — and the requests waiting
+    /// for replies, and refuses new ones: the application's [`Subscription`]s and [`Service`]s
+    /// end (`recv` returns `None` once their queues are empty), and its requests fail with
+    /// [`RequestError::NodeClosed`], whoever still holds the node. The node's shutdown calls
+    /// this once its tasks are stopped (they hold clones of these senders while they run).
+    pub(crate) fn close(&self) {
+        let dropped = {
+            let mut state = self.lock();
+            state.closed = true;
+            self.subscriptions_changed
+                .fetch_add(1, std::sync::atomic::Ordering::Release);
+            (
+                std::mem::take(&mut state.subscriptions),
+                std::mem::take(&mut state.services),
+                std::mem::take(&mut state.durable_slots),
+                std::mem::take(&mut state.waiting),
+            )
+        };
+        // Dropped outside the lock (queued events and requests have destructors of their own).
+        drop(dropped);
     }
 
     /// Resolves once the pattern tasks are to stop (the node's shutdown, or [`Patterns::stop`]).

@@ -323,11 +323,14 @@ impl Drop for Subscription {
                 // under the name (unsettled: its publishers keep it meanwhile).
                 Some(name) => {
                     let rx = self.rx.take();
+                    let closed = state.closed;
                     match state.durable_slots.get_mut(name) {
                         Some(slot) if slot.attached == Some(self.id) => {
                             slot.attached = None;
                             slot.rx = rx;
                         }
+                        // The node shut down: unsettled, they come again after a restart.
+                        _ if closed => drop(rx),
                         // Ended meanwhile: nothing waits for these any more.
                         _ => release_all(rx),
                     }
@@ -377,6 +380,9 @@ pub(crate) async fn subscribe(
     let too_many = |e: InterestError| SubscribeError::TooMany(e.to_string());
     let (id, version, rx, confirmed) = {
         let mut state = patterns.lock();
+        if state.closed {
+            return Err(SubscribeError::NodeClosed);
+        }
         let id = state.next_subscription;
         // Confirmed by every peer before (in this start, or one before: persisted): the
         // publishers have it in their registries.

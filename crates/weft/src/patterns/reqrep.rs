@@ -80,6 +80,9 @@ impl Drop for WaitingGuard<'_> {
 
 fn register(shared: &Shared, id: u64, waiting: Waiting) -> Result<WaitingGuard<'_>, RequestError> {
     let mut state = shared.patterns.lock();
+    if state.closed {
+        return Err(RequestError::NodeClosed);
+    }
     let max = shared.config.patterns.requests_max;
     if state.waiting.len() >= max {
         return Err(RequestError::TooMany(max));
@@ -568,6 +571,9 @@ pub(crate) async fn serve(
     let (tx, rx) = mpsc::channel(shared.config.patterns.service_capacity);
     let version = {
         let mut state = shared.patterns.lock();
+        if state.closed {
+            return Err(SubscribeError::NodeClosed);
+        }
         if state.services.contains_key(name.as_str()) {
             return Err(SubscribeError::AlreadyServed(name.as_str().to_owned()));
         }

@@ -109,7 +109,8 @@ impl Puller {
         self.queue.as_str()
     }
 
-    /// The next message (`header.channel` is the queue name); settles the one before.
+    /// The next message (`header.channel` is the queue name); settles the one before. `None`
+    /// once the node shut down (and the queue is empty).
     pub async fn recv(&mut self) -> Option<Message> {
         let mut message = self.inbox.recv().await?;
         message.header.channel = self.queue.as_str().to_owned();
@@ -154,7 +155,10 @@ pub(crate) async fn pull(
     let inbox = shared
         .channels
         .take_receiver(&format!("{WORK_PREFIX}{queue}"))
-        .map_err(|_| SubscribeError::AlreadyServed(queue.as_str().to_owned()))?;
+        .map_err(|e| match e {
+            crate::error::ReceiveError::NodeClosed => SubscribeError::NodeClosed,
+            _ => SubscribeError::AlreadyServed(queue.as_str().to_owned()),
+        })?;
     let version = {
         let mut state = shared.patterns.lock();
         match state.table.pull(&queue, credit) {
