@@ -160,6 +160,9 @@ async fn a_high_priority_request_passes_a_held_up_normal_lane() {
     let b = node_with("lanes", |c| c.inbox_capacity = 64).await;
     a.add_peer(addr(&b)).unwrap();
     within("connected", a.connected(b.id())).await.unwrap();
+    // `serve` returns once every peer *B* sees connected confirmed the service: B must see A
+    // (A's lanes can be up before B installed the connection).
+    within("connected", b.connected(a.id())).await.unwrap();
     let mut service = within("serve", b.serve("price")).await.unwrap();
     let server = tokio::spawn(async move {
         while let Some(request) = service.recv().await {
