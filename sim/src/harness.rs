@@ -1249,7 +1249,7 @@ async fn consume_events(
                     producer: index_of(&context.ids, &event.header.id.producer),
                     publisher,
                     seq,
-                    topic: event.header.channel.clone(),
+                    topic: event.header.channel.to_string(),
                     body_digest: body_digest(&event.body),
                 });
             }

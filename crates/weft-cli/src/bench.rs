@@ -226,6 +226,9 @@ impl Mode {
 
 const BENCH_CHANNEL: &str = "bench";
 const ECHO_CHANNEL: &str = "bench/echo";
+/// The channels as names made once: a send clones a reference instead of copying the string.
+const BENCH: weft::Channel = weft::Channel::from_static(BENCH_CHANNEL);
+const ECHO: weft::Channel = weft::Channel::from_static(ECHO_CHANNEL);
 /// Bulk traffic during `--rtt --bulk-load` (the echo process takes it and drops it).
 const BULK_CHANNEL: &str = "bench/bulk";
 const BULK_BODY_BYTES: usize = 16 * 1024;
@@ -454,8 +457,8 @@ fn throughput(args: &P2pArgs) -> Result<()> {
             let mut batches = futures_util::stream::iter((0..args.count).step_by(args.batch))
                 .map(|start| {
                     let n = batch.min(args.count - start);
-                    let messages = (0..n)
-                        .map(|_| node.new_message(BENCH_CHANNEL, Bytes::copy_from_slice(&body)));
+                    let messages =
+                        (0..n).map(|_| node.new_message(BENCH, Bytes::copy_from_slice(&body)));
                     sender.send_batch(messages.collect::<Vec<_>>())
                 })
                 .buffered(2);
@@ -473,7 +476,7 @@ fn throughput(args: &P2pArgs) -> Result<()> {
         } else if args.durable {
             use futures_util::StreamExt;
             let mut sends = futures_util::stream::iter(0..args.count)
-                .map(|_| sender.send(BENCH_CHANNEL, Bytes::copy_from_slice(&body)))
+                .map(|_| sender.send(BENCH, Bytes::copy_from_slice(&body)))
                 .buffered(args.window.max(1));
             while let Some(receipt) = sends.next().await {
                 last = Some(receipt?);
@@ -481,11 +484,7 @@ fn throughput(args: &P2pArgs) -> Result<()> {
             accepted_in = Some(started.elapsed());
         } else {
             for _ in 0..args.count {
-                last = Some(
-                    sender
-                        .send(BENCH_CHANNEL, Bytes::copy_from_slice(&body))
-                        .await?,
-                );
+                last = Some(sender.send(BENCH, Bytes::copy_from_slice(&body)).await?);
             }
         }
         if let Some(last) = last {
@@ -568,7 +567,7 @@ fn rtt(args: &P2pArgs) -> Result<()> {
             body[..8].copy_from_slice(&i.to_le_bytes());
             let started = Instant::now();
             let message = sender
-                .new_message(BENCH_CHANNEL, Bytes::copy_from_slice(&body))
+                .new_message(BENCH, Bytes::copy_from_slice(&body))
                 .with_priority(args.priority);
             let _receipt = sender.send_message(message).await?;
             let echo = tokio::time::timeout(PHASE_TIMEOUT, echoes.recv())
@@ -1028,7 +1027,7 @@ pub fn run_peer(args: PeerArgs) -> Result<()> {
                     // The answer travels in the request's lane.
                     let producer = message.header.id.producer;
                     let echo = node
-                        .new_message(ECHO_CHANNEL, message.body)
+                        .new_message(ECHO, message.body)
                         .with_priority(message.header.priority);
                     let _receipt = node.send_message(producer, echo).await?;
                 }

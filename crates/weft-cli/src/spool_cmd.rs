@@ -364,7 +364,7 @@ fn ls(target: &Target, list_records: bool) -> Result<()> {
                         epoch: spooled.epoch,
                         wire_seq: spooled.seq,
                         lane: spooled.lane.to_string(),
-                        channel: message.channel.clone(),
+                        channel: message.channel.to_string(),
                         payload_bytes,
                         age_ms: age_ms(now, message.created_unix_ms),
                         due_unix_ms: message.deliver_after_unix_ms(),
@@ -398,7 +398,7 @@ fn ls(target: &Target, list_records: bool) -> Result<()> {
                 } else {
                     dest.unnumbered += u64::from(spooled.seq == 0);
                 }
-                channels.insert(message.channel.clone());
+                channels.insert(message.channel.to_string());
             }
             Ok(SpoolEntry::Watermark(watermark)) => listing
                 .watermarks
@@ -599,7 +599,7 @@ impl MessageJson {
             due_unix_ms: message.deliver_after_unix_ms(),
             due_utc: message.deliver_after_unix_ms().map(utc),
             kind: format!("{:?}", message.kind).to_lowercase(),
-            channel: message.channel.clone(),
+            channel: message.channel.to_string(),
             priority: message.priority.0,
             created_unix_ms: message.created_unix_ms,
             created_utc: utc(message.created_unix_ms),
@@ -861,7 +861,7 @@ fn dead(target: &Target) -> Result<()> {
                 letter.entry = "message";
                 letter.destination = Some(spooled.dest.to_string());
                 letter.destination_short = Some(spooled.dest.short());
-                letter.channel = Some(message.channel);
+                letter.channel = Some(message.channel.into());
                 letter.created_unix_ms = Some(message.created_unix_ms);
                 letter.age_ms = Some(age_ms(now, message.created_unix_ms));
                 letter.expires_unix_ms = message.options.and_then(|o| o.expires_unix_ms);
@@ -1059,7 +1059,7 @@ fn replay_one(
         dead_seq,
         seq,
         destination: spooled.dest.to_string(),
-        channel: message.channel,
+        channel: message.channel.into(),
         notes,
     })
 }

@@ -24,6 +24,7 @@
 //! and version range, and a node counts as connected only once it was answered with a welcome.
 //!
 //! # Modules
+//! - [`channel`]: channel and topic names (reference-counted UTF-8).
 //! - [`id`]: node ids (Ed25519 public keys) and message ids (producer, stream, seq).
 //! - [`message`]: the header and body the application sees.
 //! - [`frame`]: encoding and two-phase, bounded decoding of frames.
@@ -43,6 +44,7 @@
 #![warn(missing_docs)]
 
 pub mod backoff;
+pub mod channel;
 pub mod envelope;
 pub mod frame;
 pub mod gossip;
@@ -63,6 +65,7 @@ mod link_tests;
 #[cfg(test)]
 mod peer_tests;
 
+pub use channel::Channel;
 pub use frame::{Frame, FrameDecoder, FrameEncoder, FrameError, Limits};
 pub use id::{MessageId, NodeId, StreamId};
 pub use link::{Link, LinkConfig, LinkError, LinkEvent, OutgoingMessage};

@@ -157,7 +157,7 @@ pub struct OutgoingMessage {
     /// What the message is for.
     pub kind: Kind,
     /// Channel or topic.
-    pub channel: String,
+    pub channel: crate::Channel,
     /// Priority.
     pub priority: Priority,
     /// Wall-clock creation time, Unix milliseconds.
@@ -176,7 +176,7 @@ pub struct OutgoingMessage {
 
 impl OutgoingMessage {
     /// A command with default header fields.
-    pub fn command(channel: impl Into<String>, body: Bytes, created_unix_ms: u64) -> Self {
+    pub fn command(channel: impl Into<crate::Channel>, body: Bytes, created_unix_ms: u64) -> Self {
         Self {
             kind: Kind::Command,
             channel: channel.into(),

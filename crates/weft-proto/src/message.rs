@@ -138,7 +138,7 @@ pub struct Header {
     /// What the message is for.
     pub kind: Kind,
     /// The channel (point-to-point) or topic (pub/sub) it is addressed to.
-    pub channel: String,
+    pub channel: crate::Channel,
     /// Higher goes first where a queue can choose.
     pub priority: Priority,
     /// Wall-clock creation time, milliseconds since the Unix epoch (producer's clock).

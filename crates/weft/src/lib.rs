@@ -79,7 +79,7 @@ pub use patterns::{
 };
 pub use receipt::{BatchDeliveryError, Delivered, Receipt, Receipts};
 pub use weft_proto::{
-    self as proto, Header, Kind, Lane, Limits, LinkConfig, Message, MessageId, NodeId, Options,
-    OutgoingMessage, Priority, Topic, TopicError, TopicPattern,
+    self as proto, Channel, Header, Kind, Lane, Limits, LinkConfig, Message, MessageId, NodeId,
+    Options, OutgoingMessage, Priority, Topic, TopicError, TopicPattern,
 };
 pub use weft_spool::{FsyncPolicy, SpoolConfig};

@@ -12,7 +12,7 @@ use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{info, info_span, warn, Instrument};
 use weft_proto::backoff::SplitMix64;
-use weft_proto::{Lane, LinkConfig, MessageId, NodeId, OutgoingMessage, StreamId};
+use weft_proto::{Channel, Lane, LinkConfig, MessageId, NodeId, OutgoingMessage, StreamId};
 
 use crate::addr::NodeAddr;
 use crate::config::{NodeConfig, Seams, WallClock};
@@ -1073,7 +1073,7 @@ impl Node {
     /// fields (kind, priority, headers, expiry, ...) and pass it to [`Node::send_message`].
     pub fn new_message(
         &self,
-        channel: impl Into<String>,
+        channel: impl Into<Channel>,
         body: impl Into<Bytes>,
     ) -> OutgoingMessage {
         OutgoingMessage::command(channel, body.into(), self.shared().now_unix_ms())
@@ -1084,7 +1084,7 @@ impl Node {
     pub async fn send(
         &self,
         peer: NodeId,
-        channel: &str,
+        channel: impl Into<Channel>,
         body: impl Into<Bytes>,
     ) -> Result<Receipt, SendError> {
         self.send_message(peer, self.new_message(channel, body))
@@ -1095,7 +1095,7 @@ impl Node {
     pub async fn send_typed<T: Serialize + ?Sized>(
         &self,
         peer: NodeId,
-        channel: &str,
+        channel: impl Into<Channel>,
         value: &T,
     ) -> Result<Receipt, crate::error::SendTypedError> {
         let body = crate::body::encode(value)?;
@@ -1115,7 +1115,7 @@ impl Node {
     pub fn try_send(
         &self,
         peer: NodeId,
-        channel: &str,
+        channel: impl Into<Channel>,
         body: impl Into<Bytes>,
     ) -> Result<Receipt, TrySendError> {
         let message = self.new_message(channel, body);
@@ -1222,14 +1222,18 @@ impl PeerSender {
     }
 
     /// Sends `body` on `channel`; see [`Node::send`].
-    pub async fn send(&self, channel: &str, body: impl Into<Bytes>) -> Result<Receipt, SendError> {
+    pub async fn send(
+        &self,
+        channel: impl Into<Channel>,
+        body: impl Into<Bytes>,
+    ) -> Result<Receipt, SendError> {
         self.send_message(self.new_message(channel, body)).await
     }
 
     /// A message with default options, stamped with the node's clock; see [`Node::new_message`].
     pub fn new_message(
         &self,
-        channel: impl Into<String>,
+        channel: impl Into<Channel>,
         body: impl Into<Bytes>,
     ) -> OutgoingMessage {
         OutgoingMessage::command(channel, body.into(), self.shared.now_unix_ms())

@@ -38,7 +38,8 @@ use weft_proto::peer::{
 };
 use weft_proto::spooled::Watermark;
 use weft_proto::{
-    Frame, FrameDecoder, FrameError, Lane, Link, Message, MessageId, NodeId, OutgoingMessage,
+    Channel, Frame, FrameDecoder, FrameError, Lane, Link, Message, MessageId, NodeId,
+    OutgoingMessage,
 };
 
 use crate::connection::{self, close_code, Established};
@@ -146,10 +147,10 @@ struct Conn {
 /// The channel queues this lane delivered to, valid while `Channels::generation` stays.
 #[derive(Default)]
 struct ChannelCache {
-    queues: HashMap<String, mpsc::Sender<Message>>,
+    queues: HashMap<Channel, mpsc::Sender<Message>>,
     /// The last channel delivered to: consecutive messages mostly share one, and comparing
     /// names is cheaper than hashing them.
-    last: Option<(String, mpsc::Sender<Message>)>,
+    last: Option<(Channel, mpsc::Sender<Message>)>,
 }
 
 /// What the normal lane's task knows of another lane's task.

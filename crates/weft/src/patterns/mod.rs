@@ -356,8 +356,18 @@ pub(crate) fn start(shared: &Arc<Shared>) -> Result<(), crate::error::ReceiveErr
 }
 
 /// A volatile message on one of the pattern channels.
-fn control_message(shared: &Shared, channel: &str, kind: Kind, body: Bytes) -> OutgoingMessage {
-    OutgoingMessage::command(channel, body, shared.now_unix_ms()).with_kind(kind)
+fn control_message(
+    shared: &Shared,
+    channel: &'static str,
+    kind: Kind,
+    body: Bytes,
+) -> OutgoingMessage {
+    OutgoingMessage::command(
+        weft_proto::Channel::from_static(channel),
+        body,
+        shared.now_unix_ms(),
+    )
+    .with_kind(kind)
 }
 
 /// Sends a volatile message without waiting; false if the peer's queue is full (try later).

@@ -648,7 +648,7 @@ fn event_message_in(
                 seq,
             },
             kind: Kind::Event,
-            channel: topic.as_str().to_owned(),
+            channel: topic.as_str().into(),
             priority: Default::default(),
             created_unix_ms,
             attempt: 1,
@@ -811,7 +811,7 @@ async fn send_event(
 ) -> Result<crate::receipt::Receipt, SendError> {
     let to = event.route[0].node;
     let outgoing = OutgoingMessage::command(
-        EVENT_CHANNEL,
+        weft_proto::Channel::from_static(EVENT_CHANNEL),
         event.encode(&shared.id),
         shared.now_unix_ms(),
     )
@@ -839,16 +839,24 @@ fn tree_event_message(
         topic,
         payload,
     );
-    OutgoingMessage::command(EVENT_CHANNEL, body, shared.now_unix_ms()).with_kind(Kind::Event)
+    OutgoingMessage::command(
+        weft_proto::Channel::from_static(EVENT_CHANNEL),
+        body,
+        shared.now_unix_ms(),
+    )
+    .with_kind(Kind::Event)
 }
 
 /// Queues an event's copy for a child that is not connected, without waiting for room: when its
 /// queue or the spool is full, the copy is left to the publisher's repair.
 async fn relay_to_absent(shared: &Arc<Shared>, event: &Event, absent: &Hop) {
     let copy = event.for_child(std::slice::from_ref(absent));
-    let outgoing =
-        OutgoingMessage::command(EVENT_CHANNEL, copy.encode(&shared.id), shared.now_unix_ms())
-            .with_kind(Kind::Event);
+    let outgoing = OutgoingMessage::command(
+        weft_proto::Channel::from_static(EVENT_CHANNEL),
+        copy.encode(&shared.id),
+        shared.now_unix_ms(),
+    )
+    .with_kind(Kind::Event);
     let queued = shared
         .sender(absent.node)
         .map_err(TrySendError::from)
@@ -1555,8 +1563,12 @@ pub(crate) async fn publish_batch(
 async fn send_direct(shared: &Arc<Shared>, event: &Event) -> Result<Receipt, SendError> {
     let to = event.route[0].node;
     let now = shared.now_unix_ms();
-    let mut outgoing = OutgoingMessage::command(EVENT_CHANNEL, event.encode(&shared.id), now)
-        .with_kind(Kind::Event);
+    let mut outgoing = OutgoingMessage::command(
+        weft_proto::Channel::from_static(EVENT_CHANNEL),
+        event.encode(&shared.id),
+        now,
+    )
+    .with_kind(Kind::Event);
     if !event.durable.is_empty() {
         let age = shared.config.patterns.durable_retention_age.as_millis() as u64;
         outgoing = outgoing.with_expiry(now.saturating_add(age));
@@ -1659,8 +1671,12 @@ pub(crate) fn publish_best_effort(
         &topic,
         &payload,
     );
-    let outgoing =
-        OutgoingMessage::command(EVENT_CHANNEL, body, shared.now_unix_ms()).with_kind(Kind::Event);
+    let outgoing = OutgoingMessage::command(
+        weft_proto::Channel::from_static(EVENT_CHANNEL),
+        body,
+        shared.now_unix_ms(),
+    )
+    .with_kind(Kind::Event);
     outgoing
         .check(&shared.config.limits())
         .map_err(SendError::from)?;

@@ -117,12 +117,16 @@ fn request_outgoing(
     priority: Priority,
 ) -> Result<OutgoingMessage, RequestError> {
     let now = shared.now_unix_ms();
-    let outgoing = OutgoingMessage::command(REQUEST_CHANNEL, envelope::wrap(service, payload), now)
-        .with_kind(Kind::Request)
-        .with_priority(priority)
-        .with_correlation_id(id)
-        .with_reply_to(shared.id)
-        .with_expiry(now + timeout.as_millis() as u64);
+    let outgoing = OutgoingMessage::command(
+        weft_proto::Channel::from_static(REQUEST_CHANNEL),
+        envelope::wrap(service, payload),
+        now,
+    )
+    .with_kind(Kind::Request)
+    .with_priority(priority)
+    .with_correlation_id(id)
+    .with_reply_to(shared.id)
+    .with_expiry(now + timeout.as_millis() as u64);
     outgoing
         .check(&shared.config.limits())
         .map_err(SendError::from)?;
@@ -597,10 +601,14 @@ pub(crate) async fn serve(
 
 /// A reply travels in its request's lane (the request's priority).
 fn reply_outgoing(shared: &Shared, id: u64, priority: Priority, body: Bytes) -> OutgoingMessage {
-    OutgoingMessage::command(REPLY_CHANNEL, body, shared.now_unix_ms())
-        .with_kind(Kind::Reply)
-        .with_correlation_id(id)
-        .with_priority(priority)
+    OutgoingMessage::command(
+        weft_proto::Channel::from_static(REPLY_CHANNEL),
+        body,
+        shared.now_unix_ms(),
+    )
+    .with_kind(Kind::Reply)
+    .with_correlation_id(id)
+    .with_priority(priority)
 }
 
 /// Sends a reply body to the requester of request `id` (or completes a local request).
@@ -652,7 +660,7 @@ fn complete(shared: &Shared, (id, priority): (u64, Priority), from: NodeId, body
                 seq: 0,
             },
             kind: Kind::Reply,
-            channel: String::new(),
+            channel: Default::default(),
             priority,
             created_unix_ms: shared.now_unix_ms(),
             attempt: 1,
@@ -711,7 +719,7 @@ pub(crate) async fn handle_request(shared: &Arc<Shared>, message: Message) {
     match begin {
         Begin::Run => {
             let mut request_message = message;
-            request_message.header.channel = service.as_str().to_owned();
+            request_message.header.channel = service.as_str().into();
             request_message.body = payload;
             let request = Request {
                 shared: Arc::clone(shared),

@@ -113,14 +113,14 @@ impl Puller {
     /// once the node shut down (and the queue is empty).
     pub async fn recv(&mut self) -> Option<Message> {
         let mut message = self.inbox.recv().await?;
-        message.header.channel = self.queue.as_str().to_owned();
+        message.header.channel = self.queue.as_str().into();
         Some(message)
     }
 
     /// A message if one is waiting; settles the one before.
     pub fn try_recv(&mut self) -> Option<Message> {
         let mut message = self.inbox.try_recv()?;
-        message.header.channel = self.queue.as_str().to_owned();
+        message.header.channel = self.queue.as_str().into();
         Some(message)
     }
 
