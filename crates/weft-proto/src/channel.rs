@@ -20,6 +20,22 @@ use bytes::Bytes;
 use bytestring::ByteString;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+/// The mesh's own channels (their names start with `$`, which application channels may not).
+pub mod mesh {
+    /// Interest announcements (subscriptions, services, workers) and their confirmations.
+    pub const INTEREST: &str = "$weft/interest";
+    /// Pub/sub events.
+    pub const EVENT: &str = "$weft/ev";
+    /// Subscribers' confirmations of events.
+    pub const CONFIRM: &str = "$weft/evc";
+    /// Requests.
+    pub const REQUEST: &str = "$weft/req";
+    /// Replies.
+    pub const REPLY: &str = "$weft/rep";
+    /// Prefix of work queues' channels (the queue's name follows).
+    pub const WORK_PREFIX: &str = "$weft/queue/";
+}
+
 /// A channel or topic name (see the module doc). Dereferences to `str`.
 #[derive(Clone, Default)]
 pub struct Channel(ByteString);

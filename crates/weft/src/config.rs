@@ -9,7 +9,6 @@ use weft_proto::frame::Limits;
 use weft_proto::LinkConfig;
 
 use crate::addr::NodeAddr;
-use crate::discovery::MdnsConfig;
 
 /// The default UDP port of a Weft node.
 pub const DEFAULT_PORT: u16 = 7450;
@@ -295,5 +294,43 @@ impl fmt::Debug for Seams {
             .field("rng_seed", &self.rng_seed)
             .field("wall_clock", &self.wall_clock.is_some())
             .finish_non_exhaustive()
+    }
+}
+
+/// The DNS-SD service type Weft nodes announce and browse by default.
+pub const SERVICE_TYPE_DEFAULT: &str = "_weft._udp.local.";
+
+/// Which network interfaces discovery announces and browses on.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Interfaces {
+    /// Every interface, IPv4 and IPv6, loopback included (the production default).
+    #[default]
+    All,
+    /// IPv4 loopback only (127.0.0.0/8): for demos and tests, which must not announce on the
+    /// machine's real network.
+    LoopbackOnly,
+    /// Only the interfaces with these names (e.g. `eth0`).
+    Named(Vec<String>),
+}
+
+/// mDNS discovery settings (see the `discovery` module).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MdnsConfig {
+    /// Where to announce and browse. Default: [`Interfaces::All`]; demos and tests use
+    /// [`Interfaces::LoopbackOnly`].
+    pub interfaces: Interfaces,
+    /// The DNS-SD service type, ending in `._udp.local.` (default [`SERVICE_TYPE_DEFAULT`]).
+    /// Nodes only find nodes announcing the same type; tests use a fresh one per run so parallel
+    /// runs and stale announcements do not meet.
+    pub service_type: String,
+}
+
+impl Default for MdnsConfig {
+    fn default() -> Self {
+        Self {
+            interfaces: Interfaces::All,
+            service_type: SERVICE_TYPE_DEFAULT.into(),
+        }
     }
 }

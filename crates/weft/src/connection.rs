@@ -15,20 +15,7 @@ use crate::error::ConnectError;
 use crate::node::Shared;
 use crate::tls;
 
-/// QUIC application close codes.
-pub(crate) mod close_code {
-    use quinn::VarInt;
-    /// The node is shutting down.
-    pub const SHUTDOWN: VarInt = VarInt::from_u32(0);
-    /// A newer or preferred connection to the same peer replaced this one.
-    pub const DUPLICATE: VarInt = VarInt::from_u32(1);
-    /// The hello was refused.
-    pub const REFUSED: VarInt = VarInt::from_u32(2);
-    /// The peer broke the protocol.
-    pub const PROTOCOL: VarInt = VarInt::from_u32(3);
-    /// An RTT probe (`weft discover`): closed on purpose right after the TLS handshake.
-    pub const PROBE: VarInt = VarInt::from_u32(4);
-}
+pub(crate) use crate::close_code;
 
 /// Hellos are small; a peer announcing a bigger first frame is not speaking our protocol.
 const HELLO_LIMITS: Limits = Limits {
@@ -321,43 +308,4 @@ async fn write_refusal(
     let _ = send.finish();
     let _ = tokio::time::timeout(Duration::from_millis(200), send.stopped()).await;
     connection.close(close_code::REFUSED, refusal.detail.as_bytes());
-}
-
-/// Measures the round trip to the node `expected` at `addr`: a QUIC + TLS handshake from a
-/// throwaway identity and endpoint, which proves the node's key, then closed at once (the node
-/// logs it at debug level and counts nothing). Returns quinn's RTT estimate.
-pub(crate) async fn probe_rtt(
-    addr: SocketAddr,
-    expected: NodeId,
-    timeout: Duration,
-) -> Result<Duration, ConnectError> {
-    let identity = crate::identity::Identity::generate()
-        .map_err(|e| ConnectError::Handshake(format!("probe identity: {e}")))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let tls = tls::client_config(&identity, expected, provider)
-        .map_err(|e| ConnectError::Handshake(e.to_string()))?;
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
-        .map_err(|e| ConnectError::Handshake(e.to_string()))?;
-    let config = quinn::ClientConfig::new(Arc::new(crypto));
-    let bind: SocketAddr = if addr.is_ipv6() {
-        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-    } else {
-        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
-    };
-    let endpoint = quinn::Endpoint::client(bind)
-        .map_err(|e| ConnectError::Handshake(format!("probe socket: {e}")))?;
-    let attempt = async {
-        let connection = endpoint.connect_with(config, addr, "weft")?.await?;
-        let rtt = connection.rtt();
-        connection.close(close_code::PROBE, b"rtt probe");
-        Ok::<_, ConnectError>(rtt)
-    };
-    let result = match tokio::time::timeout(timeout, attempt).await {
-        Ok(result) => result,
-        Err(_) => Err(ConnectError::Handshake(format!(
-            "no handshake within {timeout:?}"
-        ))),
-    };
-    let _ = tokio::time::timeout(Duration::from_millis(200), endpoint.wait_idle()).await;
-    result
 }

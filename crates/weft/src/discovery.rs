@@ -42,9 +42,8 @@ use weft_proto::frame::{PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN};
 use weft_proto::NodeId;
 
 use crate::addr::NodeAddr;
-
-/// The DNS-SD service type Weft nodes announce and browse by default.
-pub const SERVICE_TYPE_DEFAULT: &str = "_weft._udp.local.";
+pub use crate::config::{Interfaces, MdnsConfig, SERVICE_TYPE_DEFAULT};
+use crate::error::ConnectError;
 
 /// Most announced instances remembered at once, to tell which node a removal concerns. Instances
 /// beyond it are still reported as discovered, but their removal is not.
@@ -52,41 +51,6 @@ pub const INSTANCES_MAX: usize = 4_096;
 
 /// How long [`Discovery::shutdown`] waits for the goodbye packets and for the daemon to stop.
 pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// Which network interfaces discovery announces and browses on.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum Interfaces {
-    /// Every interface, IPv4 and IPv6, loopback included (the production default).
-    #[default]
-    All,
-    /// IPv4 loopback only (127.0.0.0/8): for demos and tests, which must not announce on the
-    /// machine's real network.
-    LoopbackOnly,
-    /// Only the interfaces with these names (e.g. `eth0`).
-    Named(Vec<String>),
-}
-
-/// mDNS discovery settings (see the [module docs](self)).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct MdnsConfig {
-    /// Where to announce and browse. Default: [`Interfaces::All`]; demos and tests use
-    /// [`Interfaces::LoopbackOnly`].
-    pub interfaces: Interfaces,
-    /// The DNS-SD service type, ending in `._udp.local.` (default [`SERVICE_TYPE_DEFAULT`]).
-    /// Nodes only find nodes announcing the same type; tests use a fresh one per run so parallel
-    /// runs and stale announcements do not meet.
-    pub service_type: String,
-}
-
-impl Default for MdnsConfig {
-    fn default() -> Self {
-        Self {
-            interfaces: Interfaces::All,
-            service_type: SERVICE_TYPE_DEFAULT.into(),
-        }
-    }
-}
 
 /// What this node announces.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -515,7 +479,46 @@ pub async fn probe_rtt(
     node: weft_proto::NodeId,
     timeout: std::time::Duration,
 ) -> Result<std::time::Duration, crate::error::ConnectError> {
-    crate::connection::probe_rtt(addr, node, timeout).await
+    probe(addr, node, timeout).await
+}
+
+/// Measures the round trip to the node `expected` at `addr`: a QUIC + TLS handshake from a
+/// throwaway identity and endpoint, which proves the node's key, then closed at once (the node
+/// logs it at debug level and counts nothing). Returns quinn's RTT estimate.
+async fn probe(
+    addr: SocketAddr,
+    expected: NodeId,
+    timeout: Duration,
+) -> Result<Duration, ConnectError> {
+    let identity = crate::identity::Identity::generate()
+        .map_err(|e| ConnectError::Handshake(format!("probe identity: {e}")))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = crate::tls::client_config(&identity, expected, provider)
+        .map_err(|e| ConnectError::Handshake(e.to_string()))?;
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| ConnectError::Handshake(e.to_string()))?;
+    let config = quinn::ClientConfig::new(Arc::new(crypto));
+    let bind: SocketAddr = if addr.is_ipv6() {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    };
+    let endpoint = quinn::Endpoint::client(bind)
+        .map_err(|e| ConnectError::Handshake(format!("probe socket: {e}")))?;
+    let attempt = async {
+        let connection = endpoint.connect_with(config, addr, "weft")?.await?;
+        let rtt = connection.rtt();
+        connection.close(crate::close_code::PROBE, b"rtt probe");
+        Ok::<_, ConnectError>(rtt)
+    };
+    let result = match tokio::time::timeout(timeout, attempt).await {
+        Ok(result) => result,
+        Err(_) => Err(ConnectError::Handshake(format!(
+            "no handshake within {timeout:?}"
+        ))),
+    };
+    let _ = tokio::time::timeout(Duration::from_millis(200), endpoint.wait_idle()).await;
+    result
 }
 
 #[cfg(test)]

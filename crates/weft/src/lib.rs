@@ -43,6 +43,7 @@
 pub mod addr;
 pub mod admin;
 pub mod body;
+mod close_code;
 pub mod config;
 mod connection;
 pub mod discovery;

@@ -362,6 +362,24 @@ impl Shared {
             })
     }
 
+    /// Numbers a delayed message that became due and enqueues it (the release task's work; see
+    /// [`PeerSender::release`]); a peer the node cannot track fails the message's receipt.
+    async fn release(self: &Arc<Self>, waiting: Waiting) {
+        let dest = waiting.dest;
+        match self.sender(dest) {
+            Ok(sender) => sender.release(waiting).await,
+            Err(error) => {
+                warn!(peer = %dest.short(), %error, "cannot release a delayed message");
+                self.scheduler.free_place(waiting.ticket.holds_place);
+                let _ = waiting.ticket.slot.send(SlotState::Failed(
+                    crate::error::DeliveryError::NotAccepted(format!(
+                        "cannot be released: {error}"
+                    )),
+                ));
+            }
+        }
+    }
+
     pub(crate) fn now_unix_ms(&self) -> u64 {
         (self.wall_clock)()
     }
@@ -373,9 +391,19 @@ impl Shared {
         if self.scheduler.mark_started() {
             let span = info_span!(parent: None, "scheduler", node = %self.id.short());
             // On the node's runtime (a `try_send` may come from a thread outside it).
-            let handle = self
-                .runtime
-                .spawn(crate::scheduler::run(Arc::clone(self)).instrument(span));
+            let clock = Arc::clone(self);
+            let releaser = Arc::clone(self);
+            let release = move |waiting: Waiting| {
+                let shared = Arc::clone(&releaser);
+                async move { shared.release(waiting).await }
+            };
+            let task = crate::scheduler::run(
+                Arc::clone(&self.scheduler),
+                self.shutdown.subscribe(),
+                move || clock.now_unix_ms(),
+                release,
+            );
+            let handle = self.runtime.spawn(task.instrument(span));
             let mut tasks = self.tasks.lock().expect("tasks lock poisoned");
             tasks.retain(|t| !t.is_finished());
             tasks.push(handle);

@@ -747,7 +747,7 @@ impl PeerTask {
     /// the application gets an event. Events owed to durable subscriptions are counted too.
     fn dead_letter(&mut self, given_up: Vec<weft_proto::link::GivenUp>) {
         for given_up in given_up {
-            if given_up.message.channel == crate::patterns::EVENT_CHANNEL
+            if given_up.message.channel == weft_proto::channel::mesh::EVENT
                 && given_up
                     .message
                     .options
@@ -1369,7 +1369,7 @@ fn push(link: &mut Link, outgoing: Outgoing) {
 /// `$weft/...`, are counted by what they carry: events delivered).
 fn count_delivery(shared: &Shared, message: &Message) {
     let channel = &message.header.channel;
-    if !channel.starts_with('$') || channel.starts_with(crate::patterns::WORK_PREFIX) {
+    if !channel.starts_with('$') || channel.starts_with(weft_proto::channel::mesh::WORK_PREFIX) {
         shared.metrics.delivered(1);
     }
 }

@@ -19,13 +19,11 @@ use std::time::Duration;
 
 use tokio::sync::{watch, Notify, Semaphore};
 use tokio::time::Instant;
-use tracing::{debug, warn};
+use tracing::debug;
 use weft_proto::schedule::Schedule;
 use weft_proto::{NodeId, OutgoingMessage};
 
-use crate::error::DeliveryError;
 use crate::metrics::Metrics;
-use crate::node::Shared;
 use crate::receipt::SlotState;
 
 /// The longest the release task sleeps without looking at the clock again: bounds how late a
@@ -197,11 +195,18 @@ impl Scheduler {
     }
 }
 
-/// The release task: sleeps until the earliest due time (at most [`RECHECK_MAX`]), then numbers
-/// and enqueues everything due, in due order.
-pub(crate) async fn run(shared: Arc<Shared>) {
-    let scheduler = Arc::clone(&shared.scheduler);
-    let mut shutdown = shared.shutdown.subscribe();
+/// The release task: sleeps until the earliest due time (at most [`RECHECK_MAX`]), then hands
+/// everything due to `release` (which numbers and enqueues it), in due order. `now_unix_ms` is
+/// the node's wall clock; the task ends when `shutdown` turns true.
+pub(crate) async fn run<Release, Released>(
+    scheduler: Arc<Scheduler>,
+    mut shutdown: watch::Receiver<bool>,
+    now_unix_ms: impl Fn() -> u64,
+    release: Release,
+) where
+    Release: Fn(Waiting) -> Released,
+    Released: std::future::Future<Output = ()>,
+{
     loop {
         let paused = scheduler
             .paused_until
@@ -217,27 +222,14 @@ pub(crate) async fn run(shared: Arc<Shared>) {
         }
         let mut released = 0;
         while released < RELEASE_ROUND_MAX {
-            let Some(waiting) = scheduler.pop_due(shared.now_unix_ms()) else {
+            let Some(waiting) = scheduler.pop_due(now_unix_ms()) else {
                 break;
             };
             released += 1;
-            let dest = waiting.dest;
-            let release = async {
-                match shared.sender(dest) {
-                    Ok(sender) => sender.release(waiting).await,
-                    Err(error) => {
-                        warn!(peer = %dest.short(), %error, "cannot release a delayed message");
-                        scheduler.free_place(waiting.ticket.holds_place);
-                        let _ = waiting.ticket.slot.send(SlotState::Failed(
-                            DeliveryError::NotAccepted(format!("cannot be released: {error}")),
-                        ));
-                    }
-                }
-            };
             tokio::select! {
                 biased;
                 _ = shutdown.wait_for(|stop| *stop) => break,
-                () = release => {}
+                () = release(waiting) => {}
             }
         }
         if released >= RELEASE_ROUND_MAX {
@@ -254,7 +246,7 @@ pub(crate) async fn run(shared: Arc<Shared>) {
             }
             continue;
         };
-        let wait = Duration::from_millis(due.saturating_sub(shared.now_unix_ms())).min(RECHECK_MAX);
+        let wait = Duration::from_millis(due.saturating_sub(now_unix_ms())).min(RECHECK_MAX);
         tokio::select! {
             biased;
             _ = shutdown.wait_for(|stop| *stop) => break,

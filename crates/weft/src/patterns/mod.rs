@@ -42,19 +42,18 @@ pub use pubsub::{
 };
 use reqrep::Answer;
 pub use reqrep::{Gathered, Request, RequestBuilder, RequestError, ScatterBuilder, Service};
-pub(crate) use work::WORK_PREFIX;
 pub use work::{redelivery_of, PullOptions, Puller, WorkError, REDELIVERY_HEADER};
 
 /// Channel of interest announcements.
-pub(crate) const INTEREST_CHANNEL: &str = "$weft/interest";
+pub(crate) const INTEREST_CHANNEL: &str = weft_proto::channel::mesh::INTEREST;
 /// Channel of events.
-pub(crate) const EVENT_CHANNEL: &str = "$weft/ev";
+pub(crate) const EVENT_CHANNEL: &str = weft_proto::channel::mesh::EVENT;
 /// Channel of subscribers' confirmations of events.
-pub(crate) const CONFIRM_CHANNEL: &str = "$weft/evc";
+pub(crate) const CONFIRM_CHANNEL: &str = weft_proto::channel::mesh::CONFIRM;
 /// Channel of requests.
-pub(crate) const REQUEST_CHANNEL: &str = "$weft/req";
+pub(crate) const REQUEST_CHANNEL: &str = weft_proto::channel::mesh::REQUEST;
 /// Channel of replies.
-pub(crate) const REPLY_CHANNEL: &str = "$weft/rep";
+pub(crate) const REPLY_CHANNEL: &str = weft_proto::channel::mesh::REPLY;
 
 /// How often announcements and acks that found a full peer queue are retried, and leases of
 /// disconnected peers are checked.

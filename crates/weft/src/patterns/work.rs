@@ -42,7 +42,7 @@ use crate::node::Shared;
 use crate::peer::Control;
 
 /// Channel prefix of work queues.
-pub(crate) const WORK_PREFIX: &str = "$weft/queue/";
+pub(crate) const WORK_PREFIX: &str = weft_proto::channel::mesh::WORK_PREFIX;
 
 /// Header of an item copied from a stuck worker: the original's message id, as
 /// `PRODUCER/STREAM/SEQ` (the whole node id, the stream id in hex, the sequence number).
