@@ -992,6 +992,30 @@ impl Link {
     /// Appends frames to `buf` until it holds `max_bytes` or nothing is left to send: first the
     /// resume and the acknowledgement (so they never wait behind bulk data), then data in order.
     pub fn poll_transmit(&mut self, buf: &mut BytesMut, max_bytes: usize) {
+        self.transmit(buf, None, max_bytes);
+    }
+
+    /// Like [`Link::poll_transmit`], but a body of [`SEPARATE_BODY_BYTES`] or more is not copied
+    /// into `buf`: what `buf` holds up to the body's frame header is split off into `chunks`,
+    /// followed by the body itself (shared, not copied). The caller appends what is left in
+    /// `buf` after the call; `chunks` then holds the bytes to write, in order.
+    pub fn poll_transmit_chunks(
+        &mut self,
+        buf: &mut BytesMut,
+        chunks: &mut VecDeque<Bytes>,
+        max_bytes: usize,
+    ) {
+        self.transmit(buf, Some(chunks), max_bytes);
+    }
+
+    fn transmit(
+        &mut self,
+        buf: &mut BytesMut,
+        mut chunks: Option<&mut VecDeque<Bytes>>,
+        max_bytes: usize,
+    ) {
+        // Bytes handed to `chunks` by this call, which count against `max_bytes` too.
+        let mut chunked = 0;
         if !self.connected {
             return;
         }
@@ -1017,7 +1041,7 @@ impl Link {
                 self.control(buf, &frame);
             }
         }
-        while buf.len() < max_bytes {
+        while buf.len() + chunked < max_bytes {
             let Some(message) = self.volatile.pop_front() else {
                 break;
             };
@@ -1030,12 +1054,16 @@ impl Link {
                 attempt: 1,
                 options: message.options.as_deref(),
             };
-            if let Err(e) = self.encoder.data(buf, &fields, &message.body) {
-                unreachable!("message passed its limit check but failed to encode: {e}");
-            }
+            chunked += encode_data(
+                &self.encoder,
+                buf,
+                chunks.as_deref_mut(),
+                &fields,
+                &message.body,
+            );
             self.stats.volatile_sent += 1;
         }
-        while buf.len() < max_bytes && self.window_open() {
+        while buf.len() + chunked < max_bytes && self.window_open() {
             let seq = self.queue[self.cursor].seq;
             if seq != self.peer_expects {
                 // Its predecessors were given up: tell the peer not to wait for them.
@@ -1061,9 +1089,13 @@ impl Link {
                 options: message.options.as_deref(),
             };
             // `push` checked the message against the limits with an upper bound of its encoded size.
-            if let Err(e) = self.encoder.data(buf, &fields, &message.body) {
-                unreachable!("message passed its limit check but failed to encode: {e}");
-            }
+            chunked += encode_data(
+                &self.encoder,
+                buf,
+                chunks.as_deref_mut(),
+                &fields,
+                &message.body,
+            );
             if entry.transmissions == 1 {
                 self.stats.sent += 1;
             } else {
@@ -1115,5 +1147,38 @@ fn to_message(producer: NodeId, stream: StreamId, data: DataFrame) -> Message {
             options: data.options,
         },
         body: data.body,
+    }
+}
+
+/// Bodies from this size on are handed to the transport as their own buffer rather than copied
+/// behind their frame header (see [`Link::poll_transmit_chunks`]); below it one copy into a
+/// batch is cheaper than a buffer of its own.
+pub const SEPARATE_BODY_BYTES: usize = 16 * 1024;
+
+/// Encodes one data frame into `buf`, or with `chunks` and a large body its header into `buf`
+/// and then `buf` and the body into `chunks`. Returns the bytes moved to `chunks`.
+fn encode_data(
+    encoder: &FrameEncoder,
+    buf: &mut BytesMut,
+    chunks: Option<&mut VecDeque<Bytes>>,
+    fields: &DataFields<'_>,
+    body: &Bytes,
+) -> usize {
+    // `push` checked the message against the limits with an upper bound of its encoded size.
+    let encoded = match chunks {
+        Some(chunks) if body.len() >= SEPARATE_BODY_BYTES => {
+            encoder.data_header(buf, fields, body.len()).map(|()| {
+                let head = buf.split().freeze();
+                let moved = head.len() + body.len();
+                chunks.push_back(head);
+                chunks.push_back(body.clone());
+                moved
+            })
+        }
+        _ => encoder.data(buf, fields, body).map(|()| 0),
+    };
+    match encoded {
+        Ok(moved) => moved,
+        Err(e) => unreachable!("message passed its limit check but failed to encode: {e}"),
     }
 }

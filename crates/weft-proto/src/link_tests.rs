@@ -22,6 +22,8 @@ struct Side {
     acks_on_delivery: bool,
     /// With `ack_on_delivery` off: (epoch, highest delivered or skipped) for `acknowledge`.
     settled: (u64, u64),
+    /// Transmits with `poll_transmit_chunks` (large bodies as buffers of their own).
+    chunked: bool,
 }
 
 impl Side {
@@ -35,6 +37,7 @@ impl Side {
             pushed: 0,
             acks_on_delivery: config.ack_on_delivery,
             settled: (0, 0),
+            chunked: false,
         }
     }
 
@@ -77,7 +80,14 @@ impl Side {
             self.acknowledge();
         }
         let mut buf = BytesMut::new();
-        self.link.poll_transmit(&mut buf, max_bytes);
+        if self.chunked {
+            let mut chunks = VecDeque::new();
+            self.link
+                .poll_transmit_chunks(&mut buf, &mut chunks, max_bytes);
+            wire.extend(chunks);
+        } else {
+            self.link.poll_transmit(&mut buf, max_bytes);
+        }
         if !buf.is_empty() {
             wire.push_back(buf.freeze());
         }
@@ -107,6 +117,8 @@ impl Pair {
             a_to_b: VecDeque::new(),
             b_to_a: VecDeque::new(),
         };
+        // A hands large bodies over as buffers of their own, B copies every body into batches.
+        pair.a.chunked = true;
         pair.reconnect();
         pair
     }
@@ -124,7 +136,12 @@ impl Pair {
     }
 
     fn push(side: &mut Side, rng: &mut SplitMix64) {
-        let body = Bytes::from(format!("m{}:{}", side.pushed + 1, rng.next_u64() % 1000));
+        let mut text = format!("m{}:{}", side.pushed + 1, rng.next_u64() % 1000);
+        if rng.next_u64().is_multiple_of(16) {
+            // Large enough to travel as a buffer of its own from a chunked sender.
+            text.extend(std::iter::repeat_n(' ', crate::link::SEPARATE_BODY_BYTES));
+        }
+        let body = Bytes::from(text);
         if side.link.has_room(body.len()) {
             side.link
                 .push(OutgoingMessage::command("c", body, 0))
@@ -189,7 +206,7 @@ impl Pair {
 fn expected(count: u64, delivered: &[Bytes]) {
     assert_eq!(delivered.len() as u64, count, "each message exactly once");
     for (i, body) in delivered.iter().enumerate() {
-        let text = std::str::from_utf8(body).unwrap();
+        let text = std::str::from_utf8(body).unwrap().trim_end();
         let seq: u64 = text[1..text.find(':').unwrap()].parse().unwrap();
         assert_eq!(seq, i as u64 + 1, "in order");
     }

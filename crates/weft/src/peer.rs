@@ -53,8 +53,9 @@ use crate::settle::Settlement;
 /// Bytes gathered into one write: large writes are what make QUIC fast (one write per message
 /// runs at a twentieth of the speed).
 const TRANSMIT_BATCH_BYTES: usize = 64 * 1024;
-/// Encoded batches waiting for the stream to accept them; with the batch size this bounds the
-/// bytes between the link and quinn's send buffer.
+/// Encoded batches waiting for the stream to accept them (a large body is a batch of its own);
+/// with the batch size and the largest body this bounds the bytes between the link and quinn's
+/// send buffer.
 const WRITE_QUEUE_BATCHES: usize = 16;
 /// Most bytes taken from the connection per read.
 const READ_CHUNK_BYTES: usize = 256 * 1024;
@@ -517,12 +518,16 @@ impl PeerTask {
             if conn.tx_buf.capacity() < TRANSMIT_BATCH_BYTES {
                 conn.tx_buf.reserve(TX_BUFFER_BYTES);
             }
+            let queued = conn.tx.len();
+            // Large bodies join the queue as buffers of their own (no copy into the batch).
             self.link
-                .poll_transmit(&mut conn.tx_buf, TRANSMIT_BATCH_BYTES);
-            if conn.tx_buf.is_empty() {
+                .poll_transmit_chunks(&mut conn.tx_buf, &mut conn.tx, TRANSMIT_BATCH_BYTES);
+            if !conn.tx_buf.is_empty() {
+                conn.tx.push_back(conn.tx_buf.split().freeze());
+            }
+            if conn.tx.len() == queued {
                 break;
             }
-            conn.tx.push_back(conn.tx_buf.split().freeze());
         }
         if conn.tx.is_empty() {
             return;
@@ -1307,6 +1312,10 @@ fn next_frame(decoder: &FrameDecoder, conn: &mut Conn) -> Result<Option<Frame>, 
             conn.rx.extend_from_slice(&conn.rx_chunk.split_to(take));
         }
         if let Some(total) = decoder.frame_len(&conn.rx)? {
+            // Room for the whole frame at once (the length was checked against the limits): a
+            // large frame arrives in many chunks, and growing the buffer chunk by chunk would
+            // copy it several times over.
+            conn.rx.reserve(total.saturating_sub(conn.rx.len()));
             let take = total.saturating_sub(conn.rx.len()).min(conn.rx_chunk.len());
             conn.rx.extend_from_slice(&conn.rx_chunk.split_to(take));
         }
