@@ -11,11 +11,63 @@ use weft_proto::frame::{Frame, FrameDecoder, FrameEncoder, Limits, Refusal, Refu
 use weft_proto::handshake::{judge_hello, local_hello, ADMISSION_EXPORTER_LABEL};
 use weft_proto::NodeId;
 
+use crate::config::{NodeConfig, Seams};
 use crate::error::ConnectError;
-use crate::node::Shared;
+use crate::identity::Identity;
+use crate::metrics::Metrics;
 use crate::tls;
 
 pub(crate) use crate::close_code;
+
+/// What the handshakes need of the node (implemented by the node's shared state): the module
+/// depends on this narrow interface, not on the node, so the node's modules and this one do
+/// not import each other.
+pub(crate) trait Context: Send + Sync + 'static {
+    /// The node's settings (mesh, admission, handshake timeout, peer bound).
+    fn config(&self) -> &NodeConfig;
+    /// This node's id.
+    fn local_id(&self) -> NodeId;
+    /// This incarnation's start time, announced in every hello.
+    fn incarnation(&self) -> u64;
+    /// The key TLS proves.
+    fn identity(&self) -> &Identity;
+    /// The crypto provider for TLS configurations.
+    fn provider(&self) -> &Arc<rustls::crypto::CryptoProvider>;
+    /// The QUIC transport settings.
+    fn transport(&self) -> &Arc<quinn::TransportConfig>;
+    /// The runtime seams (the simulation's seeded connection ids).
+    fn seams(&self) -> &Seams;
+    /// The endpoint to dial with, until the node shuts down.
+    fn endpoint(&self) -> Result<quinn::Endpoint, EndpointClosed>;
+    /// Counters.
+    fn metrics(&self) -> &Metrics;
+    /// Whether the node is stopping (new peers are refused).
+    fn is_shutting_down(&self) -> bool;
+    /// Hands an accepted connection to its peer's link; gives it back if the node cannot take
+    /// another peer.
+    fn attach(
+        self: &Arc<Self>,
+        peer: NodeId,
+        established: Established,
+    ) -> Result<(), Box<Established>>;
+}
+
+/// The node was shut down (or dropped): it has no endpoint any more.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct EndpointClosed;
+
+impl From<EndpointClosed> for crate::error::ConnectError {
+    fn from(_: EndpointClosed) -> Self {
+        // What quinn answers a dial on a closed endpoint.
+        Self::Dial(quinn::ConnectError::EndpointStopping)
+    }
+}
+
+impl From<EndpointClosed> for std::io::Error {
+    fn from(_: EndpointClosed) -> Self {
+        std::io::Error::new(std::io::ErrorKind::NotConnected, "the node is shut down")
+    }
+}
 
 /// Hellos are small; a peer announcing a bigger first frame is not speaking our protocol.
 const HELLO_LIMITS: Limits = Limits {
@@ -86,39 +138,39 @@ fn session_bytes(connection: &quinn::Connection) -> Result<[u8; 32], ConnectErro
 }
 
 /// This node's hello for a connection.
-fn our_hello(shared: &Shared, session: &[u8; 32]) -> Frame {
-    let proof = shared.config.admission.proof(session, &shared.id);
+fn our_hello(shared: &impl Context, session: &[u8; 32]) -> Frame {
+    let proof = shared.config().admission.proof(session, &shared.local_id());
     Frame::Hello(local_hello(
-        &shared.config.mesh,
-        shared.id,
-        shared.incarnation,
+        &shared.config().mesh,
+        shared.local_id(),
+        shared.incarnation(),
         proof,
     ))
 }
 
 fn client_config(
-    shared: &Shared,
+    shared: &impl Context,
     expected: Option<NodeId>,
 ) -> Result<quinn::ClientConfig, ConnectError> {
-    let provider = Arc::clone(&shared.provider);
+    let provider = Arc::clone(shared.provider());
     let tls = match expected {
-        Some(expected) => tls::client_config(&shared.identity, expected, provider),
-        None => tls::client_config_unpinned(&shared.identity, provider),
+        Some(expected) => tls::client_config(shared.identity(), expected, provider),
+        None => tls::client_config_unpinned(shared.identity(), provider),
     }
     .map_err(|e| ConnectError::Handshake(e.to_string()))?;
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| ConnectError::Handshake(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-    config.transport_config(Arc::clone(&shared.transport));
-    if let Some(provider) = &shared.seams.initial_dst_cid_provider {
+    config.transport_config(Arc::clone(shared.transport()));
+    if let Some(provider) = &shared.seams().initial_dst_cid_provider {
         config.initial_dst_cid_provider(Arc::clone(provider));
     }
     Ok(config)
 }
 
 /// Dials `peer` at `addr`, pinning its id, and runs the hello exchange.
-pub(crate) async fn dial(
-    shared: Arc<Shared>,
+pub(crate) async fn dial<C: Context>(
+    shared: Arc<C>,
     peer: NodeId,
     addr: SocketAddr,
 ) -> Result<Established, ConnectError> {
@@ -129,14 +181,14 @@ pub(crate) async fn dial(
 
 /// Dials `addr`, pinning `expected` if given (else accepting whichever node answers, as for a
 /// seed address), and runs the hello exchange. Returns the node the handshake proved.
-pub(crate) async fn dial_to(
-    shared: Arc<Shared>,
+pub(crate) async fn dial_to<C: Context>(
+    shared: Arc<C>,
     expected: Option<NodeId>,
     addr: SocketAddr,
 ) -> Result<(NodeId, Established), ConnectError> {
-    let timeout = shared.config.handshake_timeout;
+    let timeout = shared.config().handshake_timeout;
     let attempt = async {
-        let config = client_config(&shared, expected)?;
+        let config = client_config(&*shared, expected)?;
         let endpoint = shared.endpoint()?;
         let connection = endpoint.connect_with(config, addr, "weft")?;
         // Not held while the handshake runs (the shutdown may be releasing the socket).
@@ -145,12 +197,12 @@ pub(crate) async fn dial_to(
         let peer = proven_peer(&connection)?;
         let session = session_bytes(&connection)?;
         let (mut send, mut recv) = connection.open_bi().await?;
-        write_frame(&mut send, &our_hello(&shared, &session)).await?;
+        write_frame(&mut send, &our_hello(&*shared, &session)).await?;
         let mut leftover = BytesMut::new();
         let peer_incarnation = match read_frame(&mut recv, &mut leftover).await? {
             Frame::Welcome(hello) => {
-                let admission = &shared.config.admission;
-                let judged = judge_hello(&shared.config.mesh, admission, &session, &peer, &hello);
+                let admission = &shared.config().admission;
+                let judged = judge_hello(&shared.config().mesh, admission, &session, &peer, &hello);
                 // (Counted and logged by the peer task, which gets the refusal as a dial failure.)
                 if let Err(refusal) = judged {
                     connection.close(close_code::REFUSED, refusal.detail.as_bytes());
@@ -188,19 +240,19 @@ pub(crate) async fn dial_to(
 }
 
 /// Runs the acceptor's side for one incoming connection and hands it to the peer's link.
-pub(crate) async fn accept(shared: Arc<Shared>, incoming: quinn::Incoming) {
+pub(crate) async fn accept<C: Context>(shared: Arc<C>, incoming: quinn::Incoming) {
     let remote = incoming.remote_address();
-    let timeout = shared.config.handshake_timeout;
-    let result = tokio::time::timeout(timeout, accept_inner(&shared, incoming)).await;
+    let timeout = shared.config().handshake_timeout;
+    let result = tokio::time::timeout(timeout, accept_inner(&*shared, incoming)).await;
     match result {
         Ok(Ok((peer, established))) => {
             if let Err(established) = shared.attach(peer, established) {
                 refuse(
-                    &shared,
+                    &*shared,
                     *established,
                     Refusal {
                         reason: RefuseReason::TooManyPeers,
-                        detail: format!("node already tracks {} peers", shared.config.peers_max),
+                        detail: format!("node already tracks {} peers", shared.config().peers_max),
                     },
                 )
                 .await;
@@ -214,7 +266,7 @@ pub(crate) async fn accept(shared: Arc<Shared>, incoming: quinn::Incoming) {
             debug!(%remote, "round-trip probe");
         }
         Ok(Err(e)) => {
-            shared.metrics.dial_failure();
+            shared.metrics().dial_failure();
             info!(%remote, error = %e, "incoming connection failed");
         }
         Err(_) => info!(%remote, "incoming connection: no hello within {timeout:?}"),
@@ -222,7 +274,7 @@ pub(crate) async fn accept(shared: Arc<Shared>, incoming: quinn::Incoming) {
 }
 
 async fn accept_inner(
-    shared: &Shared,
+    shared: &impl Context,
     incoming: quinn::Incoming,
 ) -> Result<(NodeId, Established), ConnectError> {
     let connection = incoming.await?;
@@ -246,8 +298,8 @@ async fn accept_inner(
             return Err(e);
         }
     };
-    let admission = &shared.config.admission;
-    if let Err(refusal) = judge_hello(&shared.config.mesh, admission, &session, &peer, &hello) {
+    let admission = &shared.config().admission;
+    if let Err(refusal) = judge_hello(&shared.config().mesh, admission, &session, &peer, &hello) {
         write_refusal(shared, &mut send, &connection, &refusal).await;
         return Err(ConnectError::RefusedPeer(refusal));
     }
@@ -262,10 +314,10 @@ async fn accept_inner(
     write_frame(
         &mut send,
         &Frame::Welcome(local_hello(
-            &shared.config.mesh,
-            shared.id,
-            shared.incarnation,
-            admission.proof(&session, &shared.id),
+            &shared.config().mesh,
+            shared.local_id(),
+            shared.incarnation(),
+            admission.proof(&session, &shared.local_id()),
         )),
     )
     .await?;
@@ -284,7 +336,7 @@ async fn accept_inner(
     ))
 }
 
-async fn refuse(shared: &Shared, mut established: Established, refusal: Refusal) {
+async fn refuse(shared: &impl Context, mut established: Established, refusal: Refusal) {
     write_refusal(
         shared,
         &mut established.send,
@@ -296,12 +348,12 @@ async fn refuse(shared: &Shared, mut established: Established, refusal: Refusal)
 
 /// Counts and logs the refusal, then tells the peer why and closes.
 async fn write_refusal(
-    shared: &Shared,
+    shared: &impl Context,
     send: &mut quinn::SendStream,
     connection: &quinn::Connection,
     refusal: &Refusal,
 ) {
-    shared.metrics.refusal();
+    shared.metrics().refusal();
     warn!(remote = %connection.remote_address(), %refusal, "refusing peer");
     // Best effort: the refusal frame tells the dialer why; the close follows either way.
     let _ = write_frame(send, &Frame::Refuse(refusal.clone())).await;

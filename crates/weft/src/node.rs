@@ -16,7 +16,7 @@ use weft_proto::{Channel, Lane, LinkConfig, MessageId, NodeId, OutgoingMessage, 
 
 use crate::addr::NodeAddr;
 use crate::config::{NodeConfig, Seams, WallClock};
-use crate::connection::{self, close_code, Established};
+use crate::connection::{self, close_code, EndpointClosed, Established};
 use crate::discovery::{Announcement, Discovery, DiscoveryCallback, DiscoveryEvent, MdnsConfig};
 use crate::durable::{Durable, Outgoing, Restored, SpoolSetup};
 use crate::error::{ReceiveError, SendBatchError, SendError, StartError, TrySendError};
@@ -197,20 +197,54 @@ impl std::fmt::Debug for Shared {
     }
 }
 
-/// The node was shut down (or dropped): it has no endpoint any more.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct EndpointClosed;
-
-impl From<EndpointClosed> for crate::error::ConnectError {
-    fn from(_: EndpointClosed) -> Self {
-        // What quinn answers a dial on a closed endpoint.
-        Self::Dial(quinn::ConnectError::EndpointStopping)
+/// What the handshakes of `connection` need of the node, and nothing more.
+impl connection::Context for Shared {
+    fn config(&self) -> &NodeConfig {
+        &self.config
     }
-}
 
-impl From<EndpointClosed> for std::io::Error {
-    fn from(_: EndpointClosed) -> Self {
-        std::io::Error::new(std::io::ErrorKind::NotConnected, "the node is shut down")
+    fn local_id(&self) -> NodeId {
+        self.id
+    }
+
+    fn incarnation(&self) -> u64 {
+        self.incarnation
+    }
+
+    fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    fn provider(&self) -> &Arc<rustls::crypto::CryptoProvider> {
+        &self.provider
+    }
+
+    fn transport(&self) -> &Arc<quinn::TransportConfig> {
+        &self.transport
+    }
+
+    fn seams(&self) -> &Seams {
+        &self.seams
+    }
+
+    fn endpoint(&self) -> Result<quinn::Endpoint, EndpointClosed> {
+        Shared::endpoint(self)
+    }
+
+    fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    fn is_shutting_down(&self) -> bool {
+        Shared::is_shutting_down(self)
+    }
+
+    fn attach(
+        self: &Arc<Self>,
+        peer: NodeId,
+        established: Established,
+    ) -> Result<(), Box<Established>> {
+        Shared::attach(self, peer, established)
     }
 }
 
