@@ -47,7 +47,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::time::Duration;
 
-use crate::harness::SUBSCRIBE_UNCONFIRMED;
+use crate::history::SUBSCRIBE_UNCONFIRMED;
 use crate::history::{Event, NodeIndex, Record};
 use crate::scenario::{pattern_matches, FaultAction};
 

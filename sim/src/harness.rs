@@ -83,8 +83,7 @@ pub const WORK_REASSIGN_AFTER: Duration = Duration::from_secs(2);
 /// How long a connected worker may hold items without acknowledging any before copies of them
 /// go to the others (`work`): shorter than many of the scenario's consumer pauses.
 pub const WORK_ACK_TIMEOUT: Duration = Duration::from_secs(2);
-/// Why the pub/sub application tries a subscription again that `subscribe` returned.
-pub const SUBSCRIBE_UNCONFIRMED: &str = "a peer went down before it confirmed the subscription";
+pub use crate::history::SUBSCRIBE_UNCONFIRMED;
 /// How often a node reports its metrics for the run summary.
 const METRICS_INTERVAL: Duration = Duration::from_millis(250);
 /// Simulated time a settled run keeps going, so that late duplicates are seen.

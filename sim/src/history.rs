@@ -20,6 +20,10 @@ use std::time::Duration;
 
 use crate::scenario::FaultAction;
 
+/// Why the pub/sub application tries a subscription again that `subscribe` returned (recorded
+/// by the harness, excused by the checkers).
+pub const SUBSCRIBE_UNCONFIRMED: &str = "a peer went down before it confirmed the subscription";
+
 /// A node, by its index in the scenario (host `node{index}`).
 pub type NodeIndex = usize;
 

@@ -52,7 +52,7 @@
 //!   pausing around it), short losses of publishers' links to random nodes, and one
 //!   crash-restart of a relay (a subscriber among a publisher's first hops, found with the
 //!   publisher's `tree_order`). Besides the `pubsub` checkers, the run measures what the
-//!   trees cost (copies per delivered event, most hops; see [`crate::check::GossipCost`]) and
+//!   trees cost (copies per delivered event, most hops; see `GossipCost` in the checkers) and
 //!   fails above the bounds.
 //!
 //! A sweep of `all` runs every scenario but `gossip-scale` (a run of a hundred nodes takes
