@@ -39,6 +39,9 @@ pub(crate) struct Channels {
     settlements: RwLock<HashMap<NodeId, Vec<Arc<Settlement>>>>,
 }
 
+/// A stream and the settlement it settles in (see [`Channels::settle`]).
+type LastSettlement = (StreamId, Arc<Settlement>);
+
 /// Why a channel's queue could not be found or made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum ChannelError {
@@ -68,30 +71,32 @@ impl Channels {
             .push(settlement);
     }
 
-    /// The application is done with these messages: they may be acknowledged.
-    fn settle(&self, taken: &mut Vec<MessageId>) {
+    /// The application is done with these messages: they may be acknowledged. `last` is the
+    /// caller's memory of the settlement it used last: consecutive messages mostly share one
+    /// stream, which then needs neither the map's lock nor a lookup.
+    fn settle(&self, taken: &mut Vec<MessageId>, last: &mut Option<LastSettlement>) {
         if taken.is_empty() {
             return;
         }
-        let settlements = self.settlements.read().expect("settlements lock poisoned");
-        // The settlement of the last message's stream: consecutive messages mostly share one.
-        let mut current: Option<(StreamId, &Arc<Settlement>)> = None;
+        let mut settlements = None;
         for id in taken.drain(..) {
             if id.seq == 0 {
                 continue; // volatile: never acknowledged
             }
-            if let Some((stream, settlement)) = current {
-                if stream == id.stream && settlement.settle(id.stream, id.seq) {
+            if let Some((stream, settlement)) = last.as_ref() {
+                if *stream == id.stream && settlement.settle(id.stream, id.seq) {
                     continue;
                 }
             }
+            let settlements = settlements
+                .get_or_insert_with(|| self.settlements.read().expect("settlements lock poisoned"));
             let Some(lanes) = settlements.get(&id.producer) else {
                 continue;
             };
-            current = lanes
+            *last = lanes
                 .iter()
                 .find(|settlement| settlement.settle(id.stream, id.seq))
-                .map(|settlement| (id.stream, settlement));
+                .map(|settlement| (id.stream, Arc::clone(settlement)));
         }
     }
 
@@ -160,6 +165,7 @@ impl Channels {
             rx: Some(rx),
             channels: Arc::clone(self),
             taken: Vec::new(),
+            last_settlement: None,
         })
     }
 
@@ -192,6 +198,8 @@ pub struct Inbox {
     channels: Arc<Channels>,
     /// Returned to the application, settled at its next call.
     taken: Vec<MessageId>,
+    /// The settlement the last message settled in.
+    last_settlement: Option<LastSettlement>,
 }
 
 impl std::fmt::Debug for Inbox {
@@ -240,7 +248,8 @@ impl Inbox {
     /// Settles the messages returned so far now, without asking for more (for an application
     /// that is done with them but will not call `recv` again soon).
     pub fn settle(&mut self) {
-        self.channels.settle(&mut self.taken);
+        self.channels
+            .settle(&mut self.taken, &mut self.last_settlement);
     }
 
     /// Up to `limit` messages at once, appended to `buffer`, whose settlement the caller takes
@@ -259,7 +268,7 @@ impl Inbox {
 
     /// Settles messages taken with [`Inbox::recv_many_unsettled`] (drains `ids`).
     pub(crate) fn settle_ids(&self, ids: &mut Vec<MessageId>) {
-        self.channels.settle(ids);
+        self.channels.settle(ids, &mut None);
     }
 
     /// The settlement of message `id` taken with [`Inbox::recv_many_unsettled`], handed on: it
@@ -346,7 +355,9 @@ impl Settler {
     /// This hold is done with the message; the last release settles it.
     pub(crate) fn release(self) {
         if self.inner.holds.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.inner.channels.settle(&mut vec![self.inner.id]);
+            self.inner
+                .channels
+                .settle(&mut vec![self.inner.id], &mut None);
         }
     }
 }
