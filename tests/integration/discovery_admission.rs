@@ -126,24 +126,14 @@ async fn stop_forger(forger: ServiceDaemon) {
 /// Binds a node with `identity` to `addr` (the address a node had until it just shut down), with
 /// no discovery: a peer can only reach it at an address it already knew.
 async fn restart_without_mdns(identity: Identity, mesh: &str, addr: SocketAddr) -> Node {
-    let mut last_error = None;
-    for _ in 0..50 {
-        let started = Node::builder()
-            .mesh(mesh)
-            .identity(identity.clone())
-            .bind(addr)
-            .start()
-            .await;
-        match started {
-            Ok(node) => return node,
-            // The old endpoint may hold the port for a moment.
-            Err(e) => {
-                last_error = Some(e);
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
-    panic!("cannot bind {addr} again: {last_error:?}");
+    // `shutdown` released the old node's socket: the address binds again at once.
+    Node::builder()
+        .mesh(mesh)
+        .identity(identity)
+        .bind(addr)
+        .start()
+        .await
+        .unwrap_or_else(|e| panic!("cannot bind {addr} again after the shutdown: {e}"))
 }
 
 /// A forged announcement claims node A's id at the address of an impostor with another key. B,
@@ -217,8 +207,8 @@ fn a_spoofed_announcement_never_connects_to_the_impostor_nor_evicts_the_real_add
         // A leaves and comes back at the same address, no longer announcing itself: B finds it
         // there, the address learned from A's record having survived the forged one.
         let before_restart = b_events.len().max(first_up + 1);
-        a.shutdown().await;
-        drop(a); // releases its UDP socket
+        a.shutdown().await; // releases its UDP socket
+        drop(a);
         b_events
             .wait_for(
                 before_restart,
