@@ -1104,6 +1104,11 @@ impl Node {
 
     /// Waits until a connection to `peer` is up, with the streams of all its lanes (starting to
     /// track the peer if needed).
+    ///
+    /// This is this node's view: the peer may install the connection a moment later. What the
+    /// peer announces (its subscriptions, services, workers) reaches this node once the peer
+    /// sees it; to wait for that, use `wait_for_subscribers` / `wait_for_workers`, or
+    /// `connected` on both nodes.
     pub async fn connected(&self, peer: NodeId) -> Result<(), SendError> {
         let handle = self.shared().peer(peer)?;
         for lane in handle.lanes() {
