@@ -342,21 +342,10 @@ mod wire {
     use crate::id::{NodeId, NODE_ID_LEN};
     use crate::message::{Kind, Options, Priority};
 
-    pub(super) fn put_varint(buf: &mut BytesMut, mut value: u64) {
-        let mut out = [0u8; 10];
-        let mut len = 0;
-        loop {
-            let byte = (value & 0x7f) as u8;
-            value >>= 7;
-            if value == 0 {
-                out[len] = byte;
-                len += 1;
-                break;
-            }
-            out[len] = byte | 0x80;
-            len += 1;
-        }
-        buf.put_slice(&out[..len]);
+    pub(super) fn put_varint(buf: &mut BytesMut, value: u64) {
+        let mut scratch = Scratch::new();
+        scratch.varint(value);
+        scratch.flush(buf);
     }
 
     fn put_bytes(buf: &mut BytesMut, bytes: &[u8]) {

@@ -1045,22 +1045,7 @@ impl Link {
             let Some(message) = self.volatile.pop_front() else {
                 break;
             };
-            let fields = DataFields {
-                seq: 0,
-                kind: message.kind,
-                channel: &message.channel,
-                priority: message.priority,
-                created_unix_ms: message.created_unix_ms,
-                attempt: 1,
-                options: message.options.as_deref(),
-            };
-            chunked += encode_data(
-                &self.encoder,
-                buf,
-                chunks.as_deref_mut(),
-                &fields,
-                &message.body,
-            );
+            chunked += encode_data(&self.encoder, buf, chunks.as_deref_mut(), 0, 1, &message);
             self.stats.volatile_sent += 1;
         }
         while buf.len() + chunked < max_bytes && self.window_open() {
@@ -1079,22 +1064,13 @@ impl Link {
             let entry = &mut self.queue[self.cursor];
             entry.transmissions += 1;
             let message = &entry.message;
-            let fields = DataFields {
-                seq: entry.seq,
-                kind: message.kind,
-                channel: &message.channel,
-                priority: message.priority,
-                created_unix_ms: message.created_unix_ms,
-                attempt: entry.transmissions,
-                options: message.options.as_deref(),
-            };
-            // `push` checked the message against the limits with an upper bound of its encoded size.
             chunked += encode_data(
                 &self.encoder,
                 buf,
                 chunks.as_deref_mut(),
-                &fields,
-                &message.body,
+                entry.seq,
+                entry.transmissions,
+                message,
             );
             if entry.transmissions == 1 {
                 self.stats.sent += 1;
@@ -1155,15 +1131,27 @@ fn to_message(producer: NodeId, stream: StreamId, data: DataFrame) -> Message {
 /// batch is cheaper than a buffer of its own.
 pub const SEPARATE_BODY_BYTES: usize = 16 * 1024;
 
-/// Encodes one data frame into `buf`, or with `chunks` and a large body its header into `buf`
-/// and then `buf` and the body into `chunks`. Returns the bytes moved to `chunks`.
+/// Encodes `message` as data frame `seq` (transmission `attempt`) into `buf`, or with `chunks`
+/// and a large body its header into `buf` and then `buf` and the body into `chunks`. Returns
+/// the bytes moved to `chunks`.
 fn encode_data(
     encoder: &FrameEncoder,
     buf: &mut BytesMut,
     chunks: Option<&mut VecDeque<Bytes>>,
-    fields: &DataFields<'_>,
-    body: &Bytes,
+    seq: u64,
+    attempt: u32,
+    message: &OutgoingMessage,
 ) -> usize {
+    let fields = &DataFields {
+        seq,
+        kind: message.kind,
+        channel: &message.channel,
+        priority: message.priority,
+        created_unix_ms: message.created_unix_ms,
+        attempt,
+        options: message.options.as_deref(),
+    };
+    let body = &message.body;
     // `push` checked the message against the limits with an upper bound of its encoded size.
     let encoded = match chunks {
         Some(chunks) if body.len() >= SEPARATE_BODY_BYTES => {

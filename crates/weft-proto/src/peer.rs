@@ -495,7 +495,7 @@ pub struct WatermarkGate {
     /// The one being persisted now.
     in_flight: Option<Watermark>,
     /// When to try again after a refusal for room.
-    retry_at: Option<Instant>,
+    retry_at: Deadline,
     /// The spool refuses for room, while it does.
     refused: bool,
     /// The spool stopped after a storage failure.
@@ -512,7 +512,7 @@ impl WatermarkGate {
             retry_after: WATERMARK_RETRY,
             durable,
             in_flight: None,
-            retry_at: None,
+            retry_at: Deadline::default(),
             refused: false,
             stopped: false,
         }
@@ -548,7 +548,7 @@ impl WatermarkGate {
         if up_to == 0 || !newer(self.durable) || self.stopped {
             return output;
         }
-        if self.retry_at.is_some() && !last {
+        if self.retry_at.is_set() && !last {
             return output;
         }
         if let Some(in_flight) = self.in_flight {
@@ -567,7 +567,7 @@ impl WatermarkGate {
         self.in_flight = None;
         self.durable = watermark;
         // The spool has room again: no need to wait for the retry.
-        self.retry_at = None;
+        self.retry_at.clear();
         let recovered = std::mem::take(&mut self.refused);
         let output = GateOutput {
             acknowledge: Some(watermark),
@@ -594,7 +594,7 @@ impl WatermarkGate {
         }
         let first = !self.refused;
         self.refused = true;
-        self.retry_at = Some(now + self.retry_after);
+        self.retry_at.set(now + self.retry_after);
         if first {
             Refusal::FirstFull
         } else {
@@ -604,19 +604,13 @@ impl WatermarkGate {
 
     /// When to retry after a refusal.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.retry_at
+        self.retry_at.get()
     }
 
     /// Time passed: returns true when the driver should hand the newest settlement to
     /// [`WatermarkGate::handle_settled`] again.
     pub fn handle_timeout(&mut self, now: Instant) -> bool {
-        match self.retry_at {
-            Some(at) if at <= now => {
-                self.retry_at = None;
-                true
-            }
-            _ => false,
-        }
+        self.retry_at.fire(now)
     }
 }
 
@@ -624,30 +618,55 @@ impl WatermarkGate {
 /// [`EXPIRY_CHECK`] while messages are queued, never while none are.
 #[derive(Debug, Default)]
 pub struct ExpiryTimer {
-    at: Option<Instant>,
+    at: Deadline,
 }
 
 impl ExpiryTimer {
     /// Arms the timer if messages are queued and it is not armed yet.
     pub fn arm(&mut self, now: Instant, queued_messages: usize) {
-        if self.at.is_none() && queued_messages > 0 {
-            self.at = Some(now + EXPIRY_CHECK);
+        if !self.at.is_set() && queued_messages > 0 {
+            self.at.set(now + EXPIRY_CHECK);
         }
     }
 
     /// The next check.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.at
+        self.at.get()
     }
 
     /// Time passed: returns true when the queued messages are to be checked now.
     pub fn handle_timeout(&mut self, now: Instant) -> bool {
-        match self.at {
-            Some(at) if at <= now => {
-                self.at = None;
-                true
-            }
-            _ => false,
+        self.at.fire(now)
+    }
+}
+
+/// A one-shot deadline: set, read, and fired (cleared) once time reaches it.
+#[derive(Clone, Copy, Debug, Default)]
+struct Deadline(Option<Instant>);
+
+impl Deadline {
+    fn set(&mut self, at: Instant) {
+        self.0 = Some(at);
+    }
+
+    fn clear(&mut self) {
+        self.0 = None;
+    }
+
+    fn is_set(&self) -> bool {
+        self.0.is_some()
+    }
+
+    fn get(&self) -> Option<Instant> {
+        self.0
+    }
+
+    /// True (and cleared) if `now` reached it.
+    fn fire(&mut self, now: Instant) -> bool {
+        let due = self.0.is_some_and(|at| at <= now);
+        if due {
+            self.0 = None;
         }
+        due
     }
 }

@@ -374,13 +374,20 @@ impl PeerTask {
                 Some(conn) => (Some(&mut conn.recv), Some((&mut conn.send, &mut conn.tx))),
                 None => (None, None),
             };
-            let dial_at = self.connectivity.as_ref().and_then(Peer::poll_timeout);
             let queued = self.link.queued_messages();
             if queued > 0 && self.expiry.poll_timeout().is_none() {
                 self.expiry.arm(now(), queued);
             }
-            let expiry_at = self.expiry.poll_timeout();
-            let watermark_retry_at = self.gate.poll_timeout();
+            // The machines' earliest deadline: one timer, and at it every machine looks at the
+            // time (each acts only on what is due).
+            let deadline = [
+                self.connectivity.as_ref().and_then(Peer::poll_timeout),
+                self.expiry.poll_timeout(),
+                self.gate.poll_timeout(),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
             let settlement = Arc::clone(&self.settlement);
             tokio::select! {
                 biased;
@@ -401,22 +408,7 @@ impl PeerTask {
                     self.take_batch();
                 }
                 () = settlement.moved.notified() => self.settled(),
-                _ = sleep_until(dial_at) => {
-                    if let Some(connectivity) = &mut self.connectivity {
-                        connectivity.handle_timeout(now());
-                    }
-                    self.connectivity_events("");
-                }
-                _ = sleep_until(expiry_at) => {
-                    if self.expiry.handle_timeout(now()) {
-                        self.expire();
-                    }
-                }
-                _ = sleep_until(watermark_retry_at) => {
-                    if self.gate.handle_timeout(now()) {
-                        self.persist_settled(false);
-                    }
-                }
+                _ = sleep_until(deadline) => self.handle_timeouts(),
             }
         }
         if let Some(connectivity) = &mut self.connectivity {
@@ -425,6 +417,21 @@ impl PeerTask {
         self.drain().await;
         self.drained.send_replace(true);
         self.stop();
+    }
+
+    /// A deadline passed: every machine handles what is due at one reading of the clock.
+    fn handle_timeouts(&mut self) {
+        let now = now();
+        if let Some(connectivity) = &mut self.connectivity {
+            connectivity.handle_timeout(now);
+        }
+        self.connectivity_events("");
+        if self.expiry.handle_timeout(now) {
+            self.expire();
+        }
+        if self.gate.handle_timeout(now) {
+            self.persist_settled(false);
+        }
     }
 
     /// On a clean shutdown: until everything queued for the peer is acknowledged (or at most
