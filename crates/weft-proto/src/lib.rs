@@ -56,6 +56,7 @@ pub mod message;
 pub mod owed;
 pub mod peer;
 pub mod schedule;
+pub mod session;
 pub mod shard;
 pub mod spooled;
 pub mod topic;

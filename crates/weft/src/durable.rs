@@ -733,6 +733,7 @@ impl Writer {
                                 }
                             }
                             let _ = reply.send(Control::WatermarkFailed {
+                                lane: watermark.lane,
                                 epoch: watermark.epoch,
                                 up_to: watermark.up_to,
                                 stopped: self.spool.is_poisoned(),
@@ -975,6 +976,7 @@ impl Writer {
                 }
                 for (watermark, reply) in batch.watermarks.drain(..) {
                     let _ = reply.send(Control::WatermarkFailed {
+                        lane: watermark.lane,
                         epoch: watermark.epoch,
                         up_to: watermark.up_to,
                         stopped: self.spool.is_poisoned(),
@@ -1036,6 +1038,7 @@ impl Writer {
         for (watermark, reply) in batch.watermarks.drain(..) {
             self.metrics.watermark_persisted();
             let _ = reply.send(Control::WatermarkDurable {
+                lane: watermark.lane,
                 epoch: watermark.epoch,
                 up_to: watermark.up_to,
             });

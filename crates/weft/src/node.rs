@@ -354,25 +354,12 @@ impl Shared {
         if peers.len() >= self.config.peers_max {
             return Err(SendError::TooManyPeers(self.config.peers_max));
         }
-        let (tasks, handle) = PeerTask::new(Arc::clone(self), id);
+        let (task, handle) = PeerTask::new(Arc::clone(self), id);
         let handle = Arc::new(handle);
         peers.insert(id, Arc::clone(&handle));
         drop(peers);
-        for task in tasks {
-            let span = match task.lane() {
-                Lane::Normal => {
-                    info_span!(parent: None, "peer", node = %self.id.short(), peer = %id.short())
-                }
-                lane => info_span!(
-                    parent: None,
-                    "peer",
-                    node = %self.id.short(),
-                    peer = %id.short(),
-                    %lane
-                ),
-            };
-            self.spawn(task.run().instrument(span));
-        }
+        let span = info_span!(parent: None, "peer", node = %self.id.short(), peer = %id.short());
+        self.spawn(task.run().instrument(span));
         Ok(handle)
     }
 

@@ -1,29 +1,33 @@
-//! The peer tasks: one per known peer and [`Lane`], each owning that lane's [`Link`] for the
-//! node's lifetime.
+//! The peer task: one per known peer, owning that peer's [`Session`] (its connection lifecycle
+//! and every lane's [`Link`]) for the node's lifetime, and moving bytes between quinn and the
+//! session.
 //!
-//! The normal lane's task owns the peer's connection: it dials, accepts, resolves duplicates and
-//! reports the peer up and down. Once it installs a connection, the side that dialed opens one
-//! more bidirectional QUIC stream per other lane (its first byte names the lane) and the other
-//! side accepts them; each stream goes to its lane's task with the connection's generation, so a
-//! stream of a connection replaced meanwhile is never installed over a newer one. A lane task
-//! never dials and never closes the connection: it loses its stream with the connection and gets
-//! the next one from the normal lane's task. The peer is *up* (the `Up` event, the metric,
-//! `Node::connected_peers`) only once every lane installed its stream, so anything sent on the
-//! news can use any lane; each lane's own connected flag says whether its stream is in place. Each QUIC stream has its lane's send priority ([`Lane::stream_priority`]), so quinn
-//! sends high-lane bytes ahead of queued bulk bytes.
+//! The task carries out what the session decides: it dials when told (a dial round runs as a
+//! helper task and reports back), installs or closes connections as the session's duplicate
+//! resolution says, and reports the peer up and down. A connection carries one bidirectional
+//! QUIC stream per lane: the normal lane's is the hello's; once a connection is installed, the
+//! side that dialed opens the others (first byte: the lane) and the other side accepts them (a
+//! helper task), and each comes back with the connection's generation, so a stream of a
+//! connection replaced meanwhile is never installed. Each stream has its lane's send priority
+//! ([`Lane::stream_priority`]), so quinn sends high-lane bytes ahead of queued bulk bytes.
 //!
-//! A task is the only code that touches its link, so the link needs no lock. It multiplexes, in
-//! priority order: shutdown, control (connections, addresses), a parked delivery waiting for room
-//! in its channel, the stream accepting queued bytes, bytes from the connection, and messages from
-//! the application. Writes never block the task: encoded batches wait in a bounded queue and go
+//! The task is the only code that touches its session, so the session needs no lock. It
+//! multiplexes, in priority order: shutdown, control (connections, lane streams, addresses, the
+//! spool's answers, the work queues' requests), the lanes (taken in turn, so a busy lane cannot
+//! starve another), the connection closing while no lane reads, and the session's deadline. Per
+//! lane: a parked delivery waiting for room in its channel, the stream accepting queued bytes,
+//! bytes from the stream, messages from the application, and the application settling what it
+//! took. Writes never block the task: encoded batches wait in a bounded queue per lane and go
 //! out through quinn's cancel-safe `write_chunks`, tried at once and otherwise awaited alongside
-//! reads, so a peer that is slow to read can never stop this task from reading (two nodes writing
-//! to each other cannot deadlock).
+//! reads, so a peer that is slow to read can never stop this task from reading (two nodes
+//! writing to each other cannot deadlock).
 
 use std::collections::{HashMap, VecDeque};
-use std::future::pending;
+use std::future::{pending, Future};
 use std::net::SocketAddr;
+use std::pin::pin;
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -32,10 +36,9 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::{debug, info, warn, Instrument};
 use weft_proto::frame::LENGTH_PREFIX_BYTES;
-use weft_proto::link::{LinkEvent, LinkStats};
-use weft_proto::peer::{
-    Admit, ExpiryTimer, GateOutput, NewConnection, Peer, PeerConfig, Refusal, WatermarkGate,
-};
+use weft_proto::link::{GivenUp, LinkStats};
+use weft_proto::peer::{Admit, NewConnection, PeerConfig, Refusal};
+use weft_proto::session::{Session, SessionConfig, SessionEvent};
 use weft_proto::spooled::Watermark;
 use weft_proto::{
     Channel, Frame, FrameDecoder, FrameError, Lane, Link, Message, MessageId, NodeId,
@@ -53,19 +56,20 @@ use crate::settle::Settlement;
 /// Bytes gathered into one write: large writes are what make QUIC fast (one write per message
 /// runs at a twentieth of the speed).
 const TRANSMIT_BATCH_BYTES: usize = 64 * 1024;
-/// Encoded batches waiting for the stream to accept them (a large body is a batch of its own);
-/// with the batch size and the largest body this bounds the bytes between the link and quinn's
+/// Encoded batches waiting for a stream to accept them (a large body is a batch of its own);
+/// with the batch size and the largest body this bounds the bytes between a link and quinn's
 /// send buffer.
 const WRITE_QUEUE_BATCHES: usize = 16;
-/// Most bytes taken from the connection per read.
+/// Most bytes taken from a stream per read.
 const READ_CHUNK_BYTES: usize = 256 * 1024;
-/// Frames read ahead while a delivery waits for room in its channel (body bytes, roughly): acks
-/// among them are handled at once, so the node's own receipts keep resolving while its
-/// application is slow; beyond this the task stops reading and QUIC flow control pushes back.
+/// Frames read ahead per lane while a delivery waits for room in its channel (body bytes,
+/// roughly): acks among them are handled at once, so the node's own receipts keep resolving
+/// while its application is slow; beyond this the lane stops reading and QUIC flow control
+/// pushes back.
 const HELD_BYTES_MAX: usize = 1024 * 1024;
 /// Capacity reserved at once for encoding batches (several batches are split off one buffer).
 const TX_BUFFER_BYTES: usize = 4 * TRANSMIT_BATCH_BYTES;
-/// Most application messages taken per wakeup.
+/// Most application messages taken per wakeup and lane.
 const COMMAND_BATCH: usize = 512;
 /// Longest a clean shutdown waits for what is queued for a peer to be written and read.
 const SHUTDOWN_DRAIN: Duration = Duration::from_millis(500);
@@ -75,61 +79,70 @@ const SHUTDOWN_DRAIN: Duration = Duration::from_millis(500);
 pub(crate) enum Control {
     /// A connection passed its hello exchange (dialed or accepted).
     Connection(Established),
-    /// To a lane other than the normal one: its stream on the connection the normal lane's task
-    /// installed as its `generation`-th.
+    /// `lane`'s stream on the connection installed as the `generation`-th (from the helper
+    /// that opens or accepts the lanes' streams).
     LaneStream {
         generation: u64,
-        established: Established,
+        lane: Lane,
+        send: quinn::SendStream,
+        recv: quinn::RecvStream,
     },
     /// Our dial failed.
     DialFailed(ConnectError),
     /// Addresses to dial the peer at.
     Addresses(Vec<SocketAddr>),
-    /// The spool made this inbound watermark durable: acknowledge up to it.
-    WatermarkDurable { epoch: u64, up_to: u64 },
+    /// The spool made this inbound watermark of `lane` durable: acknowledge up to it.
+    WatermarkDurable { lane: Lane, epoch: u64, up_to: u64 },
     /// The spool did not make this inbound watermark durable: acknowledge nothing past the last
     /// durable one. `stopped`: the spool refuses everything until the node restarts (a storage
     /// failure poisoned it), so retrying is pointless; otherwise it was full, and a retry may pass.
     WatermarkFailed {
+        lane: Lane,
         epoch: u64,
         up_to: u64,
         stopped: bool,
         error: String,
     },
-    /// Take back the messages not yet in flight whose channel starts with `channel_prefix`
-    /// (work for a worker that went silent): (seq, spool tag, message), in sequence order.
+    /// Take back the normal lane's messages not yet in flight whose channel starts with
+    /// `channel_prefix` (work for a worker that went silent): (seq, spool tag, message), in
+    /// sequence order.
     Withdraw {
         channel_prefix: String,
         reply: tokio::sync::oneshot::Sender<Vec<(u64, u64, OutgoingMessage)>>,
     },
-    /// Copies of the queued messages numbered `seqs` (ascending), in flight or not, that are
-    /// still there: (seq, message), in sequence order (work held by a stuck worker).
+    /// Copies of the normal lane's queued messages numbered `seqs` (ascending), in flight or
+    /// not, that are still there: (seq, message), in sequence order (work held by a stuck
+    /// worker).
     CopyQueued {
         seqs: Vec<u64>,
         reply: tokio::sync::oneshot::Sender<Vec<(u64, OutgoingMessage)>>,
     },
-    /// To the normal lane's task: another lane installed its stream on the `generation`-th
-    /// connection (when all have, the peer is up).
-    LaneUp { generation: u64 },
     /// What a `Withdraw` took (when it took something) is durable elsewhere: the peer may be
     /// told to skip it (see `Link::hold_for_withdrawal`).
     SettleWithdrawal,
-    /// Give up these messages (ascending seqs) if they are still queued and not in flight:
-    /// dead-lettered with `reason`, as expired ones are (events over a durable subscription's
-    /// retention budget).
+    /// Give up these messages of the normal lane (ascending seqs) if they are still queued and
+    /// not in flight: dead-lettered with `reason`, as expired ones are (events over a durable
+    /// subscription's retention budget).
     GiveUp {
         seqs: Vec<u64>,
         reason: weft_proto::link::GiveUp,
     },
 }
 
+/// The connection in use.
 struct Conn {
     connection: quinn::Connection,
     dialed_by_local: bool,
-    /// The peer's incarnation this connection belongs to (from its hello).
-    peer_incarnation: u64,
+    /// Its generation in the session (see [`weft_proto::peer::Peer::generation`]).
+    generation: u64,
+}
+
+/// One lane's QUIC stream on the connection in use.
+struct Stream {
     recv: quinn::RecvStream,
     send: quinn::SendStream,
+    /// The peer finished its side (it is shutting down): nothing more to read.
+    finished: bool,
     /// The rest of the last chunk read, not yet decoded: whole frames are taken from it without
     /// copying.
     rx_chunk: Bytes,
@@ -145,40 +158,12 @@ struct Conn {
     tx: VecDeque<Bytes>,
 }
 
-/// The channel queues this lane delivered to, valid while `Channels::generation` stays.
-#[derive(Default)]
-struct ChannelCache {
-    queues: HashMap<Channel, mpsc::Sender<Message>>,
-    /// The last channel delivered to: consecutive messages mostly share one, and comparing
-    /// names is cheaper than hashing them.
-    last: Option<(Channel, mpsc::Sender<Message>)>,
-}
-
-/// What the normal lane's task knows of another lane's task.
-struct OtherLane {
-    lane: Lane,
-    control: mpsc::UnboundedSender<Control>,
-    /// True once the lane's task drained at shutdown (the connection is closed after).
-    drained: watch::Receiver<bool>,
-}
-
-impl Conn {
-    fn new(established: Established) -> Self {
-        let Established {
-            connection,
-            send,
-            recv,
-            leftover,
-            dialed_by_local,
-            remote: _,
-            peer_incarnation,
-        } = established;
+impl Stream {
+    fn new(send: quinn::SendStream, recv: quinn::RecvStream, leftover: BytesMut) -> Self {
         Self {
-            connection,
-            dialed_by_local,
-            peer_incarnation,
             recv,
             send,
+            finished: false,
             rx_chunk: Bytes::new(),
             rx: leftover,
             tx_buf: BytesMut::new(),
@@ -187,33 +172,46 @@ impl Conn {
             tx: VecDeque::with_capacity(WRITE_QUEUE_BATCHES),
         }
     }
+
+    fn reading(&self) -> bool {
+        !self.finished && self.held_bytes < HELD_BYTES_MAX
+    }
 }
 
-pub(crate) struct PeerTask {
-    shared: Arc<Shared>,
-    peer: NodeId,
-    link: Link,
-    /// The other lanes' tasks (in the normal lane's task only).
-    others: Vec<OtherLane>,
-    /// The connection lifecycle: addresses, dials, duplicates, the lane handshake, up and down
-    /// (in the normal lane's task only).
-    connectivity: Option<Peer>,
-    /// The normal lane's task (in the other lanes' tasks).
-    normal_lane: Option<mpsc::UnboundedSender<Control>>,
-    /// Set once this task drained at shutdown.
-    drained: watch::Sender<bool>,
-    decoder: FrameDecoder,
+/// The channel queues a lane delivered to, valid while `Channels::generation` stays.
+#[derive(Default)]
+struct ChannelCache {
+    queues: HashMap<Channel, mpsc::Sender<Message>>,
+    /// The last channel delivered to: consecutive messages mostly share one, and comparing
+    /// names is cheaper than hashing them.
+    last: Option<(Channel, mpsc::Sender<Message>)>,
+}
+
+/// What woke a lane.
+enum Wake {
+    /// A parked delivery got room in its channel (`None`: the channel closed).
+    Parked(Option<mpsc::OwnedPermit<Message>>),
+    /// The stream accepted queued bytes (or failed).
+    Written(Result<(), quinn::WriteError>),
+    /// Bytes from the stream.
+    Read(Result<Option<quinn::Chunk>, quinn::ReadError>),
+    /// Messages from the application (0: every sender is gone).
+    Commands(usize),
+    /// The application settled more of the peer's stream.
+    Settled,
+}
+
+/// The driver's side of one lane: its stream, the application's queue into it, and what the
+/// application learns of it. The lane's protocol state is in the session.
+struct LaneIo {
+    lane: Lane,
+    stream: Option<Stream>,
     commands: mpsc::Receiver<Outgoing>,
     /// Taken from `commands` (or restored) but not yet in the link (it was at its bound).
     pending: VecDeque<Outgoing>,
     batch: Vec<Outgoing>,
-    control: mpsc::UnboundedReceiver<Control>,
-    control_tx: mpsc::UnboundedSender<Control>,
     acked: watch::Sender<u64>,
     connected: watch::Sender<bool>,
-    conn: Option<Conn>,
-    /// The generation of the connection this lane's stream belongs to (see [`Peer`]).
-    generation: u64,
     channels: ChannelCache,
     /// `Channels::generation` when `channels` was last known to be current.
     channels_generation: u64,
@@ -222,270 +220,278 @@ pub(crate) struct PeerTask {
     stats: LinkStats,
     /// What the application took of the peer's stream (see [`Settlement`]).
     settlement: Arc<Settlement>,
-    /// Persist before acknowledging: which inbound watermark to persist or acknowledge when.
-    gate: WatermarkGate,
-    /// When queued messages are next checked for expiry.
-    expiry: ExpiryTimer,
     fates: Arc<Fates>,
-    retired: Vec<u64>,
-    /// The newest acknowledgement the link reported, not yet published.
+    /// The newest acknowledgement of our stream, not yet published.
     acked_pending: Option<u64>,
 }
 
-impl PeerTask {
-    /// The tasks of every lane to `peer` (the normal lane's first) and the normal lane's handle,
-    /// which holds the others'.
-    pub(crate) fn new(shared: Arc<Shared>, peer: NodeId) -> (Vec<Self>, PeerHandle) {
-        let (mut normal, mut handle) = Self::new_lane(Arc::clone(&shared), peer, Lane::Normal);
-        let mut tasks = Vec::with_capacity(Lane::ALL.len());
-        for lane in Lane::ALL.into_iter().filter(|l| *l != Lane::Normal) {
-            let (mut task, lane_handle) = Self::new_lane(Arc::clone(&shared), peer, lane);
-            task.normal_lane = Some(normal.control_tx.clone());
-            normal.others.push(OtherLane {
-                lane,
-                control: lane_handle.control.clone(),
-                drained: task.drained.subscribe(),
-            });
-            handle.others.push(Arc::new(lane_handle));
-            tasks.push(task);
-        }
-        tasks.insert(0, normal);
-        (tasks, handle)
-    }
-
-    /// The lane this task carries.
-    pub(crate) fn lane(&self) -> Lane {
-        self.link.lane()
-    }
-
-    fn new_lane(shared: Arc<Shared>, peer: NodeId, lane: Lane) -> (Self, PeerHandle) {
-        let config = &shared.config;
-        let mut link_config = shared.link_config();
-        // Acknowledgements wait for the application to take a message (and, with a spool, for
-        // its watermark to be durable): the driver acknowledges, not the link.
-        link_config.ack_on_delivery = false;
-        let mut link = Link::with_lane(shared.id, peer, shared.epoch, lane, link_config);
-        let (outbound, inbound) = {
-            let mut restored = shared.restored.lock().expect("restored lock poisoned");
-            (
-                restored.outbound.remove(&(peer, lane)),
-                restored.inbound.remove(&(peer, lane)),
-            )
+impl LaneIo {
+    /// What wakes this lane next; `room`: how many messages it takes from the application.
+    async fn next(&mut self, room: usize) -> Wake {
+        let reading = self.stream.as_ref().is_some_and(Stream::reading);
+        let (recv, send) = match &mut self.stream {
+            Some(stream) => (
+                Some(&mut stream.recv),
+                Some((&mut stream.send, &mut stream.tx)),
+            ),
+            None => (None, None),
         };
-        let mut pending = VecDeque::new();
-        if let Some(stream) = outbound {
-            link.restore_outbound(stream.epoch, stream.acked_up_to);
-            pending.extend(stream.messages);
+        let parked = self.parked.clone();
+        tokio::select! {
+            biased;
+            permit = reserve(parked) => Wake::Parked(permit),
+            written = write_queued(send) => Wake::Written(written),
+            read = read_chunk(recv, reading) => Wake::Read(read),
+            n = self.commands.recv_many(&mut self.batch, room), if room > 0 => Wake::Commands(n),
+            () = self.settlement.moved.notified() => Wake::Settled,
         }
-        let next_seq = pending.back().map_or(link.next_seq(), |o| o.seq + 1);
-        let settlement = Arc::new(Settlement::default());
-        let mut watermark_durable = (0, 0);
-        if let Some((epoch, up_to)) = inbound {
-            link.restore_inbound(epoch, up_to);
-            settlement.reset(link.inbound_stream(epoch), epoch, up_to);
-            watermark_durable = (epoch, up_to);
-        }
-        #[allow(unused_mut)]
-        let mut gate = WatermarkGate::new(shared.durable.is_some(), watermark_durable);
-        #[cfg(feature = "fault-injection")]
-        if shared.seams.fault == weft_proto::link::Fault::WatermarkAfterAck {
-            // The canary's bug: acknowledge before the watermark is durable.
-            gate = gate.acknowledge_before_durable();
-        }
-        let connectivity = (lane == Lane::Normal).then(|| {
-            let config = PeerConfig {
+    }
+}
+
+pub(crate) struct PeerTask {
+    shared: Arc<Shared>,
+    peer: NodeId,
+    session: Session,
+    /// Indexed by [`Lane::index`].
+    lanes: [LaneIo; 3],
+    conn: Option<Conn>,
+    /// The lane served first at the next wake (they take turns).
+    turn: usize,
+    decoder: FrameDecoder,
+    control: mpsc::UnboundedReceiver<Control>,
+    control_tx: mpsc::UnboundedSender<Control>,
+    retired: Vec<u64>,
+}
+
+impl PeerTask {
+    /// The task for `peer` and its handle (the normal lane's, holding the others').
+    pub(crate) fn new(shared: Arc<Shared>, peer: NodeId) -> (Self, PeerHandle) {
+        let config = &shared.config;
+        let mut link = shared.link_config();
+        // Acknowledgements wait for the application to take a message (and, with a spool, for
+        // its watermark to be durable): the session acknowledges, not the link.
+        link.ack_on_delivery = false;
+        let session_config = SessionConfig {
+            peer: PeerConfig {
                 reconnect_initial: config.reconnect_initial,
                 reconnect_max: config.reconnect_max,
                 ..PeerConfig::default()
-            };
-            Peer::new(shared.id, peer, config, shared.random())
-        });
-        shared.channels.register(peer, Arc::clone(&settlement));
-        let (commands_tx, commands) = mpsc::channel(config.peer_command_capacity);
-        let (control_tx, control) = mpsc::unbounded_channel();
-        let (acked, acked_rx) = watch::channel(link.acked_up_to());
-        let (connected, connected_rx) = watch::channel(false);
-        let fates = Arc::new(Fates::default());
-        let handle = PeerHandle {
-            id: peer,
-            lane,
-            others: Vec::new(),
-            epoch: link.epoch(),
-            stream: link.stream(),
-            commands: commands_tx,
-            control: control_tx.clone(),
-            next_seq: Mutex::new(next_seq),
-            acked: acked_rx,
-            accepted: watch::channel(next_seq - 1).0,
-            fates: Arc::clone(&fates),
-            connected: connected_rx,
+            },
+            link,
+            spooled: shared.durable.is_some(),
         };
+        let mut session = Session::new(
+            shared.id,
+            peer,
+            shared.epoch,
+            session_config,
+            shared.random(),
+        );
+        #[cfg(feature = "fault-injection")]
+        if shared.seams.fault == weft_proto::link::Fault::WatermarkAfterAck {
+            // The canary's bug: acknowledge before the watermark is durable.
+            session.acknowledge_before_durable();
+        }
+        let (control_tx, control) = mpsc::unbounded_channel();
+        let mut handles = Vec::with_capacity(Lane::ALL.len());
+        let lanes = Lane::ALL.map(|lane| {
+            let (outbound, inbound) = {
+                let mut restored = shared.restored.lock().expect("restored lock poisoned");
+                (
+                    restored.outbound.remove(&(peer, lane)),
+                    restored.inbound.remove(&(peer, lane)),
+                )
+            };
+            let mut pending = VecDeque::new();
+            if let Some(stream) = outbound {
+                session.restore_outbound(lane, stream.epoch, stream.acked_up_to);
+                pending.extend(stream.messages);
+            }
+            let link = session.link(lane);
+            let next_seq = pending.back().map_or(link.next_seq(), |o| o.seq + 1);
+            let settlement = Arc::new(Settlement::default());
+            if let Some((epoch, up_to)) = inbound {
+                session.restore_inbound(lane, epoch, up_to);
+                settlement.reset(session.link(lane).inbound_stream(epoch), epoch, up_to);
+            }
+            let link = session.link(lane);
+            shared.channels.register(peer, Arc::clone(&settlement));
+            let (commands_tx, commands) = mpsc::channel(config.peer_command_capacity);
+            let (acked, acked_rx) = watch::channel(link.acked_up_to());
+            let (connected, connected_rx) = watch::channel(false);
+            let fates = Arc::new(Fates::default());
+            handles.push(PeerHandle {
+                id: peer,
+                lane,
+                others: Vec::new(),
+                epoch: link.epoch(),
+                stream: link.stream(),
+                commands: commands_tx,
+                control: control_tx.clone(),
+                next_seq: Mutex::new(next_seq),
+                acked: acked_rx,
+                accepted: watch::channel(next_seq - 1).0,
+                fates: Arc::clone(&fates),
+                connected: connected_rx,
+            });
+            LaneIo {
+                lane,
+                stream: None,
+                commands,
+                pending,
+                batch: Vec::with_capacity(COMMAND_BATCH),
+                acked,
+                connected,
+                channels: ChannelCache::default(),
+                channels_generation: 0,
+                parked: None,
+                stats: LinkStats::default(),
+                settlement,
+                fates,
+                acked_pending: None,
+            }
+        });
+        let mut handles = handles.into_iter();
+        let mut handle = handles.next().expect("the normal lane comes first");
+        debug_assert_eq!(handle.lane, Lane::Normal);
+        handle.others = handles.map(Arc::new).collect();
         let mut task = Self {
             decoder: FrameDecoder::new(config.limits()),
             shared,
             peer,
-            link,
-            others: Vec::new(),
-            connectivity,
-            normal_lane: None,
-            drained: watch::channel(false).0,
-            commands,
-            pending,
-            batch: Vec::with_capacity(COMMAND_BATCH),
+            session,
+            lanes,
+            conn: None,
+            turn: 0,
             control,
             control_tx,
-            acked,
-            connected,
-            conn: None,
-            generation: 0,
-            channels: ChannelCache::default(),
-            channels_generation: 0,
-            parked: None,
-            stats: LinkStats::default(),
-            settlement,
-            gate,
-            expiry: ExpiryTimer::default(),
-            fates,
             retired: Vec::new(),
-            acked_pending: None,
         };
-        task.absorb();
+        for lane in Lane::ALL {
+            task.absorb(lane);
+        }
         (task, handle)
     }
 
     pub(crate) async fn run(mut self) {
         let mut shutdown = self.shared.shutdown.subscribe();
         loop {
-            self.flush();
+            self.flush_all();
             self.publish_progress();
-            let room = self.link_room();
-            let parked = self.parked.clone();
-            let reading = self
-                .conn
-                .as_ref()
-                .is_some_and(|c| c.held_bytes < HELD_BYTES_MAX);
+            let rooms = Lane::ALL.map(|lane| self.link_room(lane));
             // Not reading means not noticing the connection die; watch for that directly.
+            let reading = self
+                .lanes
+                .iter()
+                .any(|l| l.stream.as_ref().is_some_and(Stream::reading));
             let closing = self
                 .conn
                 .as_ref()
                 .filter(|_| !reading)
                 .map(|c| c.connection.clone());
-            let (recv, send) = match &mut self.conn {
-                Some(conn) => (Some(&mut conn.recv), Some((&mut conn.send, &mut conn.tx))),
-                None => (None, None),
-            };
-            let queued = self.link.queued_messages();
-            if queued > 0 && self.expiry.poll_timeout().is_none() {
-                self.expiry.arm(now(), queued);
-            }
-            // The machines' earliest deadline: one timer, and at it every machine looks at the
-            // time (each acts only on what is due).
-            let deadline = [
-                self.connectivity.as_ref().and_then(Peer::poll_timeout),
-                self.expiry.poll_timeout(),
-                self.gate.poll_timeout(),
-            ]
-            .into_iter()
-            .flatten()
-            .min();
-            let settlement = Arc::clone(&self.settlement);
+            let deadline = self.session.poll_timeout(now());
+            let first = self.turn;
+            self.turn = (self.turn + 1) % Lane::ALL.len();
             tokio::select! {
                 biased;
                 _ = shutdown.wait_for(|stop| *stop) => break,
                 Some(control) = self.control.recv() => self.handle_control(control),
-                permit = reserve(parked) => self.deliver_parked(permit),
-                written = write_queued(send) => {
-                    if let Err(e) = written {
-                        self.connection_lost(format!("write failed: {e}"));
-                    }
-                }
-                read = read_chunk(recv, reading) => self.handle_read(read),
-                error = closed(closing) => self.connection_lost(error.to_string()),
-                n = self.commands.recv_many(&mut self.batch, room), if room > 0 => {
-                    if n == 0 {
+                (lane, wake) = next_wake(&mut self.lanes, rooms, first) => {
+                    if !self.handle_wake(lane, wake) {
                         break; // every sender is gone: the node is being dropped
                     }
-                    self.take_batch();
                 }
-                () = settlement.moved.notified() => self.settled(),
+                error = closed(closing) => self.connection_lost(error.to_string()),
                 _ = sleep_until(deadline) => self.handle_timeouts(),
             }
         }
-        if let Some(connectivity) = &mut self.connectivity {
-            connectivity.handle_shutdown();
-        }
+        self.session.handle_shutdown();
         self.drain().await;
-        self.drained.send_replace(true);
         self.stop();
     }
 
-    /// A deadline passed: every machine handles what is due at one reading of the clock.
+    /// Handles what woke `lane`. False: the application's queue closed (the node is dropped).
+    fn handle_wake(&mut self, lane: Lane, wake: Wake) -> bool {
+        match wake {
+            Wake::Parked(permit) => self.deliver_parked(lane, permit),
+            Wake::Written(Ok(())) => {}
+            Wake::Written(Err(e)) => self.connection_lost(format!("write failed: {e}")),
+            Wake::Read(read) => self.handle_read(lane, read),
+            Wake::Commands(0) => return false,
+            Wake::Commands(_) => self.take_batch(lane),
+            Wake::Settled => self.settled(lane),
+        }
+        true
+    }
+
+    /// A deadline passed: the session handles what is due at one reading of the clock.
     fn handle_timeouts(&mut self) {
-        let now = now();
-        if let Some(connectivity) = &mut self.connectivity {
-            connectivity.handle_timeout(now);
-        }
-        self.connectivity_events("");
-        if self.expiry.handle_timeout(now) {
-            self.expire();
-        }
-        if self.gate.handle_timeout(now) {
-            self.persist_settled(false);
-        }
+        self.session
+            .handle_timeout(now(), self.shared.now_unix_ms());
+        self.session_events("");
     }
 
     /// On a clean shutdown: until everything queued for the peer is acknowledged (or at most
     /// [`SHUTDOWN_DRAIN`]), keeps reading (the peer's resume and acks) and writing (messages the
-    /// application sent last, replies, acks of what it settled); then finishes the stream, so
+    /// application sent last, replies, acks of what it settled); then finishes the streams, so
     /// that closing the connection discards nothing the peer could still take.
     async fn drain(&mut self) {
         let deadline = Instant::now() + SHUTDOWN_DRAIN;
         if self.conn.is_none() {
             return;
         }
-        // What the application settled last (the pattern tasks settle theirs before the peers
-        // stop): without a spool its acknowledgement goes out with the rest.
-        self.settled();
-        while let Ok(outgoing) = self.commands.try_recv() {
-            self.batch.push(outgoing);
+        for lane in Lane::ALL {
+            // What the application settled last (the pattern tasks settle theirs before the
+            // peers stop): without a spool its acknowledgement goes out with the rest.
+            self.settled(lane);
+            let io = &mut self.lanes[lane.index()];
+            while let Ok(outgoing) = io.commands.try_recv() {
+                io.batch.push(outgoing);
+            }
+            self.take_batch(lane);
         }
-        self.take_batch();
         loop {
-            self.flush();
+            self.flush_all();
             self.publish_progress();
-            let Some(conn) = &mut self.conn else { return };
-            let unsent = !conn.tx.is_empty() || self.link.wants_transmit();
-            if !unsent && self.link.queued_messages() == 0 && self.pending.is_empty() {
+            if self.conn.is_none() {
+                return;
+            }
+            let busy = Lane::ALL.into_iter().any(|lane| {
+                let io = &self.lanes[lane.index()];
+                let link = self.session.link(lane);
+                io.stream.as_ref().is_some_and(|s| !s.tx.is_empty())
+                    || (io.stream.is_some()
+                        && (link.wants_transmit()
+                            || link.queued_messages() > 0
+                            || !io.pending.is_empty()))
+            });
+            if !busy {
                 break;
             }
-            let reading = conn.held_bytes < HELD_BYTES_MAX;
-            let send = Some((&mut conn.send, &mut conn.tx));
+            let first = self.turn;
+            self.turn = (self.turn + 1) % Lane::ALL.len();
             tokio::select! {
-                written = write_queued(send) => {
-                    if let Err(e) = written {
-                        self.connection_lost(format!("write failed: {e}"));
-                    }
+                (lane, wake) = next_wake(&mut self.lanes, [0; 3], first) => {
+                    self.handle_wake(lane, wake);
                 }
-                read = read_chunk(Some(&mut conn.recv), reading) => self.handle_read(read),
                 () = tokio::time::sleep_until(deadline) => break,
             }
         }
-        let Some(conn) = &mut self.conn else { return };
-        if conn.send.finish().is_ok() {
-            let _ = tokio::time::timeout_at(deadline, conn.send.stopped()).await;
-        }
-        // The connection closes when this task stops: not before the other lanes drained.
-        for other in &mut self.others {
-            let _ = tokio::time::timeout_at(deadline, other.drained.wait_for(|done| *done)).await;
+        for io in &mut self.lanes {
+            if let Some(stream) = &mut io.stream {
+                if stream.send.finish().is_ok() {
+                    let _ = tokio::time::timeout_at(deadline, stream.send.stopped()).await;
+                }
+            }
         }
     }
 
-    /// How many more messages to take from the application now.
-    fn link_room(&self) -> usize {
-        if !self.pending.is_empty() {
+    /// How many more messages `lane` takes from the application now.
+    fn link_room(&self, lane: Lane) -> usize {
+        if !self.lanes[lane.index()].pending.is_empty() {
             return 0;
         }
-        let held = self.link.queued_messages();
+        let held = self.session.link(lane).queued_messages();
         self.shared
             .config
             .link
@@ -494,96 +500,136 @@ impl PeerTask {
             .min(COMMAND_BATCH)
     }
 
-    /// Moves a batch from the application into the link (each message is moved as few times as
-    /// possible: they are copied by value at every hop).
-    fn take_batch(&mut self) {
-        for outgoing in self.batch.drain(..) {
-            if self.pending.is_empty() && fits(&self.link, &outgoing) {
-                push(&mut self.link, outgoing);
+    /// Moves a batch from the application into `lane`'s link (each message is moved as few
+    /// times as possible: they are copied by value at every hop).
+    fn take_batch(&mut self, lane: Lane) {
+        let io = &mut self.lanes[lane.index()];
+        let link = self.session.link_mut(lane);
+        for outgoing in io.batch.drain(..) {
+            if io.pending.is_empty() && fits(link, &outgoing) {
+                push(link, outgoing);
             } else {
-                self.pending.push_back(outgoing);
+                io.pending.push_back(outgoing);
             }
         }
     }
 
-    /// Moves messages from `pending` into the link while it has room.
-    fn absorb(&mut self) {
-        while let Some(front) = self.pending.front() {
-            if !fits(&self.link, front) {
+    /// Moves messages from `lane`'s `pending` into its link while it has room.
+    fn absorb(&mut self, lane: Lane) {
+        let io = &mut self.lanes[lane.index()];
+        let link = self.session.link_mut(lane);
+        while let Some(front) = io.pending.front() {
+            if !fits(link, front) {
                 break;
             }
-            let outgoing = self.pending.pop_front().expect("front exists");
-            push(&mut self.link, outgoing);
+            let outgoing = io.pending.pop_front().expect("front exists");
+            push(link, outgoing);
         }
     }
 
-    /// Encodes what the link has to send (up to the write queue's bound) and hands as much as the
-    /// stream takes right now to quinn; the rest waits for the select's write branch.
-    fn flush(&mut self) {
-        let Some(conn) = &mut self.conn else { return };
-        while conn.tx.len() < WRITE_QUEUE_BATCHES && self.link.wants_transmit() {
-            if conn.tx_buf.capacity() < TRANSMIT_BATCH_BYTES {
-                conn.tx_buf.reserve(TX_BUFFER_BYTES);
+    fn flush_all(&mut self) {
+        for lane in Lane::ALL {
+            self.flush(lane);
+        }
+    }
+
+    /// Encodes what `lane`'s link has to send (up to the write queue's bound) and hands as
+    /// much as the stream takes right now to quinn; the rest waits for the lane's write wake.
+    fn flush(&mut self, lane: Lane) {
+        let Some(stream) = &mut self.lanes[lane.index()].stream else {
+            return;
+        };
+        let link = self.session.link_mut(lane);
+        while stream.tx.len() < WRITE_QUEUE_BATCHES && link.wants_transmit() {
+            if stream.tx_buf.capacity() < TRANSMIT_BATCH_BYTES {
+                stream.tx_buf.reserve(TX_BUFFER_BYTES);
             }
-            let queued = conn.tx.len();
+            let queued = stream.tx.len();
             // Large bodies join the queue as buffers of their own (no copy into the batch).
-            self.link
-                .poll_transmit_chunks(&mut conn.tx_buf, &mut conn.tx, TRANSMIT_BATCH_BYTES);
-            if !conn.tx_buf.is_empty() {
-                conn.tx.push_back(conn.tx_buf.split().freeze());
+            link.poll_transmit_chunks(&mut stream.tx_buf, &mut stream.tx, TRANSMIT_BATCH_BYTES);
+            if !stream.tx_buf.is_empty() {
+                stream.tx.push_back(stream.tx_buf.split().freeze());
             }
-            if conn.tx.len() == queued {
+            if stream.tx.len() == queued {
                 break;
             }
         }
-        if conn.tx.is_empty() {
+        if stream.tx.is_empty() {
             return;
         }
         // `write_chunks` is cancel-safe: if the stream is blocked, nothing was written.
-        if let Some(Err(e)) = write_queued(Some((&mut conn.send, &mut conn.tx))).now_or_never() {
+        let written = write_queued(Some((&mut stream.send, &mut stream.tx))).now_or_never();
+        if let Some(Err(e)) = written {
             self.connection_lost(format!("write failed: {e}"));
         }
     }
 
+    /// Publishes what the peer acknowledged (receipts resolve; the spool retires) and the
+    /// links' counters.
     fn publish_progress(&mut self) {
-        if let Some(connectivity) = &mut self.connectivity {
-            if self.link.peer_resumed() {
-                connectivity.handle_resumed();
+        for lane in Lane::ALL {
+            let io = &mut self.lanes[lane.index()];
+            if let Some(up_to) = io.acked_pending.take() {
+                io.acked.send_replace(up_to);
+                self.absorb(lane);
+                self.session.link_mut(lane).take_retired(&mut self.retired);
             }
+            let stats = self.session.link(lane).stats();
+            let io = &mut self.lanes[lane.index()];
+            self.shared.metrics.add_link_delta(&io.stats, &stats);
+            io.stats = stats;
         }
-        self.link_events();
-        let acked = self.acked_pending.take();
-        if let Some(up_to) = acked {
-            self.acked.send_replace(up_to);
-            self.absorb();
-            self.link.take_retired(&mut self.retired);
-            if !self.retired.is_empty() {
-                if let Some(durable) = &self.shared.durable {
-                    let _ = durable
-                        .tx
-                        .send(Command::Retire(std::mem::take(&mut self.retired)));
-                }
-                self.retired.clear();
+        if !self.retired.is_empty() {
+            if let Some(durable) = &self.shared.durable {
+                let _ = durable
+                    .tx
+                    .send(Command::Retire(std::mem::take(&mut self.retired)));
             }
+            self.retired.clear();
         }
-        let stats = self.link.stats();
-        self.shared.metrics.add_link_delta(&self.stats, &stats);
-        self.stats = stats;
     }
 
-    /// Handles the link's events. Called right after every frame, so that a new or skipping
-    /// inbound stream reaches the settlement before any of its messages reach the application.
-    fn link_events(&mut self) {
-        while let Some(event) = self.link.poll_event() {
+    /// Carries out what the session asks for; `reason` says why, for a down.
+    fn session_events(&mut self, reason: &str) {
+        while let Some(event) = self.session.poll_event() {
             match event {
-                LinkEvent::Acked { up_to } => self.acked_pending = Some(up_to),
-                LinkEvent::InboundStream { epoch, base } => {
-                    let stream = self.link.inbound_stream(epoch);
-                    self.settlement.reset(stream, epoch, base);
+                SessionEvent::Dial { addresses, stagger } => self.start_dial(addresses, stagger),
+                SessionEvent::Up {
+                    remote,
+                    dialed_by_local,
+                } => {
+                    self.shared.metrics.peer_up();
+                    info!(%remote, dialed = dialed_by_local, "peer up");
+                    let _ = self.shared.events.send(PeerEvent::Up {
+                        peer: self.peer,
+                        addr: remote,
+                    });
                 }
-                LinkEvent::Skipped { epoch, from, up_to } => {
-                    self.settlement.skip(epoch, from, up_to)
+                SessionEvent::Down => {
+                    self.shared.metrics.peer_down();
+                    info!(%reason, "peer down");
+                    let _ = self.shared.events.send(PeerEvent::Down {
+                        peer: self.peer,
+                        reason: reason.to_string(),
+                    });
                 }
+                SessionEvent::Acked { lane, up_to } => {
+                    self.lanes[lane.index()].acked_pending = Some(up_to);
+                }
+                SessionEvent::InboundStream { lane, epoch, base } => {
+                    let stream = self.session.link(lane).inbound_stream(epoch);
+                    self.lanes[lane.index()]
+                        .settlement
+                        .reset(stream, epoch, base);
+                }
+                SessionEvent::Skipped {
+                    lane,
+                    epoch,
+                    from,
+                    up_to,
+                } => self.lanes[lane.index()].settlement.skip(epoch, from, up_to),
+                SessionEvent::Persist { lane, watermark } => self.persist(lane, watermark),
+                SessionEvent::GivenUp { lane, given_up } => self.dead_letter(lane, given_up),
             }
         }
     }
@@ -593,52 +639,56 @@ impl PeerTask {
             Control::Connection(established) => self.install(established),
             Control::LaneStream {
                 generation,
-                established,
-            } => self.install_lane_stream(generation, established),
+                lane,
+                send,
+                recv,
+            } => self.install_lane_stream(generation, lane, send, recv),
             Control::Withdraw {
                 channel_prefix,
                 reply,
             } => {
-                let mut withdrawn = self
-                    .link
-                    .withdraw(|m| m.channel.starts_with(&channel_prefix));
-                let before = self.pending.len();
-                let mut kept = VecDeque::with_capacity(before);
-                for outgoing in self.pending.drain(..) {
+                let io = &mut self.lanes[Lane::Normal.index()];
+                let link = self.session.link_mut(Lane::Normal);
+                let mut withdrawn = link.withdraw(|m| m.channel.starts_with(&channel_prefix));
+                let mut kept = VecDeque::with_capacity(io.pending.len());
+                for outgoing in io.pending.drain(..) {
                     if outgoing.message.channel.starts_with(&channel_prefix) {
                         withdrawn.push((outgoing.seq, outgoing.tag, outgoing.message));
                     } else {
                         kept.push_back(outgoing);
                     }
                 }
-                self.pending = kept;
+                io.pending = kept;
                 if let Some(first) = withdrawn.iter().map(|(seq, ..)| *seq).min() {
                     // Until the caller made them durable elsewhere (`SettleWithdrawal`).
-                    self.link.hold_for_withdrawal(first);
+                    link.hold_for_withdrawal(first);
                 }
                 withdrawn.sort_unstable_by_key(|(seq, ..)| *seq);
                 let _ = reply.send(withdrawn);
-                self.absorb();
+                self.absorb(Lane::Normal);
             }
             Control::GiveUp { seqs, reason } => {
-                // The messages may still wait in the command queue (this select takes control
-                // first): take them into the link before looking (bounded by the queue).
-                while let Ok(outgoing) = self.commands.try_recv() {
-                    self.batch.push(outgoing);
+                // The messages may still wait in the command queue (control is taken first):
+                // take them into the link before looking (bounded by the queue).
+                let io = &mut self.lanes[Lane::Normal.index()];
+                while let Ok(outgoing) = io.commands.try_recv() {
+                    io.batch.push(outgoing);
                 }
-                self.take_batch();
-                let given_up = self.link.give_up(&seqs, reason);
-                self.dead_letter(given_up);
+                self.take_batch(Lane::Normal);
+                self.session.give_up(Lane::Normal, &seqs, reason);
+                self.session_events("");
             }
             Control::CopyQueued { seqs, reply } => {
                 let wanted = |seq: &u64| seqs.binary_search(seq).is_ok();
+                let io = &self.lanes[Lane::Normal.index()];
                 let copies = self
-                    .link
+                    .session
+                    .link(Lane::Normal)
                     .queued()
                     .filter(|(seq, _)| wanted(seq))
                     .map(|(seq, message)| (seq, message.clone()))
                     .chain(
-                        self.pending
+                        io.pending
                             .iter()
                             .filter(|o| wanted(&o.seq))
                             .map(|o| (o.seq, o.message.clone())),
@@ -646,18 +696,12 @@ impl PeerTask {
                     .collect();
                 let _ = reply.send(copies);
             }
-            Control::LaneUp { generation } => {
-                if let Some(connectivity) = &mut self.connectivity {
-                    connectivity.handle_lane_up(generation);
-                }
-                self.connectivity_events("");
-            }
             Control::SettleWithdrawal => {
-                self.link.settle_withdrawal();
-                self.flush();
+                self.session.link_mut(Lane::Normal).settle_withdrawal();
+                self.flush(Lane::Normal);
             }
             Control::DialFailed(error) => {
-                let attempts = self.connectivity.as_ref().map_or(0, Peer::dial_attempts);
+                let attempts = self.session.peer().dial_attempts();
                 self.shared.metrics.dial_failure();
                 let refused = matches!(
                     error,
@@ -676,139 +720,134 @@ impl PeerTask {
                     reason: error.to_string(),
                     refused,
                 });
-                if let Some(connectivity) = &mut self.connectivity {
-                    connectivity.handle_dial_failed(now());
-                }
+                self.session.handle_dial_failed(now());
+                self.session_events("");
             }
             Control::Addresses(addrs) => {
-                if let Some(connectivity) = &mut self.connectivity {
-                    connectivity.handle_addresses(now(), addrs);
-                }
+                self.session.handle_addresses(now(), addrs);
+                self.session_events("");
             }
-            Control::WatermarkDurable { epoch, up_to } => {
-                let (output, recovered) = self.gate.handle_durable((epoch, up_to));
-                if recovered {
-                    info!("the spool took this peer's watermark again; acknowledgements resume");
+            Control::WatermarkDurable { lane, epoch, up_to } => {
+                if self.session.handle_durable(lane, (epoch, up_to)) {
+                    info!(%lane, "the spool took this peer's watermark again; acknowledgements resume");
                 }
-                self.apply_gate(output);
-                self.settled();
+                self.session_events("");
+                self.settled(lane);
             }
             Control::WatermarkFailed {
+                lane,
                 epoch,
                 up_to,
                 stopped,
                 error,
-            } => self.watermark_failed((epoch, up_to), stopped, error),
+            } => self.watermark_failed(lane, (epoch, up_to), stopped, error),
         }
     }
 
     /// The spool did not persist a watermark: nothing past the last durable one is
-    /// acknowledged (see [`WatermarkGate::handle_refused`]); each episode is logged once.
-    fn watermark_failed(&mut self, watermark: (u64, u64), stopped: bool, error: String) {
-        match self.gate.handle_refused(now(), watermark, stopped) {
+    /// acknowledged (see [`weft_proto::peer::WatermarkGate::handle_refused`]); each episode is
+    /// logged once.
+    fn watermark_failed(
+        &mut self,
+        lane: Lane,
+        watermark: (u64, u64),
+        stopped: bool,
+        error: String,
+    ) {
+        match self.session.handle_refused(lane, now(), watermark, stopped) {
             Refusal::FirstStopped => {
-                warn!(%error, "the spool stopped: acknowledgements to this peer wait for a restart")
+                warn!(%error, %lane, "the spool stopped: acknowledgements to this peer wait for a restart")
             }
             Refusal::FirstFull => warn!(
-                %error,
+                %error, %lane,
                 "the spool refused this peer's watermark: acknowledgements to it wait for room"
             ),
             Refusal::StillFull | Refusal::StillStopped => {}
         }
     }
 
-    fn settled(&mut self) {
-        self.persist_settled(false);
+    /// The application settled more of the peer's stream in `lane`.
+    fn settled(&mut self, lane: Lane) {
+        self.persist_settled(lane, false);
     }
 
-    /// The application settled more of the peer's stream: the gate says whether to acknowledge
-    /// it now or to persist it first (`last`: the task is stopping, persist the newest
-    /// regardless).
-    fn persist_settled(&mut self, last: bool) {
-        let output = self.gate.handle_settled(self.settlement.watermark(), last);
-        self.apply_gate(output);
+    /// Hands the newest settlement of `lane` to the session, which acknowledges it now or asks
+    /// to persist it first (`last`: the task is stopping, persist the newest regardless).
+    fn persist_settled(&mut self, lane: Lane, last: bool) {
+        let watermark = self.lanes[lane.index()].settlement.watermark();
+        self.session.handle_settled(lane, watermark, last);
+        self.session_events("");
     }
 
-    fn apply_gate(&mut self, output: GateOutput) {
-        if let Some((epoch, up_to)) = output.acknowledge {
-            self.link.acknowledge(epoch, up_to);
-        }
-        if let (Some((epoch, up_to)), Some(durable)) = (output.persist, &self.shared.durable) {
-            let watermark = Watermark {
-                peer: self.peer,
-                epoch,
-                up_to,
-                lane: self.link.lane(),
-            };
-            let _ = durable.tx.send(Command::Watermark {
-                watermark,
-                reply: self.control_tx.clone(),
-            });
-        }
+    /// Asks the spool writer to make an inbound watermark durable (it answers on `control`).
+    fn persist(&mut self, lane: Lane, (epoch, up_to): (u64, u64)) {
+        let Some(durable) = &self.shared.durable else {
+            return;
+        };
+        let watermark = Watermark {
+            peer: self.peer,
+            epoch,
+            up_to,
+            lane,
+        };
+        let _ = durable.tx.send(Command::Watermark {
+            watermark,
+            reply: self.control_tx.clone(),
+        });
     }
 
-    /// Gives up queued messages past their expiry or retry budget: each goes to the dead-letter
-    /// log (with a spool), its receipt fails, and the application gets an event.
-    fn expire(&mut self) {
-        let now = self.shared.now_unix_ms();
-        let given_up = self.link.expire(now);
-        self.dead_letter(given_up);
-    }
-
-    /// Dead-letters given-up messages (with a spool; else reports them): the receipt fails and
+    /// Dead-letters a given-up message (with a spool; else reports it): the receipt fails and
     /// the application gets an event. Events owed to durable subscriptions are counted too.
-    fn dead_letter(&mut self, given_up: Vec<weft_proto::link::GivenUp>) {
-        for given_up in given_up {
-            if given_up.message.channel == weft_proto::channel::mesh::EVENT
-                && given_up
-                    .message
-                    .options
-                    .as_ref()
-                    .is_some_and(|o| o.expires_unix_ms.is_some())
-            {
-                // Only events owed to durable subscriptions carry an expiry.
-                self.shared
-                    .metrics
-                    .durable_events_dropped
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    fn dead_letter(&mut self, lane: Lane, given_up: GivenUp) {
+        if given_up.message.channel == weft_proto::channel::mesh::EVENT
+            && given_up
+                .message
+                .options
+                .as_ref()
+                .is_some_and(|o| o.expires_unix_ms.is_some())
+        {
+            // Only events owed to durable subscriptions carry an expiry.
+            self.shared
+                .metrics
+                .durable_events_dropped
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        let id = MessageId {
+            producer: self.shared.id,
+            stream: self.session.link(lane).stream(),
+            seq: given_up.seq,
+        };
+        let reason = given_up.reason.to_string();
+        self.lanes[lane.index()].fates.fail(
+            given_up.seq,
+            DeliveryError::DeadLettered {
+                reason: reason.clone(),
+            },
+        );
+        match &self.shared.durable {
+            Some(durable) if given_up.tag != 0 => {
+                let _ = durable.tx.send(Command::DeadLetter {
+                    peer: self.peer,
+                    id,
+                    tag: given_up.tag,
+                    reason,
+                });
             }
-            let id = MessageId {
-                producer: self.shared.id,
-                stream: self.link.stream(),
-                seq: given_up.seq,
-            };
-            let reason = given_up.reason.to_string();
-            self.fates.fail(
-                given_up.seq,
-                DeliveryError::DeadLettered {
-                    reason: reason.clone(),
-                },
-            );
-            match &self.shared.durable {
-                Some(durable) if given_up.tag != 0 => {
-                    let _ = durable.tx.send(Command::DeadLetter {
-                        peer: self.peer,
-                        id,
-                        tag: given_up.tag,
-                        reason,
-                    });
-                }
-                _ => {
-                    self.shared.metrics.dead_lettered();
-                    warn!(%id, %reason, "message given up (no spool: not kept)");
-                    let _ = self.shared.events.send(PeerEvent::DeadLettered {
-                        peer: self.peer,
-                        id,
-                        reason,
-                    });
-                }
+            _ => {
+                self.shared.metrics.dead_lettered();
+                warn!(%id, %reason, "message given up (no spool: not kept)");
+                let _ = self.shared.events.send(PeerEvent::DeadLettered {
+                    peer: self.peer,
+                    id,
+                    reason,
+                });
             }
         }
-        self.absorb();
+        self.absorb(lane);
     }
 
-    /// A connection passed its hello: the connectivity machine decides whether it replaces the
-    /// one in use or is closed as a duplicate.
+    /// A connection passed its hello: the session decides whether it replaces the one in use
+    /// or is closed as a duplicate.
     fn install(&mut self, established: Established) {
         if self
             .conn
@@ -819,10 +858,7 @@ impl PeerTask {
             // never prefer it over a live one.
             self.connection_lost("connection closed".into());
         }
-        let Some(connectivity) = &mut self.connectivity else {
-            return;
-        };
-        let admit = connectivity.handle_connection(NewConnection {
+        let admit = self.session.handle_connection(NewConnection {
             remote: established.remote,
             dialed_by_local: established.dialed_by_local,
             peer_incarnation: established.peer_incarnation,
@@ -843,100 +879,74 @@ impl PeerTask {
                 replaced,
             } => (generation, replaced),
         };
-        if let Some(replaced) = replaced {
-            if let Some(current) = self.conn.take() {
-                current
-                    .connection
-                    .close(close_code::DUPLICATE, b"replaced by another connection");
-                self.link.disconnected();
-                self.connected.send_replace(false);
-            }
-            self.connectivity_events(replaced.as_str());
+        if let Some(current) = self.conn.take() {
+            current
+                .connection
+                .close(close_code::DUPLICATE, b"replaced by another connection");
+            self.drop_streams();
         }
-        self.generation = generation;
-        self.conn = Some(Conn::new(established));
-        self.link.connected();
-        self.connected.send_replace(true);
-        self.connectivity_events("");
+        let Established {
+            connection,
+            send,
+            recv,
+            leftover,
+            dialed_by_local,
+            remote: _,
+            peer_incarnation: _,
+        } = established;
+        self.conn = Some(Conn {
+            connection,
+            dialed_by_local,
+            generation,
+        });
+        let normal = &mut self.lanes[Lane::Normal.index()];
+        normal.stream = Some(Stream::new(send, recv, leftover));
+        normal.connected.send_replace(true);
+        self.session_events(replaced.map_or("", |r| r.as_str()));
         self.open_lanes();
-        self.process_rx();
+        self.process_rx(Lane::Normal);
     }
 
-    /// Carries out what the connectivity machine asks for: dials, and the peer's up and down
-    /// (events, metric, log); `reason` says why, for a down.
-    fn connectivity_events(&mut self, reason: &str) {
-        while let Some(event) = self.connectivity.as_mut().and_then(Peer::poll_event) {
-            match event {
-                weft_proto::peer::PeerEvent::Dial { addresses, stagger } => {
-                    self.start_dial(addresses, stagger)
-                }
-                weft_proto::peer::PeerEvent::Up {
-                    remote,
-                    dialed_by_local,
-                } => {
-                    self.shared.metrics.peer_up();
-                    info!(%remote, dialed = dialed_by_local, "peer up");
-                    let _ = self.shared.events.send(PeerEvent::Up {
-                        peer: self.peer,
-                        addr: remote,
-                    });
-                }
-                weft_proto::peer::PeerEvent::Down => {
-                    self.shared.metrics.peer_down();
-                    info!(%reason, "peer down");
-                    let _ = self.shared.events.send(PeerEvent::Down {
-                        peer: self.peer,
-                        reason: reason.to_string(),
-                    });
-                }
+    /// Drops every lane's stream (the connection went or is replaced).
+    fn drop_streams(&mut self) {
+        for io in &mut self.lanes {
+            if io.stream.take().is_some() {
+                io.connected.send_replace(false);
             }
         }
     }
 
-    /// Gives the other lanes' tasks their streams on the connection just installed: the side
-    /// that dialed opens them (first byte: the lane), the other accepts them. A failure closes
-    /// the connection (it cannot carry every lane); one closed meanwhile just ends this.
+    /// Opens or accepts the other lanes' streams on the connection just installed, in a helper
+    /// task: the side that dialed opens them (first byte: the lane), the other accepts them.
+    /// A failure closes the connection (it cannot carry every lane); one closed meanwhile just
+    /// ends this.
     fn open_lanes(&self) {
         let Some(conn) = &self.conn else { return };
-        if self.others.is_empty() {
-            return;
-        }
         let connection = conn.connection.clone();
         let dialed = conn.dialed_by_local;
-        let incarnation = conn.peer_incarnation;
-        let generation = self.generation;
-        let lanes: Vec<(Lane, mpsc::UnboundedSender<Control>)> = self
-            .others
-            .iter()
-            .map(|other| (other.lane, other.control.clone()))
-            .collect();
+        let generation = conn.generation;
+        let control = self.control_tx.clone();
         let mut shutdown = self.shared.shutdown.subscribe();
         tokio::spawn(
             async move {
+                let others: Vec<Lane> = Lane::ALL
+                    .into_iter()
+                    .filter(|l| *l != Lane::Normal)
+                    .collect();
                 let streams = async {
-                    let mut seen = Vec::with_capacity(lanes.len());
-                    for (index, _) in lanes.iter().enumerate() {
+                    let mut seen = Vec::with_capacity(others.len());
+                    for lane in &others {
                         let (lane, send, recv) = if dialed {
-                            let lane = lanes[index].0;
-                            let (send, recv) = open_lane_stream(&connection, lane).await?;
-                            (lane, send, recv)
+                            let (send, recv) = open_lane_stream(&connection, *lane).await?;
+                            (*lane, send, recv)
                         } else {
                             accept_lane_stream(&connection, &mut seen).await?
                         };
-                        let Some((_, control)) = lanes.iter().find(|(l, _)| *l == lane) else {
-                            return Err(format!("the peer opened a stream for lane {lane}"));
-                        };
                         let _ = control.send(Control::LaneStream {
                             generation,
-                            established: Established {
-                                remote: connection.remote_address(),
-                                connection: connection.clone(),
-                                send,
-                                recv,
-                                leftover: BytesMut::new(),
-                                dialed_by_local: dialed,
-                                peer_incarnation: incarnation,
-                            },
+                            lane,
+                            send,
+                            recv,
                         });
                     }
                     Ok::<(), String>(())
@@ -957,46 +967,47 @@ impl PeerTask {
         );
     }
 
-    /// A lane's stream on a connection the normal lane's task installed (see the module doc).
-    /// A stream of an older connection than the one in use is dropped.
-    fn install_lane_stream(&mut self, generation: u64, established: Established) {
-        if generation <= self.generation || established.connection.close_reason().is_some() {
-            debug!(generation, "stale lane stream dropped");
+    /// A lane's stream on a connection this task installed. A stream of a connection replaced
+    /// meanwhile is dropped.
+    fn install_lane_stream(
+        &mut self,
+        generation: u64,
+        lane: Lane,
+        send: quinn::SendStream,
+        recv: quinn::RecvStream,
+    ) {
+        let live = self
+            .conn
+            .as_ref()
+            .is_some_and(|c| c.connection.close_reason().is_none());
+        if !live || !self.session.handle_lane_stream(lane, generation) {
+            debug!(generation, %lane, "stale lane stream dropped");
             return;
         }
-        self.connection_lost("replaced by a newer connection".into());
-        self.generation = generation;
-        self.conn = Some(Conn::new(established));
-        self.link.connected();
-        self.connected.send_replace(true);
-        debug!(generation, "lane stream up");
-        if let Some(normal) = &self.normal_lane {
-            let _ = normal.send(Control::LaneUp { generation });
-        }
-        self.process_rx();
+        let io = &mut self.lanes[lane.index()];
+        io.stream = Some(Stream::new(send, recv, BytesMut::new()));
+        io.connected.send_replace(true);
+        debug!(generation, %lane, "lane stream up");
+        self.session_events("");
+        self.process_rx(lane);
     }
 
     fn connection_lost(&mut self, reason: String) {
         self.lose_connection(reason, false);
     }
 
-    /// The connection (or this lane's stream) is gone; `goodbye`: the peer left on purpose, so
-    /// only the addresses we were given are redialed.
+    /// The connection is gone; `goodbye`: the peer left on purpose, so only the addresses we
+    /// were given are redialed.
     fn lose_connection(&mut self, reason: String, goodbye: bool) {
-        let Some(conn) = self.conn.take() else { return };
-        drop(conn);
-        self.link.disconnected();
-        self.connected.send_replace(false);
-        let Some(connectivity) = &mut self.connectivity else {
-            // The normal lane's task reports the connection and redials.
-            debug!(%reason, "lane stream down");
+        if self.conn.take().is_none() {
             return;
-        };
-        if !connectivity.is_up() {
+        }
+        self.drop_streams();
+        if !self.session.peer().is_up() {
             info!(%reason, "connection lost before every lane was up");
         }
-        connectivity.handle_connection_lost(now(), goodbye);
-        self.connectivity_events(&reason);
+        self.session.handle_connection_lost(now(), goodbye);
+        self.session_events(&reason);
     }
 
     fn protocol_error(&mut self, reason: String) {
@@ -1009,10 +1020,10 @@ impl PeerTask {
         self.connection_lost(format!("protocol error: {reason}"));
     }
 
-    /// Dials `targets` in order, each next one `stagger` after the previous (as the
-    /// connectivity machine asked): the first connection is handed over; attempts not started
-    /// yet are skipped, and one that completes anyway goes through the usual duplicate
-    /// resolution. Only when every address failed is the dial a failure.
+    /// Dials `targets` in order, each next one `stagger` after the previous (as the session
+    /// asked): the first connection is handed over; attempts not started yet are skipped, and
+    /// one that completes anyway goes through the usual duplicate resolution. Only when every
+    /// address failed is the dial a failure.
     fn start_dial(&mut self, targets: Vec<SocketAddr>, stagger: Duration) {
         debug!(addresses = targets.len(), "dialing");
         let shared = Arc::clone(&self.shared);
@@ -1063,21 +1074,34 @@ impl PeerTask {
         );
     }
 
-    fn handle_read(&mut self, read: Result<Option<quinn::Chunk>, quinn::ReadError>) {
+    fn handle_read(&mut self, lane: Lane, read: Result<Option<quinn::Chunk>, quinn::ReadError>) {
         match read {
             Ok(Some(chunk)) => {
-                if let Some(conn) = &mut self.conn {
+                if let Some(stream) = &mut self.lanes[lane.index()].stream {
                     debug_assert!(
-                        conn.rx_chunk.is_empty(),
+                        stream.rx_chunk.is_empty(),
                         "reads wait until a chunk is consumed"
                     );
-                    conn.rx_chunk = chunk.bytes;
+                    stream.rx_chunk = chunk.bytes;
                 }
-                self.process_rx();
+                self.process_rx(lane);
             }
             Ok(None) => {
-                // Only a clean shutdown finishes the stream (see `drain`): a goodbye.
-                self.lose_connection("the peer finished its stream (shutting down)".into(), true);
+                // Only a clean shutdown finishes a stream (see `drain`): the peer is leaving.
+                // Once it finished every stream in place, it is a goodbye.
+                if let Some(stream) = &mut self.lanes[lane.index()].stream {
+                    stream.finished = true;
+                }
+                let all = self
+                    .lanes
+                    .iter()
+                    .all(|io| io.stream.as_ref().is_none_or(|s| s.finished));
+                if all {
+                    self.lose_connection(
+                        "the peer finished its streams (shutting down)".into(),
+                        true,
+                    );
+                }
             }
             Err(quinn::ReadError::ConnectionLost(e)) => {
                 // A goodbye: the peer left on purpose. Redial only what we were told to.
@@ -1088,25 +1112,27 @@ impl PeerTask {
                 );
                 self.lose_connection(e.to_string(), goodbye);
             }
-            Err(e) => self.connection_lost(format!("read failed: {e}")),
+            Err(e) => self.connection_lost(format!("read failed on the {lane} lane: {e}")),
         }
     }
 
-    /// Decodes and handles frames until the buffer runs dry or a delivery has to wait; then reads
-    /// ahead (see [`PeerTask::read_ahead`]).
-    fn process_rx(&mut self) {
+    /// Decodes and handles `lane`'s frames until the buffer runs dry or a delivery has to wait;
+    /// then reads ahead (see [`PeerTask::read_ahead`]).
+    fn process_rx(&mut self, lane: Lane) {
         loop {
-            if !self.deliver() {
-                self.read_ahead();
+            if !self.deliver(lane) {
+                self.read_ahead(lane);
                 return;
             }
-            let Some(conn) = &mut self.conn else { return };
-            let frame = match conn.held.pop_front() {
+            let Some(stream) = &mut self.lanes[lane.index()].stream else {
+                return;
+            };
+            let frame = match stream.held.pop_front() {
                 Some(frame) => {
-                    conn.held_bytes -= held_size(&frame);
+                    stream.held_bytes -= held_size(&frame);
                     frame
                 }
-                None => match next_frame(&self.decoder, conn) {
+                None => match next_frame(&self.decoder, stream) {
                     Ok(Some(frame)) => frame,
                     Ok(None) => return,
                     Err(e) => {
@@ -1115,32 +1141,37 @@ impl PeerTask {
                     }
                 },
             };
-            if let Err(e) = self.link.handle_frame(frame) {
+            if let Err(e) = self.session.handle_frame(lane, frame) {
                 self.protocol_error(e.to_string());
                 return;
             }
-            self.link_events();
+            // A new or skipping inbound stream reaches the settlement before any of its
+            // messages reach the application.
+            self.session_events("");
         }
     }
 
     /// While a delivery waits for room: decode what has arrived, handle acknowledgements at once
     /// (they concern our own stream), and hold everything else, in order, up to `HELD_BYTES_MAX`.
-    fn read_ahead(&mut self) {
+    fn read_ahead(&mut self, lane: Lane) {
         loop {
-            let Some(conn) = &mut self.conn else { return };
-            if conn.held_bytes >= HELD_BYTES_MAX {
+            let Some(stream) = &mut self.lanes[lane.index()].stream else {
+                return;
+            };
+            if stream.held_bytes >= HELD_BYTES_MAX {
                 return;
             }
-            match next_frame(&self.decoder, conn) {
+            match next_frame(&self.decoder, stream) {
                 Ok(Some(frame @ Frame::Ack { .. })) => {
-                    if let Err(e) = self.link.handle_frame(frame) {
+                    if let Err(e) = self.session.handle_frame(lane, frame) {
                         self.protocol_error(e.to_string());
                         return;
                     }
+                    self.session_events("");
                 }
                 Ok(Some(frame)) => {
-                    conn.held_bytes += held_size(&frame);
-                    conn.held.push_back(frame);
+                    stream.held_bytes += held_size(&frame);
+                    stream.held.push_back(frame);
                 }
                 Ok(None) => return,
                 Err(e) => {
@@ -1151,28 +1182,29 @@ impl PeerTask {
         }
     }
 
-    /// Hands the link's pending delivery to its channel. Returns false if it has to wait.
-    fn deliver(&mut self) -> bool {
-        let Some(message) = self.link.peek_delivery() else {
+    /// Hands `lane`'s pending delivery to its channel. Returns false if it has to wait.
+    fn deliver(&mut self, lane: Lane) -> bool {
+        let Some(message) = self.session.link(lane).peek_delivery() else {
             return true;
         };
+        let io = &mut self.lanes[lane.index()];
         let generation = self.shared.channels.generation();
-        if generation != self.channels_generation {
-            self.channels = ChannelCache::default();
-            self.channels_generation = generation;
+        if generation != io.channels_generation {
+            io.channels = ChannelCache::default();
+            io.channels_generation = generation;
         }
         let channel = &message.header.channel;
-        let cached = self
+        let cached = io
             .channels
             .last
             .as_ref()
             .filter(|(name, _)| name == channel)
             .map(|(_, sender)| sender.clone());
-        let sender = match cached.or_else(|| self.channels.queues.get(channel).cloned()) {
+        let sender = match cached.or_else(|| io.channels.queues.get(channel).cloned()) {
             Some(sender) => sender,
             None => match self.shared.channels.sender(channel) {
                 Ok(sender) => {
-                    self.channels.queues.insert(channel.clone(), sender.clone());
+                    io.channels.queues.insert(channel.clone(), sender.clone());
                     sender
                 }
                 Err(ChannelError::TooMany) => {
@@ -1186,54 +1218,62 @@ impl PeerTask {
                 Err(ChannelError::Closed) => return false,
             },
         };
-        if self
+        if io
             .channels
             .last
             .as_ref()
             .is_none_or(|(name, _)| name != &message.header.channel)
         {
-            self.channels.last = Some((message.header.channel.clone(), sender.clone()));
+            io.channels.last = Some((message.header.channel.clone(), sender.clone()));
         }
         match sender.try_reserve_owned() {
             Ok(permit) => {
-                let message = self.link.pop_delivery().expect("peeked");
+                let message = self.session.link_mut(lane).pop_delivery().expect("peeked");
                 count_delivery(&self.shared, &message);
                 permit.send(message);
                 true
             }
             Err(mpsc::error::TrySendError::Full(sender)) => {
-                self.parked = Some(sender);
+                io.parked = Some(sender);
                 false
             }
             Err(mpsc::error::TrySendError::Closed(_)) => false,
         }
     }
 
-    fn deliver_parked(&mut self, permit: Option<mpsc::OwnedPermit<Message>>) {
-        self.parked = None;
+    fn deliver_parked(&mut self, lane: Lane, permit: Option<mpsc::OwnedPermit<Message>>) {
+        self.lanes[lane.index()].parked = None;
         let Some(permit) = permit else { return };
-        if let Some(message) = self.link.pop_delivery() {
+        if let Some(message) = self.session.link_mut(lane).pop_delivery() {
             count_delivery(&self.shared, &message);
             permit.send(message);
         }
-        self.process_rx();
+        self.process_rx(lane);
     }
 
     fn stop(&mut self) {
         // Persist what the application settled last (the spool writer closes after this task).
-        self.persist_settled(true);
+        for lane in Lane::ALL {
+            self.persist_settled(lane, true);
+        }
         if let Some(conn) = self.conn.take() {
-            self.connected.send_replace(false);
-            if let Some(connectivity) = &self.connectivity {
-                conn.connection.close(close_code::SHUTDOWN, b"shutdown");
-                if connectivity.is_up() {
-                    self.shared.metrics.peer_down();
-                }
+            conn.connection.close(close_code::SHUTDOWN, b"shutdown");
+            self.drop_streams();
+            if self.session.peer().is_up() {
+                self.shared.metrics.peer_down();
             }
-            self.link.disconnected();
+            for lane in Lane::ALL {
+                self.session.link_mut(lane).disconnected();
+            }
         }
         self.publish_progress();
-        let unacked = self.link.queued_messages() + self.pending.len() + self.commands.len();
+        let unacked: usize = Lane::ALL
+            .into_iter()
+            .map(|lane| {
+                let io = &self.lanes[lane.index()];
+                self.session.link(lane).queued_messages() + io.pending.len() + io.commands.len()
+            })
+            .sum();
         if unacked > 0 && self.shared.durable.is_some() {
             info!(
                 unacked,
@@ -1246,6 +1286,30 @@ impl PeerTask {
             );
         }
     }
+}
+
+/// The next wake of any lane, taking them in turn from `first` (so a busy lane cannot starve
+/// the others), with each lane's `rooms` for application messages.
+async fn next_wake(lanes: &mut [LaneIo; 3], rooms: [usize; 3], first: usize) -> (Lane, Wake) {
+    let [a, b, c] = lanes;
+    let (la, lb, lc) = (a.lane, b.lane, c.lane);
+    let mut a = pin!(a.next(rooms[0]));
+    let mut b = pin!(b.next(rooms[1]));
+    let mut c = pin!(c.next(rooms[2]));
+    std::future::poll_fn(|cx| {
+        for i in 0..3 {
+            let polled = match (first + i) % 3 {
+                0 => a.as_mut().poll(cx).map(|w| (la, w)),
+                1 => b.as_mut().poll(cx).map(|w| (lb, w)),
+                _ => c.as_mut().poll(cx).map(|w| (lc, w)),
+            };
+            if polled.is_ready() {
+                return polled;
+            }
+        }
+        Poll::Pending
+    })
+    .await
 }
 
 /// Opens `lane`'s stream on a connection this node dialed: its first byte names the lane.
@@ -1312,7 +1376,7 @@ async fn read_chunk(
 /// (topped up from the current chunk just enough to complete it), then frames taken from the
 /// chunk without copying. An incomplete frame at the end of the chunk moves to the reassembly
 /// buffer, so the chunk is always consumed when this returns `None`.
-fn next_frame(decoder: &FrameDecoder, conn: &mut Conn) -> Result<Option<Frame>, FrameError> {
+fn next_frame(decoder: &FrameDecoder, conn: &mut Stream) -> Result<Option<Frame>, FrameError> {
     if !conn.rx.is_empty() {
         if conn.rx.len() < LENGTH_PREFIX_BYTES {
             let take = (LENGTH_PREFIX_BYTES - conn.rx.len()).min(conn.rx_chunk.len());
