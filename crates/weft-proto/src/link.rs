@@ -160,7 +160,8 @@ pub struct OutgoingMessage {
     pub channel: crate::Channel,
     /// Priority.
     pub priority: Priority,
-    /// Wall-clock creation time, Unix milliseconds.
+    /// Wall-clock creation time, Unix milliseconds. 0: not stamped yet (a node stamps it when
+    /// it takes the message, once per batch).
     pub created_unix_ms: u64,
     /// The rarely used header fields, boxed only when one is set (see [`Options`]).
     pub options: Option<Box<Options>>,

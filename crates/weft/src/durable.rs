@@ -34,9 +34,9 @@ use weft_proto::{Lane, MessageId, NodeId, OutgoingMessage};
 use weft_spool::{FsyncPolicy, Spool, SpoolConfig, SpoolError, Storage};
 
 use crate::error::DeliveryError;
+use crate::events::PeerEvent;
+use crate::handle::{Control, Outgoing, PeerHandle};
 use crate::metrics::Metrics;
-use crate::node::{PeerEvent, PeerHandle};
-use crate::peer::Control;
 use crate::receipt::SlotState;
 use crate::scheduler::{Scheduler, Ticket, Waiting};
 
@@ -44,15 +44,6 @@ use crate::scheduler::{Scheduler, Ticket, Waiting};
 const BATCH_MAX: usize = 65_536;
 /// How long retirements may wait for a sync of their own when no send brings one.
 const RETIRE_SYNC_DELAY: Duration = Duration::from_millis(100);
-
-/// A message on its way into a link: its wire sequence number and the spool record holding it
-/// (`tag`, 0 for a node without a spool).
-#[derive(Debug)]
-pub(crate) struct Outgoing {
-    pub seq: u64,
-    pub tag: u64,
-    pub message: OutgoingMessage,
-}
 
 /// Work for the writer.
 pub(crate) enum Command {

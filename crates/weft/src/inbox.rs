@@ -79,25 +79,35 @@ impl Channels {
             return;
         }
         let mut settlements = None;
-        for id in taken.drain(..) {
-            if id.seq == 0 {
+        let mut rest = taken.as_slice();
+        // Runs of one producer's stream settle at once (one lock, at most one wake).
+        while let Some(first) = rest.first() {
+            let run = rest
+                .iter()
+                .position(|id| id.stream != first.stream || id.producer != first.producer)
+                .unwrap_or(rest.len());
+            let (ids, after) = rest.split_at(run);
+            rest = after;
+            if ids.iter().all(|id| id.seq == 0) {
                 continue; // volatile: never acknowledged
             }
+            let seqs = || ids.iter().map(|id| id.seq);
             if let Some((stream, settlement)) = last.as_ref() {
-                if *stream == id.stream && settlement.settle(id.stream, id.seq) {
+                if *stream == first.stream && settlement.settle_many(first.stream, seqs()) {
                     continue;
                 }
             }
             let settlements = settlements
                 .get_or_insert_with(|| self.settlements.read().expect("settlements lock poisoned"));
-            let Some(lanes) = settlements.get(&id.producer) else {
+            let Some(lanes) = settlements.get(&first.producer) else {
                 continue;
             };
             *last = lanes
                 .iter()
-                .find(|settlement| settlement.settle(id.stream, id.seq))
-                .map(|settlement| (id.stream, Arc::clone(settlement)));
+                .find(|settlement| settlement.settle_many(first.stream, seqs()))
+                .map(|settlement| (first.stream, Arc::clone(settlement)));
         }
+        taken.clear();
     }
 
     fn with_slot<T>(

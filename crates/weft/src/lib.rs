@@ -49,6 +49,8 @@ mod connection;
 pub mod discovery;
 mod durable;
 pub mod error;
+mod events;
+mod handle;
 pub mod identity;
 mod inbox;
 mod metrics;

@@ -12,122 +12,23 @@ use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{info, info_span, warn, Instrument};
 use weft_proto::backoff::SplitMix64;
-use weft_proto::{Channel, Lane, LinkConfig, MessageId, NodeId, OutgoingMessage, StreamId};
+use weft_proto::{Channel, Lane, MessageId, NodeId, OutgoingMessage, StreamId};
 
 use crate::addr::NodeAddr;
 use crate::config::{NodeConfig, Seams, WallClock};
 use crate::connection::{self, close_code, EndpointClosed, Established};
 use crate::discovery::{Announcement, Discovery, DiscoveryCallback, DiscoveryEvent, MdnsConfig};
-use crate::durable::{Durable, Outgoing, Restored, SpoolSetup};
+use crate::durable::{Durable, Restored, SpoolSetup};
 use crate::error::{ReceiveError, SendBatchError, SendError, StartError, TrySendError};
+pub use crate::events::PeerEvent;
+use crate::handle::{Control, Outgoing, PeerHandle};
 use crate::identity::Identity;
 use crate::inbox::{Channels, Inbox};
 use crate::metrics::{Metrics, MetricsSnapshot};
-use crate::peer::{Control, PeerTask};
-use crate::receipt::{Fates, Receipt, Receipts, SlotState};
+use crate::peer::{Dialer, PeerEnv, PeerTask, RestoredLane};
+use crate::receipt::{Receipt, Receipts, SlotState};
 use crate::scheduler::{Scheduler, Waiting};
 use crate::tls;
-
-/// A peer came or went.
-#[derive(Clone, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum PeerEvent {
-    /// A connection to the peer is established (hello exchanged).
-    Up {
-        /// The peer.
-        peer: NodeId,
-        /// Its address on this connection.
-        addr: SocketAddr,
-    },
-    /// The connection to the peer is gone; unacknowledged messages wait for the next one.
-    Down {
-        /// The peer.
-        peer: NodeId,
-        /// Why, in one sentence.
-        reason: String,
-    },
-    /// A dial to the peer failed (unreachable, another key than the pinned one, refused by the
-    /// peer's admission); the node retries with backoff.
-    ConnectFailed {
-        /// The peer we meant to reach.
-        peer: NodeId,
-        /// Why, in one sentence.
-        reason: String,
-        /// Whether the peer (or we) refused at the hello, as opposed to a network failure.
-        refused: bool,
-    },
-    /// mDNS discovery found a node of our mesh (a hint: the handshake proves the id). The node
-    /// adds these addresses to the peer's and connects.
-    Discovered {
-        /// The announced node.
-        peer: NodeId,
-        /// Its announced addresses.
-        addrs: Vec<SocketAddr>,
-    },
-    /// A node's mDNS announcement is gone (goodbye or expiry). Links are not affected.
-    Vanished {
-        /// The node.
-        peer: NodeId,
-    },
-    /// A message to `peer` was given up (its expiry or retry budget passed) and moved to the
-    /// dead-letter log (`weft spool dead` lists it, `weft spool replay` sends it again).
-    DeadLettered {
-        /// The destination.
-        peer: NodeId,
-        /// The message.
-        id: MessageId,
-        /// Why, in one sentence.
-        reason: String,
-    },
-}
-
-/// Per-peer, per-lane state shared between the API and the lane's peer task. The handle the
-/// node keeps per peer is the normal lane's; it holds the other lanes' (see [`PeerHandle::lane`]).
-#[derive(Debug)]
-pub(crate) struct PeerHandle {
-    pub id: NodeId,
-    /// The lane this handle sends in.
-    pub lane: Lane,
-    /// The high and bulk lanes' handles (in the normal lane's handle only).
-    pub others: Vec<Arc<PeerHandle>>,
-    /// Epoch and id of our stream to the peer (restored from the spool, or new).
-    pub epoch: u64,
-    pub stream: StreamId,
-    /// Messages for the link, in sequence order (bounded: `send` waits when full). With a spool,
-    /// a send reserves its slot first and the spool writer fills it once the message is durable.
-    pub commands: mpsc::Sender<Outgoing>,
-    /// Connections and addresses for the task (rare; bounded by handshakes in flight).
-    pub control: mpsc::UnboundedSender<Control>,
-    /// Next sequence number. Held while a message enters `commands`, so queue order is sequence
-    /// order without the task having to tell the sender which number it assigned.
-    pub next_seq: Mutex<u64>,
-    /// The link's acknowledged watermark, for receipts.
-    pub acked: watch::Receiver<u64>,
-    /// The highest seq whose fate at the spool is known (accepted or refused), for `send`.
-    pub accepted: watch::Sender<u64>,
-    /// Messages that will never be delivered, for receipts.
-    pub fates: Arc<Fates>,
-    /// Whether a connection is up (for a lane other than the normal one: its stream is).
-    pub connected: watch::Receiver<bool>,
-}
-
-impl PeerHandle {
-    /// The handle of `lane` (called on the normal lane's handle, the one the node keeps).
-    pub fn lane(self: &Arc<Self>, lane: Lane) -> &Arc<PeerHandle> {
-        if lane == self.lane {
-            return self;
-        }
-        self.others
-            .iter()
-            .find(|other| other.lane == lane)
-            .expect("the normal lane's handle holds every lane")
-    }
-
-    /// Every lane's handle, the normal one first.
-    pub fn lanes(self: &Arc<Self>) -> impl Iterator<Item = &Arc<PeerHandle>> {
-        std::iter::once(self).chain(self.others.iter())
-    }
-}
 
 /// A message this node had numbered before a start on a damaged spool (a quarantined segment),
 /// sent again under a new number in a new stream: after corruption delivery is at-least-once,
@@ -187,6 +88,21 @@ pub(crate) struct Shared {
     pub scheduler: Arc<Scheduler>,
     /// Pub/sub and request/response state.
     pub patterns: crate::patterns::Patterns,
+    /// What the peer tasks get of the node.
+    peer_env: Arc<PeerEnv>,
+}
+
+/// How peer tasks dial: through the node's endpoint while the node lives.
+fn dialer(node: Weak<Shared>) -> Dialer {
+    Arc::new(move |peer, addr| {
+        let node = node.upgrade();
+        Box::pin(async move {
+            match node {
+                Some(node) => connection::dial(node, peer, addr).await,
+                None => Err(quinn::ConnectError::EndpointStopping.into()),
+            }
+        })
+    })
 }
 
 impl std::fmt::Debug for Shared {
@@ -311,16 +227,6 @@ impl Shared {
         self.rng.lock().expect("rng lock poisoned").next_u64()
     }
 
-    pub(crate) fn link_config(&self) -> LinkConfig {
-        #[allow(unused_mut)]
-        let mut config = self.config.link.clone();
-        #[cfg(feature = "fault-injection")]
-        {
-            config.fault = self.seams.fault;
-        }
-        config
-    }
-
     pub(crate) fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
         let handle = tokio::spawn(task);
         let mut tasks = self.tasks.lock().expect("tasks lock poisoned");
@@ -354,7 +260,15 @@ impl Shared {
         if peers.len() >= self.config.peers_max {
             return Err(SendError::TooManyPeers(self.config.peers_max));
         }
-        let (task, handle) = PeerTask::new(Arc::clone(self), id);
+        let seed = self.random();
+        let restored = |lane: Lane| {
+            let mut restored = self.restored.lock().expect("restored lock poisoned");
+            RestoredLane {
+                outbound: restored.outbound.remove(&(id, lane)),
+                inbound: restored.inbound.remove(&(id, lane)),
+            }
+        };
+        let (task, handle) = PeerTask::new(Arc::clone(&self.peer_env), id, seed, restored);
         let handle = Arc::new(handle);
         peers.insert(id, Arc::clone(&handle));
         drop(peers);
@@ -633,7 +547,26 @@ impl NodeBuilder {
         let peers_at_start = config.peers.clone();
         let seeds_at_start = config.seeds.clone();
         let patterns = crate::patterns::Patterns::new(id, epoch, &config.patterns);
-        let shared = Arc::new(Shared {
+        #[allow(unused_mut)]
+        let mut link = config.link.clone();
+        #[cfg(feature = "fault-injection")]
+        {
+            link.fault = seams.fault;
+        }
+        let shared = Arc::new_cyclic(|node: &Weak<Shared>| Shared {
+            peer_env: Arc::new(PeerEnv {
+                id,
+                epoch,
+                config: config.clone(),
+                link,
+                durable: durable.as_ref().map(|d| d.tx.clone()),
+                channels: Arc::clone(&channels),
+                events: events.clone(),
+                metrics: Arc::clone(&metrics),
+                wall_clock: Arc::clone(&wall_clock),
+                shutdown: shutdown.subscribe(),
+                dial: dialer(Weak::clone(node)),
+            }),
             id,
             identity,
             config,
@@ -1141,8 +1074,9 @@ impl Node {
         channel: impl Into<Channel>,
         body: impl Into<Bytes>,
     ) -> Result<Receipt, SendError> {
-        self.send_message(peer, self.new_message(channel, body))
-            .await
+        // Stamped when the node takes it (see `PeerSender::send`).
+        let message = OutgoingMessage::command(channel, body.into(), 0);
+        self.send_message(peer, message).await
     }
 
     /// Sends a serde value, encoded with postcard.
@@ -1281,7 +1215,10 @@ impl PeerSender {
         channel: impl Into<Channel>,
         body: impl Into<Bytes>,
     ) -> Result<Receipt, SendError> {
-        self.send_message(self.new_message(channel, body)).await
+        // Stamped when the peer task (or, with a spool, `send_message`) takes it: one clock
+        // reading per batch instead of one per message.
+        let message = OutgoingMessage::command(channel, body.into(), 0);
+        self.send_message(message).await
     }
 
     /// A message with default options, stamped with the node's clock; see [`Node::new_message`].
@@ -1302,7 +1239,7 @@ impl PeerSender {
     /// stream only at its due time; see [`Receipt`] for its id and [`weft_proto::schedule`] for the
     /// guarantees. Refused with [`SendError::Delay`] (too far ahead, or expiring first) or
     /// [`SendError::ScheduleFull`].
-    pub async fn send_message(&self, message: OutgoingMessage) -> Result<Receipt, SendError> {
+    pub async fn send_message(&self, mut message: OutgoingMessage) -> Result<Receipt, SendError> {
         message.check(&self.shared.config.limits())?;
         if message.deliver_after.is_some() {
             return self.schedule(message).await;
@@ -1316,6 +1253,10 @@ impl PeerSender {
                 .map_err(|_| SendError::NodeClosed)?;
             return Ok(self.enqueue(handle, permit, message));
         };
+        if message.created_unix_ms == 0 {
+            // The spool keeps it as it is: its age must count from now.
+            message.created_unix_ms = self.shared.now_unix_ms();
+        }
         let permit = handle
             .commands
             .clone()
@@ -1340,7 +1281,7 @@ impl PeerSender {
     /// Sends without waiting: [`TrySendError::WouldBlock`] when the peer's queue is full,
     /// [`TrySendError::SpoolFull`] when the spool is. With a spool, the message is not durable
     /// yet when this returns: [`Receipt::accepted`] tells when it is (or that it was refused).
-    pub fn try_send_message(&self, message: OutgoingMessage) -> Result<Receipt, TrySendError> {
+    pub fn try_send_message(&self, mut message: OutgoingMessage) -> Result<Receipt, TrySendError> {
         message
             .check(&self.shared.config.limits())
             .map_err(SendError::from)?;
@@ -1364,6 +1305,9 @@ impl PeerSender {
                 return Err(TrySendError::Send(SendError::NodeClosed))
             }
         }
+        if message.created_unix_ms == 0 {
+            message.created_unix_ms = self.shared.now_unix_ms();
+        }
         Ok(self.spool(handle, durable, permit, message, None)?)
     }
 
@@ -1386,11 +1330,14 @@ impl PeerSender {
         &self,
         messages: impl IntoIterator<Item = OutgoingMessage>,
     ) -> Result<Receipts, SendBatchError> {
-        let messages: Vec<OutgoingMessage> = messages.into_iter().collect();
+        let mut messages: Vec<OutgoingMessage> = messages.into_iter().collect();
         let limits = self.shared.config.limits();
         let delay_max_ms =
             u64::try_from(self.shared.config.delay_max.as_millis()).unwrap_or(u64::MAX);
         let now = self.shared.now_unix_ms();
+        for message in messages.iter_mut().filter(|m| m.created_unix_ms == 0) {
+            message.created_unix_ms = now;
+        }
         for (index, message) in messages.iter().enumerate() {
             if let Err(error) = message.check(&limits) {
                 return Err(SendBatchError::Invalid {

@@ -32,7 +32,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{broadcast, mpsc, watch};
 use tokio::time::Instant;
 use tracing::{debug, info, warn, Instrument};
 use weft_proto::frame::LENGTH_PREFIX_BYTES;
@@ -41,15 +41,17 @@ use weft_proto::peer::{Admit, NewConnection, PeerConfig, Refusal};
 use weft_proto::session::{Session, SessionConfig, SessionEvent};
 use weft_proto::spooled::Watermark;
 use weft_proto::{
-    Channel, Frame, FrameDecoder, FrameError, Lane, Link, Message, MessageId, NodeId,
-    OutgoingMessage,
+    Channel, Frame, FrameDecoder, FrameError, Lane, Link, LinkConfig, Message, MessageId, NodeId,
 };
 
-use crate::connection::{self, close_code, Established};
-use crate::durable::{Command, Outgoing};
+use crate::config::{NodeConfig, WallClock};
+use crate::connection::{close_code, Established};
+use crate::durable::{Command, RestoredStream};
 use crate::error::{ConnectError, DeliveryError};
-use crate::inbox::ChannelError;
-use crate::node::{PeerEvent, PeerHandle, Shared};
+use crate::events::PeerEvent;
+use crate::handle::{Control, Outgoing, PeerHandle};
+use crate::inbox::{ChannelError, Channels};
+use crate::metrics::Metrics;
 use crate::receipt::Fates;
 use crate::settle::Settlement;
 
@@ -73,61 +75,6 @@ const TX_BUFFER_BYTES: usize = 4 * TRANSMIT_BATCH_BYTES;
 const COMMAND_BATCH: usize = 512;
 /// Longest a clean shutdown waits for what is queued for a peer to be written and read.
 const SHUTDOWN_DRAIN: Duration = Duration::from_millis(500);
-
-/// Messages to a peer task from elsewhere in the node.
-#[derive(Debug)]
-pub(crate) enum Control {
-    /// A connection passed its hello exchange (dialed or accepted).
-    Connection(Established),
-    /// `lane`'s stream on the connection installed as the `generation`-th (from the helper
-    /// that opens or accepts the lanes' streams).
-    LaneStream {
-        generation: u64,
-        lane: Lane,
-        send: quinn::SendStream,
-        recv: quinn::RecvStream,
-    },
-    /// Our dial failed.
-    DialFailed(ConnectError),
-    /// Addresses to dial the peer at.
-    Addresses(Vec<SocketAddr>),
-    /// The spool made this inbound watermark of `lane` durable: acknowledge up to it.
-    WatermarkDurable { lane: Lane, epoch: u64, up_to: u64 },
-    /// The spool did not make this inbound watermark durable: acknowledge nothing past the last
-    /// durable one. `stopped`: the spool refuses everything until the node restarts (a storage
-    /// failure poisoned it), so retrying is pointless; otherwise it was full, and a retry may pass.
-    WatermarkFailed {
-        lane: Lane,
-        epoch: u64,
-        up_to: u64,
-        stopped: bool,
-        error: String,
-    },
-    /// Take back the normal lane's messages not yet in flight whose channel starts with
-    /// `channel_prefix` (work for a worker that went silent): (seq, spool tag, message), in
-    /// sequence order.
-    Withdraw {
-        channel_prefix: String,
-        reply: tokio::sync::oneshot::Sender<Vec<(u64, u64, OutgoingMessage)>>,
-    },
-    /// Copies of the normal lane's queued messages numbered `seqs` (ascending), in flight or
-    /// not, that are still there: (seq, message), in sequence order (work held by a stuck
-    /// worker).
-    CopyQueued {
-        seqs: Vec<u64>,
-        reply: tokio::sync::oneshot::Sender<Vec<(u64, OutgoingMessage)>>,
-    },
-    /// What a `Withdraw` took (when it took something) is durable elsewhere: the peer may be
-    /// told to skip it (see `Link::hold_for_withdrawal`).
-    SettleWithdrawal,
-    /// Give up these messages of the normal lane (ascending seqs) if they are still queued and
-    /// not in flight: dead-lettered with `reason`, as expired ones are (events over a durable
-    /// subscription's retention budget).
-    GiveUp {
-        seqs: Vec<u64>,
-        reason: weft_proto::link::GiveUp,
-    },
-}
 
 /// The connection in use.
 struct Conn {
@@ -248,8 +195,45 @@ impl LaneIo {
     }
 }
 
+/// Dials `peer` at an address (the node's endpoint, TLS and hello exchange).
+pub(crate) type Dialer = Arc<
+    dyn Fn(
+            NodeId,
+            SocketAddr,
+        ) -> futures_util::future::BoxFuture<'static, Result<Established, ConnectError>>
+        + Send
+        + Sync,
+>;
+
+/// What a peer task needs of its node: narrow handles, each owned elsewhere (the node builds
+/// one for all its peers).
+pub(crate) struct PeerEnv {
+    pub id: NodeId,
+    /// This incarnation's stream epoch for streams not restored from the spool.
+    pub epoch: u64,
+    pub config: NodeConfig,
+    /// The links' settings (with the simulation's fault, if any).
+    pub link: LinkConfig,
+    /// The spool writer (`None`: no spool).
+    pub durable: Option<mpsc::UnboundedSender<Command>>,
+    pub channels: Arc<Channels>,
+    pub events: broadcast::Sender<PeerEvent>,
+    pub metrics: Arc<Metrics>,
+    pub wall_clock: WallClock,
+    /// True once the node stops.
+    pub shutdown: watch::Receiver<bool>,
+    pub dial: Dialer,
+}
+
+/// What the spool restored of one peer's lane: our stream and the peer's watermark.
+#[derive(Default)]
+pub(crate) struct RestoredLane {
+    pub outbound: Option<RestoredStream>,
+    pub inbound: Option<(u64, u64)>,
+}
+
 pub(crate) struct PeerTask {
-    shared: Arc<Shared>,
+    env: Arc<PeerEnv>,
     peer: NodeId,
     session: Session,
     /// Indexed by [`Lane::index`].
@@ -265,9 +249,15 @@ pub(crate) struct PeerTask {
 
 impl PeerTask {
     /// The task for `peer` and its handle (the normal lane's, holding the others').
-    pub(crate) fn new(shared: Arc<Shared>, peer: NodeId) -> (Self, PeerHandle) {
-        let config = &shared.config;
-        let mut link = shared.link_config();
+    /// `seed` seeds the backoff jitter; `restored` takes each lane's restored state (by lane).
+    pub(crate) fn new(
+        env: Arc<PeerEnv>,
+        peer: NodeId,
+        seed: u64,
+        mut restored: impl FnMut(Lane) -> RestoredLane,
+    ) -> (Self, PeerHandle) {
+        let config = &env.config;
+        let mut link = env.link.clone();
         // Acknowledgements wait for the application to take a message (and, with a spool, for
         // its watermark to be durable): the session acknowledges, not the link.
         link.ack_on_delivery = false;
@@ -278,30 +268,18 @@ impl PeerTask {
                 ..PeerConfig::default()
             },
             link,
-            spooled: shared.durable.is_some(),
+            spooled: env.durable.is_some(),
         };
-        let mut session = Session::new(
-            shared.id,
-            peer,
-            shared.epoch,
-            session_config,
-            shared.random(),
-        );
+        let mut session = Session::new(env.id, peer, env.epoch, session_config, seed);
         #[cfg(feature = "fault-injection")]
-        if shared.seams.fault == weft_proto::link::Fault::WatermarkAfterAck {
+        if env.link.fault == weft_proto::link::Fault::WatermarkAfterAck {
             // The canary's bug: acknowledge before the watermark is durable.
             session.acknowledge_before_durable();
         }
         let (control_tx, control) = mpsc::unbounded_channel();
         let mut handles = Vec::with_capacity(Lane::ALL.len());
         let lanes = Lane::ALL.map(|lane| {
-            let (outbound, inbound) = {
-                let mut restored = shared.restored.lock().expect("restored lock poisoned");
-                (
-                    restored.outbound.remove(&(peer, lane)),
-                    restored.inbound.remove(&(peer, lane)),
-                )
-            };
+            let RestoredLane { outbound, inbound } = restored(lane);
             let mut pending = VecDeque::new();
             if let Some(stream) = outbound {
                 session.restore_outbound(lane, stream.epoch, stream.acked_up_to);
@@ -315,7 +293,7 @@ impl PeerTask {
                 settlement.reset(session.link(lane).inbound_stream(epoch), epoch, up_to);
             }
             let link = session.link(lane);
-            shared.channels.register(peer, Arc::clone(&settlement));
+            env.channels.register(peer, Arc::clone(&settlement));
             let (commands_tx, commands) = mpsc::channel(config.peer_command_capacity);
             let (acked, acked_rx) = watch::channel(link.acked_up_to());
             let (connected, connected_rx) = watch::channel(false);
@@ -357,7 +335,7 @@ impl PeerTask {
         handle.others = handles.map(Arc::new).collect();
         let mut task = Self {
             decoder: FrameDecoder::new(config.limits()),
-            shared,
+            env,
             peer,
             session,
             lanes,
@@ -374,7 +352,7 @@ impl PeerTask {
     }
 
     pub(crate) async fn run(mut self) {
-        let mut shutdown = self.shared.shutdown.subscribe();
+        let mut shutdown = self.env.shutdown.clone();
         loop {
             self.flush_all();
             self.publish_progress();
@@ -426,8 +404,7 @@ impl PeerTask {
 
     /// A deadline passed: the session handles what is due at one reading of the clock.
     fn handle_timeouts(&mut self) {
-        self.session
-            .handle_timeout(now(), self.shared.now_unix_ms());
+        self.session.handle_timeout(now(), (self.env.wall_clock)());
         self.session_events("");
     }
 
@@ -492,7 +469,7 @@ impl PeerTask {
             return 0;
         }
         let held = self.session.link(lane).queued_messages();
-        self.shared
+        self.env
             .config
             .link
             .queue_messages_max
@@ -505,7 +482,13 @@ impl PeerTask {
     fn take_batch(&mut self, lane: Lane) {
         let io = &mut self.lanes[lane.index()];
         let link = self.session.link_mut(lane);
-        for outgoing in io.batch.drain(..) {
+        // One clock reading for the batch's unstamped messages (`PeerSender::send`).
+        let mut now_ms = None;
+        for mut outgoing in io.batch.drain(..) {
+            if outgoing.message.created_unix_ms == 0 {
+                let now = *now_ms.get_or_insert_with(|| (self.env.wall_clock)());
+                outgoing.message.created_unix_ms = now;
+            }
             if io.pending.is_empty() && fits(link, &outgoing) {
                 push(link, outgoing);
             } else {
@@ -576,14 +559,12 @@ impl PeerTask {
             }
             let stats = self.session.link(lane).stats();
             let io = &mut self.lanes[lane.index()];
-            self.shared.metrics.add_link_delta(&io.stats, &stats);
+            self.env.metrics.add_link_delta(&io.stats, &stats);
             io.stats = stats;
         }
         if !self.retired.is_empty() {
-            if let Some(durable) = &self.shared.durable {
-                let _ = durable
-                    .tx
-                    .send(Command::Retire(std::mem::take(&mut self.retired)));
+            if let Some(durable) = &self.env.durable {
+                let _ = durable.send(Command::Retire(std::mem::take(&mut self.retired)));
             }
             self.retired.clear();
         }
@@ -598,17 +579,17 @@ impl PeerTask {
                     remote,
                     dialed_by_local,
                 } => {
-                    self.shared.metrics.peer_up();
+                    self.env.metrics.peer_up();
                     info!(%remote, dialed = dialed_by_local, "peer up");
-                    let _ = self.shared.events.send(PeerEvent::Up {
+                    let _ = self.env.events.send(PeerEvent::Up {
                         peer: self.peer,
                         addr: remote,
                     });
                 }
                 SessionEvent::Down => {
-                    self.shared.metrics.peer_down();
+                    self.env.metrics.peer_down();
                     info!(%reason, "peer down");
-                    let _ = self.shared.events.send(PeerEvent::Down {
+                    let _ = self.env.events.send(PeerEvent::Down {
                         peer: self.peer,
                         reason: reason.to_string(),
                     });
@@ -702,20 +683,20 @@ impl PeerTask {
             }
             Control::DialFailed(error) => {
                 let attempts = self.session.peer().dial_attempts();
-                self.shared.metrics.dial_failure();
+                self.env.metrics.dial_failure();
                 let refused = matches!(
                     error,
                     ConnectError::Refused(_) | ConnectError::RefusedPeer(_)
                 );
                 if refused {
-                    self.shared.metrics.refusal();
+                    self.env.metrics.refusal();
                     warn!(%error, "dial refused");
                 } else if attempts <= 1 {
                     info!(%error, "dial failed");
                 } else {
                     debug!(%error, attempts, "dial failed");
                 }
-                let _ = self.shared.events.send(PeerEvent::ConnectFailed {
+                let _ = self.env.events.send(PeerEvent::ConnectFailed {
                     peer: self.peer,
                     reason: error.to_string(),
                     refused,
@@ -781,7 +762,7 @@ impl PeerTask {
 
     /// Asks the spool writer to make an inbound watermark durable (it answers on `control`).
     fn persist(&mut self, lane: Lane, (epoch, up_to): (u64, u64)) {
-        let Some(durable) = &self.shared.durable else {
+        let Some(durable) = &self.env.durable else {
             return;
         };
         let watermark = Watermark {
@@ -790,7 +771,7 @@ impl PeerTask {
             up_to,
             lane,
         };
-        let _ = durable.tx.send(Command::Watermark {
+        let _ = durable.send(Command::Watermark {
             watermark,
             reply: self.control_tx.clone(),
         });
@@ -807,13 +788,13 @@ impl PeerTask {
                 .is_some_and(|o| o.expires_unix_ms.is_some())
         {
             // Only events owed to durable subscriptions carry an expiry.
-            self.shared
+            self.env
                 .metrics
                 .durable_events_dropped
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         let id = MessageId {
-            producer: self.shared.id,
+            producer: self.env.id,
             stream: self.session.link(lane).stream(),
             seq: given_up.seq,
         };
@@ -824,9 +805,9 @@ impl PeerTask {
                 reason: reason.clone(),
             },
         );
-        match &self.shared.durable {
+        match &self.env.durable {
             Some(durable) if given_up.tag != 0 => {
-                let _ = durable.tx.send(Command::DeadLetter {
+                let _ = durable.send(Command::DeadLetter {
                     peer: self.peer,
                     id,
                     tag: given_up.tag,
@@ -834,9 +815,9 @@ impl PeerTask {
                 });
             }
             _ => {
-                self.shared.metrics.dead_lettered();
+                self.env.metrics.dead_lettered();
                 warn!(%id, %reason, "message given up (no spool: not kept)");
-                let _ = self.shared.events.send(PeerEvent::DeadLettered {
+                let _ = self.env.events.send(PeerEvent::DeadLettered {
                     peer: self.peer,
                     id,
                     reason,
@@ -926,7 +907,7 @@ impl PeerTask {
         let dialed = conn.dialed_by_local;
         let generation = conn.generation;
         let control = self.control_tx.clone();
-        let mut shutdown = self.shared.shutdown.subscribe();
+        let mut shutdown = self.env.shutdown.clone();
         tokio::spawn(
             async move {
                 let others: Vec<Lane> = Lane::ALL
@@ -1011,7 +992,7 @@ impl PeerTask {
     }
 
     fn protocol_error(&mut self, reason: String) {
-        self.shared.metrics.protocol_error();
+        self.env.metrics.protocol_error();
         warn!(%reason, "peer broke the protocol; closing the connection");
         if let Some(conn) = &self.conn {
             conn.connection
@@ -1026,16 +1007,16 @@ impl PeerTask {
     /// address failed is the dial a failure.
     fn start_dial(&mut self, targets: Vec<SocketAddr>, stagger: Duration) {
         debug!(addresses = targets.len(), "dialing");
-        let shared = Arc::clone(&self.shared);
+        let dial = Arc::clone(&self.env.dial);
         let control = self.control_tx.clone();
         let peer = self.peer;
-        let mut shutdown = shared.shutdown.subscribe();
+        let mut shutdown = self.env.shutdown.clone();
         tokio::spawn(
             async move {
                 let connected = Arc::new(std::sync::atomic::AtomicBool::new(false));
                 let mut attempts = futures_util::stream::FuturesUnordered::new();
                 for (position, addr) in targets.into_iter().enumerate() {
-                    let shared = Arc::clone(&shared);
+                    let dial = Arc::clone(&dial);
                     let connected = Arc::clone(&connected);
                     attempts.push(async move {
                         if position > 0 {
@@ -1044,7 +1025,7 @@ impl PeerTask {
                                 return None;
                             }
                         }
-                        Some(connection::dial(shared, peer, addr).await)
+                        Some(dial(peer, addr).await)
                     });
                 }
                 let mut last_error = None;
@@ -1188,56 +1169,53 @@ impl PeerTask {
             return true;
         };
         let io = &mut self.lanes[lane.index()];
-        let generation = self.shared.channels.generation();
+        let generation = self.env.channels.generation();
         if generation != io.channels_generation {
             io.channels = ChannelCache::default();
             io.channels_generation = generation;
         }
+        // The channel's queue: the last one used (consecutive messages mostly share one, and
+        // comparing names is cheaper than hashing them), else from the cache or the node.
         let channel = &message.header.channel;
-        let cached = io
-            .channels
-            .last
-            .as_ref()
-            .filter(|(name, _)| name == channel)
-            .map(|(_, sender)| sender.clone());
-        let sender = match cached.or_else(|| io.channels.queues.get(channel).cloned()) {
-            Some(sender) => sender,
-            None => match self.shared.channels.sender(channel) {
-                Ok(sender) => {
-                    io.channels.queues.insert(channel.clone(), sender.clone());
-                    sender
-                }
-                Err(ChannelError::TooMany) => {
-                    let reason = format!(
-                        "peer sends to more channels than this node keeps ({}); raise channels_max",
-                        self.shared.config.channels_max
-                    );
-                    self.protocol_error(reason);
-                    return false;
-                }
-                Err(ChannelError::Closed) => return false,
-            },
-        };
         if io
             .channels
             .last
             .as_ref()
-            .is_none_or(|(name, _)| name != &message.header.channel)
+            .is_none_or(|(name, _)| name != channel)
         {
-            io.channels.last = Some((message.header.channel.clone(), sender.clone()));
+            let sender = match io.channels.queues.get(channel) {
+                Some(sender) => sender.clone(),
+                None => match self.env.channels.sender(channel) {
+                    Ok(sender) => {
+                        io.channels.queues.insert(channel.clone(), sender.clone());
+                        sender
+                    }
+                    Err(ChannelError::TooMany) => {
+                        let reason = format!(
+                            "peer sends to more channels than this node keeps ({}); raise channels_max",
+                            self.env.config.channels_max
+                        );
+                        self.protocol_error(reason);
+                        return false;
+                    }
+                    Err(ChannelError::Closed) => return false,
+                },
+            };
+            io.channels.last = Some((channel.clone(), sender));
         }
-        match sender.try_reserve_owned() {
+        let (_, sender) = io.channels.last.as_ref().expect("set above");
+        match sender.try_reserve() {
             Ok(permit) => {
                 let message = self.session.link_mut(lane).pop_delivery().expect("peeked");
-                count_delivery(&self.shared, &message);
+                count_delivery(&self.env.metrics, &message);
                 permit.send(message);
                 true
             }
-            Err(mpsc::error::TrySendError::Full(sender)) => {
-                io.parked = Some(sender);
+            Err(mpsc::error::TrySendError::Full(())) => {
+                io.parked = Some(sender.clone());
                 false
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            Err(mpsc::error::TrySendError::Closed(())) => false,
         }
     }
 
@@ -1245,7 +1223,7 @@ impl PeerTask {
         self.lanes[lane.index()].parked = None;
         let Some(permit) = permit else { return };
         if let Some(message) = self.session.link_mut(lane).pop_delivery() {
-            count_delivery(&self.shared, &message);
+            count_delivery(&self.env.metrics, &message);
             permit.send(message);
         }
         self.process_rx(lane);
@@ -1260,7 +1238,7 @@ impl PeerTask {
             conn.connection.close(close_code::SHUTDOWN, b"shutdown");
             self.drop_streams();
             if self.session.peer().is_up() {
-                self.shared.metrics.peer_down();
+                self.env.metrics.peer_down();
             }
             for lane in Lane::ALL {
                 self.session.link_mut(lane).disconnected();
@@ -1274,7 +1252,7 @@ impl PeerTask {
                 self.session.link(lane).queued_messages() + io.pending.len() + io.commands.len()
             })
             .sum();
-        if unacked > 0 && self.shared.durable.is_some() {
+        if unacked > 0 && self.env.durable.is_some() {
             info!(
                 unacked,
                 "stopping with messages the peer has not acknowledged; they stay in the spool"
@@ -1447,10 +1425,10 @@ fn push(link: &mut Link, outgoing: Outgoing) {
 
 /// Counts a message handed to the application (work items included; the mesh's other channels,
 /// `$weft/...`, are counted by what they carry: events delivered).
-fn count_delivery(shared: &Shared, message: &Message) {
+fn count_delivery(metrics: &Metrics, message: &Message) {
     let channel = &message.header.channel;
     if !channel.starts_with('$') || channel.starts_with(weft_proto::channel::mesh::WORK_PREFIX) {
-        shared.metrics.delivered(1);
+        metrics.delivered(1);
     }
 }
 

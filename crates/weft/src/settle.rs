@@ -49,28 +49,42 @@ impl Settlement {
 
     /// The application is done with message `seq` of `stream`. False if `stream` is not this
     /// settlement's (another lane's, or one replaced meanwhile).
+    #[cfg(test)]
     pub(crate) fn settle(&self, stream: StreamId, seq: u64) -> bool {
+        self.settle_many(stream, [seq])
+    }
+
+    /// [`Settlement::settle`] for several messages of `stream` at once: one lock, and one wake
+    /// of the peer task if the watermark moved. Volatile messages (seq 0) are skipped.
+    pub(crate) fn settle_many(
+        &self,
+        stream: StreamId,
+        seqs: impl IntoIterator<Item = u64>,
+    ) -> bool {
         let mut state = self.state.lock().expect("settlement lock poisoned");
         if state.stream != Some(stream) {
             return false;
         }
-        if seq <= state.base {
-            return true; // already settled
+        let before = state.base;
+        for seq in seqs {
+            if seq <= state.base {
+                continue; // already settled (or volatile)
+            }
+            if seq == state.base + 1 && state.done.is_empty() {
+                // In order, nothing settled ahead of it (the common case): no window to keep.
+                state.base = seq;
+                continue;
+            }
+            let index = (seq - state.base - 1) as usize;
+            if state.done.len() <= index {
+                state.done.resize(index + 1, false);
+            }
+            state.done[index] = true;
+            state.advance();
         }
-        if seq == state.base + 1 && state.done.is_empty() {
-            // In order, nothing settled ahead of it (the common case): no window to keep.
-            state.base = seq;
-            drop(state);
-            self.moved.notify_one();
-            return true;
-        }
-        let index = (seq - state.base - 1) as usize;
-        if state.done.len() <= index {
-            state.done.resize(index + 1, false);
-        }
-        state.done[index] = true;
-        if state.advance() {
-            drop(state);
+        let moved = state.base != before;
+        drop(state);
+        if moved {
             self.moved.notify_one();
         }
         true

@@ -1597,7 +1597,7 @@ fn owe(shared: &Arc<Shared>, node: NodeId, seq: u64, names: &[String]) {
     }
     debug!(subscriber = %node.short(), events = given_up.len(), "durable retention full: oldest owed events given up");
     if let Ok(handle) = shared.peer(node) {
-        let _ = handle.control.send(crate::peer::Control::GiveUp {
+        let _ = handle.control.send(crate::handle::Control::GiveUp {
             seqs: given_up,
             reason: weft_proto::link::GiveUp::Retention,
         });

@@ -37,9 +37,9 @@ use weft_proto::{Kind, Message, NodeId, OutgoingMessage, Topic, TopicError};
 
 use super::SubscribeError;
 use crate::error::SendError;
+use crate::handle::Control;
 use crate::inbox::Inbox;
 use crate::node::Shared;
-use crate::peer::Control;
 
 /// Channel prefix of work queues.
 pub(crate) const WORK_PREFIX: &str = weft_proto::channel::mesh::WORK_PREFIX;
