@@ -2,20 +2,25 @@
 //!
 //! ```text
 //! send ──(seq assigned under the peer's lock)──► Append ─┐
+//!   └─ the same message into the peer task's queue,      │
+//!      held there (not in the link) until answered      │
 //! peer task: settled watermark ─────────────────► Watermark ┤   writer: take every waiting command,
 //! peer task: acked tags ────────────────────────► Retire ───┤   append/retire them all, ONE sync,
-//! peer task: given-up message ──────────────────► DeadLetter┘   then complete them in order
+//! peer task: given-up message ──────────────────► DeadLetter┘   then answer them in order
 //!                                                              │
-//!   accepted watermark ◄── permit.send(Outgoing) to the peer's link ◄─┘  (and Control::WatermarkDurable)
+//!   peer task ◄── Control::Spooled{lane, [(seq, tag | refusal)]} ◄─┘  (and Control::WatermarkDurable)
+//!   → durable messages enter the link; receipts' accepted watermark and fates move
 //! ```
 //! Group commit falls out of the loop: while one fsync runs, new commands queue up and form the
 //! next batch, so the batch grows with the load and one fsync serves all of it. A send is
 //! *accepted* (its `send` returns) only after the sync that covers it returned `Ok`; only then
 //! does the message reach its link, so nothing a peer ever saw can be missing from the spool.
-//! A peer's watermark is confirmed to its task (which only then acknowledges) the same way, and
-//! every watermark request is answered: `WatermarkDurable` after its sync, or `WatermarkFailed`
-//! if the spool refused it (full: the task retries later) or a write or sync failed (the spool
-//! is poisoned: the task stops acknowledging until the node restarts).
+//! The writer only answers: it holds no peer handle and no queue slot, and it never pushes into
+//! a peer's queue (a [`SpoolReply`] says where to answer). A peer's watermark is confirmed to its
+//! task (which only then acknowledges) the same way, and every watermark request is answered:
+//! `WatermarkDurable` after its sync, or `WatermarkFailed` if the spool refused it (full: the
+//! task retries later) or a write or sync failed (the spool is poisoned: the task stops
+//! acknowledging until the node restarts).
 //!
 //! Production runs the writer on a dedicated thread (fsync blocks); the simulation runs it as a
 //! task on the simulated host, over a `SimStorage`, with an optional simulated fsync latency.
@@ -35,7 +40,7 @@ use weft_spool::{FsyncPolicy, Spool, SpoolConfig, SpoolError, Storage};
 
 use crate::error::DeliveryError;
 use crate::events::PeerEvent;
-use crate::handle::{Control, Outgoing, PeerHandle};
+use crate::handle::{Control, Outgoing, SpoolOutcome, SpoolReply};
 use crate::metrics::Metrics;
 use crate::receipt::SlotState;
 use crate::scheduler::{Scheduler, Ticket, Waiting};
@@ -47,12 +52,12 @@ const RETIRE_SYNC_DELAY: Duration = Duration::from_millis(100);
 
 /// Work for the writer.
 pub(crate) enum Command {
-    /// Make a send durable, then hand it to its link through `permit`.
+    /// Make a send durable, then answer its peer task (which holds the message meanwhile:
+    /// only a durable one reaches the link).
     Append {
-        peer: Arc<PeerHandle>,
+        to: Arc<SpoolReply>,
         seq: u64,
         message: OutgoingMessage,
-        permit: mpsc::OwnedPermit<Outgoing>,
         /// Told the outcome (an awaiting `send`: one wake per send, not a broadcast).
         done: Option<oneshot::Sender<Result<(), DeliveryError>>>,
         /// For a delayed message now due: its unnumbered record (retired by this append) and
@@ -67,12 +72,12 @@ pub(crate) enum Command {
         slot: tokio::sync::watch::Sender<SlotState>,
         done: Option<oneshot::Sender<Result<(), DeliveryError>>>,
     },
-    /// A run of a batch: `messages` numbered from `first` on, each with its slot in the link's
-    /// queue. `done` is told, after the sync, which of them the spool refused (usually none).
+    /// A run of a batch: `messages` numbered from `first` on (each also in the peer task's
+    /// queue). `done` is told, after the sync, which of them the spool refused (usually none).
     AppendRun {
-        peer: Arc<PeerHandle>,
+        to: Arc<SpoolReply>,
         first: u64,
-        messages: Vec<(OutgoingMessage, mpsc::OwnedPermit<Outgoing>)>,
+        messages: Vec<OutgoingMessage>,
         done: oneshot::Sender<Vec<DeliveryError>>,
     },
     /// Persist an inbound watermark, then confirm it to the peer task (`WatermarkDurable`), or
@@ -519,11 +524,9 @@ fn finish_restore<S: Storage>(
 }
 
 struct Appended {
-    peer: Arc<PeerHandle>,
     seq: u64,
-    tag: u64,
-    message: OutgoingMessage,
-    permit: mpsc::OwnedPermit<Outgoing>,
+    /// Its index in [`Batch::answers`].
+    answer: usize,
     done: Done,
     release: Option<Ticket>,
 }
@@ -547,6 +550,9 @@ struct Run {
 #[derive(Default)]
 struct Batch {
     appended: Vec<Appended>,
+    /// What to tell the peer tasks, in command order: (to, seq, outcome). An appended
+    /// message's outcome is its tag until the sync decides.
+    answers: Vec<(Arc<SpoolReply>, u64, SpoolOutcome)>,
     /// Delayed messages written unnumbered, for the schedule once durable.
     scheduled: Vec<(Waiting, Done)>,
     runs: Vec<Run>,
@@ -572,6 +578,23 @@ impl Batch {
     fn finish_runs(&mut self) {
         for run in self.runs.drain(..) {
             let _ = run.done.send(run.refused);
+        }
+    }
+
+    /// Answers the peer tasks: one `Control::Spooled` per lane the batch touched, its outcomes
+    /// in sequence order (commands of one lane arrive in that order).
+    fn answer(&mut self) {
+        let mut answers = std::mem::take(&mut self.answers).into_iter().peekable();
+        while let Some((to, seq, outcome)) = answers.next() {
+            let mut outcomes = vec![(seq, outcome)];
+            while let Some((_, seq, outcome)) = answers.next_if(|(next, ..)| Arc::ptr_eq(next, &to))
+            {
+                outcomes.push((seq, outcome));
+            }
+            let _ = to.control.send(Control::Spooled {
+                lane: to.lane,
+                outcomes,
+            });
         }
     }
 }
@@ -657,15 +680,14 @@ impl Writer {
         for command in commands.drain(..) {
             match command {
                 Command::Append {
-                    peer,
+                    to,
                     seq,
                     message,
-                    permit,
                     done,
                     release,
                 } => {
                     let done = done.map_or(Done::Nobody, Done::Send);
-                    self.append(&mut batch, peer, seq, message, permit, done, release);
+                    self.append(&mut batch, to, seq, message, done, release);
                 }
                 Command::Schedule {
                     dest,
@@ -677,7 +699,7 @@ impl Writer {
                     self.schedule(&mut batch, dest, message, slot, done);
                 }
                 Command::AppendRun {
-                    peer,
+                    to,
                     first,
                     messages,
                     done,
@@ -687,13 +709,12 @@ impl Writer {
                         done,
                         refused: Vec::new(),
                     });
-                    for ((message, permit), seq) in messages.into_iter().zip(first..) {
+                    for (message, seq) in messages.into_iter().zip(first..) {
                         self.append(
                             &mut batch,
-                            Arc::clone(&peer),
+                            Arc::clone(&to),
                             seq,
                             message,
-                            permit,
                             Done::Run(run),
                             None,
                         );
@@ -832,14 +853,12 @@ impl Writer {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn append(
         &mut self,
         batch: &mut Batch,
-        peer: Arc<PeerHandle>,
+        to: Arc<SpoolReply>,
         seq: u64,
         message: OutgoingMessage,
-        permit: mpsc::OwnedPermit<Outgoing>,
         done: Done,
         release: Option<Ticket>,
     ) {
@@ -848,9 +867,9 @@ impl Writer {
         // The API checked the message against the same limits, so encoding cannot fail; if it
         // did, the send is refused like any other the spool cannot take.
         let appended = match spooled::encode_scheduled(
-            &peer.id,
-            peer.lane,
-            peer.epoch,
+            &to.peer,
+            to.lane,
+            to.epoch,
             seq,
             origin,
             &message,
@@ -871,22 +890,20 @@ impl Writer {
                     }
                 }
                 batch.appended.push(Appended {
-                    peer,
                     seq,
-                    tag,
-                    message,
-                    permit,
+                    answer: batch.answers.len(),
                     done,
                     release,
                 });
+                batch.answers.push((to, seq, Ok(tag)));
             }
             (Err(error), Some(ticket)) => {
                 // Its number is skipped (the link tells the peer); the unnumbered record keeps
                 // its spool room and the message its place in the schedule.
-                peer.fates.fail(seq, error.clone());
-                settle(&peer, seq);
+                let dest = to.peer;
+                batch.answers.push((to, seq, Err(error.clone())));
                 let waiting = Waiting {
-                    dest: peer.id,
+                    dest,
                     message,
                     ticket,
                 };
@@ -906,8 +923,7 @@ impl Writer {
                     self.metrics.spool_error();
                 }
                 debug!(%error, "send refused by the spool");
-                peer.fates.fail(seq, error.clone());
-                settle(&peer, seq);
+                batch.answers.push((to, seq, Err(error.clone())));
                 batch.tell(done, Err(error));
             }
         }
@@ -944,8 +960,7 @@ impl Writer {
                 for appended in std::mem::take(&mut batch.appended) {
                     self.room.add_permits(1);
                     let error = DeliveryError::NotAccepted(e.to_string());
-                    appended.peer.fates.fail(appended.seq, error.clone());
-                    settle(&appended.peer, appended.seq);
+                    batch.answers[appended.answer].2 = Err(error.clone());
                     if let Some(ticket) = appended.release {
                         // Stays in the spool (unnumbered): scheduled again after a restart.
                         self.scheduler.free_place(ticket.holds_place);
@@ -961,6 +976,7 @@ impl Writer {
                     batch.tell(done, Err(error));
                 }
                 batch.finish_runs();
+                batch.answer();
                 // Not durable, and never will be: the failure poisoned the spool.
                 for done in batch.registries.drain(..) {
                     let _ = done.send(Err(e.to_string()));
@@ -995,34 +1011,22 @@ impl Writer {
             self.scheduler.insert(waiting);
             batch.tell(done, Ok(()));
         }
-        // One watermark move per peer and batch: each move wakes every send waiting on it.
-        let mut moved: Vec<(Arc<PeerHandle>, u64)> = Vec::new();
         for appended in std::mem::take(&mut batch.appended) {
             let Appended {
-                peer,
                 seq,
-                tag,
-                message,
-                permit,
+                answer: _,
                 done,
                 release,
             } = appended;
-            permit.send(Outgoing { seq, tag, message });
             batch.tell(done, Ok(()));
             if let Some(ticket) = release {
                 self.metrics.released();
                 self.scheduler.free_place(ticket.holds_place);
                 let _ = ticket.slot.send(SlotState::Numbered(seq));
             }
-            match moved.iter_mut().find(|(p, _)| Arc::ptr_eq(p, &peer)) {
-                Some((_, max)) => *max = (*max).max(seq),
-                None => moved.push((peer, seq)),
-            }
-        }
-        for (peer, seq) in moved {
-            settle(&peer, seq);
         }
         batch.finish_runs();
+        batch.answer();
         for done in batch.registries.drain(..) {
             let _ = done.send(Ok(()));
         }
@@ -1067,18 +1071,6 @@ fn spool_refusal(e: SpoolError) -> DeliveryError {
         SpoolError::Full { .. } => DeliveryError::SpoolFull(e.to_string()),
         _ => DeliveryError::NotAccepted(e.to_string()),
     }
-}
-
-/// Moves the peer's accepted watermark (the highest seq whose fate at the spool is known).
-fn settle(peer: &PeerHandle, seq: u64) {
-    peer.accepted.send_if_modified(|accepted| {
-        if seq > *accepted {
-            *accepted = seq;
-            true
-        } else {
-            false
-        }
-    });
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use tokio::sync::{mpsc, watch};
 use weft_proto::{Lane, NodeId, OutgoingMessage, StreamId};
 
 use crate::connection::Established;
-use crate::error::ConnectError;
+use crate::error::{ConnectError, DeliveryError};
 use crate::receipt::Fates;
 
 /// A message on its way into a link: its wire sequence number and the spool record holding it
@@ -32,8 +32,7 @@ pub(crate) struct PeerHandle {
     pub lane: Lane,
     /// The high and bulk lanes' handles (in the normal lane's handle only).
     pub others: Vec<Arc<PeerHandle>>,
-    /// Epoch and id of our stream to the peer (restored from the spool, or new).
-    pub epoch: u64,
+    /// The id of our stream to the peer (restored from the spool, or new).
     pub stream: StreamId,
     /// Messages for the link, in sequence order (bounded: `send` waits when full). With a spool,
     /// a send reserves its slot first and the spool writer fills it once the message is durable.
@@ -45,8 +44,11 @@ pub(crate) struct PeerHandle {
     pub next_seq: Mutex<u64>,
     /// The link's acknowledged watermark, for receipts.
     pub acked: watch::Receiver<u64>,
-    /// The highest seq whose fate at the spool is known (accepted or refused), for `send`.
-    pub accepted: watch::Sender<u64>,
+    /// The highest seq whose fate at the spool is known (accepted or refused), for receipts;
+    /// moved by the peer task as the spool writer answers.
+    pub accepted: watch::Receiver<u64>,
+    /// Where the spool writer answers for this lane.
+    pub spool_reply: Arc<SpoolReply>,
     /// Messages that will never be delivered, for receipts.
     pub fates: Arc<Fates>,
     /// Whether a connection is up (for a lane other than the normal one: its stream is).
@@ -71,6 +73,21 @@ impl PeerHandle {
     }
 }
 
+/// Where the spool writer sends its answers for the messages of one peer's lane (and what it
+/// records them under): the writer answers, it never touches the peer's queues.
+#[derive(Debug)]
+pub(crate) struct SpoolReply {
+    pub peer: NodeId,
+    pub lane: Lane,
+    /// Our stream's epoch to the peer in this lane.
+    pub epoch: u64,
+    pub control: mpsc::UnboundedSender<Control>,
+}
+
+/// The spool's answer for one message: durable under this record (`tag`), or refused (never
+/// sent: its number is skipped).
+pub(crate) type SpoolOutcome = Result<u64, DeliveryError>;
+
 /// Messages to a peer task from elsewhere in the node.
 #[derive(Debug)]
 pub(crate) enum Control {
@@ -86,6 +103,12 @@ pub(crate) enum Control {
     },
     /// Our dial failed.
     DialFailed(ConnectError),
+    /// The spool writer's answers for messages of `lane` (already in this task's queue, held
+    /// until answered), in sequence order: (seq, outcome). Only durable messages reach the link.
+    Spooled {
+        lane: Lane,
+        outcomes: Vec<(u64, SpoolOutcome)>,
+    },
     /// Addresses to dial the peer at.
     Addresses(Vec<SocketAddr>),
     /// The spool made this inbound watermark of `lane` durable: acknowledge up to it.

@@ -1447,15 +1447,27 @@ impl PeerSender {
             room.forget();
             let (done, outcome) = tokio::sync::oneshot::channel();
             let count = run.len() as u64;
+            let (messages, permits): (Vec<_>, Vec<_>) = run.into_iter().unzip();
             let mut next_seq = handle.next_seq.lock().expect("sequence lock poisoned");
             let first = *next_seq;
-            *next_seq += count;
             let sent = durable.tx.send(crate::durable::Command::AppendRun {
-                peer: Arc::clone(handle),
+                to: Arc::clone(&handle.spool_reply),
                 first,
-                messages: run,
+                messages: messages.clone(),
                 done,
             });
+            if sent.is_ok() {
+                // The peer task holds them until the writer answers (only durable messages
+                // reach the link); under the lock, so its queue is in sequence order.
+                *next_seq += count;
+                for ((seq, message), permit) in (first..).zip(messages).zip(permits) {
+                    permit.send(Outgoing {
+                        seq,
+                        tag: 0,
+                        message,
+                    });
+                }
+            }
             drop(next_seq);
             if sent.is_err() {
                 durable.room.add_permits(count as usize);
@@ -1661,15 +1673,21 @@ impl PeerSender {
             }
             Some(durable) => {
                 let command = crate::durable::Command::Append {
-                    peer: Arc::clone(handle),
+                    to: Arc::clone(&handle.spool_reply),
                     seq,
-                    message,
-                    permit,
+                    message: message.clone(),
                     done: None,
                     release: Some(ticket),
                 };
-                // Sent under the sequence lock: the writer sees the peer's numbers in order.
-                let _ = durable.tx.send(command);
+                // Under the sequence lock: the writer and the peer task see the peer's numbers
+                // in order. The task holds the message until the writer answers.
+                if durable.tx.send(command).is_ok() {
+                    permit.send(Outgoing {
+                        seq,
+                        tag: 0,
+                        message,
+                    });
+                }
                 drop(next_seq);
             }
         }
@@ -1699,9 +1717,9 @@ impl PeerSender {
         self.receipt(handle, seq)
     }
 
-    /// With a spool: to the writer, which hands it to the peer's queue once it is durable. The
-    /// sequence lock is held while the command enters the writer's queue, so the writer sees
-    /// each peer's messages in sequence order.
+    /// With a spool: to the writer and, held there until the writer answers that it is
+    /// durable, to the peer task's queue. The sequence lock is held while both enter their
+    /// queues, so the writer and the task see each peer's messages in sequence order.
     fn spool(
         &self,
         handle: &Arc<PeerHandle>,
@@ -1712,21 +1730,27 @@ impl PeerSender {
     ) -> Result<Receipt, SendError> {
         let mut next_seq = handle.next_seq.lock().expect("sequence lock poisoned");
         let seq = *next_seq;
-        *next_seq += 1;
         let command = crate::durable::Command::Append {
-            peer: Arc::clone(handle),
+            to: Arc::clone(&handle.spool_reply),
             seq,
-            message,
-            permit,
+            message: message.clone(),
             done,
             release: None,
         };
-        let sent = durable.tx.send(command);
-        drop(next_seq);
-        if sent.is_err() {
+        if durable.tx.send(command).is_err() {
+            drop(next_seq);
             durable.room.add_permits(1);
             return Err(SendError::NodeClosed);
         }
+        *next_seq += 1;
+        // The peer task holds it until the writer answers (only a durable message reaches the
+        // link); under the lock, so its queue is in sequence order.
+        permit.send(Outgoing {
+            seq,
+            tag: 0,
+            message,
+        });
+        drop(next_seq);
         Ok(self.receipt(handle, seq))
     }
 
@@ -1764,7 +1788,7 @@ impl PeerSender {
                 .shared
                 .durable
                 .as_ref()
-                .map(|_| handle.accepted.subscribe()),
+                .map(|_| handle.accepted.clone()),
             fates: Arc::clone(&handle.fates),
             scheduled: None,
         }

@@ -49,7 +49,7 @@ use crate::connection::{close_code, Established};
 use crate::durable::{Command, RestoredStream};
 use crate::error::{ConnectError, DeliveryError};
 use crate::events::PeerEvent;
-use crate::handle::{Control, Outgoing, PeerHandle};
+use crate::handle::{Control, Outgoing, PeerHandle, SpoolOutcome, SpoolReply};
 use crate::inbox::{ChannelError, Channels};
 use crate::metrics::Metrics;
 use crate::receipt::Fates;
@@ -156,6 +156,14 @@ struct LaneIo {
     commands: mpsc::Receiver<Outgoing>,
     /// Taken from `commands` (or restored) but not yet in the link (it was at its bound).
     pending: VecDeque<Outgoing>,
+    /// With a spool: taken from `commands`, waiting for the spool writer's answer (only a
+    /// durable message enters `pending` and the link), in sequence order.
+    unspooled: VecDeque<Outgoing>,
+    /// The writer's answers not matched with a message yet (it may answer before this task
+    /// took the message from `commands`), in sequence order.
+    answers: VecDeque<(u64, SpoolOutcome)>,
+    /// The highest seq whose fate at the spool is known, for receipts.
+    accepted: watch::Sender<u64>,
     batch: Vec<Outgoing>,
     acked: watch::Sender<u64>,
     connected: watch::Sender<bool>,
@@ -298,17 +306,24 @@ impl PeerTask {
             let (acked, acked_rx) = watch::channel(link.acked_up_to());
             let (connected, connected_rx) = watch::channel(false);
             let fates = Arc::new(Fates::default());
+            let (accepted, accepted_rx) = watch::channel(next_seq - 1);
+            let spool_reply = Arc::new(SpoolReply {
+                peer,
+                lane,
+                epoch: link.epoch(),
+                control: control_tx.clone(),
+            });
             handles.push(PeerHandle {
                 id: peer,
                 lane,
                 others: Vec::new(),
-                epoch: link.epoch(),
                 stream: link.stream(),
                 commands: commands_tx,
                 control: control_tx.clone(),
                 next_seq: Mutex::new(next_seq),
                 acked: acked_rx,
-                accepted: watch::channel(next_seq - 1).0,
+                accepted: accepted_rx,
+                spool_reply,
                 fates: Arc::clone(&fates),
                 connected: connected_rx,
             });
@@ -317,6 +332,9 @@ impl PeerTask {
                 stream: None,
                 commands,
                 pending,
+                unspooled: VecDeque::new(),
+                answers: VecDeque::new(),
+                accepted,
                 batch: Vec::with_capacity(COMMAND_BATCH),
                 acked,
                 connected,
@@ -440,7 +458,8 @@ impl PeerTask {
                     || (io.stream.is_some()
                         && (link.wants_transmit()
                             || link.queued_messages() > 0
-                            || !io.pending.is_empty()))
+                            || !io.pending.is_empty()
+                            || !io.unspooled.is_empty()))
             });
             if !busy {
                 break;
@@ -448,6 +467,18 @@ impl PeerTask {
             let first = self.turn;
             self.turn = (self.turn + 1) % Lane::ALL.len();
             tokio::select! {
+                // The spool's answers (what the application sent last becomes durable) and
+                // watermark confirmations; nothing else is taken on any more.
+                Some(control) = self.control.recv() => {
+                    if matches!(
+                        control,
+                        Control::Spooled { .. }
+                            | Control::WatermarkDurable { .. }
+                            | Control::WatermarkFailed { .. }
+                    ) {
+                        self.handle_control(control);
+                    }
+                }
                 (lane, wake) = next_wake(&mut self.lanes, [0; 3], first) => {
                     self.handle_wake(lane, wake);
                 }
@@ -465,10 +496,11 @@ impl PeerTask {
 
     /// How many more messages `lane` takes from the application now.
     fn link_room(&self, lane: Lane) -> usize {
-        if !self.lanes[lane.index()].pending.is_empty() {
+        let io = &self.lanes[lane.index()];
+        if !io.pending.is_empty() {
             return 0;
         }
-        let held = self.session.link(lane).queued_messages();
+        let held = self.session.link(lane).queued_messages() + io.unspooled.len();
         self.env
             .config
             .link
@@ -480,6 +512,7 @@ impl PeerTask {
     /// Moves a batch from the application into `lane`'s link (each message is moved as few
     /// times as possible: they are copied by value at every hop).
     fn take_batch(&mut self, lane: Lane) {
+        let spooled = self.env.durable.is_some();
         let io = &mut self.lanes[lane.index()];
         let link = self.session.link_mut(lane);
         // One clock reading for the batch's unstamped messages (`PeerSender::send`).
@@ -489,12 +522,58 @@ impl PeerTask {
                 let now = *now_ms.get_or_insert_with(|| (self.env.wall_clock)());
                 outgoing.message.created_unix_ms = now;
             }
-            if io.pending.is_empty() && fits(link, &outgoing) {
+            if spooled && outgoing.seq != 0 {
+                // Not durable yet: held until the writer answers (`spool_answered`).
+                io.unspooled.push_back(outgoing);
+            } else if io.pending.is_empty() && fits(link, &outgoing) {
                 push(link, outgoing);
             } else {
                 io.pending.push_back(outgoing);
             }
         }
+        if !io.answers.is_empty() {
+            self.spool_answered(lane);
+        }
+    }
+
+    /// Matches the spool writer's answers with the messages held for them, in sequence order:
+    /// a durable one goes on to the link with its record's tag; a refused one fails its
+    /// receipt, and its number is skipped on the wire. Then moves the accepted watermark.
+    fn spool_answered(&mut self, lane: Lane) {
+        let io = &mut self.lanes[lane.index()];
+        let mut accepted = None;
+        while let (Some(held), Some((seq, _))) = (io.unspooled.front(), io.answers.front()) {
+            let seq = *seq;
+            if held.seq != seq {
+                // The writer answers every message it was given once, in the order given: an
+                // unmatched one is a bug. Drop the older side rather than stall the lane.
+                warn!(held = held.seq, answered = seq, %lane, "spool answer out of order");
+                if held.seq < seq {
+                    io.unspooled.pop_front();
+                } else {
+                    io.answers.pop_front();
+                }
+                continue;
+            }
+            let mut outgoing = io.unspooled.pop_front().expect("front exists");
+            let (_, outcome) = io.answers.pop_front().expect("front exists");
+            accepted = Some(seq);
+            match outcome {
+                Ok(tag) => {
+                    outgoing.tag = tag;
+                    io.pending.push_back(outgoing);
+                }
+                Err(error) => io.fates.fail(seq, error),
+            }
+        }
+        if let Some(seq) = accepted {
+            io.accepted.send_if_modified(|accepted| {
+                let moved = seq > *accepted;
+                *accepted = (*accepted).max(seq);
+                moved
+            });
+        }
+        self.absorb(lane);
     }
 
     /// Moves messages from `lane`'s `pending` into its link while it has room.
@@ -680,6 +759,10 @@ impl PeerTask {
             Control::SettleWithdrawal => {
                 self.session.link_mut(Lane::Normal).settle_withdrawal();
                 self.flush(Lane::Normal);
+            }
+            Control::Spooled { lane, outcomes } => {
+                self.lanes[lane.index()].answers.extend(outcomes);
+                self.spool_answered(lane);
             }
             Control::DialFailed(error) => {
                 let attempts = self.session.peer().dial_attempts();
@@ -1249,7 +1332,10 @@ impl PeerTask {
             .into_iter()
             .map(|lane| {
                 let io = &self.lanes[lane.index()];
-                self.session.link(lane).queued_messages() + io.pending.len() + io.commands.len()
+                self.session.link(lane).queued_messages()
+                    + io.pending.len()
+                    + io.unspooled.len()
+                    + io.commands.len()
             })
             .sum();
         if unacked > 0 && self.env.durable.is_some() {
