@@ -64,6 +64,8 @@ const TRANSMIT_BATCH_BYTES: usize = 64 * 1024;
 const WRITE_QUEUE_BATCHES: usize = 16;
 /// Most bytes taken from a stream per read.
 const READ_CHUNK_BYTES: usize = 256 * 1024;
+/// Most reads of one lane's stream per wake of the task.
+const READS_PER_WAKE: usize = 16;
 /// Frames read ahead per lane while a delivery waits for room in its channel (body bytes,
 /// roughly): acks among them are handled at once, so the node's own receipts keep resolving
 /// while its application is slow; beyond this the lane stops reading and QUIC flow control
@@ -181,8 +183,10 @@ struct LaneIo {
 }
 
 impl LaneIo {
-    /// What wakes this lane next; `room`: how many messages it takes from the application.
-    async fn next(&mut self, room: usize) -> Wake {
+    /// What wakes this lane next; `room`: how many messages it takes from the application;
+    /// `inbound`: the peer's stream in this lane has begun (else nothing can be settled, and
+    /// the settlement is not watched: a notification waits for the next look).
+    async fn next(&mut self, room: usize, inbound: bool) -> Wake {
         let reading = self.stream.as_ref().is_some_and(Stream::reading);
         let (recv, send) = match &mut self.stream {
             Some(stream) => (
@@ -198,7 +202,7 @@ impl LaneIo {
             written = write_queued(send) => Wake::Written(written),
             read = read_chunk(recv, reading) => Wake::Read(read),
             n = self.commands.recv_many(&mut self.batch, room), if room > 0 => Wake::Commands(n),
-            () = self.settlement.moved.notified() => Wake::Settled,
+            () = self.settlement.moved.notified(), if inbound => Wake::Settled,
         }
     }
 }
@@ -375,6 +379,7 @@ impl PeerTask {
             self.flush_all();
             self.publish_progress();
             let rooms = Lane::ALL.map(|lane| self.link_room(lane));
+            let inbound = Lane::ALL.map(|lane| self.session.link(lane).inbound().is_some());
             // Not reading means not noticing the connection die; watch for that directly.
             let reading = self
                 .lanes
@@ -392,7 +397,7 @@ impl PeerTask {
                 biased;
                 _ = shutdown.wait_for(|stop| *stop) => break,
                 Some(control) = self.control.recv() => self.handle_control(control),
-                (lane, wake) = next_wake(&mut self.lanes, rooms, first) => {
+                (lane, wake) = next_wake(&mut self.lanes, rooms, inbound, first) => {
                     if !self.handle_wake(lane, wake) {
                         break; // every sender is gone: the node is being dropped
                     }
@@ -479,7 +484,7 @@ impl PeerTask {
                         self.handle_control(control);
                     }
                 }
-                (lane, wake) = next_wake(&mut self.lanes, [0; 3], first) => {
+                (lane, wake) = next_wake(&mut self.lanes, [0; 3], [true; 3], first) => {
                     self.handle_wake(lane, wake);
                 }
                 () = tokio::time::sleep_until(deadline) => break,
@@ -1149,6 +1154,29 @@ impl PeerTask {
                     stream.rx_chunk = chunk.bytes;
                 }
                 self.process_rx(lane);
+                // What else has arrived is taken in the same wake (a large message comes in
+                // many chunks), up to a bound that keeps the other lanes' turns.
+                for _ in 1..READS_PER_WAKE {
+                    let Some(stream) = &mut self.lanes[lane.index()].stream else {
+                        return;
+                    };
+                    if !stream.reading() || !stream.rx_chunk.is_empty() {
+                        return;
+                    }
+                    // `read_chunk` is cancel-safe: if nothing is there, nothing was taken.
+                    match stream
+                        .recv
+                        .read_chunk(READ_CHUNK_BYTES, true)
+                        .now_or_never()
+                    {
+                        Some(Ok(Some(chunk))) => {
+                            stream.rx_chunk = chunk.bytes;
+                            self.process_rx(lane);
+                        }
+                        Some(other) => return self.handle_read(lane, other),
+                        None => return,
+                    }
+                }
             }
             Ok(None) => {
                 // Only a clean shutdown finishes a stream (see `drain`): the peer is leaving.
@@ -1354,12 +1382,17 @@ impl PeerTask {
 
 /// The next wake of any lane, taking them in turn from `first` (so a busy lane cannot starve
 /// the others), with each lane's `rooms` for application messages.
-async fn next_wake(lanes: &mut [LaneIo; 3], rooms: [usize; 3], first: usize) -> (Lane, Wake) {
+async fn next_wake(
+    lanes: &mut [LaneIo; 3],
+    rooms: [usize; 3],
+    inbound: [bool; 3],
+    first: usize,
+) -> (Lane, Wake) {
     let [a, b, c] = lanes;
     let (la, lb, lc) = (a.lane, b.lane, c.lane);
-    let mut a = pin!(a.next(rooms[0]));
-    let mut b = pin!(b.next(rooms[1]));
-    let mut c = pin!(c.next(rooms[2]));
+    let mut a = pin!(a.next(rooms[0], inbound[0]));
+    let mut b = pin!(b.next(rooms[1], inbound[1]));
+    let mut c = pin!(c.next(rooms[2], inbound[2]));
     std::future::poll_fn(|cx| {
         for i in 0..3 {
             let polled = match (first + i) % 3 {
