@@ -1052,7 +1052,8 @@ fn shutdown_stops_dialing() {
     let mut pair = Pair::new(2, true, false);
     pair.partition();
     pair.run_for(Duration::from_secs(3));
-    pair.a.session.handle_shutdown();
+    let now = pair.now;
+    pair.a.session.handle_shutdown(now);
     assert!(pair.a.session.poll_timeout(pair.now).is_none());
     let rounds = pair.a.dial_rounds;
     pair.heal();

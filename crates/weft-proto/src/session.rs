@@ -37,6 +37,10 @@ use crate::peer::{
 };
 use crate::{Lane, NodeId};
 
+/// Longest a clean shutdown waits for what is queued for the peer to be written and
+/// acknowledged (see [`Session::handle_shutdown`]).
+pub const SHUTDOWN_DRAIN: Duration = Duration::from_millis(500);
+
 /// What a [`Session`] needs to know of the node's settings.
 #[derive(Clone, Debug, Default)]
 pub struct SessionConfig {
@@ -271,10 +275,22 @@ impl Session {
         self.take_peer_events();
     }
 
-    /// The node is stopping: no more dials.
-    pub fn handle_shutdown(&mut self) {
+    /// The node is stopping (at `now`): no more dials. The driver then drains — keeps reading
+    /// and writing until everything queued is acknowledged — but not past the returned
+    /// deadline ([`SHUTDOWN_DRAIN`] from now), then finishes the streams and closes.
+    pub fn handle_shutdown(&mut self, now: Instant) -> Instant {
         self.peer.handle_shutdown();
         self.take_peer_events();
+        now + SHUTDOWN_DRAIN
+    }
+
+    /// Whether anything of ours is unacknowledged or unsent, in a lane whose stream is in place
+    /// (what a draining driver still waits for).
+    pub fn is_draining(&self) -> bool {
+        self.lanes.iter().any(|state| {
+            let link = &state.link;
+            link.is_connected() && (link.wants_transmit() || link.queued_messages() > 0)
+        })
     }
 
     /// A frame arrived on `lane`'s stream. An error is the peer breaking the protocol: the

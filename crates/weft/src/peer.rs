@@ -75,8 +75,6 @@ const HELD_BYTES_MAX: usize = 1024 * 1024;
 const TX_BUFFER_BYTES: usize = 4 * TRANSMIT_BATCH_BYTES;
 /// Most application messages taken per wakeup and lane.
 const COMMAND_BATCH: usize = 512;
-/// Longest a clean shutdown waits for what is queued for a peer to be written and read.
-const SHUTDOWN_DRAIN: Duration = Duration::from_millis(500);
 
 /// The connection in use.
 struct Conn {
@@ -406,8 +404,8 @@ impl PeerTask {
                 _ = sleep_until(deadline) => self.handle_timeouts(),
             }
         }
-        self.session.handle_shutdown();
-        self.drain().await;
+        let deadline = self.session.handle_shutdown(now());
+        self.drain(Instant::from_std(deadline)).await;
         self.stop();
     }
 
@@ -432,11 +430,10 @@ impl PeerTask {
     }
 
     /// On a clean shutdown: until everything queued for the peer is acknowledged (or at most
-    /// [`SHUTDOWN_DRAIN`]), keeps reading (the peer's resume and acks) and writing (messages the
+    /// `deadline`, the session's), keeps reading (the peer's resume and acks) and writing (messages the
     /// application sent last, replies, acks of what it settled); then finishes the streams, so
     /// that closing the connection discards nothing the peer could still take.
-    async fn drain(&mut self) {
-        let deadline = Instant::now() + SHUTDOWN_DRAIN;
+    async fn drain(&mut self, deadline: Instant) {
         if self.conn.is_none() {
             return;
         }
@@ -456,16 +453,13 @@ impl PeerTask {
             if self.conn.is_none() {
                 return;
             }
-            let busy = Lane::ALL.into_iter().any(|lane| {
-                let io = &self.lanes[lane.index()];
-                let link = self.session.link(lane);
-                io.stream.as_ref().is_some_and(|s| !s.tx.is_empty())
-                    || (io.stream.is_some()
-                        && (link.wants_transmit()
-                            || link.queued_messages() > 0
-                            || !io.pending.is_empty()
-                            || !io.unspooled.is_empty()))
-            });
+            // The session's own state, and what this task holds on its way in or out.
+            let busy = self.session.is_draining()
+                || self.lanes.iter().any(|io| {
+                    io.stream.as_ref().is_some_and(|s| {
+                        !s.tx.is_empty() || !io.pending.is_empty() || !io.unspooled.is_empty()
+                    })
+                });
             if !busy {
                 break;
             }
