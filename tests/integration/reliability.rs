@@ -228,3 +228,47 @@ async fn an_unreachable_first_address_does_not_hold_up_the_connection() {
     crate::support::take_and_ack(&mut inbox, receipt).await;
     drop(black_hole);
 }
+
+/// `Node::send` leaves a message's creation time to the peer task, which stamps a whole batch
+/// with one clock reading. A message queued while the peer is unreachable must then age from
+/// that stamp: unstamped (created "at 1970") it would be given up as too old at the first
+/// expiry check. So: cut the path, send, let two expiry checks pass (the check runs every
+/// second while messages are queued), heal: the message arrives and its receipt resolves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_queued_while_the_peer_is_away_ages_from_its_send() {
+    let a = node_with("test", short_timeouts).await;
+    let b = node_with("test", short_timeouts).await;
+    let relay = Relay::start(b.local_addr().unwrap()).await;
+    let mut events = a.events();
+    a.add_peer(NodeAddr::new(b.id(), relay.front)).unwrap();
+    within("connect through the relay", a.connected(b.id()))
+        .await
+        .unwrap();
+    relay.cut(true);
+    within("the link notices the dead connection", async {
+        loop {
+            if let PeerEvent::Down { .. } = events.recv().await.unwrap() {
+                break;
+            }
+        }
+    })
+    .await;
+    let receipt = a.send(b.id(), "late", "still fresh").await.unwrap();
+    // Two expiry checks (`weft_proto::peer::EXPIRY_CHECK` is one second) with it queued.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let mut inbox = b.receive("late").unwrap();
+    let consumer = tokio::spawn(async move {
+        let message = within("delivery", inbox.recv()).await.unwrap();
+        inbox.settle();
+        (message, inbox)
+    });
+    relay.cut(false);
+    // Given up, it would fail at once (dead-lettered as too old).
+    within("the receipt", receipt)
+        .await
+        .expect("delivered, not given up");
+    let (message, _inbox) = within("consumer", consumer).await.unwrap();
+    assert_eq!(&message.body[..], b"still fresh");
+    assert!(message.header.created_unix_ms > 0, "stamped by the sender");
+    assert_eq!(a.metrics().dead_lettered, 0);
+}
