@@ -2,7 +2,8 @@
 //! where to dial, which of two connections to keep, when the peer counts as up, and when an
 //! inbound watermark may be acknowledged.
 //!
-//! Three sans-IO machines, each owned by exactly one driver task:
+//! Three sans-IO parts, which [`crate::session::Session`] composes (one `Peer`, and a gate and
+//! a timer per lane) and drives; a driver talks to the session, not to these:
 //!
 //! - [`Peer`] (one per known peer): the peer's addresses and which to dial first, the reconnect
 //!   backoff and the stagger between addresses, duplicate-connection resolution, the lane
@@ -15,17 +16,14 @@
 //! - [`ExpiryTimer`] (one per lane): when queued messages are next checked against their expiry
 //!   and retry budget.
 //!
-//! # Driving them
-//! Like quinn-proto's `Connection`: the driver calls `handle_*` with what happened (and the time
-//! it happened, `now`), then drains the outputs in this order: [`Peer::poll_event`] until `None`
-//! (dial requests, up, down), then [`Peer::poll_timeout`] (and the gate's and timer's), and
-//! sleeps until the earliest deadline, when it calls `handle_timeout(now)`. Time is a parameter:
-//! nothing here reads a clock, and the only randomness (backoff jitter) comes from a generator
-//! seeded by the driver. Every protocol delay (backoff, stagger, retry, expiry period) is decided
-//! here; the driver only sleeps until the deadline it is given.
+//! Each follows quinn-proto's shape: `handle_*` with what happened (and the time it happened,
+//! `now`), outputs drained after ([`Peer::poll_event`] until `None`), `poll_timeout` and
+//! `handle_timeout(now)`. Time is a parameter: nothing here reads a clock, and the only
+//! randomness (backoff jitter) comes from a generator seeded by the driver. Every protocol delay
+//! (backoff, stagger, retry, expiry period) is decided here.
 //!
-//! `peer_tests` runs two [`Peer`]s over a simulated wire in virtual time (latency, partitions,
-//! restarts, simultaneous dials).
+//! `peer_tests` runs two sessions over a simulated wire in virtual time; the gate and the timer
+//! also have tests of their own there.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
