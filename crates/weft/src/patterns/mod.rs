@@ -611,7 +611,7 @@ impl crate::Node {
         pubsub::subscribe(self.shared(), pattern, SubscribeOptions::default()).await
     }
 
-    /// [`Node::subscribe`] with options (e.g. best effort for telemetry, or durable).
+    /// [`Node::subscribe`](crate::Node::subscribe) with options (e.g. best effort for telemetry, or durable).
     pub async fn subscribe_with(
         &self,
         pattern: &str,
@@ -625,7 +625,7 @@ impl crate::Node {
     /// this node and of theirs (with data directories) — within its retention budget, and it
     /// receives what it missed, once and in order per publisher, when it subscribes again under
     /// the same name. Ended only by [`Subscription::unsubscribe`] or
-    /// [`Node::unsubscribe_durable`]; dropping the `Subscription` only detaches from it.
+    /// [`Node::unsubscribe_durable`](crate::Node::unsubscribe_durable); dropping the `Subscription` only detaches from it.
     pub async fn subscribe_durable(
         &self,
         name: &str,
@@ -657,7 +657,7 @@ impl crate::Node {
     }
 
     /// Publishes many events on one topic, in order: the same guarantees as one
-    /// [`Node::publish`] per body (each subscriber gets each event once, FIFO per publisher;
+    /// [`Node::publish`](crate::Node::publish) per body (each subscriber gets each event once, FIFO per publisher;
     /// acknowledged per hop; spooled with a data directory), at a fraction of the cost, as a
     /// ZeroMQ publisher batches its sends. Runs of events (up to 1024) are numbered at once
     /// and every first hop gets a run's copies with one reservation of its queue
@@ -776,7 +776,7 @@ impl crate::Node {
         }
     }
 
-    /// A request with a serde body (postcard); see [`Node::request`].
+    /// A request with a serde body (postcard); see [`Node::request`](crate::Node::request).
     pub fn request_typed<T: serde::Serialize + ?Sized>(
         &self,
         service: &str,
@@ -821,7 +821,7 @@ impl crate::Node {
         work::pull(self.shared(), queue, PullOptions { credit: None }).await
     }
 
-    /// [`Node::pull`] with options (the credit).
+    /// [`Node::pull`](crate::Node::pull) with options (the credit).
     pub async fn pull_with(
         &self,
         queue: &str,
