@@ -612,6 +612,24 @@ async fn shutdown_releases_the_data_directory_while_handles_are_alive() {
 
 /// Awaits a consuming handle's `recv`, which must return `None` at once (the node shut down,
 /// nothing is queued): a regression fails here rather than hanging.
+/// A node dropped without `shutdown()` (its last clone goes out of scope) ends the consuming
+/// handles the application kept, as a shutdown does: none of them waits forever.
+#[tokio::test]
+async fn dropping_the_node_ends_the_handles_it_handed_out() {
+    let node = crate::support::node_with("dropped", short_timeouts).await;
+    let mut subscription = node.subscribe("news/*").await.unwrap();
+    let mut service = node.serve("lookup").await.unwrap();
+    let mut puller = node.pull("jobs").await.unwrap();
+    let mut inbox = node.receive("kept").unwrap();
+    let clone = node.clone();
+    drop(node);
+    drop(clone);
+    ends("the subscription", subscription.recv()).await;
+    ends("the service", service.recv()).await;
+    ends("the puller", puller.recv()).await;
+    ends("the inbox", inbox.recv()).await;
+}
+
 async fn ends<T: std::fmt::Debug>(what: &str, recv: impl std::future::Future<Output = Option<T>>) {
     match tokio::time::timeout(Duration::from_secs(5), recv).await {
         Ok(None) => {}

@@ -946,6 +946,10 @@ impl Drop for NodeInner {
         // Closed and out of `Shared`, which handles outliving the node keep: the socket goes
         // once the tasks and connections let go of it.
         drop(self.shared.take_endpoint(b"node dropped"));
+        // The application's consuming handles end, as after `shutdown()`: once their queues
+        // are empty and the stopping tasks dropped the senders they hold.
+        self.shared.channels.close();
+        self.shared.patterns.close();
     }
 }
 
