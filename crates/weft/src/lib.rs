@@ -33,9 +33,9 @@
 //!
 //! # Modules
 //! The protocol decisions live in the sans-IO crate [`weft_proto`]; this crate drives it with
-//! tokio, quinn and rustls: [`node`] (API, endpoint, peers), `peer` (one task per peer and
-//! priority lane, each owning its lane's link; the normal lane's task drives the peer's
-//! connection machine, [`weft_proto::peer::Peer`]), `connection` (dial/accept and the hello
+//! tokio, quinn and rustls: [`node`] (API, endpoint, peers), `peer` (one task per peer,
+//! driving its [`weft_proto::session::Session`] — the connection lifecycle and every priority
+//! lane's link — and moving bytes between quinn and it), `connection` (dial/accept and the hello
 //! exchange), `durable` (the spool writer), `patterns` (pub/sub, request/reply, work queues),
 //! [`discovery`] (mDNS), [`tls`] and [`identity`]. ARCHITECTURE.md is the map.
 #![warn(missing_docs)]
