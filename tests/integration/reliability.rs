@@ -14,6 +14,36 @@ fn short_timeouts(config: &mut weft::NodeConfig) {
     config.reconnect_max = Duration::from_millis(200);
 }
 
+/// Node A connected to node B through a relay the test can cut, and A's peer events.
+async fn connected_through_a_relay() -> (
+    weft::Node,
+    weft::Node,
+    Relay,
+    tokio::sync::broadcast::Receiver<PeerEvent>,
+) {
+    let a = node_with("test", short_timeouts).await;
+    let b = node_with("test", short_timeouts).await;
+    let relay = Relay::start(b.local_addr().unwrap()).await;
+    let events = a.events();
+    a.add_peer(NodeAddr::new(b.id(), relay.front)).unwrap();
+    within("connect through the relay", a.connected(b.id()))
+        .await
+        .unwrap();
+    (a, b, relay, events)
+}
+
+/// Waits until the link notices that its connection died.
+async fn peer_down(events: &mut tokio::sync::broadcast::Receiver<PeerEvent>) {
+    within("the link notices the dead connection", async {
+        loop {
+            if let PeerEvent::Down { .. } = events.recv().await.unwrap() {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
 /// The connection dies (every datagram dropped until the idle timeout) with messages in flight
 /// and more queued behind them. Once the path is back, the link reconnects and retransmits:
 /// every message arrives, in order, exactly once, and every receipt resolves.
@@ -21,14 +51,7 @@ fn short_timeouts(config: &mut weft::NodeConfig) {
 async fn unacknowledged_messages_are_retransmitted_after_the_connection_dies() {
     const BEFORE: u32 = 3_000;
     const DURING: u32 = 3_000;
-    let a = node_with("test", short_timeouts).await;
-    let b = node_with("test", short_timeouts).await;
-    let relay = Relay::start(b.local_addr().unwrap()).await;
-    let mut events = a.events();
-    a.add_peer(NodeAddr::new(b.id(), relay.front)).unwrap();
-    within("connect through the relay", a.connected(b.id()))
-        .await
-        .unwrap();
+    let (a, b, relay, mut events) = connected_through_a_relay().await;
     let mut inbox = b.receive("seq").unwrap();
     // Consume as a real application does (the channel queue is bounded: an unread inbox would
     // rightly stop the link).
@@ -58,14 +81,7 @@ async fn unacknowledged_messages_are_retransmitted_after_the_connection_dies() {
                 .unwrap(),
         );
     }
-    within("the link notices the dead connection", async {
-        loop {
-            if let PeerEvent::Down { .. } = events.recv().await.unwrap() {
-                break;
-            }
-        }
-    })
-    .await;
+    peer_down(&mut events).await;
     assert!(
         !receipts.last().unwrap().is_delivered(),
         "nothing crossed the cut"
@@ -236,23 +252,9 @@ async fn an_unreachable_first_address_does_not_hold_up_the_connection() {
 /// second while messages are queued), heal: the message arrives and its receipt resolves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_queued_while_the_peer_is_away_ages_from_its_send() {
-    let a = node_with("test", short_timeouts).await;
-    let b = node_with("test", short_timeouts).await;
-    let relay = Relay::start(b.local_addr().unwrap()).await;
-    let mut events = a.events();
-    a.add_peer(NodeAddr::new(b.id(), relay.front)).unwrap();
-    within("connect through the relay", a.connected(b.id()))
-        .await
-        .unwrap();
+    let (a, b, relay, mut events) = connected_through_a_relay().await;
     relay.cut(true);
-    within("the link notices the dead connection", async {
-        loop {
-            if let PeerEvent::Down { .. } = events.recv().await.unwrap() {
-                break;
-            }
-        }
-    })
-    .await;
+    peer_down(&mut events).await;
     let receipt = a.send(b.id(), "late", "still fresh").await.unwrap();
     // Two expiry checks (`weft_proto::peer::EXPIRY_CHECK` is one second) with it queued.
     tokio::time::sleep(Duration::from_millis(2_500)).await;

@@ -19,8 +19,8 @@ use crate::backoff::SplitMix64;
 use crate::frame::{FrameDecoder, Limits};
 use crate::link::{GiveUp, LinkConfig, OutgoingMessage};
 use crate::peer::{
-    Admit, ExpiryTimer, GateOutput, NewConnection, PeerConfig, Refusal, Watermark, WatermarkGate,
-    EXPIRY_CHECK, WATERMARK_RETRY,
+    Admit, ExpiryTimer, GateOutput, NewConnection, PeerConfig, PeerEvent, Refusal, Watermark,
+    WatermarkGate, EXPIRY_CHECK, WATERMARK_RETRY,
 };
 use crate::session::{Session, SessionConfig, SessionEvent};
 use crate::{Lane, NodeId, Priority};
@@ -275,7 +275,7 @@ impl Pair {
         let now = self.now;
         while let Some(event) = self.end(side).session.poll_event() {
             match event {
-                SessionEvent::Dial { addresses, stagger } => {
+                SessionEvent::Peer(PeerEvent::Dial { addresses, stagger }) => {
                     let round = self.next_round;
                     self.next_round += 1;
                     let end = self.end(side);
@@ -295,13 +295,13 @@ impl Pair {
                         );
                     }
                 }
-                SessionEvent::Up { .. } => {
+                SessionEvent::Peer(PeerEvent::Up { .. }) => {
                     let end = self.end(side);
                     end.up_balance += 1;
                     end.ups += 1;
                     assert_eq!(end.up_balance, 1, "{side:?}: up twice without a down");
                 }
-                SessionEvent::Down => {
+                SessionEvent::Peer(PeerEvent::Down) => {
                     let end = self.end(side);
                     end.up_balance -= 1;
                     assert_eq!(end.up_balance, 0, "{side:?}: down without an up");
@@ -669,6 +669,18 @@ impl Pair {
         self.process(side);
     }
 
+    /// A fault picked by `pick`: 0 partition, 1 heal, 2 restart A, 3 restart B (each knowing
+    /// the other's address as told), anything else none.
+    fn fault(&mut self, pick: u64, a_knows_b: bool, b_knows_a: bool) {
+        match pick {
+            0 => self.partition(),
+            1 => self.heal(),
+            2 => self.restart(Side::A, a_knows_b),
+            3 => self.restart(Side::B, b_knows_a),
+            _ => {}
+        }
+    }
+
     /// The wall clock now (Unix ms): messages' expiry times are on it.
     fn wall_ms(&self) -> u64 {
         WALL_START_MS + u64::try_from(self.elapsed().as_millis()).unwrap()
@@ -965,13 +977,7 @@ fn random_faults(seed: u64) {
     let b_knows_a = !a_knows_b || rng.next_u64().is_multiple_of(2);
     let mut pair = Pair::new(seed, a_knows_b, b_knows_a);
     for _ in 0..(rng.next_u64() % 12) {
-        match rng.next_u64() % 5 {
-            0 => pair.partition(),
-            1 => pair.heal(),
-            2 => pair.restart(Side::A, a_knows_b),
-            3 => pair.restart(Side::B, b_knows_a),
-            _ => {}
-        }
+        pair.fault(rng.next_u64() % 5, a_knows_b, b_knows_a);
         pair.run_for(Duration::from_millis(rng.next_u64() % 8_000));
     }
     pair.heal();
@@ -1189,13 +1195,7 @@ fn every_lane_is_exactly_once_across_crashes_with_a_spool() {
                 }
             }
             pair.run_for(Duration::from_millis(rng.next_u64() % 12));
-            match rng.next_u64() % 6 {
-                0 => pair.partition(),
-                1 => pair.heal(),
-                2 => pair.restart(Side::A, true),
-                3 => pair.restart(Side::B, true),
-                _ => {}
-            }
+            pair.fault(rng.next_u64() % 6, true, true);
             pair.run_for(Duration::from_millis(rng.next_u64() % 5_000));
         }
         pair.heal();

@@ -56,22 +56,8 @@ pub struct SessionConfig {
 /// What the driver must do for a [`Session`] (see the module doc for when to ask).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SessionEvent {
-    /// Dial these addresses (see [`PeerEvent::Dial`]).
-    Dial {
-        /// In the order to try them.
-        addresses: Vec<SocketAddr>,
-        /// Between the starts of two attempts.
-        stagger: Duration,
-    },
-    /// Every lane's stream is in place on the current connection.
-    Up {
-        /// The connection's remote address.
-        remote: SocketAddr,
-        /// This node dialed it.
-        dialed_by_local: bool,
-    },
-    /// The peer, which was up, is not any more.
-    Down,
+    /// The connection lifecycle's: dial, up, down (see [`PeerEvent`]).
+    Peer(PeerEvent),
     /// The peer took our stream in `lane` up to and including `up_to`.
     Acked {
         /// The stream's lane.
@@ -228,11 +214,7 @@ impl Session {
     pub fn handle_connection(&mut self, new: NewConnection) -> Admit {
         let admit = self.peer.handle_connection(new);
         if matches!(admit, Admit::Install { .. }) {
-            for state in &mut self.lanes {
-                if state.link.is_connected() {
-                    state.link.disconnected();
-                }
-            }
+            self.disconnect_lanes();
             self.lane_mut(Lane::Normal).link.connected();
         }
         self.take_peer_events();
@@ -260,11 +242,7 @@ impl Session {
     /// The current connection is gone (`goodbye`: the peer left on purpose). Every lane's
     /// stream goes with it; unacknowledged messages wait for the next one.
     pub fn handle_connection_lost(&mut self, now: Instant, goodbye: bool) {
-        for state in &mut self.lanes {
-            if state.link.is_connected() {
-                state.link.disconnected();
-            }
-        }
+        self.disconnect_lanes();
         self.peer.handle_connection_lost(now, goodbye);
         self.take_peer_events();
     }
@@ -427,17 +405,16 @@ impl Session {
 
     fn take_peer_events(&mut self) {
         while let Some(event) = self.peer.poll_event() {
-            self.events.push_back(match event {
-                PeerEvent::Dial { addresses, stagger } => SessionEvent::Dial { addresses, stagger },
-                PeerEvent::Up {
-                    remote,
-                    dialed_by_local,
-                } => SessionEvent::Up {
-                    remote,
-                    dialed_by_local,
-                },
-                PeerEvent::Down => SessionEvent::Down,
-            });
+            self.events.push_back(SessionEvent::Peer(event));
+        }
+    }
+
+    /// Every lane loses its stream (the connection went, or another replaces it).
+    fn disconnect_lanes(&mut self) {
+        for state in &mut self.lanes {
+            if state.link.is_connected() {
+                state.link.disconnected();
+            }
         }
     }
 }

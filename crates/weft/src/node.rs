@@ -1660,11 +1660,11 @@ impl PeerSender {
             // record stays and the next start schedules it again.
             return;
         };
-        let mut next_seq = handle.next_seq.lock().expect("sequence lock poisoned");
-        let seq = *next_seq;
-        *next_seq += 1;
         match &self.shared.durable {
             None => {
+                let mut next_seq = handle.next_seq.lock().expect("sequence lock poisoned");
+                let seq = *next_seq;
+                *next_seq += 1;
                 permit.send(Outgoing {
                     seq,
                     tag: 0,
@@ -1676,23 +1676,8 @@ impl PeerSender {
                 let _ = ticket.slot.send(SlotState::Numbered(seq));
             }
             Some(durable) => {
-                let command = crate::durable::Command::Append {
-                    to: Arc::clone(&handle.spool_reply),
-                    seq,
-                    message: message.clone(),
-                    done: None,
-                    release: Some(ticket),
-                };
-                // Under the sequence lock: the writer and the peer task see the peer's numbers
-                // in order. The task holds the message until the writer answers.
-                if durable.tx.send(command).is_ok() {
-                    permit.send(Outgoing {
-                        seq,
-                        tag: 0,
-                        message,
-                    });
-                }
-                drop(next_seq);
+                // The writer numbers the receipt's slot once the copy is durable.
+                let _ = number_and_spool(handle, durable, permit, message, None, Some(ticket));
             }
         }
     }
@@ -1721,9 +1706,8 @@ impl PeerSender {
         self.receipt(handle, seq)
     }
 
-    /// With a spool: to the writer and, held there until the writer answers that it is
-    /// durable, to the peer task's queue. The sequence lock is held while both enter their
-    /// queues, so the writer and the task see each peer's messages in sequence order.
+    /// With a spool: numbers the message and sends it to the writer and, held there until the
+    /// writer answers that it is durable, to the peer task's queue.
     fn spool(
         &self,
         handle: &Arc<PeerHandle>,
@@ -1732,30 +1716,13 @@ impl PeerSender {
         message: OutgoingMessage,
         done: Option<tokio::sync::oneshot::Sender<Result<(), crate::error::DeliveryError>>>,
     ) -> Result<Receipt, SendError> {
-        let mut next_seq = handle.next_seq.lock().expect("sequence lock poisoned");
-        let seq = *next_seq;
-        let command = crate::durable::Command::Append {
-            to: Arc::clone(&handle.spool_reply),
-            seq,
-            message: message.clone(),
-            done,
-            release: None,
-        };
-        if durable.tx.send(command).is_err() {
-            drop(next_seq);
-            durable.room.add_permits(1);
-            return Err(SendError::NodeClosed);
+        match number_and_spool(handle, durable, permit, message, done, None) {
+            Some(seq) => Ok(self.receipt(handle, seq)),
+            None => {
+                durable.room.add_permits(1);
+                Err(SendError::NodeClosed)
+            }
         }
-        *next_seq += 1;
-        // The peer task holds it until the writer answers (only a durable message reaches the
-        // link); under the lock, so its queue is in sequence order.
-        permit.send(Outgoing {
-            seq,
-            tag: 0,
-            message,
-        });
-        drop(next_seq);
-        Ok(self.receipt(handle, seq))
     }
 
     /// Empty receipts for a batch to this peer's lane.
@@ -1797,6 +1764,37 @@ impl PeerSender {
             scheduled: None,
         }
     }
+}
+
+/// Under the lane's sequence lock (so the writer and the peer task both see the lane's numbers
+/// in order): numbers `message`, asks the writer to make it durable, and puts it in the peer
+/// task's queue, where it waits for the writer's answer (only a durable message reaches the
+/// link). `None` (nothing numbered or queued) if the writer is gone.
+fn number_and_spool(
+    handle: &PeerHandle,
+    durable: &Durable,
+    permit: mpsc::OwnedPermit<Outgoing>,
+    message: OutgoingMessage,
+    done: Option<tokio::sync::oneshot::Sender<Result<(), crate::error::DeliveryError>>>,
+    release: Option<crate::scheduler::Ticket>,
+) -> Option<u64> {
+    let mut next_seq = handle.next_seq.lock().expect("sequence lock poisoned");
+    let seq = *next_seq;
+    let command = crate::durable::Command::Append {
+        to: Arc::clone(&handle.spool_reply),
+        seq,
+        message: message.clone(),
+        done,
+        release,
+    };
+    durable.tx.send(command).ok()?;
+    *next_seq += 1;
+    permit.send(Outgoing {
+        seq,
+        tag: 0,
+        message,
+    });
+    Some(seq)
 }
 
 /// Most messages taken into one run of a batch (one command to the spool writer).

@@ -37,7 +37,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn, Instrument};
 use weft_proto::frame::LENGTH_PREFIX_BYTES;
 use weft_proto::link::{GivenUp, LinkStats};
-use weft_proto::peer::{Admit, NewConnection, PeerConfig, Refusal};
+use weft_proto::peer::{Admit, NewConnection, PeerConfig, PeerEvent as Lifecycle, Refusal};
 use weft_proto::session::{Session, SessionConfig, SessionEvent};
 use weft_proto::spooled::Watermark;
 use weft_proto::{
@@ -418,7 +418,7 @@ impl PeerTask {
             Wake::Read(read) => self.handle_read(lane, read),
             Wake::Commands(0) => return false,
             Wake::Commands(_) => self.take_batch(lane),
-            Wake::Settled => self.settled(lane),
+            Wake::Settled => self.settled(lane, false),
         }
         true
     }
@@ -440,7 +440,7 @@ impl PeerTask {
         for lane in Lane::ALL {
             // What the application settled last (the pattern tasks settle theirs before the
             // peers stop): without a spool its acknowledgement goes out with the rest.
-            self.settled(lane);
+            self.settled(lane, false);
             let io = &mut self.lanes[lane.index()];
             while let Ok(outgoing) = io.commands.try_recv() {
                 io.batch.push(outgoing);
@@ -652,11 +652,13 @@ impl PeerTask {
     fn session_events(&mut self, reason: &str) {
         while let Some(event) = self.session.poll_event() {
             match event {
-                SessionEvent::Dial { addresses, stagger } => self.start_dial(addresses, stagger),
-                SessionEvent::Up {
+                SessionEvent::Peer(Lifecycle::Dial { addresses, stagger }) => {
+                    self.start_dial(addresses, stagger)
+                }
+                SessionEvent::Peer(Lifecycle::Up {
                     remote,
                     dialed_by_local,
-                } => {
+                }) => {
                     self.env.metrics.peer_up();
                     info!(%remote, dialed = dialed_by_local, "peer up");
                     let _ = self.env.events.send(PeerEvent::Up {
@@ -664,7 +666,7 @@ impl PeerTask {
                         addr: remote,
                     });
                 }
-                SessionEvent::Down => {
+                SessionEvent::Peer(Lifecycle::Down) => {
                     self.env.metrics.peer_down();
                     info!(%reason, "peer down");
                     let _ = self.env.events.send(PeerEvent::Down {
@@ -794,8 +796,8 @@ impl PeerTask {
                 if self.session.handle_durable(lane, (epoch, up_to)) {
                     info!(%lane, "the spool took this peer's watermark again; acknowledgements resume");
                 }
+                // (The session hands on what was settled meanwhile itself.)
                 self.session_events("");
-                self.settled(lane);
             }
             Control::WatermarkFailed {
                 lane,
@@ -829,14 +831,9 @@ impl PeerTask {
         }
     }
 
-    /// The application settled more of the peer's stream in `lane`.
-    fn settled(&mut self, lane: Lane) {
-        self.persist_settled(lane, false);
-    }
-
     /// Hands the newest settlement of `lane` to the session, which acknowledges it now or asks
     /// to persist it first (`last`: the task is stopping, persist the newest regardless).
-    fn persist_settled(&mut self, lane: Lane, last: bool) {
+    fn settled(&mut self, lane: Lane, last: bool) {
         let watermark = self.lanes[lane.index()].settlement.watermark();
         self.session.handle_settled(lane, watermark, last);
         self.session_events("");
@@ -1337,7 +1334,7 @@ impl PeerTask {
     fn stop(&mut self) {
         // Persist what the application settled last (the spool writer closes after this task).
         for lane in Lane::ALL {
-            self.persist_settled(lane, true);
+            self.settled(lane, true);
         }
         if let Some(conn) = self.conn.take() {
             conn.connection.close(close_code::SHUTDOWN, b"shutdown");
