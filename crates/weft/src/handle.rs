@@ -5,14 +5,15 @@
 //! depend on this module and not on the task or the node.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use tokio::sync::{mpsc, watch};
 use weft_proto::{Lane, NodeId, OutgoingMessage, StreamId};
 
 use crate::connection::Established;
 use crate::error::{ConnectError, DeliveryError};
-use crate::receipt::Fates;
+use crate::queue;
+use crate::receipt::Progress;
 
 /// A message on its way into a link: its wire sequence number and the spool record holding it
 /// (`tag`, 0 for a node without a spool).
@@ -34,23 +35,16 @@ pub(crate) struct PeerHandle {
     pub others: Vec<Arc<PeerHandle>>,
     /// The id of our stream to the peer (restored from the spool, or new).
     pub stream: StreamId,
-    /// Messages for the link, in sequence order (bounded: `send` waits when full). With a spool,
-    /// a send reserves its slot first and the spool writer fills it once the message is durable.
-    pub commands: mpsc::Sender<Outgoing>,
+    /// Messages for the link, in sequence order (bounded: `send` waits when full). The queue
+    /// numbers them too ([`queue::Sender::send_numbered`]): queue order is sequence order.
+    pub commands: queue::Sender<Outgoing>,
     /// Connections and addresses for the task (rare; bounded by handshakes in flight).
     pub control: mpsc::UnboundedSender<Control>,
-    /// Next sequence number. Held while a message enters `commands`, so queue order is sequence
-    /// order without the task having to tell the sender which number it assigned.
-    pub next_seq: Mutex<u64>,
-    /// The link's acknowledged watermark, for receipts.
-    pub acked: watch::Receiver<u64>,
-    /// The highest seq whose fate at the spool is known (accepted or refused), for receipts;
-    /// moved by the peer task as the spool writer answers.
-    pub accepted: watch::Receiver<u64>,
+    /// What receipts watch: the acknowledged and accepted watermarks and the failures (moved
+    /// by the peer task as the peer acknowledges and the spool writer answers).
+    pub progress: Arc<Progress>,
     /// Where the spool writer answers for this lane.
     pub spool_reply: Arc<SpoolReply>,
-    /// Messages that will never be delivered, for receipts.
-    pub fates: Arc<Fates>,
     /// Whether a connection is up (for a lane other than the normal one: its stream is).
     pub connected: watch::Receiver<bool>,
 }

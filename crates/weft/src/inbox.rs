@@ -12,16 +12,16 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll};
 
 use futures_util::Stream;
-use tokio::sync::mpsc;
 use weft_proto::{Message, MessageId, NodeId, StreamId};
 
 use crate::error::ReceiveError;
+use crate::queue;
 use crate::settle::Settlement;
 
 struct Slot {
-    tx: mpsc::Sender<Message>,
+    tx: queue::Sender<Message>,
     /// `None` while an [`Inbox`] holds the receiver.
-    rx: Option<mpsc::Receiver<Message>>,
+    rx: Option<queue::Receiver<Message>>,
 }
 
 /// Name under which the catch-all queue is kept (not a valid channel name on the wire's API).
@@ -123,7 +123,7 @@ impl Channels {
         if slots.len() >= self.max {
             return Err(ChannelError::TooMany);
         }
-        let (tx, rx) = mpsc::channel(self.capacity);
+        let (tx, rx) = queue::channel(self.capacity);
         let slot = slots
             .entry(channel.to_owned())
             .or_insert(Slot { tx, rx: Some(rx) });
@@ -139,7 +139,7 @@ impl Channels {
     /// The queue a message for `channel` goes to: the channel's own if it has one, else the
     /// catch-all queue if someone receives everything, else a new queue for the channel (where
     /// messages wait for their receiver).
-    pub(crate) fn sender(&self, channel: &str) -> Result<mpsc::Sender<Message>, ChannelError> {
+    pub(crate) fn sender(&self, channel: &str) -> Result<queue::Sender<Message>, ChannelError> {
         {
             let guard = self.slots.lock().expect("channels lock poisoned");
             let slots = guard.as_ref().ok_or(ChannelError::Closed)?;
@@ -179,7 +179,7 @@ impl Channels {
         })
     }
 
-    fn give_back(&self, channel: &str, rx: mpsc::Receiver<Message>) {
+    fn give_back(&self, channel: &str, rx: queue::Receiver<Message>) {
         let mut guard = self.slots.lock().expect("channels lock poisoned");
         if let Some(slot) = guard.as_mut().and_then(|slots| slots.get_mut(channel)) {
             slot.rx = Some(rx);
@@ -204,7 +204,7 @@ impl Channels {
 /// dies is (same [`MessageId`]: an application whose effects are not idempotent keys them by it).
 pub struct Inbox {
     channel: String,
-    rx: Option<mpsc::Receiver<Message>>,
+    rx: Option<queue::Receiver<Message>>,
     channels: Arc<Channels>,
     /// Returned to the application, settled at its next call.
     taken: Vec<MessageId>,
@@ -250,7 +250,7 @@ impl Inbox {
     /// A message if one is waiting. Settles the messages returned before.
     pub fn try_recv(&mut self) -> Option<Message> {
         self.settle();
-        let message = self.rx.as_mut()?.try_recv().ok()?;
+        let message = self.rx.as_mut()?.try_recv()?;
         self.taken.push(message.header.id);
         Some(message)
     }

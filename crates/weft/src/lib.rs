@@ -57,6 +57,7 @@ mod metrics;
 pub mod node;
 mod patterns;
 mod peer;
+mod queue;
 mod receipt;
 mod scheduler;
 mod settle;

@@ -26,6 +26,7 @@ use crate::identity::Identity;
 use crate::inbox::{Channels, Inbox};
 use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::peer::{Dialer, PeerEnv, PeerTask, RestoredLane};
+use crate::queue;
 use crate::receipt::{Receipt, Receipts, SlotState};
 use crate::scheduler::{Scheduler, Waiting};
 use crate::tls;
@@ -1250,12 +1251,17 @@ impl PeerSender {
         }
         let handle = self.lane(&message);
         let Some(durable) = &self.shared.durable else {
-            let permit = handle
+            // One hold of the queue's lock: room, number and place.
+            let seq = handle
                 .commands
-                .reserve()
+                .send_numbered(|seq| Outgoing {
+                    seq,
+                    tag: 0,
+                    message,
+                })
                 .await
                 .map_err(|_| SendError::NodeClosed)?;
-            return Ok(self.enqueue(handle, permit, message));
+            return Ok(self.receipt(handle, seq));
         };
         if message.created_unix_ms == 0 {
             // The spool keeps it as it is: its age must count from now.
@@ -1263,8 +1269,7 @@ impl PeerSender {
         }
         let permit = handle
             .commands
-            .clone()
-            .reserve_owned()
+            .reserve()
             .await
             .map_err(|_| SendError::NodeClosed)?;
         durable
@@ -1294,14 +1299,17 @@ impl PeerSender {
         }
         let handle = self.lane(&message);
         let Some(durable) = &self.shared.durable else {
-            let permit = handle.commands.try_reserve().map_err(would_block)?;
-            return Ok(self.enqueue(handle, permit, message));
+            let seq = handle
+                .commands
+                .try_send_numbered(|seq| Outgoing {
+                    seq,
+                    tag: 0,
+                    message,
+                })
+                .map_err(would_block)?;
+            return Ok(self.receipt(handle, seq));
         };
-        let permit = handle
-            .commands
-            .clone()
-            .try_reserve_owned()
-            .map_err(would_block)?;
+        let permit = handle.commands.try_reserve().map_err(would_block)?;
         match durable.room.try_acquire() {
             Ok(room) => room.forget(),
             Err(tokio::sync::TryAcquireError::NoPermits) => return Err(TrySendError::SpoolFull),
@@ -1384,8 +1392,8 @@ impl PeerSender {
         };
         while messages.peek().is_some() {
             let Some(durable) = &self.shared.durable else {
-                // Without a spool: the free slots (at least one, waiting for it), then one hold
-                // of the sequence lock for the run.
+                // Without a spool: the free places (at least one, waiting for it), then one
+                // hold of the queue's lock to number and queue the run.
                 // When the queue is full, wait for a quarter of it rather than for one slot:
                 // runs of one would cost more than single sends.
                 let commands = &handle.commands;
@@ -1394,28 +1402,26 @@ impl PeerSender {
                     .max(commands.max_capacity() / 4)
                     .clamp(1, BATCH_RUN_MAX);
                 let run: Vec<OutgoingMessage> = messages.by_ref().take(want).collect();
-                let Ok(permits) = handle.commands.reserve_many(run.len()).await else {
+                let Ok(places) = handle.commands.reserve_many(run.len()).await else {
                     return Err(unsent(receipts, SendError::NodeClosed));
                 };
-                let count = run.len() as u64;
-                let mut next_seq = handle.next_seq.lock().expect("sequence lock poisoned");
-                let first = *next_seq;
-                *next_seq += count;
-                for ((seq, message), permit) in (first..).zip(run).zip(permits) {
-                    permit.send(Outgoing {
-                        seq,
-                        tag: 0,
-                        message,
-                    });
-                }
-                drop(next_seq);
-                receipts.push_run(first..=first + count - 1);
+                let count = run.len();
+                let first = places
+                    .send_numbered(count, |first| {
+                        Some((first..).zip(run).map(|(seq, message)| Outgoing {
+                            seq,
+                            tag: 0,
+                            message,
+                        }))
+                    })
+                    .expect("sends whenever asked to");
+                receipts.push_run(first..=first + count as u64 - 1);
                 continue;
             };
             // The first message of a run waits for queue and spool room; the others take what
             // is free now.
             let mut run = Vec::new();
-            let Ok(permit) = handle.commands.clone().reserve_owned().await else {
+            let Ok(mut places) = handle.commands.reserve().await else {
                 return Err(unsent(receipts, SendError::NodeClosed));
             };
             // Spool room stays held (not forgotten) until the run is handed over, so a batch
@@ -1423,60 +1429,55 @@ impl PeerSender {
             let Ok(mut room) = durable.room.acquire().await else {
                 return Err(unsent(receipts, SendError::NodeClosed));
             };
-            run.push((messages.next().expect("peeked"), permit));
+            run.push(messages.next().expect("peeked"));
             // A run takes at least a quarter of the queue when that much is left (waiting for
-            // its slots: runs of one would cost more than single sends), then what is free.
+            // its places: runs of one would cost more than single sends), then what is free.
             let min_run = handle.commands.max_capacity() / 4;
             while run.len() < BATCH_RUN_MAX && messages.peek().is_some() {
-                let permit = if run.len() < min_run {
-                    handle.commands.clone().reserve_owned().await
+                let more = if run.len() < min_run {
+                    handle.commands.reserve().await.ok()
                 } else {
-                    handle
-                        .commands
-                        .clone()
-                        .try_reserve_owned()
-                        .map_err(|_| mpsc::error::SendError(()))
+                    handle.commands.try_reserve().ok()
                 };
-                let Ok(permit) = permit else {
+                let Some(more) = more else {
                     break;
                 };
                 // Spool room is never waited for past the first: a spool short of room
                 // (its peer away) still takes what fits now.
                 match durable.room.try_acquire() {
-                    Ok(more) => room.merge(more),
-                    Err(_) => break, // `permit` goes back with its drop
+                    Ok(room_more) => room.merge(room_more),
+                    Err(_) => break, // `more` goes back with its drop
                 }
-                run.push((messages.next().expect("peeked"), permit));
+                places.merge(more);
+                run.push(messages.next().expect("peeked"));
             }
             room.forget();
             let (done, outcome) = tokio::sync::oneshot::channel();
-            let count = run.len() as u64;
-            let (messages, permits): (Vec<_>, Vec<_>) = run.into_iter().unzip();
-            let mut next_seq = handle.next_seq.lock().expect("sequence lock poisoned");
-            let first = *next_seq;
-            let sent = durable.tx.send(crate::durable::Command::AppendRun {
-                to: Arc::clone(&handle.spool_reply),
-                first,
-                messages: messages.clone(),
-                done,
+            let count = run.len();
+            // Under the queue's lock, so that the writer and the peer task see the lane's
+            // numbers in the same order: the peer task holds the run until the writer answers
+            // (only durable messages reach the link).
+            let first = places.send_numbered(count, |first| {
+                durable
+                    .tx
+                    .send(crate::durable::Command::AppendRun {
+                        to: Arc::clone(&handle.spool_reply),
+                        first,
+                        messages: run.clone(),
+                        done,
+                    })
+                    .ok()?;
+                Some((first..).zip(run).map(|(seq, message)| Outgoing {
+                    seq,
+                    tag: 0,
+                    message,
+                }))
             });
-            if sent.is_ok() {
-                // The peer task holds them until the writer answers (only durable messages
-                // reach the link); under the lock, so its queue is in sequence order.
-                *next_seq += count;
-                for ((seq, message), permit) in (first..).zip(messages).zip(permits) {
-                    permit.send(Outgoing {
-                        seq,
-                        tag: 0,
-                        message,
-                    });
-                }
-            }
-            drop(next_seq);
-            if sent.is_err() {
-                durable.room.add_permits(count as usize);
+            let Some(first) = first else {
+                durable.room.add_permits(count);
                 return Err(unsent(receipts, SendError::NodeClosed));
-            }
+            };
+            let count = count as u64;
             receipts.push_run(first..=first + count - 1);
             outcomes.push(outcome);
         }
@@ -1522,7 +1523,7 @@ impl PeerSender {
             .reserve()
             .await
             .map_err(|_| SendError::NodeClosed)?;
-        permit.send(volatile(message));
+        permit.send_all([volatile(message)]);
         Ok(())
     }
 
@@ -1538,8 +1539,10 @@ impl PeerSender {
         if !*handle.connected.borrow() {
             return Err(SendError::NotConnected(handle.id).into());
         }
-        let permit = handle.commands.try_reserve().map_err(would_block)?;
-        permit.send(volatile(message));
+        handle
+            .commands
+            .try_send_with(|| volatile(message))
+            .map_err(would_block)?;
         Ok(())
     }
 
@@ -1655,22 +1658,22 @@ impl PeerSender {
             ticket,
         } = waiting;
         let handle = self.lane(&message);
-        let Ok(permit) = handle.commands.clone().reserve_owned().await else {
+        let Ok(permit) = handle.commands.reserve().await else {
             // Shutting down: the receipt reports `NodeClosed`; with a spool the unnumbered
             // record stays and the next start schedules it again.
             return;
         };
         match &self.shared.durable {
             None => {
-                let mut next_seq = handle.next_seq.lock().expect("sequence lock poisoned");
-                let seq = *next_seq;
-                *next_seq += 1;
-                permit.send(Outgoing {
-                    seq,
-                    tag: 0,
-                    message,
-                });
-                drop(next_seq);
+                let seq = permit
+                    .send_numbered(1, |seq| {
+                        Some([Outgoing {
+                            seq,
+                            tag: 0,
+                            message,
+                        }])
+                    })
+                    .expect("sends whenever asked to");
                 self.shared.metrics.released();
                 self.shared.scheduler.free_place(ticket.holds_place);
                 let _ = ticket.slot.send(SlotState::Numbered(seq));
@@ -1686,33 +1689,13 @@ impl PeerSender {
     fn lane(&self, message: &OutgoingMessage) -> &Arc<PeerHandle> {
         self.handle.lane(message.priority.lane())
     }
-
-    /// Without a spool: straight into the lane's queue.
-    fn enqueue(
-        &self,
-        handle: &Arc<PeerHandle>,
-        permit: mpsc::Permit<'_, Outgoing>,
-        message: OutgoingMessage,
-    ) -> Receipt {
-        let mut next_seq = handle.next_seq.lock().expect("sequence lock poisoned");
-        let seq = *next_seq;
-        *next_seq += 1;
-        permit.send(Outgoing {
-            seq,
-            tag: 0,
-            message,
-        });
-        drop(next_seq);
-        self.receipt(handle, seq)
-    }
-
     /// With a spool: numbers the message and sends it to the writer and, held there until the
     /// writer answers that it is durable, to the peer task's queue.
     fn spool(
         &self,
         handle: &Arc<PeerHandle>,
         durable: &Durable,
-        permit: mpsc::OwnedPermit<Outgoing>,
+        permit: queue::Permit<Outgoing>,
         message: OutgoingMessage,
         done: Option<tokio::sync::oneshot::Sender<Result<(), crate::error::DeliveryError>>>,
     ) -> Result<Receipt, SendError> {
@@ -1728,20 +1711,13 @@ impl PeerSender {
     /// Empty receipts for a batch to this peer's lane.
     fn receipts(&self, handle: &Arc<PeerHandle>) -> Receipts {
         let Receipt {
-            id,
-            peer,
-            acked,
-            accepted,
-            fates,
-            ..
+            id, peer, progress, ..
         } = self.receipt(handle, 0);
         Receipts {
             peer,
             base: id,
             runs: Vec::new(),
-            acked,
-            accepted,
-            fates,
+            progress,
             scheduled: Vec::new(),
         }
     }
@@ -1754,47 +1730,39 @@ impl PeerSender {
                 seq,
             },
             peer: handle.id,
-            acked: handle.acked.clone(),
-            accepted: self
-                .shared
-                .durable
-                .as_ref()
-                .map(|_| handle.accepted.clone()),
-            fates: Arc::clone(&handle.fates),
+            progress: Arc::clone(&handle.progress),
             scheduled: None,
         }
     }
 }
 
-/// Under the lane's sequence lock (so the writer and the peer task both see the lane's numbers
+/// Under the lane queue's lock (so the writer and the peer task both see the lane's numbers
 /// in order): numbers `message`, asks the writer to make it durable, and puts it in the peer
 /// task's queue, where it waits for the writer's answer (only a durable message reaches the
 /// link). `None` (nothing numbered or queued) if the writer is gone.
 fn number_and_spool(
     handle: &PeerHandle,
     durable: &Durable,
-    permit: mpsc::OwnedPermit<Outgoing>,
+    permit: queue::Permit<Outgoing>,
     message: OutgoingMessage,
     done: Option<tokio::sync::oneshot::Sender<Result<(), crate::error::DeliveryError>>>,
     release: Option<crate::scheduler::Ticket>,
 ) -> Option<u64> {
-    let mut next_seq = handle.next_seq.lock().expect("sequence lock poisoned");
-    let seq = *next_seq;
-    let command = crate::durable::Command::Append {
-        to: Arc::clone(&handle.spool_reply),
-        seq,
-        message: message.clone(),
-        done,
-        release,
-    };
-    durable.tx.send(command).ok()?;
-    *next_seq += 1;
-    permit.send(Outgoing {
-        seq,
-        tag: 0,
-        message,
-    });
-    Some(seq)
+    permit.send_numbered(1, |seq| {
+        let command = crate::durable::Command::Append {
+            to: Arc::clone(&handle.spool_reply),
+            seq,
+            message: message.clone(),
+            done,
+            release,
+        };
+        durable.tx.send(command).ok()?;
+        Some([Outgoing {
+            seq,
+            tag: 0,
+            message,
+        }])
+    })
 }
 
 /// Most messages taken into one run of a batch (one command to the spool writer).
@@ -1809,9 +1777,9 @@ fn volatile(message: OutgoingMessage) -> Outgoing {
     }
 }
 
-fn would_block<T>(error: mpsc::error::TrySendError<T>) -> TrySendError {
+fn would_block(error: queue::TrySendError) -> TrySendError {
     match error {
-        mpsc::error::TrySendError::Full(_) => TrySendError::WouldBlock,
-        mpsc::error::TrySendError::Closed(_) => TrySendError::Send(SendError::NodeClosed),
+        queue::TrySendError::Full => TrySendError::WouldBlock,
+        queue::TrySendError::Closed => TrySendError::Send(SendError::NodeClosed),
     }
 }

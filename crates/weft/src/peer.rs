@@ -26,7 +26,7 @@ use std::collections::{HashMap, VecDeque};
 use std::future::{pending, Future};
 use std::net::SocketAddr;
 use std::pin::pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
@@ -52,7 +52,8 @@ use crate::events::PeerEvent;
 use crate::handle::{Control, Outgoing, PeerHandle, SpoolOutcome, SpoolReply};
 use crate::inbox::{ChannelError, Channels};
 use crate::metrics::Metrics;
-use crate::receipt::Fates;
+use crate::queue;
+use crate::receipt::{Fates, Progress};
 use crate::settle::Settlement;
 
 /// Bytes gathered into one write: large writes are what make QUIC fast (one write per message
@@ -128,16 +129,16 @@ impl Stream {
 /// The channel queues a lane delivered to, valid while `Channels::generation` stays.
 #[derive(Default)]
 struct ChannelCache {
-    queues: HashMap<Channel, mpsc::Sender<Message>>,
+    queues: HashMap<Channel, queue::Sender<Message>>,
     /// The last channel delivered to: consecutive messages mostly share one, and comparing
     /// names is cheaper than hashing them.
-    last: Option<(Channel, mpsc::Sender<Message>)>,
+    last: Option<(Channel, queue::Sender<Message>)>,
 }
 
 /// What woke a lane.
 enum Wake {
-    /// A parked delivery got room in its channel (`None`: the channel closed).
-    Parked(Option<mpsc::OwnedPermit<Message>>),
+    /// A parked delivery's channel has room (or closed).
+    Parked,
     /// The stream accepted queued bytes (or failed).
     Written(Result<(), quinn::WriteError>),
     /// Bytes from the stream.
@@ -153,7 +154,7 @@ enum Wake {
 struct LaneIo {
     lane: Lane,
     stream: Option<Stream>,
-    commands: mpsc::Receiver<Outgoing>,
+    commands: queue::Receiver<Outgoing>,
     /// Taken from `commands` (or restored) but not yet in the link (it was at its bound).
     pending: VecDeque<Outgoing>,
     /// With a spool: taken from `commands`, waiting for the spool writer's answer (only a
@@ -171,13 +172,17 @@ struct LaneIo {
     /// `Channels::generation` when `channels` was last known to be current.
     channels_generation: u64,
     /// The channel queue the link's current delivery waits for.
-    parked: Option<mpsc::Sender<Message>>,
+    parked: Option<queue::Sender<Message>>,
     stats: LinkStats,
     /// What the application took of the peer's stream (see [`Settlement`]).
     settlement: Arc<Settlement>,
-    fates: Arc<Fates>,
+    /// What receipts watch (the task moves `acked`/`accepted` and records failures).
+    progress: Arc<Progress>,
     /// The newest acknowledgement of our stream, not yet published.
     acked_pending: Option<u64>,
+    /// Messages handed to application channels, not yet added to the metrics (added once per
+    /// wake, with the link's other counters).
+    delivered: u64,
 }
 
 impl LaneIo {
@@ -193,10 +198,9 @@ impl LaneIo {
             ),
             None => (None, None),
         };
-        let parked = self.parked.clone();
         tokio::select! {
             biased;
-            permit = reserve(parked) => Wake::Parked(permit),
+            () = channel_room(self.parked.as_ref()) => Wake::Parked,
             written = write_queued(send) => Wake::Written(written),
             read = read_chunk(recv, reading) => Wake::Read(read),
             n = self.commands.recv_many(&mut self.batch, room), if room > 0 => Wake::Commands(n),
@@ -304,11 +308,16 @@ impl PeerTask {
             }
             let link = session.link(lane);
             env.channels.register(peer, Arc::clone(&settlement));
-            let (commands_tx, commands) = mpsc::channel(config.peer_command_capacity);
+            let (commands_tx, commands) = queue::channel(config.peer_command_capacity);
+            commands_tx.set_next_seq(next_seq);
             let (acked, acked_rx) = watch::channel(link.acked_up_to());
             let (connected, connected_rx) = watch::channel(false);
-            let fates = Arc::new(Fates::default());
             let (accepted, accepted_rx) = watch::channel(next_seq - 1);
+            let progress = Arc::new(Progress {
+                acked: acked_rx,
+                accepted: env.durable.is_some().then_some(accepted_rx),
+                fates: Fates::default(),
+            });
             let spool_reply = Arc::new(SpoolReply {
                 peer,
                 lane,
@@ -322,11 +331,8 @@ impl PeerTask {
                 stream: link.stream(),
                 commands: commands_tx,
                 control: control_tx.clone(),
-                next_seq: Mutex::new(next_seq),
-                acked: acked_rx,
-                accepted: accepted_rx,
+                progress: Arc::clone(&progress),
                 spool_reply,
-                fates: Arc::clone(&fates),
                 connected: connected_rx,
             });
             LaneIo {
@@ -345,8 +351,9 @@ impl PeerTask {
                 parked: None,
                 stats: LinkStats::default(),
                 settlement,
-                fates,
+                progress,
                 acked_pending: None,
+                delivered: 0,
             }
         });
         let mut handles = handles.into_iter();
@@ -412,7 +419,7 @@ impl PeerTask {
     /// Handles what woke `lane`. False: the application's queue closed (the node is dropped).
     fn handle_wake(&mut self, lane: Lane, wake: Wake) -> bool {
         match wake {
-            Wake::Parked(permit) => self.deliver_parked(lane, permit),
+            Wake::Parked => self.deliver_parked(lane),
             Wake::Written(Ok(())) => {}
             Wake::Written(Err(e)) => self.connection_lost(format!("write failed: {e}")),
             Wake::Read(read) => self.handle_read(lane, read),
@@ -442,7 +449,7 @@ impl PeerTask {
             // peers stop): without a spool its acknowledgement goes out with the rest.
             self.settled(lane, false);
             let io = &mut self.lanes[lane.index()];
-            while let Ok(outgoing) = io.commands.try_recv() {
+            while let Some(outgoing) = io.commands.try_recv() {
                 io.batch.push(outgoing);
             }
             self.take_batch(lane);
@@ -562,7 +569,7 @@ impl PeerTask {
                     outgoing.tag = tag;
                     io.pending.push_back(outgoing);
                 }
-                Err(error) => io.fates.fail(seq, error),
+                Err(error) => io.progress.fates.fail(seq, error),
             }
         }
         if let Some(seq) = accepted {
@@ -637,6 +644,11 @@ impl PeerTask {
             }
             let stats = self.session.link(lane).stats();
             let io = &mut self.lanes[lane.index()];
+            if io.delivered > 0 {
+                self.env
+                    .metrics
+                    .delivered(std::mem::take(&mut io.delivered));
+            }
             self.env.metrics.add_link_delta(&io.stats, &stats);
             io.stats = stats;
         }
@@ -732,7 +744,7 @@ impl PeerTask {
                 // The messages may still wait in the command queue (control is taken first):
                 // take them into the link before looking (bounded by the queue).
                 let io = &mut self.lanes[Lane::Normal.index()];
-                while let Ok(outgoing) = io.commands.try_recv() {
+                while let Some(outgoing) = io.commands.try_recv() {
                     io.batch.push(outgoing);
                 }
                 self.take_batch(Lane::Normal);
@@ -878,7 +890,7 @@ impl PeerTask {
             seq: given_up.seq,
         };
         let reason = given_up.reason.to_string();
-        self.lanes[lane.index()].fates.fail(
+        self.lanes[lane.index()].progress.fates.fail(
             given_up.seq,
             DeliveryError::DeadLettered {
                 reason: reason.clone(),
@@ -1306,28 +1318,26 @@ impl PeerTask {
             io.channels.last = Some((channel.clone(), sender));
         }
         let (_, sender) = io.channels.last.as_ref().expect("set above");
-        match sender.try_reserve() {
-            Ok(permit) => {
-                let message = self.session.link_mut(lane).pop_delivery().expect("peeked");
-                count_delivery(&self.env.metrics, &message);
-                permit.send(message);
-                true
-            }
-            Err(mpsc::error::TrySendError::Full(())) => {
+        let link = self.session.link_mut(lane);
+        let counted = &mut io.delivered;
+        let delivered = sender.try_send_with(|| {
+            let message = link.pop_delivery().expect("peeked");
+            *counted += u64::from(is_application(&message));
+            message
+        });
+        match delivered {
+            Ok(()) => true,
+            Err(queue::TrySendError::Full) => {
                 io.parked = Some(sender.clone());
                 false
             }
-            Err(mpsc::error::TrySendError::Closed(())) => false,
+            Err(queue::TrySendError::Closed) => false,
         }
     }
 
-    fn deliver_parked(&mut self, lane: Lane, permit: Option<mpsc::OwnedPermit<Message>>) {
+    /// The channel a delivery waited for has room (or closed): deliver on.
+    fn deliver_parked(&mut self, lane: Lane) {
         self.lanes[lane.index()].parked = None;
-        let Some(permit) = permit else { return };
-        if let Some(message) = self.session.link_mut(lane).pop_delivery() {
-            count_delivery(&self.env.metrics, &message);
-            permit.send(message);
-        }
         self.process_rx(lane);
     }
 
@@ -1443,9 +1453,12 @@ async fn accept_lane_stream(
     Ok((lane, send, recv))
 }
 
-async fn reserve<T>(sender: Option<mpsc::Sender<T>>) -> Option<mpsc::OwnedPermit<T>> {
+/// Room in `sender`'s queue (or its close); never without a queue.
+async fn channel_room<T>(sender: Option<&queue::Sender<T>>) {
     match sender {
-        Some(sender) => sender.reserve_owned().await.ok(),
+        Some(sender) => {
+            let _ = sender.room().await;
+        }
         None => pending().await,
     }
 }
@@ -1533,13 +1546,11 @@ fn push(link: &mut Link, outgoing: Outgoing) {
     }
 }
 
-/// Counts a message handed to the application (work items included; the mesh's other channels,
-/// `$weft/...`, are counted by what they carry: events delivered).
-fn count_delivery(metrics: &Metrics, message: &Message) {
+/// Whether a delivery counts in the metrics' `delivered`: application channels and work items
+/// (the mesh's other channels, `$weft/...`, are counted by what they carry: events delivered).
+fn is_application(message: &Message) -> bool {
     let channel = &message.header.channel;
-    if !channel.starts_with('$') || channel.starts_with(weft_proto::channel::mesh::WORK_PREFIX) {
-        metrics.delivered(1);
-    }
+    !channel.starts_with('$') || channel.starts_with(weft_proto::channel::mesh::WORK_PREFIX)
 }
 
 /// Whether the link has room for `outgoing` now (volatile messages have a queue of their own).

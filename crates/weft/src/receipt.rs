@@ -1,7 +1,8 @@
 //! Receipts: a future per sent message that resolves when the peer acknowledged it.
 //!
-//! Acknowledgements are cumulative per link, so a receipt is only a sequence number and views of
-//! per-peer watermarks: no allocation per message, however many are in flight. The rare message
+//! Acknowledgements are cumulative per link, so a receipt is only a sequence number and a
+//! reference to its lane's [`Progress`] (the watermarks it watches): no allocation per message,
+//! however many are in flight, and one reference count per receipt. The rare message
 //! that fails — refused by the spool, or given up and dead-lettered — is recorded in the peer's
 //! [`Fates`], which a receipt consults before believing the watermark (an acknowledgement can
 //! cover a sequence number the peer was told to skip).
@@ -9,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::future::{Future, IntoFuture};
 use std::pin::Pin;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
 use tracing::warn;
@@ -20,6 +21,18 @@ use crate::error::DeliveryError;
 /// Most failures remembered per peer for receipts not yet awaited; beyond it the oldest go (a
 /// receipt for one of those then reports only what the watermark says).
 const FATES_MAX: usize = 65_536;
+
+/// What receipts watch of one peer's lane: the acknowledged watermark, the spool's accepted
+/// watermark and the messages that failed. One per lane, shared by the lane's handle and every
+/// receipt: a receipt costs one reference count, whatever it is asked later.
+#[derive(Debug)]
+pub(crate) struct Progress {
+    /// The link's acknowledged watermark.
+    pub acked: watch::Receiver<u64>,
+    /// The highest seq whose fate at the spool is known (`None`: the node has no spool).
+    pub accepted: Option<watch::Receiver<u64>>,
+    pub fates: Fates,
+}
 
 /// Messages to one peer that will never be delivered, by sequence number, and a version that
 /// moves with every change (receipts wait on it).
@@ -104,10 +117,7 @@ pub struct Receipt {
     /// For a scheduled message not yet numbered, `seq` is 0 (outside every stream).
     pub(crate) id: MessageId,
     pub(crate) peer: NodeId,
-    pub(crate) acked: watch::Receiver<u64>,
-    /// The spool's accepted watermark (`None`: the node has no spool).
-    pub(crate) accepted: Option<watch::Receiver<u64>>,
-    pub(crate) fates: std::sync::Arc<Fates>,
+    pub(crate) progress: Arc<Progress>,
     /// For a delayed message: its due time and its slot.
     pub(crate) scheduled: Option<(u64, watch::Receiver<SlotState>)>,
 }
@@ -167,7 +177,7 @@ impl Receipt {
         let Some(id) = self.try_id() else {
             return false;
         };
-        *self.acked.borrow() >= id.seq && self.fates.get(id.seq).is_none()
+        *self.progress.acked.borrow() >= id.seq && self.progress.fates.get(id.seq).is_none()
     }
 
     /// Waits until the message is durable in the spool ("accepted"): at once for a node without
@@ -186,13 +196,13 @@ impl Receipt {
                 Err(_) => Err(DeliveryError::NodeClosed),
             };
         }
-        let Some(accepted) = &self.accepted else {
+        let Some(accepted) = &self.progress.accepted else {
             return Ok(());
         };
         let seq = self.id.seq;
         let mut accepted = accepted.clone();
         let waited = accepted.wait_for(|a| *a >= seq).await.is_ok();
-        match self.fates.get(seq) {
+        match self.progress.fates.get(seq) {
             Some(error) => Err(error),
             None if waited => Ok(()),
             None => Err(DeliveryError::NodeClosed),
@@ -214,19 +224,21 @@ impl IntoFuture for Receipt {
                 id: self.id,
                 peer: self.peer,
             };
-            let mut version = self.fates.version.subscribe();
+            let fates = &self.progress.fates;
+            let mut version = fates.version.subscribe();
+            let mut acked = self.progress.acked.clone();
             loop {
-                if let Some(error) = self.fates.get(seq) {
+                if let Some(error) = fates.get(seq) {
                     return Err(error);
                 }
-                if *self.acked.borrow_and_update() >= seq {
+                if *acked.borrow_and_update() >= seq {
                     return Ok(delivered);
                 }
                 tokio::select! {
-                    changed = self.acked.changed() => {
+                    changed = acked.changed() => {
                         if changed.is_err() {
-                            let acked = *self.acked.borrow() >= seq;
-                            return match self.fates.get(seq) {
+                            let acked = *acked.borrow() >= seq;
+                            return match fates.get(seq) {
                                 Some(error) => Err(error),
                                 None if acked => Ok(delivered),
                                 None => Err(DeliveryError::NodeClosed),
@@ -265,9 +277,7 @@ pub struct Receipts {
     /// The batch's sequence numbers: contiguous runs (another sender may have numbered its own
     /// messages between two runs), in order.
     pub(crate) runs: Vec<std::ops::RangeInclusive<u64>>,
-    pub(crate) acked: watch::Receiver<u64>,
-    pub(crate) accepted: Option<watch::Receiver<u64>>,
-    pub(crate) fates: std::sync::Arc<Fates>,
+    pub(crate) progress: Arc<Progress>,
     /// The receipts of the batch's delayed messages, in the order given.
     pub(crate) scheduled: Vec<Receipt>,
 }
@@ -289,9 +299,7 @@ impl Receipts {
             peer: receipt.peer,
             base: receipt.id,
             runs: Vec::new(),
-            acked: receipt.acked.clone(),
-            accepted: receipt.accepted.clone(),
-            fates: std::sync::Arc::clone(&receipt.fates),
+            progress: Arc::clone(&receipt.progress),
             scheduled: Vec::new(),
         }
     }
@@ -355,9 +363,7 @@ impl Receipts {
         Some(Receipt {
             id,
             peer: self.peer,
-            acked: self.acked.clone(),
-            accepted: self.accepted.clone(),
-            fates: std::sync::Arc::clone(&self.fates),
+            progress: Arc::clone(&self.progress),
             scheduled: None,
         })
     }
@@ -370,7 +376,7 @@ impl Receipts {
         let Some(last) = self.runs.last() else {
             return true;
         };
-        *self.acked.borrow() >= *last.end() && self.failures().is_empty()
+        *self.progress.acked.borrow() >= *last.end() && self.failures().is_empty()
     }
 
     /// Messages above `acked` whose failure is not recorded either.
@@ -381,7 +387,7 @@ impl Receipts {
             .map(|run| {
                 let above = (*run.start()).max(acked + 1)..=*run.end();
                 let count = above.end() - above.start() + 1;
-                count - self.fates.failed_in(above).len() as u64
+                count - self.progress.fates.failed_in(above).len() as u64
             })
             .sum()
     }
@@ -389,7 +395,7 @@ impl Receipts {
     fn failures(&self) -> Vec<(MessageId, DeliveryError)> {
         self.runs
             .iter()
-            .flat_map(|run| self.fates.failed_in(run.clone()))
+            .flat_map(|run| self.progress.fates.failed_in(run.clone()))
             .map(|(seq, error)| (MessageId { seq, ..self.base }, error))
             .collect()
     }
@@ -459,23 +465,24 @@ impl IntoFuture for Receipts {
 
 impl Receipts {
     /// Waits for the messages numbered at once (see `into_future`).
-    async fn settle_runs(mut self) -> Result<usize, BatchDeliveryError> {
+    async fn settle_runs(self) -> Result<usize, BatchDeliveryError> {
         {
             let Some(last) = self.runs.last().map(|run| *run.end()) else {
                 return Ok(0);
             };
-            let mut version = self.fates.version.subscribe();
+            let mut version = self.progress.fates.version.subscribe();
+            let mut watermark = self.progress.acked.clone();
             loop {
-                let acked = *self.acked.borrow_and_update();
+                let acked = *watermark.borrow_and_update();
                 // Settled: everything acknowledged, or each message above the ack failed (a
                 // refused or given-up message may never be covered by an ack).
                 if acked >= last || self.unsettled_above(acked) == 0 {
                     return self.outcome(acked, None);
                 }
                 tokio::select! {
-                    changed = self.acked.changed() => {
+                    changed = watermark.changed() => {
                         if changed.is_err() {
-                            let acked = *self.acked.borrow();
+                            let acked = *watermark.borrow();
                             return self.outcome(acked, Some(DeliveryError::NodeClosed));
                         }
                     }

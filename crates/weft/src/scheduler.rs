@@ -7,7 +7,7 @@
 //!                                                                 └─ spool: Command::Schedule →
 //!      writer appends it UNNUMBERED (seq 0, due time) + sync → into the schedule ("accepted")
 //! release task: at the due time (sender's wall clock), per message: a slot in the peer's queue
-//!      (await), then under the peer's sequence lock seq = next, exactly like a fresh send:
+//!      (await), then under the lane queue's lock seq = next, exactly like a fresh send:
 //!      no spool: into the link;  spool: Command::Append{release} → writer appends the NUMBERED
 //!      copy (naming its origin) and retires the unnumbered record, one sync, then the link
 //! ```

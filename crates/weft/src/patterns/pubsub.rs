@@ -1607,7 +1607,9 @@ fn owe(shared: &Arc<Shared>, node: NodeId, seq: u64, names: &[String]) {
 /// What `node`'s link acknowledged so far.
 fn acked_up_to(shared: &Shared, node: &NodeId) -> Option<u64> {
     let peers = shared.peers.read().expect("peers lock poisoned");
-    peers.get(node).map(|handle| *handle.acked.borrow())
+    peers
+        .get(node)
+        .map(|handle| *handle.progress.acked.borrow())
 }
 
 /// Takes the links' acknowledgements into the owed ledger (the control tick).

@@ -194,7 +194,7 @@ fn choose(
     // A stuck worker gets no new work (its keys wait for it: see `redeliver_stuck`).
     workers.retain(|(w, _)| !state.stuck.workers.contains(w));
     let peers = shared.peers.read().expect("peers lock poisoned");
-    let acked_of = |worker: &NodeId| peers.get(worker).map_or(0, |h| *h.acked.borrow());
+    let acked_of = |worker: &NodeId| peers.get(worker).map_or(0, |h| *h.progress.acked.borrow());
     let free_credit = |state: &mut super::State, worker: NodeId, credit: u32| {
         let acked = acked_of(&worker);
         let outstanding = state
@@ -394,7 +394,14 @@ async fn push_message(
         // used up. Then look again, so an ack that came since `choose` looked is not missed.
         let mut acks: Vec<_> = workers
             .iter()
-            .filter_map(|w| shared.peers.read().ok()?.get(w).map(|h| h.acked.clone()))
+            .filter_map(|w| {
+                shared
+                    .peers
+                    .read()
+                    .ok()?
+                    .get(w)
+                    .map(|h| h.progress.acked.clone())
+            })
             .collect();
         for rx in &mut acks {
             rx.borrow_and_update();
@@ -600,7 +607,8 @@ pub(crate) fn redeliver_stuck(shared: &Arc<Shared>) {
         let mut guard = shared.patterns.lock();
         let state = &mut *guard;
         let peers = shared.peers.read().expect("peers lock poisoned");
-        let acked_of = |worker: &NodeId| peers.get(worker).map_or(0, |h| *h.acked.borrow());
+        let acked_of =
+            |worker: &NodeId| peers.get(worker).map_or(0, |h| *h.progress.acked.borrow());
         let mut holding = BTreeSet::new();
         for ((_, worker), seqs) in state.outstanding.iter_mut() {
             let acked = acked_of(worker);
