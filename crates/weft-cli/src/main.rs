@@ -141,8 +141,9 @@ enum Command {
         mesh: patterns_cmd::MeshArgs,
         #[command(flatten)]
         gossip: patterns_cmd::GossipArgs,
-        /// Wait for at least this many subscribers before publishing.
-        #[arg(long, default_value_t = 0)]
+        /// Wait for at least this many subscribers before publishing, and fail if an event
+        /// reaches none; 0 publishes at once, even to nobody.
+        #[arg(long, default_value_t = 1)]
         subscribers: usize,
         /// Publish the event this many times.
         #[arg(long, default_value_t = 1)]

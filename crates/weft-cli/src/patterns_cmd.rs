@@ -210,9 +210,10 @@ pub async fn sub(
     Ok(())
 }
 
-/// `weft pub TOPIC TEXT`: publishes (after waiting for `--subscribers`), each event once its
-/// first hops acknowledged the one before. `TEXT` `-` publishes each line of stdin as an event,
-/// until its end.
+/// `weft pub TOPIC TEXT`: publishes (after waiting for `--subscribers`, one by default), each
+/// event once its first hops acknowledged the one before; fails when an event reached nobody
+/// (unless `--subscribers 0`). `TEXT` `-` publishes each line of stdin as an event, until its
+/// end.
 pub async fn publish(
     mesh: MeshArgs,
     gossip: GossipArgs,
@@ -247,15 +248,26 @@ pub async fn publish(
         while let Some(line) = lines.next_line().await.context("cannot read stdin")? {
             reached = publish_one(&mesh, node, &topic, line.into_bytes()).await?;
             published += 1;
+            reached_someone(reached, subscribers, &topic)?;
         }
     } else {
         for _ in 0..repeat {
             reached = publish_one(&mesh, node, &topic, text.clone().into_bytes()).await?;
             published += 1;
+            reached_someone(reached, subscribers, &topic)?;
         }
     }
     println!("published {published} event(s) on {topic} to {reached} subscriber(s)");
     joined.leave().await;
+    Ok(())
+}
+
+/// An event that reached no subscriber is an error unless none was asked for (the subscribers
+/// waited for may have left since).
+fn reached_someone(reached: usize, subscribers: usize, topic: &str) -> Result<()> {
+    if reached == 0 && subscribers > 0 {
+        bail!("an event on {topic:?} reached no subscriber (they left); --subscribers 0 publishes to nobody without failing");
+    }
     Ok(())
 }
 

@@ -55,6 +55,36 @@ fn sub_prints_what_pub_publishes() {
     sub.wait_success();
 }
 
+/// By default `weft pub` waits for a subscriber and fails, saying so, when none comes; with
+/// `--subscribers 0` it publishes to nobody and says that.
+#[test]
+fn pub_without_subscribers_fails_unless_told_to_publish_to_nobody() {
+    let output = Command::new(env!("CARGO_BIN_EXE_weft"))
+        .args(["pub", "--mesh", "cli-nobody", "--wait-secs", "1"])
+        .args(["orders/created", "order 7"])
+        .output()
+        .expect("weft runs");
+    assert!(!output.status.success(), "published to nobody by default");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("fewer than 1 subscriber(s) of \"orders/created\" within 1 s"),
+        "{stderr}"
+    );
+    let out = run(&[
+        "pub",
+        "--mesh",
+        "cli-nobody",
+        "--subscribers",
+        "0",
+        "orders/created",
+        "order 7",
+    ]);
+    assert_eq!(
+        out.trim(),
+        "published 1 event(s) on orders/created to 0 subscriber(s)"
+    );
+}
+
 #[test]
 fn req_prints_what_rep_answers() {
     let mut rep = Running::start(
