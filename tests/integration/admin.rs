@@ -47,15 +47,14 @@ async fn metrics_and_status_describe_the_running_node() {
 
     let status = get(at, b"GET /status HTTP/1.1\r\n\r\n").await;
     let body = status.split("\r\n\r\n").nth(1).unwrap();
-    assert!(
-        body.contains(&format!("\"node_id\":\"{}\"", a.id())),
-        "{body}"
+    let status: serde_json::Value = serde_json::from_str(body).expect("status is JSON");
+    assert_eq!(status["node_id"], a.id().to_string(), "{body}");
+    assert_eq!(status["mesh"], "shop", "{body}");
+    assert_eq!(
+        status["peers_connected"],
+        serde_json::json!([b.id().to_string()])
     );
-    assert!(
-        body.contains(&format!("\"peers_connected\":[\"{}\"]", b.id())),
-        "{body}"
-    );
-    assert!(body.contains("\"acked\":1"), "{body}");
+    assert_eq!(status["metrics"]["acked"], 1, "{body}");
 
     assert!(get(at, b"GET /nope HTTP/1.1\r\n\r\n")
         .await
@@ -66,4 +65,21 @@ async fn metrics_and_status_describe_the_running_node() {
     let huge = vec![b'a'; 20_000];
     assert!(get(at, &huge).await.starts_with("HTTP/1.1 431"));
     server.shutdown().await;
+}
+
+/// A mesh name with quotes, a tab and a control character comes back intact in `/status` (the
+/// status is JSON built by serde, not by hand).
+#[tokio::test]
+async fn status_is_valid_json_whatever_the_mesh_is_called() {
+    let mesh = "shop \"east\"\tfloor \u{1}";
+    let a = node(mesh).await;
+    let server = weft::admin::serve(a.clone(), "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let status = get(server.local_addr(), b"GET /status HTTP/1.1\r\n\r\n").await;
+    let body = status.split("\r\n\r\n").nth(1).unwrap();
+    let status: serde_json::Value = serde_json::from_str(body).expect("status is JSON");
+    assert_eq!(status["mesh"], mesh, "{body}");
+    assert_eq!(status["peers_connected"], serde_json::json!([]));
+    a.shutdown().await;
 }

@@ -166,24 +166,24 @@ pub fn metrics_text(node: &Node) -> String {
 
 /// The node's status as a JSON object: id, mesh, address, connected peers, counters.
 pub fn status_json(node: &Node) -> String {
-    let addr = node
-        .local_addr()
-        .map(|a| format!("\"{a}\""))
-        .unwrap_or_else(|_| "null".into());
-    let peers: Vec<String> = node
-        .connected_peers()
-        .iter()
-        .map(|p| format!("\"{p}\""))
-        .collect();
-    let mesh = node
-        .config()
-        .mesh
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"");
-    format!(
-        "{{\"node_id\":\"{}\",\"mesh\":\"{mesh}\",\"addr\":{addr},\"peers_connected\":[{}],\"metrics\":{}}}",
-        node.id(),
-        peers.join(","),
-        node.metrics().to_json()
-    )
+    #[derive(serde::Serialize)]
+    struct Status<'a> {
+        node_id: String,
+        mesh: &'a str,
+        addr: Option<String>,
+        peers_connected: Vec<String>,
+        metrics: crate::MetricsSnapshot,
+    }
+    let status = Status {
+        node_id: node.id().to_string(),
+        mesh: &node.config().mesh,
+        addr: node.local_addr().ok().map(|a| a.to_string()),
+        peers_connected: node
+            .connected_peers()
+            .iter()
+            .map(|p| p.to_string())
+            .collect(),
+        metrics: node.metrics(),
+    };
+    serde_json::to_string(&status).expect("strings and integers serialize")
 }

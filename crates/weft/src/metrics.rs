@@ -40,7 +40,7 @@ pub(crate) struct Metrics {
 }
 
 /// A snapshot of a node's counters.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 #[non_exhaustive]
 pub struct MetricsSnapshot {
     /// Messages transmitted for the first time.
@@ -436,42 +436,7 @@ impl MetricsSnapshot {
 
     /// The counters as a JSON object (`{"sent": 1, ...}`), names as in the struct.
     pub fn to_json(&self) -> String {
-        let fields: Vec<String> = [
-            ("sent", self.sent),
-            ("retransmitted", self.retransmitted),
-            ("acked", self.acked),
-            ("received", self.received),
-            ("duplicates", self.duplicates),
-            ("delivered", self.delivered),
-            ("peers_connected", self.peers_connected),
-            ("protocol_errors", self.protocol_errors),
-            ("dial_failures", self.dial_failures),
-            ("refusals", self.refusals),
-            ("accepted", self.accepted),
-            ("dead_lettered", self.dead_lettered),
-            ("spool_pending", self.spool_pending),
-            ("spool_errors", self.spool_errors),
-            ("watermarks_persisted", self.watermarks_persisted),
-            ("events_delivered", self.events_delivered),
-            ("events_dropped", self.events_dropped),
-            ("volatile_dropped", self.volatile_dropped),
-            ("event_copies", self.event_copies),
-            ("events_received", self.events_received),
-            ("events_relayed", self.events_relayed),
-            ("events_repaired", self.events_repaired),
-            ("event_hops_max", self.event_hops_max),
-            ("events_retained", self.events_retained),
-            ("durable_subscriptions", self.durable_subscriptions),
-            ("durable_events_owed", self.durable_events_owed),
-            ("durable_events_dropped", self.durable_events_dropped),
-            ("work_redelivered", self.work_redelivered),
-            ("scheduled", self.scheduled),
-            ("released", self.released),
-        ]
-        .iter()
-        .map(|(name, value)| format!("\"{name}\":{value}"))
-        .collect();
-        format!("{{{}}}", fields.join(","))
+        serde_json::to_string(self).expect("a struct of integers serializes")
     }
 }
 
