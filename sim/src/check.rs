@@ -1065,8 +1065,11 @@ struct ItemFacts {
     interrupted: Option<(Option<u8>, u64)>,
     /// Every take: (worker, record index, time).
     takes: Vec<(NodeIndex, usize, Duration)>,
-    /// How many of them were copies made from a stuck worker.
+    /// How many of them were copies (marked with `weft::REDELIVERY_HEADER`): made from a stuck
+    /// worker, or reassigned from a silent one.
     copies: u32,
+    /// Takes of marked copies of a keyed item: (worker, time).
+    keyed_copies: Vec<(NodeIndex, Duration)>,
 }
 
 /// The work queue guarantees, judged from a `work` run's history (the producer is node 0;
@@ -1080,7 +1083,9 @@ struct ItemFacts {
 /// |             | (down at the producer for `reassign_after`) after its push, or once per     |
 /// |             | copy of it (made from a worker that acknowledged nothing for the producer's |
 /// |             | `work_ack_timeout`: paused, restarted and not pulling yet, or cut off by a  |
-/// |             | partition its connection has not noticed); never a copy of a keyed item     |
+/// |             | partition its connection has not noticed); a keyed item is copied only when |
+/// |             | reassigned (some worker crashed or went silent between its push and the     |
+/// |             | take), never from a stuck worker                                            |
 /// | `fifo`      | per shard key, items are first taken in push order (across workers, in the  |
 /// |             | order the history has the takes)                                            |
 /// | `integrity` | a taken item was pushed (returned `Ok` or interrupted), by the producer,    |
@@ -1146,12 +1151,6 @@ pub fn check_work(
                 copy,
                 ..
             } => {
-                if *copy && key.is_some() {
-                    violation(
-                        Checker::Duplicate,
-                        format!("node {worker}: took a copy of keyed item {seq}"),
-                    );
-                }
                 if *producer != Some(PRODUCER) {
                     violation(
                         Checker::Integrity,
@@ -1175,6 +1174,9 @@ pub fn check_work(
                 }
                 facts.takes.push((*worker, index, at));
                 facts.copies += u32::from(*copy);
+                if *copy && key.is_some() {
+                    facts.keyed_copies.push((*worker, at));
+                }
             }
             Event::PeerDown { node, peer } if *node == PRODUCER => {
                 down_since.entry(*peer).or_insert(at);
@@ -1233,9 +1235,28 @@ pub fn check_work(
                 Some(_) => {}
             }
         }
+        let since = facts.pushed.map_or(Duration::ZERO, |(at, ..)| at);
+        // A copy of a keyed item comes only from a reassignment: some worker crashed or went
+        // silent between the push and the take (stuck workers keep their keyed items).
+        for &(worker, at) in &facts.keyed_copies {
+            let reassigned = crashes
+                .values()
+                .any(|c| c.iter().any(|&c| since <= c && c <= at))
+                || silences
+                    .values()
+                    .any(|s| s.iter().any(|&(from, to)| from <= at && to >= since));
+            if !reassigned {
+                violations.push(Violation {
+                    checker: Checker::Duplicate,
+                    at,
+                    detail: format!(
+                        "node {worker}: took a copy of keyed item {seq} with no worker crashed or silent since its push"
+                    ),
+                });
+            }
+        }
         // Duplicates: excused by a crash or a silence of a worker that took it, or one per copy
         // (its original and the copy are both taken when the stuck worker resumes).
-        let since = facts.pushed.map_or(Duration::ZERO, |(at, ..)| at);
         let mut copies = facts.copies;
         for &(worker, _, at) in facts.takes.iter().skip(1) {
             let excused = facts.takes.iter().any(|&(taker, ..)| {
@@ -1867,6 +1888,12 @@ mod tests {
         let mut keyed = copied.clone();
         keyed.push(copy_taken(2_700, 3, 1, Some(0)));
         assert_eq!(with(&keyed), [Checker::Duplicate]);
+        // A keyed item reassigned from a silent worker is marked too: the silence excuses it.
+        let mut reassigned = silence.to_vec();
+        reassigned.extend(clean.iter().cloned());
+        reassigned.push(copy_taken(2_700, 3, 1, Some(0)));
+        reassigned.sort_by_key(|record| record.at);
+        assert_eq!(with(&reassigned), []);
         // Never pushed.
         assert_eq!(
             with(&[

@@ -682,3 +682,112 @@ async fn sharded_keys_keep_their_order_when_workers_join_and_die() {
     steady_task.abort();
     joiner_task.abort();
 }
+
+/// Three workers with spools take keyed items; one stops cleanly a sixth of the way in, after
+/// its application dropped its puller (settling what it took). Every item is handled exactly
+/// once: the stopping node acknowledges what it settled before it closes, so nothing it handled
+/// goes to the key's new owner, and what it had not taken yet (moved on after its leave) comes
+/// marked with the original's id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_leaves_cleanly_hands_on_nothing_it_handled() {
+    const ITEMS: u64 = 3_000;
+    const KEYS: u64 = 64;
+    const LEAVE_AFTER: u64 = ITEMS / 6;
+    let fast_reassign = |c: &mut weft::NodeConfig| {
+        c.patterns.work_reassign_after = Duration::from_millis(200);
+    };
+    let root = std::env::temp_dir().join(format!("weft-leave-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let spooled = |name: &str| {
+        let dir = root.join(name);
+        async move {
+            Node::builder()
+                .mesh("leave")
+                .data_dir(&dir)
+                .bind("127.0.0.1:0".parse().unwrap())
+                .configure(fast_reassign)
+                .start()
+                .await
+                .expect("node starts")
+        }
+    };
+    let producer = spooled("producer").await;
+    let workers = [
+        spooled("w0").await,
+        spooled("w1").await,
+        spooled("leaving").await,
+    ];
+    for worker in &workers {
+        producer.add_peer(addr(worker)).unwrap();
+        within("connected", producer.connected(worker.id()))
+            .await
+            .unwrap();
+    }
+    // Every take: (worker, value, marked as a redelivery).
+    let (taken, mut takes) = tokio::sync::mpsc::unbounded_channel();
+    let mut tasks = Vec::new();
+    for (index, worker) in workers.iter().enumerate() {
+        let mut puller = within("pull", worker.pull("ledger")).await.unwrap();
+        let taken = taken.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut count = 0;
+            while let Some(item) = puller.recv().await {
+                let marked = item.header.header(weft::REDELIVERY_HEADER).is_some();
+                let _ = taken.send((index, read_number(&item.body), marked));
+                count += 1;
+                if index == 2 && count == LEAVE_AFTER {
+                    break; // the leaving worker's application stops taking
+                }
+            }
+            // Dropped here: what it took is settled.
+        }));
+    }
+    drop(taken);
+    let pushing = tokio::spawn({
+        let producer = producer.clone();
+        async move {
+            for n in 0..ITEMS {
+                producer
+                    .push_keyed("ledger", format!("acct-{}", n % KEYS), number(n))
+                    .await
+                    .unwrap();
+            }
+        }
+    });
+    // The leaver stops cleanly as soon as its application is done.
+    let leaving = tasks.pop().expect("three workers");
+    let leaver = workers[2].clone();
+    let left = tokio::spawn(async move {
+        leaving.await.unwrap();
+        leaver.shutdown().await;
+    });
+    let mut seen: BTreeMap<u64, Vec<(usize, bool)>> = BTreeMap::new();
+    while seen.len() < ITEMS as usize {
+        let (worker, value, marked) = within("every item", takes.recv()).await.unwrap();
+        seen.entry(value).or_default().push((worker, marked));
+    }
+    within("pushes", pushing).await.unwrap();
+    within("the leave", left).await.unwrap();
+    // Every item was taken; a second take could come only after the leaver's connection was
+    // down for the reassignment delay (200 ms) and the next control tick (100 ms): wait well
+    // past that.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    while let Ok((worker, value, marked)) = takes.try_recv() {
+        seen.entry(value).or_default().push((worker, marked));
+    }
+    let twice: Vec<_> = seen.iter().filter(|(_, takes)| takes.len() > 1).collect();
+    assert!(twice.is_empty(), "handled twice: {twice:?}");
+    let by_leaver = seen.values().filter(|takes| takes[0].0 == 2).count() as u64;
+    assert_eq!(
+        by_leaver, LEAVE_AFTER,
+        "the leaver handled its share, then left"
+    );
+    for task in tasks {
+        task.abort();
+    }
+    producer.shutdown().await;
+    for worker in &workers {
+        worker.shutdown().await;
+    }
+    let _ = std::fs::remove_dir_all(&root);
+}

@@ -529,6 +529,11 @@ impl WatermarkGate {
         self.durable
     }
 
+    /// Whether a watermark is being persisted (its acknowledgement follows the spool's answer).
+    pub fn is_persisting(&self) -> bool {
+        self.in_flight.is_some()
+    }
+
     /// The application settled the stream up to `watermark`. `last`: the lane is stopping, so
     /// the newest is persisted whatever is in flight or waiting for a retry.
     pub fn handle_settled(&mut self, watermark: Watermark, last: bool) -> GateOutput {

@@ -1254,6 +1254,41 @@ fn a_full_spool_holds_acknowledgements_until_it_has_room() {
     assert_eq!(pair.b.durable[0].1, 10, "the watermark is durable");
 }
 
+/// A node that stops cleanly acknowledges what its application settled before it goes: the
+/// drain waits while the watermark is persisted and until the ack is out, so the sender does
+/// not hand those messages to anyone else (a worker's clean leave handled them once).
+#[test]
+fn a_clean_shutdown_waits_for_the_acknowledgement_of_what_was_settled() {
+    let mut pair = Pair::with_spools(23, true, false, true);
+    pair.run_for(Duration::from_secs(1));
+    pair.assert_settled();
+    pair.b.slow = true;
+    for _ in 0..3 {
+        assert!(pair.push(Side::A));
+    }
+    pair.run_for(LATENCY * 4);
+    assert_eq!(pair.b.delivered[0], vec![1, 2, 3], "taken, not settled");
+    assert!(
+        !pair.b.session.is_draining(),
+        "nothing of B's own to wait for"
+    );
+    // The application settles, and the node starts stopping at once.
+    pair.settle(Side::B);
+    let now = pair.now;
+    pair.b.session.handle_shutdown(now);
+    assert!(
+        pair.b.session.is_draining(),
+        "the watermark is being persisted: stopping now would leave the messages unacknowledged"
+    );
+    pair.run_for(FSYNC + LATENCY * 4);
+    assert_eq!(
+        pair.a.session.link(Lane::Normal).queued_messages(),
+        0,
+        "A has the acknowledgement"
+    );
+    assert!(!pair.b.session.is_draining(), "acknowledged: B may stop");
+}
+
 /// A consumer that takes messages but does not settle them: nothing is acknowledged, the
 /// sender's queue fills to its bound and then refuses (backpressure, not loss); once the
 /// consumer settles, everything flows, exactly once.

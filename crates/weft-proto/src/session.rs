@@ -262,12 +262,18 @@ impl Session {
         now + SHUTDOWN_DRAIN
     }
 
-    /// Whether anything of ours is unacknowledged or unsent, in a lane whose stream is in place
-    /// (what a draining driver still waits for).
+    /// Whether anything of ours is unacknowledged or unsent, or an acknowledgement of what the
+    /// application settled is still to come (its watermark being persisted), in a lane whose
+    /// stream is in place: what a draining driver still waits for. A node that stopped before
+    /// acknowledging what its application had taken would have it handed to someone else
+    /// (a work item to another worker) and handled twice.
     pub fn is_draining(&self) -> bool {
         self.lanes.iter().any(|state| {
             let link = &state.link;
-            link.is_connected() && (link.wants_transmit() || link.queued_messages() > 0)
+            link.is_connected()
+                && (link.wants_transmit()
+                    || link.queued_messages() > 0
+                    || state.gate.is_persisting())
         })
     }
 

@@ -10,9 +10,12 @@
 //! A worker that goes silent (its connection down for `PatternConfig::work_reassign_after`)
 //! gets its unacknowledged messages taken back from its link ([`weft_proto::Link::withdraw`];
 //! the worker is told to skip them if it returns) and pushed to the other workers, so a worker
-//! that dies does not take its work with it. Exactly one worker handles a message while workers
-//! stay connected; a message reassigned from a worker that had taken it but whose
-//! acknowledgement was lost is handled twice (at-least-once across a worker's loss).
+//! that dies does not take its work with it. Each reassigned copy carries the header
+//! [`REDELIVERY_HEADER`] naming the original's id. Exactly one worker handles a message while
+//! workers stay connected, and across a clean leave (a stopping node acknowledges what its
+//! application settled before it closes its connections); a message reassigned from a worker
+//! that had taken it but whose acknowledgement was lost (a crash, a cut) is handled twice
+//! (at-least-once across a worker's loss; the header lets the application recognise the pair).
 //!
 //! A worker that stays connected but stops taking messages (its application hangs) would keep
 //! what it was given for good. A producer therefore watches each worker that holds its work:
@@ -51,6 +54,23 @@ pub const REDELIVERY_HEADER: &str = "weft-redelivery-of";
 /// The value of [`REDELIVERY_HEADER`] naming `id`.
 pub fn redelivery_of(id: &weft_proto::MessageId) -> String {
     format!("{}/{}/{}", id.producer, id.stream, id.seq)
+}
+
+/// `message` marked as a redelivery of `original`, unless it already names an earlier original
+/// (a copy of a copy names the first).
+fn marked_redelivery(
+    message: OutgoingMessage,
+    original: &weft_proto::MessageId,
+) -> OutgoingMessage {
+    let marked = message
+        .options
+        .as_ref()
+        .is_some_and(|o| o.headers.iter().any(|(k, _)| k == REDELIVERY_HEADER));
+    if marked {
+        message
+    } else {
+        message.with_header(REDELIVERY_HEADER, redelivery_of(original))
+    }
 }
 
 /// What a producer knows of stuck workers (see the module doc).
@@ -559,7 +579,7 @@ pub(crate) fn reassign_silent(shared: &Arc<Shared>) {
             }
             let mut retired = Vec::new();
             let mut all_pushed = true;
-            for (_, tag, message) in withdrawn {
+            for (seq, tag, message) in withdrawn {
                 let Some(queue) = message
                     .channel
                     .strip_prefix(WORK_PREFIX)
@@ -567,6 +587,14 @@ pub(crate) fn reassign_silent(shared: &Arc<Shared>) {
                 else {
                     continue;
                 };
+                // The silent worker may have handled it (its acknowledgement lost with the
+                // connection): the copy names the original, so the application can tell.
+                let original = weft_proto::MessageId {
+                    producer: shared.id,
+                    stream: handle.stream,
+                    seq,
+                };
+                let message = marked_redelivery(message, &original);
                 match push_message(&shared, &queue, message, true).await {
                     Ok(to) => {
                         debug!(queue = %queue, to = %to.short(), "work reassigned");
@@ -727,7 +755,7 @@ pub(crate) fn redeliver_stuck(shared: &Arc<Shared>) {
                     stream: handle.stream,
                     seq,
                 };
-                let copy = message.with_header(REDELIVERY_HEADER, redelivery_of(&original));
+                let copy = marked_redelivery(message, &original);
                 match push_message(&shared, &queue, copy, false).await {
                     Ok(to) => {
                         shared
