@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use serde_json::json;
 use weft::admin::AdminServer;
 use weft::{Identity, Message, Node, NodeAddr, NodeConfig, NodeId};
 
@@ -39,6 +40,11 @@ pub struct MeshArgs {
     /// address; port 0 takes a free one, named by the line `metrics on http://ADDR/metrics`.
     #[arg(long)]
     metrics: Option<SocketAddr>,
+    /// One JSON object per output line instead of text: status lines as `{"node": ..}`,
+    /// `{"subscribed": ..}` and the like, each message as an object with its channel, id,
+    /// headers and body (`body` as text, or `body_hex` when it is not UTF-8).
+    #[arg(long)]
+    json: bool,
 }
 
 /// How `weft pub` and `weft sub` take part in the gossip trees of pub/sub.
@@ -81,14 +87,19 @@ impl Joined {
     /// Prints `node ID@ADDR` (with `node_line`: what the long-running commands print first, for
     /// others to pass as `--peer`), then `metrics on http://ADDR/metrics, status on /status`
     /// if `--metrics` asked for the endpoint.
-    fn announce(&self, node_line: bool) -> Result<()> {
+    fn announce(&self, mesh: &MeshArgs, node_line: bool) -> Result<()> {
         if node_line {
-            println!("node {}", self.node.addr()?);
+            let addr = self.node.addr()?;
+            mesh.say(
+                || format!("node {addr}"),
+                || json!({ "node": addr.to_string() }),
+            );
         }
         if let Some(admin) = &self.admin {
-            println!(
-                "metrics on http://{}/metrics, status on /status",
-                admin.local_addr()
+            let at = admin.local_addr();
+            mesh.say(
+                || format!("metrics on http://{at}/metrics, status on /status"),
+                || json!({ "metrics": format!("http://{at}/metrics"), "status": format!("http://{at}/status") }),
             );
         }
         Ok(())
@@ -104,6 +115,20 @@ impl Joined {
 }
 
 impl MeshArgs {
+    /// Prints one output line: `text`, or with `--json` the object `value`.
+    fn say(&self, text: impl FnOnce() -> String, value: impl FnOnce() -> serde_json::Value) {
+        if self.json {
+            println!("{}", value());
+        } else {
+            println!("{}", text());
+        }
+    }
+
+    /// Prints a message: `text`, or with `--json` the message as an object (see [`message_json`]).
+    fn print_message(&self, text: impl FnOnce() -> String, message: &Message) {
+        self.say(text, || message_json(message));
+    }
+
     async fn start(&self) -> Result<Joined> {
         self.start_with(|_| {}).await
     }
@@ -161,6 +186,47 @@ impl MeshArgs {
     }
 }
 
+/// A message as JSON: channel, id (producer, stream, seq), kind, creation time, attempt,
+/// headers, and the body as `body` (UTF-8 text) or `body_hex`.
+fn message_json(message: &Message) -> serde_json::Value {
+    let header = &message.header;
+    let mut object = serde_json::Map::new();
+    object.insert("channel".into(), json!(header.channel.as_str()));
+    object.insert("producer".into(), json!(header.id.producer.to_string()));
+    object.insert("stream".into(), json!(header.id.stream.to_string()));
+    object.insert("seq".into(), json!(header.id.seq));
+    object.insert(
+        "kind".into(),
+        json!(format!("{:?}", header.kind).to_lowercase()),
+    );
+    object.insert("created_unix_ms".into(), json!(header.created_unix_ms));
+    object.insert("attempt".into(), json!(header.attempt));
+    let headers: Vec<serde_json::Value> = header
+        .headers()
+        .iter()
+        .map(|(name, value)| {
+            let mut entry = serde_json::Map::new();
+            entry.insert("name".into(), json!(name));
+            insert_bytes(&mut entry, "value", value);
+            serde_json::Value::Object(entry)
+        })
+        .collect();
+    object.insert("headers".into(), json!(headers));
+    insert_bytes(&mut object, "body", &message.body);
+    serde_json::Value::Object(object)
+}
+
+/// `bytes` under `name` as text, or under `NAME_hex` when they are not UTF-8.
+fn insert_bytes(object: &mut serde_json::Map<String, serde_json::Value>, name: &str, bytes: &[u8]) {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => object.insert(name.to_owned(), json!(text)),
+        Err(_) => {
+            let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            object.insert(format!("{name}_hex"), json!(hex))
+        }
+    };
+}
+
 /// Prints a message body as text, or its size if it is not UTF-8.
 fn body_text(message: &Message) -> String {
     match std::str::from_utf8(&message.body) {
@@ -184,24 +250,32 @@ pub async fn sub(
     count: Option<u64>,
 ) -> Result<()> {
     let joined = mesh.start_with(|config| gossip.apply(config)).await?;
-    joined.announce(true)?;
+    joined.announce(&mesh, true)?;
     let node = &joined.node;
     mesh.connected(node).await?;
     let mut subscription = node
         .subscribe(&pattern)
         .await
         .with_context(|| format!("cannot subscribe to {pattern:?}"))?;
-    println!("subscribed to {pattern}");
+    mesh.say(
+        || format!("subscribed to {pattern}"),
+        || json!({ "subscribed": pattern }),
+    );
     let mut received = 0;
     while count.is_none_or(|count| received < count) {
         let Some(Some(event)) = ctrl_c_or(subscription.recv()).await else {
             break;
         };
-        println!(
-            "{} {} {}",
-            event.header.channel,
-            event.header.id.producer.short(),
-            body_text(&event)
+        mesh.print_message(
+            || {
+                format!(
+                    "{} {} {}",
+                    event.header.channel,
+                    event.header.id.producer.short(),
+                    body_text(&event)
+                )
+            },
+            &event,
         );
         received += 1;
     }
@@ -227,7 +301,7 @@ pub async fn publish(
         bail!("--repeat does not go with `-` (events from stdin): repeat the lines instead");
     }
     let joined = mesh.start_with(|config| gossip.apply(config)).await?;
-    joined.announce(false)?;
+    joined.announce(&mesh, false)?;
     let node = &joined.node;
     mesh.connected(node).await?;
     if subscribers > 0 {
@@ -257,7 +331,10 @@ pub async fn publish(
             reached_someone(reached, subscribers, &topic)?;
         }
     }
-    println!("published {published} event(s) on {topic} to {reached} subscriber(s)");
+    mesh.say(
+        || format!("published {published} event(s) on {topic} to {reached} subscriber(s)"),
+        || json!({ "published": published, "topic": topic, "subscribers": reached }),
+    );
     joined.leave().await;
     Ok(())
 }
@@ -290,24 +367,32 @@ pub async fn rep(
     count: Option<u64>,
 ) -> Result<()> {
     let joined = mesh.start().await?;
-    joined.announce(true)?;
+    joined.announce(&mesh, true)?;
     let node = &joined.node;
     mesh.connected(node).await?;
     let mut requests = node
         .serve(&service)
         .await
         .with_context(|| format!("cannot serve {service:?}"))?;
-    println!("serving {service}");
+    mesh.say(
+        || format!("serving {service}"),
+        || json!({ "serving": service }),
+    );
     let mut answered = 0;
     while count.is_none_or(|count| answered < count) {
         let Some(Some(request)) = ctrl_c_or(requests.recv()).await else {
             break;
         };
-        println!(
-            "{} {} {}",
-            service,
-            request.requester().short(),
-            body_text(request.message())
+        mesh.print_message(
+            || {
+                format!(
+                    "{} {} {}",
+                    service,
+                    request.requester().short(),
+                    body_text(request.message())
+                )
+            },
+            request.message(),
         );
         let answer = match &reply {
             Some(text) => text.clone().into_bytes().into(),
@@ -332,7 +417,7 @@ pub async fn req(
     timeout_ms: u64,
 ) -> Result<()> {
     let joined = mesh.start().await?;
-    joined.announce(false)?;
+    joined.announce(&mesh, false)?;
     let node = &joined.node;
     mesh.connected(node).await?;
     if to.is_none() {
@@ -355,7 +440,7 @@ pub async fn req(
     joined.leave().await;
     match result {
         Ok(reply) => {
-            println!("{}", body_text(&reply));
+            mesh.print_message(|| body_text(&reply), &reply);
             Ok(())
         }
         Err(e) => bail!("request to {service:?} failed: {e}"),
@@ -370,24 +455,32 @@ pub async fn pull(
     count: Option<u64>,
 ) -> Result<()> {
     let joined = mesh.start().await?;
-    joined.announce(true)?;
+    joined.announce(&mesh, true)?;
     let node = &joined.node;
     mesh.connected(node).await?;
     let mut puller = node
         .pull_with(&queue, weft::PullOptions { credit })
         .await
         .with_context(|| format!("cannot pull from {queue:?}"))?;
-    println!("pulling from {queue}");
+    mesh.say(
+        || format!("pulling from {queue}"),
+        || json!({ "pulling": queue }),
+    );
     let mut taken = 0;
     while count.is_none_or(|count| taken < count) {
         let Some(Some(item)) = ctrl_c_or(puller.recv()).await else {
             break;
         };
-        println!(
-            "{} {} {}",
-            item.header.channel,
-            item.header.id.producer.short(),
-            body_text(&item)
+        mesh.print_message(
+            || {
+                format!(
+                    "{} {} {}",
+                    item.header.channel,
+                    item.header.id.producer.short(),
+                    body_text(&item)
+                )
+            },
+            &item,
         );
         taken += 1;
     }
@@ -421,7 +514,7 @@ pub async fn push(
         bail!("--keyed-lines takes each item's key from its line: it needs `-` and no --key");
     }
     let joined = mesh.start().await?;
-    joined.announce(false)?;
+    joined.announce(&mesh, false)?;
     let node = &joined.node;
     mesh.connected(node).await?;
     if workers > 0 {
@@ -453,7 +546,10 @@ pub async fn push(
             pushed += 1;
         }
     }
-    println!("pushed {pushed} item(s) to {queue}");
+    mesh.say(
+        || format!("pushed {pushed} item(s) to {queue}"),
+        || json!({ "pushed": pushed, "queue": queue }),
+    );
     joined.leave().await;
     Ok(())
 }
@@ -481,4 +577,20 @@ async fn push_one(
             )
         })??;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_are_text_when_they_are_utf8_and_hex_otherwise() {
+        let mut object = serde_json::Map::new();
+        insert_bytes(&mut object, "body", "naïve \"quoted\"".as_bytes());
+        insert_bytes(&mut object, "key", &[0xff, 0x00, 0x7f]);
+        assert_eq!(
+            serde_json::Value::Object(object),
+            json!({ "body": "naïve \"quoted\"", "key_hex": "ff007f" })
+        );
+    }
 }

@@ -85,6 +85,79 @@ fn pub_without_subscribers_fails_unless_told_to_publish_to_nobody() {
     );
 }
 
+/// A JSON line of a `--json` command's output.
+fn json_line(running: &Running, what: &str) -> serde_json::Value {
+    let line = running.line(what);
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("{what}: {line:?} is not JSON: {e}"))
+}
+
+/// With `--json` every output line is one JSON object: status lines by name, each message
+/// with its channel, id, headers and body (text, or hex when it is not UTF-8).
+#[test]
+fn the_pattern_commands_speak_json_when_asked() {
+    let sub = Running::start(
+        "weft sub --json",
+        &[
+            "sub", "--json", "--mesh", "cli-json", "--count", "1", "orders/*",
+        ],
+    );
+    let node = json_line(&sub, "the node line");
+    let addr = node["node"].as_str().expect("a node address").to_owned();
+    assert_eq!(json_line(&sub, "subscribed")["subscribed"], "orders/*");
+    let out = run(&[
+        "pub",
+        "--json",
+        "--mesh",
+        "cli-json",
+        "--peer",
+        &addr,
+        "orders/created",
+        "order \"7\"\tpaid",
+    ]);
+    let published: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(published["published"], 1);
+    assert_eq!(published["subscribers"], 1);
+    let event = json_line(&sub, "the event");
+    assert_eq!(event["channel"], "orders/created");
+    assert_eq!(
+        event["body"], "order \"7\"\tpaid",
+        "quotes and tabs survive"
+    );
+    assert_eq!(event["kind"], "event");
+    assert!(event["seq"].as_u64().is_some() && event["producer"].as_str().is_some());
+
+    let pull = Running::start(
+        "weft pull --json",
+        &[
+            "pull", "--json", "--mesh", "cli-json", "--count", "1", "jobs",
+        ],
+    );
+    let addr = json_line(&pull, "the node line")["node"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(json_line(&pull, "pulling")["pulling"], "jobs");
+    let out = run(&[
+        "push",
+        "--json",
+        "--mesh",
+        "cli-json",
+        "--peer",
+        &addr,
+        "--workers",
+        "1",
+        "jobs",
+        "img-1.png",
+    ]);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(out.trim()).unwrap(),
+        serde_json::json!({ "pushed": 1, "queue": "jobs" })
+    );
+    let item = json_line(&pull, "the item");
+    assert_eq!(item["body"], "img-1.png");
+    assert!(item["channel"].as_str().unwrap().ends_with("jobs"));
+}
+
 #[test]
 fn req_prints_what_rep_answers() {
     let mut rep = Running::start(
