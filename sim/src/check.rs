@@ -1083,9 +1083,10 @@ struct ItemFacts {
 /// |             | (down at the producer for `reassign_after`) after its push, or once per     |
 /// |             | copy of it (made from a worker that acknowledged nothing for the producer's |
 /// |             | `work_ack_timeout`: paused, restarted and not pulling yet, or cut off by a  |
-/// |             | partition its connection has not noticed); a keyed item is copied only when |
-/// |             | reassigned (some worker crashed or went silent between its push and the     |
-/// |             | take), never from a stuck worker                                            |
+/// |             | partition its connection has not noticed); a worker's clean leave excuses   |
+/// |             | nothing (what it settled is acknowledged before it goes); a keyed item is   |
+/// |             | copied only when reassigned (some worker crashed, went silent or left       |
+/// |             | between its push and the take), never from a stuck worker                   |
 /// | `fifo`      | per shard key, items are first taken in push order (across workers, in the  |
 /// |             | order the history has the takes)                                            |
 /// | `integrity` | a taken item was pushed (returned `Ok` or interrupted), by the producer,    |
@@ -1106,6 +1107,13 @@ pub fn check_work(
     // Per worker: intervals its connection was down at the producer for `reassign_after`.
     let mut silences: BTreeMap<NodeIndex, Vec<(Duration, Duration)>> = BTreeMap::new();
     let mut down_since: BTreeMap<NodeIndex, Duration> = BTreeMap::new();
+    // Workers that left cleanly (since when), until they restart: what they settled was
+    // acknowledged before they closed, so neither their absence nor a crash while gone
+    // excuses a second take of an item they took.
+    let mut left: BTreeMap<NodeIndex, Duration> = BTreeMap::new();
+    // Every clean leave, (node, from, until its restart): the producer moves the items the
+    // leaver had not taken yet, and items pushed to it before it was known to be gone.
+    let mut leaves: Vec<(NodeIndex, Duration, Option<Duration>)> = Vec::new();
     // Per key: the highest seq first taken so far.
     let mut key_order: BTreeMap<u8, u32> = BTreeMap::new();
 
@@ -1178,8 +1186,22 @@ pub fn check_work(
                     facts.keyed_copies.push((*worker, at));
                 }
             }
-            Event::PeerDown { node, peer } if *node == PRODUCER => {
+            // A worker that left cleanly is not silent: its absence excuses nothing.
+            Event::PeerDown { node, peer } if *node == PRODUCER && !left.contains_key(peer) => {
                 down_since.entry(*peer).or_insert(at);
+            }
+            Event::Fault(FaultAction::Leave { node }) => {
+                left.insert(*node, at);
+                leaves.push((*node, at, None));
+            }
+            Event::Fault(FaultAction::Restart { nodes }) => {
+                for node in nodes {
+                    if left.remove(node).is_some() {
+                        for leave in leaves.iter_mut().filter(|l| l.0 == *node && l.2.is_none()) {
+                            leave.2 = Some(at);
+                        }
+                    }
+                }
             }
             Event::PeerUp { node, peer } if *node == PRODUCER => {
                 if let Some(from) = down_since.remove(peer) {
@@ -1188,6 +1210,9 @@ pub fn check_work(
             }
             Event::Fault(FaultAction::Crash { nodes, .. }) => {
                 for node in nodes {
+                    if left.contains_key(node) {
+                        continue; // nothing runs there to lose an acknowledgement
+                    }
                     crashes.entry(*node).or_default().push(at);
                     if *node == PRODUCER {
                         // Its view of the workers starts afresh.
@@ -1236,12 +1261,15 @@ pub fn check_work(
             }
         }
         let since = facts.pushed.map_or(Duration::ZERO, |(at, ..)| at);
-        // A copy of a keyed item comes only from a reassignment: some worker crashed or went
-        // silent between the push and the take (stuck workers keep their keyed items).
+        // A copy of a keyed item comes only from a reassignment: some worker crashed, went
+        // silent or left between the push and the take (stuck workers keep their keyed items).
         for &(worker, at) in &facts.keyed_copies {
             let reassigned = crashes
                 .values()
                 .any(|c| c.iter().any(|&c| since <= c && c <= at))
+                || leaves.iter().any(|&(_, from, until)| {
+                    from <= at && until.is_none_or(|until| until >= since)
+                })
                 || silences
                     .values()
                     .any(|s| s.iter().any(|&(from, to)| from <= at && to >= since));

@@ -283,6 +283,9 @@ struct NodeContext {
     work: Option<Vec<PlannedItem>>,
     /// The nodes' `gossip_fanout`, when not the default.
     gossip_fanout: Option<usize>,
+    /// Set by a [`FaultAction::Leave`]: the application stops and the node shuts down cleanly.
+    /// Cleared when the node's software starts.
+    leave: tokio::sync::watch::Sender<bool>,
 }
 
 /// One node's part of a `pubsub` run.
@@ -399,6 +402,7 @@ fn simulate(scenario: &Scenario, canary: Option<Canary>, history: &History) -> S
             pubsub,
             drop_events: canary == Some(Canary::DropEvent),
             events_yielded: AtomicU64::new(0),
+            leave: tokio::sync::watch::Sender::new(false),
             work: scenario.work.as_ref().map(|plan| {
                 if index == 0 {
                     plan.items.clone()
@@ -614,6 +618,9 @@ fn apply(
                 sim.bounce(host_name(node));
             }
         }
+        FaultAction::Leave { node } => {
+            contexts[*node].leave.send_replace(true);
+        }
         FaultAction::Disk { node, fault } => {
             let storage = &contexts[*node].storage;
             match fault {
@@ -706,6 +713,7 @@ async fn node_software(context: Arc<NodeContext>) -> Result<(), Box<dyn Error>> 
     // crashes.
     let start = context.starts.fetch_add(1, Ordering::Relaxed);
     let incarnation = index as u64 | start << 16;
+    context.leave.send_replace(false);
     let quarantined_before = quarantined_segments(&context.storage);
     let node = loop {
         match start_node(&context, incarnation).await? {
@@ -772,15 +780,33 @@ async fn node_software(context: Arc<NodeContext>) -> Result<(), Box<dyn Error>> 
     if context.pubsub.is_some() {
         tokio::spawn(pubsub_app(node.clone(), Arc::clone(&context)));
     }
-    if context.work.is_some() {
-        tokio::spawn(work_app(node.clone(), Arc::clone(&context)));
-    }
+    let work = context
+        .work
+        .is_some()
+        .then(|| tokio::spawn(work_app(node.clone(), Arc::clone(&context))));
 
-    // The node lives as long as this host: until the harness stops stepping or crashes it.
+    // The node lives as long as this host (until the harness stops stepping or crashes it), or
+    // until it leaves.
+    let mut leave = context.leave.subscribe();
     loop {
         history.set_metrics(index, node.metrics());
-        tokio::time::sleep(METRICS_INTERVAL).await;
+        tokio::select! {
+            _ = tokio::time::sleep(METRICS_INTERVAL) => {}
+            () = left(&mut leave) => break,
+        }
     }
+    // A clean leave: the application is done first (a worker drops its puller, settling what it
+    // took), then the node stops, acknowledging what was settled.
+    if let Some(work) = work {
+        if index == 0 {
+            work.abort();
+        }
+        let _ = work.await;
+    }
+    node.shutdown().await;
+    history.set_metrics(index, node.metrics());
+    std::future::pending::<()>().await;
+    Ok(())
 }
 
 /// Starts the node once. The outer error fails the host; the inner one is a start the
@@ -1332,10 +1358,14 @@ async fn work_app(node: Node, context: Arc<NodeContext>) {
     }
 }
 
-/// Takes a worker's items for as long as the node runs, pausing as scheduled.
+/// Takes a worker's items for as long as the node runs, pausing as scheduled. Told to leave,
+/// it takes one more item (waiting at most [`LEAVE_AFTER_TAKE_MAX`]) and stops right after
+/// it, so that the leave comes while that item is settled but maybe not yet acknowledged: the
+/// window a clean stop must not lose.
 async fn take_items(mut puller: weft::Puller, context: &NodeContext) {
     let index = context.index;
     let history = &context.history;
+    let mut leave = context.leave.subscribe();
     let now = sim_now();
     let mut pauses = context
         .pauses
@@ -1343,10 +1373,15 @@ async fn take_items(mut puller: weft::Puller, context: &NodeContext) {
         .copied()
         .filter(|pause| pause.until > now)
         .peekable();
+    let mut leaving: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
     loop {
         let next_pause = pauses.peek().copied();
         tokio::select! {
             biased;
+            () = left(&mut leave), if leaving.is_none() => {
+                leaving = Some(Box::pin(tokio::time::sleep(LEAVE_AFTER_TAKE_MAX)));
+            }
+            () = async { leaving.as_mut().expect("armed").await }, if leaving.is_some() => return,
             item = puller.recv() => {
                 let Some(item) = item else { return };
                 let (seq, key) = parse_item_body(&item.body).unwrap_or((u32::MAX, None));
@@ -1358,17 +1393,33 @@ async fn take_items(mut puller: weft::Puller, context: &NodeContext) {
                     body_digest: body_digest(&item.body),
                     copy: item.header.header(weft::REDELIVERY_HEADER).is_some(),
                 });
+                if leaving.is_some() {
+                    return; // dropping the puller settles what was taken
+                }
             }
-            _ = pause_start(next_pause) => {
+            _ = pause_start(next_pause), if leaving.is_none() => {
                 pauses.next();
                 if let Some(pause) = next_pause {
                     history.record_now(Event::ConsumerPaused { node: index });
-                    sleep_until(pause.until).await;
+                    let mut leave = context.leave.subscribe();
+                    tokio::select! {
+                        () = sleep_until(pause.until) => {}
+                        () = left(&mut leave) => return,
+                    }
                     history.record_now(Event::ConsumerResumed { node: index });
                 }
             }
         }
     }
+}
+
+/// How long a worker told to leave waits for one more item before it stops anyway.
+const LEAVE_AFTER_TAKE_MAX: Duration = Duration::from_millis(500);
+
+/// Until the node is told to leave (a [`FaultAction::Leave`]).
+async fn left(leave: &mut tokio::sync::watch::Receiver<bool>) {
+    // (The guard `wait_for` returns must not live across an await.)
+    let _ = leave.wait_for(|leave| *leave).await.map(|_| ());
 }
 
 async fn pause_start(pause: Option<Pause>) {

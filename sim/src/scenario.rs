@@ -432,6 +432,13 @@ pub enum FaultAction {
         /// The nodes.
         nodes: Vec<usize>,
     },
+    /// The node's application stops taking work and the node stops cleanly
+    /// (`Node::shutdown`): what it settled is acknowledged before its connections close. It
+    /// stays down until a [`FaultAction::Restart`] (if any).
+    Leave {
+        /// The node.
+        node: usize,
+    },
     /// A fault of one node's storage.
     Disk {
         /// The node.
@@ -476,6 +483,7 @@ impl FaultAction {
                 out.extend([10, *node as u8]);
                 fault.encode(out);
             }
+            FaultAction::Leave { node } => out.extend([11, *node as u8]),
         }
     }
 }
@@ -499,6 +507,7 @@ impl fmt::Display for FaultAction {
             FaultAction::Crash { nodes, mode } => write!(f, "crash {nodes:?} ({mode})"),
             FaultAction::Restart { nodes } => write!(f, "restart {nodes:?}"),
             FaultAction::Disk { node, fault } => write!(f, "disk of node {node}: {fault}"),
+            FaultAction::Leave { node } => write!(f, "node {node} leaves cleanly"),
         }
     }
 }
@@ -1247,6 +1256,25 @@ fn generate_work(seed: u64) -> Scenario {
         faults.extend(crash_and_restart(at, downtime, vec![node], mode));
     }
     faults.sort_by_key(|fault| fault.at);
+    // Half the runs: a worker leaves cleanly while items are still pushed, at a moment when
+    // its path to the producer is quiet (a leave under a partition cannot deliver its last
+    // acknowledgements, and is a crash as far as they go). Drawn apart, so the rest of a seed's
+    // scenario is what it was before leaves existed.
+    let mut leaves = Draw::new(derive_seed(seed, "work leave", u64::from(kind.tag())));
+    if leaves.chance(50) {
+        let node = 1 + leaves.index(nodes - 1);
+        for _ in 0..LEAVE_TRIES {
+            let at = leaves.millis(FAULT_START, SEND_END - LEAVE_QUIET.1);
+            if pair_is_quiet(&faults, 0, node, at - LEAVE_QUIET.0, at + LEAVE_QUIET.1) {
+                faults.push(ScheduledFault {
+                    at,
+                    action: FaultAction::Leave { node },
+                });
+                faults.sort_by_key(|fault| fault.at);
+                break;
+            }
+        }
+    }
     let mut plan = Draw::new(derive_seed(seed, "items", 0));
     let count = plan.range(WORK_ITEMS.0, WORK_ITEMS.1);
     let mut times: Vec<Duration> = (0..count)
@@ -1389,6 +1417,79 @@ fn subset(draw: &mut Draw, nodes: usize, percent: u64) -> Vec<usize> {
 }
 
 /// A crash of `nodes` at `at` and their restart after `downtime`.
+/// Candidate moments tried for a clean leave.
+const LEAVE_TRIES: usize = 20;
+/// How long before and after a clean leave the leaver's path to the producer is quiet (no
+/// fault of the pair, neither end down): its drain (at most `SHUTDOWN_DRAIN`) fits well.
+const LEAVE_QUIET: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(2));
+
+/// Whether nodes `a` and `b` are both up and nothing stands between them from `from` to `to`
+/// (no partition, hold or latency change of the pair in force or starting, no crash of either
+/// in force or starting, counting [`CRASH_RECOVERY`] after a restart).
+fn pair_is_quiet(
+    faults: &[ScheduledFault],
+    a: usize,
+    b: usize,
+    from: Duration,
+    to: Duration,
+) -> bool {
+    let across = |x: &[usize], y: &[usize]| {
+        (x.contains(&a) && y.contains(&b)) || (x.contains(&b) && y.contains(&a))
+    };
+    let pair = |x: usize, y: usize| (x == a && y == b) || (x == b && y == a);
+    let mut cut = 0i32;
+    let mut slowed = false;
+    let mut down_until: Option<Duration> = None;
+    for fault in faults.iter().filter(|fault| fault.at <= to) {
+        let touches = match &fault.action {
+            FaultAction::Partition { a: x, b: y } | FaultAction::Hold { a: x, b: y } => {
+                let hit = across(x, y);
+                cut += i32::from(hit);
+                hit
+            }
+            FaultAction::Repair { a: x, b: y } | FaultAction::Release { a: x, b: y } => {
+                let hit = across(x, y);
+                cut -= i32::from(hit);
+                hit
+            }
+            FaultAction::SetLatency { a: x, b: y, .. }
+            | FaultAction::SetMaxLatency { a: x, b: y, .. } => {
+                let hit = pair(*x, *y);
+                slowed |= hit;
+                hit
+            }
+            FaultAction::RestoreLatency { a: x, b: y } => {
+                let hit = pair(*x, *y);
+                slowed &= !hit;
+                hit
+            }
+            FaultAction::Crash { nodes, .. } => {
+                let hit = nodes.contains(&a) || nodes.contains(&b);
+                if hit {
+                    down_until = Some(Duration::MAX);
+                }
+                hit
+            }
+            FaultAction::Restart { nodes } => {
+                let hit = nodes.contains(&a) || nodes.contains(&b);
+                if hit {
+                    down_until = Some(fault.at + CRASH_RECOVERY);
+                }
+                hit
+            }
+            FaultAction::Leave { node } => *node == a || *node == b,
+            // A disk fault of either end (full, failing) may keep a watermark from being
+            // persisted, whenever it began: no leave in such a run.
+            FaultAction::Disk { node, .. } if *node == a || *node == b => return false,
+            FaultAction::Disk { .. } => false,
+        };
+        if touches && fault.at >= from {
+            return false;
+        }
+    }
+    cut == 0 && !slowed && down_until.is_none_or(|until| until <= from)
+}
+
 fn crash_and_restart(
     at: Duration,
     downtime: Duration,

@@ -487,7 +487,16 @@ pub(crate) fn reassign_silent(shared: &Arc<Shared>) {
             .iter()
             .filter(|(_, seqs)| !seqs.is_empty())
             .map(|((_, worker), _)| *worker)
-            .filter(|w| state.table.down_since(w).is_some_and(|down| down <= since))
+            .filter(|w| {
+                // A worker not connected since this node started (it restarted with work for a
+                // worker that has not come back, or left for good) counts as down since then.
+                let down = state.table.down_since(w).or_else(|| {
+                    let peers = shared.peers.read().expect("peers lock poisoned");
+                    let connected = peers.get(w).is_some_and(|h| *h.connected.borrow());
+                    (!connected).then_some(shared.incarnation)
+                });
+                down.is_some_and(|down| down <= since)
+            })
             .collect();
         with_work.sort();
         with_work.dedup();
@@ -631,9 +640,12 @@ pub(crate) fn redeliver_stuck(shared: &Arc<Shared>) {
     let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
     let now = shared.now_unix_ms();
     let mut copies = Vec::new();
-    {
+    // Whether a stuck worker gets work again: pushes waiting for a worker must look again (an
+    // acknowledgement woke them before this tick noticed it, and nothing else would).
+    let freed = {
         let mut guard = shared.patterns.lock();
         let state = &mut *guard;
+        let was_stuck = state.stuck.workers.clone();
         let peers = shared.peers.read().expect("peers lock poisoned");
         let acked_of =
             |worker: &NodeId| peers.get(worker).map_or(0, |h| *h.progress.acked.borrow());
@@ -654,7 +666,13 @@ pub(crate) fn redeliver_stuck(shared: &Arc<Shared>) {
             !seqs.is_empty()
         });
         stuck.progress.retain(|worker, _| holding.contains(worker));
-        stuck.workers.retain(|worker| holding.contains(worker));
+        stuck.workers.retain(|worker| {
+            let holds = holding.contains(worker);
+            if !holds {
+                info!(worker = %worker.short(), "worker acknowledged all it held: it gets work again");
+            }
+            holds
+        });
         for worker in &holding {
             let acked = acked_of(worker);
             let connected = peers.get(worker).is_some_and(|h| *h.connected.borrow());
@@ -707,6 +725,10 @@ pub(crate) fn redeliver_stuck(shared: &Arc<Shared>) {
                 copies.push((*worker, topic, fresh));
             }
         }
+        was_stuck.iter().any(|w| !state.stuck.workers.contains(w))
+    };
+    if freed {
+        shared.patterns.bump();
     }
     for (worker, queue, seqs) in copies {
         let Ok(handle) = shared.peer(worker) else {
