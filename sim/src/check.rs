@@ -1107,10 +1107,10 @@ pub fn check_work(
     // Per worker: intervals its connection was down at the producer for `reassign_after`.
     let mut silences: BTreeMap<NodeIndex, Vec<(Duration, Duration)>> = BTreeMap::new();
     let mut down_since: BTreeMap<NodeIndex, Duration> = BTreeMap::new();
-    // Workers that left cleanly (since when), until they restart: what they settled was
+    // Workers that left cleanly, until they restart: what they settled was
     // acknowledged before they closed, so neither their absence nor a crash while gone
     // excuses a second take of an item they took.
-    let mut left: BTreeMap<NodeIndex, Duration> = BTreeMap::new();
+    let mut left: BTreeSet<NodeIndex> = BTreeSet::new();
     // Every clean leave, (node, from, until its restart): the producer moves the items the
     // leaver had not taken yet, and items pushed to it before it was known to be gone.
     let mut leaves: Vec<(NodeIndex, Duration, Option<Duration>)> = Vec::new();
@@ -1187,16 +1187,16 @@ pub fn check_work(
                 }
             }
             // A worker that left cleanly is not silent: its absence excuses nothing.
-            Event::PeerDown { node, peer } if *node == PRODUCER && !left.contains_key(peer) => {
+            Event::PeerDown { node, peer } if *node == PRODUCER && !left.contains(peer) => {
                 down_since.entry(*peer).or_insert(at);
             }
             Event::Fault(FaultAction::Leave { node }) => {
-                left.insert(*node, at);
+                left.insert(*node);
                 leaves.push((*node, at, None));
             }
             Event::Fault(FaultAction::Restart { nodes }) => {
                 for node in nodes {
-                    if left.remove(node).is_some() {
+                    if left.remove(node) {
                         for leave in leaves.iter_mut().filter(|l| l.0 == *node && l.2.is_none()) {
                             leave.2 = Some(at);
                         }
@@ -1210,7 +1210,7 @@ pub fn check_work(
             }
             Event::Fault(FaultAction::Crash { nodes, .. }) => {
                 for node in nodes {
-                    if left.contains_key(node) {
+                    if left.contains(node) {
                         continue; // nothing runs there to lose an acknowledgement
                     }
                     crashes.entry(*node).or_default().push(at);

@@ -1373,15 +1373,16 @@ async fn take_items(mut puller: weft::Puller, context: &NodeContext) {
         .copied()
         .filter(|pause| pause.until > now)
         .peekable();
-    let mut leaving: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
+    // Told to leave: stop by then even if no item comes.
+    let mut leaving: Option<Duration> = None;
     loop {
         let next_pause = pauses.peek().copied();
         tokio::select! {
             biased;
             () = left(&mut leave), if leaving.is_none() => {
-                leaving = Some(Box::pin(tokio::time::sleep(LEAVE_AFTER_TAKE_MAX)));
+                leaving = Some(sim_now() + LEAVE_AFTER_TAKE_MAX);
             }
-            () = async { leaving.as_mut().expect("armed").await }, if leaving.is_some() => return,
+            () = sleep_until(leaving.unwrap_or_default()), if leaving.is_some() => return,
             item = puller.recv() => {
                 let Some(item) = item else { return };
                 let (seq, key) = parse_item_body(&item.body).unwrap_or((u32::MAX, None));

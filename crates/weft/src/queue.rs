@@ -140,14 +140,24 @@ impl<T> Shared<T> {
 
     /// Gives back `count` reserved places.
     fn release(&self, count: usize) {
-        let mut state = self.lock();
+        self.shrink(self.lock(), |state| state.reserved -= count);
+    }
+
+    /// Runs `f`, which frees places, under the held lock; then tells the senders waiting for
+    /// room if that is news to them (after the lock is released).
+    fn shrink<R>(
+        &self,
+        mut state: MutexGuard<'_, State<T>>,
+        f: impl FnOnce(&mut State<T>) -> R,
+    ) -> R {
         let was_full = state.is_full(self.capacity);
-        state.reserved -= count;
+        let result = f(&mut state);
         let tell = state.tells_waiters(was_full, self.capacity);
         drop(state);
         if tell {
             self.room.notify_waiters();
         }
+        result
     }
 }
 
@@ -216,24 +226,24 @@ impl<T> Sender<T> {
     }
 
     fn try_numbered(&self, make: &mut Option<impl FnOnce(u64) -> T>) -> Result<u64, TrySendError> {
-        let mut state = self.shared.lock();
-        if state.closed {
-            return Err(TrySendError::Closed);
-        }
-        if state.is_full(self.shared.capacity) {
-            return Err(TrySendError::Full);
-        }
-        let seq = state.next_seq;
-        state.next_seq += 1;
-        let make = make.take().expect("called until it sends, then not again");
-        state.items.push_back(make(seq));
-        state.wake_receiver();
+        let mut seq = 0;
+        self.try_push(|state| {
+            seq = state.next_seq;
+            state.next_seq += 1;
+            let make = make.take().expect("called until it sends, then not again");
+            make(seq)
+        })?;
         Ok(seq)
     }
 
     /// Queues `make()` if there is room now; `make` runs only then (under the lock: keep it
     /// short).
     pub(crate) fn try_send_with(&self, make: impl FnOnce() -> T) -> Result<(), TrySendError> {
+        self.try_push(|_| make())
+    }
+
+    /// Queues what `make` returns, under one hold of the lock, if there is room now.
+    fn try_push(&self, make: impl FnOnce(&mut State<T>) -> T) -> Result<(), TrySendError> {
         let mut state = self.shared.lock();
         if state.closed {
             return Err(TrySendError::Closed);
@@ -241,7 +251,8 @@ impl<T> Sender<T> {
         if state.is_full(self.shared.capacity) {
             return Err(TrySendError::Full);
         }
-        state.items.push_back(make());
+        let item = make(&mut state);
+        state.items.push_back(item);
         state.wake_receiver();
         Ok(())
     }
@@ -483,13 +494,7 @@ impl<T> Receiver<T> {
             state.waiting = true;
             return Poll::Pending;
         }
-        let was_full = state.is_full(self.shared.capacity);
-        let taken = take(&mut state.items);
-        let tell = state.tells_waiters(was_full, self.shared.capacity);
-        drop(state);
-        if tell {
-            self.shared.room.notify_waiters();
-        }
+        let taken = self.shared.shrink(state, |state| take(&mut state.items));
         coop.made_progress();
         Poll::Ready(Some(taken))
     }
@@ -512,15 +517,8 @@ impl<T> Receiver<T> {
 
     /// The next item if one is waiting.
     pub(crate) fn try_recv(&mut self) -> Option<T> {
-        let mut state = self.shared.lock();
-        let was_full = state.is_full(self.shared.capacity);
-        let item = state.items.pop_front()?;
-        let tell = state.tells_waiters(was_full, self.shared.capacity);
-        drop(state);
-        if tell {
-            self.shared.room.notify_waiters();
-        }
-        Some(item)
+        self.shared
+            .shrink(self.shared.lock(), |state| state.items.pop_front())
     }
 
     /// Items waiting now.
