@@ -13,6 +13,7 @@ mod durability;
 mod durable_subs;
 mod gossip;
 mod hostile;
+mod options;
 mod p2p;
 mod patterns;
 mod priority;

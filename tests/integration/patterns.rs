@@ -12,21 +12,7 @@ use crate::support::{addr, node, node_with, within};
 
 /// `count` nodes, every one connected to every other.
 async fn mesh(name: &str, count: usize) -> Vec<Node> {
-    let mut nodes = Vec::new();
-    for _ in 0..count {
-        nodes.push(node(name).await);
-    }
-    for (i, a) in nodes.iter().enumerate() {
-        for b in &nodes[i + 1..] {
-            a.add_peer(addr(b)).unwrap();
-        }
-    }
-    for n in &nodes {
-        within("full mesh", n.wait_for_peers(count - 1))
-            .await
-            .unwrap();
-    }
-    nodes
+    crate::support::mesh_with(name, count, |_| {}).await
 }
 
 fn number(n: u64) -> Bytes {

@@ -67,3 +67,26 @@ pub async fn node_with(mesh: &str, configure: impl FnOnce(&mut weft::NodeConfig)
         .await
         .expect("node starts")
 }
+
+/// `count` nodes (configured by `configure`), every one connected to every other.
+pub async fn mesh_with(
+    name: &str,
+    count: usize,
+    configure: impl Fn(&mut weft::NodeConfig),
+) -> Vec<Node> {
+    let mut nodes = Vec::new();
+    for _ in 0..count {
+        nodes.push(node_with(name, &configure).await);
+    }
+    for (i, a) in nodes.iter().enumerate() {
+        for b in &nodes[i + 1..] {
+            a.add_peer(addr(b)).unwrap();
+        }
+    }
+    for n in &nodes {
+        within("full mesh", n.wait_for_peers(count - 1))
+            .await
+            .unwrap();
+    }
+    nodes
+}

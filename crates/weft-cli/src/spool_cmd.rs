@@ -258,6 +258,8 @@ struct Listing {
     #[serde(skip_serializing_if = "Option::is_none")]
     records: Option<Vec<RecordJson>>,
     watermarks: Vec<WatermarkJson>,
+    /// Idempotency keys the node remembers (one record each).
+    idempotency_keys: u64,
     undecodable: Vec<Undecodable>,
     dead_letters: u64,
     stats: Stats,
@@ -405,6 +407,7 @@ fn ls(target: &Target, list_records: bool) -> Result<()> {
                 .push(WatermarkJson::new(record.seq, &watermark)),
             // The durable subscription registry: one record, no destination (`show` dumps it).
             Ok(SpoolEntry::Registry(_)) => {}
+            Ok(SpoolEntry::Key(_)) => listing.idempotency_keys += 1,
             Err(error) => listing.undecodable.push(Undecodable {
                 seq: record.seq,
                 payload_bytes,
@@ -506,8 +509,9 @@ fn ls(target: &Target, list_records: bool) -> Result<()> {
         );
     }
     outln!(
-        "inbound watermarks: {}   dead letters: {}{}",
+        "inbound watermarks: {}   idempotency keys: {}   dead letters: {}{}",
         listing.watermarks.len(),
+        listing.idempotency_keys,
         listing.dead_letters,
         if listing.dead_letters > 0 {
             " (weft spool dead lists them)"
@@ -541,11 +545,23 @@ struct Shown {
     entry: &'static str,
     message: Option<MessageJson>,
     watermark: Option<WatermarkJson>,
+    idempotency_key: Option<KeyJson>,
     /// Why the payload does not decode.
     error: Option<String>,
     /// The raw payload of an undecodable entry.
     payload_hex: Option<String>,
     warnings: Vec<String>,
+}
+
+/// An idempotency key the node remembers.
+#[derive(Serialize)]
+struct KeyJson {
+    producer: String,
+    /// The key (UTF-8, lossy).
+    key: String,
+    /// The message that brought it first.
+    message: String,
+    first_seen_unix_ms: u64,
 }
 
 #[derive(Serialize)]
@@ -666,6 +682,7 @@ fn show(target: &Target, seq: u64, body_out: Option<&Path>) -> Result<()> {
         entry: "undecodable",
         message: None,
         watermark: None,
+        idempotency_key: None,
         error: None,
         payload_hex: None,
         warnings: std::mem::take(&mut opened.warnings),
@@ -684,6 +701,15 @@ fn show(target: &Target, seq: u64, body_out: Option<&Path>) -> Result<()> {
         Ok(SpoolEntry::Registry(_)) => {
             shown.entry = "durable subscription registry";
             shown.payload_hex = Some(hex(&payload));
+        }
+        Ok(SpoolEntry::Key(key)) => {
+            shown.entry = "idempotency key";
+            shown.idempotency_key = Some(KeyJson {
+                producer: key.id.producer.to_string(),
+                key: String::from_utf8_lossy(&key.key).into_owned(),
+                message: key.id.to_string(),
+                first_seen_unix_ms: key.at_unix_ms,
+            });
         }
         Err(error) => shown.error = Some(error),
     }
@@ -767,6 +793,12 @@ fn show(target: &Target, seq: u64, body_out: Option<&Path>) -> Result<()> {
             out,
             "  inbound watermark: messages from {} ({} lane, stream epoch {}) delivered up to seq {}",
             w.peer, w.lane, w.epoch, w.up_to
+        );
+    } else if let Some(k) = &shown.idempotency_key {
+        let _ = writeln!(
+            out,
+            "  idempotency key {:?} of {}: first brought by message {} at {} (Unix ms)",
+            k.key, k.producer, k.message, k.first_seen_unix_ms
         );
     } else {
         let _ = writeln!(
@@ -872,6 +904,7 @@ fn dead(target: &Target) -> Result<()> {
                 letter.destination_short = Some(watermark.peer.short());
             }
             Ok(Ok(SpoolEntry::Registry(_))) => letter.entry = "durable subscription registry",
+            Ok(Ok(SpoolEntry::Key(_))) => letter.entry = "idempotency key",
             Ok(Err(error)) => letter.error = Some(error),
             Err(error) => letter.error = Some(format!("cannot read it: {error}")),
         }
@@ -1027,6 +1060,9 @@ fn replay_one(
         ),
         Ok(SpoolEntry::Registry(_)) => bail!(
             "dead letter {dead_seq} is a durable subscription registry, not a message: there is nothing to send (purge it)"
+        ),
+        Ok(SpoolEntry::Key(_)) => bail!(
+            "dead letter {dead_seq} is an idempotency key, not a message: there is nothing to send (purge it)"
         ),
         Err(e) => bail!(
             "dead letter {dead_seq} does not decode ({e}): `weft spool show {dead_seq}` dumps it; purge it once inspected"

@@ -72,6 +72,9 @@ pub enum ReplyStatus {
     Dropped = 2,
     /// The handler failed; the payload is its message (UTF-8).
     Failed = 3,
+    /// The request repeats an idempotency key the server handled before and whose reply it no
+    /// longer keeps: the handler is not run again.
+    Repeated = 4,
 }
 
 /// Encodes a reply.
@@ -89,6 +92,7 @@ pub fn unwrap_reply(body: &Bytes) -> Result<(ReplyStatus, Bytes), EnvelopeError>
         1 => ReplyStatus::NoService,
         2 => ReplyStatus::Dropped,
         3 => ReplyStatus::Failed,
+        4 => ReplyStatus::Repeated,
         other => return Err(EnvelopeError::UnknownStatus(*other)),
     };
     Ok((status, body.slice(1..)))

@@ -55,6 +55,7 @@ use std::collections::{BTreeMap, VecDeque};
 use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::id::{NodeId, NODE_ID_LEN};
+use crate::message::{Priority, HEADERS_MAX, HEADER_NAME_MAX, HEADER_VALUE_MAX};
 use crate::topic::{Topic, TopicError, TOPIC_BYTES_MAX};
 
 /// Most hops an event's route may list.
@@ -65,7 +66,9 @@ pub const DURABLE_NAMES_MAX: usize = 64;
 
 const FLAG_ORIGIN: u8 = 1;
 const FLAG_DIRECT: u8 = 2;
-const FLAGS_KNOWN: u8 = FLAG_ORIGIN | FLAG_DIRECT;
+/// The event carries [`EventOptions`] (between its topic and its payload).
+const FLAG_OPTIONS: u8 = 4;
+const FLAGS_KNOWN: u8 = FLAG_ORIGIN | FLAG_DIRECT | FLAG_OPTIONS;
 
 /// Why an event or confirmation is malformed.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -95,6 +98,86 @@ pub enum GossipError {
     /// More durable subscription names than [`DURABLE_NAMES_MAX`].
     #[error("event names {0} durable subscriptions (at most {DURABLE_NAMES_MAX})")]
     TooManyNames(u64),
+    /// The event's options break the header rules ([`crate::message::HEADERS_MAX`], ...).
+    #[error("event options are not valid: {0}")]
+    Options(&'static str),
+}
+
+/// What a publisher set on an event besides its topic and payload: the same fields a
+/// point-to-point message carries, travelling with every copy unchanged (relays copy them as
+/// bytes of the event) and shown to every subscriber on the message.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EventOptions {
+    /// The event's priority (also the lane of every hop).
+    pub priority: Priority,
+    /// After this wall-clock time (Unix milliseconds) the event is no longer worth delivering.
+    pub expires_unix_ms: Option<u64>,
+    /// Application headers (and the mesh's own, such as the idempotency key).
+    pub headers: Vec<(String, Bytes)>,
+}
+
+impl EventOptions {
+    /// Whether every field has its default (such options are not sent at all).
+    pub fn is_empty(&self) -> bool {
+        self.priority == Priority::NORMAL
+            && self.expires_unix_ms.is_none()
+            && self.headers.is_empty()
+    }
+
+    /// Bytes the options add to an event.
+    pub fn encoded_len(&self) -> usize {
+        1 + varint_len(self.expires_unix_ms.unwrap_or(0))
+            + varint_len(self.headers.len() as u64)
+            + self
+                .headers
+                .iter()
+                .map(|(k, v)| 1 + k.len() + varint_len(v.len() as u64) + v.len())
+                .sum::<usize>()
+    }
+
+    fn encode(&self, body: &mut Vec<u8>) {
+        body.push(self.priority.0);
+        push_varint(body, self.expires_unix_ms.unwrap_or(0));
+        push_varint(body, self.headers.len() as u64);
+        for (name, value) in &self.headers {
+            debug_assert!(name.len() <= HEADER_NAME_MAX);
+            body.push(name.len() as u8);
+            body.extend_from_slice(name.as_bytes());
+            push_varint(body, value.len() as u64);
+            body.extend_from_slice(value);
+        }
+    }
+
+    fn decode(reader: &mut Reader<'_>, body: &Bytes) -> Result<Self, GossipError> {
+        let priority = Priority(reader.u8()?);
+        let expires = reader.varint()?;
+        let count = reader.varint()?;
+        if count > HEADERS_MAX as u64 {
+            return Err(GossipError::Options("too many headers"));
+        }
+        let mut headers = Vec::with_capacity(count as usize);
+        for _ in 0..count {
+            let len = usize::from(reader.u8()?);
+            if len == 0 || len > HEADER_NAME_MAX {
+                return Err(GossipError::Options("header name length"));
+            }
+            let name = std::str::from_utf8(reader.take(len)?)
+                .map_err(|_| GossipError::Options("header name is not UTF-8"))?;
+            let name = name.to_owned();
+            let len = reader.varint()?;
+            if len > HEADER_VALUE_MAX as u64 {
+                return Err(GossipError::Options("header value length"));
+            }
+            let start = reader.at;
+            reader.take(len as usize)?;
+            headers.push((name, body.slice(start..reader.at)));
+        }
+        Ok(Self {
+            priority,
+            expires_unix_ms: (expires != 0).then_some(expires),
+            headers,
+        })
+    }
 }
 
 /// One addressee of an event: a node and the seq of the previous event the publisher addressed
@@ -132,6 +215,8 @@ pub struct Event {
     pub topic: Topic,
     /// The payload (a slice of the received body, never copied).
     pub payload: Bytes,
+    /// What the publisher set besides topic and payload, if anything.
+    pub options: Option<Box<EventOptions>>,
 }
 
 impl Event {
@@ -147,6 +232,7 @@ impl Event {
             &self.route,
             self.direct.then_some(self.durable.as_slice()),
             &self.topic,
+            self.options.as_deref(),
             &self.payload,
         )
     }
@@ -212,6 +298,11 @@ impl Event {
                 topic
             }
         };
+        let options = if flags & FLAG_OPTIONS != 0 {
+            Some(Box::new(EventOptions::decode(&mut reader, body)?))
+        } else {
+            None
+        };
         let payload = body.slice(reader.at..);
         Ok(Self {
             origin,
@@ -223,6 +314,7 @@ impl Event {
             durable,
             topic,
             payload,
+            options,
         })
     }
 
@@ -238,6 +330,7 @@ impl Event {
             durable: Vec::new(),
             topic: self.topic.clone(),
             payload: self.payload.clone(),
+            options: self.options.clone(),
         }
     }
 }
@@ -255,8 +348,10 @@ pub fn encode_parts(
     route: &[Hop],
     direct: Option<&[String]>,
     topic: &Topic,
+    options: Option<&EventOptions>,
     payload: &[u8],
 ) -> Bytes {
+    let options = options.filter(|o| !o.is_empty());
     let name = topic.as_str().as_bytes();
     debug_assert!(name.len() <= TOPIC_BYTES_MAX);
     debug_assert!(route.len() <= ROUTE_MAX);
@@ -282,11 +377,15 @@ pub fn encode_parts(
         }
         + 1
         + name.len()
+        + options.map_or(0, EventOptions::encoded_len)
         + payload.len();
     let mut body = Vec::with_capacity(len);
     let mut flags = if with_origin { FLAG_ORIGIN } else { 0 };
     if direct.is_some() {
         flags |= FLAG_DIRECT;
+    }
+    if options.is_some() {
+        flags |= FLAG_OPTIONS;
     }
     body.push(flags);
     if with_origin {
@@ -310,6 +409,9 @@ pub fn encode_parts(
     }
     body.push(name.len() as u8);
     body.extend_from_slice(name);
+    if let Some(options) = options {
+        options.encode(&mut body);
+    }
     body.extend_from_slice(payload);
     debug_assert_eq!(body.len(), len);
     Bytes::from(body)
@@ -672,7 +774,12 @@ pub struct Retained {
     pub payload: Bytes,
     /// Every addressee with its `prev`.
     pub addressees: Vec<Hop>,
+    /// Its options (a repaired copy carries them like the first).
+    pub options: Option<Box<EventOptions>>,
 }
+
+/// One event of a [`Repair`]: (seq, topic, payload, prev, options).
+pub type RepairEvent = (u64, Topic, Bytes, u64, Option<Box<EventOptions>>);
 
 /// A repair: events for one subscriber, in order, each with its `prev`, to send over its direct
 /// link.
@@ -680,8 +787,8 @@ pub struct Retained {
 pub struct Repair {
     /// The subscriber.
     pub to: NodeId,
-    /// (seq, topic, payload, prev), ascending.
-    pub events: Vec<(u64, Topic, Bytes, u64)>,
+    /// (seq, topic, payload, prev, options), ascending.
+    pub events: Vec<RepairEvent>,
 }
 
 /// An event to send: its seq and the route of each first hop.
@@ -741,6 +848,18 @@ impl Publisher {
         addressees: &[Addressee],
         topic: &Topic,
         payload: &Bytes,
+        now_ms: u64,
+    ) -> Fanout {
+        self.publish_with(addressees, topic, payload, None, now_ms)
+    }
+
+    /// [`Publisher::publish`] of an event with options (kept with it for repairs).
+    pub fn publish_with(
+        &mut self,
+        addressees: &[Addressee],
+        topic: &Topic,
+        payload: &Bytes,
+        options: Option<&EventOptions>,
         now_ms: u64,
     ) -> Fanout {
         let seq = self.next_seq;
@@ -829,6 +948,7 @@ impl Publisher {
                 topic: topic.clone(),
                 payload: payload.clone(),
                 addressees: hops,
+                options: options.map(|o| Box::new(o.clone())),
             });
         }
         Fanout {
@@ -905,10 +1025,15 @@ impl Publisher {
             .iter()
             .filter(|r| r.seq > from && r.seq >= floor)
             .filter_map(|r| {
-                r.addressees
-                    .iter()
-                    .find(|hop| hop.node == node)
-                    .map(|hop| (r.seq, r.topic.clone(), r.payload.clone(), hop.prev))
+                r.addressees.iter().find(|hop| hop.node == node).map(|hop| {
+                    (
+                        r.seq,
+                        r.topic.clone(),
+                        r.payload.clone(),
+                        hop.prev,
+                        r.options.clone(),
+                    )
+                })
             })
             .collect();
         Repair { to: node, events }

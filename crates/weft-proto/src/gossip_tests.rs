@@ -50,6 +50,72 @@ fn event(route: Vec<Hop>) -> Event {
         durable: Vec::new(),
         topic: topic("orders/created"),
         payload: Bytes::from_static(b"payload"),
+        options: None,
+    }
+}
+
+#[test]
+fn an_event_carries_its_options_to_every_hop_and_bad_ones_are_refused() {
+    let mut e = event(vec![
+        Hop {
+            node: node(2),
+            prev: 299,
+        },
+        Hop {
+            node: node(3),
+            prev: 0,
+        },
+    ]);
+    e.options = Some(Box::new(EventOptions {
+        priority: crate::Priority::HIGH,
+        expires_unix_ms: Some(1_765_000_000_000),
+        headers: vec![
+            ("trace".into(), Bytes::from_static(b"abc")),
+            (
+                crate::message::IDEMPOTENCY_KEY_HEADER.into(),
+                Bytes::from(vec![7; 300]),
+            ),
+        ],
+    }));
+    let decoded = Event::decode(&e.encode(&node(1)), &node(1)).unwrap();
+    assert_eq!(decoded, e);
+    assert_eq!(decoded.payload, Bytes::from_static(b"payload"));
+    // A relay's copy keeps them, byte for byte.
+    let child = decoded.for_child(&e.route[1..]);
+    let relayed = Event::decode(&child.encode(&node(2)), &node(2)).unwrap();
+    assert_eq!(relayed.options, e.options);
+    // Options left at their defaults are not sent.
+    let mut plain = event(vec![Hop {
+        node: node(2),
+        prev: 0,
+    }]);
+    plain.options = Some(Box::default());
+    let bare = event(plain.route.clone()).encode(&node(1));
+    assert_eq!(plain.encode(&node(1)), bare);
+    // Too many headers, or an overlong value, are typed errors.
+    let mut many = e.clone();
+    many.options.as_mut().unwrap().headers =
+        vec![("h".into(), Bytes::new()); crate::message::HEADERS_MAX + 1];
+    assert!(matches!(
+        Event::decode(&many.encode(&node(1)), &node(1)),
+        Err(GossipError::Options(_))
+    ));
+    let mut long = e.clone();
+    long.options.as_mut().unwrap().headers = vec![(
+        "h".into(),
+        Bytes::from(vec![0; crate::message::HEADER_VALUE_MAX + 1]),
+    )];
+    assert!(matches!(
+        Event::decode(&long.encode(&node(1)), &node(1)),
+        Err(GossipError::Options(_))
+    ));
+    // Cut anywhere inside the options: truncated, never a panic.
+    let full = e.encode(&node(1));
+    for len in 0..full.len() - e.payload.len() {
+        assert!(
+            Event::decode(&full.slice(..len), &node(1)).is_err(),
+            "{len}"
+        );
     }
 }
 
@@ -282,7 +348,7 @@ fn a_stalled_addressee_is_handed_everything_unconfirmed_once() {
     let got: Vec<(u64, &str, u64)> = repairs[0]
         .events
         .iter()
-        .map(|(seq, topic, _, prev)| (*seq, topic.as_str(), *prev))
+        .map(|(seq, topic, _, prev, _)| (*seq, topic.as_str(), *prev))
         .collect();
     assert_eq!(got, [(1, "a", 0), (2, "b", 1), (3, "c", 2)]);
     assert_eq!(publisher.retained(), 0, "the direct link owns them now");
@@ -453,7 +519,7 @@ impl Subscribers {
             }
         }
         for repair in publisher.repairs(now, force, |_| true) {
-            for (seq, _, _, prev) in repair.events {
+            for (seq, _, _, prev, _) in repair.events {
                 self.take((repair.to, seq, prev));
             }
         }
@@ -571,6 +637,7 @@ fn a_direct_event_round_trips_with_its_durable_names() {
         }],
         Some(&["a//b".to_owned()]),
         &topic("t"),
+        None,
         b"",
     );
     assert!(matches!(
@@ -626,7 +693,7 @@ fn a_node_that_becomes_durable_gets_its_tree_events_first() {
     let owed: Vec<(u64, u64)> = third.repairs[0]
         .events
         .iter()
-        .map(|(seq, _, _, prev)| (*seq, *prev))
+        .map(|(seq, _, _, prev, _)| (*seq, *prev))
         .collect();
     assert_eq!(owed, [(1, 0), (2, 1)]);
     assert_eq!(third.direct[0].0.prev, 2, "then the new event, after them");

@@ -26,7 +26,8 @@
 //! # Modules
 //! - [`channel`]: channel and topic names (reference-counted UTF-8).
 //! - [`id`]: node ids (Ed25519 public keys) and message ids (producer, stream, seq).
-//! - [`message`]: the header and body the application sees.
+//! - [`message`]: the header and body the application sees; header rules.
+//! - [`idempotency`]: the window of producers' idempotency keys a node handed on.
 //! - [`frame`]: encoding and two-phase, bounded decoding of frames.
 //! - [`handshake`]: judging a hello; resolving simultaneous dials.
 //! - [`link`]: per-peer acknowledgement, retransmission and deduplication state.
@@ -50,6 +51,7 @@ pub mod frame;
 pub mod gossip;
 pub mod handshake;
 pub mod id;
+pub mod idempotency;
 pub mod interest;
 pub mod link;
 pub mod message;
@@ -70,5 +72,5 @@ pub use channel::Channel;
 pub use frame::{Frame, FrameDecoder, FrameEncoder, FrameError, Limits};
 pub use id::{MessageId, NodeId, StreamId};
 pub use link::{Link, LinkConfig, LinkError, LinkEvent, OutgoingMessage};
-pub use message::{Header, Kind, Lane, Message, Options, Priority};
+pub use message::{Header, HeaderError, Kind, Lane, Message, Options, Priority};
 pub use topic::{Topic, TopicError, TopicPattern};

@@ -175,6 +175,11 @@ impl Header {
         self.options.as_ref().map_or(&[], |o| &o.headers)
     }
 
+    /// The producer's idempotency key ([`IDEMPOTENCY_KEY_HEADER`]), if it gave one.
+    pub fn idempotency_key(&self) -> Option<&Bytes> {
+        self.header(IDEMPOTENCY_KEY_HEADER)
+    }
+
     /// The value of application header `key`, if present.
     pub fn header(&self, key: &str) -> Option<&Bytes> {
         self.headers()
@@ -191,4 +196,129 @@ pub struct Message {
     pub header: Header,
     /// The body: opaque bytes (typed bodies are postcard-encoded by the API).
     pub body: Bytes,
+}
+
+/// The header carrying an application's idempotency key (judged by the receiver's
+/// `idempotency::Window`).
+pub const IDEMPOTENCY_KEY_HEADER: &str = "weft-idempotency-key";
+/// Header names starting with this are the mesh's own; an application may not set them.
+pub const RESERVED_HEADER_PREFIX: &str = "weft-";
+/// Longest header name, in bytes.
+pub const HEADER_NAME_MAX: usize = 128;
+/// Longest header value, in bytes.
+pub const HEADER_VALUE_MAX: usize = 8 * 1024;
+/// Most headers on one message (the mesh's own included).
+pub const HEADERS_MAX: usize = 64;
+/// Longest idempotency key, in bytes.
+pub const IDEMPOTENCY_KEY_MAX: usize = 256;
+/// Longest idempotency key a receiver remembers (an application's key plus the `/index` a
+/// batch adds); a longer one is not deduplicated, so a peer cannot fill the window's memory.
+pub const IDEMPOTENCY_KEY_RECEIVED_MAX: usize = IDEMPOTENCY_KEY_MAX + 32;
+
+/// Why an application header (or idempotency key) is refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum HeaderError {
+    /// The name is empty, too long, or has a byte outside `A-Z a-z 0-9 - _ . : /`.
+    #[error(
+        "header name {name:?} is invalid: 1 to {HEADER_NAME_MAX} bytes of A-Z a-z 0-9 - _ . : /"
+    )]
+    Name {
+        /// The name as given.
+        name: String,
+    },
+    /// The name starts with [`RESERVED_HEADER_PREFIX`].
+    #[error("header name {name:?} is reserved for the mesh (names starting with {RESERVED_HEADER_PREFIX:?})")]
+    Reserved {
+        /// The name as given.
+        name: String,
+    },
+    /// The value is longer than [`HEADER_VALUE_MAX`].
+    #[error("header {name:?} has a value of {len} bytes; at most {HEADER_VALUE_MAX}")]
+    ValueTooLong {
+        /// The header's name.
+        name: String,
+        /// The value's length.
+        len: usize,
+    },
+    /// More than [`HEADERS_MAX`] headers.
+    #[error("{count} headers; at most {HEADERS_MAX}")]
+    TooMany {
+        /// How many were given.
+        count: usize,
+    },
+    /// An idempotency key that is empty or longer than [`IDEMPOTENCY_KEY_MAX`].
+    #[error("an idempotency key has 1 to {IDEMPOTENCY_KEY_MAX} bytes, not {len}")]
+    IdempotencyKey {
+        /// The key's length.
+        len: usize,
+    },
+}
+
+/// Checks one header an application sets: its name (syntax, not reserved) and its value's size.
+pub fn check_header(name: &str, value: &[u8]) -> Result<(), HeaderError> {
+    let valid = !name.is_empty()
+        && name.len() <= HEADER_NAME_MAX
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':' | b'/'));
+    if !valid {
+        return Err(HeaderError::Name { name: name.into() });
+    }
+    if name
+        .get(..RESERVED_HEADER_PREFIX.len())
+        .is_some_and(|p| p.eq_ignore_ascii_case(RESERVED_HEADER_PREFIX))
+    {
+        return Err(HeaderError::Reserved { name: name.into() });
+    }
+    if value.len() > HEADER_VALUE_MAX {
+        return Err(HeaderError::ValueTooLong {
+            name: name.into(),
+            len: value.len(),
+        });
+    }
+    Ok(())
+}
+
+/// Checks an idempotency key's size.
+pub fn check_idempotency_key(key: &[u8]) -> Result<(), HeaderError> {
+    if key.is_empty() || key.len() > IDEMPOTENCY_KEY_MAX {
+        return Err(HeaderError::IdempotencyKey { len: key.len() });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod header_tests {
+    use super::*;
+
+    #[test]
+    fn header_names_and_values_are_bounded_and_the_mesh_prefix_is_reserved() {
+        assert_eq!(check_header("trace-id", b"abc"), Ok(()));
+        assert_eq!(check_header("x/y:z_1.2", b""), Ok(()));
+        for bad in [
+            "",
+            "has space",
+            "é",
+            "a\nb",
+            &"n".repeat(HEADER_NAME_MAX + 1),
+        ] {
+            assert!(
+                matches!(check_header(bad, b"v"), Err(HeaderError::Name { .. })),
+                "{bad:?}"
+            );
+        }
+        assert!(matches!(
+            check_header("Weft-Idempotency-Key", b"k"),
+            Err(HeaderError::Reserved { .. })
+        ));
+        assert!(matches!(
+            check_header("big", &vec![0; HEADER_VALUE_MAX + 1]),
+            Err(HeaderError::ValueTooLong { len, .. }) if len == HEADER_VALUE_MAX + 1
+        ));
+        assert_eq!(check_header("big", &vec![0; HEADER_VALUE_MAX]), Ok(()));
+        assert_eq!(check_idempotency_key(b"order-17"), Ok(()));
+        assert!(check_idempotency_key(b"").is_err());
+        assert!(check_idempotency_key(&[1; IDEMPOTENCY_KEY_MAX + 1]).is_err());
+    }
 }

@@ -1,14 +1,13 @@
 //! What a node keeps in its spool: the payloads of spool records (the spool crate treats them as
 //! opaque bytes; this module is their format).
 //!
-//! Two kinds of entry share one spool, so one group-commit fsync makes both durable:
+//! Several kinds of entry share one spool, so one group-commit fsync makes them durable together:
 //! - **Outgoing messages** not yet acknowledged: destination, the stream epoch and sequence number
 //!   the message has on the wire (so that after a restart it is sent again under the *same*
 //!   message id, and a receiver that already has it drops it), and the message itself.
 //! - **Inbound watermarks**: per producer, the highest sequence number of its stream that this
 //!   node has delivered; persisted before the acknowledgement goes out, so a receiver that crashes
 //!   and restarts still recognises what it already delivered.
-//!
 //! - **The durable subscription registry**: the durable subscriptions of peers this node
 //!   publishes to (see [`crate::interest`]), one entry holding all of it; each new one retires
 //!   the one before, so a publisher keeps addressing an absent durable subscriber across its
@@ -18,6 +17,9 @@
 //!   names the unnumbered record it replaces (`origin`, that record's spool seq) and retires the
 //!   original. Recovery retires an unnumbered record whose numbered copy exists, so a crash
 //!   between the two writes neither loses the message nor sends it under two ids.
+//! - **Idempotency keys** a node handed to its application (see [`crate::idempotency`]), one
+//!   record each, written before the message can be acknowledged and retired once the key
+//!   leaves the window.
 //!
 //! ```text
 //! version:u8 = 1 | tag:u8 = 1 (message)   | dest:[u8;32] | epoch:u64-le | data frame (see frame)
@@ -27,6 +29,8 @@
 //!                | origin:u64-le | data frame
 //! version:u8 = 1 | tag:u8 = 5 (copy)      | dest:[u8;32] | epoch:u64-le | origin:u64-le | data frame
 //! version:u8 = 1 | tag:u8 = 6 (lane)      | lane:u8 | a message (1, 5) or watermark (2) entry
+//! version:u8 = 1 | tag:u8 = 7 (key)       | producer:[u8;32] | at_unix_ms:u64-le
+//!                | stream:u64-le | seq:u64-le | key bytes   (the first message with the key)
 //! ```
 //! A numbered message or a watermark of the high or bulk [`Lane`] is wrapped in a lane entry;
 //! those of the normal lane are written as before lanes existed, so older spools read as the
@@ -35,15 +39,15 @@
 //! The message part is exactly a wire data frame (length prefix included) with `attempt = 0`, so
 //! the one codec that is tested against postcard byte for byte serves both.
 //!
-//! Compatibility: tags 3, 4, 5 and 6 were added without changing the version, so every record an
+//! Compatibility: tags 3, 4, 5, 6 and 7 were added without changing the version, so every record an
 //! older build wrote still decodes unchanged. An older build reading a spool with a registry,
-//! scheduled or copy record dead-letters that record (unknown tag; `weft spool replay` of a newer build
+//! scheduled, copy or key record dead-letters that record (unknown tag; `weft spool replay` of a newer build
 //! sends a scheduled one again, at once), and reads everything else.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use crate::frame::{DataFields, EncodeError, Frame, FrameDecoder, FrameEncoder, Limits};
-use crate::id::{NodeId, NODE_ID_LEN};
+use crate::id::{MessageId, NodeId, NODE_ID_LEN};
 use crate::link::OutgoingMessage;
 use crate::message::Lane;
 
@@ -57,6 +61,8 @@ const TAG_SCHEDULED: u8 = 4;
 const TAG_COPY: u8 = 5;
 /// Wraps an entry of a lane other than the normal one.
 const TAG_LANE: u8 = 6;
+/// An idempotency key handed on.
+const TAG_KEY: u8 = 7;
 /// The copy entry's field after the common prefix: its origin.
 const COPY_BYTES: usize = 8;
 const PREFIX_BYTES: usize = 2 + NODE_ID_LEN + 8;
@@ -112,6 +118,19 @@ pub enum SpoolEntry {
     Watermark(Watermark),
     /// The durable subscription registry (`InterestTable::registry_encode`).
     Registry(Bytes),
+    /// An idempotency key handed to the application.
+    Key(SpooledKey),
+}
+
+/// A persisted idempotency key (see [`crate::idempotency`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SpooledKey {
+    /// The first message with the key (its producer gave the key).
+    pub id: MessageId,
+    /// The key.
+    pub key: Bytes,
+    /// When its first message was handed on (wall clock, Unix milliseconds).
+    pub at_unix_ms: u64,
 }
 
 /// Why a payload is not a valid entry (a spool written by another program or version, or damage
@@ -225,6 +244,18 @@ pub fn encode_registry(registry: &[u8], out: &mut BytesMut) {
     out.put_slice(registry);
 }
 
+/// Appends the entry for an idempotency key handed on.
+pub fn encode_key(key: &SpooledKey, out: &mut BytesMut) {
+    out.reserve(PREFIX_BYTES + 16 + key.key.len());
+    out.put_u8(FORMAT_VERSION);
+    out.put_u8(TAG_KEY);
+    out.put_slice(key.id.producer.as_bytes());
+    out.put_u64_le(key.at_unix_ms);
+    out.put_u64_le(key.id.stream.0);
+    out.put_u64_le(key.id.seq);
+    out.put_slice(&key.key);
+}
+
 /// Decodes one entry. The body of a message shares `payload`'s buffer.
 pub fn decode(mut payload: Bytes, limits: Limits) -> Result<SpoolEntry, EntryError> {
     if payload.len() >= 3 && payload[0] == FORMAT_VERSION && payload[1] == TAG_LANE {
@@ -242,6 +273,7 @@ pub fn decode(mut payload: Bytes, limits: Limits) -> Result<SpoolEntry, EntryErr
             SpoolEntry::Message(m) => Ok(SpoolEntry::Message(SpooledMessage { lane, ..m })),
             SpoolEntry::Watermark(w) => Ok(SpoolEntry::Watermark(Watermark { lane, ..w })),
             SpoolEntry::Registry(_) => Err(EntryError::Lane("a registry has no lane".into())),
+            SpoolEntry::Key(_) => Err(EntryError::Lane("a key has no lane".into())),
         };
     }
     if payload.len() < PREFIX_BYTES {
@@ -319,6 +351,28 @@ pub fn decode(mut payload: Bytes, limits: Limits) -> Result<SpoolEntry, EntryErr
             }))
         }
         TAG_REGISTRY => Ok(SpoolEntry::Registry(payload)),
+        TAG_KEY => {
+            if payload.len() < 16 {
+                return Err(EntryError::Short(PREFIX_BYTES + payload.len()));
+            }
+            let stream = crate::id::StreamId(payload.get_u64_le());
+            let seq = payload.get_u64_le();
+            if payload.is_empty() || payload.len() > crate::message::IDEMPOTENCY_KEY_RECEIVED_MAX {
+                return Err(EntryError::Message(format!(
+                    "an idempotency key of {} bytes",
+                    payload.len()
+                )));
+            }
+            Ok(SpoolEntry::Key(SpooledKey {
+                id: MessageId {
+                    producer: node,
+                    stream,
+                    seq,
+                },
+                key: payload,
+                at_unix_ms: epoch,
+            }))
+        }
         other => Err(EntryError::Tag(other)),
     }
 }
@@ -599,6 +653,35 @@ mod tests {
     }
 
     #[test]
+    fn an_idempotency_key_round_trips_and_a_bad_one_is_refused() {
+        let key = SpooledKey {
+            id: MessageId {
+                producer: NodeId::from_bytes([9; 32]),
+                stream: crate::id::StreamId(77),
+                seq: 12,
+            },
+            key: Bytes::from_static(b"order-17"),
+            at_unix_ms: 1_765_000_000_000,
+        };
+        let mut out = BytesMut::new();
+        encode_key(&key, &mut out);
+        assert_eq!(
+            decode(out.clone().freeze(), Limits::default()),
+            Ok(SpoolEntry::Key(key.clone()))
+        );
+        let empty = SpooledKey {
+            key: Bytes::new(),
+            ..key
+        };
+        let mut out = BytesMut::new();
+        encode_key(&empty, &mut out);
+        assert!(matches!(
+            decode(out.freeze(), Limits::default()),
+            Err(EntryError::Message(_))
+        ));
+    }
+
+    #[test]
     fn registry_round_trips() {
         let mut out = BytesMut::new();
         encode_registry(b"registry bytes", &mut out);
@@ -633,10 +716,10 @@ mod tests {
             Err(EntryError::Version(9))
         );
         let mut wrong_tag = full.to_vec();
-        wrong_tag[1] = 7;
+        wrong_tag[1] = 8;
         assert_eq!(
             decode(Bytes::from(wrong_tag), Limits::default()),
-            Err(EntryError::Tag(7))
+            Err(EntryError::Tag(8))
         );
     }
 }

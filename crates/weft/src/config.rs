@@ -68,6 +68,14 @@ pub struct NodeConfig {
     /// The furthest ahead of the sender's clock a due time may lie; further is refused with
     /// [`crate::SendError::Delay`]. Default 30 days.
     pub delay_max: Duration,
+    /// Most idempotency keys (see [`crate::MessageOptions::idempotency_key`]) the node
+    /// remembers: a second message with a key it forgot is handed on again. Default 65 536.
+    /// With a spool, the keys are persisted, each in a spool record: at most an eighth of
+    /// the spool's `records_max` are set aside for them (the persisted window is the smaller
+    /// of the two).
+    pub idempotency_keys_max: usize,
+    /// How long the node remembers an idempotency key. Default one hour.
+    pub idempotency_window: Duration,
 }
 
 impl Default for NodeConfig {
@@ -95,6 +103,8 @@ impl Default for NodeConfig {
             spool: Some(weft_spool::SpoolConfig::default()),
             schedule_max: 65_536,
             delay_max: Duration::from_millis(weft_proto::schedule::DELAY_MAX_MS_DEFAULT),
+            idempotency_keys_max: 65_536,
+            idempotency_window: Duration::from_secs(3_600),
         }
     }
 }

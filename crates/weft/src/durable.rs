@@ -25,7 +25,7 @@
 //! Production runs the writer on a dedicated thread (fsync blocks); the simulation runs it as a
 //! task on the simulated host, over a `SimStorage`, with an optional simulated fsync latency.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -91,6 +91,10 @@ pub(crate) enum Command {
         registry: Vec<u8>,
         done: oneshot::Sender<Result<(), String>>,
     },
+    /// Persist an idempotency key's first sighting (see [`crate::keys`]); no answer: the
+    /// watermark that acknowledges its message comes later through this queue, and its sync
+    /// covers both.
+    Key(weft_proto::spooled::SpooledKey),
     /// The peer acknowledged these records.
     Retire(Vec<u64>),
     /// Move a given-up message to the dead-letter log.
@@ -131,6 +135,15 @@ pub(crate) struct Restored {
     /// Delayed messages still waiting (unnumbered): (destination, record, message), in spool
     /// order; they go back into the schedule.
     pub scheduled: Vec<(NodeId, u64, OutgoingMessage)>,
+    /// Idempotency keys persisted, in spool order (see [`crate::keys`]).
+    pub keys: Vec<weft_proto::spooled::SpooledKey>,
+}
+
+/// How many idempotency keys the spool keeps, and for how long.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct KeyBounds {
+    pub entries_max: usize,
+    pub age_max_ms: u64,
 }
 
 /// Where the spool lives and how the writer runs.
@@ -147,6 +160,8 @@ pub(crate) struct SpoolSetup {
     /// with the spool when it stops, so no other node (or `weft spool` command) opens the spool
     /// before this writer's last sync, and none is kept out once it is done.
     pub lock: Option<std::fs::File>,
+    /// How many idempotency keys the spool keeps, and for how long.
+    pub keys: KeyBounds,
 }
 
 /// The node's handle on its spool writer.
@@ -170,6 +185,7 @@ impl Durable {
         metrics: Arc<Metrics>,
         scheduler: Arc<Scheduler>,
     ) -> Result<(Self, Restored), String> {
+        let key_bounds = setup.keys;
         let (mut spool, recovery) = Spool::open(setup.storage, setup.config.clone())
             .map_err(|e| format!("cannot open the spool: {e}"))?;
         if !recovery.is_clean() {
@@ -191,7 +207,7 @@ impl Durable {
         if renumber {
             warn!("spool damaged: pending messages are renumbered into new streams");
         }
-        let (restored, watermarks, pending, registry_tag) =
+        let (restored, watermarks, pending, registry_tag, key_tags) =
             restore(&mut spool, recovery.pending, limits, epoch, renumber)?;
         metrics.recovered(pending as u64);
         if pending > 0 || !restored.inbound.is_empty() {
@@ -202,10 +218,11 @@ impl Durable {
                 "spool recovered: unacknowledged messages will be sent again"
             );
         }
+        // Idempotency key records hold room like messages (see `Command::Key`).
         let room = setup
             .config
             .records_max
-            .saturating_sub(pending as u64 + peers_max as u64 + 1);
+            .saturating_sub(pending as u64 + peers_max as u64 + 1 + key_tags.len() as u64);
         let room = Arc::new(Semaphore::new((room as usize).min(Semaphore::MAX_PERMITS)));
         let (tx, rx) = mpsc::unbounded_channel();
         let writer = Writer {
@@ -215,6 +232,9 @@ impl Durable {
             buf: BytesMut::new(),
             watermarks,
             registry_tag,
+            keys: key_tags.into(),
+            keys_max: key_bounds.entries_max,
+            keys_age_max_ms: key_bounds.age_max_ms,
             room: Arc::clone(&room),
             events,
             metrics,
@@ -272,8 +292,15 @@ impl Durable {
 }
 
 /// What recovery found: the streams, the spool record of each peer's watermark, the pending
-/// message count, the spool record of the durable subscription registry.
-type Recovered = (Restored, HashMap<PeerLane, u64>, usize, Option<u64>);
+/// message count, the spool record of the durable subscription registry, the records of the
+/// idempotency keys (with their time, in spool order).
+type Recovered = (
+    Restored,
+    HashMap<PeerLane, u64>,
+    usize,
+    Option<u64>,
+    Vec<(u64, u64)>,
+);
 
 /// Sorts recovered records into restored streams and watermarks. Whatever cannot be restored
 /// goes to the dead-letter log with the reason — nothing is skipped silently. Unnumbered
@@ -295,6 +322,7 @@ fn restore<S: Storage>(
     let mut dead = Vec::new();
     let mut stale = Vec::new();
     let mut registry: Option<(u64, Bytes)> = None;
+    let mut key_tags = Vec::new();
     // Delayed messages not yet due (unnumbered), and the records that numbered copies replaced.
     let mut waiting = Vec::new();
     let mut replaced = std::collections::HashSet::new();
@@ -330,6 +358,10 @@ fn restore<S: Storage>(
                 if let Some((old, _)) = registry.replace((record.seq, bytes)) {
                     stale.push(old);
                 }
+            }
+            Ok(SpoolEntry::Key(key)) => {
+                key_tags.push((key.at_unix_ms, record.seq));
+                restored.keys.push(key);
             }
             Err(e) => {
                 error!(seq = record.seq, error = %e, "spool record does not decode; dead-lettering it");
@@ -453,7 +485,7 @@ fn restore<S: Storage>(
     restored.registry = registry.map(|(_, bytes)| bytes);
     let (restored, watermarks, pending) =
         finish_restore(spool, restored, watermarks, dead, stale, pending_messages)?;
-    Ok((restored, watermarks, pending, registry_tag))
+    Ok((restored, watermarks, pending, registry_tag, key_tags))
 }
 
 /// One destination's numbered records, in spool order, as a stream to continue.
@@ -608,6 +640,12 @@ struct Writer {
     watermarks: HashMap<PeerLane, u64>,
     /// The spool record holding the durable subscription registry.
     registry_tag: Option<u64>,
+    /// The records of the idempotency keys persisted, oldest first: (first sighting, record).
+    keys: VecDeque<(u64, u64)>,
+    /// Most key records kept.
+    keys_max: usize,
+    /// How long a key record is kept.
+    keys_age_max_ms: u64,
     room: Arc<Semaphore>,
     events: broadcast::Sender<PeerEvent>,
     metrics: Arc<Metrics>,
@@ -770,6 +808,47 @@ impl Writer {
                             self.metrics.spool_error();
                             error!(error = %e, "cannot persist the durable subscription registry");
                             let _ = done.send(Err(e.to_string()));
+                        }
+                    }
+                }
+                Command::Key(key) => {
+                    let at = key.at_unix_ms;
+                    // A key record holds a place of the spool's room, as a message does (given
+                    // back when it is retired), but never waits for one: with the spool full of
+                    // messages the key stays in memory only, and a repeat is still dropped
+                    // until this node restarts.
+                    match self.room.try_acquire() {
+                        Ok(permit) => {
+                            permit.forget();
+                            self.buf.clear();
+                            spooled::encode_key(&key, &mut self.buf);
+                            match self.spool.append(&self.buf) {
+                                Ok(tag) => self.keys.push_back((at, tag)),
+                                Err(e) => {
+                                    self.room.add_permits(1);
+                                    self.metrics.spool_error();
+                                    error!(error = %e, "cannot persist an idempotency key");
+                                }
+                            }
+                        }
+                        Err(_) => {
+                            warn!(
+                                message = %key.id,
+                                "spool full: an idempotency key is kept in memory only"
+                            );
+                        }
+                    }
+                    // Keys leave in the order they came (the window's order): by count, and
+                    // by age measured against the newest key's time.
+                    while let Some(&(first, tag)) = self.keys.front() {
+                        if self.keys.len() <= self.keys_max
+                            && at.saturating_sub(first) < self.keys_age_max_ms
+                        {
+                            break;
+                        }
+                        self.keys.pop_front();
+                        if self.spool.retire(tag).is_ok() {
+                            self.room.add_permits(1);
                         }
                     }
                 }
@@ -1155,7 +1234,7 @@ mod tests {
         }
         spool.sync().unwrap();
         drop(spool);
-        let (_, (restored, watermarks, pending, _)) = reopen(&disk);
+        let (_, (restored, watermarks, pending, _, _)) = reopen(&disk);
         assert_eq!(pending, 8);
         let seqs = |lane: Lane| {
             let stream = &restored.outbound[&(dest, lane)];
@@ -1170,7 +1249,7 @@ mod tests {
         }
         assert_eq!(watermarks.len(), 3);
         // The renumbered replay was written into the high lane: the next start finds it there.
-        let (_, (restored, _, _, _)) = reopen(&disk);
+        let (_, (restored, _, _, _, _)) = reopen(&disk);
         let high = &restored.outbound[&(dest, Lane::High)];
         assert_eq!(
             high.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
@@ -1198,7 +1277,7 @@ mod tests {
         spool.sync().unwrap();
         drop(spool);
         disk.crash(CrashMode::TornTail);
-        let (mut spool, (restored, _, pending, _)) = reopen(&disk);
+        let (mut spool, (restored, _, pending, _, _)) = reopen(&disk);
         assert!(restored.scheduled.is_empty(), "not scheduled again");
         let stream = &restored.outbound[&(dest, Lane::Normal)];
         assert_eq!(stream.epoch, 7);
@@ -1210,7 +1289,7 @@ mod tests {
         // The original was retired by recovery: the next start finds the copy only.
         spool.sync().unwrap();
         drop(spool);
-        let (_, (restored, _, pending, _)) = reopen(&disk);
+        let (_, (restored, _, pending, _, _)) = reopen(&disk);
         assert!(restored.scheduled.is_empty());
         assert_eq!(pending, 1);
     }
@@ -1229,7 +1308,7 @@ mod tests {
         spool.sync().unwrap();
         drop(spool);
         // The first recovery numbers it: a copy naming the original.
-        let (spool, (restored, _, pending, _)) = reopen(&disk);
+        let (spool, (restored, _, pending, _, _)) = reopen(&disk);
         assert_eq!(pending, 1);
         let first = &restored.outbound[&(dest, Lane::Normal)];
         let seq = first.messages[0].seq;
@@ -1262,7 +1341,7 @@ mod tests {
         both.sync().unwrap();
         drop(both);
         disk2.crash(CrashMode::TornTail);
-        let (_, (restored, _, pending, _)) = reopen(&disk2);
+        let (_, (restored, _, pending, _, _)) = reopen(&disk2);
         let stream = &restored.outbound[&(dest, Lane::Normal)];
         assert_eq!(
             stream.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
@@ -1293,7 +1372,7 @@ mod tests {
         spool.retire(first).unwrap();
         drop(spool);
         disk.crash(CrashMode::TornTail);
-        let (_, (restored, _, pending, _)) = reopen(&disk);
+        let (_, (restored, _, pending, _, _)) = reopen(&disk);
         assert!(restored.outbound.is_empty());
         assert_eq!(pending, 2);
         let waiting: Vec<_> = restored

@@ -57,6 +57,9 @@ pub enum SendError {
     /// The message is larger than the limits allow; it can never be sent.
     #[error(transparent)]
     TooLarge(#[from] EncodeError),
+    /// The message's options break the header rules, or the pattern does not offer one.
+    #[error(transparent)]
+    Options(#[from] crate::options::OptionsError),
     /// Sending to ourselves is not supported; deliver locally instead.
     #[error("cannot send to this node itself ({0})")]
     ToSelf(NodeId),

@@ -53,8 +53,10 @@ mod events;
 mod handle;
 pub mod identity;
 mod inbox;
+mod keys;
 mod metrics;
 pub mod node;
+pub mod options;
 mod patterns;
 mod peer;
 mod queue;
@@ -76,6 +78,7 @@ pub use identity::Identity;
 pub use inbox::Inbox;
 pub use metrics::MetricsSnapshot;
 pub use node::{Node, NodeBuilder, PeerEvent, PeerSender, Renumbered};
+pub use options::{MessageOptions, OptionsError};
 pub use patterns::{
     redelivery_of, Gathered, PublishBatchError, PublishError, Published, PublishedBatch,
     PullOptions, Puller, Request, RequestBuilder, RequestError, ScatterBuilder, Service,

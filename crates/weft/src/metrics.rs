@@ -35,6 +35,8 @@ pub(crate) struct Metrics {
     pub(crate) durable_events_owed: AtomicU64,
     pub(crate) durable_events_dropped: AtomicU64,
     pub(crate) work_redelivered: AtomicU64,
+    pub(crate) idempotent_repeats: AtomicU64,
+    pub(crate) events_expired: AtomicU64,
     scheduled: AtomicU64,
     released: AtomicU64,
 }
@@ -106,6 +108,11 @@ pub struct MetricsSnapshot {
     /// Work items this node copied from a stuck worker (connected, holding them without
     /// acknowledging anything for `work_ack_timeout`) to another worker.
     pub work_redelivered: u64,
+    /// Messages dropped because their producer sent a message with the same idempotency key
+    /// before, within the window (see [`crate::MessageOptions::idempotency_key`]).
+    pub idempotent_repeats: u64,
+    /// Events dropped by this subscriber node because their expiry had passed.
+    pub events_expired: u64,
     /// Delayed messages waiting for their due time (a gauge).
     pub scheduled: u64,
     /// Delayed messages numbered into their stream at their due time.
@@ -223,6 +230,8 @@ impl Metrics {
             durable_events_owed: get(&self.durable_events_owed),
             durable_events_dropped: get(&self.durable_events_dropped),
             work_redelivered: get(&self.work_redelivered),
+            idempotent_repeats: get(&self.idempotent_repeats),
+            events_expired: get(&self.events_expired),
             scheduled: get(&self.scheduled),
             released: get(&self.released),
         }
@@ -238,7 +247,7 @@ struct Series {
 }
 
 impl MetricsSnapshot {
-    fn series(&self) -> [Series; 30] {
+    fn series(&self) -> [Series; 32] {
         let counter = |name, help, value| Series {
             name,
             kind: "counter",
@@ -391,6 +400,16 @@ impl MetricsSnapshot {
                 "weft_work_redelivered_total",
                 "Work items copied from a stuck worker (connected, silent past work_ack_timeout) to another.",
                 self.work_redelivered,
+            ),
+            counter(
+                "weft_idempotent_repeats_total",
+                "Messages dropped as repeats of an earlier message with the same producer and idempotency key.",
+                self.idempotent_repeats,
+            ),
+            counter(
+                "weft_events_expired_total",
+                "Events dropped by this subscriber node because their expiry had passed.",
+                self.events_expired,
             ),
             Series {
                 name: "weft_messages_scheduled",

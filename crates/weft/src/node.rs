@@ -24,6 +24,7 @@ pub use crate::events::PeerEvent;
 use crate::handle::{Control, Outgoing, PeerHandle};
 use crate::identity::Identity;
 use crate::inbox::{Channels, Inbox};
+use crate::keys::Keys;
 use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::peer::{Dialer, PeerEnv, PeerTask, RestoredLane};
 use crate::queue;
@@ -79,6 +80,8 @@ pub(crate) struct Shared {
     pub wall_clock: WallClock,
     pub peers: RwLock<BTreeMap<NodeId, Arc<PeerHandle>>>,
     pub channels: Arc<Channels>,
+    /// The idempotency keys handed on recently.
+    pub keys: Arc<Keys>,
     pub events: broadcast::Sender<PeerEvent>,
     pub shutdown: watch::Sender<bool>,
     pub tasks: Mutex<Vec<JoinHandle<()>>>,
@@ -529,6 +532,14 @@ impl NodeBuilder {
         restored_peers.sort_unstable();
         restored_peers.dedup();
         scheduler.restore(std::mem::take(&mut restored.scheduled));
+        let keys = Arc::new(Keys::new(
+            config.idempotency_keys_max,
+            config.idempotency_window.as_millis() as u64,
+            std::mem::take(&mut restored.keys),
+            wall_clock(),
+            durable.as_ref().map(|d| d.tx.clone()),
+            Arc::clone(&metrics),
+        ));
         let message_id = |peer: &NodeId, lane: Lane, (epoch, seq): (u64, u64)| MessageId {
             producer: id,
             stream: StreamId::lane(&id, peer, epoch, lane),
@@ -562,6 +573,7 @@ impl NodeBuilder {
                 link,
                 durable: durable.as_ref().map(|d| d.tx.clone()),
                 channels: Arc::clone(&channels),
+                keys: Arc::clone(&keys),
                 events: events.clone(),
                 metrics: Arc::clone(&metrics),
                 wall_clock: Arc::clone(&wall_clock),
@@ -585,6 +597,7 @@ impl NodeBuilder {
             wall_clock,
             peers: RwLock::new(BTreeMap::new()),
             channels,
+            keys,
             events,
             shutdown,
             tasks: Mutex::new(Vec::new()),
@@ -714,6 +727,7 @@ fn spool_setup(
             sync_latency: seams.spool_sync_latency,
             ack_before_fsync,
             lock: None,
+            keys: key_bounds(config),
         }));
     }
     let Some(dir) = data_dir else { return Ok(None) };
@@ -731,7 +745,16 @@ fn spool_setup(
         sync_latency: None,
         ack_before_fsync,
         lock: None,
+        keys: key_bounds(config),
     }))
+}
+
+/// The idempotency window the spool keeps (see `NodeConfig::idempotency_keys_max`).
+fn key_bounds(config: &NodeConfig) -> crate::durable::KeyBounds {
+    crate::durable::KeyBounds {
+        entries_max: config.idempotency_keys_max,
+        age_max_ms: config.idempotency_window.as_millis() as u64,
+    }
 }
 
 fn transport_config(config: &NodeConfig) -> quinn::TransportConfig {
@@ -1081,6 +1104,21 @@ impl Node {
     ) -> Result<Receipt, SendError> {
         // Stamped when the node takes it (see `PeerSender::send`).
         let message = OutgoingMessage::command(channel, body.into(), 0);
+        self.send_message(peer, message).await
+    }
+
+    /// [`Node::send`] with options: headers, priority, expiry, a due time, an idempotency key
+    /// (see [`MessageOptions`](crate::MessageOptions)).
+    pub async fn send_with(
+        &self,
+        peer: NodeId,
+        channel: impl Into<Channel>,
+        body: impl Into<Bytes>,
+        options: &crate::MessageOptions,
+    ) -> Result<Receipt, SendError> {
+        options.check()?;
+        let now = self.shared().now_unix_ms();
+        let message = options.apply(OutgoingMessage::command(channel, body.into(), now), now);
         self.send_message(peer, message).await
     }
 

@@ -51,6 +51,7 @@ use crate::error::{ConnectError, DeliveryError};
 use crate::events::PeerEvent;
 use crate::handle::{Control, Outgoing, PeerHandle, SpoolOutcome, SpoolReply};
 use crate::inbox::{ChannelError, Channels};
+use crate::keys::Keys;
 use crate::metrics::Metrics;
 use crate::queue;
 use crate::receipt::{Fates, Progress};
@@ -231,6 +232,8 @@ pub(crate) struct PeerEnv {
     /// The spool writer (`None`: no spool).
     pub durable: Option<mpsc::UnboundedSender<Command>>,
     pub channels: Arc<Channels>,
+    /// Idempotency keys (see [`crate::keys`]).
+    pub keys: Arc<Keys>,
     pub events: broadcast::Sender<PeerEvent>,
     pub metrics: Arc<Metrics>,
     pub wall_clock: WallClock,
@@ -1282,6 +1285,19 @@ impl PeerTask {
         let Some(message) = self.session.link(lane).peek_delivery() else {
             return true;
         };
+        // A repeat of an idempotency key is settled at once instead (requests excepted: the
+        // request task answers those from its reply cache). Only keyed messages pay for it.
+        if message.header.options.is_some()
+            && message.header.kind != weft_proto::Kind::Request
+            && self.env.keys.is_repeat(message, (self.env.wall_clock)())
+        {
+            let message = self.session.link_mut(lane).pop_delivery().expect("peeked");
+            let id = message.header.id;
+            self.lanes[lane.index()]
+                .settlement
+                .settle_many(id.stream, [id.seq]);
+            return true;
+        }
         let io = &mut self.lanes[lane.index()];
         let generation = self.env.channels.generation();
         if generation != io.channels_generation {

@@ -599,6 +599,7 @@ pub(crate) fn reply_status_error(status: ReplyStatus, payload: &Bytes) -> Option
         ReplyStatus::Failed => Some(RequestError::Failed(
             String::from_utf8_lossy(payload).into_owned(),
         )),
+        ReplyStatus::Repeated => Some(RequestError::Repeated),
     }
 }
 
@@ -653,7 +654,27 @@ impl crate::Node {
         topic: &str,
         body: impl Into<Bytes>,
     ) -> Result<Published, PublishError> {
-        pubsub::publish(self.shared(), topic, body.into()).await
+        pubsub::publish(self.shared(), topic, body.into(), None).await
+    }
+
+    /// [`Node::publish`](crate::Node::publish) with options: headers, priority, expiry and an
+    /// idempotency key, which every subscriber sees on the message (see
+    /// [`MessageOptions`](crate::MessageOptions)). An event whose expiry passed before it
+    /// reached a subscriber node is dropped there (metric `events_expired`); FIFO per publisher
+    /// holds across priorities. A due time is refused ([`crate::OptionsError`]).
+    pub async fn publish_with(
+        &self,
+        topic: &str,
+        body: impl Into<Bytes>,
+        options: &crate::MessageOptions,
+    ) -> Result<Published, PublishError> {
+        let shared = self.shared();
+        options.check().map_err(crate::error::SendError::from)?;
+        options
+            .refuse_delay("publish")
+            .map_err(crate::error::SendError::from)?;
+        let event_options = options.event_options(shared.now_unix_ms(), None);
+        pubsub::publish(shared, topic, body.into(), event_options.as_ref()).await
     }
 
     /// Publishes many events on one topic, in order: the same guarantees as one
@@ -674,7 +695,30 @@ impl crate::Node {
         bodies: impl IntoIterator<Item = B>,
     ) -> Result<PublishedBatch, PublishBatchError> {
         let bodies = bodies.into_iter().map(Into::into).collect();
-        pubsub::publish_batch(self.shared(), topic, bodies).await
+        pubsub::publish_batch(self.shared(), topic, bodies, None).await
+    }
+
+    /// [`Node::publish_batch`](crate::Node::publish_batch) with options for every event (see
+    /// [`Node::publish_with`](crate::Node::publish_with)); an idempotency key names the batch,
+    /// event `i` carrying `key/i`.
+    pub async fn publish_batch_with<B: Into<Bytes>>(
+        &self,
+        topic: &str,
+        bodies: impl IntoIterator<Item = B>,
+        options: &crate::MessageOptions,
+    ) -> Result<PublishedBatch, PublishBatchError> {
+        let checked = options
+            .check()
+            .and_then(|()| options.refuse_delay("publish"));
+        if let Err(error) = checked {
+            return Err(PublishBatchError {
+                published: 0,
+                error: crate::error::SendError::from(error).into(),
+                done: PublishedBatch::default(),
+            });
+        }
+        let bodies = bodies.into_iter().map(Into::into).collect();
+        pubsub::publish_batch(self.shared(), topic, bodies, Some(options)).await
     }
 
     /// Publishes a serde value (postcard).
@@ -773,6 +817,7 @@ impl crate::Node {
             to: None,
             id: None,
             priority: weft_proto::Priority::NORMAL,
+            options: None,
         }
     }
 
@@ -790,6 +835,7 @@ impl crate::Node {
             to: None,
             id: None,
             priority: weft_proto::Priority::NORMAL,
+            options: None,
         }
     }
 
@@ -799,7 +845,20 @@ impl crate::Node {
     /// spool: durable). A worker that goes silent has its unacknowledged messages given to the
     /// others.
     pub async fn push(&self, queue: &str, body: impl Into<Bytes>) -> Result<(), WorkError> {
-        work::push(self.shared(), queue, None, body.into()).await
+        work::push(self.shared(), queue, None, body.into(), None).await
+    }
+
+    /// [`Node::push`](crate::Node::push) with options: headers, expiry and an idempotency key,
+    /// which the worker sees on the message (see [`MessageOptions`](crate::MessageOptions)).
+    /// Work items travel in the normal lane (where credit is counted): another priority, like a
+    /// due time, is refused ([`crate::OptionsError`]).
+    pub async fn push_with(
+        &self,
+        queue: &str,
+        body: impl Into<Bytes>,
+        options: &crate::MessageOptions,
+    ) -> Result<(), WorkError> {
+        work::push(self.shared(), queue, None, body.into(), Some(options)).await
     }
 
     /// Pushes to a sharded work queue: every message with the same `key` goes to the key's
@@ -813,7 +872,26 @@ impl crate::Node {
         key: impl Into<Bytes>,
         body: impl Into<Bytes>,
     ) -> Result<(), WorkError> {
-        work::push(self.shared(), queue, Some(key.into()), body.into()).await
+        work::push(self.shared(), queue, Some(key.into()), body.into(), None).await
+    }
+
+    /// [`Node::push_keyed`](crate::Node::push_keyed) with options (see
+    /// [`Node::push_with`](crate::Node::push_with)).
+    pub async fn push_keyed_with(
+        &self,
+        queue: &str,
+        key: impl Into<Bytes>,
+        body: impl Into<Bytes>,
+        options: &crate::MessageOptions,
+    ) -> Result<(), WorkError> {
+        work::push(
+            self.shared(),
+            queue,
+            Some(key.into()),
+            body.into(),
+            Some(options),
+        )
+        .await
     }
 
     /// Pulls from work queue `queue` as one of its competing workers (default credit).
@@ -839,6 +917,7 @@ impl crate::Node {
             payload: Ok(body.into()),
             count: None,
             timeout: None,
+            options: None,
         }
     }
 }

@@ -11,10 +11,11 @@ use std::collections::BTreeMap;
 use tokio::sync::mpsc;
 
 use tracing::{debug, warn, Instrument};
-use weft_proto::gossip::{self, Accepted, Chains, Confirm, Event, Hop};
+use weft_proto::gossip::{self, Accepted, Chains, Confirm, Event, EventOptions, Hop};
 use weft_proto::interest::InterestError;
 use weft_proto::{
-    Kind, Message, MessageId, NodeId, OutgoingMessage, StreamId, Topic, TopicError, TopicPattern,
+    Kind, Message, MessageId, NodeId, OutgoingMessage, Priority, StreamId, Topic, TopicError,
+    TopicPattern,
 };
 
 use super::{DurableSlot, LocalSubscription, EVENT_CHANNEL};
@@ -630,6 +631,55 @@ fn event_message(
     event_message_in(origin, stream, seq, topic, payload, shared.now_unix_ms())
 }
 
+/// The link message carrying an encoded event, in the lane of the event's priority.
+fn event_link_message(
+    shared: &Shared,
+    body: Bytes,
+    options: Option<&EventOptions>,
+) -> OutgoingMessage {
+    OutgoingMessage::command(
+        weft_proto::Channel::from_static(EVENT_CHANNEL),
+        body,
+        shared.now_unix_ms(),
+    )
+    .with_kind(Kind::Event)
+    .with_priority(options.map_or(Priority::NORMAL, |o| o.priority))
+}
+
+/// `message` (an event for local subscriptions) with the event's options on it; `None` when the
+/// event expired or repeats an idempotency key of its publisher: then it is dropped (counted,
+/// logged) and only settled.
+fn dressed(
+    shared: &Shared,
+    mut message: Message,
+    options: Option<&EventOptions>,
+    now_unix_ms: u64,
+) -> Option<Message> {
+    let Some(options) = options else {
+        return Some(message);
+    };
+    message.header.priority = options.priority;
+    if options.expires_unix_ms.is_some() || !options.headers.is_empty() {
+        message.header.options = Some(Box::new(weft_proto::Options {
+            expires_unix_ms: options.expires_unix_ms,
+            headers: options.headers.clone(),
+            ..Default::default()
+        }));
+    }
+    if options.expires_unix_ms.is_some_and(|at| at <= now_unix_ms) {
+        shared
+            .metrics
+            .events_expired
+            .fetch_add(1, Ordering::Relaxed);
+        debug!(event = %message.header.id, topic = %message.header.channel, "expired event dropped");
+        return None;
+    }
+    if shared.keys.is_repeat(&message, now_unix_ms) {
+        return None;
+    }
+    Some(message)
+}
+
 /// [`event_message`] with the id's stream already known (a blake3 hash: the event task
 /// remembers the last one, see [`Streams`]).
 fn event_message_in(
@@ -810,12 +860,7 @@ async fn send_event(
     event: &Event,
 ) -> Result<crate::receipt::Receipt, SendError> {
     let to = event.route[0].node;
-    let outgoing = OutgoingMessage::command(
-        weft_proto::Channel::from_static(EVENT_CHANNEL),
-        event.encode(&shared.id),
-        shared.now_unix_ms(),
-    )
-    .with_kind(Kind::Event);
+    let outgoing = event_link_message(shared, event.encode(&shared.id), event.options.as_deref());
     shared.sender(to)?.send_message(outgoing).await
 }
 
@@ -826,6 +871,7 @@ fn tree_event_message(
     seq: u64,
     route: &[Hop],
     topic: &Topic,
+    options: Option<&EventOptions>,
     payload: &Bytes,
 ) -> OutgoingMessage {
     let body = gossip::encode_parts(
@@ -837,26 +883,17 @@ fn tree_event_message(
         route,
         None,
         topic,
+        options,
         payload,
     );
-    OutgoingMessage::command(
-        weft_proto::Channel::from_static(EVENT_CHANNEL),
-        body,
-        shared.now_unix_ms(),
-    )
-    .with_kind(Kind::Event)
+    event_link_message(shared, body, options)
 }
 
 /// Queues an event's copy for a child that is not connected, without waiting for room: when its
 /// queue or the spool is full, the copy is left to the publisher's repair.
 async fn relay_to_absent(shared: &Arc<Shared>, event: &Event, absent: &Hop) {
     let copy = event.for_child(std::slice::from_ref(absent));
-    let outgoing = OutgoingMessage::command(
-        weft_proto::Channel::from_static(EVENT_CHANNEL),
-        copy.encode(&shared.id),
-        shared.now_unix_ms(),
-    )
-    .with_kind(Kind::Event);
+    let outgoing = event_link_message(shared, copy.encode(&shared.id), copy.options.as_deref());
     let queued = shared
         .sender(absent.node)
         .map_err(TrySendError::from)
@@ -900,7 +937,14 @@ async fn take_event(
             &event.topic,
             event.payload,
         );
-        deliver_locally(shared, &event.topic, message, &[], None).await;
+        if let Some(message) = dressed(
+            shared,
+            message,
+            event.options.as_deref(),
+            shared.now_unix_ms(),
+        ) {
+            deliver_locally(shared, &event.topic, message, &[], None).await;
+        }
         return;
     }
     metrics.event_copies.fetch_add(1, Ordering::Relaxed);
@@ -962,6 +1006,14 @@ async fn take_event(
                 // The first is the event in hand; the others were held, and their link
                 // messages settled when they arrived.
                 let settler = settling.take();
+                let Some(message) = dressed(
+                    shared,
+                    message,
+                    event.options.as_deref(),
+                    streams.now_unix_ms,
+                ) else {
+                    continue; // dropped: its link message settles with the batch
+                };
                 if event.durable.is_empty() {
                     let targets = targets.get(shared, &event.topic);
                     hand_to(shared, targets, message, settler).await;
@@ -1250,7 +1302,7 @@ async fn send_repairs(shared: Arc<Shared>, repairs: Vec<gossip::Repair>) {
 /// durable subscriber, flagged so).
 async fn send_repair(shared: &Arc<Shared>, repair: gossip::Repair, direct: bool) {
     debug!(subscriber = %repair.to.short(), events = repair.events.len(), "repairing events over the direct link");
-    for (seq, topic, payload, prev) in repair.events {
+    for (seq, topic, payload, prev, options) in repair.events {
         let event = Event {
             origin: shared.id,
             incarnation: shared.epoch,
@@ -1264,6 +1316,7 @@ async fn send_repair(shared: &Arc<Shared>, repair: gossip::Repair, direct: bool)
             durable: Vec::new(),
             topic,
             payload,
+            options,
         };
         match send_event(shared, &event).await {
             Ok(_receipt) => {
@@ -1284,8 +1337,10 @@ pub(crate) async fn publish(
     shared: &Arc<Shared>,
     topic: &str,
     payload: Bytes,
+    options: Option<&EventOptions>,
 ) -> Result<Published, PublishError> {
     let topic = Topic::new(topic)?;
+    let options_len = options.map_or(0, EventOptions::encoded_len);
     let patterns = &shared.patterns;
     // With durable subscribers about, events are numbered and sent directly in one order: a
     // restarted durable subscriber starts its chain at the first direct event it gets, so an
@@ -1311,12 +1366,16 @@ pub(crate) async fn publish(
                     .iter()
                     .map(|a| gossip::overhead(&topic, 1, &a.durable))
                     .fold(gossip::overhead(&topic, longest, &[]), usize::max)
+                    + options_len
                     + payload.len();
                 if !addressees.is_empty() {
                     check_event_size(shared, size)?;
                 }
                 let now = shared.now_unix_ms();
-                let fanout = state.publisher.publish(&addressees, &topic, &payload, now);
+                let fanout =
+                    state
+                        .publisher
+                        .publish_with(&addressees, &topic, &payload, options, now);
                 record_retained(shared, &state.publisher);
                 break fanout;
             }
@@ -1363,13 +1422,14 @@ pub(crate) async fn publish(
             durable,
             topic: topic.clone(),
             payload: payload.clone(),
+            options: options.map(|o| Box::new(o.clone())),
         };
         let result = send_direct(shared, &event).await;
         sent(result, hop.node, &mut receipts)?;
     }
     for route in fanout.routes {
         let peer = route[0].node;
-        let outgoing = tree_event_message(shared, fanout.seq, &route, &topic, &payload);
+        let outgoing = tree_event_message(shared, fanout.seq, &route, &topic, options, &payload);
         let result = match shared.sender(peer) {
             Ok(sender) => sender.send_message(outgoing).await,
             Err(error) => Err(error),
@@ -1378,7 +1438,10 @@ pub(crate) async fn publish(
     }
     let local = if patterns.lock().table.subscribed_here(&topic) {
         let message = event_message(shared, shared.id, shared.epoch, fanout.seq, &topic, payload);
-        deliver_locally(shared, &topic, message, &[], None).await
+        match dressed(shared, message, options, shared.now_unix_ms()) {
+            Some(message) => deliver_locally(shared, &topic, message, &[], None).await,
+            None => 0,
+        }
     } else {
         0
     };
@@ -1403,8 +1466,12 @@ pub(crate) async fn publish_batch(
     shared: &Arc<Shared>,
     topic: &str,
     payloads: Vec<Bytes>,
+    options: Option<&crate::MessageOptions>,
 ) -> Result<PublishedBatch, PublishBatchError> {
     let mut done = PublishedBatch::default();
+    // Event `index` of the batch: its options (the key names its place).
+    let options_of =
+        |index: usize| options.and_then(|o| o.event_options(shared.now_unix_ms(), Some(index)));
     let topic = match Topic::new(topic) {
         Ok(topic) => topic,
         Err(error) => {
@@ -1438,6 +1505,11 @@ pub(crate) async fn publish_batch(
                     .div_ceil(shared.config.patterns.gossip_fanout.max(1));
                 let overhead = gossip::overhead(&topic, longest, &[]);
                 let now = shared.now_unix_ms();
+                // (Every event's options have the same size but for the key's index.)
+                let options_len = options_of(usize::MAX)
+                    .as_ref()
+                    .map_or(0, EventOptions::encoded_len);
+                let overhead = overhead + options_len;
                 while numbered < PUBLISH_BATCH_RUN_MAX && state.publisher.has_room() {
                     let Some(payload) = payloads.next_if(|payload| {
                         addressees.is_empty()
@@ -1445,16 +1517,30 @@ pub(crate) async fn publish_batch(
                     }) else {
                         break;
                     };
-                    let fanout = state.publisher.publish(&addressees, &topic, &payload, now);
+                    let event_options = options_of(done.events + numbered);
+                    let event_options = event_options.as_ref();
+                    let fanout = state.publisher.publish_with(
+                        &addressees,
+                        &topic,
+                        &payload,
+                        event_options,
+                        now,
+                    );
                     debug_assert!(fanout.direct.is_empty() && fanout.repairs.is_empty());
                     for route in &fanout.routes {
                         relayed += route.len() - 1;
-                        let message =
-                            tree_event_message(shared, fanout.seq, route, &topic, &payload);
+                        let message = tree_event_message(
+                            shared,
+                            fanout.seq,
+                            route,
+                            &topic,
+                            event_options,
+                            &payload,
+                        );
                         runs.entry(route[0].node).or_default().push(message);
                     }
                     if here {
-                        local.push((fanout.seq, payload));
+                        local.push((fanout.seq, payload, event_options.cloned()));
                     }
                     numbered += 1;
                 }
@@ -1491,7 +1577,8 @@ pub(crate) async fn publish_batch(
         if numbered == 0 && refused.is_none() {
             // Durable subscribers, or retention full for long (waits there for room).
             let payload = payloads.next().expect("peeked");
-            match publish(shared, topic.as_str(), payload).await {
+            let event_options = options_of(done.events);
+            match publish(shared, topic.as_str(), payload, event_options.as_ref()).await {
                 Ok(published) => done.absorb(published),
                 Err(error) => {
                     return Err(PublishBatchError {
@@ -1540,9 +1627,12 @@ pub(crate) async fn publish_batch(
                 done,
             });
         }
-        for (seq, payload) in local {
+        for (seq, payload, event_options) in local {
             let message = event_message(shared, shared.id, shared.epoch, seq, &topic, payload);
-            done.local += deliver_locally(shared, &topic, message, &[], None).await;
+            let now = shared.now_unix_ms();
+            if let Some(message) = dressed(shared, message, event_options.as_ref(), now) {
+                done.local += deliver_locally(shared, &topic, message, &[], None).await;
+            }
         }
         done.relayed += relayed;
         done.events += numbered;
@@ -1563,12 +1653,8 @@ pub(crate) async fn publish_batch(
 async fn send_direct(shared: &Arc<Shared>, event: &Event) -> Result<Receipt, SendError> {
     let to = event.route[0].node;
     let now = shared.now_unix_ms();
-    let mut outgoing = OutgoingMessage::command(
-        weft_proto::Channel::from_static(EVENT_CHANNEL),
-        event.encode(&shared.id),
-        now,
-    )
-    .with_kind(Kind::Event);
+    let mut outgoing =
+        event_link_message(shared, event.encode(&shared.id), event.options.as_deref());
     if !event.durable.is_empty() {
         let age = shared.config.patterns.durable_retention_age.as_millis() as u64;
         outgoing = outgoing.with_expiry(now.saturating_add(age));
@@ -1671,6 +1757,7 @@ pub(crate) fn publish_best_effort(
         &[],
         None,
         &topic,
+        None,
         &payload,
     );
     let outgoing = OutgoingMessage::command(

@@ -57,6 +57,10 @@ pub enum RequestError {
     /// The node is shut down.
     #[error("the node is shut down")]
     NodeClosed,
+    /// The server handled a request with this idempotency key before and no longer keeps its
+    /// reply (see [`RequestBuilder::options`]); its handler was not run again.
+    #[error("the server handled this idempotency key before and no longer keeps the reply")]
+    Repeated,
 }
 
 /// A reply, or an error status, as it reaches the waiting requester.
@@ -107,6 +111,15 @@ fn checked(
     Ok((service, payload, timeout))
 }
 
+/// Checks a request's options: the header rules, and no due time.
+fn checked_options(options: Option<&crate::MessageOptions>) -> Result<(), RequestError> {
+    if let Some(options) = options {
+        options.check().map_err(SendError::from)?;
+        options.refuse_delay("requests").map_err(SendError::from)?;
+    }
+    Ok(())
+}
+
 /// The wire message of request `id`, checked against the frame limits.
 fn request_outgoing(
     shared: &Shared,
@@ -115,9 +128,10 @@ fn request_outgoing(
     id: u64,
     timeout: Duration,
     priority: Priority,
+    options: Option<&crate::MessageOptions>,
 ) -> Result<OutgoingMessage, RequestError> {
     let now = shared.now_unix_ms();
-    let outgoing = OutgoingMessage::command(
+    let mut outgoing = OutgoingMessage::command(
         weft_proto::Channel::from_static(REQUEST_CHANNEL),
         envelope::wrap(service, payload),
         now,
@@ -127,6 +141,9 @@ fn request_outgoing(
     .with_correlation_id(id)
     .with_reply_to(shared.id)
     .with_expiry(now + timeout.as_millis() as u64);
+    if let Some(options) = options {
+        outgoing = options.apply(outgoing, now);
+    }
     outgoing
         .check(&shared.config.limits())
         .map_err(SendError::from)?;
@@ -187,6 +204,7 @@ pub struct RequestBuilder {
     pub(crate) to: Option<NodeId>,
     pub(crate) id: Option<u64>,
     pub(crate) priority: Priority,
+    pub(crate) options: Option<crate::MessageOptions>,
 }
 
 impl std::fmt::Debug for RequestBuilder {
@@ -219,6 +237,18 @@ impl RequestBuilder {
         self
     }
 
+    /// Headers, priority, expiry and an idempotency key for the request (see
+    /// [`MessageOptions`](crate::MessageOptions); the server sees them on
+    /// [`Request::message`]). A priority set here wins over [`RequestBuilder::priority`]; an
+    /// expiry earlier than the timeout ends the server's interest sooner. With an idempotency
+    /// key, the server answers a repeat of the key (a new request from a requester that
+    /// restarted) with the reply it gave, while it keeps it (`reply_cache_age`); after that,
+    /// with [`RequestError::Repeated`]. A due time is refused ([`crate::OptionsError`]).
+    pub fn options(mut self, options: crate::MessageOptions) -> Self {
+        self.options = Some(options);
+        self
+    }
+
     /// The request id (default: random). Asking again under the same id after a timeout gets
     /// the server's cached reply if it answered already, without running its handler again.
     pub fn id(mut self, id: u64) -> Self {
@@ -237,8 +267,10 @@ impl RequestBuilder {
             to,
             id,
             priority,
+            options,
         } = self;
         let (service, payload, timeout) = checked(&shared, service, payload, timeout)?;
+        checked_options(options.as_ref())?;
         let target = match to {
             Some(node) => node,
             None => {
@@ -252,7 +284,15 @@ impl RequestBuilder {
             }
         };
         let id = id.unwrap_or_else(|| shared.random());
-        let outgoing = request_outgoing(&shared, &service, &payload, id, timeout, priority)?;
+        let outgoing = request_outgoing(
+            &shared,
+            &service,
+            &payload,
+            id,
+            timeout,
+            priority,
+            options.as_ref(),
+        )?;
         let (tx, rx) = oneshot::channel();
         let _guard = register(&shared, id, Waiting::One(tx))?;
         match dispatch(&shared, target, outgoing).await {
@@ -314,6 +354,7 @@ pub struct ScatterBuilder {
     pub(crate) payload: Result<Bytes, String>,
     pub(crate) count: Option<usize>,
     pub(crate) timeout: Option<Duration>,
+    pub(crate) options: Option<crate::MessageOptions>,
 }
 
 impl std::fmt::Debug for ScatterBuilder {
@@ -337,6 +378,13 @@ impl ScatterBuilder {
         self
     }
 
+    /// Headers, priority, expiry and an idempotency key for every copy of the request (see
+    /// [`RequestBuilder::options`]).
+    pub fn options(mut self, options: crate::MessageOptions) -> Self {
+        self.options = Some(options);
+        self
+    }
+
     /// Asks every node that answers the service and collects replies until the count, the
     /// deadline, or every node answered.
     pub async fn gather(self) -> Result<Gathered, RequestError> {
@@ -346,15 +394,24 @@ impl ScatterBuilder {
             payload,
             count,
             timeout,
+            options,
         } = self;
         let (service, payload, timeout) = checked(&shared, service, payload, timeout)?;
+        checked_options(options.as_ref())?;
         let asked = servers(&shared, &service);
         if asked.is_empty() {
             return Err(RequestError::NoResponders);
         }
         let id = shared.random();
-        let outgoing =
-            request_outgoing(&shared, &service, &payload, id, timeout, Priority::NORMAL)?;
+        let outgoing = request_outgoing(
+            &shared,
+            &service,
+            &payload,
+            id,
+            timeout,
+            Priority::NORMAL,
+            options.as_ref(),
+        )?;
         let (tx, mut rx) = mpsc::unbounded_channel();
         let _guard = register(&shared, id, Waiting::Many(tx))?;
         let mut gathered = Gathered {
@@ -413,6 +470,9 @@ pub struct Request {
     message: Message,
     requester: NodeId,
     id: u64,
+    /// Where the reply cache keeps its reply: (requester, id), or (requester, a digest of the
+    /// idempotency key).
+    cache_key: (NodeId, u64),
     answered: bool,
 }
 
@@ -480,7 +540,7 @@ impl Request {
             .patterns
             .lock()
             .replies
-            .finish((self.requester, self.id), body.clone());
+            .finish(self.cache_key, body.clone());
         send_reply(
             &self.shared,
             (self.requester, self.id),
@@ -497,11 +557,7 @@ impl Drop for Request {
         if self.answered {
             return;
         }
-        self.shared
-            .patterns
-            .lock()
-            .replies
-            .forget(&(self.requester, self.id));
+        self.shared.patterns.lock().replies.forget(&self.cache_key);
         let body = envelope::reply(ReplyStatus::Dropped, &[]);
         if self.requester == self.shared.id {
             let priority = self.message.header.priority;
@@ -704,10 +760,30 @@ pub(crate) async fn handle_request(shared: &Arc<Shared>, message: Message) {
         debug!(%service, "request arrived after its requester stopped waiting; dropped");
         return;
     }
+    // A request with an idempotency key is cached under the key (so a new request repeating
+    // it gets the first one's reply) and judged by the node's window of keys beyond the cache.
+    let key = message.header.idempotency_key().map(|key| {
+        let digest = blake3::hash(key);
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&digest.as_bytes()[..8]);
+        u64::from_le_bytes(first)
+    });
+    let repeat = key.is_some() && shared.keys.is_repeat(&message, now);
+    let cache_key = (requester, key.unwrap_or(id));
     let (queue, begin) = {
         let mut state = shared.patterns.lock();
         match state.services.get(service.as_str()).cloned() {
-            Some(queue) => (Some(queue), state.replies.begin((requester, id), now)),
+            Some(queue) => {
+                let begin = state.replies.begin(cache_key, now);
+                if repeat && begin == Begin::Run {
+                    // Handled before, and the reply is gone: not run again.
+                    state.replies.forget(&cache_key);
+                    let body = envelope::reply(ReplyStatus::Repeated, &[]);
+                    (Some(queue), Begin::Replay(body))
+                } else {
+                    (Some(queue), begin)
+                }
+            }
             None => (None, Begin::Running),
         }
     };
@@ -726,13 +802,14 @@ pub(crate) async fn handle_request(shared: &Arc<Shared>, message: Message) {
                 message: request_message,
                 requester,
                 id,
+                cache_key,
                 answered: false,
             };
             // A full service queue makes requests wait here (the requesters' timeouts bound it).
             if let Err(mpsc::error::SendError(mut request)) = queue.send(request).await {
                 // The service was dropped meanwhile: nobody answers here any more.
                 request.answered = true;
-                shared.patterns.lock().replies.forget(&(requester, id));
+                shared.patterns.lock().replies.forget(&cache_key);
                 let body = envelope::reply(ReplyStatus::NoService, &[]);
                 let _ = send_reply(shared, (requester, id), service.as_str(), priority, body).await;
             }

@@ -36,7 +36,7 @@ use bytes::Bytes;
 use futures_util::future::select_all;
 use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
-use weft_proto::{Kind, Message, NodeId, OutgoingMessage, Topic, TopicError};
+use weft_proto::{Kind, Message, NodeId, OutgoingMessage, Priority, Topic, TopicError};
 
 use super::SubscribeError;
 use crate::error::SendError;
@@ -455,14 +455,27 @@ pub(crate) async fn push(
     queue: &str,
     key: Option<Bytes>,
     payload: Bytes,
+    options: Option<&crate::MessageOptions>,
 ) -> Result<(), WorkError> {
     let queue = Topic::new(queue)?;
-    let mut message = OutgoingMessage::command(
-        format!("{WORK_PREFIX}{queue}"),
-        payload,
-        shared.now_unix_ms(),
-    )
-    .with_kind(Kind::Command);
+    let now = shared.now_unix_ms();
+    let mut message = OutgoingMessage::command(format!("{WORK_PREFIX}{queue}"), payload, now)
+        .with_kind(Kind::Command);
+    if let Some(options) = options {
+        options.check().map_err(SendError::from)?;
+        options
+            .refuse_delay("work queues")
+            .map_err(SendError::from)?;
+        if options.priority_or(Priority::NORMAL).lane() != weft_proto::Lane::Normal {
+            return Err(SendError::from(crate::OptionsError::Unsupported {
+                option: "a priority other than normal",
+                pattern: "work queues",
+                why: "work items travel in the normal lane, where each worker's credit is counted",
+            })
+            .into());
+        }
+        message = options.apply(message, now);
+    }
     if let Some(key) = key {
         message = message.with_shard_key(key);
     }
