@@ -141,6 +141,8 @@ enum Command {
         mesh: patterns_cmd::MeshArgs,
         #[command(flatten)]
         gossip: patterns_cmd::GossipArgs,
+        #[command(flatten)]
+        send: patterns_cmd::OptionArgs,
         /// Wait for at least this many subscribers before publishing, and fail if an event
         /// reaches none; 0 publishes at once, even to nobody.
         #[arg(long, default_value_t = 1)]
@@ -170,6 +172,8 @@ enum Command {
     Req {
         #[command(flatten)]
         mesh: patterns_cmd::MeshArgs,
+        #[command(flatten)]
+        send: patterns_cmd::OptionArgs,
         /// Ask this node (its id) instead of any server of the service.
         #[arg(long)]
         to: Option<weft::NodeId>,
@@ -198,6 +202,8 @@ enum Command {
     Push {
         #[command(flatten)]
         mesh: patterns_cmd::MeshArgs,
+        #[command(flatten)]
+        send: patterns_cmd::OptionArgs,
         /// Push the item this many times.
         #[arg(long, default_value_t = 1)]
         repeat: u64,
@@ -327,11 +333,12 @@ async fn run(command: Command) -> Result<()> {
         Command::Pub {
             mesh,
             gossip,
+            send,
             subscribers,
             repeat,
             topic,
             text,
-        } => patterns_cmd::publish(mesh, gossip, topic, text, subscribers, repeat).await,
+        } => patterns_cmd::publish(mesh, gossip, send, topic, text, subscribers, repeat).await,
         Command::Rep {
             mesh,
             reply,
@@ -340,11 +347,12 @@ async fn run(command: Command) -> Result<()> {
         } => patterns_cmd::rep(mesh, service, reply, count).await,
         Command::Req {
             mesh,
+            send,
             to,
             timeout_ms,
             service,
             text,
-        } => patterns_cmd::req(mesh, service, text, to, timeout_ms).await,
+        } => patterns_cmd::req(mesh, send, service, text, to, timeout_ms).await,
         Command::Pull {
             mesh,
             credit,
@@ -353,13 +361,23 @@ async fn run(command: Command) -> Result<()> {
         } => patterns_cmd::pull(mesh, queue, credit, count).await,
         Command::Push {
             mesh,
+            send,
             repeat,
             key,
             keyed_lines,
             workers,
             queue,
             text,
-        } => patterns_cmd::push(mesh, queue, key, keyed_lines, workers, text, repeat).await,
+        } => {
+            let push = patterns_cmd::Push {
+                key,
+                keyed_lines,
+                workers,
+                text,
+                repeat,
+            };
+            patterns_cmd::push(mesh, send, queue, push).await
+        }
         Command::Bench { .. }
         | Command::BenchPeer(_)
         | Command::BenchSpin { .. }

@@ -47,6 +47,43 @@ pub struct MeshArgs {
     json: bool,
 }
 
+/// What `weft pub`, `weft req` and `weft push` set on every message they send (see
+/// `weft::MessageOptions`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct OptionArgs {
+    /// An application header on every message, as NAME=VALUE (repeatable); the receiver
+    /// prints it with `--json`.
+    #[arg(long = "header", value_name = "NAME=VALUE", value_parser = parse_header)]
+    headers: Vec<(String, String)>,
+    /// The producer's idempotency key on every message: the receiving node hands its
+    /// application only the first message of this node with the key (so `--repeat 3` with a
+    /// key is processed once).
+    #[arg(long, value_name = "KEY")]
+    idempotency_key: Option<String>,
+}
+
+impl OptionArgs {
+    fn options(&self) -> weft::MessageOptions {
+        let mut options = weft::MessageOptions::new();
+        for (name, value) in &self.headers {
+            options = options.header(name.clone(), value.clone().into_bytes());
+        }
+        if let Some(key) = &self.idempotency_key {
+            options = options.idempotency_key(key.clone().into_bytes());
+        }
+        options
+    }
+}
+
+/// `--header NAME=VALUE`, the name checked by the header rules.
+fn parse_header(text: &str) -> Result<(String, String), String> {
+    let (name, value) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?} is not NAME=VALUE"))?;
+    weft::proto::message::check_header(name, value.as_bytes()).map_err(|e| e.to_string())?;
+    Ok((name.to_owned(), value.to_owned()))
+}
+
 /// How `weft pub` and `weft sub` take part in the gossip trees of pub/sub.
 #[derive(clap::Args, Debug, Clone)]
 pub struct GossipArgs {
@@ -291,6 +328,7 @@ pub async fn sub(
 pub async fn publish(
     mesh: MeshArgs,
     gossip: GossipArgs,
+    send: OptionArgs,
     topic: String,
     text: String,
     subscribers: usize,
@@ -316,17 +354,18 @@ pub async fn publish(
     }
     let mut published = 0u64;
     let mut reached = 0;
+    let options = send.options();
     if from_stdin {
         use tokio::io::AsyncBufReadExt;
         let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
         while let Some(line) = lines.next_line().await.context("cannot read stdin")? {
-            reached = publish_one(&mesh, node, &topic, line.into_bytes()).await?;
+            reached = publish_one(&mesh, node, &topic, line.into_bytes(), &options).await?;
             published += 1;
             reached_someone(reached, subscribers, &topic)?;
         }
     } else {
         for _ in 0..repeat {
-            reached = publish_one(&mesh, node, &topic, text.clone().into_bytes()).await?;
+            reached = publish_one(&mesh, node, &topic, text.clone().into_bytes(), &options).await?;
             published += 1;
             reached_someone(reached, subscribers, &topic)?;
         }
@@ -351,8 +390,14 @@ fn reached_someone(reached: usize, subscribers: usize, topic: &str) -> Result<()
 /// Publishes one event and waits for its first hops' acknowledgements (each also means the
 /// copies that hop relays are accepted); returns the subscribers it was addressed to, first
 /// hops, relayed and local.
-async fn publish_one(mesh: &MeshArgs, node: &Node, topic: &str, body: Vec<u8>) -> Result<usize> {
-    let published = node.publish(topic, body).await?;
+async fn publish_one(
+    mesh: &MeshArgs,
+    node: &Node,
+    topic: &str,
+    body: Vec<u8>,
+    options: &weft::MessageOptions,
+) -> Result<usize> {
+    let published = node.publish_with(topic, body, options).await?;
     let reached = tokio::time::timeout(mesh.wait(), published.delivered())
         .await
         .context("the subscribers did not acknowledge in time")??;
@@ -411,6 +456,7 @@ pub async fn rep(
 /// `weft req SERVICE TEXT`: waits for a server, asks, prints the reply.
 pub async fn req(
     mesh: MeshArgs,
+    send: OptionArgs,
     service: String,
     text: String,
     to: Option<NodeId>,
@@ -432,7 +478,8 @@ pub async fn req(
     }
     let mut request = node
         .request(&service, text.into_bytes())
-        .timeout(Duration::from_millis(timeout_ms));
+        .timeout(Duration::from_millis(timeout_ms))
+        .options(send.options());
     if let Some(to) = to {
         request = request.to(to);
     }
@@ -491,21 +538,34 @@ pub async fn pull(
     Ok(())
 }
 
+/// What `weft push` pushes, besides where and with which options.
+#[derive(Debug)]
+pub struct Push {
+    /// The shard key of every item (`--key`).
+    pub key: Option<String>,
+    /// Each stdin line is `KEY TEXT` (`--keyed-lines`).
+    pub keyed_lines: bool,
+    /// Workers to wait for before the first push.
+    pub workers: usize,
+    /// The item text; `-`: each stdin line.
+    pub text: String,
+    /// How many times to push it.
+    pub repeat: u64,
+}
+
 /// `weft push QUEUE TEXT`: hands the item to one worker (waiting for one with credit); with
 /// `--key`, to the key's owner, in order.
 ///
 /// `TEXT` `-` pushes each line of stdin as an item, until its end; with `keyed_lines`, a line is
 /// `KEY TEXT` (its first word the shard key).
-#[allow(clippy::too_many_arguments)]
-pub async fn push(
-    mesh: MeshArgs,
-    queue: String,
-    key: Option<String>,
-    keyed_lines: bool,
-    workers: usize,
-    text: String,
-    repeat: u64,
-) -> Result<()> {
+pub async fn push(mesh: MeshArgs, send: OptionArgs, queue: String, push: Push) -> Result<()> {
+    let Push {
+        key,
+        keyed_lines,
+        workers,
+        text,
+        repeat,
+    } = push;
     let from_stdin = text == "-";
     if from_stdin && repeat != 1 {
         bail!("--repeat does not go with `-` (items from stdin): repeat the lines instead");
@@ -528,6 +588,7 @@ pub async fn push(
             })??;
     }
     let mut pushed = 0u64;
+    let options = send.options();
     if from_stdin {
         use tokio::io::AsyncBufReadExt;
         let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
@@ -537,12 +598,13 @@ pub async fn push(
                 _ if keyed_lines => bail!("line {:?} has no `KEY TEXT`", line),
                 _ => (key.clone(), line),
             };
-            push_one(&mesh, node, &queue, line_key, body.into_bytes()).await?;
+            push_one(&mesh, node, &queue, line_key, body.into_bytes(), &options).await?;
             pushed += 1;
         }
     } else {
         for _ in 0..repeat {
-            push_one(&mesh, node, &queue, key.clone(), text.clone().into_bytes()).await?;
+            let body = text.clone().into_bytes();
+            push_one(&mesh, node, &queue, key.clone(), body, &options).await?;
             pushed += 1;
         }
     }
@@ -561,11 +623,15 @@ async fn push_one(
     queue: &str,
     key: Option<String>,
     body: Vec<u8>,
+    options: &weft::MessageOptions,
 ) -> Result<()> {
     let pushed = async {
         match key {
-            Some(key) => node.push_keyed(queue, key.into_bytes(), body).await,
-            None => node.push(queue, body).await,
+            Some(key) => {
+                node.push_keyed_with(queue, key.into_bytes(), body, options)
+                    .await
+            }
+            None => node.push_with(queue, body, options).await,
         }
     };
     tokio::time::timeout(mesh.wait(), pushed)
@@ -582,6 +648,17 @@ async fn push_one(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn headers_parse_as_name_value_and_bad_names_are_refused() {
+        assert_eq!(
+            parse_header("trace-id=a=b"),
+            Ok(("trace-id".to_owned(), "a=b".to_owned()))
+        );
+        assert!(parse_header("no-equals").is_err());
+        assert!(parse_header("has space=x").is_err());
+        assert!(parse_header("weft-idempotency-key=x").is_err());
+    }
 
     #[test]
     fn bytes_are_text_when_they_are_utf8_and_hex_otherwise() {

@@ -257,3 +257,64 @@ fn a_gossip_fanout_of_zero_is_refused_with_a_clear_sentence() {
         );
     }
 }
+
+/// `--header` and `--idempotency-key` on `weft pub`: the subscriber sees both (`--json`), and
+/// the three events published under one key are handed on once.
+#[test]
+fn pub_sets_headers_and_a_key_that_the_subscriber_sees_once() {
+    let sub = Running::start(
+        "weft sub --json",
+        &[
+            "sub", "--json", "--mesh", "cli-keys", "--count", "2", "orders/*",
+        ],
+    );
+    let addr = json_line(&sub, "the node line")["node"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(json_line(&sub, "subscribed")["subscribed"], "orders/*");
+    run(&[
+        "pub",
+        "--mesh",
+        "cli-keys",
+        "--peer",
+        &addr,
+        "--header",
+        "trace-id=4bf92f35",
+        "--idempotency-key",
+        "order-7",
+        "--repeat",
+        "3",
+        "orders/created",
+        "order 7",
+    ]);
+    run(&[
+        "pub",
+        "--mesh",
+        "cli-keys",
+        "--peer",
+        &addr,
+        "orders/created",
+        "marker",
+    ]);
+    let event = json_line(&sub, "the keyed event");
+    assert_eq!(event["body"], "order 7");
+    assert_eq!(
+        event["headers"],
+        serde_json::json!([
+            { "name": "trace-id", "value": "4bf92f35" },
+            { "name": "weft-idempotency-key", "value": "order-7" },
+        ])
+    );
+    let next = json_line(&sub, "the next event");
+    assert_eq!(next["body"], "marker", "the two repeats were dropped");
+    // A reserved or malformed header is refused before anything is sent.
+    let output = Command::new(env!("CARGO_BIN_EXE_weft"))
+        .args(["pub", "--mesh", "cli-keys", "--subscribers", "0"])
+        .args(["--header", "weft-x=1", "orders/created", "x"])
+        .output()
+        .expect("weft runs");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("reserved for the mesh"), "{stderr}");
+}
