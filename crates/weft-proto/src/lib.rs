@@ -41,6 +41,8 @@
 //! - [`envelope`]: bodies of the mesh's own channels (events, requests, replies), reply cache.
 //! - [`peer`]: one peer's connection lifecycle (dial, backoff, duplicates, lane handshake, up
 //!   and down) and each lane's watermark gate and expiry timer, as sans-IO machines.
+//! - [`work`]: a work-queue producer's decisions (credit, shard-key barrier, silent and stuck
+//!   workers) as a sans-IO machine.
 //! - [`backoff`]: jittered reconnect backoff and a seedable generator.
 #![warn(missing_docs)]
 
@@ -62,6 +64,7 @@ pub mod session;
 pub mod shard;
 pub mod spooled;
 pub mod topic;
+pub mod work;
 
 #[cfg(test)]
 mod link_tests;

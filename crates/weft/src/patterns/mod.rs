@@ -111,16 +111,11 @@ pub(crate) struct State {
     announce_due: BTreeSet<NodeId>,
     /// Acks owed to peers (their queue was full when we tried): (incarnation, version).
     acks_due: BTreeMap<NodeId, (u64, u64)>,
-    /// Round-robin position for choosing a server or worker.
+    /// Round-robin position for choosing a server.
     next_server: usize,
-    /// Per (work queue, worker): sequence numbers sent and not yet acknowledged (the credit
-    /// used), oldest first.
-    outstanding: BTreeMap<(String, NodeId), std::collections::VecDeque<u64>>,
-    /// Per (work queue, shard key digest): where its last message went (bounded by
-    /// `work::KEYS_MAX`).
-    keys: BTreeMap<(String, [u8; 32]), work::KeyState>,
-    /// Stuck workers and what was copied from them (see `work::redeliver_stuck`).
-    stuck: work::Stuck,
+    /// This node as a work-queue producer: credit used per worker, shard keys' owners and
+    /// barriers, stuck workers (the decisions; `work` carries them out).
+    work: weft_proto::work::Producer,
     /// This node as a publisher: event sequence, chains per subscriber, retention.
     publisher: weft_proto::gossip::Publisher,
     /// Local durable subscriptions' queues, by name (bounded by
@@ -180,9 +175,7 @@ impl Patterns {
                 announce_due: BTreeSet::new(),
                 acks_due: BTreeMap::new(),
                 next_server: 0,
-                outstanding: BTreeMap::new(),
-                keys: BTreeMap::new(),
-                stuck: work::Stuck::default(),
+                work: weft_proto::work::Producer::default(),
                 publisher: weft_proto::gossip::Publisher::new(
                     id,
                     weft_proto::gossip::PublisherConfig {

@@ -36,6 +36,7 @@ use bytes::Bytes;
 use futures_util::future::select_all;
 use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
+use weft_proto::work::{KeyState, Silent};
 use weft_proto::{Kind, Message, NodeId, OutgoingMessage, Priority, Topic, TopicError};
 
 use super::SubscribeError;
@@ -71,19 +72,6 @@ fn marked_redelivery(
     } else {
         message.with_header(REDELIVERY_HEADER, redelivery_of(original))
     }
-}
-
-/// What a producer knows of stuck workers (see the module doc).
-#[derive(Debug, Default)]
-pub(crate) struct Stuck {
-    /// Per worker holding unacknowledged work: its acknowledged watermark and when that last
-    /// moved (or the worker last reconnected), in Unix ms.
-    progress: BTreeMap<NodeId, (u64, u64)>,
-    /// Workers stuck now: chosen for no new work.
-    workers: BTreeSet<NodeId>,
-    /// Per (queue, worker): sequence numbers whose copies went (or are going) to other
-    /// workers, or that stay (keyed); pruned as the worker acknowledges.
-    copied: BTreeMap<(String, NodeId), BTreeSet<u64>>,
 }
 
 /// Why a push failed.
@@ -198,114 +186,24 @@ pub(crate) async fn pull(
     }
 }
 
-/// The worker with the most free credit for `queue`, pruning what each acknowledged. With a
-/// shard `key`: its owner among the connected workers (rendezvous hashing), and only once the
-/// key's previous owner acknowledged everything sent to it for the key (per-key order across a
-/// rebalance). `reassigning`: this is a withdrawn message being pushed again, which may pass the
-/// key's reassignment barrier. Returns the choice (or `None`: wait) and the workers to watch.
+/// The worker for the next item of `queue` (see `weft_proto::work::Producer::choose`), from
+/// the workers announced for it and their links' acknowledged watermarks. Returns the choice
+/// (or `None`: wait) and the workers to watch.
 fn choose(
     shared: &Shared,
     queue: &Topic,
     key: Option<&[u8]>,
     reassigning: bool,
 ) -> (Option<NodeId>, Vec<NodeId>) {
-    let mut state = shared.patterns.lock();
-    let mut workers = state.table.workers(queue);
-    // A stuck worker gets no new work (its keys wait for it: see `redeliver_stuck`).
-    workers.retain(|(w, _)| !state.stuck.workers.contains(w));
+    let mut guard = shared.patterns.lock();
+    let state = &mut *guard;
+    let workers = state.table.workers(queue);
     let peers = shared.peers.read().expect("peers lock poisoned");
     let acked_of = |worker: &NodeId| peers.get(worker).map_or(0, |h| *h.progress.acked.borrow());
-    let free_credit = |state: &mut super::State, worker: NodeId, credit: u32| {
-        let acked = acked_of(&worker);
-        let outstanding = state
-            .outstanding
-            .entry((queue.as_str().to_owned(), worker))
-            .or_default();
-        while outstanding.front().is_some_and(|seq| *seq <= acked) {
-            outstanding.pop_front();
-        }
-        credit.saturating_sub(outstanding.len() as u32)
-    };
-    let mut watch: Vec<NodeId> = workers.iter().map(|(w, _)| *w).collect();
-    let chosen = match key {
-        Some(key) => {
-            let owner = weft_proto::shard::owner(key, workers.iter().map(|(w, _)| w));
-            let digest = (
-                queue.as_str().to_owned(),
-                weft_proto::shard::key_digest(key),
-            );
-            let previous = state.keys.get(&digest).copied();
-            if let Some(previous) = previous {
-                watch.push(previous.owner);
-            }
-            let moved_unsettled =
-                |p: &KeyState| Some(p.owner) != owner && acked_of(&p.owner) < p.last_seq;
-            let barrier = previous.is_some_and(|p| {
-                if reassigning {
-                    // The silent owner's messages are being taken back: only a live owner that
-                    // got some of them already must settle them first.
-                    workers.iter().any(|(w, _)| *w == p.owner) && moved_unsettled(&p)
-                } else {
-                    p.reassigning || moved_unsettled(&p)
-                }
-            });
-            let full = previous.is_none() && state.keys.len() >= KEYS_MAX && {
-                // Forget keys whose messages were all acknowledged, then look again.
-                state
-                    .keys
-                    .retain(|_, k| k.reassigning || acked_of(&k.owner) < k.last_seq);
-                state.keys.len() >= KEYS_MAX
-            };
-            match owner {
-                Some(owner) if !barrier && !full => {
-                    let credit = workers
-                        .iter()
-                        .find(|(w, _)| *w == owner)
-                        .map_or(0, |(_, c)| *c);
-                    // A withdrawn message pushed again was within its credit before: it does
-                    // not wait for credit (its old worker's link is held until it is durable
-                    // again, so waiting for acknowledgements there could wait forever).
-                    (free_credit(&mut state, owner, credit) > 0 || reassigning).then_some(owner)
-                }
-                _ => None,
-            }
-        }
-        None => {
-            let mut best: Option<(NodeId, u32)> = None;
-            let start = state.next_server;
-            for i in 0..workers.len() {
-                let (worker, credit) = workers[(start + i) % workers.len()];
-                let free = free_credit(&mut state, worker, credit);
-                if free > 0 && best.is_none_or(|(_, f)| free > f) {
-                    best = Some((worker, free));
-                }
-            }
-            state.next_server = state.next_server.wrapping_add(1);
-            best.map(|(w, _)| w).or_else(|| {
-                // A withdrawn message pushed again does not wait for credit (see above).
-                reassigning
-                    .then(|| workers.get(start % workers.len().max(1)).map(|(w, _)| *w))
-                    .flatten()
-            })
-        }
-    };
-    (chosen, watch)
-}
-
-/// Most shard keys a producer tracks per node (their owner and last message): past it, keys
-/// whose messages were all acknowledged are forgotten, and a new key waits until one can be.
-pub(crate) const KEYS_MAX: usize = 65_536;
-
-/// What a producer remembers of a shard key.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct KeyState {
-    /// The worker its last message went to.
-    owner: NodeId,
-    /// That message's sequence number on the link to `owner`.
-    last_seq: u64,
-    /// Its messages are being taken back from a silent owner and pushed again: new messages
-    /// for the key wait until that is done.
-    reassigning: bool,
+    let choice = state
+        .work
+        .choose(queue.as_str(), &workers, key, reassigning, acked_of);
+    (choice.worker, choice.watch)
 }
 
 /// Rebuilds what the producer knows of its work in flight from the spool at start: which items
@@ -319,6 +217,7 @@ pub(crate) fn restore(shared: &Shared) {
     // Per key: (sent at, worker, seq) of its latest pending message.
     let mut latest: BTreeMap<(String, [u8; 32]), (u64, NodeId, u64)> = BTreeMap::new();
     let mut items = 0usize;
+    let mut in_flight = Vec::new();
     for (&(worker, lane), stream) in &restored.outbound {
         if lane != weft_proto::Lane::Normal {
             continue; // the patterns' messages travel in the normal lane
@@ -328,11 +227,7 @@ pub(crate) fn restore(shared: &Shared) {
                 continue;
             };
             items += 1;
-            state
-                .outstanding
-                .entry((queue.to_owned(), worker))
-                .or_default()
-                .push_back(outgoing.seq);
+            in_flight.push((queue.to_owned(), worker, outgoing.seq));
             if let Some(key) = outgoing
                 .message
                 .options
@@ -348,19 +243,15 @@ pub(crate) fn restore(shared: &Shared) {
             }
         }
     }
-    for outstanding in state.outstanding.values_mut() {
-        outstanding.make_contiguous().sort_unstable();
-    }
-    for (digest, (_, owner, last_seq)) in latest {
-        state.keys.insert(
-            digest,
-            KeyState {
-                owner,
-                last_seq,
-                reassigning: false,
-            },
-        );
-    }
+    let keys = latest.into_iter().map(|(digest, (_, owner, last_seq))| {
+        let key = KeyState {
+            owner,
+            last_seq,
+            reassigning: false,
+        };
+        (digest, key)
+    });
+    state.work.restore(in_flight, keys);
     if items > 0 {
         debug!(items, "work in flight restored from the spool");
     }
@@ -384,28 +275,13 @@ async fn push_message(
         if let Some(worker) = chosen {
             let receipt = shared.sender(worker)?.send_message(message).await?;
             let seq = receipt.id().seq;
-            let mut state = shared.patterns.lock();
-            state
-                .outstanding
-                .entry((queue.as_str().to_owned(), worker))
-                .or_default()
-                .push_back(seq);
-            if let Some(key) = &key {
-                let digest = (
-                    queue.as_str().to_owned(),
-                    weft_proto::shard::key_digest(key),
-                );
-                let reassigning =
-                    reassigning && state.keys.get(&digest).is_some_and(|k| k.reassigning);
-                state.keys.insert(
-                    digest,
-                    KeyState {
-                        owner: worker,
-                        last_seq: seq,
-                        reassigning,
-                    },
-                );
-            }
+            shared.patterns.lock().work.sent(
+                queue.as_str(),
+                worker,
+                seq,
+                key.as_deref(),
+                reassigning,
+            );
             return Ok(worker);
         }
         // Wait for an acknowledgement from a worker, or for workers to come or go. A clone of
@@ -495,11 +371,10 @@ pub(crate) fn reassign_silent(shared: &Arc<Shared>) {
         let mut state = shared.patterns.lock();
         // Every worker we sent unacknowledged work to, whether or not it still announces the
         // queue (a worker that stopped pulling just before it died still holds its items).
-        let mut with_work: Vec<NodeId> = state
-            .outstanding
-            .iter()
-            .filter(|(_, seqs)| !seqs.is_empty())
-            .map(|((_, worker), _)| *worker)
+        let silent: Vec<NodeId> = state
+            .work
+            .workers_with_work()
+            .into_iter()
             .filter(|w| {
                 // A worker not connected since this node started (it restarted with work for a
                 // worker that has not come back, or left for good) counts as down since then.
@@ -511,40 +386,17 @@ pub(crate) fn reassign_silent(shared: &Arc<Shared>) {
                 down.is_some_and(|down| down <= since)
             })
             .collect();
-        with_work.sort();
-        with_work.dedup();
-        // Cleared now, so the next tick does not take the same work back twice (what the
-        // withdrawal does not take, being in flight, is put back when it returns).
-        let mut taken: BTreeMap<NodeId, Vec<(String, std::collections::VecDeque<u64>)>> =
-            BTreeMap::new();
-        state.outstanding.retain(|(queue, worker), seqs| {
-            if with_work.contains(worker) {
-                taken
-                    .entry(*worker)
-                    .or_default()
-                    .push((queue.clone(), std::mem::take(seqs)));
-                false
-            } else {
-                true
-            }
-        });
-        // Their keys wait until the withdrawn messages are pushed again, in order.
-        with_work
-            .into_iter()
-            .map(|worker| {
-                let mut keys = Vec::new();
-                for (digest, key) in state.keys.iter_mut() {
-                    if key.owner == worker {
-                        key.reassigning = true;
-                        keys.push(digest.clone());
-                    }
-                }
-                let taken = taken.remove(&worker).unwrap_or_default();
-                (worker, keys, taken)
-            })
-            .collect::<Vec<_>>()
+        // Taken now, so the next tick does not take the same work back twice (what the
+        // withdrawal does not take, being in flight, is put back when it returns); their keys
+        // wait until the withdrawn messages are pushed again, in order.
+        state.work.take_silent(&silent)
     };
-    for (worker, keys, taken) in silent {
+    for Silent {
+        worker,
+        keys,
+        taken,
+    } in silent
+    {
         let release = ReleaseKeys {
             shared: Arc::clone(shared),
             keys,
@@ -565,20 +417,12 @@ pub(crate) fn reassign_silent(shared: &Arc<Shared>) {
             // Whatever happens below, the keys of this worker do not wait any longer after it.
             let _release = release;
             let withdrawn = withdrawn.await.unwrap_or_default();
-            {
-                // What was in flight (not withdrawn) still uses the worker's credit.
-                let gone: std::collections::BTreeSet<u64> =
-                    withdrawn.iter().map(|(seq, ..)| *seq).collect();
-                let mut state = shared.patterns.lock();
-                for (queue, seqs) in taken {
-                    let kept: Vec<u64> = seqs.into_iter().filter(|s| !gone.contains(s)).collect();
-                    if !kept.is_empty() {
-                        let outstanding = state.outstanding.entry((queue, worker)).or_default();
-                        outstanding.extend(kept);
-                        outstanding.make_contiguous().sort_unstable();
-                    }
-                }
-            }
+            // What was in flight (not withdrawn) still uses the worker's credit; the worker's
+            // keys wait for what it still has in flight (below the first withdrawn number,
+            // which it acknowledges as it goes), not for the withdrawn messages: it will be
+            // told to skip those only once they are durable again elsewhere.
+            let gone: BTreeSet<u64> = withdrawn.iter().map(|(seq, ..)| *seq).collect();
+            shared.patterns.lock().work.put_back(worker, taken, &gone);
             if withdrawn.is_empty() {
                 return;
             }
@@ -587,18 +431,6 @@ pub(crate) fn reassign_silent(shared: &Arc<Shared>) {
                 messages = withdrawn.len(),
                 "worker silent: its unacknowledged work goes to other workers"
             );
-            // The worker's keys wait for what it still has in flight (below the first withdrawn
-            // number, which it acknowledges as it goes), not for the withdrawn messages: it will
-            // be told to skip those only once they are durable again elsewhere.
-            let first = withdrawn[0].0;
-            {
-                let mut state = shared.patterns.lock();
-                for key in state.keys.values_mut() {
-                    if key.owner == worker && key.last_seq >= first {
-                        key.last_seq = first - 1;
-                    }
-                }
-            }
             let mut retired = Vec::new();
             let mut all_pushed = true;
             for (seq, tag, message) in withdrawn {
@@ -652,97 +484,45 @@ pub(crate) fn redeliver_stuck(shared: &Arc<Shared>) {
     };
     let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
     let now = shared.now_unix_ms();
-    let mut copies = Vec::new();
-    // Whether a stuck worker gets work again: pushes waiting for a worker must look again (an
-    // acknowledgement woke them before this tick noticed it, and nothing else would).
-    let freed = {
+    let tick = {
         let mut guard = shared.patterns.lock();
         let state = &mut *guard;
-        let was_stuck = state.stuck.workers.clone();
         let peers = shared.peers.read().expect("peers lock poisoned");
         let acked_of =
             |worker: &NodeId| peers.get(worker).map_or(0, |h| *h.progress.acked.borrow());
-        let mut holding = BTreeSet::new();
-        for ((_, worker), seqs) in state.outstanding.iter_mut() {
-            let acked = acked_of(worker);
-            while seqs.front().is_some_and(|seq| *seq <= acked) {
-                seqs.pop_front();
-            }
-            if !seqs.is_empty() {
-                holding.insert(*worker);
-            }
-        }
-        let stuck = &mut state.stuck;
-        stuck.copied.retain(|(_, worker), seqs| {
-            let acked = acked_of(worker);
-            seqs.retain(|seq| *seq > acked);
-            !seqs.is_empty()
-        });
-        stuck.progress.retain(|worker, _| holding.contains(worker));
-        stuck.workers.retain(|worker| {
-            let holds = holding.contains(worker);
-            if !holds {
-                info!(worker = %worker.short(), "worker acknowledged all it held: it gets work again");
-            }
-            holds
-        });
-        for worker in &holding {
-            let acked = acked_of(worker);
-            let connected = peers.get(worker).is_some_and(|h| *h.connected.borrow());
-            let progress = stuck.progress.entry(*worker).or_insert((acked, now));
-            if progress.0 != acked || !connected {
-                // Moving (or away: a silent worker's work is reassigned instead).
-                *progress = (acked, now);
-                if stuck.workers.remove(worker) {
-                    info!(worker = %worker.short(), "worker acknowledges again: it gets work again");
-                }
-            } else if now.saturating_sub(progress.1) >= timeout_ms && stuck.workers.insert(*worker)
-            {
-                warn!(
-                    worker = %worker.short(),
-                    timeout_ms,
-                    "worker connected but acknowledging nothing: it gets no new work, and copies of its unkeyed items go to other workers"
-                );
-            }
-        }
-        for ((queue, worker), seqs) in &state.outstanding {
-            if !state.stuck.workers.contains(worker) {
-                continue;
-            }
-            let Ok(topic) = Topic::new(queue) else {
-                continue;
-            };
-            // Copies need another worker to go to; without one they would only come back.
-            let others = state
-                .table
-                .workers(&topic)
-                .iter()
-                .any(|(w, _)| w != worker && !state.stuck.workers.contains(w));
-            if !others {
-                continue;
-            }
-            let copied = state
-                .stuck
-                .copied
-                .entry((queue.clone(), *worker))
-                .or_default();
-            // The oldest may be in the application's hands (taken, not yet settled: a long job):
-            // it stays. The rest wait unread in the worker's queue.
-            let fresh: Vec<u64> = seqs
-                .iter()
-                .skip(1)
-                .filter(|s| copied.insert(**s))
-                .copied()
-                .collect();
-            if !fresh.is_empty() {
-                copies.push((*worker, topic, fresh));
-            }
-        }
-        was_stuck.iter().any(|w| !state.stuck.workers.contains(w))
+        let connected = |worker: &NodeId| peers.get(worker).is_some_and(|h| *h.connected.borrow());
+        let table = &state.table;
+        // Copies need another worker to go to; without one they would only come back.
+        let others = |queue: &str, worker: &NodeId, stuck: &BTreeSet<NodeId>| {
+            Topic::new(queue).is_ok_and(|topic| {
+                table
+                    .workers(&topic)
+                    .iter()
+                    .any(|(w, _)| w != worker && !stuck.contains(w))
+            })
+        };
+        state
+            .work
+            .stuck_tick(now, timeout_ms, acked_of, connected, others)
     };
-    if freed {
+    for worker in &tick.stuck {
+        warn!(
+            worker = %worker.short(),
+            timeout_ms,
+            "worker connected but acknowledging nothing: it gets no new work, and copies of its unkeyed items go to other workers"
+        );
+    }
+    for worker in &tick.freed {
+        info!(worker = %worker.short(), "worker acknowledges again: it gets work again");
+    }
+    // A stuck worker gets work again: pushes waiting for a worker must look again (an
+    // acknowledgement woke them before this tick noticed it, and nothing else would).
+    if !tick.freed.is_empty() {
         shared.patterns.bump();
     }
+    let copies = tick.copies.into_iter().filter_map(|(worker, queue, seqs)| {
+        Topic::new(&queue).ok().map(|topic| (worker, topic, seqs))
+    });
     for (worker, queue, seqs) in copies {
         let Ok(handle) = shared.peer(worker) else {
             continue;
@@ -766,16 +546,16 @@ pub(crate) fn redeliver_stuck(shared: &Arc<Shared>) {
             {
                 // Not found now (still on its way into the link): looked for at the next tick.
                 let found: BTreeSet<u64> = copied.iter().map(|(seq, _)| *seq).collect();
-                let mut state = shared.patterns.lock();
-                if let Some(marked) = state
-                    .stuck
-                    .copied
-                    .get_mut(&(queue.as_str().to_owned(), worker))
-                {
-                    for seq in wanted.iter().filter(|s| !found.contains(s)) {
-                        marked.remove(seq);
-                    }
-                }
+                let missing: Vec<u64> = wanted
+                    .iter()
+                    .filter(|s| !found.contains(s))
+                    .copied()
+                    .collect();
+                shared
+                    .patterns
+                    .lock()
+                    .work
+                    .copies_not_found(queue.as_str(), worker, &missing);
             }
             for (seq, message) in copied {
                 if message
@@ -817,13 +597,7 @@ struct ReleaseKeys {
 
 impl Drop for ReleaseKeys {
     fn drop(&mut self) {
-        let mut state = self.shared.patterns.lock();
-        for digest in &self.keys {
-            if let Some(key) = state.keys.get_mut(digest) {
-                key.reassigning = false;
-            }
-        }
-        drop(state);
+        self.shared.patterns.lock().work.release_keys(&self.keys);
         self.shared.patterns.bump();
     }
 }
