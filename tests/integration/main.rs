@@ -20,3 +20,4 @@ mod priority;
 mod proxy;
 mod publish_batch;
 mod reliability;
+mod typed;

@@ -235,6 +235,15 @@ impl Inbox {
         Some(message)
     }
 
+    /// The next message with its body decoded (postcard) as a `T`; `None` as for
+    /// [`Inbox::recv`]. A body that is not a `T` comes back as [`Undecodable`](crate::body::Undecodable)
+    /// with the message. Settles the messages returned before.
+    pub async fn recv_typed<T: serde::de::DeserializeOwned>(
+        &mut self,
+    ) -> Option<Result<crate::body::Typed<T>, crate::body::Undecodable>> {
+        self.recv().await.map(crate::body::typed)
+    }
+
     /// Up to `limit` messages at once (at least one unless the node shut down), appended to
     /// `buffer`. Settles the messages returned before.
     pub async fn recv_many(&mut self, buffer: &mut Vec<Message>, limit: usize) -> usize {

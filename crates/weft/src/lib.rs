@@ -66,7 +66,7 @@ mod settle;
 pub mod tls;
 
 pub use addr::NodeAddr;
-pub use body::{decode, encode};
+pub use body::{decode, encode, Typed, Undecodable};
 pub use bytes::Bytes;
 pub use config::{NodeConfig, PatternConfig, Seams};
 pub use discovery::{Interfaces, MdnsConfig};

@@ -257,6 +257,14 @@ impl Subscription {
         Some(self.take(delivery))
     }
 
+    /// The next event with its body decoded (postcard) as a `T` (see
+    /// [`Inbox::recv_typed`](crate::Inbox::recv_typed)); `None` as for [`Subscription::recv`].
+    pub async fn recv_typed<T: serde::de::DeserializeOwned>(
+        &mut self,
+    ) -> Option<Result<crate::body::Typed<T>, crate::body::Undecodable>> {
+        self.recv().await.map(crate::body::typed)
+    }
+
     /// The next event if one is waiting.
     pub fn try_recv(&mut self) -> Option<Message> {
         self.settle();

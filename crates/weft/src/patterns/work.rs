@@ -125,6 +125,14 @@ impl Puller {
         Some(message)
     }
 
+    /// The next item with its body decoded (postcard) as a `T` (see
+    /// [`Inbox::recv_typed`](crate::Inbox::recv_typed)); `None` as for [`Puller::recv`].
+    pub async fn recv_typed<T: serde::de::DeserializeOwned>(
+        &mut self,
+    ) -> Option<Result<crate::body::Typed<T>, crate::body::Undecodable>> {
+        self.recv().await.map(crate::body::typed)
+    }
+
     /// A message if one is waiting; settles the one before.
     pub fn try_recv(&mut self) -> Option<Message> {
         let mut message = self.inbox.try_recv()?;
@@ -135,6 +143,26 @@ impl Puller {
     /// Settles the messages taken so far (done with them) without asking for more.
     pub fn settle(&mut self) {
         self.inbox.settle();
+    }
+}
+
+/// The items, one by one, as [`Puller::recv`] hands them out (each settles the one before).
+impl futures_util::Stream for Puller {
+    type Item = Message;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Message>> {
+        let this = &mut *self;
+        std::pin::Pin::new(&mut this.inbox)
+            .poll_next(cx)
+            .map(|message| {
+                message.map(|mut message| {
+                    message.header.channel = this.queue.as_str().into();
+                    message
+                })
+            })
     }
 }
 
