@@ -161,3 +161,68 @@ async fn udp_garbage_does_not_disturb_the_node() {
     assert_eq!(target.metrics().protocol_errors, 0);
     assert_eq!(friend.connected_peers(), vec![target.id()]);
 }
+
+/// A peer that sends to more channels than the application opened — the way to fill a node's
+/// channel table with one small message each — is cut off at its own budget
+/// (`unopened_channels_per_peer`): the application still opens its channels (`channels_max` is
+/// the application's), another peer is still served, and what the peer sent within its budget
+/// waits for the application.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_cannot_use_up_the_applications_channels() {
+    const BUDGET: usize = 8;
+    let target = crate::support::node_with("test", |c| {
+        c.unopened_channels_per_peer = BUDGET;
+        // The application's (the node's own pattern channels count too): with the peer's
+        // eight counted here, its own eight would not fit.
+        c.channels_max = 2 * BUDGET;
+    })
+    .await;
+    let (hostile, friend) = (node("test").await, node("test").await);
+    for peer in [&hostile, &friend] {
+        peer.add_peer(addr(&target)).unwrap();
+        within("connects", peer.connected(target.id()))
+            .await
+            .unwrap();
+    }
+    let mut events = target.events();
+    // Within its budget: buffered for the application, acknowledged once it takes them.
+    let mut receipts = Vec::new();
+    for i in 0..BUDGET {
+        receipts.push(
+            hostile
+                .send(target.id(), format!("spam/{i}"), b"x".to_vec())
+                .await
+                .unwrap(),
+        );
+    }
+    // One more channel: the peer is cut off, with the reason.
+    let _over = hostile
+        .send(target.id(), "spam/over", b"x".to_vec())
+        .await
+        .unwrap();
+    let reason = within("the peer cut off", async {
+        loop {
+            if let Ok(weft::PeerEvent::Down { peer, reason }) = events.recv().await {
+                if peer == hostile.id() {
+                    break reason;
+                }
+            }
+        }
+    })
+    .await;
+    assert!(reason.contains("unopened_channels_per_peer"), "{reason}");
+    // The application's own channels, up to its own bound, all open.
+    let mut mine = Vec::new();
+    for i in 0..BUDGET {
+        mine.push(target.receive(&format!("mine/{i}")).unwrap());
+    }
+    still_serves(&target, &friend).await;
+    // What the peer sent within its budget is there.
+    let mut spam = target.receive("spam/0").unwrap();
+    let message = within("buffered message", spam.recv()).await.unwrap();
+    assert_eq!(&message.body[..], b"x");
+    drop(receipts);
+    for node in [&target, &hostile, &friend] {
+        node.shutdown().await;
+    }
+}

@@ -32,8 +32,14 @@ pub struct NodeConfig {
     pub link: LinkConfig,
     /// Messages buffered per channel before the links delivering to it wait (backpressure).
     pub inbox_capacity: usize,
-    /// Most channels (received or merely buffered) a node keeps; a peer sending to more is cut off.
+    /// Most channels the application receives on (`Node::receive`; beyond it
+    /// `ReceiveError::TooManyChannels`). Channels that peers' messages create are not counted
+    /// here until the application opens them: see `unopened_channels_per_peer`.
     pub channels_max: usize,
+    /// Most channels one peer's messages may create that the application never opened (their
+    /// messages wait there for a receiver); a peer sending to more is cut off with the reason,
+    /// and no peer can use up the application's `channels_max`. Default 256.
+    pub unopened_channels_per_peer: usize,
     /// Most peers a node keeps state for.
     pub peers_max: usize,
     /// Sends a peer may queue ahead of its link before `send` waits (on top of the link queue);
@@ -89,6 +95,7 @@ impl Default for NodeConfig {
             link: LinkConfig::default(),
             inbox_capacity: 4_096,
             channels_max: 4_096,
+            unopened_channels_per_peer: 256,
             peers_max: 1_024,
             peer_command_capacity: 16_384,
             keep_alive: Duration::from_secs(2),
@@ -208,6 +215,10 @@ impl NodeConfig {
         let positive = [
             ("inbox_capacity", self.inbox_capacity),
             ("channels_max", self.channels_max),
+            (
+                "unopened_channels_per_peer",
+                self.unopened_channels_per_peer,
+            ),
             ("schedule_max", self.schedule_max),
             ("peers_max", self.peers_max),
             (

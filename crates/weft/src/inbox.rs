@@ -4,6 +4,13 @@
 //! channel nobody receives yet waits there (no slow-joiner loss), and when the queue is full the
 //! link delivering to it stops reading, which the sender feels as backpressure. Dropping an
 //! [`Inbox`] hands its queue, with whatever it still holds, back to the node for the next receiver.
+//!
+//! Two budgets, so that no peer can take the application's channels: the application's own
+//! (`NodeConfig::channels_max`: channels it received on at least once) and, per peer, the
+//! channels that peer's messages created and the application never opened
+//! (`NodeConfig::unopened_channels_per_peer`). A peer over its budget is refused (its task cuts
+//! it off with the reason); the application's `receive` is never refused because of a peer, and
+//! a channel a peer created moves to the application's budget when the application opens it.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -22,6 +29,8 @@ struct Slot {
     tx: queue::Sender<Message>,
     /// `None` while an [`Inbox`] holds the receiver.
     rx: Option<queue::Receiver<Message>>,
+    /// The peer whose message created it, while the application never received on it.
+    unopened_by: Option<NodeId>,
 }
 
 /// Name under which the catch-all queue is kept (not a valid channel name on the wire's API).
@@ -34,7 +43,10 @@ pub(crate) struct Channels {
     /// lock-free caches know to look again.
     generation: AtomicU64,
     capacity: usize,
+    /// Channels the application opened, at most.
     max: usize,
+    /// Channels one peer's messages created that the application never opened, at most.
+    unopened_per_peer: usize,
     /// Per producer: what the application took of each lane's stream (see [`Settlement`]).
     settlements: RwLock<HashMap<NodeId, Vec<Arc<Settlement>>>>,
 }
@@ -50,12 +62,13 @@ pub(crate) enum ChannelError {
 }
 
 impl Channels {
-    pub(crate) fn new(capacity: usize, max: usize) -> Self {
+    pub(crate) fn new(capacity: usize, max: usize, unopened_per_peer: usize) -> Self {
         Self {
             slots: Mutex::new(Some(HashMap::new())),
             generation: AtomicU64::new(0),
             capacity,
             max,
+            unopened_per_peer,
             settlements: RwLock::new(HashMap::new()),
         }
     }
@@ -110,23 +123,51 @@ impl Channels {
         taken.clear();
     }
 
+    /// The slot of `channel`, made if there is none and the budget allows: the application's
+    /// (`creator` `None`) or the creating peer's. The application opening a channel a peer
+    /// created moves it to the application's budget (refused, and left as it is, when that is
+    /// full).
     fn with_slot<T>(
         &self,
         channel: &str,
+        creator: Option<NodeId>,
         f: impl FnOnce(&mut Slot) -> T,
     ) -> Result<T, ChannelError> {
         let mut guard = self.slots.lock().expect("channels lock poisoned");
         let slots = guard.as_mut().ok_or(ChannelError::Closed)?;
-        if let Some(slot) = slots.get_mut(channel) {
+        // (Counted when a channel is made or opened, which is rare; never per message.)
+        let opened = |slots: &HashMap<String, Slot>| {
+            slots.values().filter(|s| s.unopened_by.is_none()).count()
+        };
+        if let Some(slot) = slots.get(channel) {
+            if creator.is_none() && slot.unopened_by.is_some() && opened(slots) >= self.max {
+                return Err(ChannelError::TooMany);
+            }
+            let slot = slots.get_mut(channel).expect("looked up above");
+            if creator.is_none() {
+                slot.unopened_by = None;
+            }
             return Ok(f(slot));
         }
-        if slots.len() >= self.max {
+        let full = match creator {
+            None => opened(slots) >= self.max,
+            Some(peer) => {
+                slots
+                    .values()
+                    .filter(|s| s.unopened_by == Some(peer))
+                    .count()
+                    >= self.unopened_per_peer
+            }
+        };
+        if full {
             return Err(ChannelError::TooMany);
         }
         let (tx, rx) = queue::channel(self.capacity);
-        let slot = slots
-            .entry(channel.to_owned())
-            .or_insert(Slot { tx, rx: Some(rx) });
+        let slot = slots.entry(channel.to_owned()).or_insert(Slot {
+            tx,
+            rx: Some(rx),
+            unopened_by: creator,
+        });
         self.generation.fetch_add(1, Ordering::Release);
         Ok(f(slot))
     }
@@ -136,10 +177,14 @@ impl Channels {
         self.generation.load(Ordering::Acquire)
     }
 
-    /// The queue a message for `channel` goes to: the channel's own if it has one, else the
-    /// catch-all queue if someone receives everything, else a new queue for the channel (where
-    /// messages wait for their receiver).
-    pub(crate) fn sender(&self, channel: &str) -> Result<queue::Sender<Message>, ChannelError> {
+    /// The queue a message of `peer` for `channel` goes to: the channel's own if it has one,
+    /// else the catch-all queue if someone receives everything, else a new queue for the
+    /// channel (where messages wait for their receiver), within `peer`'s budget.
+    pub(crate) fn sender(
+        &self,
+        channel: &str,
+        peer: NodeId,
+    ) -> Result<queue::Sender<Message>, ChannelError> {
         {
             let guard = self.slots.lock().expect("channels lock poisoned");
             let slots = guard.as_ref().ok_or(ChannelError::Closed)?;
@@ -152,7 +197,7 @@ impl Channels {
                 }
             }
         }
-        self.with_slot(channel, |slot| slot.tx.clone())
+        self.with_slot(channel, Some(peer), |slot| slot.tx.clone())
     }
 
     /// Receives every message whose channel has no queue of its own.
@@ -164,7 +209,7 @@ impl Channels {
 
     pub(crate) fn take_receiver(self: &Arc<Self>, channel: &str) -> Result<Inbox, ReceiveError> {
         let rx = self
-            .with_slot(channel, |slot| slot.rx.take())
+            .with_slot(channel, None, |slot| slot.rx.take())
             .map_err(|e| match e {
                 ChannelError::Closed => ReceiveError::NodeClosed,
                 ChannelError::TooMany => ReceiveError::TooManyChannels(self.max),

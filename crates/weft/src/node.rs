@@ -555,7 +555,11 @@ impl NodeBuilder {
             })
             .collect();
         let (shutdown, _) = watch::channel(false);
-        let channels = Arc::new(Channels::new(config.inbox_capacity, config.channels_max));
+        let channels = Arc::new(Channels::new(
+            config.inbox_capacity,
+            config.channels_max,
+            config.unopened_channels_per_peer,
+        ));
         let peers_at_start = config.peers.clone();
         let seeds_at_start = config.seeds.clone();
         let patterns = crate::patterns::Patterns::new(id, epoch, &config.patterns);

@@ -1315,15 +1315,15 @@ impl PeerTask {
         {
             let sender = match io.channels.queues.get(channel) {
                 Some(sender) => sender.clone(),
-                None => match self.env.channels.sender(channel) {
+                None => match self.env.channels.sender(channel, self.peer) {
                     Ok(sender) => {
                         io.channels.queues.insert(channel.clone(), sender.clone());
                         sender
                     }
                     Err(ChannelError::TooMany) => {
                         let reason = format!(
-                            "peer sends to more channels than this node keeps ({}); raise channels_max",
-                            self.env.config.channels_max
+                            "peer sends to more channels that this node's application never opened than a peer may create ({}); raise unopened_channels_per_peer",
+                            self.env.config.unopened_channels_per_peer
                         );
                         self.protocol_error(reason);
                         return false;
