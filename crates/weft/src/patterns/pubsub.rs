@@ -654,17 +654,17 @@ fn event_link_message(
     .with_priority(options.map_or(Priority::NORMAL, |o| o.priority))
 }
 
-/// `message` (an event for local subscriptions) with the event's options on it; `None` when the
-/// event expired or repeats an idempotency key of its publisher: then it is dropped (counted,
-/// logged) and only settled.
-fn dressed(
+/// Puts the event's options on `message` (an event for local subscriptions, changed in place:
+/// no move on the common path); false when the event expired or repeats an idempotency key of
+/// its publisher: then it is dropped (counted, logged) and only settled.
+fn dress(
     shared: &Shared,
-    mut message: Message,
+    message: &mut Message,
     options: Option<&EventOptions>,
     now_unix_ms: u64,
-) -> Option<Message> {
+) -> bool {
     let Some(options) = options else {
-        return Some(message);
+        return true;
     };
     message.header.priority = options.priority;
     if options.expires_unix_ms.is_some() || !options.headers.is_empty() {
@@ -680,12 +680,9 @@ fn dressed(
             .events_expired
             .fetch_add(1, Ordering::Relaxed);
         debug!(event = %message.header.id, topic = %message.header.channel, "expired event dropped");
-        return None;
+        return false;
     }
-    if shared.keys.is_repeat(&message, now_unix_ms) {
-        return None;
-    }
-    Some(message)
+    !shared.keys.is_repeat(message, now_unix_ms)
 }
 
 /// [`event_message`] with the id's stream already known (a blake3 hash: the event task
@@ -937,7 +934,7 @@ async fn take_event(
     let metrics = &shared.metrics;
     if event.seq == 0 {
         // Best effort: no chain.
-        let message = event_message(
+        let mut message = event_message(
             shared,
             event.origin,
             event.incarnation,
@@ -945,12 +942,8 @@ async fn take_event(
             &event.topic,
             event.payload,
         );
-        if let Some(message) = dressed(
-            shared,
-            message,
-            event.options.as_deref(),
-            shared.now_unix_ms(),
-        ) {
+        let now = shared.now_unix_ms();
+        if dress(shared, &mut message, event.options.as_deref(), now) {
             deliver_locally(shared, &event.topic, message, &[], None).await;
         }
         return;
@@ -1003,7 +996,7 @@ async fn take_event(
             for event in events {
                 metrics.events_received.fetch_add(1, Ordering::Relaxed);
                 let stream = streams.get(shared, event.origin, event.incarnation);
-                let message = event_message_in(
+                let mut message = event_message_in(
                     event.origin,
                     stream,
                     event.seq,
@@ -1014,14 +1007,10 @@ async fn take_event(
                 // The first is the event in hand; the others were held, and their link
                 // messages settled when they arrived.
                 let settler = settling.take();
-                let Some(message) = dressed(
-                    shared,
-                    message,
-                    event.options.as_deref(),
-                    streams.now_unix_ms,
-                ) else {
+                let now = streams.now_unix_ms;
+                if !dress(shared, &mut message, event.options.as_deref(), now) {
                     continue; // dropped: its link message settles with the batch
-                };
+                }
                 if event.durable.is_empty() {
                     let targets = targets.get(shared, &event.topic);
                     hand_to(shared, targets, message, settler).await;
@@ -1445,10 +1434,11 @@ pub(crate) async fn publish(
         sent(result, peer, &mut receipts)?;
     }
     let local = if patterns.lock().table.subscribed_here(&topic) {
-        let message = event_message(shared, shared.id, shared.epoch, fanout.seq, &topic, payload);
-        match dressed(shared, message, options, shared.now_unix_ms()) {
-            Some(message) => deliver_locally(shared, &topic, message, &[], None).await,
-            None => 0,
+        let mut message =
+            event_message(shared, shared.id, shared.epoch, fanout.seq, &topic, payload);
+        match dress(shared, &mut message, options, shared.now_unix_ms()) {
+            true => deliver_locally(shared, &topic, message, &[], None).await,
+            false => 0,
         }
     } else {
         0
@@ -1636,9 +1626,9 @@ pub(crate) async fn publish_batch(
             });
         }
         for (seq, payload, event_options) in local {
-            let message = event_message(shared, shared.id, shared.epoch, seq, &topic, payload);
+            let mut message = event_message(shared, shared.id, shared.epoch, seq, &topic, payload);
             let now = shared.now_unix_ms();
-            if let Some(message) = dressed(shared, message, event_options.as_ref(), now) {
+            if dress(shared, &mut message, event_options.as_ref(), now) {
                 done.local += deliver_locally(shared, &topic, message, &[], None).await;
             }
         }
