@@ -195,8 +195,20 @@ async fn bad_options_are_typed_errors_and_nothing_is_sent() {
     ));
     let delayed = MessageOptions::new().delay(Duration::from_secs(1));
     assert!(matches!(
-        producer.publish_with("t", b"x".to_vec(), &delayed).await,
+        producer
+            .publish_batch_with("t", [b"x".to_vec()], &delayed)
+            .await
+            .map_err(|e| e.error),
         Err(PublishError::Send(SendError::Options(
+            OptionsError::Unsupported { .. }
+        )))
+    ));
+    assert!(matches!(
+        producer
+            .request("svc", b"x".to_vec())
+            .options(delayed.clone())
+            .await,
+        Err(RequestError::Send(SendError::Options(
             OptionsError::Unsupported { .. }
         )))
     ));
@@ -438,4 +450,97 @@ async fn a_key_is_remembered_across_the_receivers_restart() {
     assert_eq!(b.metrics().idempotent_repeats, 1);
     a.shutdown().await;
     b.shutdown().await;
+}
+
+/// A publish and a push with a due time are accepted at once and carried out at their due time:
+/// later events and items overtake them, and they arrive no earlier than due.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delayed_publish_and_push_are_carried_out_at_their_due_time() {
+    let nodes = chain_mesh("options-later", 2).await;
+    let (producer, receiver) = (&nodes[0], &nodes[1]);
+    let mut subscription = within("subscribe", receiver.subscribe("t")).await.unwrap();
+    let mut puller = within("pull", receiver.pull("jobs")).await.unwrap();
+    within("worker known", producer.wait_for_workers("jobs", 1))
+        .await
+        .unwrap();
+    let later = MessageOptions::new()
+        .delay(Duration::from_millis(400))
+        .header("kind", "reminder");
+    let published = producer
+        .publish_with("t", b"later".to_vec(), &later)
+        .await
+        .unwrap();
+    let due = published.scheduled.expect("scheduled");
+    assert!(published.receipts.is_empty());
+    producer
+        .push_with("jobs", b"later".to_vec(), &later)
+        .await
+        .unwrap();
+    let _ = producer.publish("t", b"now".to_vec()).await.unwrap();
+    producer.push("jobs", b"now".to_vec()).await.unwrap();
+    let now_unix_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64
+    };
+    let first = within("event", subscription.recv()).await.unwrap();
+    assert_eq!(&first.body[..], b"now", "the later one is overtaken");
+    let second = within("the delayed event", subscription.recv())
+        .await
+        .unwrap();
+    assert_eq!(&second.body[..], b"later");
+    assert!(now_unix_ms() >= due, "not before its due time");
+    assert_eq!(
+        second.header.header("kind").map(|v| &v[..]),
+        Some(&b"reminder"[..])
+    );
+    let item = within("item", puller.recv()).await.unwrap();
+    assert_eq!(&item.body[..], b"now");
+    let item = within("the delayed item", puller.recv()).await.unwrap();
+    assert_eq!(&item.body[..], b"later");
+    assert!(now_unix_ms() >= due);
+    for node in &nodes {
+        node.shutdown().await;
+    }
+}
+
+/// A delayed publish is durable: the publisher stops before the due time and starts again on
+/// its data directory; the event is published then, once, with a key of its own (so that a run
+/// repeated after a crash is not processed twice).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delayed_publish_survives_the_publishers_restart() {
+    let (p_dir, s_dir) = (tempdir("publisher"), tempdir("subscriber"));
+    let publisher = durable(&p_dir, "127.0.0.1:0".parse().unwrap()).await;
+    let p_addr = publisher.local_addr().unwrap();
+    let subscriber = durable(&s_dir, "127.0.0.1:0".parse().unwrap()).await;
+    subscriber.add_peer(addr(&publisher)).unwrap();
+    within("connected", subscriber.connected(publisher.id()))
+        .await
+        .unwrap();
+    // Durable: the publisher keeps its events for it even while it is not connected.
+    let mut subscription = within("subscribe", subscriber.subscribe_durable("reminders", "t"))
+        .await
+        .unwrap();
+    let later = MessageOptions::new().delay(Duration::from_millis(1_500));
+    let published = publisher
+        .publish_with("t", b"later".to_vec(), &later)
+        .await
+        .unwrap();
+    assert!(published.scheduled.is_some());
+    publisher.shutdown().await;
+    drop(publisher);
+    let publisher = durable(&p_dir, p_addr).await;
+    let event = within("the delayed event", subscription.recv())
+        .await
+        .unwrap();
+    assert_eq!(&event.body[..], b"later");
+    let key = event.header.idempotency_key().expect("a key of its own");
+    assert!(key.starts_with(b"weft-later/"), "{key:?}");
+    let _ = publisher.publish("t", b"marker".to_vec()).await.unwrap();
+    let next = within("marker", subscription.recv()).await.unwrap();
+    assert_eq!(&next.body[..], b"marker", "published once");
+    drop(subscription);
+    publisher.shutdown().await;
+    subscriber.shutdown().await;
 }

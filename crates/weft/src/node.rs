@@ -304,6 +304,10 @@ impl Shared {
     /// Numbers a delayed message that became due and enqueues it (the release task's work; see
     /// [`PeerSender::release`]); a peer the node cannot track fails the message's receipt.
     async fn release(self: &Arc<Self>, waiting: Waiting) {
+        if crate::patterns::later::is_local(self, &waiting) {
+            crate::patterns::later::release(self, waiting);
+            return;
+        }
         let dest = waiting.dest;
         match self.sender(dest) {
             Ok(sender) => sender.release(waiting).await,
@@ -316,6 +320,65 @@ impl Shared {
                     )),
                 ));
             }
+        }
+    }
+
+    /// Puts a delayed message addressed to this node itself (a pattern operation with a due
+    /// time, see `patterns::later`) into the schedule: with a spool, durable when this returns.
+    /// Returns its due time.
+    pub(crate) async fn schedule_local(
+        self: &Arc<Self>,
+        message: OutgoingMessage,
+    ) -> Result<u64, SendError> {
+        let due = message
+            .deliver_after_unix_ms()
+            .expect("scheduled with a due time");
+        let expires = message.options.as_ref().and_then(|o| o.expires_unix_ms);
+        let delay_max_ms = u64::try_from(self.config.delay_max.as_millis()).unwrap_or(u64::MAX);
+        weft_proto::schedule::check_due(due, self.now_unix_ms(), delay_max_ms, expires)?;
+        if self.is_shutting_down() {
+            return Err(SendError::NodeClosed);
+        }
+        self.scheduler
+            .take_place()
+            .map_err(SendError::ScheduleFull)?;
+        self.start_release_task();
+        let (slot, _) = crate::receipt::slot(self.durable.is_none());
+        let Some(durable) = &self.durable else {
+            self.scheduler.insert(Waiting {
+                dest: self.id,
+                message,
+                ticket: crate::scheduler::Ticket {
+                    tag: 0,
+                    slot,
+                    holds_place: true,
+                },
+            });
+            return Ok(due);
+        };
+        match durable.room.acquire().await {
+            Ok(room) => room.forget(),
+            Err(_) => {
+                self.scheduler.free_place(true);
+                return Err(SendError::NodeClosed);
+            }
+        }
+        let (done, accepted) = tokio::sync::oneshot::channel();
+        let command = crate::durable::Command::Schedule {
+            dest: self.id,
+            message,
+            slot,
+            done: Some(done),
+        };
+        if durable.tx.send(command).is_err() {
+            durable.room.add_permits(1);
+            self.scheduler.free_place(true);
+            return Err(SendError::NodeClosed);
+        }
+        match accepted.await {
+            Ok(Ok(())) => Ok(due),
+            Ok(Err(error)) => Err(error.into()),
+            Err(_) => Err(SendError::NodeClosed),
         }
     }
 

@@ -120,8 +120,10 @@ impl MessageOptions {
         self
     }
 
-    /// Deliver not before `delay` from now (point-to-point only for now: the message is held
-    /// in this node's schedule, spooled, and numbered into its stream when due).
+    /// Deliver not before `delay` from now: the message is accepted now (with a spool:
+    /// durable) and held in this node's schedule; a point-to-point message is numbered into its
+    /// stream when due, a publish or push is carried out then (subscribers and workers chosen
+    /// then). Requests and publish batches refuse it.
     pub fn delay(mut self, delay: Duration) -> Self {
         self.due = Some(Due::After(delay));
         self
@@ -178,9 +180,9 @@ impl MessageOptions {
             Some(_) => Err(OptionsError::Unsupported {
                 option: "a due time (delay, deliver_at)",
                 pattern,
-                why: "only point-to-point sends are held in the schedule so far; send the \
-                      message to a node of your own with a delay and publish or push it from \
-                      there",
+                why: "a request is answered while its requester waits, and a batch is \
+                      published at once: schedule the call, or publish the events one by one \
+                      with publish_with",
             }),
         }
     }
@@ -257,6 +259,31 @@ impl MessageOptions {
     /// The priority set, if any.
     pub(crate) fn priority_or(&self, default: Priority) -> Priority {
         self.priority.unwrap_or(default)
+    }
+
+    /// Whether a due time is set.
+    pub(crate) fn is_delayed(&self) -> bool {
+        self.due.is_some()
+    }
+
+    /// The options a message carries (a delayed operation's, at its due time): headers, the
+    /// idempotency key, priority and expiry; no due time.
+    pub(crate) fn from_message(message: &OutgoingMessage) -> Self {
+        let mut options = Self {
+            priority: Some(message.priority),
+            ..Self::default()
+        };
+        if let Some(own) = &message.options {
+            for (name, value) in &own.headers {
+                if name == IDEMPOTENCY_KEY_HEADER {
+                    options.idempotency_key = Some(value.clone());
+                } else {
+                    options.headers.push((name.clone(), value.clone()));
+                }
+            }
+            options.expiry = own.expires_unix_ms.map(Expiry::At);
+        }
+        options
     }
 }
 

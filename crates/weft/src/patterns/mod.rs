@@ -17,6 +17,7 @@
 //! Four tasks serve these channels, so that a full subscription queue (which makes the event
 //! task wait: backpressure to the publishers) never delays interest or replies.
 
+pub(crate) mod later;
 mod pubsub;
 mod reqrep;
 mod work;
@@ -654,7 +655,11 @@ impl crate::Node {
     /// idempotency key, which every subscriber sees on the message (see
     /// [`MessageOptions`](crate::MessageOptions)). An event whose expiry passed before it
     /// reached a subscriber node is dropped there (metric `events_expired`); FIFO per publisher
-    /// holds across priorities. A due time is refused ([`crate::OptionsError`]).
+    /// holds across priorities.
+    ///
+    /// With a due time (`delay`, `deliver_at`) the event is accepted now (with a spool:
+    /// durable, surviving a restart) and published at its due time, to the subscribers there
+    /// are then; [`Published::scheduled`] says when, and there are no receipts.
     pub async fn publish_with(
         &self,
         topic: &str,
@@ -663,9 +668,17 @@ impl crate::Node {
     ) -> Result<Published, PublishError> {
         let shared = self.shared();
         options.check().map_err(crate::error::SendError::from)?;
-        options
-            .refuse_delay("publish")
-            .map_err(crate::error::SendError::from)?;
+        if options.is_delayed() {
+            let topic = weft_proto::Topic::new(topic)?;
+            let op = later::Later::Publish { topic: &topic };
+            let due = later::schedule(shared, op, body.into(), options).await?;
+            return Ok(Published {
+                receipts: Vec::new(),
+                relayed: 0,
+                local: 0,
+                scheduled: Some(due),
+            });
+        }
         let event_options = options.event_options(shared.now_unix_ms(), None);
         pubsub::publish(shared, topic, body.into(), event_options.as_ref()).await
     }
@@ -702,7 +715,7 @@ impl crate::Node {
     ) -> Result<PublishedBatch, PublishBatchError> {
         let checked = options
             .check()
-            .and_then(|()| options.refuse_delay("publish"));
+            .and_then(|()| options.refuse_delay("publish_batch"));
         if let Err(error) = checked {
             return Err(PublishBatchError {
                 published: 0,
@@ -843,8 +856,9 @@ impl crate::Node {
 
     /// [`Node::push`](crate::Node::push) with options: headers, expiry and an idempotency key,
     /// which the worker sees on the message (see [`MessageOptions`](crate::MessageOptions)).
-    /// Work items travel in the normal lane (where credit is counted): another priority, like a
-    /// due time, is refused ([`crate::OptionsError`]).
+    /// Work items travel in the normal lane (where credit is counted): another priority is
+    /// refused ([`crate::OptionsError`]). With a due time the item is accepted now (with a
+    /// spool: durable) and pushed at its due time, to a worker chosen then.
     pub async fn push_with(
         &self,
         queue: &str,

@@ -112,6 +112,9 @@ pub struct Published {
     pub relayed: usize,
     /// Local subscriptions that got it.
     pub local: usize,
+    /// A publish with a due time (`MessageOptions::delay`): the time it will be published
+    /// (Unix ms), accepted now — nothing was sent yet, so there are no receipts.
+    pub scheduled: Option<u64>,
 }
 
 impl Published {
@@ -1447,6 +1450,7 @@ pub(crate) async fn publish(
         relayed: addressed - receipts.len(),
         receipts,
         local,
+        scheduled: None,
     })
 }
 

@@ -367,9 +367,6 @@ pub(crate) async fn push(
         .with_kind(Kind::Command);
     if let Some(options) = options {
         options.check().map_err(SendError::from)?;
-        options
-            .refuse_delay("work queues")
-            .map_err(SendError::from)?;
         if options.priority_or(Priority::NORMAL).lane() != weft_proto::Lane::Normal {
             return Err(SendError::from(crate::OptionsError::Unsupported {
                 option: "a priority other than normal",
@@ -377,6 +374,11 @@ pub(crate) async fn push(
                 why: "work items travel in the normal lane, where each worker's credit is counted",
             })
             .into());
+        }
+        if options.is_delayed() {
+            let op = super::later::Later::Push { queue: &queue, key };
+            super::later::schedule(shared, op, message.body, options).await?;
+            return Ok(());
         }
         message = options.apply(message, now);
     }
