@@ -777,3 +777,35 @@ async fn a_worker_that_leaves_cleanly_hands_on_nothing_it_handled() {
     }
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// Every readiness wait ends with one error type: a bad name, a peer that cannot be tracked, a
+/// node that shut down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_waits_share_one_error_type() {
+    let node = crate::support::node("ready").await;
+    assert!(matches!(
+        node.wait_for_subscribers("a//b", 1).await,
+        Err(weft::ReadyError::Name(_))
+    ));
+    assert!(matches!(
+        node.wait_for_workers("", 1).await,
+        Err(weft::ReadyError::Name(_))
+    ));
+    assert!(matches!(
+        node.wait_for_service("a//b", 1).await,
+        Err(weft::ReadyError::Name(_))
+    ));
+    assert!(matches!(
+        node.connected(node.id()).await,
+        Err(weft::ReadyError::Peer(weft::SendError::ToSelf(_)))
+    ));
+    let waiting = {
+        let node = node.clone();
+        tokio::spawn(async move { node.wait_for_service("pricing", 1).await })
+    };
+    node.shutdown().await;
+    assert_eq!(
+        within("the wait ends", waiting).await.unwrap(),
+        Err(weft::ReadyError::NodeClosed)
+    );
+}

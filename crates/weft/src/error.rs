@@ -226,3 +226,29 @@ pub enum SendTypedError {
     #[error(transparent)]
     Send(#[from] SendError),
 }
+
+/// Why a readiness wait (`Node::connected`, `wait_for_peers`, `wait_for_subscribers`,
+/// `wait_for_workers`, `wait_for_service`) ended without its condition. One type for all of them;
+/// the waits themselves have no deadline (wrap them in a timeout).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReadyError {
+    /// Not a valid topic, queue or service name.
+    #[error(transparent)]
+    Name(#[from] weft_proto::TopicError),
+    /// The peer cannot be tracked (this node itself, or the node tracks its maximum of peers).
+    #[error(transparent)]
+    Peer(SendError),
+    /// The node is shut down.
+    #[error("the node is shut down")]
+    NodeClosed,
+}
+
+impl From<SendError> for ReadyError {
+    fn from(error: SendError) -> Self {
+        match error {
+            SendError::NodeClosed => ReadyError::NodeClosed,
+            other => ReadyError::Peer(other),
+        }
+    }
+}

@@ -71,7 +71,7 @@ pub use bytes::Bytes;
 pub use config::{NodeConfig, PatternConfig, Seams};
 pub use discovery::{Interfaces, MdnsConfig};
 pub use error::{
-    BodyError, ConnectError, DeliveryError, ReceiveError, SendBatchError, SendError,
+    BodyError, ConnectError, DeliveryError, ReadyError, ReceiveError, SendBatchError, SendError,
     SendTypedError, StartError, TrySendError,
 };
 pub use identity::Identity;

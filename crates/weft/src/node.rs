@@ -1104,15 +1104,23 @@ impl Node {
     }
 
     /// Waits until connections to at least `count` peers are up. Wrap it in a timeout.
-    pub async fn wait_for_peers(&self, count: usize) -> Result<(), SendError> {
+    pub async fn wait_for_peers(&self, count: usize) -> Result<(), crate::error::ReadyError> {
         let mut events = self.events();
+        let mut shutdown = self.shared().shutdown.subscribe();
         loop {
             if self.connected_peers().len() >= count {
                 return Ok(());
             }
-            match events.recv().await {
+            let event = tokio::select! {
+                biased;
+                _ = shutdown.wait_for(|stop| *stop) => Err(broadcast::error::RecvError::Closed),
+                event = events.recv() => event,
+            };
+            match event {
                 Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
-                Err(broadcast::error::RecvError::Closed) => return Err(SendError::NodeClosed),
+                Err(broadcast::error::RecvError::Closed) => {
+                    return Err(crate::error::ReadyError::NodeClosed)
+                }
             }
         }
     }
@@ -1124,14 +1132,19 @@ impl Node {
     /// peer announces (its subscriptions, services, workers) reaches this node once the peer
     /// sees it; to wait for that, use `wait_for_subscribers` / `wait_for_workers`, or
     /// `connected` on both nodes.
-    pub async fn connected(&self, peer: NodeId) -> Result<(), SendError> {
+    pub async fn connected(&self, peer: NodeId) -> Result<(), crate::error::ReadyError> {
         let handle = self.shared().peer(peer)?;
+        let mut shutdown = self.shared().shutdown.subscribe();
         for lane in handle.lanes() {
             let mut connected = lane.connected.clone();
-            connected
-                .wait_for(|up| *up)
-                .await
-                .map_err(|_| SendError::NodeClosed)?;
+            let up = tokio::select! {
+                biased;
+                _ = shutdown.wait_for(|stop| *stop) => false,
+                result = connected.wait_for(|up| *up) => result.is_ok(),
+            };
+            if !up {
+                return Err(crate::error::ReadyError::NodeClosed);
+            }
         }
         Ok(())
     }

@@ -597,6 +597,16 @@ pub(crate) fn reply_status_error(status: ReplyStatus, payload: &Bytes) -> Option
     }
 }
 
+/// Waits for the next change of the pattern state; false once the node stops (a readiness wait
+/// then ends: `Shared` may outlive the shutdown in other handles, and its watch with it).
+async fn ready_changed(shared: &Shared, changed: &mut watch::Receiver<u64>) -> bool {
+    tokio::select! {
+        biased;
+        () = Patterns::stopping(shared) => false,
+        result = changed.changed() => result.is_ok(),
+    }
+}
+
 impl crate::Node {
     /// Subscribes to the events whose topic matches `pattern` (`*` one segment, `**` the rest).
     /// Returns once every connected peer confirmed the subscription: from then on, every event
@@ -754,7 +764,7 @@ impl crate::Node {
         &self,
         topic: &str,
         count: usize,
-    ) -> Result<(), PublishError> {
+    ) -> Result<(), crate::error::ReadyError> {
         let topic = weft_proto::Topic::new(topic)?;
         let patterns = &self.shared().patterns;
         let mut changed = patterns.changed.subscribe();
@@ -762,8 +772,8 @@ impl crate::Node {
             if patterns.lock().table.connected_subscribers(&topic) >= count {
                 return Ok(());
             }
-            if changed.changed().await.is_err() {
-                return Err(PublishError::Send(crate::error::SendError::NodeClosed));
+            if !ready_changed(self.shared(), &mut changed).await {
+                return Err(crate::error::ReadyError::NodeClosed);
             }
         }
     }
@@ -771,7 +781,11 @@ impl crate::Node {
     /// Waits until at least `count` connected peers pull from work queue `queue` (so that, for
     /// instance, sharded keys are spread over all of them from the first push: a worker that
     /// joins later takes over its keys, in order). Wrap it in a timeout.
-    pub async fn wait_for_workers(&self, queue: &str, count: usize) -> Result<(), WorkError> {
+    pub async fn wait_for_workers(
+        &self,
+        queue: &str,
+        count: usize,
+    ) -> Result<(), crate::error::ReadyError> {
         let queue = weft_proto::Topic::new(queue)?;
         let patterns = &self.shared().patterns;
         let mut changed = patterns.changed.subscribe();
@@ -779,8 +793,8 @@ impl crate::Node {
             if patterns.lock().table.workers(&queue).len() >= count {
                 return Ok(());
             }
-            if changed.changed().await.is_err() {
-                return Err(WorkError::Send(crate::error::SendError::NodeClosed));
+            if !ready_changed(self.shared(), &mut changed).await {
+                return Err(crate::error::ReadyError::NodeClosed);
             }
         }
     }
@@ -792,7 +806,11 @@ impl crate::Node {
 
     /// Waits until at least `count` nodes (connected peers, or this one) answer `service`.
     /// Wrap it in a timeout.
-    pub async fn wait_for_service(&self, service: &str, count: usize) -> Result<(), RequestError> {
+    pub async fn wait_for_service(
+        &self,
+        service: &str,
+        count: usize,
+    ) -> Result<(), crate::error::ReadyError> {
         let service = weft_proto::Topic::new(service)?;
         let shared = self.shared();
         let patterns = &shared.patterns;
@@ -805,8 +823,8 @@ impl crate::Node {
                     return Ok(());
                 }
             }
-            if changed.changed().await.is_err() {
-                return Err(RequestError::NodeClosed);
+            if !ready_changed(self.shared(), &mut changed).await {
+                return Err(crate::error::ReadyError::NodeClosed);
             }
         }
     }
