@@ -809,3 +809,31 @@ async fn readiness_waits_share_one_error_type() {
         Err(weft::ReadyError::NodeClosed)
     );
 }
+
+/// Once `wait_for_interest` returned, what the connected peers serve is known: a service nobody
+/// connected answers can be told apart from one not heard of yet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_wait_for_interest_the_connected_peers_services_are_known() {
+    let server = crate::support::node("interest").await;
+    let _service = within("serve", server.serve("pricing")).await.unwrap();
+    let client = crate::support::node("interest").await;
+    client.add_peer(addr(&server)).unwrap();
+    within("connected", client.connected(server.id()))
+        .await
+        .unwrap();
+    within("interest known", client.wait_for_interest())
+        .await
+        .unwrap();
+    let at_once = |service: &'static str| {
+        let client = client.clone();
+        async move {
+            tokio::time::timeout(Duration::ZERO, client.wait_for_service(service, 1))
+                .await
+                .is_ok()
+        }
+    };
+    assert!(at_once("pricing").await, "known without waiting");
+    assert!(!at_once("shipping").await, "nobody connected serves it");
+    client.shutdown().await;
+    server.shutdown().await;
+}

@@ -467,14 +467,19 @@ pub async fn req(
     let node = &joined.node;
     mesh.connected(node).await?;
     if to.is_none() {
-        tokio::time::timeout(mesh.wait(), node.wait_for_service(&service, 1))
+        // Once the connected peers' interest is known, a mesh without the service fails at
+        // once instead of after `--wait-secs`.
+        tokio::time::timeout(mesh.wait(), node.wait_for_interest())
             .await
-            .with_context(|| {
-                format!(
-                    "no node answers {service:?} within {} s: start `weft rep {service}` and pass it as --peer",
-                    mesh.wait_secs
-                )
-            })??;
+            .context("the connected peers did not announce their interest in time")??;
+        let served = tokio::time::timeout(Duration::ZERO, node.wait_for_service(&service, 1))
+            .await
+            .is_ok_and(|ready| ready.is_ok());
+        if !served {
+            bail!(
+                "no node answers {service:?} among the connected ones: start `weft rep {service}` and pass it as --peer"
+            );
+        }
     }
     let mut request = node
         .request(&service, text.into_bytes())

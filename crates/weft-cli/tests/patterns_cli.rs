@@ -212,6 +212,49 @@ fn req_without_a_server_fails_with_a_clear_sentence() {
     assert!(stderr.contains("no node answers \"nobody\""), "{stderr}");
 }
 
+/// Connected to a mesh whose nodes answer other services, `weft req` fails as soon as their
+/// interest is known, not after `--wait-secs`.
+#[test]
+fn req_fails_at_once_when_the_connected_mesh_has_no_such_service() {
+    let mut rep = Running::start(
+        "weft rep",
+        &["rep", "--mesh", "cli-fast", "--count", "1", "pricing"],
+    );
+    let addr = rep.node_addr();
+    assert_eq!(rep.line("serving"), "serving pricing");
+    let started = std::time::Instant::now();
+    let output = Command::new(env!("CARGO_BIN_EXE_weft"))
+        .args([
+            "req",
+            "--mesh",
+            "cli-fast",
+            "--peer",
+            &addr,
+            "--wait-secs",
+            "120",
+        ])
+        .args(["shipping", "q"])
+        .output()
+        .expect("weft runs");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("no node answers \"shipping\" among the connected ones"),
+        "{stderr}"
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(60),
+        "failed at once, not after --wait-secs ({:?})",
+        started.elapsed()
+    );
+    // The service it does answer still works from the same mesh.
+    let out = run(&[
+        "req", "--mesh", "cli-fast", "--peer", &addr, "pricing", "sku-1",
+    ]);
+    assert_eq!(out.trim(), "sku-1");
+    rep.wait_success();
+}
+
 #[test]
 fn pull_prints_what_push_pushes() {
     let mut pull = Running::start(

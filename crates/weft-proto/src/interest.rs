@@ -411,6 +411,12 @@ impl InterestTable {
             .collect()
     }
 
+    /// Whether `peer`'s interest (its announcement, maybe empty) reached this node since it
+    /// was last forgotten: what it subscribes to, serves and pulls is known.
+    pub fn heard_from(&self, peer: &NodeId) -> bool {
+        self.peers.get(peer).is_some_and(|p| p.incarnation != 0)
+    }
+
     /// Since when (wall clock, ms) `peer`'s connection has been down; `None` while it is up
     /// or once it is forgotten.
     pub fn down_since(&self, peer: &NodeId) -> Option<u64> {

@@ -799,6 +799,28 @@ impl crate::Node {
         }
     }
 
+    /// Waits until the interest of every connected peer (what it subscribes to, serves and
+    /// pulls) has reached this node: from then on `wait_for_service(s, 1)` and the like answer
+    /// for the mesh as it is connected now, so a caller can tell "nobody serves this" from "not
+    /// heard yet". Wrap it in a timeout.
+    pub async fn wait_for_interest(&self) -> Result<(), crate::error::ReadyError> {
+        let shared = self.shared();
+        let patterns = &shared.patterns;
+        let mut changed = patterns.changed.subscribe();
+        loop {
+            let connected = self.connected_peers();
+            if connected
+                .iter()
+                .all(|peer| patterns.lock().table.heard_from(peer))
+            {
+                return Ok(());
+            }
+            if !ready_changed(shared, &mut changed).await {
+                return Err(crate::error::ReadyError::NodeClosed);
+            }
+        }
+    }
+
     /// Starts answering requests for `service`. Returns once every connected peer confirmed it.
     pub async fn serve(&self, service: &str) -> Result<Service, SubscribeError> {
         reqrep::serve(self.shared(), service).await
