@@ -70,6 +70,37 @@ async fn bodies_arrive_typed_on_every_consuming_handle_and_a_wrong_type_is_hande
         .expect("the node runs");
     assert_eq!(next.header.channel.as_str(), "jobs");
     assert_eq!(weft::decode::<Order>(&next.body).unwrap(), order(4));
+    // Requests and replies, typed end to end; a reply of another type comes back with it.
+    let mut service = within("serve", b.serve("orders")).await.unwrap();
+    within("service known", a.wait_for_service("orders", 1))
+        .await
+        .unwrap();
+    let server = tokio::spawn(async move {
+        let request = service.recv().await.unwrap();
+        let asked: Order = request.decode().unwrap();
+        request.reply_typed(&order(asked.id + 100)).await.unwrap();
+        let request = service.recv().await.unwrap();
+        request.reply(vec![0xff; 3]).await.unwrap();
+    });
+    let reply = within(
+        "typed reply",
+        a.request_typed("orders", &order(5)).reply_as::<Order>(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(reply.value, order(105));
+    assert_eq!(reply.message.header.id.producer, b.id());
+    let wrong = within(
+        "a reply of another type",
+        a.request_typed("orders", &order(6)).reply_as::<Order>(),
+    )
+    .await
+    .expect_err("three 0xff bytes are no Order");
+    assert!(
+        matches!(&wrong, weft::RequestError::Reply(undecodable) if undecodable.message.body[..] == [0xff; 3]),
+        "{wrong:?}"
+    );
+    within("server", server).await.unwrap();
     for node in &nodes {
         node.shutdown().await;
     }

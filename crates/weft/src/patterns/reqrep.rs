@@ -61,6 +61,10 @@ pub enum RequestError {
     /// reply (see [`RequestBuilder::options`]); its handler was not run again.
     #[error("the server handled this idempotency key before and no longer keeps the reply")]
     Repeated,
+    /// The reply's body is not of the type asked for ([`RequestBuilder::reply_as`]); the reply
+    /// is handed back with the error.
+    #[error(transparent)]
+    Reply(Box<crate::body::Undecodable>),
 }
 
 /// A reply, or an error status, as it reaches the waiting requester.
@@ -310,6 +314,18 @@ impl RequestBuilder {
             None => Ok(answer.message),
             Some(error) => Err(error),
         }
+    }
+}
+
+impl RequestBuilder {
+    /// Sends the request and decodes the reply (postcard) as a `T`: typed end to end with
+    /// [`Node::request_typed`](crate::Node::request_typed) and [`Request::reply_typed`]. A reply
+    /// of another type is [`RequestError::Reply`], with the reply.
+    pub async fn reply_as<T: serde::de::DeserializeOwned>(
+        self,
+    ) -> Result<crate::body::Typed<T>, RequestError> {
+        let reply = self.send().await?;
+        crate::body::typed(reply).map_err(|e| RequestError::Reply(Box::new(e)))
     }
 }
 
