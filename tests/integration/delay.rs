@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use weft::proto::schedule::DueError;
 use weft::{Node, SendBatchError, SendError, TrySendError};
 
-use crate::support::{addr, init_tracing, node, node_with, within};
+use crate::support::{addr, init_tracing, node, node_with, tempdir, within};
 
 fn now_unix_ms() -> u64 {
     SystemTime::now()
@@ -297,13 +297,4 @@ async fn durable_node(dir: &Path) -> Node {
         .start()
         .await
         .expect("node starts")
-}
-
-fn tempdir(name: &str) -> std::path::PathBuf {
-    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let dir = std::env::temp_dir().join(format!("weft-delay-{}-{n}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use weft::{DeliveryError, Node, NodeAddr, PeerEvent, TrySendError};
 
 use crate::proxy::Relay;
-use crate::support::{init_tracing, within};
+use crate::support::{init_tracing, tempdir, within};
 
 fn short_timeouts(config: &mut weft::NodeConfig) {
     config.keep_alive = Duration::from_millis(100);
@@ -636,15 +636,4 @@ async fn ends<T: std::fmt::Debug>(what: &str, recv: impl std::future::Future<Out
         Ok(Some(item)) => panic!("{what} returned {item:?} after the node's shutdown"),
         Err(_) => panic!("{what} did not end after the node's shutdown"),
     }
-}
-
-/// A directory under the target dir, removed at the start (tests run repeatedly).
-fn tempdir(name: &str) -> std::path::PathBuf {
-    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let dir =
-        std::env::temp_dir().join(format!("weft-durability-{}-{n}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }

@@ -4,13 +4,13 @@
 //! dead-lettered and counted, never silent; an explicit unsubscribe ends the retention.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
 use weft::{Node, NodeConfig, PeerEvent, Subscription};
 
-use crate::support::{addr, init_tracing, within};
+use crate::support::{addr, init_tracing, tempdir, within};
 
 const TOPIC: &str = "orders/created";
 const PATTERN: &str = "orders/*";
@@ -41,18 +41,6 @@ async fn start(dir: &Path, configure: impl FnOnce(&mut NodeConfig)) -> Node {
 
 fn loopback() -> SocketAddr {
     "127.0.0.1:0".parse().unwrap()
-}
-
-fn tempdir(name: &str) -> PathBuf {
-    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let dir = std::env::temp_dir().join(format!(
-        "weft-durable-subs-{}-{n}-{name}",
-        std::process::id()
-    ));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 fn number(n: u64) -> Bytes {

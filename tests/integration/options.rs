@@ -15,7 +15,7 @@ use weft::{
     MessageOptions, Node, OptionsError, Priority, PublishError, RequestError, SendError, WorkError,
 };
 
-use crate::support::{addr, init_tracing, within};
+use crate::support::{addr, init_tracing, tempdir, within};
 
 /// `count` nodes, every one connected to every other, with events relayed one hop at a time
 /// (fan-out 1: a publisher's tree is a chain, so most copies pass through a relay).
@@ -358,15 +358,6 @@ async fn a_repeated_key_is_processed_once_on_every_pattern() {
     for node in &nodes {
         node.shutdown().await;
     }
-}
-
-fn tempdir(name: &str) -> std::path::PathBuf {
-    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    let dir = std::env::temp_dir().join(format!("weft-options-{}-{n}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 async fn durable(dir: &Path, bind: SocketAddr) -> Node {

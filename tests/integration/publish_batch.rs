@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use bytes::Bytes;
 use weft::{Node, PublishError, SendError, Subscription};
 
-use crate::support::{addr, node_with, within};
+use crate::support::{addr, node_with, tempdir, within};
 
 fn number(n: u64) -> Bytes {
     Bytes::copy_from_slice(&n.to_le_bytes())
@@ -240,14 +240,6 @@ async fn batch_errors_are_typed_and_say_how_far_the_batch_got() {
     for node in subscribers.iter().chain([&publisher]) {
         node.shutdown().await;
     }
-}
-
-fn tempdir(name: &str) -> PathBuf {
-    let dir =
-        std::env::temp_dir().join(format!("weft-publish-batch-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 /// With a data directory on both sides and a durable subscriber: the batch goes through the

@@ -90,3 +90,14 @@ pub async fn mesh_with(
     }
     nodes
 }
+
+/// A fresh, empty directory under the system's temp dir, unique within this test run (`name`
+/// makes it recognisable).
+pub fn tempdir(name: &str) -> std::path::PathBuf {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("weft-test-{}-{n}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}

@@ -119,9 +119,7 @@ impl Producer {
             .outstanding
             .entry((queue.to_owned(), worker))
             .or_default();
-        while outstanding.front().is_some_and(|seq| *seq <= acked) {
-            outstanding.pop_front();
-        }
+        prune(outstanding, acked);
         credit.saturating_sub(outstanding.len() as u32)
     }
 
@@ -348,10 +346,7 @@ impl Producer {
         let mut tick = StuckTick::default();
         let mut holding = BTreeSet::new();
         for ((_, worker), seqs) in self.outstanding.iter_mut() {
-            let acked = acked(worker);
-            while seqs.front().is_some_and(|seq| *seq <= acked) {
-                seqs.pop_front();
-            }
+            prune(seqs, acked(worker));
             if !seqs.is_empty() {
                 holding.insert(*worker);
             }
@@ -422,6 +417,13 @@ impl Producer {
     /// Whether `worker` is stuck now.
     pub fn is_stuck(&self, worker: &NodeId) -> bool {
         self.stuck.workers.contains(worker)
+    }
+}
+
+/// Drops from `outstanding` (ascending) what the worker acknowledged (up to `acked`).
+fn prune(outstanding: &mut VecDeque<u64>, acked: u64) {
+    while outstanding.front().is_some_and(|seq| *seq <= acked) {
+        outstanding.pop_front();
     }
 }
 

@@ -91,7 +91,7 @@ pub(crate) enum Command {
         registry: Vec<u8>,
         done: oneshot::Sender<Result<(), String>>,
     },
-    /// Persist an idempotency key's first sighting (see [`crate::keys`]); no answer: the
+    /// Persist an idempotency key's first sighting (see the `keys` module); no answer: the
     /// watermark that acknowledges its message comes later through this queue, and its sync
     /// covers both.
     Key(weft_proto::spooled::SpooledKey),
@@ -135,7 +135,7 @@ pub(crate) struct Restored {
     /// Delayed messages still waiting (unnumbered): (destination, record, message), in spool
     /// order; they go back into the schedule.
     pub scheduled: Vec<(NodeId, u64, OutgoingMessage)>,
-    /// Idempotency keys persisted, in spool order (see [`crate::keys`]).
+    /// Idempotency keys persisted, in spool order (see the `keys` module).
     pub keys: Vec<weft_proto::spooled::SpooledKey>,
 }
 

@@ -39,20 +39,33 @@ pub enum OptionsError {
     },
 }
 
-/// When a message expires.
+/// A point in time of an option (expiry, due time): relative to the send, or absolute.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Expiry {
+enum When {
     /// This long after it is sent.
     After(Duration),
     /// At this wall-clock time (Unix milliseconds).
     At(u64),
 }
 
-/// When a message is due.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Due {
-    After(Duration),
-    At(u64),
+impl When {
+    /// At `at` (a time before the Unix epoch is 0).
+    fn at(at: SystemTime) -> Self {
+        let unix_ms = at
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        When::At(unix_ms)
+    }
+
+    /// The wall-clock time (Unix milliseconds) for a message sent at `now_unix_ms`.
+    fn unix_ms(self, now_unix_ms: u64) -> u64 {
+        match self {
+            When::After(after) => {
+                now_unix_ms.saturating_add(u64::try_from(after.as_millis()).unwrap_or(u64::MAX))
+            }
+            When::At(at) => at,
+        }
+    }
 }
 
 /// What a message carries besides its body and address, the same for every pattern:
@@ -78,8 +91,8 @@ enum Due {
 pub struct MessageOptions {
     headers: Vec<(String, Bytes)>,
     priority: Option<Priority>,
-    expiry: Option<Expiry>,
-    due: Option<Due>,
+    expiry: Option<When>,
+    due: Option<When>,
     idempotency_key: Option<Bytes>,
 }
 
@@ -107,16 +120,13 @@ impl MessageOptions {
     /// work item is given up (to the dead letters) by its link, an event or request is dropped
     /// by its receiver.
     pub fn ttl(mut self, ttl: Duration) -> Self {
-        self.expiry = Some(Expiry::After(ttl));
+        self.expiry = Some(When::After(ttl));
         self
     }
 
     /// Like [`MessageOptions::ttl`], at a wall-clock time.
     pub fn expires_at(mut self, at: SystemTime) -> Self {
-        let unix_ms = at
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-        self.expiry = Some(Expiry::At(unix_ms.max(1)));
+        self.expiry = Some(When::at(at));
         self
     }
 
@@ -125,16 +135,13 @@ impl MessageOptions {
     /// stream when due, a publish or push is carried out then (subscribers and workers chosen
     /// then). Requests and publish batches refuse it.
     pub fn delay(mut self, delay: Duration) -> Self {
-        self.due = Some(Due::After(delay));
+        self.due = Some(When::After(delay));
         self
     }
 
     /// Deliver not before `at` (see [`MessageOptions::delay`]).
     pub fn deliver_at(mut self, at: SystemTime) -> Self {
-        let unix_ms = at
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-        self.due = Some(Due::At(unix_ms));
+        self.due = Some(When::at(at));
         self
     }
 
@@ -188,12 +195,7 @@ impl MessageOptions {
     }
 
     fn expires_unix_ms(&self, now_unix_ms: u64) -> Option<u64> {
-        self.expiry.map(|expiry| match expiry {
-            Expiry::After(ttl) => now_unix_ms
-                .saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX))
-                .max(1),
-            Expiry::At(at) => at,
-        })
+        self.expiry.map(|expiry| expiry.unix_ms(now_unix_ms).max(1))
     }
 
     /// Sets the options on `message` (created at `now_unix_ms`). The expiry is the earlier of
@@ -217,13 +219,13 @@ impl MessageOptions {
             message = message.with_header(IDEMPOTENCY_KEY_HEADER, key.clone());
         }
         match self.due {
-            Some(Due::After(delay)) => {
+            Some(When::After(delay)) => {
                 if message.created_unix_ms == 0 {
                     message.created_unix_ms = now_unix_ms;
                 }
                 message = message.with_delay(delay);
             }
-            Some(Due::At(at)) => message = message.with_deliver_after(at),
+            Some(When::At(at)) => message = message.with_deliver_after(at),
             None => {}
         }
         message
@@ -281,7 +283,7 @@ impl MessageOptions {
                     options.headers.push((name.clone(), value.clone()));
                 }
             }
-            options.expiry = own.expires_unix_ms.map(Expiry::At);
+            options.expiry = own.expires_unix_ms.map(When::At);
         }
         options
     }

@@ -1471,9 +1471,9 @@ pub(crate) async fn publish_batch(
     options: Option<&crate::MessageOptions>,
 ) -> Result<PublishedBatch, PublishBatchError> {
     let mut done = PublishedBatch::default();
-    // Event `index` of the batch: its options (the key names its place).
+    // Event `index` of the batch, published at `now`: its options (the key names its place).
     let options_of =
-        |index: usize| options.and_then(|o| o.event_options(shared.now_unix_ms(), Some(index)));
+        |now: u64, index: usize| options.and_then(|o| o.event_options(now, Some(index)));
     let topic = match Topic::new(topic) {
         Ok(topic) => topic,
         Err(error) => {
@@ -1508,7 +1508,7 @@ pub(crate) async fn publish_batch(
                 let overhead = gossip::overhead(&topic, longest, &[]);
                 let now = shared.now_unix_ms();
                 // (Every event's options have the same size but for the key's index.)
-                let options_len = options_of(usize::MAX)
+                let options_len = options_of(now, usize::MAX)
                     .as_ref()
                     .map_or(0, EventOptions::encoded_len);
                 let overhead = overhead + options_len;
@@ -1519,7 +1519,7 @@ pub(crate) async fn publish_batch(
                     }) else {
                         break;
                     };
-                    let event_options = options_of(done.events + numbered);
+                    let event_options = options_of(now, done.events + numbered);
                     let event_options = event_options.as_ref();
                     let fanout = state.publisher.publish_with(
                         &addressees,
@@ -1579,7 +1579,7 @@ pub(crate) async fn publish_batch(
         if numbered == 0 && refused.is_none() {
             // Durable subscribers, or retention full for long (waits there for room).
             let payload = payloads.next().expect("peeked");
-            let event_options = options_of(done.events);
+            let event_options = options_of(shared.now_unix_ms(), done.events);
             match publish(shared, topic.as_str(), payload, event_options.as_ref()).await {
                 Ok(published) => done.absorb(published),
                 Err(error) => {

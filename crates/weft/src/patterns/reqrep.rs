@@ -102,56 +102,65 @@ fn register(shared: &Shared, id: u64, waiting: Waiting) -> Result<WaitingGuard<'
     Ok(WaitingGuard { shared, id })
 }
 
-/// The service, body and timeout of a request or scatter, checked.
+/// A request or scatter, checked: its service, body, timeout and options.
+struct Asked {
+    service: Topic,
+    payload: Bytes,
+    timeout: Duration,
+    options: Option<crate::MessageOptions>,
+}
+
+/// Checks what a request or scatter asks: the service name, the body, the options (the header
+/// rules, and no due time).
 fn checked(
     shared: &Shared,
     service: String,
     payload: Result<Bytes, String>,
     timeout: Option<Duration>,
-) -> Result<(Topic, Bytes, Duration), RequestError> {
+    options: Option<crate::MessageOptions>,
+) -> Result<Asked, RequestError> {
     let payload = payload.map_err(RequestError::Failed)?;
     let service = Topic::new(service)?;
     let timeout = timeout.unwrap_or(shared.config.patterns.request_timeout);
-    Ok((service, payload, timeout))
-}
-
-/// Checks a request's options: the header rules, and no due time.
-fn checked_options(options: Option<&crate::MessageOptions>) -> Result<(), RequestError> {
-    if let Some(options) = options {
+    if let Some(options) = &options {
         options.check().map_err(SendError::from)?;
         options.refuse_delay("requests").map_err(SendError::from)?;
     }
-    Ok(())
+    Ok(Asked {
+        service,
+        payload,
+        timeout,
+        options,
+    })
 }
 
-/// The wire message of request `id`, checked against the frame limits.
-fn request_outgoing(
-    shared: &Shared,
-    service: &Topic,
-    payload: &[u8],
-    id: u64,
-    timeout: Duration,
-    priority: Priority,
-    options: Option<&crate::MessageOptions>,
-) -> Result<OutgoingMessage, RequestError> {
-    let now = shared.now_unix_ms();
-    let mut outgoing = OutgoingMessage::command(
-        weft_proto::Channel::from_static(REQUEST_CHANNEL),
-        envelope::wrap(service, payload),
-        now,
-    )
-    .with_kind(Kind::Request)
-    .with_priority(priority)
-    .with_correlation_id(id)
-    .with_reply_to(shared.id)
-    .with_expiry(now + timeout.as_millis() as u64);
-    if let Some(options) = options {
-        outgoing = options.apply(outgoing, now);
+impl Asked {
+    /// The wire message of request `id`, checked against the frame limits.
+    fn outgoing(
+        &self,
+        shared: &Shared,
+        id: u64,
+        priority: Priority,
+    ) -> Result<OutgoingMessage, RequestError> {
+        let now = shared.now_unix_ms();
+        let mut outgoing = OutgoingMessage::command(
+            weft_proto::Channel::from_static(REQUEST_CHANNEL),
+            envelope::wrap(&self.service, &self.payload),
+            now,
+        )
+        .with_kind(Kind::Request)
+        .with_priority(priority)
+        .with_correlation_id(id)
+        .with_reply_to(shared.id)
+        .with_expiry(now + self.timeout.as_millis() as u64);
+        if let Some(options) = &self.options {
+            outgoing = options.apply(outgoing, now);
+        }
+        outgoing
+            .check(&shared.config.limits())
+            .map_err(SendError::from)?;
+        Ok(outgoing)
     }
-    outgoing
-        .check(&shared.config.limits())
-        .map_err(SendError::from)?;
-    Ok(outgoing)
 }
 
 /// The request as the local server would have received it from the wire.
@@ -273,12 +282,12 @@ impl RequestBuilder {
             priority,
             options,
         } = self;
-        let (service, payload, timeout) = checked(&shared, service, payload, timeout)?;
-        checked_options(options.as_ref())?;
+        let asked = checked(&shared, service, payload, timeout, options)?;
+        let (service, timeout) = (&asked.service, asked.timeout);
         let target = match to {
             Some(node) => node,
             None => {
-                let servers = servers(&shared, &service);
+                let servers = servers(&shared, service);
                 if servers.is_empty() {
                     return Err(RequestError::NoResponders);
                 }
@@ -288,15 +297,7 @@ impl RequestBuilder {
             }
         };
         let id = id.unwrap_or_else(|| shared.random());
-        let outgoing = request_outgoing(
-            &shared,
-            &service,
-            &payload,
-            id,
-            timeout,
-            priority,
-            options.as_ref(),
-        )?;
+        let outgoing = asked.outgoing(&shared, id, priority)?;
         let (tx, rx) = oneshot::channel();
         let _guard = register(&shared, id, Waiting::One(tx))?;
         match dispatch(&shared, target, outgoing).await {
@@ -412,22 +413,14 @@ impl ScatterBuilder {
             timeout,
             options,
         } = self;
-        let (service, payload, timeout) = checked(&shared, service, payload, timeout)?;
-        checked_options(options.as_ref())?;
-        let asked = servers(&shared, &service);
+        let request = checked(&shared, service, payload, timeout, options)?;
+        let timeout = request.timeout;
+        let asked = servers(&shared, &request.service);
         if asked.is_empty() {
             return Err(RequestError::NoResponders);
         }
         let id = shared.random();
-        let outgoing = request_outgoing(
-            &shared,
-            &service,
-            &payload,
-            id,
-            timeout,
-            Priority::NORMAL,
-            options.as_ref(),
-        )?;
+        let outgoing = request.outgoing(&shared, id, Priority::NORMAL)?;
         let (tx, mut rx) = mpsc::unbounded_channel();
         let _guard = register(&shared, id, Waiting::Many(tx))?;
         let mut gathered = Gathered {
