@@ -102,6 +102,12 @@ impl From<String> for Channel {
     }
 }
 
+impl From<ByteString> for Channel {
+    fn from(name: ByteString) -> Self {
+        Self(name)
+    }
+}
+
 impl From<&Channel> for Channel {
     fn from(name: &Channel) -> Self {
         name.clone()

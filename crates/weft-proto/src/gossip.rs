@@ -351,70 +351,150 @@ pub fn encode_parts(
     options: Option<&EventOptions>,
     payload: &[u8],
 ) -> Bytes {
-    let options = options.filter(|o| !o.is_empty());
-    let name = topic.as_str().as_bytes();
-    debug_assert!(name.len() <= TOPIC_BYTES_MAX);
-    debug_assert!(route.len() <= ROUTE_MAX);
-    let durable = direct.unwrap_or_default();
-    debug_assert!(durable.len() <= DURABLE_NAMES_MAX);
-    let with_origin = origin != sender;
+    let parts = Parts {
+        sender,
+        origin,
+        incarnation,
+        seq,
+        hops,
+        direct,
+        topic,
+        options: options.filter(|o| !o.is_empty()),
+        payload,
+    };
     // The exact length, so the body is one allocation that `Bytes` takes over as it is (a
     // vector with spare capacity would cost a second one), and plain vector appends.
-    let len = 1
-        + if with_origin { NODE_ID_LEN } else { 0 }
-        + varint_len(incarnation)
-        + varint_len(seq)
-        + 1
-        + varint_len(route.len() as u64)
-        + route
-            .iter()
-            .map(|hop| NODE_ID_LEN + varint_len(hop.prev))
-            .sum::<usize>()
-        + if direct.is_some() {
-            varint_len(durable.len() as u64) + durable.iter().map(|n| 1 + n.len()).sum::<usize>()
-        } else {
-            0
-        }
-        + 1
-        + name.len()
-        + options.map_or(0, EventOptions::encoded_len)
-        + payload.len();
+    let len = parts.len(route);
     let mut body = Vec::with_capacity(len);
-    let mut flags = if with_origin { FLAG_ORIGIN } else { 0 };
-    if direct.is_some() {
-        flags |= FLAG_DIRECT;
-    }
-    if options.is_some() {
-        flags |= FLAG_OPTIONS;
-    }
-    body.push(flags);
-    if with_origin {
-        body.extend_from_slice(origin.as_bytes());
-    }
-    push_varint(&mut body, incarnation);
-    push_varint(&mut body, seq);
-    body.push(hops);
-    push_varint(&mut body, route.len() as u64);
-    for hop in route {
-        body.extend_from_slice(hop.node.as_bytes());
-        push_varint(&mut body, hop.prev);
-    }
-    if direct.is_some() {
-        push_varint(&mut body, durable.len() as u64);
-        for durable_name in durable {
-            debug_assert!(durable_name.len() <= TOPIC_BYTES_MAX);
-            body.push(durable_name.len() as u8);
-            body.extend_from_slice(durable_name.as_bytes());
-        }
-    }
-    body.push(name.len() as u8);
-    body.extend_from_slice(name);
-    if let Some(options) = options {
-        options.encode(&mut body);
-    }
-    body.extend_from_slice(payload);
+    parts.write(&mut body, route);
     debug_assert_eq!(body.len(), len);
     Bytes::from(body)
+}
+
+/// [`encode_parts`] for a publisher's own event, once per route: every copy in one allocation
+/// (the copies differ only in their routes), in the order of `routes`.
+pub fn encode_routes(
+    origin: &NodeId,
+    incarnation: u64,
+    seq: u64,
+    routes: &Routes,
+    topic: &Topic,
+    options: Option<&EventOptions>,
+    payload: &[u8],
+) -> Vec<Bytes> {
+    let parts = Parts {
+        sender: origin,
+        origin,
+        incarnation,
+        seq,
+        hops: 1,
+        direct: None,
+        topic,
+        options: options.filter(|o| !o.is_empty()),
+        payload,
+    };
+    let len: usize = routes.iter().map(|route| parts.len(route)).sum();
+    let mut all = Vec::with_capacity(len);
+    let mut ends = Vec::with_capacity(routes.len());
+    for route in routes.iter() {
+        parts.write(&mut all, route);
+        ends.push(all.len());
+    }
+    debug_assert_eq!(all.len(), len);
+    let all = Bytes::from(all);
+    let mut start = 0;
+    ends.into_iter()
+        .map(|end| {
+            let copy = all.slice(start..end);
+            start = end;
+            copy
+        })
+        .collect()
+}
+
+/// An event's fields but its route, as [`encode_parts`] writes them.
+struct Parts<'a> {
+    sender: &'a NodeId,
+    origin: &'a NodeId,
+    incarnation: u64,
+    seq: u64,
+    hops: u8,
+    direct: Option<&'a [String]>,
+    topic: &'a Topic,
+    options: Option<&'a EventOptions>,
+    payload: &'a [u8],
+}
+
+impl Parts<'_> {
+    /// The encoded length with `route`.
+    fn len(&self, route: &[Hop]) -> usize {
+        let durable = self.direct.unwrap_or_default();
+        1 + if self.origin != self.sender {
+            NODE_ID_LEN
+        } else {
+            0
+        } + varint_len(self.incarnation)
+            + varint_len(self.seq)
+            + 1
+            + varint_len(route.len() as u64)
+            + route
+                .iter()
+                .map(|hop| NODE_ID_LEN + varint_len(hop.prev))
+                .sum::<usize>()
+            + if self.direct.is_some() {
+                varint_len(durable.len() as u64)
+                    + durable.iter().map(|n| 1 + n.len()).sum::<usize>()
+            } else {
+                0
+            }
+            + 1
+            + self.topic.as_str().len()
+            + self.options.map_or(0, EventOptions::encoded_len)
+            + self.payload.len()
+    }
+
+    /// Appends the event with `route` to `body`.
+    fn write(&self, body: &mut Vec<u8>, route: &[Hop]) {
+        let name = self.topic.as_str().as_bytes();
+        debug_assert!(name.len() <= TOPIC_BYTES_MAX);
+        debug_assert!(route.len() <= ROUTE_MAX);
+        let durable = self.direct.unwrap_or_default();
+        debug_assert!(durable.len() <= DURABLE_NAMES_MAX);
+        let with_origin = self.origin != self.sender;
+        let mut flags = if with_origin { FLAG_ORIGIN } else { 0 };
+        if self.direct.is_some() {
+            flags |= FLAG_DIRECT;
+        }
+        if self.options.is_some() {
+            flags |= FLAG_OPTIONS;
+        }
+        body.push(flags);
+        if with_origin {
+            body.extend_from_slice(self.origin.as_bytes());
+        }
+        push_varint(body, self.incarnation);
+        push_varint(body, self.seq);
+        body.push(self.hops);
+        push_varint(body, route.len() as u64);
+        for hop in route {
+            body.extend_from_slice(hop.node.as_bytes());
+            push_varint(body, hop.prev);
+        }
+        if self.direct.is_some() {
+            push_varint(body, durable.len() as u64);
+            for durable_name in durable {
+                debug_assert!(durable_name.len() <= TOPIC_BYTES_MAX);
+                body.push(durable_name.len() as u8);
+                body.extend_from_slice(durable_name.as_bytes());
+            }
+        }
+        body.push(name.len() as u8);
+        body.extend_from_slice(name);
+        if let Some(options) = self.options {
+            options.encode(body);
+        }
+        body.extend_from_slice(self.payload);
+    }
 }
 
 /// Bytes of `value` as a varint.
@@ -546,7 +626,9 @@ impl<'a> Reader<'a> {
 /// What [`Chains::accept`] made of an event.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Accepted<T> {
-    /// Deliver these, in this order (the event, and any held events it unblocked).
+    /// Deliver it: it was next, and held none back (the common case, no allocation).
+    Next(T),
+    /// Deliver these, in this order (the event, and the held events it unblocked).
     Deliver(Vec<T>),
     /// Its predecessor has not arrived: held until it does.
     Held,
@@ -656,16 +738,22 @@ impl<T> Chains<T> {
             chain.held.insert(prev, (seq, event));
             return Accepted::Held;
         }
-        let mut delivered = vec![event];
         chain.last = seq;
+        chain.unconfirmed = true;
+        if chain.held.is_empty() {
+            return Accepted::Next(event);
+        }
+        let mut delivered = vec![event];
         while let Some((seq, event)) = chain.held.remove(&chain.last) {
             delivered.push(event);
             chain.last = seq;
         }
         // Held events older than the last delivered are copies of delivered ones.
         chain.held = chain.held.split_off(&chain.last);
-        chain.unconfirmed = true;
-        Accepted::Deliver(delivered)
+        match delivered.len() {
+            1 => Accepted::Next(delivered.pop().expect("one")),
+            _ => Accepted::Deliver(delivered),
+        }
     }
 
     /// The chains that delivered since the last call: (publisher, incarnation, last seq).
@@ -797,13 +885,43 @@ pub struct Fanout {
     /// The event's seq.
     pub seq: u64,
     /// One route per first hop (its head is the node to send to).
-    pub routes: Vec<Vec<Hop>>,
+    pub routes: Routes,
     /// Durable subscribers, each sent the event directly: its hop and the names of its durable
     /// subscriptions the event is owed to. Handed over to their links at once.
     pub direct: Vec<(Hop, Vec<String>)>,
     /// What a node that just became direct was owed from the trees: to send (flagged direct)
     /// before this event, so its chain stays in order.
     pub repairs: Vec<Repair>,
+}
+
+/// An event's routes: its tree addressees in tree order, split into one route per first hop
+/// (held in one vector: no allocation per route).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Routes {
+    hops: Vec<Hop>,
+    fanout: usize,
+}
+
+impl Routes {
+    /// The routes, each headed by the node to send to.
+    pub fn iter(&self) -> impl Iterator<Item = &[Hop]> {
+        split(&self.hops, self.fanout)
+    }
+
+    /// How many routes (first hops).
+    pub fn len(&self) -> usize {
+        self.hops.len().min(self.fanout.max(1))
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.hops.is_empty()
+    }
+
+    /// Every addressee of every route.
+    pub fn hops(&self) -> &[Hop] {
+        &self.hops
+    }
 }
 
 /// The publisher's side: sequence, per-addressee chains, retention. See the module docs.
@@ -938,22 +1056,22 @@ impl Publisher {
         }
         placed.sort_unstable_by_key(|&(away, order, hop)| (away, order, hop.node));
         let hops: Vec<Hop> = placed.into_iter().map(|(_, _, hop)| hop).collect();
-        let routes = split(&hops, self.config.fanout)
-            .map(<[Hop]>::to_vec)
-            .collect();
         if !hops.is_empty() {
             self.retained_bytes += payload.len();
             self.retained.push_back(Retained {
                 seq,
                 topic: topic.clone(),
                 payload: payload.clone(),
-                addressees: hops,
+                addressees: hops.clone(),
                 options: options.map(|o| Box::new(o.clone())),
             });
         }
         Fanout {
             seq,
-            routes,
+            routes: Routes {
+                hops,
+                fanout: self.config.fanout,
+            },
             direct,
             repairs,
         }

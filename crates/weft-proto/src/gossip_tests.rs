@@ -188,7 +188,7 @@ fn a_confirm_round_trips() {
 /// Follows an event from the publisher down its tree: (node, hops) of every copy.
 fn walk(fanout: &Fanout, fan: usize) -> Vec<(NodeId, u8)> {
     let mut copies = Vec::new();
-    let mut queue: Vec<(Vec<Hop>, u8)> = fanout.routes.iter().map(|r| (r.clone(), 1)).collect();
+    let mut queue: Vec<(Vec<Hop>, u8)> = fanout.routes.iter().map(|r| (r.to_vec(), 1)).collect();
     while let Some((route, hops)) = queue.pop() {
         copies.push((route[0].node, hops));
         for child in split(&route[1..], fan) {
@@ -258,7 +258,7 @@ fn disconnected_addressees_are_leaves() {
         .filter(|a| !a.connected)
         .map(|a| a.node)
         .collect();
-    let mut queue = out.routes.clone();
+    let mut queue = out.routes.iter().map(<[Hop]>::to_vec).collect::<Vec<_>>();
     while let Some(route) = queue.pop() {
         let children: Vec<_> = split(&route[1..], 2).map(<[Hop]>::to_vec).collect();
         if away.contains(&route[0].node) {
@@ -277,7 +277,7 @@ fn each_addressee_gets_its_own_chain() {
     let payload = Bytes::from_static(b"x");
     let prevs = |out: &Fanout| -> BTreeMap<NodeId, u64> {
         let mut prevs = BTreeMap::new();
-        let mut queue = out.routes.clone();
+        let mut queue = out.routes.iter().map(<[Hop]>::to_vec).collect::<Vec<_>>();
         while let Some(route) = queue.pop() {
             prevs.insert(route[0].node, route[0].prev);
             queue.extend(split(&route[1..], 4).map(<[Hop]>::to_vec));
@@ -420,7 +420,7 @@ fn repairs_and_confirms_come_in_node_id_order() {
     for n in nodes {
         assert_eq!(
             chains.accept(node(n), 1, 1, 0, n),
-            Accepted::Deliver(vec![n])
+            Accepted::Next(n)
         );
     }
     let confirmed: Vec<NodeId> = chains.take_confirms().iter().map(|c| c.0).collect();
@@ -434,7 +434,7 @@ fn repairs_and_confirms_come_in_node_id_order() {
 fn chains_deliver_in_order_hold_gaps_and_drop_copies() {
     let mut chains = Chains::new(4, 8);
     let p = node(1);
-    assert_eq!(chains.accept(p, 1, 5, 0, 'a'), Accepted::Deliver(vec!['a']));
+    assert_eq!(chains.accept(p, 1, 5, 0, 'a'), Accepted::Next('a'));
     assert_eq!(chains.accept(p, 1, 9, 7, 'c'), Accepted::Held);
     assert_eq!(
         chains.accept(p, 1, 7, 5, 'b'),
@@ -445,19 +445,19 @@ fn chains_deliver_in_order_hold_gaps_and_drop_copies() {
     assert_eq!(chains.take_confirms(), [(p, 1, 9)]);
     assert_eq!(chains.take_confirms(), []);
     // Another incarnation of the publisher is another chain.
-    assert_eq!(chains.accept(p, 2, 1, 0, 'x'), Accepted::Deliver(vec!['x']));
+    assert_eq!(chains.accept(p, 2, 1, 0, 'x'), Accepted::Next('x'));
 }
 
 #[test]
 fn a_full_hold_drops_and_a_chain_restart_is_followed() {
     let mut chains = Chains::new(2, 8);
     let p = node(1);
-    assert_eq!(chains.accept(p, 1, 1, 0, 1), Accepted::Deliver(vec![1]));
+    assert_eq!(chains.accept(p, 1, 1, 0, 1), Accepted::Next(1));
     assert_eq!(chains.accept(p, 1, 4, 3, 4), Accepted::Held);
     assert_eq!(chains.accept(p, 1, 5, 4, 5), Accepted::Held);
     assert_eq!(chains.accept(p, 1, 6, 5, 6), Accepted::Dropped);
     // The publisher forgot us and starts again at 10: the old gap is not awaited any more.
-    assert_eq!(chains.accept(p, 1, 10, 0, 10), Accepted::Deliver(vec![10]));
+    assert_eq!(chains.accept(p, 1, 10, 0, 10), Accepted::Next(10));
     assert_eq!(chains.held(), 0);
 }
 
@@ -466,26 +466,26 @@ fn the_least_recently_used_chain_is_forgotten_at_the_bound() {
     let mut chains = Chains::new(2, 2);
     assert_eq!(
         chains.accept(node(1), 1, 1, 0, ()),
-        Accepted::Deliver(vec![()])
+        Accepted::Next(())
     );
     assert_eq!(
         chains.accept(node(2), 1, 1, 0, ()),
-        Accepted::Deliver(vec![()])
+        Accepted::Next(())
     );
     assert_eq!(
         chains.accept(node(1), 1, 2, 1, ()),
-        Accepted::Deliver(vec![()])
+        Accepted::Next(())
     );
     assert_eq!(
         chains.accept(node(3), 1, 1, 0, ()),
-        Accepted::Deliver(vec![()])
+        Accepted::Next(())
     );
     // Node 2's chain was forgotten: its next event waits for a predecessor it never sees.
     // (Taking it up again forgot node 1's, now the least recently used; node 3's remains.)
     assert_eq!(chains.accept(node(2), 1, 2, 1, ()), Accepted::Held);
     assert_eq!(
         chains.accept(node(3), 1, 2, 1, ()),
-        Accepted::Deliver(vec![()])
+        Accepted::Next(())
     );
 }
 
@@ -500,8 +500,10 @@ impl Subscribers {
     /// A copy arrives: (to, seq, prev).
     fn take(&mut self, (to, seq, prev): (NodeId, u64, u64)) {
         let chain = self.chains.entry(to).or_insert_with(|| Chains::new(8, 4));
-        if let Accepted::Deliver(events) = chain.accept(node(0), 1, seq, prev, seq) {
-            self.delivered.entry(to).or_default().extend(events);
+        match chain.accept(node(0), 1, seq, prev, seq) {
+            Accepted::Next(event) => self.delivered.entry(to).or_default().push(event),
+            Accepted::Deliver(events) => self.delivered.entry(to).or_default().extend(events),
+            Accepted::Held | Accepted::Duplicate | Accepted::Dropped => {}
         }
     }
 
@@ -562,7 +564,7 @@ fn random_paths_losses_and_repairs_give_each_subscriber_its_events_once_in_order
                 for (to, _) in walk(&out, 3) {
                     expected.entry(to).or_default().push(out.seq);
                 }
-                let mut queue = out.routes.clone();
+                let mut queue = out.routes.iter().map(<[Hop]>::to_vec).collect::<Vec<_>>();
                 while let Some(route) = queue.pop() {
                     in_flight.push((route[0].node, out.seq, route[0].prev));
                     queue.extend(split(&route[1..], 3).map(<[Hop]>::to_vec));
@@ -814,4 +816,50 @@ fn decoding_after_the_previous_topic_equals_a_fresh_decode() {
         Event::decode_after(&Bytes::from(bad), &node(1), &mut last),
         Err(GossipError::Topic(_))
     ));
+}
+
+#[test]
+fn copies_encoded_together_are_each_the_copy_for_their_route() {
+    let mut publisher = Publisher::new(node(0), config());
+    let options = EventOptions {
+        priority: crate::Priority::HIGH,
+        ..EventOptions::default()
+    };
+    // Nine addressees over four first hops: routes of different lengths.
+    let out = publisher.publish_with(
+        &addressees(&[1, 2, 3, 4, 5, 6, 7, 8, 9]),
+        &topic("a/b"),
+        &Bytes::from_static(b"payload"),
+        Some(&options),
+        0,
+    );
+    assert_eq!(out.routes.len(), 4);
+    let copies = encode_routes(
+        &node(0),
+        7,
+        out.seq,
+        &out.routes,
+        &topic("a/b"),
+        Some(&options),
+        b"payload",
+    );
+    assert_eq!(copies.len(), 4);
+    for (route, copy) in out.routes.iter().zip(&copies) {
+        let alone = encode_parts(
+            &node(0),
+            &node(0),
+            7,
+            out.seq,
+            1,
+            route,
+            None,
+            &topic("a/b"),
+            Some(&options),
+            b"payload",
+        );
+        assert_eq!(copy, &alone);
+        let event = Event::decode(copy, &node(0)).unwrap();
+        assert_eq!(event.route, route);
+        assert_eq!(event.options.as_deref(), Some(&options));
+    }
 }

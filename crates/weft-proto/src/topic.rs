@@ -8,6 +8,10 @@
 
 use std::fmt;
 
+use bytestring::ByteString;
+
+use crate::channel::Channel;
+
 /// Longest topic or pattern, in bytes.
 pub const TOPIC_BYTES_MAX: usize = 255;
 
@@ -57,9 +61,10 @@ fn check_common(text: &str) -> Result<(), TopicError> {
     Ok(())
 }
 
-/// A concrete topic (no wildcards).
+/// A concrete topic (no wildcards). Shared text: a clone is a reference count, and the topic is
+/// a message's [`Channel`] without a copy (an event's topic is cloned on every hand-on).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Topic(String);
+pub struct Topic(ByteString);
 
 impl Topic {
     /// Checks `text` and makes it a topic.
@@ -69,12 +74,17 @@ impl Topic {
         if text.contains('*') {
             return Err(TopicError::Wildcard(text));
         }
-        Ok(Self(text))
+        Ok(Self(ByteString::from(text)))
     }
 
     /// The topic as text.
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    /// The topic as a message's channel name (shared, not copied).
+    pub fn channel(&self) -> Channel {
+        Channel::from(self.0.clone())
     }
 }
 
@@ -120,7 +130,7 @@ impl TopicPattern {
 
     /// Whether `topic` is one of the topics this pattern names.
     pub fn matches(&self, topic: &Topic) -> bool {
-        matches(&self.0, &topic.0)
+        matches(&self.0, topic.as_str())
     }
 }
 
@@ -139,7 +149,7 @@ impl std::str::FromStr for TopicPattern {
 
 impl From<Topic> for TopicPattern {
     fn from(topic: Topic) -> Self {
-        Self(topic.0)
+        Self(String::from(topic.as_str()))
     }
 }
 

@@ -706,7 +706,7 @@ fn event_message_in(
                 seq,
             },
             kind: Kind::Event,
-            channel: topic.as_str().into(),
+            channel: topic.channel(),
             priority: Default::default(),
             created_unix_ms,
             attempt: 1,
@@ -872,31 +872,6 @@ async fn send_event(
     shared.sender(to)?.send_message(outgoing).await
 }
 
-/// The link message of a publisher's own event on its way down a tree: `route[0]` is the node
-/// it goes to, the rest that node's subtree.
-fn tree_event_message(
-    shared: &Shared,
-    seq: u64,
-    route: &[Hop],
-    topic: &Topic,
-    options: Option<&EventOptions>,
-    payload: &Bytes,
-) -> OutgoingMessage {
-    let body = gossip::encode_parts(
-        &shared.id,
-        &shared.id,
-        shared.epoch,
-        seq,
-        1,
-        route,
-        None,
-        topic,
-        options,
-        payload,
-    );
-    event_link_message(shared, body, options)
-}
-
 /// Queues an event's copy for a child that is not connected, without waiting for room: when its
 /// queue or the spool is full, the copy is left to the publisher's repair.
 async fn relay_to_absent(shared: &Arc<Shared>, event: &Event, absent: &Hop) {
@@ -994,32 +969,15 @@ async fn take_event(
         chains.accept(origin, incarnation, seq, prev, event)
     };
     match accepted {
+        Accepted::Next(event) => {
+            deliver_event(shared, streams, targets, event, Some(settling)).await;
+        }
         Accepted::Deliver(events) => {
             let mut settling = Some(settling);
             for event in events {
-                metrics.events_received.fetch_add(1, Ordering::Relaxed);
-                let stream = streams.get(shared, event.origin, event.incarnation);
-                let mut message = event_message_in(
-                    event.origin,
-                    stream,
-                    event.seq,
-                    &event.topic,
-                    event.payload,
-                    streams.now_unix_ms,
-                );
                 // The first is the event in hand; the others were held, and their link
                 // messages settled when they arrived.
-                let settler = settling.take();
-                let now = streams.now_unix_ms;
-                if !dress(shared, &mut message, event.options.as_deref(), now) {
-                    continue; // dropped: its link message settles with the batch
-                }
-                if event.durable.is_empty() {
-                    let targets = targets.get(shared, &event.topic);
-                    hand_to(shared, targets, message, settler).await;
-                } else {
-                    deliver_locally(shared, &event.topic, message, &event.durable, settler).await;
-                }
+                deliver_event(shared, streams, targets, event, settling.take()).await;
             }
         }
         Accepted::Held => {
@@ -1029,6 +987,39 @@ async fn take_event(
         Accepted::Dropped => {
             debug!(publisher = %origin.short(), seq, "hold full: event dropped, its publisher repairs it");
         }
+    }
+}
+
+/// Hands an event its chain released to the local subscriptions (the matching ones, and the
+/// durable ones it names); `settler`: the settlement of its link message, for the event in hand.
+async fn deliver_event(
+    shared: &Arc<Shared>,
+    streams: &mut Streams,
+    targets: &mut Targets,
+    event: Event,
+    settler: Option<&mut Settling<'_>>,
+) {
+    shared
+        .metrics
+        .events_received
+        .fetch_add(1, Ordering::Relaxed);
+    let stream = streams.get(shared, event.origin, event.incarnation);
+    let mut message = event_message_in(
+        event.origin,
+        stream,
+        event.seq,
+        &event.topic,
+        event.payload,
+        streams.now_unix_ms,
+    );
+    if !dress(shared, &mut message, event.options.as_deref(), streams.now_unix_ms) {
+        return; // dropped: its link message settles with the batch
+    }
+    if event.durable.is_empty() {
+        let targets = targets.get(shared, &event.topic);
+        hand_to(shared, targets, message, settler).await;
+    } else {
+        deliver_locally(shared, &event.topic, message, &event.durable, settler).await;
     }
 }
 
@@ -1392,7 +1383,7 @@ pub(crate) async fn publish(
     for repair in fanout.repairs {
         send_repair(shared, repair, true).await;
     }
-    let addressed: usize = fanout.routes.iter().map(Vec::len).sum::<usize>() + fanout.direct.len();
+    let addressed: usize = fanout.routes.hops().len() + fanout.direct.len();
     let mut receipts = Vec::with_capacity(fanout.routes.len() + fanout.direct.len());
     let sent = |result: Result<Receipt, SendError>,
                 peer: NodeId,
@@ -1427,9 +1418,18 @@ pub(crate) async fn publish(
         let result = send_direct(shared, &event).await;
         sent(result, hop.node, &mut receipts)?;
     }
-    for route in fanout.routes {
+    let copies = gossip::encode_routes(
+        &shared.id,
+        shared.epoch,
+        fanout.seq,
+        &fanout.routes,
+        &topic,
+        options,
+        &payload,
+    );
+    for (route, body) in fanout.routes.iter().zip(copies) {
         let peer = route[0].node;
-        let outgoing = tree_event_message(shared, fanout.seq, &route, &topic, options, &payload);
+        let outgoing = event_link_message(shared, body, options);
         let result = match shared.sender(peer) {
             Ok(sender) => sender.send_message(outgoing).await,
             Err(error) => Err(error),
@@ -1529,16 +1529,18 @@ pub(crate) async fn publish_batch(
                         now,
                     );
                     debug_assert!(fanout.direct.is_empty() && fanout.repairs.is_empty());
-                    for route in &fanout.routes {
+                    let copies = gossip::encode_routes(
+                        &shared.id,
+                        shared.epoch,
+                        fanout.seq,
+                        &fanout.routes,
+                        &topic,
+                        event_options,
+                        &payload,
+                    );
+                    for (route, body) in fanout.routes.iter().zip(copies) {
                         relayed += route.len() - 1;
-                        let message = tree_event_message(
-                            shared,
-                            fanout.seq,
-                            route,
-                            &topic,
-                            event_options,
-                            &payload,
-                        );
+                        let message = event_link_message(shared, body, event_options);
                         runs.entry(route[0].node).or_default().push(message);
                     }
                     if here {
