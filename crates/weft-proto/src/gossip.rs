@@ -352,7 +352,7 @@ pub fn encode_parts(
     payload: &[u8],
 ) -> Bytes {
     let parts = Parts {
-        sender,
+        with_origin: origin != sender,
         origin,
         incarnation,
         seq,
@@ -371,8 +371,10 @@ pub fn encode_parts(
     Bytes::from(body)
 }
 
-/// [`encode_parts`] for a publisher's own event, once per route: every copy in one allocation
-/// (the copies differ only in their routes), in the order of `routes`.
+/// [`encode_parts`] for a publisher's own event, once per route, in the order of `routes`.
+/// Each copy is an allocation of its own, of its exact length: slices of one shared buffer
+/// were tried and cost more (a shared `Bytes` pays an atomic count on every clone and drop,
+/// an owned one only its free).
 pub fn encode_routes(
     origin: &NodeId,
     incarnation: u64,
@@ -383,7 +385,7 @@ pub fn encode_routes(
     payload: &[u8],
 ) -> Vec<Bytes> {
     let parts = Parts {
-        sender: origin,
+        with_origin: false,
         origin,
         incarnation,
         seq,
@@ -393,28 +395,22 @@ pub fn encode_routes(
         options: options.filter(|o| !o.is_empty()),
         payload,
     };
-    let len: usize = routes.iter().map(|route| parts.len(route)).sum();
-    let mut all = Vec::with_capacity(len);
-    let mut ends = Vec::with_capacity(routes.len());
-    for route in routes.iter() {
-        parts.write(&mut all, route);
-        ends.push(all.len());
-    }
-    debug_assert_eq!(all.len(), len);
-    let all = Bytes::from(all);
-    let mut start = 0;
-    ends.into_iter()
-        .map(|end| {
-            let copy = all.slice(start..end);
-            start = end;
-            copy
+    routes
+        .iter()
+        .map(|route| {
+            let len = parts.len(route);
+            let mut body = Vec::with_capacity(len);
+            parts.write(&mut body, route);
+            debug_assert_eq!(body.len(), len);
+            Bytes::from(body)
         })
         .collect()
 }
 
 /// An event's fields but its route, as [`encode_parts`] writes them.
 struct Parts<'a> {
-    sender: &'a NodeId,
+    /// The origin is not the node writing the copy: it travels too.
+    with_origin: bool,
     origin: &'a NodeId,
     incarnation: u64,
     seq: u64,
@@ -429,11 +425,8 @@ impl Parts<'_> {
     /// The encoded length with `route`.
     fn len(&self, route: &[Hop]) -> usize {
         let durable = self.direct.unwrap_or_default();
-        1 + if self.origin != self.sender {
-            NODE_ID_LEN
-        } else {
-            0
-        } + varint_len(self.incarnation)
+        1 + if self.with_origin { NODE_ID_LEN } else { 0 }
+            + varint_len(self.incarnation)
             + varint_len(self.seq)
             + 1
             + varint_len(route.len() as u64)
@@ -460,7 +453,7 @@ impl Parts<'_> {
         debug_assert!(route.len() <= ROUTE_MAX);
         let durable = self.direct.unwrap_or_default();
         debug_assert!(durable.len() <= DURABLE_NAMES_MAX);
-        let with_origin = self.origin != self.sender;
+        let with_origin = self.with_origin;
         let mut flags = if with_origin { FLAG_ORIGIN } else { 0 };
         if self.direct.is_some() {
             flags |= FLAG_DIRECT;

@@ -418,10 +418,7 @@ fn repairs_and_confirms_come_in_node_id_order() {
 
     let mut chains = Chains::new(4, 128);
     for n in nodes {
-        assert_eq!(
-            chains.accept(node(n), 1, 1, 0, n),
-            Accepted::Next(n)
-        );
+        assert_eq!(chains.accept(node(n), 1, 1, 0, n), Accepted::Next(n));
     }
     let confirmed: Vec<NodeId> = chains.take_confirms().iter().map(|c| c.0).collect();
     let mut sorted = confirmed.clone();
@@ -464,29 +461,14 @@ fn a_full_hold_drops_and_a_chain_restart_is_followed() {
 #[test]
 fn the_least_recently_used_chain_is_forgotten_at_the_bound() {
     let mut chains = Chains::new(2, 2);
-    assert_eq!(
-        chains.accept(node(1), 1, 1, 0, ()),
-        Accepted::Next(())
-    );
-    assert_eq!(
-        chains.accept(node(2), 1, 1, 0, ()),
-        Accepted::Next(())
-    );
-    assert_eq!(
-        chains.accept(node(1), 1, 2, 1, ()),
-        Accepted::Next(())
-    );
-    assert_eq!(
-        chains.accept(node(3), 1, 1, 0, ()),
-        Accepted::Next(())
-    );
+    assert_eq!(chains.accept(node(1), 1, 1, 0, ()), Accepted::Next(()));
+    assert_eq!(chains.accept(node(2), 1, 1, 0, ()), Accepted::Next(()));
+    assert_eq!(chains.accept(node(1), 1, 2, 1, ()), Accepted::Next(()));
+    assert_eq!(chains.accept(node(3), 1, 1, 0, ()), Accepted::Next(()));
     // Node 2's chain was forgotten: its next event waits for a predecessor it never sees.
     // (Taking it up again forgot node 1's, now the least recently used; node 3's remains.)
     assert_eq!(chains.accept(node(2), 1, 2, 1, ()), Accepted::Held);
-    assert_eq!(
-        chains.accept(node(3), 1, 2, 1, ()),
-        Accepted::Next(())
-    );
+    assert_eq!(chains.accept(node(3), 1, 2, 1, ()), Accepted::Next(()));
 }
 
 /// The subscribers of the random test below: their chains, and what each delivered.

@@ -72,7 +72,7 @@ mod link_tests;
 mod peer_tests;
 
 pub use channel::Channel;
-pub use frame::{Frame, FrameDecoder, FrameEncoder, FrameError, Limits};
+pub use frame::{DataContext, Frame, FrameDecoder, FrameEncoder, FrameError, Limits};
 pub use id::{MessageId, NodeId, StreamId};
 pub use link::{Link, LinkConfig, LinkError, LinkEvent, OutgoingMessage};
 pub use message::{Header, HeaderError, Kind, Lane, Message, Options, Priority};

@@ -29,7 +29,7 @@ use std::num::NonZeroU64;
 
 use bytes::{Bytes, BytesMut};
 
-use crate::frame::{DataFields, DataFrame, EncodeError, Frame, FrameEncoder, Limits};
+use crate::frame::{DataContext, DataFields, DataFrame, EncodeError, Frame, FrameEncoder, Limits};
 use crate::id::{MessageId, NodeId, StreamId};
 use crate::message::{Header, Kind, Lane, Message, Options, Priority};
 
@@ -438,6 +438,9 @@ pub struct Link {
     lane: Lane,
     config: LinkConfig,
     encoder: FrameEncoder,
+    /// The last data frame written on the current connection's stream (a run on one channel
+    /// sends its header once, see [`DataContext`]); forgotten with the connection.
+    sent_data: DataContext,
     // -- outbound --
     epoch: u64,
     stream: StreamId,
@@ -493,6 +496,7 @@ impl Link {
     ) -> Self {
         Self {
             encoder: FrameEncoder::new(config.limits),
+            sent_data: DataContext::new(),
             stream: StreamId::lane(&local, &peer, epoch, lane),
             local,
             peer,
@@ -805,6 +809,7 @@ impl Link {
     /// A (new) connection to the peer is established and its hello exchange is done.
     pub fn connected(&mut self) {
         self.connected = true;
+        self.sent_data.reset();
         self.resume_due = true;
         self.peer_resumed = false;
         #[cfg(feature = "fault-injection")]
@@ -823,6 +828,7 @@ impl Link {
     /// The connection is gone. Everything unacknowledged stays queued for the next one.
     pub fn disconnected(&mut self) {
         self.connected = false;
+        self.sent_data.reset();
         self.resume_due = false;
         self.stats.volatile_dropped += self.volatile.len() as u64;
         self.volatile.clear();
@@ -1046,7 +1052,15 @@ impl Link {
             let Some(message) = self.volatile.pop_front() else {
                 break;
             };
-            chunked += encode_data(&self.encoder, buf, chunks.as_deref_mut(), 0, 1, &message);
+            chunked += encode_data(
+                &self.encoder,
+                &mut self.sent_data,
+                buf,
+                chunks.as_deref_mut(),
+                0,
+                1,
+                &message,
+            );
             self.stats.volatile_sent += 1;
         }
         while buf.len() + chunked < max_bytes && self.window_open() {
@@ -1067,6 +1081,7 @@ impl Link {
             let message = &entry.message;
             chunked += encode_data(
                 &self.encoder,
+                &mut self.sent_data,
                 buf,
                 chunks.as_deref_mut(),
                 entry.seq,
@@ -1137,6 +1152,7 @@ pub const SEPARATE_BODY_BYTES: usize = 16 * 1024;
 /// the bytes moved to `chunks`.
 fn encode_data(
     encoder: &FrameEncoder,
+    context: &mut DataContext,
     buf: &mut BytesMut,
     chunks: Option<&mut VecDeque<Bytes>>,
     seq: u64,
@@ -1155,16 +1171,16 @@ fn encode_data(
     let body = &message.body;
     // `push` checked the message against the limits with an upper bound of its encoded size.
     let encoded = match chunks {
-        Some(chunks) if body.len() >= SEPARATE_BODY_BYTES => {
-            encoder.data_header(buf, fields, body.len()).map(|()| {
+        Some(chunks) if body.len() >= SEPARATE_BODY_BYTES => encoder
+            .data_header_in(context, buf, fields, body.len())
+            .map(|()| {
                 let head = buf.split().freeze();
                 let moved = head.len() + body.len();
                 chunks.push_back(head);
                 chunks.push_back(body.clone());
                 moved
-            })
-        }
-        _ => encoder.data(buf, fields, body).map(|()| 0),
+            }),
+        _ => encoder.data_in(context, buf, fields, body).map(|()| 0),
     };
     match encoded {
         Ok(moved) => moved,

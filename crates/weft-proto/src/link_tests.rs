@@ -7,7 +7,7 @@ use std::collections::VecDeque;
 use bytes::{Bytes, BytesMut};
 
 use crate::backoff::SplitMix64;
-use crate::frame::{FrameDecoder, Limits};
+use crate::frame::{DataContext, FrameDecoder, Limits};
 use crate::id::NodeId;
 use crate::link::{Link, LinkConfig, LinkEvent, OutgoingMessage};
 
@@ -16,6 +16,8 @@ struct Side {
     decoder: FrameDecoder,
     /// Bytes received but not yet decoded (belongs to the current connection).
     rx: BytesMut,
+    /// The current connection's stream context.
+    rx_data: DataContext,
     delivered: Vec<Bytes>,
     acked_up_to: u64,
     pushed: u64,
@@ -32,6 +34,7 @@ impl Side {
             decoder: FrameDecoder::new(Limits::default()),
             link: Link::new(local, peer, 77, config.clone()),
             rx: BytesMut::new(),
+            rx_data: DataContext::new(),
             delivered: Vec::new(),
             acked_up_to: 0,
             pushed: 0,
@@ -43,7 +46,11 @@ impl Side {
 
     fn receive(&mut self, bytes: &[u8]) {
         self.rx.extend_from_slice(bytes);
-        while let Some(frame) = self.decoder.decode(&mut self.rx).expect("valid frames") {
+        while let Some(frame) = self
+            .decoder
+            .decode_in(&mut self.rx_data, &mut self.rx)
+            .expect("valid frames")
+        {
             self.link.handle_frame(frame).expect("no protocol error");
             while let Some(message) = self.link.pop_delivery() {
                 let seq = message.header.id.seq;
@@ -129,6 +136,8 @@ impl Pair {
         self.b_to_a.clear();
         self.a.rx.clear();
         self.b.rx.clear();
+        self.a.rx_data.reset();
+        self.b.rx_data.reset();
         self.a.link.disconnected();
         self.b.link.disconnected();
         self.a.link.connected();
@@ -305,8 +314,9 @@ fn a_gap_is_a_protocol_error() {
     let mut buf = BytesMut::new();
     sender.poll_transmit(&mut buf, usize::MAX);
     let decoder = FrameDecoder::new(Limits::default());
+    let mut context = DataContext::new();
     let mut frames = Vec::new();
-    while let Some(f) = decoder.decode(&mut buf).unwrap() {
+    while let Some(f) = decoder.decode_in(&mut context, &mut buf).unwrap() {
         frames.push(f);
     }
     // frames: Resume, Data 1, Data 2. Skip data 1.
@@ -419,19 +429,20 @@ fn restored_streams_continue_where_they_left_off() {
     sender.connected();
     receiver.connected();
     let decoder = FrameDecoder::new(Limits::default());
+    let (mut fwd, mut back) = (DataContext::new(), DataContext::new());
     let mut delivered = Vec::new();
     for _ in 0..4 {
         let mut buf = BytesMut::new();
         sender.poll_transmit(&mut buf, usize::MAX);
-        while let Some(frame) = decoder.decode(&mut buf).unwrap() {
+        while let Some(frame) = decoder.decode_in(&mut fwd, &mut buf).unwrap() {
             receiver.handle_frame(frame).unwrap();
             while let Some(message) = receiver.pop_delivery() {
                 delivered.push(message.header.id.seq);
             }
         }
-        let mut back = BytesMut::new();
-        receiver.poll_transmit(&mut back, usize::MAX);
-        while let Some(frame) = decoder.decode(&mut back).unwrap() {
+        let mut back_bytes = BytesMut::new();
+        receiver.poll_transmit(&mut back_bytes, usize::MAX);
+        while let Some(frame) = decoder.decode_in(&mut back, &mut back_bytes).unwrap() {
             sender.handle_frame(frame).unwrap();
         }
     }
@@ -444,13 +455,14 @@ fn restored_streams_continue_where_they_left_off() {
         .is_err());
 }
 
-/// Moves everything `from` has to send into `to`, returning what `to` delivered (seq, body).
-fn pump(from: &mut Link, to: &mut Link) -> Vec<(u64, Bytes)> {
+/// Moves everything `from` has to send into `to` (`context`: the direction's stream context),
+/// returning what `to` delivered (seq, body).
+fn pump(from: &mut Link, to: &mut Link, context: &mut DataContext) -> Vec<(u64, Bytes)> {
     let decoder = FrameDecoder::new(Limits::default());
     let mut buf = BytesMut::new();
     from.poll_transmit(&mut buf, usize::MAX);
     let mut delivered = Vec::new();
-    while let Some(frame) = decoder.decode(&mut buf).unwrap() {
+    while let Some(frame) = decoder.decode_in(context, &mut buf).unwrap() {
         to.handle_frame(frame).unwrap();
         while let Some(message) = to.pop_delivery() {
             delivered.push((message.header.id.seq, message.body));
@@ -465,6 +477,8 @@ fn volatile_messages_go_ahead_of_data_unsequenced_and_die_with_the_connection() 
     let b = NodeId::from_bytes([2; 32]);
     let mut sender = Link::new(a, b, 1, LinkConfig::default());
     let mut receiver = Link::new(b, a, 1, LinkConfig::default());
+    // Each direction's stream context, new with each connection.
+    let (mut fwd, mut back) = (DataContext::new(), DataContext::new());
     let message = |body: &'static str| OutgoingMessage::command("c", Bytes::from(body), 0);
     assert_eq!(
         sender.push_volatile(message("early")),
@@ -475,10 +489,10 @@ fn volatile_messages_go_ahead_of_data_unsequenced_and_die_with_the_connection() 
     sender.connected();
     receiver.connected();
     // The peer's resume must arrive before data is sent.
-    pump(&mut receiver, &mut sender);
+    pump(&mut receiver, &mut sender, &mut back);
     sender.push_volatile(message("v1")).unwrap();
     sender.push(message("d2")).unwrap();
-    let delivered = pump(&mut sender, &mut receiver);
+    let delivered = pump(&mut sender, &mut receiver, &mut fwd);
     let order: Vec<_> = delivered
         .iter()
         .map(|(seq, body)| (*seq, body.clone()))
@@ -491,7 +505,7 @@ fn volatile_messages_go_ahead_of_data_unsequenced_and_die_with_the_connection() 
             (2, Bytes::from("d2"))
         ]
     );
-    pump(&mut receiver, &mut sender);
+    pump(&mut receiver, &mut sender, &mut back);
     assert_eq!(
         sender.acked_up_to(),
         2,
@@ -503,11 +517,13 @@ fn volatile_messages_go_ahead_of_data_unsequenced_and_die_with_the_connection() 
     sender.push_volatile(message("v2")).unwrap();
     sender.disconnected();
     receiver.disconnected();
+    fwd.reset();
+    back.reset();
     assert_eq!(sender.stats().volatile_dropped, 2);
     sender.connected();
     receiver.connected();
-    pump(&mut receiver, &mut sender);
-    assert!(pump(&mut sender, &mut receiver).is_empty());
+    pump(&mut receiver, &mut sender, &mut back);
+    assert!(pump(&mut sender, &mut receiver, &mut fwd).is_empty());
 }
 
 #[test]
@@ -538,6 +554,8 @@ fn withdrawn_messages_are_skipped_by_the_peer() {
     let b = NodeId::from_bytes([2; 32]);
     let mut sender = Link::new(a, b, 1, LinkConfig::default());
     let mut receiver = Link::new(b, a, 1, LinkConfig::default());
+    // Each direction's stream context, new with each connection.
+    let (mut fwd, mut back) = (DataContext::new(), DataContext::new());
     for (channel, body) in [
         ("work", "w1"),
         ("keep", "k2"),
@@ -555,30 +573,32 @@ fn withdrawn_messages_are_skipped_by_the_peer() {
     sender.hold_for_withdrawal(1);
     sender.connected();
     receiver.connected();
-    pump(&mut receiver, &mut sender);
+    pump(&mut receiver, &mut sender, &mut back);
     // Held: the peer is not told to skip yet, nothing goes out (across a reconnect too).
-    assert_eq!(pump(&mut sender, &mut receiver), vec![]);
+    assert_eq!(pump(&mut sender, &mut receiver, &mut fwd), vec![]);
     sender.disconnected();
     receiver.disconnected();
+    fwd.reset();
+    back.reset();
     sender.connected();
     receiver.connected();
-    pump(&mut receiver, &mut sender);
-    assert_eq!(pump(&mut sender, &mut receiver), vec![]);
+    pump(&mut receiver, &mut sender, &mut back);
+    assert_eq!(pump(&mut sender, &mut receiver, &mut fwd), vec![]);
     assert_eq!(receiver.inbound().map(|s| s.1), Some(0), "no skip yet");
     sender.settle_withdrawal();
-    let delivered = pump(&mut sender, &mut receiver);
+    let delivered = pump(&mut sender, &mut receiver, &mut fwd);
     assert_eq!(
         delivered,
         vec![(2, Bytes::from("k2")), (4, Bytes::from("k4"))],
         "the gaps are skipped, not waited for"
     );
-    pump(&mut receiver, &mut sender);
+    pump(&mut receiver, &mut sender, &mut back);
     assert_eq!(sender.queued_messages(), 0);
     // Nothing in flight on a live connection is taken back.
     sender
         .push(OutgoingMessage::command("work", Bytes::from("w5"), 0))
         .unwrap();
-    pump(&mut sender, &mut receiver);
+    pump(&mut sender, &mut receiver, &mut fwd);
     assert!(sender.withdraw(|_| true).is_empty());
 }
 

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 
 use crate::backoff::SplitMix64;
-use crate::frame::{FrameDecoder, Limits};
+use crate::frame::{DataContext, FrameDecoder, Limits};
 use crate::link::{GiveUp, LinkConfig, OutgoingMessage};
 use crate::peer::{
     Admit, ExpiryTimer, GateOutput, NewConnection, PeerConfig, PeerEvent, Refusal, Watermark,
@@ -125,6 +125,8 @@ struct End {
     decoder: FrameDecoder,
     /// Per lane: bytes of the current connection's stream not decoded yet.
     rx: [BytesMut; 3],
+    /// Per lane: the current connection's stream context.
+    rx_data: [DataContext; 3],
     /// Per lane: the numbers of the messages the application took, in order (what it did
     /// survives its crashes: an effect outside the node).
     delivered: [Vec<u64>; 3],
@@ -219,6 +221,7 @@ impl Pair {
             drops_connections: false,
             decoder: FrameDecoder::new(Limits::default()),
             rx: Default::default(),
+            rx_data: Default::default(),
             delivered: Default::default(),
             pushed: [0; 3],
             unsettled: Default::default(),
@@ -406,6 +409,7 @@ impl Pair {
                 if end.alive && end.current == Some(conn) {
                     end.current = None;
                     end.rx = Default::default();
+                    end.rx_data = Default::default();
                     end.session.handle_connection_lost(now, goodbye);
                     self.process(side);
                 }
@@ -439,8 +443,9 @@ impl Pair {
                 end.rx[lane.index()].extend_from_slice(&bytes);
                 loop {
                     let end = self.end(to);
-                    let rx = &mut end.rx[lane.index()];
-                    let Some(frame) = end.decoder.decode(rx).expect("valid frames") else {
+                    let (rx, context) = (&mut end.rx[lane.index()], &mut end.rx_data[lane.index()]);
+                    let Some(frame) = end.decoder.decode_in(context, rx).expect("valid frames")
+                    else {
                         break;
                     };
                     end.session
@@ -547,6 +552,7 @@ impl Pair {
                 let old = end.current.replace(conn);
                 // Every lane moves to the new connection (off the replaced one, if any).
                 end.rx = Default::default();
+                end.rx_data = Default::default();
                 if replaced.is_some() {
                     let old = old.expect("replaced a connection in use");
                     self.close(old, false);
@@ -645,6 +651,7 @@ impl Pair {
             }
             end.session = fresh;
             end.rx = Default::default();
+            end.rx_data = Default::default();
             end.unsettled = Default::default();
             end.up_balance = 0;
             end.rounds.clear();

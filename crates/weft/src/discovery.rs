@@ -526,7 +526,7 @@ mod tests {
     use super::*;
 
     /// This build's protocol versions as a TXT record states them.
-    const VERSIONS: &str = "3-3";
+    const VERSIONS: &str = "4-4";
 
     fn id(byte: u8) -> NodeId {
         NodeId::from_bytes([byte; 32])

@@ -41,7 +41,8 @@ use weft_proto::peer::{Admit, NewConnection, PeerConfig, PeerEvent as Lifecycle,
 use weft_proto::session::{Session, SessionConfig, SessionEvent};
 use weft_proto::spooled::Watermark;
 use weft_proto::{
-    Channel, Frame, FrameDecoder, FrameError, Lane, Link, LinkConfig, Message, MessageId, NodeId,
+    Channel, DataContext, Frame, FrameDecoder, FrameError, Lane, Link, LinkConfig, Message,
+    MessageId, NodeId,
 };
 
 use crate::config::{NodeConfig, WallClock};
@@ -97,6 +98,8 @@ struct Stream {
     rx_chunk: Bytes,
     /// A frame that straddles chunks, being reassembled (empty most of the time).
     rx: BytesMut,
+    /// The last data frame read from the stream, which a continuation repeats.
+    rx_data: DataContext,
     /// Where batches are encoded; each batch is split off, so one allocation serves several.
     tx_buf: BytesMut,
     /// Frames read while a delivery was parked, waiting in order behind it.
@@ -114,6 +117,7 @@ impl Stream {
             send,
             finished: false,
             rx_chunk: Bytes::new(),
+            rx_data: DataContext::new(),
             rx: leftover,
             tx_buf: BytesMut::new(),
             held: VecDeque::new(),
@@ -1507,7 +1511,7 @@ fn next_frame(decoder: &FrameDecoder, conn: &mut Stream) -> Result<Option<Frame>
             let take = total.saturating_sub(conn.rx.len()).min(conn.rx_chunk.len());
             conn.rx.extend_from_slice(&conn.rx_chunk.split_to(take));
         }
-        let frame = decoder.decode(&mut conn.rx)?;
+        let frame = decoder.decode_in(&mut conn.rx_data, &mut conn.rx)?;
         if frame.is_none() {
             debug_assert!(conn.rx_chunk.is_empty());
         }
@@ -1515,7 +1519,7 @@ fn next_frame(decoder: &FrameDecoder, conn: &mut Stream) -> Result<Option<Frame>
     }
     // (`decode_bytes` checks the length prefix first: an oversized frame is refused here, before
     // anything is buffered for it.)
-    if let Some(frame) = decoder.decode_bytes(&mut conn.rx_chunk)? {
+    if let Some(frame) = decoder.decode_bytes_in(&mut conn.rx_data, &mut conn.rx_chunk)? {
         return Ok(Some(frame));
     }
     conn.rx.extend_from_slice(&conn.rx_chunk);

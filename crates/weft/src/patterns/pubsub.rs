@@ -1012,7 +1012,12 @@ async fn deliver_event(
         event.payload,
         streams.now_unix_ms,
     );
-    if !dress(shared, &mut message, event.options.as_deref(), streams.now_unix_ms) {
+    if !dress(
+        shared,
+        &mut message,
+        event.options.as_deref(),
+        streams.now_unix_ms,
+    ) {
         return; // dropped: its link message settles with the batch
     }
     if event.durable.is_empty() {
