@@ -842,6 +842,11 @@ impl SubscriberChain {
     fn has_settled(&self, seq: u64) -> bool {
         seq < self.floor || seq <= self.settled()
     }
+
+    /// The highest seq up to which [`SubscriberChain::has_settled`] holds for every seq.
+    fn settled_through(&self) -> u64 {
+        self.settled().max(self.floor.saturating_sub(1))
+    }
 }
 
 /// An event kept for repair.
@@ -1153,12 +1158,22 @@ impl Publisher {
     /// Drops retained events that every addressee settled.
     fn trim(&mut self) -> bool {
         let before = self.retained.len();
+        // Every chain settled everything up to here: events up to it go without looking up
+        // each of their addressees (one pass over the chains per trim, not one lookup per
+        // addressee per event).
+        let all_settled = self
+            .chains
+            .values()
+            .map(SubscriberChain::settled_through)
+            .min()
+            .unwrap_or(u64::MAX);
         while let Some(front) = self.retained.front() {
-            let settled = front.addressees.iter().all(|hop| {
-                self.chains
-                    .get(&hop.node)
-                    .is_none_or(|chain| chain.has_settled(front.seq))
-            });
+            let settled = front.seq <= all_settled
+                || front.addressees.iter().all(|hop| {
+                    self.chains
+                        .get(&hop.node)
+                        .is_none_or(|chain| chain.has_settled(front.seq))
+                });
             if !settled {
                 break;
             }
