@@ -246,8 +246,9 @@ pub enum EncodeError {
 /// One direction of one stream's memory of its last data frame, so that a run of messages on
 /// one channel sends each header once: a data frame whose fields but seq, creation time and
 /// body repeat the one before (seq one more, same kind, channel, priority and attempt, no
-/// options, created no earlier) travels as a `TAG_DATA_NEXT` frame of 2 bytes plus the body,
-/// instead of about 25 plus the channel name. The sender's and the receiver's contexts see the
+/// options, created no earlier) travels as a `TAG_DATA_NEXT` frame: after the length prefix,
+/// its tag and the creation time's advance (2 bytes, usually) and the body, instead of about 19
+/// bytes plus the channel name. The sender's and the receiver's contexts see the
 /// same frames in the same order, so they agree; each starts empty with its stream, and a
 /// continuation without a data frame before it on the stream is malformed.
 #[derive(Clone, Debug, Default)]
