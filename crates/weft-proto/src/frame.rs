@@ -915,8 +915,26 @@ impl FrameDecoder {
     }
 
     /// Takes the next whole frame off the front of `buf`, or returns `None` if it is not all there yet
-    /// (having reserved room for it, which phase one bounded).
+    /// (having reserved room for it, which phase one bounded). Without a stream context: a
+    /// continuation is malformed (see [`FrameDecoder::decode_in`]).
     pub fn decode(&self, buf: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
+        self.take(buf)?.map(decode_payload).transpose()
+    }
+
+    /// [`FrameDecoder::decode`] on a stream with `context`, which continuations (see
+    /// [`DataContext`]) need.
+    pub fn decode_in(
+        &self,
+        context: &mut DataContext,
+        buf: &mut BytesMut,
+    ) -> Result<Option<Frame>, FrameError> {
+        self.take(buf)?
+            .map(|frame| decode_in(context, frame))
+            .transpose()
+    }
+
+    /// The next whole frame's payload (tag on), split off `buf`.
+    fn take(&self, buf: &mut BytesMut) -> Result<Option<Bytes>, FrameError> {
         let Some(total) = self.frame_len(buf)? else {
             return Ok(None);
         };
@@ -926,7 +944,7 @@ impl FrameDecoder {
         }
         let mut frame = buf.split_to(total).freeze();
         frame.advance(LENGTH_PREFIX_BYTES);
-        decode_payload(frame).map(Some)
+        Ok(Some(frame))
     }
 }
 
@@ -935,15 +953,7 @@ impl FrameDecoder {
     /// without copying it: the frame (and the body sliced from it) shares the chunk's buffer.
     /// Returns `None`, leaving `buf` untouched, if the chunk does not hold the whole frame.
     pub fn decode_bytes(&self, buf: &mut Bytes) -> Result<Option<Frame>, FrameError> {
-        let Some(total) = self.frame_len(buf)? else {
-            return Ok(None);
-        };
-        if buf.len() < total {
-            return Ok(None);
-        }
-        let mut frame = buf.split_to(total);
-        frame.advance(LENGTH_PREFIX_BYTES);
-        decode_payload(frame).map(Some)
+        self.take_bytes(buf)?.map(decode_payload).transpose()
     }
 
     /// [`FrameDecoder::decode_bytes`] on a stream with `context`, which continuations
@@ -953,6 +963,13 @@ impl FrameDecoder {
         context: &mut DataContext,
         buf: &mut Bytes,
     ) -> Result<Option<Frame>, FrameError> {
+        self.take_bytes(buf)?
+            .map(|frame| decode_in(context, frame))
+            .transpose()
+    }
+
+    /// [`FrameDecoder::take`] from a received chunk, without copying.
+    fn take_bytes(&self, buf: &mut Bytes) -> Result<Option<Bytes>, FrameError> {
         let Some(total) = self.frame_len(buf)? else {
             return Ok(None);
         };
@@ -961,25 +978,7 @@ impl FrameDecoder {
         }
         let mut frame = buf.split_to(total);
         frame.advance(LENGTH_PREFIX_BYTES);
-        decode_in(context, frame).map(Some)
-    }
-
-    /// [`FrameDecoder::decode`] on a stream with `context`.
-    pub fn decode_in(
-        &self,
-        context: &mut DataContext,
-        buf: &mut BytesMut,
-    ) -> Result<Option<Frame>, FrameError> {
-        let Some(total) = self.frame_len(buf)? else {
-            return Ok(None);
-        };
-        if buf.len() < total {
-            buf.reserve(total - buf.len());
-            return Ok(None);
-        }
-        let mut frame = buf.split_to(total).freeze();
-        frame.advance(LENGTH_PREFIX_BYTES);
-        decode_in(context, frame).map(Some)
+        Ok(Some(frame))
     }
 }
 

@@ -872,6 +872,31 @@ async fn send_event(
     shared.sender(to)?.send_message(outgoing).await
 }
 
+/// The link messages of a publisher's own event on its way down its trees, one per route
+/// (headed by the node it goes to; the rest is that node's subtree).
+fn tree_messages<'a>(
+    shared: &'a Shared,
+    seq: u64,
+    routes: &'a gossip::Routes,
+    topic: &Topic,
+    options: Option<&'a EventOptions>,
+    payload: &Bytes,
+) -> impl Iterator<Item = (&'a [Hop], OutgoingMessage)> + 'a {
+    let copies = gossip::encode_routes(
+        &shared.id,
+        shared.epoch,
+        seq,
+        routes,
+        topic,
+        options,
+        payload,
+    );
+    routes
+        .iter()
+        .zip(copies)
+        .map(move |(route, body)| (route, event_link_message(shared, body, options)))
+}
+
 /// Queues an event's copy for a child that is not connected, without waiting for room: when its
 /// queue or the spool is full, the copy is left to the publisher's repair.
 async fn relay_to_absent(shared: &Arc<Shared>, event: &Event, absent: &Hop) {
@@ -1423,18 +1448,15 @@ pub(crate) async fn publish(
         let result = send_direct(shared, &event).await;
         sent(result, hop.node, &mut receipts)?;
     }
-    let copies = gossip::encode_routes(
-        &shared.id,
-        shared.epoch,
+    for (route, outgoing) in tree_messages(
+        shared,
         fanout.seq,
         &fanout.routes,
         &topic,
         options,
         &payload,
-    );
-    for (route, body) in fanout.routes.iter().zip(copies) {
+    ) {
         let peer = route[0].node;
-        let outgoing = event_link_message(shared, body, options);
         let result = match shared.sender(peer) {
             Ok(sender) => sender.send_message(outgoing).await,
             Err(error) => Err(error),
@@ -1534,18 +1556,15 @@ pub(crate) async fn publish_batch(
                         now,
                     );
                     debug_assert!(fanout.direct.is_empty() && fanout.repairs.is_empty());
-                    let copies = gossip::encode_routes(
-                        &shared.id,
-                        shared.epoch,
+                    for (route, message) in tree_messages(
+                        shared,
                         fanout.seq,
                         &fanout.routes,
                         &topic,
                         event_options,
                         &payload,
-                    );
-                    for (route, body) in fanout.routes.iter().zip(copies) {
+                    ) {
                         relayed += route.len() - 1;
-                        let message = event_link_message(shared, body, event_options);
                         runs.entry(route[0].node).or_default().push(message);
                     }
                     if here {
