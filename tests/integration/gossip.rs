@@ -191,3 +191,36 @@ async fn a_subscriber_no_relay_can_reach_is_repaired_by_its_publisher() {
     }
     assert!(extra.is_empty(), "extra events at {extra:?}");
 }
+
+/// Events published faster than the link takes them travel in runs (one link message for many
+/// events to a hop): far fewer link messages than events reach the subscriber, and every event
+/// still arrives once, in order. Without runs each event would be a link message of its own.
+#[tokio::test]
+async fn a_burst_of_events_travels_in_runs_and_arrives_once_in_order() {
+    const EVENTS: u64 = 3_000;
+    let publisher = node_with("runs", |_| {}).await;
+    let subscriber = node_with("runs", |_| {}).await;
+    connect_all(&[&publisher, &subscriber]).await;
+    let mut subscription = within("subscribe", subscriber.subscribe("burst/**"))
+        .await
+        .unwrap();
+    within("subscriber", publisher.wait_for_subscribers("burst/a", 1))
+        .await
+        .unwrap();
+    let before = subscriber.metrics().received;
+    let mut last = None;
+    for n in 0..EVENTS {
+        last = Some(publisher.publish("burst/a", number(n)).await.unwrap());
+    }
+    expect_in_order(&mut subscription, publisher.id(), EVENTS).await;
+    let delivered = within("acknowledged", last.unwrap().delivered())
+        .await
+        .unwrap();
+    assert_eq!(delivered, 1);
+    let messages = subscriber.metrics().received - before;
+    assert!(
+        messages < EVENTS / 4,
+        "{EVENTS} events came in {messages} link messages: not in runs"
+    );
+    assert_eq!(subscriber.metrics().events_received, EVENTS);
+}

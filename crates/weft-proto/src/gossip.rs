@@ -371,43 +371,85 @@ pub fn encode_parts(
     Bytes::from(body)
 }
 
-/// [`encode_parts`] for a publisher's own event, once per route, in the order of `routes`.
-/// Each copy is an allocation of its own, of its exact length: slices of one shared buffer
-/// were tried and cost more (a shared `Bytes` pays an atomic count on every clone and drop,
-/// an owned one only its free).
-pub fn encode_routes(
-    origin: &NodeId,
-    incarnation: u64,
-    seq: u64,
-    routes: &Routes,
-    topic: &Topic,
-    options: Option<&EventOptions>,
-    payload: &[u8],
-) -> Vec<Bytes> {
-    let parts = Parts {
-        with_origin: false,
-        origin,
-        incarnation,
-        seq,
-        hops: 1,
-        direct: None,
-        topic,
-        options: options.filter(|o| !o.is_empty()),
-        payload,
-    };
-    routes
-        .iter()
-        .map(|route| {
-            let len = parts.len(route);
-            let mut body = Vec::with_capacity(len);
-            parts.write(&mut body, route);
-            debug_assert_eq!(body.len(), len);
-            Bytes::from(body)
-        })
-        .collect()
+/// A publisher's own event on its way to its first hops: encoded once (what comes before the
+/// route and what comes after it), then per route only the route is written between the two —
+/// into a buffer the caller reuses, or as a body of its own.
+#[derive(Debug)]
+pub struct OwnEvent {
+    /// Flags, incarnation, seq, hops.
+    head: Vec<u8>,
+    /// Topic, options, payload.
+    tail: Vec<u8>,
+}
+
+impl OwnEvent {
+    /// Event `seq` of its publisher's `incarnation` (the publisher writes it: no origin).
+    pub fn new(
+        incarnation: u64,
+        seq: u64,
+        topic: &Topic,
+        options: Option<&EventOptions>,
+        payload: &[u8],
+    ) -> Self {
+        let options = options.filter(|o| !o.is_empty());
+        let mut head = Vec::with_capacity(1 + 10 + 10 + 1);
+        head.push(if options.is_some() { FLAG_OPTIONS } else { 0 });
+        push_varint(&mut head, incarnation);
+        push_varint(&mut head, seq);
+        head.push(1);
+        let name = topic.as_str().as_bytes();
+        debug_assert!(name.len() <= TOPIC_BYTES_MAX);
+        let mut tail = Vec::with_capacity(
+            1 + name.len() + options.map_or(0, EventOptions::encoded_len) + payload.len(),
+        );
+        tail.push(name.len() as u8);
+        tail.extend_from_slice(name);
+        if let Some(options) = options {
+            options.encode(&mut tail);
+        }
+        tail.extend_from_slice(payload);
+        Self { head, tail }
+    }
+
+    /// The copy's length with `route`.
+    fn len(&self, route: &[Hop]) -> usize {
+        self.head.len()
+            + varint_len(route.len() as u64)
+            + route
+                .iter()
+                .map(|hop| NODE_ID_LEN + varint_len(hop.prev))
+                .sum::<usize>()
+            + self.tail.len()
+    }
+
+    fn write(&self, out: &mut Vec<u8>, route: &[Hop]) {
+        debug_assert!(route.len() <= ROUTE_MAX);
+        out.extend_from_slice(&self.head);
+        push_varint(out, route.len() as u64);
+        for hop in route {
+            out.extend_from_slice(hop.node.as_bytes());
+            push_varint(out, hop.prev);
+        }
+        out.extend_from_slice(&self.tail);
+    }
+
+    /// The copy for `route` (headed by the node it goes to), written over `out`.
+    pub fn encode_into(&self, route: &[Hop], out: &mut Vec<u8>) {
+        out.clear();
+        out.reserve(self.len(route));
+        self.write(out, route);
+    }
+
+    /// The copy for `route` as a body of its own (exactly its length: one allocation).
+    pub fn encode(&self, route: &[Hop]) -> Bytes {
+        let mut body = Vec::with_capacity(self.len(route));
+        self.write(&mut body, route);
+        Bytes::from(body)
+    }
 }
 
 /// An event's fields but its route, as [`encode_parts`] writes them.
+#[derive(Debug)]
 struct Parts<'a> {
     /// The origin is not the node writing the copy: it travels too.
     with_origin: bool,
@@ -502,6 +544,105 @@ fn push_varint(buf: &mut Vec<u8>, mut value: u64) {
         value >>= 7;
     }
     buf.push(value as u8);
+}
+
+/// First byte of a run: several events for one hop in one link message (an event's first byte
+/// is its flags, which never have this bit).
+pub const RUN_MARKER: u8 = 0x80;
+
+/// The most bytes of events a run holds: below the size from which a link hands a body to the
+/// transport as its own buffer, and small enough that a queue of runs stays close to a queue of
+/// events in memory.
+pub const RUN_BYTES_MAX: usize = 8 * 1024;
+
+/// The most events a run holds.
+pub const RUN_EVENTS_MAX: usize = 64;
+
+/// Several encoded events for the same hop, sent as one link message: one frame, one
+/// sequence number, one acknowledgement and one hand-off for all of them. On the wire:
+/// [`RUN_MARKER`], then each event as a varint length and its bytes. Built by the publisher's
+/// and relays' sends while the run waits in a link's queue (see `PeerSender::send_event` in
+/// the driver); read with [`run_events`].
+#[derive(Debug)]
+pub struct Run {
+    body: BytesMut,
+    events: usize,
+}
+
+impl Run {
+    /// A run holding `event`.
+    pub fn new(event: &[u8]) -> Self {
+        let mut body = BytesMut::with_capacity(RUN_BYTES_MAX.min(1 + 10 + event.len() * 16));
+        body.put_u8(RUN_MARKER);
+        let mut run = Self { body, events: 0 };
+        run.append(event);
+        run
+    }
+
+    /// Adds `event` if the run has room for it; false if not (the run is unchanged).
+    pub fn push(&mut self, event: &[u8]) -> bool {
+        if self.events >= RUN_EVENTS_MAX
+            || self.body.len() + varint_len(event.len() as u64) + event.len() > RUN_BYTES_MAX
+        {
+            return false;
+        }
+        self.append(event);
+        true
+    }
+
+    fn append(&mut self, event: &[u8]) {
+        let mut len = event.len() as u64;
+        while len >= 0x80 {
+            self.body.put_u8((len as u8) | 0x80);
+            len >>= 7;
+        }
+        self.body.put_u8(len as u8);
+        self.body.extend_from_slice(event);
+        self.events += 1;
+    }
+
+    /// How many events it holds.
+    pub fn len(&self) -> usize {
+        self.events
+    }
+
+    /// Whether it holds none (never: a run starts with an event).
+    pub fn is_empty(&self) -> bool {
+        self.events == 0
+    }
+
+    /// The link message body.
+    pub fn finish(self) -> Bytes {
+        self.body.freeze()
+    }
+}
+
+/// The events of a link message body: the events of a run (each a slice of `body`, not a
+/// copy), or `body` itself when it is a single event. A malformed run ends with an error.
+pub fn run_events(body: &Bytes) -> impl Iterator<Item = Result<Bytes, GossipError>> + '_ {
+    let run = body.first() == Some(&RUN_MARKER);
+    let mut reader = Reader {
+        bytes: body,
+        at: usize::from(run),
+    };
+    let mut single = (!run).then(|| body.clone());
+    let mut failed = false;
+    std::iter::from_fn(move || {
+        if let Some(event) = single.take() {
+            return Some(Ok(event));
+        }
+        if !run || failed || reader.at >= body.len() {
+            return None;
+        }
+        let event = reader.varint().and_then(|len| {
+            let len = usize::try_from(len).map_err(|_| GossipError::Truncated)?;
+            let start = reader.at;
+            reader.take(len)?;
+            Ok(body.slice(start..start + len))
+        });
+        failed = event.is_err();
+        Some(event)
+    })
 }
 
 /// The most bytes [`encode_parts`] adds to a payload with a route of `hops` entries (and, for a

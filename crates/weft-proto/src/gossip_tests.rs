@@ -816,17 +816,12 @@ fn copies_encoded_together_are_each_the_copy_for_their_route() {
         0,
     );
     assert_eq!(out.routes.len(), 4);
-    let copies = encode_routes(
-        &node(0),
-        7,
-        out.seq,
-        &out.routes,
-        &topic("a/b"),
-        Some(&options),
-        b"payload",
-    );
-    assert_eq!(copies.len(), 4);
-    for (route, copy) in out.routes.iter().zip(&copies) {
+    let own = OwnEvent::new(7, out.seq, &topic("a/b"), Some(&options), b"payload");
+    let mut reused = Vec::new();
+    for route in out.routes.iter() {
+        let copy = own.encode(route);
+        own.encode_into(route, &mut reused);
+        assert_eq!(&copy[..], &reused[..], "the same bytes either way");
         let alone = encode_parts(
             &node(0),
             &node(0),
@@ -839,9 +834,60 @@ fn copies_encoded_together_are_each_the_copy_for_their_route() {
             Some(&options),
             b"payload",
         );
-        assert_eq!(copy, &alone);
-        let event = Event::decode(copy, &node(0)).unwrap();
+        assert_eq!(copy, alone);
+        let event = Event::decode(&copy, &node(0)).unwrap();
         assert_eq!(event.route, route);
         assert_eq!(event.options.as_deref(), Some(&options));
     }
+}
+
+/// A run carries events to one hop in one link message: read back as the same events, in
+/// order, each a slice of the body; bounded in count and bytes; a single event reads as itself;
+/// a cut or lying run ends with an error instead of inventing events.
+#[test]
+fn a_run_reads_back_as_its_events_and_stays_within_its_bounds() {
+    let events: Vec<Bytes> = (0..200u32)
+        .map(|i| {
+            let mut e = event(vec![Hop {
+                node: node(2),
+                prev: u64::from(i),
+            }]);
+            e.seq = u64::from(i) + 1;
+            e.payload = Bytes::from(vec![b'x'; (i as usize * 7) % 200]);
+            e.encode(&node(1))
+        })
+        .collect();
+    let mut run = Run::new(&events[0]);
+    let mut taken = 1;
+    while taken < events.len() && run.push(&events[taken]) {
+        taken += 1;
+    }
+    assert_eq!(run.len(), taken);
+    assert!(taken <= RUN_EVENTS_MAX);
+    let body = run.finish();
+    assert!(body.len() <= RUN_BYTES_MAX);
+    assert!(
+        taken == RUN_EVENTS_MAX || body.len() + events[taken].len() + 1 > RUN_BYTES_MAX,
+        "a run refuses only when full"
+    );
+    let read: Vec<Bytes> = run_events(&body).map(Result::unwrap).collect();
+    assert_eq!(read, events[..taken]);
+    for (event, original) in read.iter().zip(&events) {
+        let decoded = Event::decode(event, &node(1)).unwrap();
+        assert_eq!(decoded, Event::decode(original, &node(1)).unwrap());
+    }
+    // A single event is not a run.
+    let single: Vec<Bytes> = run_events(&events[0]).map(Result::unwrap).collect();
+    assert_eq!(single, vec![events[0].clone()]);
+    // Cut anywhere inside its last event: the events before come out, then an error.
+    let cut = body.slice(..body.len() - 1);
+    let read: Vec<_> = run_events(&cut).collect();
+    assert_eq!(read.len(), taken);
+    assert!(read[..taken - 1].iter().all(Result::is_ok));
+    assert!(read[taken - 1].is_err());
+    // A length beyond the body.
+    let lying = Bytes::from(vec![RUN_MARKER, 0xff, 0x01, 1, 2, 3]);
+    let read: Vec<_> = run_events(&lying).collect();
+    assert_eq!(read.len(), 1);
+    assert!(read[0].is_err());
 }

@@ -468,6 +468,7 @@ fn restore<S: Storage>(
                         seq,
                         tag: new_tag,
                         message: message.message,
+                        run: None,
                     });
                 }
                 Err(e) => {
@@ -520,6 +521,7 @@ fn restore_stream(
                     seq: m.seq,
                     tag,
                     message: m.message,
+                    run: None,
                 })
                 .collect(),
         })

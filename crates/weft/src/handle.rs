@@ -16,12 +16,15 @@ use crate::queue;
 use crate::receipt::Progress;
 
 /// A message on its way into a link: its wire sequence number and the spool record holding it
-/// (`tag`, 0 for a node without a spool).
+/// (`tag`, 0 for a node without a spool). `run`: a run of events still open in the lane's
+/// queue, which later events for the same hop join; it becomes the message's body when the
+/// peer task takes the message (see `PeerSender::send_event`).
 #[derive(Debug)]
 pub(crate) struct Outgoing {
     pub seq: u64,
     pub tag: u64,
     pub message: OutgoingMessage,
+    pub run: Option<Box<weft_proto::gossip::Run>>,
 }
 
 /// Per-peer, per-lane state shared between the API and the lane's peer task. The handle the

@@ -12,7 +12,9 @@ use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{info, info_span, warn, Instrument};
 use weft_proto::backoff::SplitMix64;
-use weft_proto::{Channel, Lane, MessageId, NodeId, OutgoingMessage, StreamId};
+use weft_proto::{
+    gossip, Channel, Kind, Lane, MessageId, NodeId, OutgoingMessage, Priority, StreamId,
+};
 
 use crate::addr::NodeAddr;
 use crate::config::{NodeConfig, Seams, WallClock};
@@ -1376,6 +1378,7 @@ impl PeerSender {
                     seq,
                     tag: 0,
                     message,
+                    run: None,
                 })
                 .await
                 .map_err(|_| SendError::NodeClosed)?;
@@ -1405,6 +1408,71 @@ impl PeerSender {
         }
     }
 
+    /// Queues an encoded event (see `weft_proto::gossip`) for the peer, in the lane of
+    /// `priority`. Without a spool it joins the run of events last queued in that lane while
+    /// the run still waits there: many events, one link message (one frame, one number, one
+    /// acknowledgement, one hand-off at the peer); the receipt is the run's, and FIFO holds
+    /// (only the last queued message is ever joined). With a spool, and for an event too large
+    /// for a run, the event is a message of its own ([`PeerSender::send_message`]: durable
+    /// when this returns).
+    pub(crate) async fn send_event(
+        &self,
+        event: &[u8],
+        priority: Priority,
+    ) -> Result<Receipt, SendError> {
+        if !self.joins_runs(event) {
+            let message = self.event_message(Bytes::copy_from_slice(event), priority);
+            return self.send_message(message).await;
+        }
+        let handle = self.handle.lane(priority.lane());
+        let seq = handle
+            .commands
+            .send_joined(
+                |last| join_run(last, event, priority),
+                |seq| new_run(seq, event, priority),
+            )
+            .await
+            .map_err(|_| SendError::NodeClosed)?;
+        Ok(self.receipt(handle, seq))
+    }
+
+    /// [`PeerSender::send_event`] without waiting for room ([`TrySendError::WouldBlock`]).
+    pub(crate) fn try_send_event(
+        &self,
+        event: &[u8],
+        priority: Priority,
+    ) -> Result<Receipt, TrySendError> {
+        if !self.joins_runs(event) {
+            let message = self.event_message(Bytes::copy_from_slice(event), priority);
+            return self.try_send_message(message);
+        }
+        let handle = self.handle.lane(priority.lane());
+        let seq = handle
+            .commands
+            .try_send_joined(
+                |last| join_run(last, event, priority),
+                |seq| new_run(seq, event, priority),
+            )
+            .map_err(would_block)?;
+        Ok(self.receipt(handle, seq))
+    }
+
+    /// Whether `event` goes into a run: not with a spool (each event is durable on its own
+    /// before the send returns), nor an event too large for one (sent alone, not copied), nor
+    /// under a body limit smaller than a run.
+    fn joins_runs(&self, event: &[u8]) -> bool {
+        self.shared.durable.is_none()
+            && event.len() + 16 <= gossip::RUN_BYTES_MAX
+            && self.shared.config.limits().max_body_bytes >= gossip::RUN_BYTES_MAX
+    }
+
+    /// The link message of one encoded event.
+    fn event_message(&self, event: Bytes, priority: Priority) -> OutgoingMessage {
+        OutgoingMessage::command(EVENT_CHANNEL, event, self.shared.now_unix_ms())
+            .with_kind(Kind::Event)
+            .with_priority(priority)
+    }
+
     /// Sends without waiting: [`TrySendError::WouldBlock`] when the peer's queue is full,
     /// [`TrySendError::SpoolFull`] when the spool is. With a spool, the message is not durable
     /// yet when this returns: [`Receipt::accepted`] tells when it is (or that it was refused).
@@ -1423,6 +1491,7 @@ impl PeerSender {
                     seq,
                     tag: 0,
                     message,
+                    run: None,
                 })
                 .map_err(would_block)?;
             return Ok(self.receipt(handle, seq));
@@ -1530,6 +1599,7 @@ impl PeerSender {
                             seq,
                             tag: 0,
                             message,
+                            run: None,
                         }))
                     })
                     .expect("sends whenever asked to");
@@ -1589,6 +1659,7 @@ impl PeerSender {
                     seq,
                     tag: 0,
                     message,
+                    run: None,
                 }))
             });
             let Some(first) = first else {
@@ -1789,6 +1860,7 @@ impl PeerSender {
                             seq,
                             tag: 0,
                             message,
+                            run: None,
                         }])
                     })
                     .expect("sends whenever asked to");
@@ -1879,6 +1951,7 @@ fn number_and_spool(
             seq,
             tag: 0,
             message,
+            run: None,
         }])
     })
 }
@@ -1892,6 +1965,30 @@ fn volatile(message: OutgoingMessage) -> Outgoing {
         seq: 0,
         tag: 0,
         message,
+        run: None,
+    }
+}
+
+/// The channel of events between nodes.
+const EVENT_CHANNEL: Channel = Channel::from_static(weft_proto::channel::mesh::EVENT);
+
+/// Adds `event` to the lane's last queued message if that is a run of events of `priority`
+/// with room: the run's number.
+fn join_run(last: &mut Outgoing, event: &[u8], priority: Priority) -> Option<u64> {
+    let run = last.run.as_mut()?;
+    (last.message.priority == priority && run.push(event)).then_some(last.seq)
+}
+
+/// A new run of events, holding `event`, as message `seq`.
+fn new_run(seq: u64, event: &[u8], priority: Priority) -> Outgoing {
+    Outgoing {
+        seq,
+        tag: 0,
+        // Stamped when the peer task takes it, like `PeerSender::send`'s messages.
+        message: OutgoingMessage::command(EVENT_CHANNEL, Bytes::new(), 0)
+            .with_kind(Kind::Event)
+            .with_priority(priority),
+        run: Some(Box::new(gossip::Run::new(event))),
     }
 }
 

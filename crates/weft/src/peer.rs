@@ -531,6 +531,10 @@ impl PeerTask {
         // One clock reading for the batch's unstamped messages (`PeerSender::send`).
         let mut now_ms = None;
         for mut outgoing in io.batch.drain(..) {
+            if let Some(run) = outgoing.run.take() {
+                // Out of the queue: no event joins it any more.
+                outgoing.message.body = run.finish();
+            }
             if outgoing.message.created_unix_ms == 0 {
                 let now = *now_ms.get_or_insert_with(|| (self.env.wall_clock)());
                 outgoing.message.created_unix_ms = now;
@@ -1553,7 +1557,9 @@ async fn closed(connection: Option<quinn::Connection>) -> quinn::ConnectionError
 /// Queues a message in its link. The API checked it against the same limits and its sequence
 /// number is above every earlier one; the caller checked room.
 fn push(link: &mut Link, outgoing: Outgoing) {
-    let Outgoing { seq, tag, message } = outgoing;
+    let Outgoing {
+        seq, tag, message, ..
+    } = outgoing;
     if seq == 0 {
         // Volatile: without a connection it is dropped (and counted by the link).
         if let Err(e) = link.push_volatile(message) {

@@ -236,6 +236,59 @@ impl<T> Sender<T> {
         Ok(seq)
     }
 
+    /// Adds to the last queued item when `join` takes it (returning that item's number; no
+    /// room is needed, the item holds its place already), and otherwise numbers and queues a
+    /// new item like [`Sender::send_numbered`], waiting for room. Both under one hold of the
+    /// lock: the receiver never sees an item while it is joined.
+    pub(crate) async fn send_joined(
+        &self,
+        mut join: impl FnMut(&mut T) -> Option<u64>,
+        make: impl FnOnce(u64) -> T,
+    ) -> Result<u64, Closed> {
+        budget().await;
+        let mut make = Some(make);
+        loop {
+            match self.try_joined(&mut join, &mut make) {
+                Ok(seq) => return Ok(seq),
+                Err(TrySendError::Closed) => return Err(Closed),
+                Err(TrySendError::Full) => self.shared.room().await?,
+            }
+        }
+    }
+
+    /// [`Sender::send_joined`] without waiting.
+    pub(crate) fn try_send_joined(
+        &self,
+        mut join: impl FnMut(&mut T) -> Option<u64>,
+        make: impl FnOnce(u64) -> T,
+    ) -> Result<u64, TrySendError> {
+        self.try_joined(&mut join, &mut Some(make))
+    }
+
+    fn try_joined(
+        &self,
+        join: &mut impl FnMut(&mut T) -> Option<u64>,
+        make: &mut Option<impl FnOnce(u64) -> T>,
+    ) -> Result<u64, TrySendError> {
+        let mut state = self.shared.lock();
+        if state.closed {
+            return Err(TrySendError::Closed);
+        }
+        // The receiver was woken when the item was queued, and takes it as it is then.
+        if let Some(seq) = state.items.back_mut().and_then(&mut *join) {
+            return Ok(seq);
+        }
+        if state.is_full(self.shared.capacity) {
+            return Err(TrySendError::Full);
+        }
+        let seq = state.next_seq;
+        state.next_seq += 1;
+        let make = make.take().expect("called until it sends, then not again");
+        state.items.push_back(make(seq));
+        state.wake_receiver();
+        Ok(seq)
+    }
+
     /// Queues `make()` if there is room now; `make` runs only then (under the lock: keep it
     /// short).
     pub(crate) fn try_send_with(&self, make: impl FnOnce() -> T) -> Result<(), TrySendError> {
@@ -557,6 +610,43 @@ mod tests {
         let mut got = Vec::new();
         assert_eq!(rx.recv_many(&mut got, 10).await, 3);
         assert_eq!(got, vec![(5, "a"), (6, "b"), (0, "volatile")]);
+    }
+
+    /// A join goes into the last item while it waits in the queue (even a full one: it takes
+    /// no place), never into one the receiver took, and a refused join queues a new item.
+    #[tokio::test]
+    async fn a_join_adds_to_the_last_item_only_while_it_waits() {
+        let (tx, mut rx) = channel::<(u64, Vec<&str>)>(2);
+        // Joins a run of at most three.
+        let join = |word: &'static str| {
+            move |last: &mut (u64, Vec<&'static str>)| {
+                (last.1.len() < 3).then(|| {
+                    last.1.push(word);
+                    last.0
+                })
+            }
+        };
+        let new = |word: &'static str| move |seq| (seq, vec![word]);
+        assert_eq!(tx.send_joined(join("a"), new("a")).await.unwrap(), 0);
+        assert_eq!(tx.try_send_joined(join("b"), new("b")).unwrap(), 0);
+        assert_eq!(tx.send_joined(join("c"), new("c")).await.unwrap(), 0);
+        assert_eq!(tx.send_joined(join("d"), new("d")).await.unwrap(), 1);
+        // Full (two items): a join still goes in, a new item does not.
+        assert_eq!(tx.try_send_joined(join("e"), new("e")).unwrap(), 1);
+        assert_eq!(tx.try_send_joined(join("f"), new("f")).unwrap(), 1);
+        assert_eq!(
+            tx.try_send_joined(join("g"), new("g")),
+            Err(TrySendError::Full)
+        );
+        let mut got = Vec::new();
+        assert_eq!(rx.recv_many(&mut got, 10).await, 2);
+        assert_eq!(
+            got,
+            vec![(0, vec!["a", "b", "c"]), (1, vec!["d", "e", "f"])]
+        );
+        // Taken: the next join starts a new item, numbered on.
+        assert_eq!(tx.try_send_joined(join("g"), new("g")).unwrap(), 2);
+        assert_eq!(rx.recv().await, Some((2, vec!["g"])));
     }
 
     #[tokio::test]

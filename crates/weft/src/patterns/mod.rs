@@ -32,7 +32,7 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tracing::{debug, warn, Instrument};
 use weft_proto::envelope::{ReplyCache, ReplyStatus};
 use weft_proto::interest::{InterestMessage, InterestTable};
-use weft_proto::{Kind, Message, NodeId, OutgoingMessage, TopicPattern};
+use weft_proto::{Kind, Message, NodeId, OutgoingMessage, Topic, TopicError, TopicPattern};
 
 use crate::inbox::Inbox;
 use crate::node::{PeerEvent, Shared};
@@ -157,6 +157,9 @@ pub(crate) struct Patterns {
     /// Bumped, under the state's lock, whenever `State::subscriptions` changes (the event
     /// task's cached targets are stale then).
     subscriptions_changed: AtomicU64,
+    /// The topic published last, checked: a publisher mostly publishes on one topic at a time,
+    /// and checking it again per event cost more than numbering it.
+    last_topic: Mutex<Option<Topic>>,
 }
 
 impl Patterns {
@@ -202,7 +205,22 @@ impl Patterns {
             retention_freed: tokio::sync::Notify::new(),
             direct_order: tokio::sync::Mutex::new(()),
             subscriptions_changed: AtomicU64::new(0),
+            last_topic: Mutex::new(None),
         }
+    }
+
+    /// `name` as a checked topic (the last one is remembered: see `Patterns::last_topic`).
+    fn topic(&self, name: &str) -> Result<Topic, TopicError> {
+        let mut last = self
+            .last_topic
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(topic) = last.as_ref().filter(|t| t.as_str() == name) {
+            return Ok(topic.clone());
+        }
+        let topic = Topic::new(name)?;
+        *last = Some(topic.clone());
+        Ok(topic)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {

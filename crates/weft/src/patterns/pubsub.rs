@@ -868,8 +868,18 @@ async fn send_event(
     event: &Event,
 ) -> Result<crate::receipt::Receipt, SendError> {
     let to = event.route[0].node;
-    let outgoing = event_link_message(shared, event.encode(&shared.id), event.options.as_deref());
-    shared.sender(to)?.send_message(outgoing).await
+    shared
+        .sender(to)?
+        .send_event(&event.encode(&shared.id), event_priority(event))
+        .await
+}
+
+/// The lane of every hop of `event`.
+fn event_priority(event: &Event) -> Priority {
+    event
+        .options
+        .as_deref()
+        .map_or(Priority::NORMAL, |o| o.priority)
 }
 
 /// The link messages of a publisher's own event on its way down its trees, one per route
@@ -882,15 +892,8 @@ fn tree_messages<'a>(
     options: Option<&'a EventOptions>,
     payload: &Bytes,
 ) -> impl Iterator<Item = (&'a [Hop], OutgoingMessage)> + 'a {
-    let copies = gossip::encode_routes(
-        &shared.id,
-        shared.epoch,
-        seq,
-        routes,
-        topic,
-        options,
-        payload,
-    );
+    let own = gossip::OwnEvent::new(shared.epoch, seq, topic, options, payload);
+    let copies: Vec<Bytes> = routes.iter().map(|route| own.encode(route)).collect();
     routes
         .iter()
         .zip(copies)
@@ -901,11 +904,10 @@ fn tree_messages<'a>(
 /// queue or the spool is full, the copy is left to the publisher's repair.
 async fn relay_to_absent(shared: &Arc<Shared>, event: &Event, absent: &Hop) {
     let copy = event.for_child(std::slice::from_ref(absent));
-    let outgoing = event_link_message(shared, copy.encode(&shared.id), copy.options.as_deref());
     let queued = shared
         .sender(absent.node)
         .map_err(TrySendError::from)
-        .and_then(|sender| sender.try_send_message(outgoing));
+        .and_then(|sender| sender.try_send_event(&copy.encode(&shared.id), event_priority(&copy)));
     match queued {
         Ok(receipt) => match receipt.accepted().await {
             Ok(()) => {
@@ -1195,66 +1197,72 @@ pub(crate) async fn event_task(shared: Arc<Shared>, mut events: Inbox) {
         streams.now_unix_ms = shared.now_unix_ms();
         for message in batch.drain(..) {
             let id = message.header.id;
-            let decoded =
-                Event::decode_after(&message.body, &message.header.id.producer, &mut last_topic);
-            let event = match decoded {
-                Ok(event)
-                    if event.seq == 0
-                        || event.route.first().is_some_and(|hop| hop.node == shared.id) =>
-                {
-                    event
-                }
-                Ok(_) => {
-                    shared.metrics.protocol_error();
-                    warn!(peer = %message.header.id.producer.short(), "event routed to another node dropped");
-                    handled.push(id);
-                    continue;
-                }
-                Err(e) => {
-                    shared.metrics.protocol_error();
-                    warn!(peer = %message.header.id.producer.short(), error = %e, "malformed event dropped");
-                    handled.push(id);
-                    continue;
-                }
-            };
+            let from = message.header.id.producer;
             let mut settling = Settling {
                 inbox: &events,
                 id,
                 settler: None,
             };
-            {
-                let mut work = std::pin::pin!(take_event(
-                    &shared,
-                    &mut chains,
-                    &mut streams,
-                    &mut targets,
-                    event,
-                    &mut settling
-                ));
-                let finished = std::future::poll_fn(|cx| {
-                    std::task::Poll::Ready(std::future::Future::poll(work.as_mut(), cx).is_ready())
-                })
-                .await;
-                if !finished {
-                    // About to wait: what was handled before is settled now, not after the wait.
-                    events.settle_ids(&mut handled);
-                    tokio::select! {
-                        biased;
-                        // Not relayed or delivered everywhere: never settled, so the sender
-                        // keeps it.
-                        () = &mut stopping => break 'batches,
-                        () = work => {}
+            // One event, or a run of them (one link message for many events to this hop): the
+            // message settles once every event in it is handled.
+            for event in gossip::run_events(&message.body) {
+                let decoded =
+                    event.and_then(|event| Event::decode_after(&event, &from, &mut last_topic));
+                let event = match decoded {
+                    Ok(event)
+                        if event.seq == 0
+                            || event.route.first().is_some_and(|hop| hop.node == shared.id) =>
+                    {
+                        event
                     }
+                    Ok(_) => {
+                        shared.metrics.protocol_error();
+                        warn!(peer = %from.short(), "event routed to another node dropped");
+                        continue;
+                    }
+                    Err(e) => {
+                        shared.metrics.protocol_error();
+                        warn!(peer = %from.short(), error = %e, "malformed event dropped");
+                        continue;
+                    }
+                };
+                {
+                    let mut work = std::pin::pin!(take_event(
+                        &shared,
+                        &mut chains,
+                        &mut streams,
+                        &mut targets,
+                        event,
+                        &mut settling
+                    ));
+                    let finished = std::future::poll_fn(|cx| {
+                        std::task::Poll::Ready(
+                            std::future::Future::poll(work.as_mut(), cx).is_ready(),
+                        )
+                    })
+                    .await;
+                    if !finished {
+                        // About to wait: what was handled before is settled now, not after the wait.
+                        events.settle_ids(&mut handled);
+                        tokio::select! {
+                            biased;
+                            // Not relayed or delivered everywhere: never settled, so the sender
+                            // keeps it (a run with it: its events handled before come again only
+                            // if this node, stopping now, gets the run again).
+                            () = &mut stopping => break 'batches,
+                            () = work => {}
+                        }
+                    }
+                }
+                since_confirm += 1;
+                if since_confirm >= CONFIRM_EVERY {
+                    since_confirm = 0;
+                    send_confirms(&shared, &mut chains, &mut refused);
                 }
             }
             match settling.settler {
                 Some(settler) => settler.release(),
                 None => handled.push(id),
-            }
-            since_confirm += 1;
-            if since_confirm >= CONFIRM_EVERY {
-                since_confirm = 0;
-                send_confirms(&shared, &mut chains, &mut refused);
             }
         }
         events.settle_ids(&mut handled);
@@ -1360,7 +1368,7 @@ pub(crate) async fn publish(
     payload: Bytes,
     options: Option<&EventOptions>,
 ) -> Result<Published, PublishError> {
-    let topic = Topic::new(topic)?;
+    let topic = shared.patterns.topic(topic)?;
     let options_len = options.map_or(0, EventOptions::encoded_len);
     let patterns = &shared.patterns;
     // With durable subscribers about, events are numbered and sent directly in one order: a
@@ -1448,17 +1456,16 @@ pub(crate) async fn publish(
         let result = send_direct(shared, &event).await;
         sent(result, hop.node, &mut receipts)?;
     }
-    for (route, outgoing) in tree_messages(
-        shared,
-        fanout.seq,
-        &fanout.routes,
-        &topic,
-        options,
-        &payload,
-    ) {
+    let own = gossip::OwnEvent::new(shared.epoch, fanout.seq, &topic, options, &payload);
+    let priority = options.map_or(Priority::NORMAL, |o| o.priority);
+    // Each copy is written here and copied into its hop's run: no allocation per copy.
+    let mut copy = Vec::new();
+    for route in fanout.routes.iter() {
         let peer = route[0].node;
+        own.encode_into(route, &mut copy);
+        // Joins the run of events waiting for this hop, if one does (see `send_event`).
         let result = match shared.sender(peer) {
-            Ok(sender) => sender.send_message(outgoing).await,
+            Ok(sender) => sender.send_event(&copy, priority).await,
             Err(error) => Err(error),
         };
         sent(result, peer, &mut receipts)?;
@@ -1501,7 +1508,7 @@ pub(crate) async fn publish_batch(
     // Event `index` of the batch, published at `now`: its options (the key names its place).
     let options_of =
         |now: u64, index: usize| options.and_then(|o| o.event_options(now, Some(index)));
-    let topic = match Topic::new(topic) {
+    let topic = match shared.patterns.topic(topic) {
         Ok(topic) => topic,
         Err(error) => {
             return Err(PublishBatchError {
@@ -1775,7 +1782,7 @@ pub(crate) fn publish_best_effort(
     topic: &str,
     payload: Bytes,
 ) -> Result<usize, PublishError> {
-    let topic = Topic::new(topic)?;
+    let topic = shared.patterns.topic(topic)?;
     let body = gossip::encode_parts(
         &shared.id,
         &shared.id,
