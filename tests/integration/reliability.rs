@@ -274,3 +274,52 @@ async fn a_message_queued_while_the_peer_is_away_ages_from_its_send() {
     assert!(message.header.created_unix_ms > 0, "stamped by the sender");
     assert_eq!(a.metrics().dead_lettered, 0);
 }
+
+/// Events in runs survive the connection dying under them: a burst published while the path
+/// is cut queues as runs behind the dead link; once the path is back, every event arrives once
+/// and in order, the runs' receipts resolve, and fewer link messages than events crossed (how
+/// many fewer depends on how far the publisher runs ahead of its peer task: with two worker
+/// threads, a few events per run).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_in_runs_are_retransmitted_after_the_connection_dies() {
+    const BEFORE: u64 = 3_000;
+    const DURING: u64 = 3_000;
+    let (a, b, relay, mut events) = connected_through_a_relay().await;
+    let mut subscription = within("subscribe", b.subscribe("seq/**")).await.unwrap();
+    within("the subscriber", a.wait_for_subscribers("seq/a", 1))
+        .await
+        .unwrap();
+    let consumer = tokio::spawn(async move {
+        for i in 0..BEFORE + DURING {
+            let event = within("event", subscription.recv()).await.unwrap();
+            assert_eq!(event.body[..], i.to_le_bytes(), "in order, once");
+        }
+        subscription
+    });
+    let before = b.metrics().received;
+    let mut published = Vec::new();
+    for i in 0..BEFORE {
+        published.push(a.publish("seq/a", i.to_le_bytes().to_vec()).await.unwrap());
+    }
+    relay.cut(true);
+    for i in BEFORE..BEFORE + DURING {
+        published.push(a.publish("seq/a", i.to_le_bytes().to_vec()).await.unwrap());
+    }
+    peer_down(&mut events).await;
+    relay.cut(false);
+    for event in published {
+        assert_eq!(within("delivered", event.delivered()).await.unwrap(), 1);
+    }
+    let mut subscription = within("consumer", consumer).await.unwrap();
+    assert!(
+        subscription.try_recv().is_none(),
+        "no duplicate after the last event"
+    );
+    assert!(relay.dropped() > 0, "the cut really dropped traffic");
+    let messages = b.metrics().received - before;
+    assert!(
+        messages < BEFORE + DURING,
+        "{} events in {messages} link messages: none shared a run",
+        BEFORE + DURING
+    );
+}
