@@ -572,7 +572,8 @@ pub struct Run {
 impl Run {
     /// A run holding `event`.
     pub fn new(event: &[u8]) -> Self {
-        let mut body = BytesMut::with_capacity(RUN_BYTES_MAX.min(1 + 10 + event.len() * 16));
+        // Room for a few events; it grows (by doubling) as more join.
+        let mut body = BytesMut::with_capacity(RUN_BYTES_MAX.min((1 + 10 + event.len()) * 4));
         body.put_u8(RUN_MARKER);
         let mut run = Self { body, events: 0 };
         run.append(event);
@@ -611,9 +612,15 @@ impl Run {
         self.events == 0
     }
 
-    /// The link message body.
+    /// The link message body. A run that filled less than half its buffer is copied into one
+    /// of its size: the link keeps the body until the peer acknowledges it, and a run of one
+    /// small event must not hold a buffer made for many.
     pub fn finish(self) -> Bytes {
-        self.body.freeze()
+        if self.body.capacity() > 2 * self.body.len() {
+            Bytes::copy_from_slice(&self.body)
+        } else {
+            self.body.freeze()
+        }
     }
 }
 
@@ -1194,7 +1201,10 @@ impl Publisher {
             ));
         }
         placed.sort_unstable_by_key(|&(away, order, hop)| (away, order, hop.node));
-        let hops: Vec<Hop> = placed.into_iter().map(|(_, _, hop)| hop).collect();
+        // Collected into a vector of its own size (collecting in place would reuse the larger
+        // one and then shrink it: a reallocation per event).
+        let mut hops = Vec::with_capacity(placed.len());
+        hops.extend(placed.into_iter().map(|(_, _, hop)| hop));
         if !hops.is_empty() {
             self.retained_bytes += payload.len();
             self.retained.push_back(Retained {
