@@ -4,7 +4,8 @@
 //!
 //! # The route
 //! Every event carries the list of its addressees below the node it is sent to ([`Hop`]s): the
-//! first is the receiver itself, the rest its subtree. The receiver splits the rest into at most
+//! first is the receiver itself (on the wire only its `prev`: the receiver knows who it is), the
+//! rest its subtree. The receiver splits the rest into at most
 //! `fanout` contiguous chunks ([`split`]); the head of each chunk is a child, the chunk its
 //! route. A publisher with `n` addressees thus reaches each in at most ⌈log_fanout(n)⌉ + 1 hops,
 //! and each addressee receives exactly one copy — the layout is the publisher's (source
@@ -13,7 +14,9 @@
 //! different nodes in the relaying positions, and connected addressees first, so a node that is
 //! away is a leaf and holds up nobody.
 //!
-//! Each hop is a sequenced link message: acknowledged, spooled, retried. A relay forwards before
+//! Each hop is a sequenced link message — or part of one: without a spool, events for the same
+//! hop queued while its link is busy travel together as a [`Run`] — acknowledged, spooled,
+//! retried. A relay forwards before
 //! it takes the next message, so the hop to it is acknowledged only once the copies for its
 //! subtree are accepted (durable with a spool).
 //!
@@ -68,7 +71,11 @@ const FLAG_ORIGIN: u8 = 1;
 const FLAG_DIRECT: u8 = 2;
 /// The event carries [`EventOptions`] (between its topic and its payload).
 const FLAG_OPTIONS: u8 = 4;
-const FLAGS_KNOWN: u8 = FLAG_ORIGIN | FLAG_DIRECT | FLAG_OPTIONS;
+/// The route's first hop is the receiver: only its `prev` is written (32 bytes less per copy).
+/// Always set by this version's encoders when the route is not empty; an event without it
+/// (written by an earlier version, say, and kept in a spool) lists the first hop in full.
+const FLAG_FIRST_IMPLIED: u8 = 8;
+const FLAGS_KNOWN: u8 = FLAG_ORIGIN | FLAG_DIRECT | FLAG_OPTIONS | FLAG_FIRST_IMPLIED;
 
 /// Why an event or confirmation is malformed.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -237,9 +244,10 @@ impl Event {
         )
     }
 
-    /// Decodes an event received from `sender`.
-    pub fn decode(body: &Bytes, sender: &NodeId) -> Result<Self, GossipError> {
-        Self::decode_after(body, sender, &mut None)
+    /// Decodes an event `receiver` received from `sender` (the receiver heads the route: its
+    /// id is not on the wire).
+    pub fn decode(body: &Bytes, sender: &NodeId, receiver: &NodeId) -> Result<Self, GossipError> {
+        Self::decode_after(body, sender, receiver, &mut None)
     }
 
     /// [`Event::decode`] for a stream of events, which mostly share their topic: one equal to
@@ -248,6 +256,7 @@ impl Event {
     pub fn decode_after(
         body: &Bytes,
         sender: &NodeId,
+        receiver: &NodeId,
         last: &mut Option<Topic>,
     ) -> Result<Self, GossipError> {
         let mut reader = Reader { bytes: body, at: 0 };
@@ -268,8 +277,11 @@ impl Event {
             return Err(GossipError::RouteTooLong(count));
         }
         let mut route = Vec::with_capacity(count as usize);
-        for _ in 0..count {
-            let node = reader.node()?;
+        for i in 0..count {
+            let node = match i == 0 && flags & FLAG_FIRST_IMPLIED != 0 {
+                true => *receiver,
+                false => reader.node()?,
+            };
             let prev = reader.varint()?;
             route.push(Hop { node, prev });
         }
@@ -413,23 +425,18 @@ impl OwnEvent {
 
     /// The copy's length with `route`.
     fn len(&self, route: &[Hop]) -> usize {
-        self.head.len()
-            + varint_len(route.len() as u64)
-            + route
-                .iter()
-                .map(|hop| NODE_ID_LEN + varint_len(hop.prev))
-                .sum::<usize>()
-            + self.tail.len()
+        self.head.len() + route_len(route) + self.tail.len()
     }
 
     fn write(&self, out: &mut Vec<u8>, route: &[Hop]) {
         debug_assert!(route.len() <= ROUTE_MAX);
-        out.extend_from_slice(&self.head);
-        push_varint(out, route.len() as u64);
-        for hop in route {
-            out.extend_from_slice(hop.node.as_bytes());
-            push_varint(out, hop.prev);
-        }
+        let flags = match route.is_empty() {
+            true => self.head[0],
+            false => self.head[0] | FLAG_FIRST_IMPLIED,
+        };
+        out.push(flags);
+        out.extend_from_slice(&self.head[1..]);
+        write_route(out, route);
         out.extend_from_slice(&self.tail);
     }
 
@@ -471,11 +478,7 @@ impl Parts<'_> {
             + varint_len(self.incarnation)
             + varint_len(self.seq)
             + 1
-            + varint_len(route.len() as u64)
-            + route
-                .iter()
-                .map(|hop| NODE_ID_LEN + varint_len(hop.prev))
-                .sum::<usize>()
+            + route_len(route)
             + if self.direct.is_some() {
                 varint_len(durable.len() as u64)
                     + durable.iter().map(|n| 1 + n.len()).sum::<usize>()
@@ -503,6 +506,9 @@ impl Parts<'_> {
         if self.options.is_some() {
             flags |= FLAG_OPTIONS;
         }
+        if !route.is_empty() {
+            flags |= FLAG_FIRST_IMPLIED;
+        }
         body.push(flags);
         if with_origin {
             body.extend_from_slice(self.origin.as_bytes());
@@ -510,11 +516,7 @@ impl Parts<'_> {
         push_varint(body, self.incarnation);
         push_varint(body, self.seq);
         body.push(self.hops);
-        push_varint(body, route.len() as u64);
-        for hop in route {
-            body.extend_from_slice(hop.node.as_bytes());
-            push_varint(body, hop.prev);
-        }
+        write_route(body, route);
         if self.direct.is_some() {
             push_varint(body, durable.len() as u64);
             for durable_name in durable {
@@ -536,6 +538,28 @@ impl Parts<'_> {
 fn varint_len(value: u64) -> usize {
     // 7 bits per byte, at least one byte.
     (64 - (value | 1).leading_zeros() as usize).div_ceil(7)
+}
+
+/// The encoded length of `route`: its count, then each hop (the first without its node id,
+/// see `FLAG_FIRST_IMPLIED`).
+fn route_len(route: &[Hop]) -> usize {
+    varint_len(route.len() as u64)
+        + route
+            .iter()
+            .map(|hop| NODE_ID_LEN + varint_len(hop.prev))
+            .sum::<usize>()
+        - if route.is_empty() { 0 } else { NODE_ID_LEN }
+}
+
+/// Writes `route` as [`route_len`] counts it.
+fn write_route(out: &mut Vec<u8>, route: &[Hop]) {
+    push_varint(out, route.len() as u64);
+    for (i, hop) in route.iter().enumerate() {
+        if i > 0 {
+            out.extend_from_slice(hop.node.as_bytes());
+        }
+        push_varint(out, hop.prev);
+    }
 }
 
 fn push_varint(buf: &mut Vec<u8>, mut value: u64) {

@@ -77,12 +77,12 @@ fn an_event_carries_its_options_to_every_hop_and_bad_ones_are_refused() {
             ),
         ],
     }));
-    let decoded = Event::decode(&e.encode(&node(1)), &node(1)).unwrap();
+    let decoded = Event::decode(&e.encode(&node(1)), &node(1), &node(2)).unwrap();
     assert_eq!(decoded, e);
     assert_eq!(decoded.payload, Bytes::from_static(b"payload"));
     // A relay's copy keeps them, byte for byte.
     let child = decoded.for_child(&e.route[1..]);
-    let relayed = Event::decode(&child.encode(&node(2)), &node(2)).unwrap();
+    let relayed = Event::decode(&child.encode(&node(2)), &node(2), &node(3)).unwrap();
     assert_eq!(relayed.options, e.options);
     // Options left at their defaults are not sent.
     let mut plain = event(vec![Hop {
@@ -97,7 +97,7 @@ fn an_event_carries_its_options_to_every_hop_and_bad_ones_are_refused() {
     many.options.as_mut().unwrap().headers =
         vec![("h".into(), Bytes::new()); crate::message::HEADERS_MAX + 1];
     assert!(matches!(
-        Event::decode(&many.encode(&node(1)), &node(1)),
+        Event::decode(&many.encode(&node(1)), &node(1), &node(2)),
         Err(GossipError::Options(_))
     ));
     let mut long = e.clone();
@@ -106,14 +106,14 @@ fn an_event_carries_its_options_to_every_hop_and_bad_ones_are_refused() {
         Bytes::from(vec![0; crate::message::HEADER_VALUE_MAX + 1]),
     )];
     assert!(matches!(
-        Event::decode(&long.encode(&node(1)), &node(1)),
+        Event::decode(&long.encode(&node(1)), &node(1), &node(2)),
         Err(GossipError::Options(_))
     ));
     // Cut anywhere inside the options: truncated, never a panic.
     let full = e.encode(&node(1));
     for len in 0..full.len() - e.payload.len() {
         assert!(
-            Event::decode(&full.slice(..len), &node(1)).is_err(),
+            Event::decode(&full.slice(..len), &node(1), &node(2)).is_err(),
             "{len}"
         );
     }
@@ -133,11 +133,11 @@ fn an_event_round_trips_with_and_without_its_origin() {
     ]);
     // Sent by a relay: the origin is written.
     let relayed = e.encode(&node(9));
-    assert_eq!(Event::decode(&relayed, &node(9)).unwrap(), e);
+    assert_eq!(Event::decode(&relayed, &node(9), &node(2)).unwrap(), e);
     // Sent by the publisher itself: the origin is the sender, 32 bytes shorter.
     let direct = e.encode(&node(1));
     assert_eq!(direct.len() + 32, relayed.len());
-    assert_eq!(Event::decode(&direct, &node(1)).unwrap(), e);
+    assert_eq!(Event::decode(&direct, &node(1), &node(2)).unwrap(), e);
 }
 
 #[test]
@@ -150,13 +150,16 @@ fn every_truncation_and_unknown_flag_is_a_typed_error() {
     let payload_start = body.len() - b"payload".len();
     for len in 0..payload_start {
         let cut = body.slice(..len);
-        assert!(Event::decode(&cut, &node(9)).is_err(), "length {len}");
+        assert!(
+            Event::decode(&cut, &node(9), &node(2)).is_err(),
+            "length {len}"
+        );
     }
     let mut flagged = body.to_vec();
     flagged[0] |= 0x80;
     assert_eq!(
-        Event::decode(&Bytes::from(flagged), &node(9)),
-        Err(GossipError::UnknownFlags(0x81))
+        Event::decode(&Bytes::from(flagged), &node(9), &node(2)),
+        Err(GossipError::UnknownFlags(0x89))
     );
 }
 
@@ -169,7 +172,7 @@ fn a_route_longer_than_the_bound_is_refused_before_allocating() {
     body.put_u8(1);
     put_varint(&mut body, u64::MAX >> 1);
     assert!(matches!(
-        Event::decode(&body.freeze(), &node(1)),
+        Event::decode(&body.freeze(), &node(1), &node(2)),
         Err(GossipError::RouteTooLong(_))
     ));
 }
@@ -603,11 +606,17 @@ fn a_direct_event_round_trips_with_its_durable_names() {
     e.direct = true;
     e.durable = vec!["billing".into(), "audit/all".into()];
     for sender in [node(1), node(9)] {
-        assert_eq!(Event::decode(&e.encode(&sender), &sender).unwrap(), e);
+        assert_eq!(
+            Event::decode(&e.encode(&sender), &sender, &node(2)).unwrap(),
+            e
+        );
     }
     // Without names it is still direct.
     e.durable.clear();
-    assert_eq!(Event::decode(&e.encode(&node(1)), &node(1)).unwrap(), e);
+    assert_eq!(
+        Event::decode(&e.encode(&node(1)), &node(1), &node(2)).unwrap(),
+        e
+    );
     // A name that is not a topic is refused.
     let body = encode_parts(
         &node(1),
@@ -625,7 +634,7 @@ fn a_direct_event_round_trips_with_its_durable_names() {
         b"",
     );
     assert!(matches!(
-        Event::decode(&body, &node(1)),
+        Event::decode(&body, &node(1), &node(2)),
         Err(GossipError::Topic(_))
     ));
 }
@@ -753,7 +762,7 @@ fn events_encode_to_their_exact_length_at_every_varint_width() {
             }
             for sender in [node(1), node(9)] {
                 let body = e.encode(&sender);
-                assert_eq!(Event::decode(&body, &sender).unwrap(), e);
+                assert_eq!(Event::decode(&body, &sender, &node(2)).unwrap(), e);
                 assert_eq!(
                     body.len(),
                     usize::from(sender != e.origin) * NODE_ID_LEN + e.encode(&e.origin).len()
@@ -780,8 +789,8 @@ fn decoding_after_the_previous_topic_equals_a_fresh_decode() {
         }]);
         e.topic = topic(name);
         let body = e.encode(&node(1));
-        let decoded = Event::decode_after(&body, &node(1), &mut last).unwrap();
-        assert_eq!(decoded, Event::decode(&body, &node(1)).unwrap());
+        let decoded = Event::decode_after(&body, &node(1), &node(2), &mut last).unwrap();
+        assert_eq!(decoded, Event::decode(&body, &node(1), &node(2)).unwrap());
         assert_eq!(last.as_ref(), Some(&e.topic));
     }
     // Same length as the last topic, invalid: refused, not taken for it.
@@ -795,7 +804,7 @@ fn decoding_after_the_previous_topic_equals_a_fresh_decode() {
     bad[at..at + 14].copy_from_slice(b"orders//reated");
     let mut last = Some(topic("orders/created"));
     assert!(matches!(
-        Event::decode_after(&Bytes::from(bad), &node(1), &mut last),
+        Event::decode_after(&Bytes::from(bad), &node(1), &node(2), &mut last),
         Err(GossipError::Topic(_))
     ));
 }
@@ -835,7 +844,7 @@ fn copies_encoded_together_are_each_the_copy_for_their_route() {
             b"payload",
         );
         assert_eq!(copy, alone);
-        let event = Event::decode(&copy, &node(0)).unwrap();
+        let event = Event::decode(&copy, &node(0), &route[0].node).unwrap();
         assert_eq!(event.route, route);
         assert_eq!(event.options.as_deref(), Some(&options));
     }
@@ -873,8 +882,11 @@ fn a_run_reads_back_as_its_events_and_stays_within_its_bounds() {
     let read: Vec<Bytes> = run_events(&body).map(Result::unwrap).collect();
     assert_eq!(read, events[..taken]);
     for (event, original) in read.iter().zip(&events) {
-        let decoded = Event::decode(event, &node(1)).unwrap();
-        assert_eq!(decoded, Event::decode(original, &node(1)).unwrap());
+        let decoded = Event::decode(event, &node(1), &node(2)).unwrap();
+        assert_eq!(
+            decoded,
+            Event::decode(original, &node(1), &node(2)).unwrap()
+        );
     }
     // A single event is not a run.
     let single: Vec<Bytes> = run_events(&events[0]).map(Result::unwrap).collect();
@@ -890,4 +902,46 @@ fn a_run_reads_back_as_its_events_and_stays_within_its_bounds() {
     let read: Vec<_> = run_events(&lying).collect();
     assert_eq!(read.len(), 1);
     assert!(read[0].is_err());
+}
+
+/// The route's first hop is its receiver, so its id is left out (32 bytes per copy); an event
+/// that lists it in full (without the flag: an earlier version's, kept in a spool) still reads,
+/// with the id from the wire.
+#[test]
+fn the_first_hop_is_implied_and_a_full_route_still_reads() {
+    let e = event(vec![
+        Hop {
+            node: node(2),
+            prev: 5,
+        },
+        Hop {
+            node: node(3),
+            prev: 4,
+        },
+    ]);
+    let implied = e.encode(&node(1));
+    // The same event with its route in full, flag clear.
+    let mut full = Vec::new();
+    full.push(0u8);
+    push_varint(&mut full, e.incarnation);
+    push_varint(&mut full, e.seq);
+    full.push(e.hops);
+    push_varint(&mut full, 2);
+    for hop in &e.route {
+        full.extend_from_slice(hop.node.as_bytes());
+        push_varint(&mut full, hop.prev);
+    }
+    full.push(e.topic.as_str().len() as u8);
+    full.extend_from_slice(e.topic.as_str().as_bytes());
+    full.extend_from_slice(&e.payload);
+    assert_eq!(implied.len() + NODE_ID_LEN, full.len());
+    assert_eq!(Event::decode(&implied, &node(1), &node(2)).unwrap(), e);
+    // Read by whoever: the full route names its own first hop.
+    let read = Event::decode(&Bytes::from(full), &node(1), &node(7)).unwrap();
+    assert_eq!(read, e);
+    // The implied hop is whoever reads it.
+    assert_eq!(
+        Event::decode(&implied, &node(1), &node(7)).unwrap().route[0].node,
+        node(7)
+    );
 }

@@ -525,7 +525,7 @@ pub(crate) fn restore(shared: &Arc<Shared>) {
             if outgoing.message.channel != EVENT_CHANNEL {
                 continue;
             }
-            let Ok(event) = Event::decode(&outgoing.message.body, &shared.id) else {
+            let Ok(event) = Event::decode(&outgoing.message.body, &shared.id, &node) else {
                 continue;
             };
             if event.direct && !event.durable.is_empty() {
@@ -1206,8 +1206,9 @@ pub(crate) async fn event_task(shared: Arc<Shared>, mut events: Inbox) {
             // One event, or a run of them (one link message for many events to this hop): the
             // message settles once every event in it is handled.
             for event in gossip::run_events(&message.body) {
-                let decoded =
-                    event.and_then(|event| Event::decode_after(&event, &from, &mut last_topic));
+                let decoded = event.and_then(|event| {
+                    Event::decode_after(&event, &from, &shared.id, &mut last_topic)
+                });
                 let event = match decoded {
                     Ok(event)
                         if event.seq == 0
