@@ -226,3 +226,105 @@ async fn a_peer_cannot_use_up_the_applications_channels() {
         node.shutdown().await;
     }
 }
+
+/// An authenticated peer that sends hostile runs of events — an event that does not decode in
+/// the middle of a run, a run longer than any this version sends, an empty run — costs one
+/// counted, logged protocol error per message (not per event), never a panic: the events before
+/// the bad one are delivered, the rest of that message is dropped, and the node goes on
+/// delivering its events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_runs_of_events_are_dropped_once_per_message() {
+    use weft::proto::gossip::{Event, Hop, Run, RUN_EVENTS_MAX};
+    use weft::proto::{Channel, Kind, OutgoingMessage, Topic};
+
+    let (target, hostile) = target_and_friend().await;
+    let mut subscription = within("subscribe", target.subscribe("runs/**"))
+        .await
+        .unwrap();
+    within("interest", hostile.wait_for_subscribers("runs/a", 1))
+        .await
+        .unwrap();
+    // Events of the hostile node's own chain to the target: seq n after n - 1.
+    let event = |seq: u64| {
+        Event {
+            origin: hostile.id(),
+            incarnation: 1,
+            seq,
+            hops: 1,
+            route: vec![Hop {
+                node: target.id(),
+                prev: seq - 1,
+            }],
+            direct: false,
+            durable: Vec::new(),
+            topic: Topic::new("runs/a").unwrap(),
+            payload: bytes::Bytes::from(seq.to_le_bytes().to_vec()),
+            options: None,
+        }
+        .encode(&hostile.id())
+    };
+    let to_target = hostile.sender(target.id()).unwrap();
+    let send = |body: bytes::Bytes| {
+        let message = OutgoingMessage::command(Channel::from_static("$weft/ev"), body, 0)
+            .with_kind(Kind::Event);
+        let to_target = to_target.clone();
+        async move { to_target.send_message(message).await.unwrap() }
+    };
+    let (errors, copies) = {
+        let metrics = target.metrics();
+        (metrics.protocol_errors, metrics.event_copies)
+    };
+    // 1 and 2, then an event that is not one (a length of zero), then 3: 3 is dropped.
+    let mut run = Run::new(&event(1));
+    assert!(run.push(&event(2)));
+    assert!(run.push(&[]));
+    assert!(run.push(&event(3)));
+    within("acknowledged", send(run.finish()).await)
+        .await
+        .unwrap();
+    // A run of more than RUN_EVENTS_MAX, built by hand past `Run`'s own bound: the first
+    // RUN_EVENTS_MAX (3 to 66, 3 again since it was dropped) are taken, the rest dropped.
+    let mut long = vec![weft::proto::gossip::RUN_MARKER];
+    for seq in 3..3 + RUN_EVENTS_MAX as u64 + 10 {
+        let body = event(seq);
+        long.push(body.len() as u8);
+        long.extend_from_slice(&body);
+    }
+    within("acknowledged", send(long.into()).await)
+        .await
+        .unwrap();
+    // An empty run: nothing in it, nothing wrong with it.
+    within(
+        "acknowledged",
+        send(vec![weft::proto::gossip::RUN_MARKER].into()).await,
+    )
+    .await
+    .unwrap();
+    let delivered = 2 + RUN_EVENTS_MAX as u64;
+    for seq in 1..=delivered {
+        let event = within("event", subscription.recv()).await.unwrap();
+        assert_eq!(
+            event.body[..],
+            seq.to_le_bytes(),
+            "in order, nothing made up"
+        );
+    }
+    assert_eq!(
+        target.metrics().protocol_errors,
+        errors + 2,
+        "one error per hostile message"
+    );
+    assert_eq!(
+        target.metrics().event_copies,
+        copies + delivered,
+        "nothing after the bad event or past the bound was even looked at"
+    );
+    // Nothing past what was delivered (waited for: the path is live, as the events above show).
+    assert!(
+        tokio::time::timeout(std::time::Duration::from_millis(200), subscription.recv())
+            .await
+            .is_err(),
+        "the dropped events never arrive"
+    );
+    still_serves(&target, &hostile).await;
+}

@@ -1205,7 +1205,15 @@ pub(crate) async fn event_task(shared: Arc<Shared>, mut events: Inbox) {
             };
             // One event, or a run of them (one link message for many events to this hop): the
             // message settles once every event in it is handled.
-            for event in gossip::run_events(&message.body) {
+            // A bad event, or a run longer than any this version sends, drops the rest of the
+            // message (logged and counted once): what was dropped is not confirmed, so a
+            // publisher that sent it in good faith repairs it.
+            for (index, event) in gossip::run_events(&message.body).enumerate() {
+                if index == gossip::RUN_EVENTS_MAX {
+                    shared.metrics.protocol_error();
+                    warn!(peer = %from.short(), "run of more than {} events: the rest dropped", gossip::RUN_EVENTS_MAX);
+                    break;
+                }
                 let decoded = event.and_then(|event| {
                     Event::decode_after(&event, &from, &shared.id, &mut last_topic)
                 });
@@ -1218,13 +1226,13 @@ pub(crate) async fn event_task(shared: Arc<Shared>, mut events: Inbox) {
                     }
                     Ok(_) => {
                         shared.metrics.protocol_error();
-                        warn!(peer = %from.short(), "event routed to another node dropped");
-                        continue;
+                        warn!(peer = %from.short(), "event routed to another node: dropped with the rest of its message");
+                        break;
                     }
                     Err(e) => {
                         shared.metrics.protocol_error();
-                        warn!(peer = %from.short(), error = %e, "malformed event dropped");
-                        continue;
+                        warn!(peer = %from.short(), error = %e, "malformed event: dropped with the rest of its message");
+                        break;
                     }
                 };
                 {
