@@ -91,6 +91,14 @@ fn json_line(running: &Running, what: &str) -> serde_json::Value {
     serde_json::from_str(&line).unwrap_or_else(|e| panic!("{what}: {line:?} is not JSON: {e}"))
 }
 
+/// The address a command started with `--json` prints on its first line, to pass as `--peer`.
+fn json_node_addr(running: &Running) -> String {
+    json_line(running, "the node line")["node"]
+        .as_str()
+        .expect("a node address")
+        .to_owned()
+}
+
 /// With `--json` every output line is one JSON object: status lines by name, each message
 /// with its channel, id, headers and body (text, or hex when it is not UTF-8).
 #[test]
@@ -101,8 +109,7 @@ fn the_pattern_commands_speak_json_when_asked() {
             "sub", "--json", "--mesh", "cli-json", "--count", "1", "orders/*",
         ],
     );
-    let node = json_line(&sub, "the node line");
-    let addr = node["node"].as_str().expect("a node address").to_owned();
+    let addr = json_node_addr(&sub);
     assert_eq!(json_line(&sub, "subscribed")["subscribed"], "orders/*");
     let out = run(&[
         "pub",
@@ -132,10 +139,7 @@ fn the_pattern_commands_speak_json_when_asked() {
             "pull", "--json", "--mesh", "cli-json", "--count", "1", "jobs",
         ],
     );
-    let addr = json_line(&pull, "the node line")["node"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let addr = json_node_addr(&pull);
     assert_eq!(json_line(&pull, "pulling")["pulling"], "jobs");
     let out = run(&[
         "push",
@@ -311,10 +315,7 @@ fn pub_sets_headers_and_a_key_that_the_subscriber_sees_once() {
             "sub", "--json", "--mesh", "cli-keys", "--count", "2", "orders/*",
         ],
     );
-    let addr = json_line(&sub, "the node line")["node"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let addr = json_node_addr(&sub);
     assert_eq!(json_line(&sub, "subscribed")["subscribed"], "orders/*");
     run(&[
         "pub",

@@ -364,8 +364,7 @@ pub fn encode_parts(
     payload: &[u8],
 ) -> Bytes {
     let parts = Parts {
-        with_origin: origin != sender,
-        origin,
+        origin: (origin != sender).then_some(origin),
         incarnation,
         seq,
         hops,
@@ -388,9 +387,9 @@ pub fn encode_parts(
 /// into a buffer the caller reuses, or as a body of its own.
 #[derive(Debug)]
 pub struct OwnEvent {
-    /// Flags, incarnation, seq, hops.
+    /// What comes before the route ([`Parts::write_head`], the first hop not implied).
     head: Vec<u8>,
-    /// Topic, options, payload.
+    /// What comes after it ([`Parts::write_tail`]).
     tail: Vec<u8>,
 }
 
@@ -403,23 +402,20 @@ impl OwnEvent {
         options: Option<&EventOptions>,
         payload: &[u8],
     ) -> Self {
-        let options = options.filter(|o| !o.is_empty());
+        let parts = Parts {
+            origin: None,
+            incarnation,
+            seq,
+            hops: 1,
+            direct: None,
+            topic,
+            options: options.filter(|o| !o.is_empty()),
+            payload,
+        };
         let mut head = Vec::with_capacity(1 + 10 + 10 + 1);
-        head.push(if options.is_some() { FLAG_OPTIONS } else { 0 });
-        push_varint(&mut head, incarnation);
-        push_varint(&mut head, seq);
-        head.push(1);
-        let name = topic.as_str().as_bytes();
-        debug_assert!(name.len() <= TOPIC_BYTES_MAX);
-        let mut tail = Vec::with_capacity(
-            1 + name.len() + options.map_or(0, EventOptions::encoded_len) + payload.len(),
-        );
-        tail.push(name.len() as u8);
-        tail.extend_from_slice(name);
-        if let Some(options) = options {
-            options.encode(&mut tail);
-        }
-        tail.extend_from_slice(payload);
+        parts.write_head(&mut head, false);
+        let mut tail = Vec::with_capacity(parts.len(&[]) - head.len() - route_len(&[]));
+        parts.write_tail(&mut tail);
         Self { head, tail }
     }
 
@@ -458,9 +454,8 @@ impl OwnEvent {
 /// An event's fields but its route, as [`encode_parts`] writes them.
 #[derive(Debug)]
 struct Parts<'a> {
-    /// The origin is not the node writing the copy: it travels too.
-    with_origin: bool,
-    origin: &'a NodeId,
+    /// The origin, when it is not the node writing the copy (then it travels too).
+    origin: Option<&'a NodeId>,
     incarnation: u64,
     seq: u64,
     hops: u8,
@@ -474,8 +469,11 @@ impl Parts<'_> {
     /// The encoded length with `route`.
     fn len(&self, route: &[Hop]) -> usize {
         let durable = self.direct.unwrap_or_default();
-        1 + if self.with_origin { NODE_ID_LEN } else { 0 }
-            + varint_len(self.incarnation)
+        1 + if self.origin.is_some() {
+            NODE_ID_LEN
+        } else {
+            0
+        } + varint_len(self.incarnation)
             + varint_len(self.seq)
             + 1
             + route_len(route)
@@ -493,31 +491,44 @@ impl Parts<'_> {
 
     /// Appends the event with `route` to `body`.
     fn write(&self, body: &mut Vec<u8>, route: &[Hop]) {
-        let name = self.topic.as_str().as_bytes();
-        debug_assert!(name.len() <= TOPIC_BYTES_MAX);
         debug_assert!(route.len() <= ROUTE_MAX);
-        let durable = self.direct.unwrap_or_default();
-        debug_assert!(durable.len() <= DURABLE_NAMES_MAX);
-        let with_origin = self.with_origin;
-        let mut flags = if with_origin { FLAG_ORIGIN } else { 0 };
+        self.write_head(body, !route.is_empty());
+        write_route(body, route);
+        self.write_tail(body);
+    }
+
+    /// What comes before the route: flags (`first_implied`: the route's first hop is not
+    /// written, see `FLAG_FIRST_IMPLIED`), origin, incarnation, seq, hops.
+    fn write_head(&self, body: &mut Vec<u8>, first_implied: bool) {
+        let mut flags = if self.origin.is_some() {
+            FLAG_ORIGIN
+        } else {
+            0
+        };
         if self.direct.is_some() {
             flags |= FLAG_DIRECT;
         }
         if self.options.is_some() {
             flags |= FLAG_OPTIONS;
         }
-        if !route.is_empty() {
+        if first_implied {
             flags |= FLAG_FIRST_IMPLIED;
         }
         body.push(flags);
-        if with_origin {
-            body.extend_from_slice(self.origin.as_bytes());
+        if let Some(origin) = self.origin {
+            body.extend_from_slice(origin.as_bytes());
         }
         push_varint(body, self.incarnation);
         push_varint(body, self.seq);
         body.push(self.hops);
-        write_route(body, route);
-        if self.direct.is_some() {
+    }
+
+    /// What comes after the route: durable names (direct events), topic, options, payload.
+    fn write_tail(&self, body: &mut Vec<u8>) {
+        let name = self.topic.as_str().as_bytes();
+        debug_assert!(name.len() <= TOPIC_BYTES_MAX);
+        if let Some(durable) = self.direct {
+            debug_assert!(durable.len() <= DURABLE_NAMES_MAX);
             push_varint(body, durable.len() as u64);
             for durable_name in durable {
                 debug_assert!(durable_name.len() <= TOPIC_BYTES_MAX);

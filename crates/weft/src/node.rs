@@ -1466,11 +1466,9 @@ impl PeerSender {
             && self.shared.config.limits().max_body_bytes >= gossip::RUN_BYTES_MAX
     }
 
-    /// The link message of one encoded event.
+    /// The link message of one encoded event, created now.
     fn event_message(&self, event: Bytes, priority: Priority) -> OutgoingMessage {
-        OutgoingMessage::command(EVENT_CHANNEL, event, self.shared.now_unix_ms())
-            .with_kind(Kind::Event)
-            .with_priority(priority)
+        event_message(event, priority, self.shared.now_unix_ms())
     }
 
     /// Sends without waiting: [`TrySendError::WouldBlock`] when the peer's queue is full,
@@ -1969,8 +1967,21 @@ fn volatile(message: OutgoingMessage) -> Outgoing {
     }
 }
 
-/// The channel of events between nodes.
-const EVENT_CHANNEL: Channel = Channel::from_static(weft_proto::channel::mesh::EVENT);
+/// The link message carrying `body` (one encoded event, or a run of them) in the lane of
+/// `priority`, created at `created_unix_ms` (0: stamped when its peer task takes it).
+pub(crate) fn event_message(
+    body: Bytes,
+    priority: Priority,
+    created_unix_ms: u64,
+) -> OutgoingMessage {
+    OutgoingMessage::command(
+        Channel::from_static(weft_proto::channel::mesh::EVENT),
+        body,
+        created_unix_ms,
+    )
+    .with_kind(Kind::Event)
+    .with_priority(priority)
+}
 
 /// Adds `event` to the lane's last queued message if that is a run of events of `priority`
 /// with room: the run's number.
@@ -1985,9 +1996,7 @@ fn new_run(seq: u64, event: &[u8], priority: Priority) -> Outgoing {
         seq,
         tag: 0,
         // Stamped when the peer task takes it, like `PeerSender::send`'s messages.
-        message: OutgoingMessage::command(EVENT_CHANNEL, Bytes::new(), 0)
-            .with_kind(Kind::Event)
-            .with_priority(priority),
+        message: event_message(Bytes::new(), priority, 0),
         run: Some(Box::new(gossip::Run::new(event))),
     }
 }

@@ -648,13 +648,12 @@ fn event_link_message(
     body: Bytes,
     options: Option<&EventOptions>,
 ) -> OutgoingMessage {
-    OutgoingMessage::command(
-        weft_proto::Channel::from_static(EVENT_CHANNEL),
-        body,
-        shared.now_unix_ms(),
-    )
-    .with_kind(Kind::Event)
-    .with_priority(options.map_or(Priority::NORMAL, |o| o.priority))
+    crate::node::event_message(body, priority_of(options), shared.now_unix_ms())
+}
+
+/// An event's priority: the lane of every hop.
+fn priority_of(options: Option<&EventOptions>) -> Priority {
+    options.map_or(Priority::NORMAL, |o| o.priority)
 }
 
 /// Puts the event's options on `message` (an event for local subscriptions, changed in place:
@@ -870,16 +869,11 @@ async fn send_event(
     let to = event.route[0].node;
     shared
         .sender(to)?
-        .send_event(&event.encode(&shared.id), event_priority(event))
+        .send_event(
+            &event.encode(&shared.id),
+            priority_of(event.options.as_deref()),
+        )
         .await
-}
-
-/// The lane of every hop of `event`.
-fn event_priority(event: &Event) -> Priority {
-    event
-        .options
-        .as_deref()
-        .map_or(Priority::NORMAL, |o| o.priority)
 }
 
 /// The link messages of a publisher's own event on its way down its trees, one per route
@@ -907,7 +901,12 @@ async fn relay_to_absent(shared: &Arc<Shared>, event: &Event, absent: &Hop) {
     let queued = shared
         .sender(absent.node)
         .map_err(TrySendError::from)
-        .and_then(|sender| sender.try_send_event(&copy.encode(&shared.id), event_priority(&copy)));
+        .and_then(|sender| {
+            sender.try_send_event(
+                &copy.encode(&shared.id),
+                priority_of(copy.options.as_deref()),
+            )
+        });
     match queued {
         Ok(receipt) => match receipt.accepted().await {
             Ok(()) => {
@@ -1466,7 +1465,7 @@ pub(crate) async fn publish(
         sent(result, hop.node, &mut receipts)?;
     }
     let own = gossip::OwnEvent::new(shared.epoch, fanout.seq, &topic, options, &payload);
-    let priority = options.map_or(Priority::NORMAL, |o| o.priority);
+    let priority = priority_of(options);
     // Each copy is written here and copied into its hop's run: no allocation per copy.
     let mut copy = Vec::new();
     for route in fanout.routes.iter() {
@@ -1804,12 +1803,7 @@ pub(crate) fn publish_best_effort(
         None,
         &payload,
     );
-    let outgoing = OutgoingMessage::command(
-        weft_proto::Channel::from_static(EVENT_CHANNEL),
-        body,
-        shared.now_unix_ms(),
-    )
-    .with_kind(Kind::Event);
+    let outgoing = crate::node::event_message(body, Priority::NORMAL, shared.now_unix_ms());
     outgoing
         .check(&shared.config.limits())
         .map_err(SendError::from)?;
